@@ -1,0 +1,190 @@
+"""Command line: ``python cli.py COMMAND`` from a clone, or ``action-pipeline COMMAND`` when installed.
+
+Each command parses options, builds a frozen config, calls one stage function and prints what it
+returns. Errors in the input become one line on stderr and a non-zero exit code, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class Group(click.Group):
+    """Maps PipelineError to 'error: ...' (exit 1) and Ctrl-C to a resume hint (exit 130)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            hint = ctx.meta.get("resume_hint", "")
+            click.echo(f"\ninterrupted{': ' + hint if hint else ''}", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.WARNING + 10 * (quiet - verbose) if (verbose or quiet) else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.DEBUG, min(level, logging.CRITICAL)))
+    root.propagate = False
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="action-pipeline")
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
+def main(verbose: int, quiet: int) -> None:
+    """Video action recognition with cached MobileNetV2 frame features."""
+    _setup_logging(verbose, quiet)
+
+
+def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...] | None:
+    names = tuple(s for v in value for s in v.split(",") if s)
+    return names or None
+
+
+@main.command("extract-features")
+@click.option("--data-dir", required=True, type=click.Path(path_type=Path),
+              help="Dataset root: <root>/<split>/<class>/<video> (or <root>/<class>/<video> with split files).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="HDF5 cache to write.  [default: features/<dataset folder name>.h5]")
+@click.option("--splits", multiple=True, callback=_split_list, metavar="NAME[,NAME]",
+              help="Only these splits (repeatable or comma-separated).  [default: all]")
+@click.option("--split-file", "split_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="HMDB51 '<class>_test_split<N>.txt' or UCF101 'trainlist0N.txt'/'testlist0N.txt' (repeatable).")
+@click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder of official split files; picks those of --split-id.")
+@click.option("--split-id", type=click.IntRange(1), default=1, show_default=True,
+              help="Which official split (1-3) with --split-dir.")
+@click.option("--weights", default="none", show_default=True,
+              help="none (random init, BatchNorm recalibrated on your frames), imagenet, a torchvision "
+                   "weight name (IMAGENET1K_V1), or PATH to a state dict / checkpoint.")
+@click.option("--size", type=click.IntRange(16), default=224, show_default=True, help="Network input size (square).")
+@click.option("--resize", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
+              help="crop: short side to --size then centre crop; squash: both sides to --size.")
+@click.option("--stride", type=click.IntRange(1), default=1, show_default=True, help="Keep every K-th frame.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resample video files to at most this frame rate.")
+@click.option("--folder-fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Frame rate of frame folders (needed with --fps when the dataset has them).")
+@click.option("--max-frames", type=click.IntRange(1), default=None,
+              help="At most M frames per video, uniformly spaced.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Frames per backbone batch (frames of several videos are packed together).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Decoding worker processes.  [default: CPU cores - 1, at most 8]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of the cached features.")
+@click.option("--calibration-frames", type=click.IntRange(1), default=1024, show_default=True,
+              help="Frames used to recalibrate BatchNorm with --weights none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random init seed for --weights none.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
+@click.option("--strict", is_flag=True, help="Stop at the first broken video or frame instead of skipping it.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None, splits, split_files,
+                         split_dir, split_id, weights, size, resize, stride, fps, folder_fps, max_frames,
+                         batch_size, workers, device, precision, dtype, calibration_frames, seed,
+                         overwrite, strict, no_progress) -> None:
+    """Cache MobileNetV2 features of every frame of every video in one HDF5 file (resumable)."""
+    from pipeline.extract import extract_features
+
+    if output is None:
+        output = Path("features") / f"{data_dir.resolve().name}.h5"
+    cfg = ExtractConfig(
+        dataset=DatasetSpec(root=str(data_dir), splits=splits, split_files=tuple(split_files),
+                            split_dir=split_dir, split_id=split_id),
+        output=str(output), weights=weights, frame_spec=FrameSpec(size=size, resize=resize),
+        selection=FrameSelection(stride=stride, fps=fps, max_frames=max_frames, folder_fps=folder_fps),
+        batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype,
+        overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
+    )
+    ctx.meta["resume_hint"] = (
+        f"finished videos are kept in {output}.partial; rerun the same command to resume"
+    )
+    r = extract_features(cfg, progress=not no_progress)
+    fps_txt = f"{r.frames / r.seconds:.0f} frames/s" if r.seconds > 0 else ""
+    click.echo(f"wrote {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items()))
+    click.echo(f"  this run: {r.extracted} videos, {r.frames} frames in {r.seconds:.1f} s ({fps_txt}); "
+               f"{r.reused} already cached")
+    click.echo(f"  weights: {r.weights.describe()}")
+    if r.weights_file:
+        click.echo(f"  recalibrated backbone saved to {r.weights_file} (later stages use it)")
+    if r.failures:
+        click.echo(f"  {len(r.failures)} problem(s), listed in the cache's 'failures' attribute:")
+        for f in r.failures:
+            click.echo(f"    {f['split']}/{f['video']}: {f['reason']}")
+
+
+@main.command("make-demo-data")
+@click.argument("root", type=click.Path(path_type=Path), default=Path("data/demo"))
+@click.option("--train", "per_class_train", type=click.IntRange(1), default=12, show_default=True,
+              help="Training videos per class.")
+@click.option("--test", "per_class_test", type=click.IntRange(1), default=4, show_default=True,
+              help="Test videos per class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+def make_demo_data_cmd(root: Path, per_class_train: int, per_class_test: int, seed: int, overwrite: bool) -> None:
+    """Write a small synthetic HMDB51-style dataset (frame folders and video files)."""
+    from pipeline.demo import make_demo_data
+
+    info = make_demo_data(root, per_class_train=per_class_train, per_class_test=per_class_test,
+                          seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {root}: {len(info.classes)} classes, "
+               + ", ".join(f"{s} {n} videos" for s, n in info.videos.items())
+               + f" ({info.frame_folders} frame folders, {info.video_files} video files)")
+
+
+@main.command("demo")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--features", type=click.Path(path_type=Path), default=Path("features/demo.h5"), show_default=True)
+@click.option("--size", type=click.IntRange(16), default=112, show_default=True,
+              help="Network input size (the demo frames are 80x60).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.pass_context
+def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, size: int, device: str) -> None:
+    """Run the whole pipeline on built-in synthetic data: make data, then extract features."""
+    from pipeline.demo import existing_demo, make_demo_data
+    from pipeline.extract import extract_features
+
+    click.echo("[1/2] demo data")
+    info = existing_demo(data_dir, per_class_train=12, per_class_test=4, seed=0)
+    if info is None:
+        info = make_demo_data(data_dir, overwrite=True)
+        click.echo(f"  wrote {data_dir}: {len(info.classes)} classes, "
+                   + ", ".join(f"{s} {n} videos" for s, n in info.videos.items()))
+    else:
+        click.echo(f"  reusing {data_dir}")
+    click.echo("[2/2] extract-features (random-init MobileNetV2, BatchNorm recalibrated on the demo frames)")
+    ctx.meta["resume_hint"] = "rerun `python cli.py demo` to resume"
+    r = extract_features(ExtractConfig(dataset=DatasetSpec(root=str(data_dir)), output=str(features),
+                                       weights="none", frame_spec=FrameSpec(size=size), device=device,
+                                       calibration_frames=512))
+    click.echo(f"  {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items())
+               + f"; {r.frames} frames in {r.seconds:.1f} s this run, {r.reused} videos already cached")
+    click.echo(f"  backbone: {r.weights_file}")
+
+
+if __name__ == "__main__":
+    main()

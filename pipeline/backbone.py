@@ -1,0 +1,192 @@
+"""MobileNetV2 feature extractor, weight resolution and BatchNorm recalibration. Writes no files.
+
+``--weights`` accepts:
+
+* ``imagenet`` (torchvision's current default weights) or a torchvision weight name such as
+  ``IMAGENET1K_V1``: loaded through torchvision's weights API (download on first use);
+* ``PATH``: a torchvision-style state dict (classifier and ``features.`` prefix optional,
+  ``module.`` from DDP stripped) or a checkpoint written by this project (``backbone_state``);
+* ``none``: random initialisation. Its BatchNorm running statistics are still the defaults, which
+  make eval-mode features degenerate, so the extractor recalibrates them on the dataset's frames
+  and saves the result (see ``recalibrate_batchnorm``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "mobilenet_v2"
+FEATURE_DIM = 1280
+
+
+class MobileNetV2Features(nn.Module):
+    """torchvision MobileNetV2 up to the global average pool: (B, 3, H, W) → (B, 1280)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision.models.mobilenet_v2(weights=None).features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (B, 1280, h, w)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, 1280)
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """What the backbone's weights are, stored with every cache and checkpoint.
+
+    Two identities match when their torchvision name matches, or their file hashes match: a file
+    that moved is still the same weights.
+    """
+
+    source: str  # "torchvision" | "file" | "recalibrated"
+    name: str | None = None  # torchvision weight enum name
+    sha256: str | None = None
+    path: str | None = None
+
+    def matches(self, other: WeightsIdentity) -> bool:
+        if self.sha256 or other.sha256:
+            return self.sha256 == other.sha256
+        return (self.source, self.name) == (other.source, other.name)
+
+    def describe(self) -> str:
+        if self.name:
+            return f"torchvision {self.name}"
+        return f"{self.source} {self.path or ''} (sha256 {str(self.sha256)[:12]})".replace("  ", " ")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "name": self.name, "sha256": self.sha256, "path": self.path}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WeightsIdentity:
+        return cls(source=d["source"], name=d.get("name"), sha256=d.get("sha256"), path=d.get("path"))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _torchvision_weights(name: str) -> torchvision.models.WeightsEnum:
+    enum = torchvision.models.MobileNet_V2_Weights
+    if name.lower() in ("imagenet", "default"):
+        return enum.DEFAULT
+    try:
+        return enum[name.upper().removeprefix("MOBILENET_V2_WEIGHTS.")]
+    except KeyError:
+        raise WeightsError(
+            f"unknown weights {name!r}: use none, imagenet, "
+            f"{', '.join(w.name for w in enum)} or a path to a state dict / checkpoint"
+        ) from None
+
+
+def is_weights_name(spec: str) -> bool:
+    return spec.lower() in ("imagenet", "default") or spec.upper().startswith("IMAGENET1K_")
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept full-model, features-only, DDP (``module.``) and our own state dicts."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    if state and not any(k.startswith("features.") for k in state):
+        state = {f"features.{k}": v for k, v in state.items()}
+    return state
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A backbone state dict from a torchvision-style file or a project checkpoint."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise WeightsError(
+            f"cannot load weights from {path}: {str(e).splitlines()[0]}; expected a state dict "
+            "saved with torch.save or a checkpoint written by this tool"
+        ) from e
+    if isinstance(obj, dict) and "backbone_state" in obj:
+        obj = obj["backbone_state"]
+    elif isinstance(obj, dict) and "model_state" in obj and "schema_version" in obj:
+        raise WeightsError(
+            f"{path} is a temporal-model checkpoint without backbone weights; pass the weights the "
+            "cache was extracted with, or an end-to-end checkpoint"
+        )
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return _normalise_keys(obj)
+
+
+def build_backbone(weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
+    """The feature extractor in eval mode, with ``weights`` resolved, and their identity."""
+    model = MobileNetV2Features()
+    if weights.lower() == "none":
+        identity = WeightsIdentity(source="random")
+    elif is_weights_name(weights):
+        w = _torchvision_weights(weights)
+        try:
+            state = w.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError
+            raise WeightsError(
+                f"could not download the ImageNet weights {w} ({str(e).splitlines()[0]}): offline? "
+                f"fetch {w.url} on a machine with network and pass --weights PATH/TO/{w.url.rsplit('/', 1)[-1]}"
+            ) from e
+        model.load_state_dict(_normalise_keys(state), strict=True)
+        identity = WeightsIdentity(source="torchvision", name=str(w).split(".")[-1])
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(
+                f"weights file not found: {path}; use --weights none, imagenet, or an existing file"
+            )
+        state = load_state_file(path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise WeightsError(f"{path} is not a MobileNetV2 state dict ({first})") from e
+        identity = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
+    return model.eval(), identity
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, device: torch.device | str = "cpu"
+) -> int:
+    """Re-estimate every BatchNorm's running mean/var on ``batches`` (normalised inputs), then freeze.
+
+    Uses a cumulative average (``momentum=None``) so the statistics are the exact mean over all
+    frames seen, independent of batch order. Returns the number of frames used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x.to(device))
+            n += x.shape[0]
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    return n

@@ -1,0 +1,392 @@
+"""The feature cache: the only module that knows HDF5.
+
+Layout of ``<name>.h5`` (schema version 1), readable with plain h5py::
+
+    /                       attrs: schema_version, classes (JSON list), provenance (JSON), config (JSON),
+                                   failures (JSON list), package_version, created
+    /<split>/features       (sum T, 1280) float16|float32   row r = one kept frame
+    /<split>/frame_indices  (sum T,) int64                  source frame number of row r
+    /<split>/offsets        (N + 1,) int64                  video i = rows offsets[i]:offsets[i+1]
+    /<split>/labels         (N,) int64                      index into classes
+    /<split>/videos         (N,) str                        path relative to the dataset root
+    /<split>/fps            (N,) float32                    source frame rate (NaN if unknown)
+
+Crash safety. HDF5 is not safe to kill mid-write, so the cache file is never written in place.
+While extracting, every finished video is saved as its own small file in ``<name>.h5.partial/``
+(written to a temporary name, then atomically renamed); a kill at any instant loses at most the
+videos in flight. When all videos are done, the cache is assembled into ``<name>.h5.tmp`` (the
+existing cache's videos plus the new ones, in dataset order) and atomically renamed over
+``<name>.h5``. So a rerun resumes exactly, and the result is identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 256 * 1024
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One extracted video, as held in a part file or read back from the cache."""
+
+    rel: str
+    label: int
+    features: np.ndarray  # (T, D)
+    frame_indices: np.ndarray  # (T,)
+    fps: float
+
+
+def provenance_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Name the first field on which two provenances disagree (None if compatible)."""
+    from .backbone import WeightsIdentity
+
+    if old.get("backbone") != new.get("backbone"):
+        return f"backbone {old.get('backbone')} vs {new.get('backbone')}"
+    wo, wn = WeightsIdentity.from_dict(old["weights"]), WeightsIdentity.from_dict(new["weights"])
+    if not wo.matches(wn):
+        return f"weights {wo.describe()} vs {wn.describe()}"
+    for key, what in (("frame_spec", "FrameSpec"), ("selection", "frame selection"),
+                      ("dtype", "feature dtype"), ("classes", "class list")):
+        if old.get(key) != new.get(key):
+            return f"{what} {_json(old.get(key))} vs {_json(new.get(key))}"
+    return None
+
+
+class CacheWriter:
+    """Collect finished videos crash-safely and assemble them into the cache file.
+
+    ``provenance`` holds what must match for features to be mixed in one file: backbone, weights
+    identity, FrameSpec, frame selection, dtype and class list.
+    """
+
+    def __init__(self, path: str | Path, provenance: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.partial = Path(f"{self.path}.partial")
+        self.provenance = provenance
+        self._check_compatible(self.path, read_provenance(self.path) if self.path.exists() else None)
+        meta = self.partial / "meta.json"
+        if meta.exists():
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError) as e:
+                raise CacheError(f"unreadable {meta} ({e}); delete {self.partial} to start over") from e
+            self._check_compatible(self.partial, old)
+        else:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(meta, _json(provenance).encode())
+
+    def _check_compatible(self, where: Path, old: dict[str, Any] | None) -> None:
+        if old is None:
+            return
+        diff = provenance_mismatch(old, self.provenance)
+        if diff:
+            raise CacheError(
+                f"{where} was made with different settings ({diff}); use another --output, "
+                "or --overwrite to replace it"
+            )
+
+    # -- parts ---------------------------------------------------------------------------------
+
+    def _part_path(self, split: str, rel: str) -> Path:
+        return self.partial / split / (hashlib.sha1(rel.encode()).hexdigest()[:20] + ".npz")
+
+    def done(self, split: str) -> set[str]:
+        """Relative paths of videos already stored, in the cache file or as finished parts."""
+        done: set[str] = set()
+        if self.path.exists():
+            with _open(self.path) as f:
+                if split in f:
+                    done.update(_strings(f[split]["videos"][()]))
+        d = self.partial / split
+        if d.is_dir():
+            for p in d.glob("*.npz"):
+                try:
+                    with np.load(p) as z:
+                        done.add(str(z["rel"]))
+                except (OSError, ValueError, KeyError, EOFError):
+                    p.unlink(missing_ok=True)  # cannot happen with atomic renames; be safe anyway
+        return done
+
+    def add(self, split: str, rec: VideoRecord) -> None:
+        """Store one finished video; atomic, so a kill leaves either all of it or nothing."""
+        p = self._part_path(split, rec.rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, rel=np.array(rec.rel), label=np.int64(rec.label), features=rec.features,
+                     frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps))
+        os.replace(tmp, p)
+
+    def pending(self) -> bool:
+        """Finished parts not yet in the cache file."""
+        return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))
+
+    def close_unchanged(self) -> None:
+        """Nothing new to write: drop the work folder, keep the cache file as it is."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _parts(self, split: str) -> dict[str, Path]:
+        d = self.partial / split
+        out = {}
+        for p in sorted(d.glob("*.npz")) if d.is_dir() else []:
+            with np.load(p) as z:
+                out[str(z["rel"])] = p
+        return out
+
+    # -- assembly ------------------------------------------------------------------------------
+
+    def finalize(self, order: dict[str, Sequence[str]], attrs: dict[str, Any]) -> Path:
+        """Write the cache: existing videos + finished parts, each split in ``order`` (dataset
+        order; videos not in it keep their previous order after those that are)."""
+        h5py = _h5py()
+        old = _open(self.path) if self.path.exists() else None
+        tmp = Path(f"{self.path}.tmp")
+        try:
+            old_splits = set(old.keys()) if old is not None else set()
+            part_splits = {p.name for p in self.partial.iterdir() if p.is_dir()} if self.partial.exists() else set()
+            failures = _merge_failures(json.loads(old.attrs.get("failures", "[]")) if old else [],
+                                       attrs.pop("failures", []), order)
+            with h5py.File(tmp, "w") as out:
+                for split in sorted(old_splits | part_splits | set(order)):
+                    sources: dict[str, Any] = {}
+                    if old is not None and split in old:
+                        g = old[split]
+                        offs = g["offsets"][()]
+                        for i, rel in enumerate(_strings(g["videos"][()])):
+                            sources[rel] = ("old", g, i, offs)
+                    for rel, p in self._parts(split).items():
+                        sources[rel] = ("part", p)
+                    ranked = [r for r in order.get(split, ()) if r in sources]
+                    ranked += [r for r in sources if r not in set(ranked)]
+                    _write_split(out, split, (self._record(sources[r], r) for r in ranked),
+                                 self.provenance["dtype"], int(self.provenance.get("feature_dim", 0)))
+                for k, v in attrs.items():
+                    out.attrs[k] = v
+                out.attrs["schema_version"] = SCHEMA_VERSION
+                out.attrs["classes"] = _json(self.provenance["classes"])
+                out.attrs["provenance"] = _json(self.provenance)
+                out.attrs["failures"] = _json(failures)
+                out.attrs["package_version"] = __version__
+                out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        finally:
+            if old is not None:
+                old.close()
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return self.path
+
+    @staticmethod
+    def _record(src: tuple, rel: str) -> VideoRecord:
+        if src[0] == "old":
+            _, g, i, offs = src
+            a, b = int(offs[i]), int(offs[i + 1])
+            return VideoRecord(rel, int(g["labels"][i]), g["features"][a:b], g["frame_indices"][a:b],
+                               float(g["fps"][i]))
+        with np.load(src[1]) as z:
+            return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]))
+
+
+def discard_cache(path: str | Path) -> None:
+    """Remove a cache and any unfinished work on it (``--overwrite``)."""
+    shutil.rmtree(f"{path}.partial", ignore_errors=True)
+    for p in (Path(path), Path(f"{path}.tmp")):
+        p.unlink(missing_ok=True)
+
+
+def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[str]]) -> list[dict]:
+    """Failures of this run replace those of earlier runs for the splits it covered."""
+    return [f for f in old if f.get("split") not in order] + new
+
+
+def _write_split(out: Any, split: str, records: Iterator[VideoRecord], dtype: str, dim: int) -> None:
+    g = out.create_group(split)
+    feats = frames = None
+    offsets, labels, videos, fps = [0], [], [], []
+    for rec in records:
+        if feats is None:
+            dim = rec.features.shape[1]
+            rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
+            feats = g.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
+                                     chunks=(rows, dim))
+            frames = g.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype="int64",
+                                      chunks=(max(rows, 4096),))
+        n, t = offsets[-1], rec.features.shape[0]
+        feats.resize(n + t, axis=0)
+        feats[n:] = rec.features.astype(dtype, copy=False)
+        frames.resize(n + t, axis=0)
+        frames[n:] = rec.frame_indices
+        offsets.append(n + t)
+        labels.append(rec.label)
+        videos.append(rec.rel)
+        fps.append(rec.fps)
+    if feats is None:
+        g.create_dataset("features", shape=(0, dim), dtype=dtype)
+        g.create_dataset("frame_indices", shape=(0,), dtype="int64")
+    h5py = _h5py()
+    g.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+    g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    g.create_dataset("videos", data=np.asarray(videos, dtype=object), dtype=h5py.string_dtype())
+    g.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _strings(arr: np.ndarray) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in arr]
+
+
+def _open(path: Path):
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"cannot read feature cache {path}: {e}; re-extract it with --overwrite") from e
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    with _open(Path(path)) as f:
+        _check_schema(f, Path(path))
+        return json.loads(f.attrs["provenance"])
+
+
+def _check_schema(f: Any, path: Path) -> None:
+    v = f.attrs.get("schema_version")
+    if v is None or "provenance" not in f.attrs:
+        raise CacheError(f"{path} is not a feature cache written by this tool (no schema_version)")
+    if int(v) != SCHEMA_VERSION:
+        raise CacheError(
+            f"{path} has cache schema version {int(v)}, this tool reads version {SCHEMA_VERSION}; "
+            "re-extract it with --overwrite"
+        )
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SplitData:
+    """A whole split in memory: ragged features as one array plus offsets."""
+
+    features: np.ndarray  # (sum T, D)
+    offsets: np.ndarray  # (N + 1,)
+    labels: np.ndarray  # (N,)
+    videos: list[str]
+    frame_indices: np.ndarray  # (sum T,)
+    fps: np.ndarray  # (N,)
+    classes: list[str]
+    provenance: dict[str, Any]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def video(self, i: int) -> np.ndarray:
+        """(T, D) features of video ``i``."""
+        return self.features[self.offsets[i]:self.offsets[i + 1]]
+
+
+class FeatureCache:
+    """Read a feature cache: ``load_split`` for a whole split in RAM, ``video`` for lazy access.
+
+    >>> cache = FeatureCache("features/demo.h5")
+    >>> data = cache.load_split("train")        # one sequential read
+    >>> data.video(0).shape                      # (T, 1280)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"feature cache not found: {self.path}; run extract-features first")
+        self._f = _open(self.path)
+        _check_schema(self._f, self.path)
+        self.classes: list[str] = json.loads(self._f.attrs["classes"])
+        self.provenance: dict[str, Any] = json.loads(self._f.attrs["provenance"])
+        self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
+        self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
+        self._offsets: dict[str, np.ndarray] = {}
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self._f.keys())
+
+    @property
+    def frame_spec(self):
+        from .config import FrameSpec
+
+        return FrameSpec.from_dict(self.provenance["frame_spec"])
+
+    def _group(self, split: str):
+        if split not in self._f:
+            raise CacheError(
+                f"split {split!r} is not in {self.path} (has: {', '.join(self.splits) or 'none'})"
+            )
+        return self._f[split]
+
+    def load_split(self, split: str) -> SplitData:
+        g = self._group(split)
+        ds = g["features"]
+        features = np.empty(ds.shape, dtype=ds.dtype)
+        if features.size:
+            ds.read_direct(features)
+        return SplitData(
+            features=features, offsets=g["offsets"][()], labels=g["labels"][()],
+            videos=_strings(g["videos"][()]), frame_indices=g["frame_indices"][()], fps=g["fps"][()],
+            classes=list(self.classes), provenance=self.provenance,
+        )
+
+    def num_videos(self, split: str) -> int:
+        return len(self._group(split)["labels"])
+
+    def video(self, split: str, i: int) -> tuple[np.ndarray, int]:
+        """(T, D) features and the label of video ``i``, read on demand (caches larger than RAM)."""
+        g = self._group(split)
+        if split not in self._offsets:
+            self._offsets[split] = g["offsets"][()]
+        offs = self._offsets[split]
+        return g["features"][offs[i]:offs[i + 1]], int(g["labels"][i])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,449 @@
+"""Dataset index, natural frame order, frame selection and decoding. Knows nothing about models.
+
+A *video* is either a folder of frames (jpg/jpeg/png, any case) or a video file (avi, mp4, mkv,
+webm, mov) decoded with PyAV. Frames are returned as uint8 RGB tensors of shape (3, H, W).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from .config import DatasetSpec, FrameSelection
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png"})
+VIDEO_EXTS = frozenset({".avi", ".mp4", ".mkv", ".webm", ".mov"})
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``frame_2`` before ``frame_10`` (digit runs compare as numbers)."""
+    parts = _DIGITS.split(name)
+    key = tuple((0, int(p), "") if i % 2 else (1, 0, p.lower()) for i, p in enumerate(parts))
+    return key + ((2, 0, name),)  # exact name breaks ties such as "a1" vs "a01"
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Video:
+    """One labelled video: ``rel`` is its path relative to the dataset root, POSIX style."""
+
+    path: Path
+    rel: str
+    label: int
+    split: str
+    kind: Literal["frames", "file"]
+
+
+@dataclass
+class DatasetIndex:
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Video]]
+    warnings: list[str] = field(default_factory=list)
+
+    def videos(self, split: str) -> list[Video]:
+        return self.splits[split]
+
+    @property
+    def num_videos(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def video_kind(path: Path) -> Literal["frames", "file"] | None:
+    """What ``path`` is as a video, or None if it is neither a frame folder nor a video file."""
+    if path.is_dir():
+        return "frames"
+    if path.is_file() and path.suffix.lower() in VIDEO_EXTS:
+        return "file"
+    return None
+
+
+def list_frames(folder: Path) -> list[Path]:
+    """Image files of a frame folder in natural order; hidden files and other files ignored."""
+    frames = [
+        p for p in folder.iterdir() if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    ]
+    return sorted(frames, key=lambda p: natural_key(p.name))
+
+
+# --------------------------------------------------------------------------------------- index
+
+
+def index_dataset(spec: DatasetSpec) -> DatasetIndex:
+    """Index a dataset; the class list is the sorted union over every split found on disk."""
+    root = Path(spec.root)
+    if not root.exists():
+        raise DataError(f"dataset folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"dataset path is a file, not a folder: {root}")
+    if spec.split_files or spec.split_dir:
+        index = _index_from_split_files(root, spec)
+    else:
+        index = _index_split_tree(root)
+    if spec.splits is not None:
+        missing = [s for s in spec.splits if s not in index.splits]
+        if missing:
+            raise DataError(
+                f"split {missing[0]!r} not found under {root} "
+                f"(found: {', '.join(sorted(index.splits)) or 'none'}); check --splits"
+            )
+        index.splits = {s: index.splits[s] for s in spec.splits}
+    if index.num_videos == 0:
+        raise DataError(
+            f"no videos found under {root}: expected <root>/<split>/<class>/<video>, where a video is "
+            f"a folder of jpg/png frames or a {'/'.join(sorted(e[1:] for e in VIDEO_EXTS))} file"
+        )
+    _check_duplicates(index)
+    return index
+
+
+def _index_split_tree(root: Path) -> DatasetIndex:
+    split_dirs = sorted((p for p in root.iterdir() if _visible(p)), key=lambda p: natural_key(p.name))
+    for p in split_dirs:
+        if not p.is_dir():
+            raise DataError(
+                f"expected split folders (train/, test/, ...) in {root}, found a file: {p}; "
+                "move it out of the dataset folder"
+            )
+    warnings: list[str] = []
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    for split_dir in split_dirs:
+        classes: dict[str, list[Path]] = {}
+        for class_dir in sorted(split_dir.iterdir(), key=lambda p: natural_key(p.name)):
+            if not _visible(class_dir):
+                continue
+            if not class_dir.is_dir():
+                if video_kind(class_dir) == "file":
+                    raise DataError(
+                        f"video file directly in a split folder: {class_dir}; "
+                        f"put it under {split_dir}/<class>/"
+                    )
+                raise DataError(
+                    f"expected class folders in {split_dir}, found a file: {class_dir}; "
+                    "move it out of the dataset folder"
+                )
+            videos = []
+            for v in sorted(class_dir.iterdir(), key=lambda p: natural_key(p.name)):
+                if not _visible(v):
+                    continue
+                if video_kind(v) is None:
+                    warnings.append(f"ignored {v}: not a frame folder or a video file")
+                    continue
+                videos.append(v)
+            if not videos:
+                warnings.append(f"class folder {class_dir} has no videos")
+            classes[class_dir.name] = videos
+        per_split[split_dir.name] = classes
+    class_names = sorted({c for cls in per_split.values() for c in cls})
+    label = {c: i for i, c in enumerate(class_names)}
+    splits = {
+        split: [
+            Video(path=v, rel=v.relative_to(root).as_posix(), label=label[c], split=split,
+                  kind=video_kind(v))  # type: ignore[arg-type]
+            for c in sorted(cls, key=label.__getitem__)
+            for v in cls[c]
+        ]
+        for split, cls in per_split.items()
+    }
+    return DatasetIndex(root=root, classes=class_names, splits=splits, warnings=warnings)
+
+
+_HMDB_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<id>\d+)\.txt$")
+_UCF_FILE = re.compile(r"^(?P<split>train|test)list0*(?P<id>\d+)\.txt$", re.IGNORECASE)
+
+
+def _split_files_for(spec: DatasetSpec) -> list[Path]:
+    files = [Path(f) for f in spec.split_files]
+    if spec.split_dir:
+        d = Path(spec.split_dir)
+        if not d.is_dir():
+            raise DataError(f"split folder not found: {d}")
+        for f in sorted(d.iterdir()):
+            m = _HMDB_FILE.match(f.name) or _UCF_FILE.match(f.name)
+            if m and int(m["id"]) == spec.split_id:
+                files.append(f)
+        if not files:
+            raise DataError(
+                f"no split files for --split-id {spec.split_id} in {d}: expected HMDB51 "
+                f"'<class>_test_split{spec.split_id}.txt' or UCF101 'trainlist0{spec.split_id}.txt'"
+            )
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"split file not found: {f}")
+    return files
+
+
+def _parse_split_files(files: Sequence[Path]) -> list[tuple[str, str, str]]:
+    """→ (split, class, video file name) triples from HMDB51 or UCF101 annotation files."""
+    entries: list[tuple[str, str, str]] = []
+    for f in files:
+        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+        if m := _HMDB_FILE.match(f.name):
+            for n, ln in enumerate(lines, 1):
+                parts = ln.split()
+                if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                    raise DataError(f"{f}:{n}: expected '<video>.avi 0|1|2', got {ln!r}")
+                if parts[1] != "0":
+                    entries.append(("train" if parts[1] == "1" else "test", m["cls"], parts[0]))
+        elif m := _UCF_FILE.match(f.name):
+            split = m["split"].lower()
+            for n, ln in enumerate(lines, 1):
+                rel = ln.split()[0].replace("\\", "/")
+                if "/" not in rel:
+                    raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]', got {ln!r}")
+                cls, name = rel.rsplit("/", 1)
+                entries.append((split, cls, name))
+        else:
+            raise DataError(
+                f"unrecognised split file name: {f}; expected HMDB51 '<class>_test_split<N>.txt' "
+                "or UCF101 'trainlist0<N>.txt' / 'testlist0<N>.txt'"
+            )
+    return entries
+
+
+def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
+    entries = _parse_split_files(_split_files_for(spec))
+    warnings: list[str] = []
+    on_disk: dict[str, dict[str, Path]] = {}  # class → stem → path (folder or file)
+    for cls in {c for _, c, _ in entries}:
+        cdir = root / cls
+        if not cdir.is_dir():
+            raise DataError(f"class folder {cdir} named in the split files does not exist")
+        on_disk[cls] = {
+            v.stem if v.is_file() else v.name: v
+            for v in cdir.iterdir()
+            if _visible(v) and video_kind(v) is not None
+        }
+    class_names = sorted(on_disk)
+    label = {c: i for i, c in enumerate(class_names)}
+    splits: dict[str, list[Video]] = defaultdict(list)
+    missing = 0
+    for split, cls, name in entries:
+        stem = Path(name).stem
+        path = on_disk[cls].get(stem)
+        if path is None:
+            missing += 1
+            if missing <= 3:
+                warnings.append(f"{root / cls / name} is listed in the split files but not on disk")
+            continue
+        splits[split].append(Video(path=path, rel=path.relative_to(root).as_posix(), label=label[cls],
+                                   split=split, kind=video_kind(path)))  # type: ignore[arg-type]
+    if missing > 3:
+        warnings.append(f"... {missing} videos listed in the split files are missing on disk in all")
+    ordered = {
+        s: sorted(vs, key=lambda v: (v.label, natural_key(v.rel))) for s, vs in sorted(splits.items())
+    }
+    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings)
+
+
+def _check_duplicates(index: DatasetIndex) -> None:
+    for split, videos in index.splits.items():
+        seen: dict[str, Video] = {}
+        for v in videos:
+            name = v.path.stem if v.kind == "file" else v.path.name
+            if name in seen and seen[name].label != v.label:
+                other = seen[name]
+                raise DataError(
+                    f"video {name!r} is in two classes of split {split!r}: {other.path} and {v.path}; "
+                    "a video must have one label, remove one of them"
+                )
+            seen[name] = v
+    names: dict[str, set[str]] = defaultdict(set)
+    for split, videos in index.splits.items():
+        for v in videos:
+            names[v.path.stem if v.kind == "file" else v.path.name].add(split)
+    leaked = sorted(n for n, s in names.items() if len(s) > 1)
+    if leaked:
+        index.warnings.append(
+            f"{len(leaked)} video name(s) appear in more than one split (e.g. {leaked[0]!r}): "
+            "check for train/test leakage"
+        )
+
+
+# ----------------------------------------------------------------------------- frame selection
+
+
+def select_indices(n: int, stride: int = 1, max_frames: int | None = None) -> list[int]:
+    """Positions 0..n-1 kept by ``stride``, then at most ``max_frames`` of those, uniformly spaced."""
+    kept = list(range(0, n, stride))
+    if max_frames is not None and len(kept) > max_frames:
+        # Centre of each of max_frames equal segments: deterministic and symmetric.
+        pos = ((np.arange(max_frames) + 0.5) * len(kept) / max_frames).astype(np.int64)
+        kept = [kept[i] for i in pos]
+    return kept
+
+
+def select_by_rate(times: Sequence[float], fps: float) -> list[int]:
+    """Indices of frames (times in seconds, ascending) that resample the video to at most ``fps``.
+
+    A frame is kept when it is the first at or after the next sampling instant k/fps (measured from
+    the first frame). A source slower than ``fps`` keeps every frame: nothing is duplicated.
+    """
+    if not len(times):
+        return []
+    t0, period, eps = times[0], 1.0 / fps, 1e-6
+    kept, k = [], 0
+    for i, t in enumerate(times):
+        if t - t0 + eps >= k * period:
+            kept.append(i)
+            k = math.floor((t - t0 + eps) / period) + 1
+    return kept
+
+
+def apply_selection(times: Sequence[float] | None, n: int, sel: FrameSelection) -> list[int]:
+    """Source frame indices kept from a video of ``n`` frames (``times`` known if rate-resampling)."""
+    base = list(range(n))
+    if sel.fps is not None and times is not None:
+        base = select_by_rate(times, sel.fps)
+    return [base[i] for i in select_indices(len(base), sel.stride, sel.max_frames)]
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+class FrameDecodeError(Exception):
+    """One frame (of a frame folder) could not be decoded; the rest of the video may be fine."""
+
+
+class VideoDecodeError(Exception):
+    """The video as a whole cannot be decoded."""
+
+
+def decode_image_file(path: Path) -> torch.Tensor:
+    """jpg/png (grey, RGB, RGBA, palette) → (3, H, W) uint8 RGB."""
+    try:
+        data = read_file(str(path))
+        if data.numel() == 0:
+            raise FrameDecodeError(f"{path}: empty file (0 bytes)")
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except FrameDecodeError:
+        raise
+    except (RuntimeError, ValueError, OSError) as e:
+        raise FrameDecodeError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+class DecodedFrame(NamedTuple):
+    index: int  # source frame number (position in the folder's natural order / decode order)
+    frame: torch.Tensor | None  # (3, H, W) uint8, or None if this frame failed to decode
+    error: str | None
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(f"{path}: cannot open video ({e})") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(f"{path}: no video stream")
+    return container
+
+
+def _video_times(path: Path) -> tuple[list[float], float | None]:
+    """Presentation times (s) of every frame, read by demuxing only, and the stream's frame rate."""
+    import av
+
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate) if stream.average_rate else None
+        tb = float(stream.time_base) if stream.time_base else None
+        pts = [p.pts for p in container.demux(stream) if p.size and p.pts is not None]
+    except av.FFmpegError as e:
+        raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
+    finally:
+        container.close()
+    if tb is None:
+        pts, tb = list(range(len(pts))), 1.0 / (rate or 30.0)
+    return sorted(p * tb for p in pts), rate
+
+
+def video_fps(path: Path) -> float | None:
+    container = _open_video(path)
+    try:
+        s = container.streams.video[0]
+        return float(s.average_rate) if s.average_rate else None
+    finally:
+        container.close()
+
+
+def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
+    """Decode the selected frames of a video file, in order, each decoded exactly once."""
+    import av
+
+    keep: set[int] | None = None
+    if sel.fps is not None or sel.max_frames is not None:
+        times, _ = _video_times(path)
+        keep = set(apply_selection(times, len(times), sel))
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        i = -1
+        for i, frame in enumerate(container.decode(stream)):
+            if keep is not None:
+                if i not in keep:
+                    continue
+            elif i % sel.stride:
+                continue
+            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W)
+            yield DecodedFrame(i, rgb.contiguous(), None)
+        if i < 0:
+            raise VideoDecodeError(f"{path}: no decodable frames")
+    except av.FFmpegError as e:
+        raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+    finally:
+        container.close()
+
+
+def iter_frame_folder(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
+    """Decode the selected frames of a frame folder; a broken frame yields an error, not a stop."""
+    files = list_frames(path)
+    if not files:
+        raise VideoDecodeError(f"{path}: no jpg/png frames in folder")
+    times = None
+    if sel.fps is not None:
+        if sel.folder_fps is None:
+            raise ConfigError(
+                f"--fps needs the frame rate of frame folders such as {path}: add --folder-fps "
+                "(the rate the frames were extracted at, e.g. 30 for HMDB51, 25 for UCF101)"
+            )
+        times = [i / sel.folder_fps for i in range(len(files))]
+    for i in apply_selection(times, len(files), sel):
+        try:
+            yield DecodedFrame(i, decode_image_file(files[i]), None)
+        except FrameDecodeError as e:
+            yield DecodedFrame(i, None, str(e))
+
+
+def iter_frames(video_path: Path, kind: str, sel: FrameSelection) -> Iterator[DecodedFrame]:
+    if kind == "frames":
+        return iter_frame_folder(video_path, sel)
+    return iter_video_file(video_path, sel)
+
+
+def source_fps(video_path: Path, kind: str, sel: FrameSelection) -> float | None:
+    """Frame rate of the source: the stream's for video files, ``folder_fps`` for frame folders."""
+    if kind == "frames":
+        return sel.folder_fps
+    return video_fps(video_path)

@@ -1,0 +1,435 @@
+"""Stage one: MobileNetV2 features of every kept frame of every video, cached in HDF5.
+
+Throughput design: DataLoader workers decode and resize (uint8) while the model runs; frames of
+several videos are packed into fixed-size batches (the last one padded), so the device always sees
+the same batch shape. On CPU that also makes features bit-identical however videos fall into
+batches, which is what lets a resumed run equal an uninterrupted one. Videos stream through in
+chunks, so a long video never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
+from .backbone import recalibrate_batchnorm, sha256_file
+from .cache import CacheWriter, FeatureCache, VideoRecord, discard_cache
+from .config import ExtractConfig, FrameSelection, FrameSpec
+from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
+from .errors import ConfigError, DataError, PipelineError, WeightsError
+from .preprocess import normalize_frames, resize_frames
+
+log = logging.getLogger(__name__)
+
+BACKBONE_FILE_SCHEMA = 1
+
+
+# ------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. ``auto``: bf16 (else fp16) on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 is for CUDA; on CPU use fp32 or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- decode workers
+
+
+class Chunk(NamedTuple):
+    """Up to ``chunk_frames`` decoded, resized frames of one video, or an error report."""
+
+    pos: int  # position of the video in the job list
+    frames: torch.Tensor  # (k, 3, S, S) uint8
+    indices: torch.Tensor  # (k,) int64 source frame numbers
+    fps: float  # source frame rate (NaN if unknown)
+    last: bool  # no more chunks for this video
+    error: str | None  # a frame (fatal=False) or the whole video (fatal=True) failed
+    fatal: bool
+
+
+class VideoFrameStream(IterableDataset):
+    """Decode the videos of ``jobs`` into chunks; each DataLoader worker takes every n-th video."""
+
+    def __init__(self, jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: FrameSelection,
+                 chunk_frames: int) -> None:
+        self.jobs, self.spec, self.sel, self.chunk_frames = list(jobs), spec, sel, chunk_frames
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
+        for pos, path, kind in jobs:
+            yield from self._video(pos, path, kind)
+
+    def _video(self, pos: int, path: Path, kind: str) -> Iterator[Chunk]:
+        s = self.spec.size
+        empty = (torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+        frames: list[torch.Tensor] = []
+        indices: list[int] = []
+        try:
+            fps = source_fps(path, kind, self.sel)
+            fps = float("nan") if fps is None else fps
+            for f in iter_frames(path, kind, self.sel):
+                if f.frame is None:
+                    yield Chunk(pos, *empty, fps, False, f.error, False)
+                    continue
+                frames.append(resize_frames(f.frame, self.spec))
+                indices.append(f.index)
+                if len(frames) == self.chunk_frames:
+                    yield Chunk(pos, torch.stack(frames), torch.tensor(indices), fps, False, None, False)
+                    frames, indices = [], []
+        except VideoDecodeError as e:
+            yield Chunk(pos, *empty, float("nan"), True, str(e), True)
+            return
+        if frames:
+            yield Chunk(pos, torch.stack(frames), torch.tensor(indices), fps, True, None, False)
+        else:
+            yield Chunk(pos, *empty, fps, True, None, False)
+
+
+def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: FrameSelection, *,
+                 chunk_frames: int, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        VideoFrameStream(jobs, spec, sel, chunk_frames), batch_size=None, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+    )
+
+
+# ------------------------------------------------------------------------- batched feature runner
+
+
+@dataclass
+class _Video:
+    rows: list[torch.Tensor] = field(default_factory=list)
+    indices: list[torch.Tensor] = field(default_factory=list)
+    queued: int = 0
+    fps: float = float("nan")
+    last: bool = False
+    error: str | None = None
+    frame_errors: list[str] = field(default_factory=list)
+
+
+class FeatureRunner:
+    """Packs frames of many videos into fixed-size batches and routes features back per video."""
+
+    def __init__(self, model: torch.nn.Module, spec: FrameSpec, device: torch.device,
+                 amp_dtype: torch.dtype | None, batch_size: int, channels_last: bool) -> None:
+        self.model, self.spec, self.device = model, spec, device
+        self.amp_dtype, self.batch_size, self.channels_last = amp_dtype, batch_size, channels_last
+        self.queue: deque[tuple[int, torch.Tensor]] = deque()
+        self.queued = 0
+        self.videos: dict[int, _Video] = {}
+        self.frames_done = 0
+
+    def feed(self, chunk: Chunk) -> list[int]:
+        """Take one chunk; run every full batch; return positions of videos now complete."""
+        v = self.videos.setdefault(chunk.pos, _Video())
+        v.fps = chunk.fps
+        if chunk.error is not None:
+            if chunk.fatal:
+                v.error = chunk.error
+            else:
+                v.frame_errors.append(chunk.error)
+        if chunk.frames.shape[0]:
+            v.indices.append(chunk.indices)
+            v.queued += chunk.frames.shape[0]
+            self.queue.append((chunk.pos, chunk.frames.to(self.device, non_blocking=True)))
+            self.queued += chunk.frames.shape[0]
+        v.last = v.last or chunk.last
+        done = set()
+        while self.queued >= self.batch_size:
+            done |= self._run_batch()
+        if v.last and v.queued == 0:
+            done.add(chunk.pos)
+        return sorted(done)
+
+    def flush(self) -> list[int]:
+        done: set[int] = set()
+        while self.queued:
+            done |= self._run_batch()
+        return sorted(done | {p for p, v in self.videos.items() if v.last and v.queued == 0})
+
+    @torch.inference_mode()
+    def _run_batch(self) -> set[int]:
+        parts, owners, n = [], [], 0
+        while self.queue and n < self.batch_size:
+            pos, frames = self.queue.popleft()
+            take = min(frames.shape[0], self.batch_size - n)
+            if take < frames.shape[0]:
+                self.queue.appendleft((pos, frames[take:]))
+                frames = frames[:take]
+            parts.append(frames)
+            owners.append((pos, take))
+            n += take
+        self.queued -= n
+        if n < self.batch_size:  # pad: a fixed batch shape keeps results independent of packing
+            s = self.spec.size
+            parts.append(torch.zeros(self.batch_size - n, 3, s, s, dtype=torch.uint8, device=self.device))
+        x = normalize_frames(torch.cat(parts), self.spec, channels_last=self.channels_last)  # (B,3,S,S)
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(x).float()  # (B, 1280)
+        done, start = set(), 0
+        for pos, take in owners:
+            v = self.videos[pos]
+            v.rows.append(out[start:start + take])
+            v.queued -= take
+            start += take
+            if v.last and v.queued == 0:
+                done.add(pos)
+        self.frames_done += n
+        return done
+
+    def pop(self, pos: int) -> _Video:
+        return self.videos.pop(pos)
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    videos: dict[str, int]  # per split, in the finished cache
+    extracted: int  # videos extracted by this run
+    reused: int  # videos already in the cache or in finished parts
+    frames: int  # frames run through the backbone by this run
+    seconds: float
+    failures: list[dict[str, Any]]
+    weights: WeightsIdentity
+    weights_file: Path | None
+    warnings: list[str]
+
+
+def backbone_file_for(output: Path) -> Path:
+    """Where ``--weights none`` keeps its recalibrated backbone: next to the cache."""
+    return output.with_name(output.stem + ".backbone.pt")
+
+
+def _save_backbone(model: MobileNetV2Features, path: Path, meta: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": BACKBONE,
+                "backbone_state": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConfig,
+               device: torch.device, workers: int) -> int:
+    """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the first split."""
+    split = "train" if "train" in index.splits else next(iter(index.splits))
+    videos = index.videos(split)
+    n_videos = min(len(videos), 256)
+    pick = [videos[int(i)] for i in np.linspace(0, len(videos) - 1, n_videos).round().astype(int)]
+    per_video = max(1, math.ceil(cfg.calibration_frames / n_videos))
+    sel = FrameSelection(max_frames=per_video, fps=cfg.selection.fps, folder_fps=cfg.selection.folder_fps)
+    jobs = [(i, v.path, v.kind) for i, v in enumerate(pick)]
+    loader = frame_loader(jobs, cfg.frame_spec, sel, chunk_frames=cfg.batch_size, workers=workers,
+                          pin_memory=device.type == "cuda")
+
+    def batches() -> Iterator[torch.Tensor]:
+        buf, n, used = [], 0, 0
+        for chunk in loader:
+            if chunk.frames.shape[0] and used < cfg.calibration_frames:
+                buf.append(chunk.frames[: cfg.calibration_frames - used])
+                used += buf[-1].shape[0]
+                n += buf[-1].shape[0]
+            if n >= cfg.batch_size:
+                yield normalize_frames(torch.cat(buf).to(device), cfg.frame_spec)
+                buf, n = [], 0
+        if buf:
+            yield normalize_frames(torch.cat(buf).to(device), cfg.frame_spec)
+
+    return recalibrate_batchnorm(model, batches(), device=device)
+
+
+def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.device,
+                      workers: int) -> tuple[MobileNetV2Features, WeightsIdentity, Path | None]:
+    if cfg.weights.lower() != "none":
+        model, identity = build_backbone(cfg.weights)
+        return model, identity, None
+    path = backbone_file_for(Path(cfg.output))
+    if path.exists():  # a resumed or extended run keeps the features reproducible
+        log.info("reusing the recalibrated backbone %s", path)
+        model, _ = build_backbone(str(path))
+    else:
+        torch.manual_seed(cfg.seed)
+        model, _ = build_backbone("none")
+        model.to(device)
+        log.warning(
+            "--weights none: random-init MobileNetV2; recalibrating its BatchNorm statistics on "
+            "%d frames of this dataset (use --weights imagenet for pretrained features)",
+            cfg.calibration_frames)
+        n = _calibrate(model, index, cfg, device, workers)
+        if n == 0:
+            raise DataError(f"no decodable frames under {index.root} to calibrate the backbone on")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_backbone(model.cpu(), path, {"calibration_frames": n, "seed": cfg.seed,
+                                           "dataset": str(index.root), "frame_spec": cfg.frame_spec.to_dict()})
+    identity = WeightsIdentity(source="recalibrated", sha256=sha256_file(path), path=str(path.resolve()))
+    return model, identity, path
+
+
+def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
+    """Run stage one; resumes from whatever an interrupted run with the same settings left."""
+    t0 = time.perf_counter()
+    index = index_dataset(cfg.dataset)
+    for w in index.warnings:
+        log.warning(w)
+    if cfg.selection.fps is not None and cfg.selection.folder_fps is None:
+        folder = next((v for vs in index.splits.values() for v in vs if v.kind == "frames"), None)
+        if folder is not None:
+            raise ConfigError(
+                f"--fps needs the frame rate of frame folders such as {folder.path}: add --folder-fps "
+                "(the rate the frames were extracted at, e.g. 30 for HMDB51, 25 for UCF101)"
+            )
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    output = Path(cfg.output)
+    if output.exists() and output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        _discard(output)
+
+    model, identity, weights_file = _resolve_backbone(cfg, index, device, workers)
+    provenance = {
+        "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": identity.to_dict(),
+        "frame_spec": cfg.frame_spec.to_dict(), "selection": cfg.selection.to_dict(),
+        "dtype": cfg.dtype, "classes": index.classes,
+    }
+    writer = CacheWriter(output, provenance)
+
+    jobs: list[tuple[str, Video]] = []
+    reused = 0
+    for split, videos in index.splits.items():
+        done = writer.done(split)
+        reused += sum(v.rel in done for v in videos)
+        jobs += [(split, v) for v in videos if v.rel not in done]
+
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = FeatureRunner(model, cfg.frame_spec, device, amp_dtype, cfg.batch_size, cfg.channels_last)
+    loader = frame_loader([(i, v.path, v.kind) for i, (_, v) in enumerate(jobs)], cfg.frame_spec,
+                          cfg.selection, chunk_frames=cfg.chunk_frames, workers=workers,
+                          pin_memory=device.type == "cuda")
+    failures: list[dict[str, Any]] = []
+    extracted = 0
+    checked = False
+    bar = tqdm(total=len(jobs), unit="video", desc="extract", disable=not progress or None,
+               dynamic_ncols=True)
+    t_run = time.perf_counter()
+
+    def finish(pos: int) -> None:
+        nonlocal extracted, checked
+        split, video = jobs[pos]
+        v = runner.pop(pos)
+        for err in v.frame_errors:
+            _fail(failures, split, video, f"skipped a broken frame: {err}", cfg.strict, fatal=False)
+        if v.error is not None or not v.rows:
+            _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
+            bar.update(1)
+            return
+        feats = torch.cat(v.rows).to("cpu")  # (T, 1280)
+        if not checked:
+            _check_not_degenerate(feats, identity)
+            checked = True
+        writer.add(split, VideoRecord(video.rel, video.label, feats.numpy().astype(cfg.dtype),
+                                      torch.cat(v.indices).numpy(), v.fps))
+        extracted += 1
+        bar.update(1)
+        bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")
+
+    try:
+        for chunk in loader:
+            for pos in runner.feed(chunk):
+                finish(pos)
+        for pos in runner.flush():
+            finish(pos)
+    finally:
+        bar.close()
+
+    if extracted == 0 and reused == 0:
+        writer.close_unchanged()
+        first = failures[0]["reason"] if failures else "no videos"
+        raise DataError(f"no decodable frames in any of the {len(jobs)} videos under {index.root} "
+                        f"(first problem: {first}); nothing was written")
+    order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
+    if output.exists() and not writer.pending() and not failures:
+        writer.close_unchanged()  # everything was cached already: leave the file untouched
+    else:
+        writer.finalize(order, {"config": _json_dumps(cfg.to_dict()), "failures": failures})
+    with FeatureCache(output) as c:
+        counts = {s: c.num_videos(s) for s in c.splits}
+    return ExtractResult(output=output, videos=counts, extracted=extracted, reused=reused,
+                         frames=runner.frames_done, seconds=time.perf_counter() - t0,
+                         failures=failures, weights=identity, weights_file=weights_file,
+                         warnings=index.warnings)
+
+
+def _discard(output: Path) -> None:
+    discard_cache(output)
+    backbone_file_for(output).unlink(missing_ok=True)
+
+
+def _json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,
+          fatal: bool = True) -> None:
+    if strict:
+        raise DataError(f"{reason} (--strict; drop --strict to skip broken {'videos' if fatal else 'frames'})")
+    log.warning("skipped %s: %s", "video" if fatal else "frame", reason)
+    failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": "video" if fatal else "frame"})
+
+
+def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:
+    """Warn when features carry no signal (e.g. a state dict with untrained BatchNorm statistics)."""
+    if feats.abs().max() < 1e-4 or (feats == 0).float().mean() > 0.99:
+        log.warning(
+            "features of the first video are degenerate (max |x| %.2g, %.1f%% zeros) with weights %s: "
+            "the backbone's BatchNorm statistics look untrained; use --weights imagenet or --weights none "
+            "(which recalibrates them)", float(feats.abs().max()), 100 * float((feats == 0).float().mean()),
+            identity.describe())

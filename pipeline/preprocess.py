@@ -1,0 +1,48 @@
+"""The one preprocessing definition every stage uses: uint8 RGB frames → normalised network input.
+
+It is split in two so each half runs where it is cheapest. ``resize_frames`` is geometric and works
+on uint8 (torchvision's vectorised uint8 path); it runs in the decoding workers, so only
+``size``×``size`` uint8 frames travel to the device, and frames of any size or count can be batched.
+``normalize_frames`` converts to float and normalises on the device. ``preprocess`` is both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from .config import FrameSpec
+
+
+def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
+    """(N, 3, H, W) or (3, H, W) uint8 → same rank, spatial size ``spec.size``×``spec.size``, uint8."""
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"resize_frames expects uint8 frames, got {frames.dtype}")
+    h, w = frames.shape[-2:]
+    s = spec.size
+    if spec.resize == "squash":
+        if (h, w) != (s, s):
+            frames = TF.resize(frames, [s, s], antialias=True)
+        return frames
+    if min(h, w) != s:
+        # Short side to `s`, long side scaled and rounded like torchvision's Resize(int).
+        frames = TF.resize(frames, s, antialias=True)
+    if frames.shape[-2:] != (s, s):
+        frames = TF.center_crop(frames, [s, s])
+    return frames.contiguous()
+
+
+def normalize_frames(
+    frames: torch.Tensor, spec: FrameSpec, *, channels_last: bool = False
+) -> torch.Tensor:
+    """(B, 3, S, S) uint8 on any device → float32 normalised, optionally channels_last."""
+    mean = torch.tensor(spec.mean, device=frames.device, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(spec.std, device=frames.device, dtype=torch.float32).view(1, 3, 1, 1)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = frames.to(dtype=torch.float32, memory_format=memory_format)
+    return x.div_(255.0).sub_(mean).mul_(inv_std)
+
+
+def preprocess(frames: torch.Tensor, spec: FrameSpec, *, channels_last: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) uint8 → (B, 3, S, S) float, the network input."""
+    return normalize_frames(resize_frames(frames, spec), spec, channels_last=channels_last)

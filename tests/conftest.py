@@ -1,0 +1,64 @@
+"""Tiny datasets made in tmp_path; no network, random-init backbones saved to disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.backbone import MobileNetV2Features, recalibrate_batchnorm  # noqa: E402
+from pipeline.demo import write_video  # noqa: E402
+
+SIZE = 32  # network input size used by the tests: MobileNetV2 stays fast on two cores
+
+
+def rand_frames(rng: np.random.Generator, n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
+    """Smooth-ish random RGB frames (uint8 H×W×3) that survive JPEG reasonably."""
+    base = rng.integers(0, 256, (n, h // 4, w // 4, 3)).astype(np.uint8)
+    return [np.kron(b, np.ones((4, 4, 1), dtype=np.uint8)) for b in base]
+
+
+def write_frames(folder: Path, frames: list[np.ndarray], ext: str = ".png", name: str = "frame_{}",
+                 start: int = 1) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, f in enumerate(frames, start):
+        p = folder / (name.format(i) + ext)
+        Image.fromarray(f).save(p, quality=95)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A random-init MobileNetV2 with BatchNorm recalibrated on noise: non-degenerate features."""
+    torch.manual_seed(0)
+    model = MobileNetV2Features()
+    g = torch.Generator().manual_seed(0)
+    recalibrate_batchnorm(model, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
+    path = tmp_path_factory.mktemp("weights") / "backbone.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """<root>/{train,test}/<class>/<video>: png and jpg folders (unpadded names) and lossless .mkv."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    write_frames(root / "train" / "walk" / "w1", rand_frames(rng, 12), ".png")
+    write_frames(root / "train" / "walk" / "w2", rand_frames(rng, 5), ".jpg")
+    write_frames(root / "train" / "run" / "r1", rand_frames(rng, 7), ".PNG")
+    (root / "train" / "run").mkdir(parents=True, exist_ok=True)
+    write_video(root / "train" / "run" / "r2.mkv", rand_frames(rng, 9), fps=10)
+    # 'jump' exists only in the test split: labels must still agree across splits
+    write_frames(root / "test" / "jump" / "j1", rand_frames(rng, 6), ".png")
+    write_frames(root / "test" / "walk" / "w3", rand_frames(rng, 4), ".png")
+    return root

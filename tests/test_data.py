@@ -1,0 +1,186 @@
+"""Dataset index, natural order, split files, frame selection and decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import rand_frames, write_frames
+from PIL import Image
+
+from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
+from pipeline.data import (apply_selection, index_dataset, iter_frame_folder, iter_video_file,
+                           list_frames, natural_key, select_by_rate, select_indices)
+from pipeline.demo import write_video
+from pipeline.errors import DataError
+from pipeline.preprocess import resize_frames
+
+
+def test_natural_order():
+    names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg", "Frame_3.jpg", "frame_100.jpg", "frame_20.jpg"]
+    assert sorted(names, key=natural_key) == [
+        "frame_1.jpg", "frame_2.jpg", "Frame_3.jpg", "frame_10.jpg", "frame_20.jpg", "frame_100.jpg"]
+    assert sorted(["10000.jpg", "9999.jpg", "10001.jpg"], key=natural_key) == [
+        "9999.jpg", "10000.jpg", "10001.jpg"]
+
+
+def test_list_frames_natural_and_filters(tmp_path):
+    rng = np.random.default_rng(0)
+    write_frames(tmp_path / "v", rand_frames(rng, 12), ".jpg")
+    (tmp_path / "v" / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "v" / "notes.txt").write_text("x")
+    (tmp_path / "v" / "frame_13.JPEG").write_bytes((tmp_path / "v" / "frame_1.jpg").read_bytes())
+    assert [p.name for p in list_frames(tmp_path / "v")] == [f"frame_{i}.jpg" for i in range(1, 13)] + [
+        "frame_13.JPEG"]
+
+
+def test_index_classes_stable_across_splits(tiny_dataset):
+    idx = index_dataset(DatasetSpec(str(tiny_dataset)))
+    assert idx.classes == ["jump", "run", "walk"]
+    assert sorted(idx.splits) == ["test", "train"]
+    labels = {v.rel: idx.classes[v.label] for vs in idx.splits.values() for v in vs}
+    assert labels["train/walk/w1"] == "walk" and labels["test/walk/w3"] == "walk"
+    assert labels["test/jump/j1"] == "jump" and labels["train/run/r2.mkv"] == "run"
+    # choosing one split does not change the mapping
+    only_train = index_dataset(DatasetSpec(str(tiny_dataset), splits=("train",)))
+    assert only_train.classes == idx.classes and list(only_train.splits) == ["train"]
+    assert {v.kind for v in idx.videos("train")} == {"frames", "file"}
+
+
+def test_hidden_entries_ignored(tiny_dataset):
+    (tiny_dataset / ".cache").mkdir()
+    (tiny_dataset / "train" / ".DS_Store").write_bytes(b"x")
+    (tiny_dataset / "train" / "walk" / ".w9").mkdir()
+    idx = index_dataset(DatasetSpec(str(tiny_dataset)))
+    assert sorted(idx.splits) == ["test", "train"]
+    assert [v.rel for v in idx.videos("train") if "walk" in v.rel] == ["train/walk/w1", "train/walk/w2"]
+
+
+def test_missing_split_names_it(tiny_dataset):
+    with pytest.raises(DataError, match=r"split 'val' not found under .*found: test, train"):
+        index_dataset(DatasetSpec(str(tiny_dataset), splits=("val",)))
+
+
+def test_duplicate_video_in_two_classes_refused(tiny_dataset):
+    write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(1), 3))
+    with pytest.raises(DataError, match=r"'w1' is in two classes of split 'train'"):
+        index_dataset(DatasetSpec(str(tiny_dataset)))
+
+
+def _flat_tree(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("brush_hair", "cartwheel"):
+        for k in range(3):
+            write_frames(root / cls / f"{cls}_v{k}", rand_frames(rng, 3))
+    write_video(root / "cartwheel" / "cartwheel_v3.avi", rand_frames(rng, 4))
+
+
+def test_hmdb51_split_files(tmp_path):
+    root = tmp_path / "hmdb"
+    _flat_tree(root)
+    splits = tmp_path / "testTrainMulti_7030_splits"
+    splits.mkdir()
+    (splits / "brush_hair_test_split1.txt").write_text(
+        "brush_hair_v0.avi 1 \nbrush_hair_v1.avi 2 \nbrush_hair_v2.avi 0 \n")
+    (splits / "cartwheel_test_split1.txt").write_text(
+        "cartwheel_v0.avi 1\ncartwheel_v1.avi 1\ncartwheel_v2.avi 2\ncartwheel_v3.avi 2\n")
+    (splits / "brush_hair_test_split2.txt").write_text("brush_hair_v0.avi 2\n")
+    idx = index_dataset(DatasetSpec(str(root), split_dir=str(splits), split_id=1))
+    assert idx.classes == ["brush_hair", "cartwheel"]
+    assert [v.rel for v in idx.videos("train")] == [
+        "brush_hair/brush_hair_v0", "cartwheel/cartwheel_v0", "cartwheel/cartwheel_v1"]
+    assert [v.rel for v in idx.videos("test")] == [
+        "brush_hair/brush_hair_v1", "cartwheel/cartwheel_v2", "cartwheel/cartwheel_v3.avi"]
+    assert [v.label for v in idx.videos("test")] == [0, 1, 1]
+
+
+def test_ucf101_split_files(tmp_path):
+    root = tmp_path / "ucf"
+    _flat_tree(root)
+    (tmp_path / "trainlist01.txt").write_text("brush_hair/brush_hair_v0.avi 1\ncartwheel/cartwheel_v1.avi 2\n")
+    (tmp_path / "testlist01.txt").write_text("cartwheel/cartwheel_v3.avi\r\nbrush_hair/brush_hair_v2.avi\n")
+    idx = index_dataset(DatasetSpec(str(root), split_files=(str(tmp_path / "trainlist01.txt"),
+                                                             str(tmp_path / "testlist01.txt"))))
+    assert [v.rel for v in idx.videos("train")] == ["brush_hair/brush_hair_v0", "cartwheel/cartwheel_v1"]
+    assert [v.rel for v in idx.videos("test")] == ["brush_hair/brush_hair_v2", "cartwheel/cartwheel_v3.avi"]
+    by_dir = index_dataset(DatasetSpec(str(root), split_dir=str(tmp_path), split_id=1))
+    assert [v.rel for v in by_dir.videos("test")] == [v.rel for v in idx.videos("test")]
+
+
+def test_split_file_listing_missing_video_warns(tmp_path):
+    root = tmp_path / "ucf"
+    _flat_tree(root)
+    (tmp_path / "testlist01.txt").write_text("cartwheel/nope.avi\ncartwheel/cartwheel_v0.avi\n")
+    idx = index_dataset(DatasetSpec(str(root), split_files=(str(tmp_path / "testlist01.txt"),)))
+    assert len(idx.videos("test")) == 1
+    assert any("nope.avi is listed in the split files but not on disk" in w for w in idx.warnings)
+
+
+def test_select_indices():
+    assert select_indices(10) == list(range(10))
+    assert select_indices(10, stride=3) == [0, 3, 6, 9]
+    assert select_indices(100, max_frames=4) == [12, 37, 62, 87]
+    assert select_indices(10, stride=2, max_frames=2) == [2, 6]  # of [0,2,4,6,8]: centres of 2 halves
+    assert select_indices(3, max_frames=8) == [0, 1, 2]
+
+
+def test_select_by_rate():
+    times = [i / 30 for i in range(30)]  # one second at 30 fps
+    assert select_by_rate(times, 10) == list(range(0, 30, 3))
+    assert select_by_rate(times, 60) == list(range(30))  # never duplicates
+    assert select_by_rate([i / 25 for i in range(25)], 10) == [0, 3, 5, 8, 10, 13, 15, 18, 20, 23]
+    assert apply_selection(times, 30, FrameSelection(fps=10, stride=2)) == [0, 6, 12, 18, 24]
+
+
+def test_lossless_video_decodes_exactly(tmp_path):
+    frames = rand_frames(np.random.default_rng(3), 11)
+    write_video(tmp_path / "v.mkv", frames, fps=30)
+    got = list(iter_video_file(tmp_path / "v.mkv", FrameSelection()))
+    assert [g.index for g in got] == list(range(11))
+    for g, f in zip(got, frames):
+        assert torch.equal(g.frame, torch.from_numpy(f).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("sel, expected", [
+    (FrameSelection(stride=3), [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]),
+    (FrameSelection(fps=10), list(range(0, 30, 3))),
+    (FrameSelection(max_frames=3), [5, 15, 25]),
+    (FrameSelection(fps=10, max_frames=2), [6, 21]),
+])
+def test_video_selection_indices(tmp_path, sel, expected):
+    frames = rand_frames(np.random.default_rng(4), 30)
+    write_video(tmp_path / "v.mkv", frames, fps=30)
+    got = list(iter_video_file(tmp_path / "v.mkv", sel))
+    assert [g.index for g in got] == expected
+    for g in got:  # each kept row is the frame it claims to be
+        assert torch.equal(g.frame, torch.from_numpy(frames[g.index]).permute(2, 0, 1))
+
+
+def test_folder_grey_rgba_mixed_sizes(tmp_path):
+    rng = np.random.default_rng(5)
+    d = tmp_path / "v"
+    d.mkdir()
+    rgb = rand_frames(rng, 1, 24, 32)[0]
+    Image.fromarray(rgb).save(d / "1.png")
+    Image.fromarray(rgb[..., 0]).save(d / "2.png")  # grey
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(d / "3.png")  # RGBA
+    Image.fromarray(rand_frames(rng, 1, 40, 20)[0]).save(d / "10.png")  # other size, portrait
+    got = list(iter_frame_folder(d, FrameSelection()))
+    assert [g.index for g in got] == [0, 1, 2, 3]
+    assert all(g.frame.shape[0] == 3 and g.frame.dtype == torch.uint8 for g in got)
+    assert torch.equal(got[1].frame, torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    assert torch.equal(got[2].frame, got[0].frame)
+    spec = FrameSpec(size=16)
+    assert {tuple(resize_frames(g.frame, spec).shape) for g in got} == {(3, 16, 16)}
+
+
+def test_broken_frames_are_reported_not_fatal(tmp_path):
+    rng = np.random.default_rng(6)
+    paths = write_frames(tmp_path / "v", rand_frames(rng, 4), ".jpg")
+    paths[1].write_bytes(b"")
+    paths[2].write_bytes(b"not a jpeg at all")
+    got = list(iter_frame_folder(tmp_path / "v", FrameSelection()))
+    assert [(g.index, g.frame is None) for g in got] == [(0, False), (1, True), (2, True), (3, False)]
+    assert "empty file" in got[1].error and str(paths[2]) in got[2].error

@@ -1,0 +1,259 @@
+"""Stage one: cached features equal the backbone's own output; resume, provenance, weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SIZE, rand_frames, write_frames
+from PIL import Image
+
+from pipeline.backbone import build_backbone, sha256_file
+from pipeline.cache import FeatureCache
+from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
+from pipeline.data import decode_image_file, list_frames
+from pipeline.errors import CacheError, WeightsError
+from pipeline.extract import extract_features
+from pipeline.preprocess import preprocess
+
+
+def config(root: Path, out: Path, weights: Path | str, **kw) -> ExtractConfig:
+    kw.setdefault("frame_spec", FrameSpec(size=SIZE))
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("workers", 0)
+    kw.setdefault("chunk_frames", 5)
+    return ExtractConfig(dataset=DatasetSpec(str(root)), output=str(out), weights=str(weights), **kw)
+
+
+def reference_frames(path: Path) -> list[torch.Tensor]:
+    """Decode a video independently of the pipeline's reader: PIL for png, torchvision for jpg."""
+    if path.is_dir():
+        out = []
+        for p in list_frames(path):
+            if p.suffix.lower() == ".png":
+                out.append(torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1))
+            else:
+                out.append(decode_image_file(p))
+        return out
+    import av
+
+    with av.open(str(path)) as c:
+        return [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in c.decode(video=0)]
+
+
+def reference_features(weights: Path, frames: list[torch.Tensor], spec: FrameSpec) -> np.ndarray:
+    model, _ = build_backbone(str(weights))
+    with torch.inference_mode():
+        return torch.cat([model(preprocess(f[None], spec)) for f in frames]).numpy()
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 3e-3), ("float32", 2e-4)])
+def test_features_equal_backbone_on_same_frames(tiny_dataset, tmp_path, weights_file, dtype, tol):
+    out = tmp_path / "f.h5"
+    r = extract_features(config(tiny_dataset, out, weights_file, dtype=dtype, workers=1), progress=False)
+    assert r.videos == {"test": 2, "train": 4} and r.failures == []
+    with FeatureCache(out) as cache:
+        assert cache.classes == ["jump", "run", "walk"]
+        for split in ("train", "test"):
+            data = cache.load_split(split)
+            assert data.features.dtype == np.dtype(dtype) and data.features.shape[1] == 1280
+            for i, rel in enumerate(data.videos):
+                frames = reference_frames(tiny_dataset / rel)
+                ref = reference_features(weights_file, frames, cache.frame_spec)
+                got = data.video(i).astype(np.float32)
+                assert got.shape == ref.shape
+                np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+                assert list(data.frame_indices[data.offsets[i]:data.offsets[i + 1]]) == list(range(len(frames)))
+                assert cache.classes[data.labels[i]] == rel.split("/")[1]
+                lazy, label = cache.video(split, i)
+                assert np.array_equal(lazy, data.video(i)) and label == data.labels[i]
+        fps = dict(zip(cache.load_split("train").videos, cache.load_split("train").fps))
+        assert fps["train/run/r2.mkv"] == pytest.approx(10.0) and np.isnan(fps["train/walk/w1"])
+
+
+def test_squash_and_crop_differ_and_are_recorded(tiny_dataset, tmp_path, weights_file):
+    for mode in ("crop", "squash"):
+        extract_features(config(tiny_dataset, tmp_path / f"{mode}.h5", weights_file,
+                                frame_spec=FrameSpec(size=SIZE, resize=mode)), progress=False)
+    with FeatureCache(tmp_path / "crop.h5") as a, FeatureCache(tmp_path / "squash.h5") as b:
+        assert a.frame_spec.resize == "crop" and b.frame_spec.resize == "squash"
+        assert not np.allclose(a.load_split("train").features, b.load_split("train").features)
+
+
+def test_selection_indices_recorded(tiny_dataset, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    extract_features(config(tiny_dataset, out, weights_file, selection=FrameSelection(stride=2, max_frames=3)),
+                     progress=False)
+    with FeatureCache(out) as c:
+        d = c.load_split("train")
+        rows = {v: list(d.frame_indices[d.offsets[i]:d.offsets[i + 1]]) for i, v in enumerate(d.videos)}
+        full = reference_features(weights_file, reference_frames(tiny_dataset / "train/walk/w1"), c.frame_spec)
+        w1 = d.video(d.videos.index("train/walk/w1")).astype(np.float32)
+    # w1: 12 frames → stride 2 → [0,2,4,6,8,10] → 3 uniformly spaced → [2, 6, 10]
+    assert rows["train/walk/w1"] == [2, 6, 10]
+    assert rows["train/walk/w2"] == [0, 2, 4]  # 5 frames → [0,2,4]
+    assert rows["train/run/r2.mkv"] == [0, 4, 8]  # 9 frames → [0,2,4,6,8] → 3 of them
+    np.testing.assert_allclose(w1, full[[2, 6, 10]], rtol=3e-3, atol=3e-3 * np.abs(full).max())
+
+
+def test_fps_needs_folder_fps_for_frame_folders(tiny_dataset, tmp_path, weights_file):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--folder-fps"):
+        extract_features(config(tiny_dataset, tmp_path / "f.h5", weights_file,
+                                selection=FrameSelection(fps=5)), progress=False)
+    out = tmp_path / "g.h5"
+    extract_features(config(tiny_dataset, out, weights_file, selection=FrameSelection(fps=5, folder_fps=10)),
+                     progress=False)
+    with FeatureCache(out) as c:
+        d = c.load_split("train")
+        rows = {v: list(d.frame_indices[d.offsets[i]:d.offsets[i + 1]]) for i, v in enumerate(d.videos)}
+    assert rows["train/walk/w1"] == [0, 2, 4, 6, 8, 10]  # 10 fps folder → 5 fps
+    assert rows["train/run/r2.mkv"] == [0, 2, 4, 6, 8]  # 10 fps video → 5 fps
+
+
+def test_provenance_mismatch_refused_and_overwrite(tiny_dataset, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    before = sha256_file(out)
+    with pytest.raises(CacheError, match=r"FrameSpec .*--overwrite"):
+        extract_features(config(tiny_dataset, out, weights_file, frame_spec=FrameSpec(size=48)), progress=False)
+    other = tmp_path / "other.pt"
+    model, _ = build_backbone(str(weights_file))
+    sd = model.state_dict()
+    sd["features.0.0.weight"] = sd["features.0.0.weight"] * 2
+    torch.save(sd, other)
+    with pytest.raises(CacheError, match=r"weights .*--overwrite"):
+        extract_features(config(tiny_dataset, out, other), progress=False)
+    assert sha256_file(out) == before  # refused runs leave the cache untouched
+    extract_features(config(tiny_dataset, out, other, overwrite=True), progress=False)
+    with FeatureCache(out) as c:
+        assert c.provenance["weights"]["sha256"] == sha256_file(other)
+
+
+def test_rerun_skips_and_extending_splits_equals_one_run(tiny_dataset, tmp_path, weights_file):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract_features(config(tiny_dataset, a, weights_file), progress=False)
+    cfg = config(tiny_dataset, b, weights_file)
+    r1 = extract_features(ExtractConfig(**{**cfg.__dict__, "dataset": DatasetSpec(str(tiny_dataset), splits=("test",))}),
+                          progress=False)
+    assert r1.videos == {"test": 2}
+    r2 = extract_features(cfg, progress=False)
+    assert (r2.extracted, r2.reused) == (4, 2)
+    r3 = extract_features(cfg, progress=False)
+    assert (r3.extracted, r3.reused) == (0, 6)
+    assert_same_cache(a, b)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert sorted(fa) == sorted(fb)
+        for split in fa:
+            for name in ("features", "frame_indices", "offsets", "labels", "videos", "fps"):
+                x, y = fa[split][name][()], fb[split][name][()]
+                assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (split, name)
+        for key in ("classes", "provenance", "failures", "schema_version"):
+            assert fa.attrs[key] == fb.attrs[key], key
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), *args]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, weights_file):
+    """A real `python cli.py extract-features` killed with SIGKILL part-way, then rerun."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    for c in range(3):
+        for v in range(10):
+            write_frames(root / "train" / f"c{c}" / f"c{c}_v{v}", rand_frames(rng, 16), ".png")
+    args = ["-q", "extract-features", "--data-dir", str(root), "--weights", str(weights_file), "--size", str(SIZE),
+            "--batch-size", "8", "--workers", "1", "--no-progress"]
+    ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
+    subprocess.run(_cli(*args, "--output", str(ref)), check=True, cwd=tmp_path)
+    proc = subprocess.Popen(_cli(*args, "--output", str(out)), cwd=tmp_path)
+    parts = Path(f"{out}.partial") / "train"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("*.npz"))) < 8:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("*.npz")))
+    assert 8 <= done < 30 and not out.exists(), "kill landed outside the run"
+    rerun = subprocess.run(_cli(*args, "--output", str(out)), cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{done} already cached" in rerun.stdout or f"{done + 1} already cached" in rerun.stdout
+    assert not Path(f"{out}.partial").exists()
+    assert_same_cache(ref, out)
+
+
+def test_weights_state_dict_variants(tmp_path, weights_file):
+    import torchvision
+
+    base, ident = build_backbone(str(weights_file))
+    full = torchvision.models.mobilenet_v2()
+    full.features.load_state_dict(base.features.state_dict())
+    variants = {
+        "full_with_classifier.pt": full.state_dict(),
+        "features_only_no_prefix.pt": base.features.state_dict(),
+        "ddp.pt": {f"module.{k}": v for k, v in full.state_dict().items()},
+        "project_ckpt.pt": {"schema_version": 1, "backbone_state": base.state_dict()},
+    }
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        want = base(x)
+        for name, sd in variants.items():
+            torch.save(sd, tmp_path / name)
+            m, i = build_backbone(str(tmp_path / name))
+            assert torch.equal(m(x), want), name
+            assert i.source == "file" and i.sha256 == sha256_file(tmp_path / name)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(WeightsError, match="not a MobileNetV2 state dict"):
+        build_backbone(str(tmp_path / "wrong.pt"))
+    (tmp_path / "garbage.pt").write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="cannot load weights from"):
+        build_backbone(str(tmp_path / "garbage.pt"))
+    with pytest.raises(WeightsError, match="weights file not found"):
+        build_backbone(str(tmp_path / "missing.pt"))
+
+
+def test_imagenet_offline_fails_with_actionable_message(monkeypatch, tmp_path):
+    """Simulate no network (this machine has none anyway): the message names --weights PATH."""
+    import urllib.error
+
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError, match=r"could not download .* --weights PATH/TO/mobilenet_v2-"):
+        build_backbone("imagenet")
+    with pytest.raises(WeightsError, match="unknown weights"):
+        build_backbone("IMAGENET1K_V9")
+
+
+def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    r = extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False)
+    assert r.weights.source == "recalibrated" and r.weights_file == tmp_path / "f.backbone.pt"
+    with FeatureCache(out) as c:
+        d = c.load_split("train")
+        feats = d.features.astype(np.float32)
+        assert (feats == 0).mean() < 0.5 and np.abs(feats).mean() > 1e-2  # not degenerate
+        ref = reference_features(r.weights_file, reference_frames(tiny_dataset / d.videos[0]), c.frame_spec)
+        np.testing.assert_allclose(d.video(0).astype(np.float32), ref, rtol=3e-3, atol=3e-3 * np.abs(ref).max())
+    # the saved backbone is accepted as --weights PATH for the same cache (same identity)
+    r2 = extract_features(config(tiny_dataset, out, r.weights_file), progress=False)
+    assert (r2.extracted, r2.reused) == (0, 6)
