@@ -1,0 +1,189 @@
+"""The command line: bad input → one line naming the path, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, SIZE, rand_frames, write_frames
+
+from cli import main
+from pipeline.backbone import sha256_file
+from pipeline.demo import write_video
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args))
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
+
+
+def extract(root: Path, out: Path, weights: Path, *extra: str) -> tuple[int, str, str]:
+    return run("extract-features", "--data-dir", str(root), "--output", str(out), "--weights", str(weights),
+               "--size", str(SIZE), "--batch-size", "8", "--workers", "0", "--no-progress", *extra)
+
+
+def one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def failures(out: Path) -> list[dict]:
+    with h5py.File(out) as f:
+        return json.loads(f.attrs["failures"])
+
+
+def test_help_lists_commands():
+    code, out, _ = run("--help")
+    assert code == 0 and "extract-features" in out and "make-demo-data" in out and "demo" in out
+
+
+def test_empty_folder_and_broken_frames_are_skipped_and_listed(tiny_dataset, tmp_path, weights_file):
+    (tiny_dataset / "train" / "walk" / "empty").mkdir()
+    (tiny_dataset / "train" / "walk" / "w1" / "frame_4.png").write_bytes(b"")  # zero bytes
+    (tiny_dataset / "train" / "run" / "r1" / "frame_2.PNG").write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0, err
+    assert "3 problem(s)" in stdout and "empty" in stdout
+    got = {(f["video"], f["skipped"]) for f in failures(out)}
+    assert got == {("train/walk/empty", "video"), ("train/walk/w1", "frame"), ("train/run/r1", "frame")}
+    with h5py.File(out) as f:
+        vids = [v.decode() for v in f["train/videos"][()]]
+        offs, idx = f["train/offsets"][()], f["train/frame_indices"][()]
+    i = vids.index("train/walk/w1")
+    assert list(idx[offs[i]:offs[i + 1]]) == [0, 1, 2] + list(range(4, 12))  # the gap shows
+    assert "train/walk/empty" not in vids
+
+
+def test_strict_turns_skips_into_errors_and_keeps_old_cache(tiny_dataset, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    assert extract(tiny_dataset, out, weights_file, "--splits", "train")[0] == 0
+    before = sha256_file(out)
+    (tiny_dataset / "test" / "walk" / "w3" / "frame_2.png").write_bytes(b"")
+    code, _, err = extract(tiny_dataset, out, weights_file, "--strict")
+    one_error_line(code, err, "w3/frame_2.png", "empty file", "--strict")
+    assert sha256_file(out) == before
+
+
+def test_unreadable_video_skipped(tiny_dataset, tmp_path, weights_file):
+    (tiny_dataset / "train" / "run" / "bad.avi").write_bytes(np.random.bytes(5000))
+    (tiny_dataset / "train" / "run" / "zero.mp4").write_bytes(b"")
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0, err
+    assert {f["video"] for f in failures(out)} == {"train/run/bad.avi", "train/run/zero.mp4"}
+    assert "bad.avi" in err and "zero.mp4" in err  # warned while running
+    code, _, err = extract(tiny_dataset, tmp_path / "g.h5", weights_file, "--strict")
+    one_error_line(code, err, "bad.avi")
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_one_frame_video_and_class_without_videos(tiny_dataset, tmp_path, weights_file):
+    rng = np.random.default_rng(0)
+    write_frames(tiny_dataset / "train" / "walk" / "single", rand_frames(rng, 1))
+    write_video(tiny_dataset / "train" / "run" / "one.mkv", rand_frames(rng, 1))
+    (tiny_dataset / "train" / "sit").mkdir()
+    out = tmp_path / "f.h5"
+    code, _, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0, err
+    assert "class folder" in err and "sit has no videos" in err
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["classes"]) == ["jump", "run", "sit", "walk"]
+        vids = [v.decode() for v in f["train/videos"][()]]
+        lengths = np.diff(f["train/offsets"][()])
+    assert lengths[vids.index("train/walk/single")] == 1 and lengths[vids.index("train/run/one.mkv")] == 1
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing_dir", ["dataset folder not found", "nope"]),
+    ("file_not_dir", ["dataset path is a file"]),
+    ("file_at_split_level", ["found a file", "readme.txt"]),
+    ("file_at_class_level", ["found a file", "labels.csv"]),
+    ("missing_split", ["split 'val' not found", "found: test, train"]),
+    ("duplicate_name", ["'w1' is in two classes", "run/w1"]),
+    ("no_frames_at_all", ["no decodable frames in any of the 2 videos"]),
+    ("output_is_dir", ["is a folder"]),
+    ("weights_missing", ["weights file not found", "missing.pt"]),
+    ("weights_garbage", ["cannot load weights from", "garbage.pt"]),
+    ("fps_without_folder_fps", ["--folder-fps"]),
+])
+def test_bad_input_one_line(tiny_dataset, tmp_path, weights_file, case, needles):
+    root, out, weights, extra = tiny_dataset, tmp_path / "f.h5", weights_file, []
+    if case == "missing_dir":
+        root = tmp_path / "nope"
+    elif case == "file_not_dir":
+        root = tmp_path / "file"
+        root.write_text("x")
+    elif case == "file_at_split_level":
+        (tiny_dataset / "readme.txt").write_text("x")
+    elif case == "file_at_class_level":
+        (tiny_dataset / "train" / "labels.csv").write_text("x")
+    elif case == "missing_split":
+        extra = ["--splits", "train,val"]
+    elif case == "duplicate_name":
+        write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(0), 2))
+    elif case == "no_frames_at_all":
+        root = tmp_path / "empty_ds"
+        (root / "train" / "a" / "v1").mkdir(parents=True)
+        (root / "train" / "b" / "v2").mkdir(parents=True)
+    elif case == "output_is_dir":
+        out = tmp_path
+    elif case == "weights_missing":
+        weights = tmp_path / "missing.pt"
+    elif case == "weights_garbage":
+        weights = tmp_path / "garbage.pt"
+        weights.write_bytes(b"not a checkpoint")
+    elif case == "fps_without_folder_fps":
+        extra = ["--fps", "5"]
+    code, _, err = extract(root, out, weights, *extra)
+    one_error_line(code, err, *needles)
+    if case != "output_is_dir":
+        assert not out.exists() and not Path(f"{out}.partial").exists() or case == "no_frames_at_all"
+    if case == "no_frames_at_all":
+        assert not out.exists()
+
+
+def test_size_mismatch_refused_keeps_cache(tiny_dataset, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    assert extract(tiny_dataset, out, weights_file)[0] == 0
+    before = sha256_file(out)
+    r = CliRunner().invoke(main, ["extract-features", "--data-dir", str(tiny_dataset), "--output", str(out),
+                                  "--weights", str(weights_file), "--size", "48", "--workers", "0", "--no-progress"])
+    one_error_line(r.exit_code, r.stderr, "FrameSpec", "--overwrite")
+    assert sha256_file(out) == before
+
+
+def test_usage_errors_are_click_errors(tiny_dataset):
+    for opt in (["--stride", "0"], ["--max-frames", "0"], ["--resize", "stretch"]):
+        r = CliRunner().invoke(main, ["extract-features", "--data-dir", str(tiny_dataset), *opt])
+        assert r.exit_code == 2 and "Invalid value" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_real_subprocess_make_demo_and_extract(tmp_path, weights_file):
+    """`python cli.py` as a user runs it: make demo data, extract, read the cache."""
+    data, out = tmp_path / "demo", tmp_path / "demo.h5"
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "make-demo-data", str(data), "--train", "1",
+                        "--test", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "8 classes" in r.stdout
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(data),
+                        "--output", str(out), "--weights", str(weights_file), "--size", str(SIZE),
+                        "--max-frames", "4", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}: test 8 videos, train 8 videos" in r.stdout
+    with h5py.File(out) as f:
+        assert f["train/features"].shape == (32, 1280)
+        kinds = {Path(v.decode()).suffix for v in f["train/videos"][()]}
+    assert kinds == {"", ".mp4"}  # frame folders and (with one video per class) an h264 file
