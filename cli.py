@@ -137,6 +137,97 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
             click.echo(f"    {f['split']}/{f['video']}: {f['reason']}")
 
 
+@main.command("train-temporal")
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Feature cache from extract-features.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics, plots).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default=None, help="[default: val if the cache has it, else test]")
+@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--layers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--bidirectional", is_flag=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True)
+@click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+              help="last: final hidden state of each direction; mean: average over time.")
+@click.option("--seq-len", type=click.IntRange(1), default=16, show_default=True, help="Frames per clip.")
+@click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True,
+              help="Training clips: segment = TSN (one random frame per equal segment); random = random window.")
+@click.option("--eval-clips", type=click.IntRange(1), default=1, show_default=True,
+              help="Uniform clips per video averaged at evaluation.")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--clip-grad", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 = off.")
+@click.option("--patience", type=click.IntRange(1), default=None, help="Stop after this many epochs without a better val top-1.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--deterministic", is_flag=True, help="Deterministic algorithms (slower on GPU).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--overwrite", is_flag=True, help="Start over in an OUT that already holds a run.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="AMP on CUDA (auto: bf16 or fp16); CPU always trains in fp32.")
+@click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard (needs the tensorboard package).")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: str, val_split: str | None,
+                       clip_grad: float, no_progress: bool, **kw) -> None:
+    """Train the LSTM head on cached features (seconds per epoch); evaluates every epoch."""
+    from pipeline.config import TemporalConfig
+    from pipeline.train import train_temporal
+
+    cfg = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
+                         clip_grad=clip_grad or None, **kw)
+    ctx.meta["resume_hint"] = f"{out}/last.pt holds the last finished epoch; add --resume to continue"
+    r = train_temporal(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs))
+    _print_train_summary(r)
+
+
+def _print_epoch(epochs: int):
+    def show(r: dict) -> None:
+        click.echo(f"epoch {r['epoch']:>3}/{epochs}  train loss {r['train_loss']:.4f} top-1 {r['train_top1']:.3f} | "
+                   f"val loss {r['val_loss']:.4f} top-1 {r['val_top1']:.3f} top-5 {r['val_top5']:.3f} "
+                   f"mca {r['val_mean_class_acc']:.3f} | {r['epoch_seconds']:.2f} s, "
+                   f"{r['clips_per_second']:.0f} clips/s{'  *best' if r['best'] else ''}")
+    return show
+
+
+def _print_train_summary(r) -> None:
+    from pipeline.report import format_table
+
+    b = r.best
+    chance = 1 / len(r.classes)
+    click.echo(f"\nbest epoch {r.best_epoch} on {r.val_split} ({len(r.classes)} classes, chance {chance:.3f})"
+               + ("; stopped early" if r.stopped_early else ""))
+    click.echo(format_table([("top-1", f"{b['top1']:.3f}"), ("top-5", f"{b['top5']:.3f}"),
+                             ("mean class acc", f"{b['mean_class_acc']:.3f}"), ("loss", f"{b['loss']:.4f}"),
+                             ("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"),
+                             ("total time", f"{r.seconds:.1f} s")]))
+    click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv")
+
+
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--cache", required=True, type=click.Path(path_type=Path))
+@click.option("--split", default="test", show_default=True)
+@click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: the checkpoint's]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the confusion matrix and per-class CSV here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | None, out: Path | None, device: str) -> None:
+    """Metrics of a checkpoint on a cache split (the cache must match the checkpoint's backbone)."""
+    from pipeline.report import format_table
+    from pipeline.train import evaluate_checkpoint
+
+    r = evaluate_checkpoint(checkpoint, cache, split, eval_clips=eval_clips, device=device, out=out)
+    m = r.metrics
+    click.echo(f"{split}: {len(r.videos)} videos, {len(r.classes)} classes (chance {1 / len(r.classes):.3f})")
+    click.echo(format_table([("top-1", f"{m['top1']:.3f}"), ("top-5", f"{m['top5']:.3f}"),
+                             ("mean class acc", f"{m['mean_class_acc']:.3f}"), ("loss", f"{m['loss']:.4f}")]))
+    if out is not None:
+        click.echo(f"wrote {out}/confusion_{split}.png and {out}/per_class_{split}.csv")
+
+
 @main.command("make-demo-data")
 @click.argument("root", type=click.Path(path_type=Path), default=Path("data/demo"))
 @click.option("--train", "per_class_train", type=click.IntRange(1), default=12, show_default=True,

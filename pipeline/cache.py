@@ -216,6 +216,26 @@ class CacheWriter:
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]))
 
 
+def write_cache(path: str | Path, provenance: dict[str, Any], splits: dict[str, Iterator[VideoRecord]],
+                attrs: dict[str, Any] | None = None) -> Path:
+    """Write a whole cache in one go (synthetic caches, merges): temporary file, then atomic rename."""
+    path = Path(path)
+    tmp = Path(f"{path}.tmp")
+    with _h5py().File(tmp, "w") as out:
+        for split, records in splits.items():
+            _write_split(out, split, records, provenance["dtype"], int(provenance.get("feature_dim", 0)))
+        for k, v in (attrs or {}).items():
+            out.attrs[k] = v
+        out.attrs["schema_version"] = SCHEMA_VERSION
+        out.attrs["classes"] = _json(provenance["classes"])
+        out.attrs["provenance"] = _json(provenance)
+        out.attrs.setdefault("failures", "[]")
+        out.attrs["package_version"] = __version__
+        out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    os.replace(tmp, path)
+    return path
+
+
 def discard_cache(path: str | Path) -> None:
     """Remove a cache and any unfinished work on it (``--overwrite``)."""
     shutil.rmtree(f"{path}.partial", ignore_errors=True)

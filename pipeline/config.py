@@ -130,3 +130,46 @@ class ExtractConfig:
         d["frame_spec"] = self.frame_spec.to_dict()
         d["selection"] = self.selection.to_dict()
         return d
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Stage two: an LSTM on cached feature sequences."""
+
+    cache: str
+    out: str
+    train_split: str = "train"
+    val_split: str | None = None  # None: "val" if the cache has it, else "test"
+    hidden: int = 512
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.5
+    pool: Literal["last", "mean"] = "last"
+    seq_len: int = 16
+    sampler: Literal["segment", "random"] = "segment"
+    eval_clips: int = 1
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    deterministic: bool = False
+    patience: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

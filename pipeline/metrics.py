@@ -1,0 +1,35 @@
+"""Classification metrics from predicted probabilities. Pure numpy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts; row = true class, column = predicted class."""
+    return np.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def topk_accuracy(probs: np.ndarray, target: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    topk = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    return float((topk == target[:, None]).any(1).mean())
+
+
+def classification_metrics(probs: np.ndarray, target: np.ndarray, loss: float) -> dict[str, Any]:
+    """loss, top1, top5, mean class accuracy (over classes present), per-class accuracy, confusion."""
+    c = probs.shape[1]
+    cm = confusion_matrix(probs.argmax(1), target, c)
+    support = cm.sum(1)
+    per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    return {
+        "loss": float(loss),
+        "top1": topk_accuracy(probs, target, 1),
+        "top5": topk_accuracy(probs, target, 5),
+        "mean_class_acc": float(np.nanmean(per_class)) if (support > 0).any() else float("nan"),
+        "per_class_acc": per_class.tolist(),
+        "support": support.tolist(),
+        "confusion": cm.tolist(),
+    }

@@ -1,0 +1,70 @@
+"""Clip samplers over cached sequences: which frames of each video form a clip of ``seq_len``.
+
+All samplers work on the lengths of many videos at once (numpy) and return a (N, seq_len) array of
+frame positions within each video plus the clip lengths. A video shorter than ``seq_len`` keeps
+all its frames, in order, and the clip is padded (its length says how many steps are real).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Sampler = Literal["segment", "random", "uniform"]
+
+
+def _short(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.broadcast_to(np.arange(seq_len), (len(lengths), seq_len))
+    clip_len = np.minimum(lengths, seq_len)
+    return np.where(pos < clip_len[:, None], pos, 0), clip_len
+
+
+def segment_clips(lengths: np.ndarray, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """TSN: ``seq_len`` equal segments per video, one random frame from each."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pos, clip_len = _short(lengths, seq_len)
+    long = lengths >= seq_len
+    if long.any():
+        seg = lengths[long, None] / seq_len  # (n, 1)
+        start = np.floor(np.arange(seq_len) * seg).astype(np.int64)
+        end = np.floor((np.arange(seq_len) + 1) * seg).astype(np.int64)  # exclusive, > start
+        pos = pos.copy()
+        pos[long] = start + np.floor(rng.random(start.shape) * (end - start)).astype(np.int64)
+    return pos, clip_len
+
+
+def random_clips(lengths: np.ndarray, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random contiguous window of ``seq_len`` frames per video."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pos, clip_len = _short(lengths, seq_len)
+    long = lengths >= seq_len
+    if long.any():
+        start = np.floor(rng.random(long.sum()) * (lengths[long] - seq_len + 1)).astype(np.int64)
+        pos = pos.copy()
+        pos[long] = start[:, None] + np.arange(seq_len)
+    return pos, clip_len
+
+
+def uniform_clips(lengths: np.ndarray, seq_len: int, clip: int = 0, num_clips: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic evaluation clips: clip ``k`` of ``K`` takes the frame at fraction (k + ½)/K of
+    each of ``seq_len`` equal segments (K = 1: segment centres)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pos, clip_len = _short(lengths, seq_len)
+    long = lengths >= seq_len
+    if long.any():
+        seg = lengths[long, None] / seq_len
+        pos = pos.copy()
+        pos[long] = np.floor((np.arange(seq_len) + (clip + 0.5) / num_clips) * seg).astype(np.int64)
+    return pos, clip_len
+
+
+def sample(kind: Sampler, lengths: np.ndarray, seq_len: int, rng: np.random.Generator | None = None,
+           clip: int = 0, num_clips: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "segment":
+        return segment_clips(lengths, seq_len, rng or np.random.default_rng())
+    if kind == "random":
+        return random_clips(lengths, seq_len, rng or np.random.default_rng())
+    if kind == "uniform":
+        return uniform_clips(lengths, seq_len, clip, num_clips)
+    raise ValueError(f"unknown sampler {kind!r}")

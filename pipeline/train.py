@@ -1,0 +1,271 @@
+"""Stage two: train the LSTM ``TemporalHead`` on cached features; and evaluate a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache, SplitData, provenance_mismatch
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TemporalConfig
+from .engine import FeatureBank, evaluate, train_one_epoch
+from .errors import CacheError, ConfigError, PipelineError
+from .extract import resolve_device, resolve_precision
+from .metrics import classification_metrics
+from .models import TemporalHead, TemporalHeadConfig
+from .report import plot_confusion, plot_curves, write_per_class
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(PipelineError):
+    """Training diverged (NaN/Inf loss)."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[SplitData, FeatureBank]:
+    data = cache.load_split(split)
+    if len(data) == 0:
+        raise CacheError(f"split {split!r} of {cache.path} has no videos; extract it first")
+    step = 1 << 20
+    for a in range(0, len(data.features), step):
+        bad = ~np.isfinite(data.features[a:a + step]).all(1)
+        if bad.any():
+            row = a + int(np.argmax(bad))
+            vid = int(np.searchsorted(data.offsets, row, side="right")) - 1
+            raise CacheError(f"NaN/Inf in the features of {data.videos[vid]} (split {split!r}) in {cache.path}; "
+                             "re-extract that cache with --overwrite")
+    return data, FeatureBank.from_arrays(data.features, data.offsets, data.labels, device)
+
+
+def _pick_val_split(cfg: TemporalConfig, cache: FeatureCache) -> str:
+    if cfg.val_split:
+        return cfg.val_split
+    for s in ("val", "test"):
+        if s in cache.splits:
+            return s
+    raise CacheError(f"{cache.path} has no 'val' or 'test' split (has: {', '.join(cache.splits)}); "
+                     "pass --val-split")
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the output folder {out} ({e.strerror}); choose another --out") from e
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best_epoch: int
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    classes: list[str]
+    val_split: str
+    seconds: float
+    load_seconds: float
+    load_mb: float
+    stopped_early: bool
+
+
+def _summary(m: dict[str, Any]) -> dict[str, float]:
+    return {k: m[k] for k in ("loss", "top1", "top5", "mean_class_acc")}
+
+
+def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
+    seed_everything(cfg.seed, cfg.deterministic)
+    out = Path(cfg.out)
+    _prepare_out(out)
+    if not cfg.resume and not cfg.overwrite and any((out / f).exists() for f in ("best.pt", "last.pt")):
+        raise ConfigError(f"{out} already holds a run; use --resume to continue it, --overwrite to start over, "
+                          "or another --out")
+    tb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+        tb = SummaryWriter(str(out / "tensorboard"))
+
+    with FeatureCache(cfg.cache) as cache:
+        val_split = _pick_val_split(cfg, cache)
+        for s in (cfg.train_split, val_split):
+            if s not in cache.splits:
+                raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
+        t0 = time.perf_counter()
+        train, train_bank = load_bank(cache, cfg.train_split, device)
+        val, val_bank = load_bank(cache, val_split, device)
+        load_s = time.perf_counter() - t0
+        load_mb = (train.features.nbytes + val.features.nbytes) / 1e6
+        classes, provenance = cache.classes, cache.provenance
+    log.info("loaded %s (%d videos) and %s (%d videos): %.0f MB in %.2f s (%.0f MB/s)", cfg.train_split,
+             len(train), val_split, len(val), load_mb, load_s, load_mb / max(load_s, 1e-9))
+
+    head_cfg = TemporalHeadConfig(num_classes=len(classes), input_dim=train.features.shape[1], hidden=cfg.hidden,
+                                  layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                                  pool=cfg.pool)
+    model = TemporalHead(head_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start = 1
+    if cfg.resume:
+        ckpt = load_checkpoint(out / "last.pt", kind="temporal")
+        if ckpt["model_config"] != head_cfg.to_dict():
+            raise CheckpointError(f"{out / 'last.pt'} has model {ckpt['model_config']}, this run asks for "
+                                  f"{head_cfg.to_dict()}; resume with the same options")
+        diff = provenance_mismatch(ckpt["cache"], provenance)
+        if diff:
+            raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+        if scaler is not None and ckpt.get("scaler_state"):
+            scaler.load_state_dict(ckpt["scaler_state"])
+        history, best, start = list(ckpt["history"]), ckpt["best"], ckpt["epoch"] + 1
+        log.info("resuming %s after epoch %d", out / "last.pt", ckpt["epoch"])
+
+    common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
+              "frame_spec": provenance["frame_spec"], "classes": classes, "cache": provenance,
+              "val_split": val_split}
+    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": head_cfg.to_dict(),
+                                                 "classes": classes, "cache": provenance}, indent=2))
+    stopped_early = False
+    for epoch in range(start, cfg.epochs + 1):
+        if best is not None and cfg.patience and epoch - best["epoch"] > cfg.patience:
+            stopped_early = True
+            break
+        # Seeds derive from (seed, epoch): a resumed run draws the same clips and dropout masks.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        t0 = time.perf_counter()
+        try:
+            tr = train_one_epoch(model, train_bank, optimizer, scheduler, seq_len=cfg.seq_len, sampler=cfg.sampler,
+                                 batch_size=cfg.batch_size, rng=rng, label_smoothing=cfg.label_smoothing,
+                                 clip_grad=cfg.clip_grad, amp_dtype=amp, scaler=scaler,
+                                 desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+        except FloatingPointError as e:
+            raise TrainingError(f"epoch {epoch}: {e}; likely cause: learning rate too high (--lr {cfg.lr}); "
+                                "best.pt is kept as it was") from None
+        train_s = time.perf_counter() - t0
+        probs, vloss = evaluate(model, val_bank, seq_len=cfg.seq_len, num_clips=cfg.eval_clips, amp_dtype=amp)
+        m = classification_metrics(probs, val.labels, vloss)
+        if not math.isfinite(vloss):
+            raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; best.pt is kept as it was")
+        record = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
+                  **{f"val_{k}": v for k, v in _summary(m).items()},
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_s,
+                  "clips_per_second": len(train) / max(train_s, 1e-9)}
+        history.append(record)
+        improved = best is None or (m["top1"], -m["loss"]) > (best["top1"], -best["loss"])
+        if improved:
+            best = {"epoch": epoch, **_summary(m)}
+            save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "model_state": model.state_dict(),
+                                              "metrics": m})
+            plot_confusion(np.array(m["confusion"]), classes, out / "confusion.png",
+                           title=f"{val_split}, epoch {epoch}: top-1 {m['top1']:.3f}")
+            write_per_class(m, classes, out / "per_class.csv")
+        save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "model_state": model.state_dict(),
+                                          "metrics": m, "optimizer_state": optimizer.state_dict(),
+                                          "scheduler_state": scheduler.state_dict(),
+                                          "scaler_state": scaler.state_dict() if scaler else None,
+                                          "history": history, "best": best})
+        _write_jsonl(out / "metrics.jsonl", history)
+        plot_curves(history, out / "curves.png")
+        if tb is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    tb.add_scalar(k, v, epoch)
+        if on_epoch is not None:
+            on_epoch({**record, "best": improved})
+    if tb is not None:
+        tb.close()
+    assert best is not None
+    return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
+                       val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=load_s,
+                       load_mb=load_mb, stopped_early=stopped_early)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    classes: list[str]
+    split: str
+    videos: list[str]
+    probs: np.ndarray
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,
+                        eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None) -> EvalResult:
+    """Metrics of a stage-two checkpoint on a cache split; refuses a cache it was not trained for."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("kind") not in ("temporal", "end_to_end"):
+        raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+    dev = resolve_device(device)
+    with FeatureCache(cache_path) as cache:
+        diff = provenance_mismatch(ckpt["cache"], cache.provenance)
+        if diff:
+            raise CacheError(f"{cache_path} does not match {checkpoint}: {diff}; "
+                             "evaluate on a cache extracted with the checkpoint's backbone and settings")
+        data, bank = load_bank(cache, split, dev)
+    head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(dev)
+    head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
+    tc = ckpt["train_config"]
+    probs, loss = evaluate(head, bank, seq_len=tc["seq_len"], num_clips=eval_clips or tc["eval_clips"])
+    m = classification_metrics(probs, data.labels, loss)
+    if out is not None:
+        out = Path(out)
+        _prepare_out(out)
+        plot_confusion(np.array(m["confusion"]), ckpt["classes"], out / f"confusion_{split}.png",
+                       title=f"{split}: top-1 {m['top1']:.3f}")
+        write_per_class(m, ckpt["classes"], out / f"per_class_{split}.csv")
+    return EvalResult(metrics=m, classes=ckpt["classes"], split=split, videos=data.videos, probs=probs)

@@ -1,0 +1,221 @@
+"""Stage two: the LSTM learns, uses frame order, ignores padding, resumes exactly, round-trips."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from synthetic import reversal_cache, separable_cache
+
+from cli import main
+from pipeline.cache import FeatureCache
+from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.config import TemporalConfig
+from pipeline.errors import ConfigError
+from pipeline.models import TemporalHead, TemporalHeadConfig
+from pipeline.sampling import random_clips, segment_clips, uniform_clips
+from pipeline.train import TrainingError, evaluate_checkpoint, train_temporal
+
+
+def cfg(cache, out, **kw) -> TemporalConfig:
+    base = dict(hidden=32, epochs=8, batch_size=16, lr=3e-3, dropout=0.1, seq_len=8, warmup_epochs=0.5, device="cpu")
+    return TemporalConfig(cache=str(cache), out=str(out), **{**base, **kw})
+
+
+def test_separable_cache_learned_in_seconds(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=4)
+    t = time.perf_counter()
+    r = train_temporal(cfg(cache, tmp_path / "run"), progress=False)
+    assert time.perf_counter() - t < 30
+    assert r.best["top1"] >= 0.9  # chance 0.25
+    for f in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "curves.png", "confusion.png", "per_class.csv"):
+        assert (tmp_path / "run" / f).is_file(), f
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == list(range(1, 9))
+
+
+def _mean_pool_baseline(cache_path, steps: int = 300) -> float:
+    """Logistic regression on the mean frame feature: order-invariant by construction."""
+    with FeatureCache(cache_path) as c:
+        tr, te = c.load_split("train"), c.load_split("test")
+
+    def pooled(d):
+        return torch.tensor(np.stack([d.video(i).astype(np.float32).mean(0) for i in range(len(d))]))
+
+    xtr, xte = pooled(tr), pooled(te)
+    ytr, yte = torch.tensor(tr.labels), torch.tensor(te.labels)
+    lin = torch.nn.Linear(xtr.shape[1], 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(xtr), ytr).backward()
+        opt.step()
+    return float((lin(xte).argmax(1) == yte).float().mean())
+
+
+def test_lstm_separates_time_reversed_classes_mean_pool_cannot(tmp_path):
+    cache = reversal_cache(tmp_path / "rev.h5")
+    r = train_temporal(cfg(cache, tmp_path / "run", epochs=12, seq_len=8), progress=False)
+    assert r.best["top1"] >= 0.9
+    assert _mean_pool_baseline(cache) <= 0.65  # chance 0.5: frames alone carry no label
+
+
+@pytest.mark.parametrize("pool, bidirectional", [("last", False), ("last", True), ("mean", True)])
+def test_padding_never_changes_output(pool, bidirectional):
+    torch.manual_seed(0)
+    m = TemporalHead(TemporalHeadConfig(num_classes=3, input_dim=8, hidden=6, layers=2, bidirectional=bidirectional,
+                                        pool=pool)).eval()
+    x = torch.randn(3, 10, 8)
+    lengths = torch.tensor([10, 4, 7])
+    padded = x.clone()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = 1e3 * torch.randn(10 - n, 8)  # garbage in the padding
+    with torch.no_grad():
+        out = m(padded, lengths)
+        for i, n in enumerate(lengths):
+            alone = m(x[i:i + 1, :n], torch.tensor([n]))
+            torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_last_pool_uses_backward_final_state():
+    """For a bidirectional LSTM, 'last' must see the whole clip in both directions."""
+    torch.manual_seed(0)
+    m = TemporalHead(TemporalHeadConfig(num_classes=2, input_dim=4, hidden=5, bidirectional=True, dropout=0)).eval()
+    x = torch.randn(1, 6, 4)
+    y = x.clone()
+    y[0, 0] += 5  # change only the first frame
+    with torch.no_grad():
+        _, (h_n, _) = m.lstm(x)
+        z = torch.cat([h_n[0], h_n[1]], 1)
+        torch.testing.assert_close(m(x), m.classifier(z))
+        assert not torch.allclose(m(x), m(y))
+
+
+def test_samplers():
+    rng = np.random.default_rng(0)
+    lengths = np.array([100, 16, 5])
+    pos, n = segment_clips(lengths, 8, rng)
+    assert list(n) == [8, 8, 5] and pos.shape == (3, 8)
+    # segment i of a 100-frame video is frames [floor(12.5 i), floor(12.5 (i + 1)))
+    assert all(int(12.5 * i) <= p < int(12.5 * (i + 1)) for i, p in enumerate(pos[0]))
+    assert all(2 * i <= p < 2 * i + 2 for i, p in enumerate(pos[1]))
+    many = np.stack([segment_clips(lengths[:1], 8, rng)[0][0] for _ in range(200)])
+    assert len(np.unique(many[:, 0])) == 12  # every frame of a segment can be drawn
+    assert list(pos[2][:5]) == [0, 1, 2, 3, 4]
+    pos, _ = random_clips(lengths, 8, rng)
+    assert (np.diff(pos[0]) == 1).all() and 0 <= pos[0, 0] <= 92
+    u1, _ = uniform_clips(lengths, 4)
+    assert list(u1[0]) == [12, 37, 62, 87]
+    assert np.array_equal(u1, uniform_clips(lengths, 4)[0])  # deterministic
+    u2a, _ = uniform_clips(lengths, 4, clip=0, num_clips=2)
+    u2b, _ = uniform_clips(lengths, 4, clip=1, num_clips=2)
+    assert list(u2a[0]) == [6, 31, 56, 81] and list(u2b[0]) == [18, 43, 68, 93]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 4})
+    full = train_temporal(cfg(cache, tmp_path / "full", epochs=4), progress=False)
+    with pytest.raises(Stop):
+        train_temporal(cfg(cache, tmp_path / "part", epochs=4), progress=False, on_epoch=_stop_after(2))
+    resumed = train_temporal(cfg(cache, tmp_path / "part", epochs=4, resume=True), progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "part" / "last.pt")["model_state"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    for x, y in zip(full.history, resumed.history):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
+
+
+class Stop(Exception):
+    """Stands in for Ctrl-C after an epoch (a real KeyboardInterrupt would stop pytest itself)."""
+
+
+def _stop_after(n: int):
+    def cb(rec):
+        if rec["epoch"] == n:
+            raise Stop
+    return cb
+
+
+def test_interrupt_leaves_loadable_last(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    with pytest.raises(Stop):
+        train_temporal(cfg(cache, tmp_path / "run", epochs=5), progress=False, on_epoch=_stop_after(2))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_checkpoint_round_trip_and_evaluate_reproduces_best(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=4, per_class={"train": 12, "test": 6})
+    r = train_temporal(cfg(cache, tmp_path / "run", epochs=5, eval_clips=2), progress=False)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ckpt["schema_version"] == 1 and ckpt["kind"] == "temporal" and ckpt["epoch"] == r.best_epoch
+    assert ckpt["classes"] == ["c0", "c1", "c2", "c3"] and ckpt["frame_spec"]["size"] == 32
+    assert ckpt["cache"]["weights"]["sha256"] == "0" * 64
+    head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"]))
+    head.load_state_dict(ckpt["model_state"])  # strict: every key present
+    ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", cache, "test", device="cpu")
+    for k in ("top1", "top5", "mean_class_acc"):
+        assert ev.metrics[k] == pytest.approx(r.best[k])
+    assert ev.metrics["loss"] == pytest.approx(r.best["loss"], rel=1e-5)
+
+
+def test_evaluate_refuses_other_cache(tmp_path):
+    a = separable_cache(tmp_path / "a.h5", classes=3, per_class={"train": 6, "test": 3})
+    b = separable_cache(tmp_path / "b.h5", classes=4, per_class={"train": 6, "test": 3})
+    train_temporal(cfg(a, tmp_path / "run", epochs=1), progress=False)
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run" / "best.pt"), "--cache", str(b), "--split", "test"])
+    assert r.exit_code == 1 and "class list" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_inputs(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    run = CliRunner().invoke
+    base = ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--hidden", "8", "--no-progress"]
+    r = run(main, base + ["--val-split", "val"])
+    assert r.exit_code == 1 and "split 'val' is not in" in r.stderr
+    r = run(main, base + ["--seq-len", "0"])
+    assert r.exit_code == 2 and "--seq-len" in r.stderr
+    r = run(main, ["train-temporal", "--cache", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "feature cache not found" in r.stderr
+    (tmp_path / "file").write_text("x")
+    r = run(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "file" / "run")])
+    assert r.exit_code == 1 and "cannot write to the output folder" in r.stderr
+    empty = separable_cache(tmp_path / "e.h5", classes=2, per_class={"train": 0, "test": 2})
+    r = run(main, ["train-temporal", "--cache", str(empty), "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "has no videos" in r.stderr
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    r = run(main, ["evaluate", str(tmp_path / "junk.pt"), "--cache", str(cache)])
+    assert r.exit_code == 1 and "cannot read checkpoint" in r.stderr
+    torch.save({"model": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
+    import h5py
+    import torch.nn.functional as F
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=1), progress=False)
+    best_before = (out / "best.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run; use --resume"):
+        train_temporal(cfg(cache, out, epochs=1), progress=False)
+    # Fault injection: the loss turns NaN when the run is resumed for more epochs.
+    real_ce = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    with pytest.raises(TrainingError, match=r"epoch 2: loss became nan .*learning rate too high .*best.pt is kept"):
+        train_temporal(cfg(cache, out, epochs=3, resume=True), progress=False)
+    monkeypatch.undo()
+    with h5py.File(cache, "r+") as f:
+        f["train/features"][5, 3] = np.nan
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(out), "--overwrite"])
+    assert r.exit_code == 1 and "NaN/Inf in the features of train/c0/v" in r.stderr
+    assert (out / "best.pt").read_bytes() == best_before
