@@ -96,7 +96,7 @@ def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
               show_default=True, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the cached features.")
-@click.option("--calibration-frames", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--calibration-frames", type=click.IntRange(2), default=1024, show_default=True,
               help="Frames used to recalibrate BatchNorm with --weights none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random init seed for --weights none.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
@@ -121,7 +121,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
     )
     ctx.meta["resume_hint"] = (
-        f"finished videos are kept in {output}.partial; rerun the same command to resume"
+        f"finished videos are kept in {output}.partial; rerun the same command"
+        + (" without --overwrite" if overwrite else "") + " to resume"
     )
     r = extract_features(cfg, progress=not no_progress)
     fps_txt = f"{r.frames / r.seconds:.0f} frames/s" if r.seconds > 0 else ""

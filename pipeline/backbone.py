@@ -171,8 +171,9 @@ def recalibrate_batchnorm(
 ) -> int:
     """Re-estimate every BatchNorm's running mean/var on ``batches`` (normalised inputs), then freeze.
 
-    Uses a cumulative average (``momentum=None``) so the statistics are the exact mean over all
-    frames seen, independent of batch order. Returns the number of frames used.
+    ``momentum=None`` averages the per-batch statistics with equal weight, independent of batch
+    order: give it equal-sized batches that are fair samples (shuffled across videos). Returns the
+    number of frames used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]

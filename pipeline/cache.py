@@ -74,7 +74,7 @@ def provenance_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     if not wo.matches(wn):
         return f"weights {wo.describe()} vs {wn.describe()}"
     for key, what in (("frame_spec", "FrameSpec"), ("selection", "frame selection"),
-                      ("dtype", "feature dtype"), ("classes", "class list")):
+                      ("precision", "compute precision"), ("dtype", "feature dtype"), ("classes", "class list")):
         if old.get(key) != new.get(key):
             return f"{what} {_json(old.get(key))} vs {_json(new.get(key))}"
     return None
@@ -131,8 +131,9 @@ class CacheWriter:
                 try:
                     with np.load(p) as z:
                         done.add(str(z["rel"]))
-                except (OSError, ValueError, KeyError, EOFError):
-                    p.unlink(missing_ok=True)  # cannot happen with atomic renames; be safe anyway
+                except Exception:  # noqa: BLE001 - a part torn by a power cut: redo that video
+                    log.warning("discarding unreadable part %s", p)
+                    p.unlink(missing_ok=True)
         return done
 
     def add(self, split: str, rec: VideoRecord) -> None:
@@ -184,8 +185,14 @@ class CacheWriter:
                             sources[rel] = ("old", g, i, offs)
                     for rel, p in self._parts(split).items():
                         sources[rel] = ("part", p)
-                    ranked = [r for r in order.get(split, ()) if r in sources]
-                    ranked += [r for r in sources if r not in set(ranked)]
+                    if split in order:  # the split as indexed now: stale videos must not leak in
+                        ranked = [r for r in order[split] if r in sources]
+                        stale = len(sources) - len(ranked)
+                        if stale:
+                            log.warning("dropped %d cached video(s) of split %r that are no longer in it "
+                                        "(moved, deleted, or another split definition)", stale, split)
+                    else:
+                        ranked = list(sources)
                     _write_split(out, split, (self._record(sources[r], r) for r in ranked),
                                  self.provenance["dtype"], int(self.provenance.get("feature_dim", 0)))
                 for k, v in attrs.items():

@@ -333,7 +333,10 @@ def decode_image_file(path: Path) -> torch.Tensor:
         data = read_file(str(path))
         if data.numel() == 0:
             raise FrameDecodeError(f"{path}: empty file (0 bytes)")
-        return decode_image(data, mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB)
+        if img.dtype != torch.uint8:  # 16-bit PNG
+            img = (img.to(torch.float32) * (255.0 / torch.iinfo(img.dtype).max)).round().to(torch.uint8)
+        return img
     except FrameDecodeError:
         raise
     except (RuntimeError, ValueError, OSError) as e:
@@ -347,68 +350,78 @@ class DecodedFrame(NamedTuple):
 
 
 def _open_video(path: Path):
+    """→ (container, the video stream to read): skips cover-art streams, prefers the longest."""
     import av
 
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot open video ({e})") from e
-    if not container.streams.video:
+    streams = [s for s in container.streams.video
+               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
+    if not streams:
         container.close()
         raise VideoDecodeError(f"{path}: no video stream")
-    return container
+    stream = max(streams, key=lambda s: (s.frames or 0, (s.width or 0) * (s.height or 0)))
+    return container, stream
 
 
-def _video_times(path: Path) -> tuple[list[float], float | None]:
-    """Presentation times (s) of every frame, read by demuxing only, and the stream's frame rate."""
+def _video_pts(path: Path) -> tuple[list[int] | None, float]:
+    """Presentation timestamps of every frame, sorted, read by demuxing only (no decoding), and
+    the time base; None if the container does not give every packet a timestamp."""
     import av
 
-    container = _open_video(path)
+    container, stream = _open_video(path)
     try:
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate) if stream.average_rate else None
-        tb = float(stream.time_base) if stream.time_base else None
-        pts = [p.pts for p in container.demux(stream) if p.size and p.pts is not None]
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        pts = [p.pts for p in container.demux(stream) if p.size]
     except av.FFmpegError as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
     finally:
         container.close()
-    if tb is None:
-        pts, tb = list(range(len(pts))), 1.0 / (rate or 30.0)
-    return sorted(p * tb for p in pts), rate
+    if not tb or any(p is None for p in pts):
+        return None, tb
+    return sorted(pts), tb
 
 
 def video_fps(path: Path) -> float | None:
-    container = _open_video(path)
+    container, stream = _open_video(path)
     try:
-        s = container.streams.video[0]
-        return float(s.average_rate) if s.average_rate else None
+        return float(stream.average_rate) if stream.average_rate else None
     finally:
         container.close()
 
 
 def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
-    """Decode the selected frames of a video file, in order, each decoded exactly once."""
+    """Decode the selected frames of a video file, in order, each decoded exactly once.
+
+    A frame's index is the position of its timestamp among all packets' timestamps, so it stays
+    the true source frame number even when the decoder drops frames (a clip cut on a non-key
+    frame drops its leading frames). Without timestamps, decoded frames are counted.
+    """
     import av
 
-    keep: set[int] | None = None
-    if sel.fps is not None or sel.max_frames is not None:
-        times, _ = _video_times(path)
-        keep = set(apply_selection(times, len(times), sel))
-    container = _open_video(path)
+    pts, tb = _video_pts(path)
+    if pts is not None:
+        position = {p: i for i, p in enumerate(pts)}
+        keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel))
+    else:
+        position = {}
+        if sel.fps is not None or sel.max_frames is not None:
+            raise VideoDecodeError(f"{path}: no frame timestamps, cannot apply --fps/--max-frames")
+        keep = None
+    container, stream = _open_video(path)
     try:
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        i = -1
-        for i, frame in enumerate(container.decode(stream)):
-            if keep is not None:
-                if i not in keep:
-                    continue
-            elif i % sel.stride:
+        n = 0
+        for count, frame in enumerate(container.decode(stream)):
+            n += 1
+            i = position.get(frame.pts, count) if position else count
+            if (i not in keep) if keep is not None else (i % sel.stride):
                 continue
             rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W)
             yield DecodedFrame(i, rgb.contiguous(), None)
-        if i < 0:
+        if n == 0:
             raise VideoDecodeError(f"{path}: no decodable frames")
     except av.FFmpegError as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e

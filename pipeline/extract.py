@@ -10,6 +10,7 @@ chunks, so a long video never has to fit in memory.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
 from .backbone import recalibrate_batchnorm, sha256_file
 from .cache import CacheWriter, FeatureCache, VideoRecord, discard_cache
-from .config import ExtractConfig, FrameSelection, FrameSpec
+from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .preprocess import normalize_frames, resize_frames
@@ -120,6 +121,11 @@ class VideoFrameStream(IterableDataset):
         except VideoDecodeError as e:
             yield Chunk(pos, *empty, float("nan"), True, str(e), True)
             return
+        except PipelineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a decoder can fail in many ways; bound it to this video
+            yield Chunk(pos, *empty, float("nan"), True, f"{path}: {type(e).__name__}: {e}", True)
+            return
         if frames:
             yield Chunk(pos, torch.stack(frames), torch.tensor(indices), fps, True, None, False)
         else:
@@ -128,9 +134,12 @@ class VideoFrameStream(IterableDataset):
 
 def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: FrameSelection, *,
                  chunk_frames: int, workers: int, pin_memory: bool) -> DataLoader:
+    kw: dict[str, Any] = {}
+    if workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:
+        kw["in_order"] = False  # chunks carry their video's position: a slow video must not stall others
     return DataLoader(
         VideoFrameStream(jobs, spec, sel, chunk_frames), batch_size=None, num_workers=workers,
-        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory, prefetch_factor=4 if workers else None, **kw,
     )
 
 
@@ -253,8 +262,17 @@ def _save_backbone(model: MobileNetV2Features, path: Path, meta: dict[str, Any])
 
 def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConfig,
                device: torch.device, workers: int) -> int:
-    """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the first split."""
+    """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the train split.
+
+    The frames are shuffled across videos and split into equal batches (at least 2 frames each), so
+    every batch is a fair sample of the dataset and the averaged statistics are not skewed.
+    """
+    if "train" not in index.splits:  # --splits chose others: still calibrate on train, never on test
+        full = index_dataset(DatasetSpec(**{**cfg.dataset.__dict__, "splits": None}))
+        index = full if "train" in full.splits else index
     split = "train" if "train" in index.splits else next(iter(index.splits))
+    if split != "train":
+        log.warning("no 'train' split: calibrating BatchNorm on split %r", split)
     videos = index.videos(split)
     n_videos = min(len(videos), 256)
     pick = [videos[int(i)] for i in np.linspace(0, len(videos) - 1, n_videos).round().astype(int)]
@@ -264,20 +282,14 @@ def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConf
     loader = frame_loader(jobs, cfg.frame_spec, sel, chunk_frames=cfg.batch_size, workers=workers,
                           pin_memory=device.type == "cuda")
 
-    def batches() -> Iterator[torch.Tensor]:
-        buf, n, used = [], 0, 0
-        for chunk in loader:
-            if chunk.frames.shape[0] and used < cfg.calibration_frames:
-                buf.append(chunk.frames[: cfg.calibration_frames - used])
-                used += buf[-1].shape[0]
-                n += buf[-1].shape[0]
-            if n >= cfg.batch_size:
-                yield normalize_frames(torch.cat(buf).to(device), cfg.frame_spec)
-                buf, n = [], 0
-        if buf:
-            yield normalize_frames(torch.cat(buf).to(device), cfg.frame_spec)
-
-    return recalibrate_batchnorm(model, batches(), device=device)
+    frames = [c.frames for c in loader if c.frames.shape[0]]
+    pool = torch.cat(frames)[: max(2, cfg.calibration_frames)] if frames else None  # (n, 3, S, S) uint8
+    if pool is None or len(pool) < 2:
+        return 0  # BatchNorm statistics need at least two frames
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))]
+    n_batches = max(1, len(pool) // max(2, cfg.batch_size))
+    batches = (normalize_frames(b.to(device), cfg.frame_spec) for b in torch.tensor_split(pool, n_batches))
+    return recalibrate_batchnorm(model, batches, device=device)
 
 
 def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.device,
@@ -299,7 +311,7 @@ def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.dev
             cfg.calibration_frames)
         n = _calibrate(model, index, cfg, device, workers)
         if n == 0:
-            raise DataError(f"no decodable frames under {index.root} to calibrate the backbone on")
+            raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_backbone(model.cpu(), path, {"calibration_frames": n, "seed": cfg.seed,
                                            "dataset": str(index.root), "frame_spec": cfg.frame_spec.to_dict()})
@@ -326,15 +338,22 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     output = Path(cfg.output)
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        _discard(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            _discard(output)
+        probe = output.parent / f".{output.name}.write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write --output {output} ({e.strerror}); choose another path") from e
 
     model, identity, weights_file = _resolve_backbone(cfg, index, device, workers)
     provenance = {
         "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": identity.to_dict(),
         "frame_spec": cfg.frame_spec.to_dict(), "selection": cfg.selection.to_dict(),
-        "dtype": cfg.dtype, "classes": index.classes,
+        "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "dtype": cfg.dtype,
+        "classes": index.classes,
     }
     writer = CacheWriter(output, provenance)
 

@@ -184,3 +184,39 @@ def test_broken_frames_are_reported_not_fatal(tmp_path):
     got = list(iter_frame_folder(tmp_path / "v", FrameSelection()))
     assert [(g.index, g.frame is None) for g in got] == [(0, False), (1, True), (2, True), (3, False)]
     assert "empty file" in got[1].error and str(paths[2]) in got[2].error
+
+
+def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
+    """A stream-copied cut that starts 3 packets after a key frame (as `ffmpeg -ss -c copy`
+    makes): the decoder drops the frames it cannot reconstruct; stored indices must still be the
+    true positions in the stream, and each row the frame it claims to be."""
+    import av
+    from fractions import Fraction
+
+    frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
+    src, cut = tmp_path / "src.mkv", tmp_path / "cut.mkv"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(25))
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        s.options = {"crf": "0", "g": "10", "bf": "0", "keyint_min": "10", "sc_threshold": "0"}
+        for f in frames:
+            for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(q)
+        for q in s.encode():
+            c.mux(q)
+    with av.open(str(src)) as i, av.open(str(cut), "w") as o:
+        ist = i.streams.video[0]
+        ost = o.add_stream_from_template(ist)
+        for n, pkt in enumerate(i.demux(ist)):
+            if pkt.dts is None or n < 3:
+                continue
+            pkt.stream = ost
+            o.mux(pkt)
+    for sel in (FrameSelection(), FrameSelection(max_frames=4), FrameSelection(fps=5)):
+        got = list(iter_video_file(cut, sel))
+        assert got, sel
+        for g in got:  # content 8·k identifies source frame k; the cut starts at source frame 3
+            assert round(g.frame.float().mean().item() / 8) - 3 == g.index, (sel, g.index)
+    # 27 packets, 4 uniformly spaced → positions 3, 10, 16, 23; frame 3 cannot be decoded
+    assert [g.index for g in iter_video_file(cut, FrameSelection(max_frames=4))] == [10, 16, 23]
