@@ -185,8 +185,10 @@ def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: 
     _print_train_summary(r)
 
 
-def _print_epoch(epochs: int):
+def _print_epoch(epochs: int, every: int = 1):
     def show(r: dict) -> None:
+        if r["epoch"] % every and r["epoch"] != epochs:
+            return
         click.echo(f"epoch {r['epoch']:>3}/{epochs}  train loss {r['train_loss']:.4f} top-1 {r['train_top1']:.3f} | "
                    f"val loss {r['val_loss']:.4f} top-1 {r['val_top1']:.3f} top-5 {r['val_top5']:.3f} "
                    f"mca {r['val_mean_class_acc']:.3f} | {r['epoch_seconds']:.2f} s, "
@@ -229,6 +231,64 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
         click.echo(f"wrote {out}/confusion_{split}.png and {out}/per_class_{split}.csv")
 
 
+@main.command("predict")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input (a JSON list) instead of a table.")
+@click.option("--window", type=click.IntRange(1), default=None,
+              help="Classify windows of N kept frames for a timeline; the video label is their mean.")
+@click.option("--stride", type=click.IntRange(1), default=None, help="Window step in kept frames.  [default: --window]")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="With --window: save the timeline plot here (PATH_<n>.png for several inputs).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], top_k: int, as_json: bool,
+                window: int | None, stride: int | None, plot: Path | None, weights: Path | None, batch_size: int,
+                workers: int | None, device: str, no_progress: bool) -> None:
+    """Label videos (files, frame folders, or folders of them) with a trained checkpoint."""
+    import json
+
+    from pipeline.predict import Predictor, plot_timeline
+
+    if plot is not None and window is None:
+        raise click.BadParameter("--plot needs --window", param_hint="--plot")
+    predictor = Predictor(checkpoint, weights=weights, device=device, batch_size=batch_size, workers=workers)
+    preds = predictor.predict(inputs, top_k=top_k, window=window, stride=stride, progress=not no_progress)
+    plots = []
+    if plot is not None:
+        ok = [p for p in preds if p.windows]
+        for i, p in enumerate(ok):
+            path = plot if len(ok) == 1 else plot.with_name(f"{plot.stem}_{i + 1}{plot.suffix or '.png'}")
+            plot_timeline(p, predictor.classes, path)
+            plots.append(path)
+    if as_json:
+        click.echo(json.dumps([p.to_json() for p in preds], indent=2))
+    else:
+        width = max(len(p.input) for p in preds)
+        for p in preds:
+            if p.error:
+                continue
+            labels = "  ".join(f"{c} {prob:.3f}" for c, prob in p.top_k)
+            click.echo(f"{p.input:<{width}}  {labels}")
+            for w in p.windows:
+                t = f"  {w.start_time:7.2f}-{w.end_time:7.2f} s" if w.start_time is not None else ""
+                click.echo(f"    frames {w.start_frame:>6}-{w.end_frame:<6}{t}  {w.label} {w.prob:.3f}")
+    for path in plots:
+        click.echo(f"timeline plot: {path}", err=True)
+    bad = [p for p in preds if p.error]
+    for p in bad:
+        click.echo(f"error: {p.error}", err=True)
+    if bad:
+        click.echo(f"{len(bad)} of {len(preds)} input(s) failed", err=True)
+        ctx.exit(EXIT_ERROR)
+
+
 @main.command("make-demo-data")
 @click.argument("root", type=click.Path(path_type=Path), default=Path("data/demo"))
 @click.option("--train", "per_class_train", type=click.IntRange(1), default=12, show_default=True,
@@ -251,31 +311,69 @@ def make_demo_data_cmd(root: Path, per_class_train: int, per_class_test: int, se
 @main.command("demo")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
 @click.option("--features", type=click.Path(path_type=Path), default=Path("features/demo.h5"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--size", type=click.IntRange(16), default=112, show_default=True,
               help="Network input size (the demo frames are 80x60).")
+@click.option("--epochs", type=click.IntRange(1), default=60, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.pass_context
-def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, size: int, device: str) -> None:
-    """Run the whole pipeline on built-in synthetic data: make data, then extract features."""
+def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size: int, epochs: int, device: str) -> None:
+    """The whole story on built-in synthetic data: data, extract, train, evaluate, predict."""
+    import time
+
+    from pipeline.config import TemporalConfig
     from pipeline.demo import existing_demo, make_demo_data
     from pipeline.extract import extract_features
+    from pipeline.predict import Predictor
+    from pipeline.report import format_table
+    from pipeline.train import evaluate_checkpoint, train_temporal
 
-    click.echo("[1/2] demo data")
+    t0 = time.perf_counter()
+    click.echo(f"[1/5] demo data -> {data_dir}")
     info = existing_demo(data_dir, per_class_train=12, per_class_test=4, seed=0)
     if info is None:
         info = make_demo_data(data_dir, overwrite=True)
-        click.echo(f"  wrote {data_dir}: {len(info.classes)} classes, "
+        click.echo(f"  wrote {len(info.classes)} classes (time-reversed pairs: grow/shrink, fade_in/fade_out, "
+                   "red_to_blue/blue_to_red, pan_right/pan_left), "
                    + ", ".join(f"{s} {n} videos" for s, n in info.videos.items()))
     else:
-        click.echo(f"  reusing {data_dir}")
-    click.echo("[2/2] extract-features (random-init MobileNetV2, BatchNorm recalibrated on the demo frames)")
+        click.echo("  reusing the existing demo data")
+
+    click.echo(f"[2/5] extract-features -> {features}  (random-init MobileNetV2, BatchNorm recalibrated on the demo frames)")
     ctx.meta["resume_hint"] = "rerun `python cli.py demo` to resume"
     r = extract_features(ExtractConfig(dataset=DatasetSpec(root=str(data_dir)), output=str(features),
                                        weights="none", frame_spec=FrameSpec(size=size), device=device,
                                        calibration_frames=512))
-    click.echo(f"  {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items())
-               + f"; {r.frames} frames in {r.seconds:.1f} s this run, {r.reused} videos already cached")
-    click.echo(f"  backbone: {r.weights_file}")
+    click.echo(f"  {', '.join(f'{s} {n} videos' for s, n in r.videos.items())}; {r.frames} frames in "
+               f"{r.seconds:.1f} s this run ({r.reused} videos already cached); backbone {r.weights_file}")
+
+    click.echo(f"[3/5] train-temporal -> {out}")
+    tr = train_temporal(TemporalConfig(cache=str(features), out=str(out), hidden=256, epochs=epochs, lr=3e-3,
+                                       dropout=0.2, device=device, overwrite=True),
+                        progress=False, on_epoch=_print_epoch(epochs, every=10))
+    click.echo(f"  best epoch {tr.best_epoch}: val top-1 {tr.best['top1']:.3f} (chance {1 / len(tr.classes):.3f}); "
+               f"{sum(h['epoch_seconds'] for h in tr.history):.1f} s of training in all")
+
+    click.echo(f"[4/5] evaluate {out}/best.pt on the test split")
+    ev = evaluate_checkpoint(out / "best.pt", features, "test", device=device, out=out)
+    m = ev.metrics
+    click.echo(format_table([("top-1", f"{m['top1']:.3f}"), ("top-5", f"{m['top5']:.3f}"),
+                             ("mean class acc", f"{m['mean_class_acc']:.3f}"),
+                             ("chance", f"{1 / len(ev.classes):.3f}")]))
+
+    click.echo("[5/5] predict on held-out test videos (frames decoded from disk, not the cache)")
+    held_out = [next(p for p in sorted((data_dir / "test" / c).iterdir()) if not p.name.startswith("."))
+                for c in info.classes]
+    preds = Predictor(out / "best.pt", device=device).predict(held_out, top_k=2, progress=False)
+    right = 0
+    for p in preds:
+        truth = Path(p.input).parent.name
+        right += p.top_k[0][0] == truth
+        click.echo(f"  {Path(p.input).relative_to(data_dir)}: {p.top_k[0][0]} {p.top_k[0][1]:.2f}"
+                   f"{'' if p.top_k[0][0] == truth else '   (wrong)'}")
+    click.echo(f"  {right}/{len(preds)} correct")
+    click.echo(f"\ndone in {time.perf_counter() - t0:.0f} s: test top-1 {m['top1']:.3f} vs chance "
+               f"{1 / len(ev.classes):.3f}. Outputs: {features}, {out}/ (best.pt, curves.png, confusion.png, ...)")
 
 
 if __name__ == "__main__":

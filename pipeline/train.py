@@ -214,13 +214,16 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
                                           "scaler_state": scaler.state_dict() if scaler else None,
                                           "history": history, "best": best})
         _write_jsonl(out / "metrics.jsonl", history)
-        plot_curves(history, out / "curves.png")
+        # Redraw the curves every epoch when epochs are slow; for sub-second epochs every 10th is enough.
+        if train_s > 2 or epoch % 10 == 0 or epoch == cfg.epochs or improved:
+            plot_curves(history, out / "curves.png")
         if tb is not None:
             for k, v in record.items():
                 if k != "epoch":
                     tb.add_scalar(k, v, epoch)
         if on_epoch is not None:
             on_epoch({**record, "best": improved})
+    plot_curves(history, out / "curves.png")
     if tb is not None:
         tb.close()
     assert best is not None

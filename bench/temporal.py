@@ -1,0 +1,125 @@
+"""Stage-two speed on an HMDB51-sized cache, against an end-to-end epoch over the same clips.
+
+    python bench/temporal.py [--train 3570] [--val 1530] [--frames 90] [--device auto]
+
+Writes a synthetic cache (3,570 train + 1,530 val videos, ~90 frames each, 1280-d float16, the size
+of HMDB51 split 1), then measures in this one run:
+
+* loading both splits with ``FeatureCache.load_split`` (seconds, MB/s; the file was just written,
+  so this is a warm page cache: the rate of h5py into RAM, not of the disk);
+* a ``train_one_epoch`` of the LSTM head (seq-len 16, hidden 512, batch 64): seconds and clips/s;
+* the end-to-end equivalent: MobileNetV2 forward + backward on every frame of the same clips
+  (train mode, 224×224, channels_last), timed on a few small batches and scaled to the epoch.
+
+It prints the ratio end-to-end / cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.backbone import MobileNetV2Features  # noqa: E402
+from pipeline.cache import FeatureCache, VideoRecord, write_cache  # noqa: E402
+from pipeline.engine import FeatureBank, train_one_epoch  # noqa: E402
+from pipeline.extract import resolve_device  # noqa: E402
+from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
+
+
+def synthetic_cache(path: Path, n_train: int, n_val: int, frames: int, classes: int = 51, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, 1280), dtype=np.float32)
+
+    def records(split: str, n: int):
+        for i in range(n):
+            c = i % classes
+            t = int(rng.integers(frames * 2 // 3, frames * 4 // 3 + 1))
+            f = centres[c] + rng.standard_normal((t, 1280), dtype=np.float32)
+            yield VideoRecord(f"{split}/c{c}/v{i}", c, f.astype(np.float16), np.arange(t), 30.0)
+
+    prov = {"backbone": "mobilenet_v2", "feature_dim": 1280, "dtype": "float16", "classes": [f"c{i}" for i in range(classes)],
+            "weights": {"source": "file", "sha256": "0" * 64}, "frame_spec": {}, "selection": {}, "precision": "float32"}
+    write_cache(path, prov, {"train": records("train", n_train), "val": records("val", n_val)})
+
+
+def end_to_end_seconds_per_frame(device: torch.device, batch_frames: int, repeats: int = 3) -> float:
+    """MobileNetV2 forward + backward (train mode) per frame at 224×224."""
+    model = MobileNetV2Features().to(device).to(memory_format=torch.channels_last).train()
+    x = torch.randn(batch_frames, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / (repeats * batch_frames)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", type=int, default=3570)
+    ap.add_argument("--val", type=int, default=1530)
+    ap.add_argument("--frames", type=int, default=90)
+    ap.add_argument("--seq-len", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs (the median is reported)")
+    ap.add_argument("--e2e-clips", type=int, default=2, help="clips per end-to-end timing batch")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_temporal_"))
+    try:
+        path = work / "hmdb_sized.h5"
+        t = time.perf_counter()
+        synthetic_cache(path, args.train, args.val, args.frames)
+        print(f"cache: {args.train} train + {args.val} val videos, ~{args.frames} frames, 1280-d float16, "
+              f"{path.stat().st_size / 1e6:.0f} MB on disk ({time.perf_counter() - t:.0f} s to write)")
+
+        t = time.perf_counter()
+        with FeatureCache(path) as cache:
+            train, val = cache.load_split("train"), cache.load_split("val")
+        load_s = time.perf_counter() - t
+        mb = (train.features.nbytes + val.features.nbytes) / 1e6
+        print(f"load   : {load_s:.2f} s for {mb:.0f} MB = {mb / load_s:.0f} MB/s (warm page cache)")
+
+        bank = FeatureBank.from_arrays(train.features, train.offsets, train.labels, device)
+        torch.manual_seed(0)
+        model = TemporalHead(TemporalHeadConfig(num_classes=len(train.classes), hidden=args.hidden)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        times = []
+        for epoch in range(args.epochs):
+            t = time.perf_counter()
+            train_one_epoch(model, bank, opt, None, seq_len=args.seq_len, sampler="segment", batch_size=args.batch_size,
+                            rng=np.random.default_rng(epoch), progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        epoch_s = float(np.median(times))
+        clips = len(bank)
+        print(f"epoch  : {epoch_s:.2f} s ({clips} clips x {args.seq_len} frames, hidden {args.hidden}, batch "
+              f"{args.batch_size}) = {clips / epoch_s:.0f} clips/s on {device} [{', '.join(f'{x:.2f}' for x in times)}]")
+
+        per_frame = end_to_end_seconds_per_frame(device, args.e2e_clips * args.seq_len)
+        e2e_epoch = per_frame * clips * args.seq_len + epoch_s  # + the same head work
+        print(f"e2e    : MobileNetV2 fwd+bwd {1 / per_frame:.1f} frames/s -> {e2e_epoch:.0f} s per epoch over the "
+              f"same clips (measured on {args.e2e_clips * args.seq_len} frames, scaled)")
+        print(f"ratio end-to-end / cached epoch: {e2e_epoch / epoch_s:.0f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Label new videos from a checkpoint alone: the backbone, FrameSpec, frame selection, clip
+sampling and classes all come from the checkpoint; nothing is retyped.
+
+Frames stream through the same decode workers and fixed-size backbone batches as extraction, so
+each frame is decoded once and memory does not grow with video length (only the 1280-d features
+are kept, 2.5 KB per frame in float16). Without a window, a video is classified exactly as
+``evaluate`` classifies its cached features (same features, same uniform clips); with
+``window``/``stride`` it gets a timeline, and the video-level label is the mean of the window
+probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backbone import WeightsIdentity, build_backbone, sha256_file
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import FrameSelection, FrameSpec
+from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, video_kind
+from .engine import FeatureBank, evaluate
+from .errors import ConfigError, WeightsError
+from .extract import FeatureRunner, frame_loader, resolve_device, resolve_precision
+from .models import TemporalHead, TemporalHeadConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    start_frame: int
+    end_frame: int  # inclusive, source frame numbers
+    start_time: float | None
+    end_time: float | None
+    label: str
+    prob: float
+    probs: list[float] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class Prediction:
+    input: str
+    kind: str | None = None
+    frames: int = 0  # frames run through the backbone
+    fps: float | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
+    probs: np.ndarray | None = field(default=None, repr=False)
+    logits_source: str = "clips"
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"input": self.input, "kind": self.kind, "frames": self.frames, "fps": self.fps,
+                             "top_k": [{"label": c, "prob": p} for c, p in self.top_k], "error": self.error}
+        if self.windows:
+            d["windows"] = [{"start_frame": w.start_frame, "end_frame": w.end_frame, "start_time": w.start_time,
+                             "end_time": w.end_time, "label": w.label, "prob": w.prob} for w in self.windows]
+        return d
+
+
+def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], list[Prediction]]:
+    """Expand inputs into (path, kind) videos; a folder of frames is one video, any other folder is
+    searched recursively for video files and frame folders. Unusable inputs come back as errors."""
+    videos: list[tuple[Path, str]] = []
+    errors: list[Prediction] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            errors.append(Prediction(str(p), error=f"{p}: no such file or folder"))
+        elif p.is_file():
+            if p.suffix.lower() in VIDEO_EXTS:
+                videos.append((p, "file"))
+            else:
+                errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
+                                         f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
+        elif list_frames(p):
+            videos.append((p, "frames"))
+        else:
+            found = sorted(_walk(p), key=lambda v: str(v[0]))
+            if not found:
+                errors.append(Prediction(str(p), error=f"{p}: no videos or frame folders inside"))
+            videos += found
+    return videos, errors
+
+
+def _walk(folder: Path) -> Iterator[tuple[Path, str]]:
+    for q in folder.iterdir():
+        if q.name.startswith("."):
+            continue
+        if q.is_dir():
+            if any(f.suffix.lower() in IMAGE_EXTS for f in q.iterdir() if f.is_file()):
+                yield q, "frames"
+            else:
+                yield from _walk(q)
+        elif video_kind(q) == "file":
+            yield q, "file"
+
+
+def window_bounds(n: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges: every ``stride`` rows, plus one flush with the end so the tail is
+    covered; one window of all rows if the video is shorter than ``window``."""
+    if n <= window:
+        return [(0, n)]
+    starts = list(range(0, n - window + 1, stride))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    return [(s, s + window) for s in starts]
+
+
+class Predictor:
+    """Backbone + head rebuilt from a checkpoint; call ``predict`` with paths."""
+
+    def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto",
+                 batch_size: int = 64, workers: int | None = None, chunk_frames: int = 256) -> None:
+        self.ckpt_path = Path(checkpoint)
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("kind") not in ("temporal", "end_to_end"):
+            raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+        self.classes: list[str] = ckpt["classes"]
+        prov = ckpt["cache"]
+        self.spec = FrameSpec.from_dict(ckpt["frame_spec"])
+        self.selection = FrameSelection.from_dict(prov["selection"])
+        self.seq_len = int(ckpt["train_config"]["seq_len"])
+        self.eval_clips = int(ckpt["train_config"].get("eval_clips", 1))
+        self.dtype = prov.get("dtype", "float16")
+        self.device = resolve_device(device)
+        self.amp = resolve_precision(_precision_name(prov.get("precision", "float32")), self.device)
+        self.batch_size, self.chunk_frames = batch_size, chunk_frames
+        from .extract import default_workers
+
+        self.workers = default_workers() if workers is None else workers
+        self.backbone = self._backbone(ckpt, prov, weights).to(self.device).eval()
+        self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()
+        self.head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
+
+    def _backbone(self, ckpt: dict[str, Any], prov: dict[str, Any], weights: str | Path | None):
+        if ckpt["kind"] == "end_to_end":
+            from .backbone import MobileNetV2Features
+
+            model = MobileNetV2Features()
+            model.load_state_dict(ckpt["backbone_state"])
+            return model
+        ident = WeightsIdentity.from_dict(prov["weights"])
+        if ident.source == "torchvision" and weights is None:
+            return build_backbone(ident.name)[0]
+        if ident.source == "random":
+            raise WeightsError(f"{self.ckpt_path} was trained on features of an uncalibrated random backbone")
+        path = Path(weights) if weights is not None else Path(ident.path or "")
+        if weights is None and not path.is_file():
+            raise WeightsError(f"the backbone weights this model was trained with are not at {ident.path}; "
+                               f"pass --weights PATH (a file with sha256 {ident.sha256[:12]}...)")
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        got = sha256_file(path)
+        if ident.sha256 and got != ident.sha256:
+            raise WeightsError(f"{path} is not the backbone this model was trained with (sha256 {got[:12]}... != "
+                               f"{ident.sha256[:12]}...)")
+        return build_backbone(str(path))[0]
+
+    def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
+                 ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, float, str | None]]:
+        """→ (video position, (T, D) features in the cache dtype, (T,) source indices, fps, error)."""
+        runner = FeatureRunner(self.backbone, self.spec, self.device, self.amp, self.batch_size, True)
+        loader = frame_loader([(i, p, k) for i, (p, k) in enumerate(videos)], self.spec, self.selection,
+                              chunk_frames=self.chunk_frames, workers=self.workers,
+                              pin_memory=self.device.type == "cuda")
+        bar = tqdm(total=len(videos), unit="video", desc="predict", disable=not progress or None, dynamic_ncols=True)
+
+        def done(pos: int):
+            v = runner.pop(pos)
+            bar.update(1)
+            for e in v.frame_errors:
+                log.warning("skipped frame: %s", e)
+            if v.error is not None or not v.rows:
+                return pos, None, None, v.fps, v.error or f"{videos[pos][0]}: no decodable frames"
+            feats = torch.cat(v.rows).to("cpu").numpy().astype(self.dtype)
+            return pos, feats, torch.cat(v.indices).numpy(), v.fps, None
+
+        try:
+            for chunk in loader:
+                for pos in runner.feed(chunk):
+                    yield done(pos)
+            for pos in runner.flush():
+                yield done(pos)
+        finally:
+            bar.close()
+        self.frames_done = runner.frames_done
+
+    def classify(self, feats: np.ndarray) -> np.ndarray:
+        """(T, D) features of one video → (C,) probabilities, exactly as ``evaluate`` does."""
+        bank = FeatureBank.from_arrays(feats, np.array([0, len(feats)]), np.zeros(1, dtype=np.int64), self.device)
+        probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
+        return probs[0]
+
+    def predict(self, inputs: Sequence[str | Path], *, top_k: int = 5, window: int | None = None,
+                stride: int | None = None, progress: bool = True) -> list[Prediction]:
+        if window is not None and window < 1 or stride is not None and stride < 1:
+            raise ConfigError("--window and --stride must be >= 1")
+        videos, errors = find_inputs(inputs)
+        results: dict[int, Prediction] = {}
+        k = min(top_k, len(self.classes))
+        for pos, feats, idx, fps, err in self.features(videos, progress=progress):
+            path, kind = videos[pos]
+            fps = None if fps is None or np.isnan(fps) else float(fps)
+            if kind == "frames" and fps is None:
+                fps = self.selection.folder_fps
+            pred = Prediction(str(path), kind=kind, fps=fps)
+            results[pos] = pred
+            if err is not None:
+                pred.error = err
+                continue
+            pred.frames = len(feats)
+            if window is None:
+                probs = self.classify(feats)
+            else:
+                wins = []
+                for a, b in window_bounds(len(feats), window, stride or window):
+                    p = self.classify(feats[a:b])
+                    s, e = int(idx[a]), int(idx[b - 1])
+                    wins.append(Window(s, e, s / fps if fps else None, e / fps if fps else None,
+                                       self.classes[int(p.argmax())], float(p.max()), p.tolist()))
+                pred.windows = wins
+                probs = np.mean([w.probs for w in wins], axis=0)
+            pred.probs = probs
+            order = np.argsort(-probs)[:k]
+            pred.top_k = [(self.classes[i], float(probs[i])) for i in order]
+        return [results[i] for i in sorted(results)] + errors
+
+
+def _precision_name(p: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(p, "auto")
+
+
+def plot_timeline(pred: Prediction, classes: Sequence[str], path: Path, top: int = 5) -> None:
+    """Probability of the most likely classes over time, one line each, windows as steps."""
+    from .report import _plt
+
+    plt = _plt()
+    probs = np.array([w.probs for w in pred.windows])  # (W, C)
+    use_time = pred.windows[0].start_time is not None
+    x = np.array([(w.start_time + w.end_time) / 2 if use_time else (w.start_frame + w.end_frame) / 2
+                  for w in pred.windows])
+    best = np.argsort(-probs.mean(0))[:top]
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for c in best:
+        ax.plot(x, probs[:, c], marker="o", ms=3, label=classes[c])
+    ax.set(xlabel="time (s)" if use_time else "frame", ylabel="probability", ylim=(0, 1.02),
+           title=f"{Path(pred.input).name}: {pred.top_k[0][0]} ({pred.top_k[0][1]:.2f})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

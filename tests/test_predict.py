@@ -1,0 +1,174 @@
+"""predict: same answer as evaluate on cached features, JSON schema, timelines, flat memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, SIZE, rand_frames, write_frames
+
+from cli import main
+from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec, TemporalConfig
+from pipeline.demo import write_video
+from pipeline.extract import extract_features
+from pipeline.predict import Predictor, window_bounds
+from pipeline.train import evaluate_checkpoint, train_temporal
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, weights_file):
+    """A tiny dataset, its cache, and a stage-two checkpoint trained on it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+    root = tmp / "ds"
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("a", "b", "c"):
+            for k in range(n):
+                if k == 1:
+                    (root / split / c).mkdir(parents=True, exist_ok=True)
+                    write_video(root / split / c / f"{c}{split}{k}.mkv", rand_frames(rng, 20), fps=10)
+                else:
+                    write_frames(root / split / c / f"{c}{split}{k}", rand_frames(rng, 13 + k), ".png")
+    cache = tmp / "f.h5"
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(root)), output=str(cache), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=SIZE), batch_size=8, workers=0), progress=False)
+    train_temporal(TemporalConfig(cache=str(cache), out=str(tmp / "run"), hidden=16, epochs=2, seq_len=6,
+                                  eval_clips=2, batch_size=4, device="cpu"), progress=False)
+    return root, cache, tmp / "run" / "best.pt"
+
+
+def test_predict_equals_evaluate_on_cached_features(trained):
+    root, cache, ckpt = trained
+    ev = evaluate_checkpoint(ckpt, cache, "test", device="cpu")
+    preds = Predictor(ckpt, device="cpu", batch_size=8, workers=0).predict(
+        [root / v for v in ev.videos], top_k=3, progress=False)
+    assert [Path(p.input).relative_to(root).as_posix() for p in preds] == ev.videos
+    for p, want in zip(preds, ev.probs):
+        np.testing.assert_allclose(p.probs, want, rtol=1e-4, atol=1e-5)
+        assert p.error is None and p.frames > 0
+
+
+def test_folder_input_is_searched_recursively(trained):
+    root, _, ckpt = trained
+    preds = Predictor(ckpt, device="cpu", workers=0).predict([root / "test"], progress=False)
+    assert len(preds) == 6 and {p.kind for p in preds} == {"frames", "file"}
+
+
+def test_window_bounds():
+    assert window_bounds(100, 20, 10) == [(s, s + 20) for s in range(0, 81, 10)]
+    assert window_bounds(25, 10, 10) == [(0, 10), (10, 20), (15, 25)]  # the tail is covered
+    assert window_bounds(5, 10, 3) == [(0, 5)]
+
+
+def test_windows_count_and_timestamps_json(trained, tmp_path):
+    _, _, ckpt = trained
+    video = tmp_path / "long.mkv"
+    write_video(video, rand_frames(np.random.default_rng(1), 100), fps=25)  # 4 s at 25 fps
+    plot = tmp_path / "timeline.png"
+    r = CliRunner().invoke(main, ["predict", str(ckpt), str(video), "--window", "20", "--stride", "10", "--json",
+                                  "--top-k", "2", "--plot", str(plot), "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.stderr
+    (obj,) = json.loads(r.stdout)
+    assert set(obj) == {"input", "kind", "frames", "fps", "top_k", "error", "windows"}
+    assert obj["input"] == str(video) and obj["kind"] == "file" and obj["frames"] == 100 and obj["error"] is None
+    assert obj["fps"] == pytest.approx(25.0)
+    assert len(obj["top_k"]) == 2 and all(set(t) == {"label", "prob"} for t in obj["top_k"])
+    assert obj["top_k"][0]["prob"] >= obj["top_k"][1]["prob"]
+    w = obj["windows"]
+    assert len(w) == 9
+    assert [x["start_frame"] for x in w] == list(range(0, 81, 10))
+    assert [x["end_frame"] for x in w] == list(range(19, 100, 10))
+    for x in w:
+        assert x["start_time"] == pytest.approx(x["start_frame"] / 25) and x["end_time"] == pytest.approx(x["end_frame"] / 25)
+        assert 0 <= x["prob"] <= 1 and isinstance(x["label"], str)
+    # the video-level label is the mean of the window probabilities
+    pred = Predictor(ckpt, device="cpu", workers=0).predict([video], window=20, stride=10, progress=False)[0]
+    np.testing.assert_allclose(pred.probs, np.mean([x.probs for x in pred.windows], 0), rtol=1e-6)
+    assert plot.stat().st_size > 1000
+
+
+def test_bad_inputs_continue_and_exit_nonzero(trained, tmp_path):
+    root, _, ckpt = trained
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "broken.mp4").write_bytes(b"")
+    good = root / "test" / "a" / "atest0"
+    r = CliRunner().invoke(main, ["predict", str(ckpt), str(tmp_path / "missing.avi"), str(tmp_path / "notes.txt"),
+                                  str(good), str(tmp_path / "broken.mp4"), "--workers", "0", "--no-progress"])
+    assert r.exit_code == 1
+    assert str(good) in r.stdout  # the good one is still labelled
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 3 and "Traceback" not in r.stderr
+    assert any("missing.avi: no such file" in e for e in errors)
+    assert any("unsupported file type .txt" in e for e in errors)
+    assert any("broken.mp4" in e for e in errors)
+    assert "3 of 4 input(s) failed" in r.stderr
+
+
+def test_bad_checkpoints(trained, tmp_path):
+    root, cache, ckpt = trained
+    (tmp_path / "corrupt.pt").write_bytes(ckpt.read_bytes()[:1000])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    ck = torch.load(ckpt, weights_only=True)
+    ck["schema_version"] = 99
+    torch.save(ck, tmp_path / "future.pt")
+    for f, msg in (("missing.pt", "checkpoint not found"), ("corrupt.pt", "cannot read checkpoint"),
+                   ("foreign.pt", "not a checkpoint written by"), ("future.pt", "schema 99")):
+        r = CliRunner().invoke(main, ["predict", str(tmp_path / f), str(root / "test")])
+        assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.stderr, (f, r.stderr)
+
+
+def test_moved_weights_need_matching_sha(trained, tmp_path, weights_file):
+    root, _, ckpt = trained
+    moved = tmp_path / "moved.pt"
+    shutil.copy(weights_file, moved)
+    ck = torch.load(ckpt, weights_only=True)
+    ck["cache"]["weights"]["path"] = str(tmp_path / "gone.pt")
+    torch.save(ck, tmp_path / "ckpt.pt")
+    with pytest.raises(Exception, match="pass --weights PATH"):
+        Predictor(tmp_path / "ckpt.pt", device="cpu")
+    Predictor(tmp_path / "ckpt.pt", device="cpu", weights=moved)  # same bytes: accepted
+    sd = torch.load(weights_file, weights_only=True)
+    sd["features.0.0.weight"] = sd["features.0.0.weight"] + 1
+    torch.save(sd, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="is not the backbone this model was trained with"):
+        Predictor(tmp_path / "ckpt.pt", device="cpu", weights=tmp_path / "other.pt")
+
+
+def _peak_rss_mb(args: list[str]) -> float:
+    code = ("import resource, runpy, sys; sys.argv = ['cli.py'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)" % str(REPO / "cli.py"))
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.rsplit("PEAK", 1)[1])
+
+
+@pytest.mark.slow
+def test_memory_flat_in_video_length_real_subprocess(tmp_path, weights_file):
+    """`python cli.py predict` on a short and a 10x longer video: peak memory must not follow length."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            write_frames(root / split / c / f"{c}{split}", rand_frames(rng, 8, 48, 64))
+    cache = tmp_path / "f.h5"
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(root)), output=str(cache), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=96), batch_size=16, workers=0), progress=False)
+    train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "run"), hidden=8, epochs=1, seq_len=4,
+                                  device="cpu"), progress=False)
+    frames = rand_frames(rng, 300, 96, 128)
+    write_video(tmp_path / "short.avi", frames, fps=30)
+    write_video(tmp_path / "long.avi", frames * 10, fps=30)  # 3000 frames: 83 MB as 96x96 uint8 if held
+    peaks = {}
+    for name in ("short", "long"):
+        peaks[name] = _peak_rss_mb(["predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / f"{name}.avi"),
+                                    "--window", "64", "--json", "--batch-size", "32", "--workers", "1", "--no-progress"])
+    assert peaks["long"] - peaks["short"] < 40, peaks
