@@ -135,7 +135,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     if r.failures:
         click.echo(f"  {len(r.failures)} problem(s), listed in the cache's 'failures' attribute:")
         for f in r.failures:
-            click.echo(f"    {f['split']}/{f['video']}: {f['reason']}")
+            click.echo(f"    skipped {f['skipped']}: {f['reason']}")
 
 
 @main.command("train-temporal")

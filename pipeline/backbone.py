@@ -116,8 +116,8 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise WeightsError(
-            f"cannot load weights from {path}: {str(e).splitlines()[0]}; expected a state dict "
-            "saved with torch.save or a checkpoint written by this tool"
+            f"cannot load weights from {path} ({type(e).__name__}): expected a state dict saved with "
+            "torch.save or a checkpoint written by this tool; is the file complete?"
         ) from e
     if isinstance(obj, dict) and "backbone_state" in obj:
         obj = obj["backbone_state"]
@@ -151,16 +151,18 @@ def build_backbone(weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
         identity = WeightsIdentity(source="torchvision", name=str(w).split(".")[-1])
     else:
         path = Path(weights)
-        if not path.is_file():
+        if path.is_dir():
+            raise WeightsError(f"--weights {path} is a folder; give the weights file")
+        if not weights or not path.is_file():
             raise WeightsError(
-                f"weights file not found: {path}; use --weights none, imagenet, or an existing file"
+                f"weights file not found: {weights!r}; use --weights none, imagenet, or an existing file"
             )
         state = load_state_file(path)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise WeightsError(f"{path} is not a MobileNetV2 state dict ({first})") from e
+            raise WeightsError(f"{path} is not a MobileNetV2 state dict ({first[:160]}...)") from e
         identity = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     return model.eval(), identity
 

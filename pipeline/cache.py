@@ -62,6 +62,7 @@ class VideoRecord:
     features: np.ndarray  # (T, D)
     frame_indices: np.ndarray  # (T,)
     fps: float
+    broken_frames: int = 0  # frames that failed to decode; such a video is retried on a rerun
 
 
 def provenance_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -80,28 +81,45 @@ def provenance_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def read_partial(path: str | Path) -> dict[str, Any] | None:
+    """``{"provenance", "replace"}`` of an unfinished extraction into ``path``, if there is one."""
+    meta = Path(f"{path}.partial") / "meta.json"
+    if not meta.exists():
+        return None
+    try:
+        d = json.loads(meta.read_text())
+        return {"provenance": d["provenance"], "replace": bool(d["replace"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"unreadable {meta} ({e}); delete {meta.parent} to start over") from e
+
+
 class CacheWriter:
     """Collect finished videos crash-safely and assemble them into the cache file.
 
     ``provenance`` holds what must match for features to be mixed in one file: backbone, weights
-    identity, FrameSpec, frame selection, dtype and class list.
+    identity, FrameSpec, frame selection, compute precision, dtype and class list.
+
+    ``replace=True`` (``--overwrite``) ignores the existing cache file, which stays intact until
+    the new one atomically takes its place; an unfinished replacing run resumes like any other.
     """
 
-    def __init__(self, path: str | Path, provenance: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, provenance: dict[str, Any], *, replace: bool = False) -> None:
         self.path = Path(path)
         self.partial = Path(f"{self.path}.partial")
         self.provenance = provenance
-        self._check_compatible(self.path, read_provenance(self.path) if self.path.exists() else None)
-        meta = self.partial / "meta.json"
-        if meta.exists():
-            try:
-                old = json.loads(meta.read_text())
-            except (OSError, ValueError) as e:
-                raise CacheError(f"unreadable {meta} ({e}); delete {self.partial} to start over") from e
-            self._check_compatible(self.partial, old)
-        else:
+        partial = read_partial(self.path)
+        if partial is not None and provenance_mismatch(partial["provenance"], provenance):
+            if not replace:
+                self._check_compatible(self.partial, partial["provenance"])
+            shutil.rmtree(self.partial)  # unfinished work with other settings, being replaced
+            partial = None
+        self.replace = replace or bool(partial and partial["replace"])
+        if not self.replace:
+            self._check_compatible(self.path, read_provenance(self.path) if self.path.exists() else None)
+        if partial is None or partial["replace"] != self.replace:
             self.partial.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(meta, _json(provenance).encode())
+            _atomic_write_bytes(self.partial / "meta.json",
+                                _json({"provenance": provenance, "replace": self.replace}).encode())
 
     def _check_compatible(self, where: Path, old: dict[str, Any] | None) -> None:
         if old is None:
@@ -116,21 +134,26 @@ class CacheWriter:
     # -- parts ---------------------------------------------------------------------------------
 
     def _part_path(self, split: str, rel: str) -> Path:
-        return self.partial / split / (hashlib.sha1(rel.encode()).hexdigest()[:20] + ".npz")
+        return self.partial / split / (hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".npz")
 
     def done(self, split: str) -> set[str]:
-        """Relative paths of videos already stored, in the cache file or as finished parts."""
+        """Relative paths of videos already stored, in the cache file or as finished parts.
+
+        Videos stored with broken frames are not counted: a rerun retries them, so a repaired
+        frame gets in."""
         done: set[str] = set()
-        if self.path.exists():
+        if self.path.exists() and not self.replace:
             with _open(self.path) as f:
                 if split in f:
-                    done.update(_strings(f[split]["videos"][()]))
+                    retry = {x["video"] for x in json.loads(f.attrs.get("failures", "[]")) if x.get("split") == split}
+                    done.update(v for v in _strings(f[split]["videos"][()]) if v not in retry)
         d = self.partial / split
         if d.is_dir():
             for p in d.glob("*.npz"):
                 try:
                     with np.load(p) as z:
-                        done.add(str(z["rel"]))
+                        if int(z["broken"]) == 0:
+                            done.add(str(z["rel"]))
                 except Exception:  # noqa: BLE001 - a part torn by a power cut: redo that video
                     log.warning("discarding unreadable part %s", p)
                     p.unlink(missing_ok=True)
@@ -143,7 +166,8 @@ class CacheWriter:
         tmp = p.with_suffix(".npz.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, rel=np.array(rec.rel), label=np.int64(rec.label), features=rec.features,
-                     frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps))
+                     frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps),
+                     broken=np.int64(rec.broken_frames))
         os.replace(tmp, p)
 
     def pending(self) -> bool:
@@ -168,7 +192,7 @@ class CacheWriter:
         """Write the cache: existing videos + finished parts, each split in ``order`` (dataset
         order; videos not in it keep their previous order after those that are)."""
         h5py = _h5py()
-        old = _open(self.path) if self.path.exists() else None
+        old = _open(self.path) if self.path.exists() and not self.replace else None
         tmp = Path(f"{self.path}.tmp")
         try:
             old_splits = set(old.keys()) if old is not None else set()
@@ -241,13 +265,6 @@ def write_cache(path: str | Path, provenance: dict[str, Any], splits: dict[str, 
         out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     os.replace(tmp, path)
     return path
-
-
-def discard_cache(path: str | Path) -> None:
-    """Remove a cache and any unfinished work on it (``--overwrite``)."""
-    shutil.rmtree(f"{path}.partial", ignore_errors=True)
-    for p in (Path(path), Path(f"{path}.tmp")):
-        p.unlink(missing_ok=True)
 
 
 def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[str]]) -> list[dict]:

@@ -41,6 +41,19 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
+def _utf8(p: Path) -> bool:
+    """False for names that are not valid UTF-8 (e.g. unpacked from a Latin-1 archive)."""
+    try:
+        p.name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _bad_name(p: Path) -> str:
+    return f"ignored {ascii(str(p))}: its name is not valid UTF-8; rename it"
+
+
 @dataclass(frozen=True)
 class Video:
     """One labelled video: ``rel`` is its path relative to the dataset root, POSIX style."""
@@ -78,9 +91,13 @@ def video_kind(path: Path) -> Literal["frames", "file"] | None:
 
 def list_frames(folder: Path) -> list[Path]:
     """Image files of a frame folder in natural order; hidden files and other files ignored."""
-    frames = [
-        p for p in folder.iterdir() if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTS
-    ]
+    frames = []
+    for p in folder.iterdir():
+        if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            if _utf8(p):
+                frames.append(p)
+            else:
+                log.warning(_bad_name(p))
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 
@@ -133,8 +150,9 @@ def _index_split_tree(root: Path) -> DatasetIndex:
             if not class_dir.is_dir():
                 if video_kind(class_dir) == "file":
                     raise DataError(
-                        f"video file directly in a split folder: {class_dir}; "
-                        f"put it under {split_dir}/<class>/"
+                        f"video file directly in a split folder: {class_dir}; the layout is "
+                        "<root>/<split>/<class>/<video>, or for a flat <root>/<class>/<video> tree "
+                        "(HMDB51, UCF101) pass the official split files with --split-dir"
                     )
                 raise DataError(
                     f"expected class folders in {split_dir}, found a file: {class_dir}; "
@@ -144,6 +162,9 @@ def _index_split_tree(root: Path) -> DatasetIndex:
             for v in sorted(class_dir.iterdir(), key=lambda p: natural_key(p.name)):
                 if not _visible(v):
                     continue
+                if not _utf8(v):
+                    warnings.append(_bad_name(v))
+                    continue
                 if video_kind(v) is None:
                     warnings.append(f"ignored {v}: not a frame folder or a video file")
                     continue
@@ -151,6 +172,8 @@ def _index_split_tree(root: Path) -> DatasetIndex:
             if not videos:
                 warnings.append(f"class folder {class_dir} has no videos")
             classes[class_dir.name] = videos
+        if not any(classes.values()):
+            warnings.append(f"split folder {split_dir} has no videos")
         per_split[split_dir.name] = classes
     class_names = sorted({c for cls in per_split.values() for c in cls})
     label = {c: i for i, c in enumerate(class_names)}
@@ -194,7 +217,7 @@ def _split_files_for(spec: DatasetSpec) -> list[Path]:
 def _parse_split_files(files: Sequence[Path]) -> list[tuple[str, str, str]]:
     """→ (split, class, video file name) triples from HMDB51 or UCF101 annotation files."""
     entries: list[tuple[str, str, str]] = []
-    for f in files:
+    for f in dict.fromkeys(p.resolve() for p in files):  # --split-dir and --split-file may name one twice
         lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         if m := _HMDB_FILE.match(f.name):
             for n, ln in enumerate(lines, 1):
@@ -227,11 +250,19 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
         cdir = root / cls
         if not cdir.is_dir():
             raise DataError(f"class folder {cdir} named in the split files does not exist")
-        on_disk[cls] = {
-            v.stem if v.is_file() else v.name: v
-            for v in cdir.iterdir()
-            if _visible(v) and video_kind(v) is not None
-        }
+        on_disk[cls] = {}
+        for v in sorted(cdir.iterdir()):
+            if not _visible(v) or video_kind(v) is None:
+                continue
+            if not _utf8(v):
+                warnings.append(_bad_name(v))
+                continue
+            stem = v.stem if v.is_file() else v.name
+            if stem in on_disk[cls]:
+                warnings.append(f"{v} and {on_disk[cls][stem]} are the same video; using the frame folder")
+                if v.is_file():
+                    continue
+            on_disk[cls][stem] = v
     class_names = sorted(on_disk)
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
@@ -327,20 +358,28 @@ class VideoDecodeError(Exception):
     """The video as a whole cannot be decoded."""
 
 
+def _clean(e: Exception) -> str:
+    """torchvision's C++ errors read 'decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is ...':
+    keep the part a user can act on."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r"^.*\.(cpp|h):\d+, ", "", msg)
+
+
 def decode_image_file(path: Path) -> torch.Tensor:
-    """jpg/png (grey, RGB, RGBA, palette) → (3, H, W) uint8 RGB."""
+    """jpg/png (grey, RGB, RGBA, palette, 16-bit) → (3, H, W) uint8 RGB."""
     try:
-        data = read_file(str(path))
-        if data.numel() == 0:
+        if path.stat().st_size == 0:
             raise FrameDecodeError(f"{path}: empty file (0 bytes)")
-        img = decode_image(data, mode=ImageReadMode.RGB)
-        if img.dtype != torch.uint8:  # 16-bit PNG
-            img = (img.to(torch.float32) * (255.0 / torch.iinfo(img.dtype).max)).round().to(torch.uint8)
-        return img
+        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except FrameDecodeError:
         raise
     except (RuntimeError, ValueError, OSError) as e:
-        raise FrameDecodeError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise FrameDecodeError(f"{path}: {_clean(e)}") from e
+    if img.ndim != 3:  # an animated GIF/WebP saved under an image name
+        raise FrameDecodeError(f"{path}: an animation ({img.shape[0]} frames), not a single image")
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = (img.to(torch.float32) * (255.0 / torch.iinfo(img.dtype).max)).round().to(torch.uint8)
+    return img
 
 
 class DecodedFrame(NamedTuple):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
 from .backbone import recalibrate_batchnorm, sha256_file
-from .cache import CacheWriter, FeatureCache, VideoRecord, discard_cache
+from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from .errors import ConfigError, DataError, PipelineError, WeightsError
@@ -118,6 +118,7 @@ class VideoFrameStream(IterableDataset):
                 if len(frames) == self.chunk_frames:
                     yield Chunk(pos, torch.stack(frames), torch.tensor(indices), fps, False, None, False)
                     frames, indices = [], []
+            last = (torch.stack(frames), torch.tensor(indices)) if frames else empty
         except VideoDecodeError as e:
             yield Chunk(pos, *empty, float("nan"), True, str(e), True)
             return
@@ -126,10 +127,7 @@ class VideoFrameStream(IterableDataset):
         except Exception as e:  # noqa: BLE001 - a decoder can fail in many ways; bound it to this video
             yield Chunk(pos, *empty, float("nan"), True, f"{path}: {type(e).__name__}: {e}", True)
             return
-        if frames:
-            yield Chunk(pos, torch.stack(frames), torch.tensor(indices), fps, True, None, False)
-        else:
-            yield Chunk(pos, *empty, fps, True, None, False)
+        yield Chunk(pos, *last, fps, True, None, False)
 
 
 def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: FrameSelection, *,
@@ -248,16 +246,31 @@ class ExtractResult:
     warnings: list[str]
 
 
-def backbone_file_for(output: Path) -> Path:
-    """Where ``--weights none`` keeps its recalibrated backbone: next to the cache."""
-    return output.with_name(output.stem + ".backbone.pt")
-
-
-def _save_backbone(model: MobileNetV2Features, path: Path, meta: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _save_backbone(model: MobileNetV2Features, output: Path, meta: dict[str, Any]) -> Path:
+    """Save a recalibrated backbone next to the cache, named by its content hash, so replacing a
+    cache never overwrites the backbone that checkpoints trained on the old one still need."""
+    tmp = output.with_name(output.stem + ".backbone.pt.tmp")
     torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": BACKBONE,
                 "backbone_state": model.state_dict(), "meta": meta}, tmp)
+    path = output.with_name(f"{output.stem}.backbone-{sha256_file(tmp)[:12]}.pt")
     os.replace(tmp, path)
+    return path
+
+
+def _recorded_backbone(output: Path, overwrite: bool) -> Path | None:
+    """The recalibrated backbone an unfinished run or (unless replacing) the existing cache used."""
+    provs = []
+    partial = read_partial(output)
+    if partial is not None:
+        provs.append(partial["provenance"])
+    if output.is_file() and not overwrite:
+        provs.append(read_provenance(output))
+    for prov in provs:
+        ident = WeightsIdentity.from_dict(prov["weights"])
+        if ident.source == "recalibrated" and ident.path and Path(ident.path).is_file() \
+                and sha256_file(ident.path) == ident.sha256:
+            return Path(ident.path)
+    return None
 
 
 def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConfig,
@@ -297,8 +310,8 @@ def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.dev
     if cfg.weights.lower() != "none":
         model, identity = build_backbone(cfg.weights)
         return model, identity, None
-    path = backbone_file_for(Path(cfg.output))
-    if path.exists():  # a resumed or extended run keeps the features reproducible
+    path = _recorded_backbone(Path(cfg.output), cfg.overwrite)
+    if path is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the recalibrated backbone %s", path)
         model, _ = build_backbone(str(path))
     else:
@@ -312,9 +325,9 @@ def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.dev
         n = _calibrate(model, index, cfg, device, workers)
         if n == 0:
             raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_backbone(model.cpu(), path, {"calibration_frames": n, "seed": cfg.seed,
-                                           "dataset": str(index.root), "frame_spec": cfg.frame_spec.to_dict()})
+        path = _save_backbone(model.cpu(), Path(cfg.output), {
+            "calibration_frames": n, "seed": cfg.seed, "dataset": str(index.root),
+            "frame_spec": cfg.frame_spec.to_dict()})
     identity = WeightsIdentity(source="recalibrated", sha256=sha256_file(path), path=str(path.resolve()))
     return model, identity, path
 
@@ -338,10 +351,11 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     output = Path(cfg.output)
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
+    if output.resolve().is_relative_to(index.root.resolve()):
+        raise ConfigError(f"--output {output} is inside the dataset folder {index.root}; write the cache elsewhere "
+                          "(e.g. features/)")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite:
-            _discard(output)
         probe = output.parent / f".{output.name}.write_test"
         probe.write_bytes(b"")
         probe.unlink()
@@ -355,7 +369,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "dtype": cfg.dtype,
         "classes": index.classes,
     }
-    writer = CacheWriter(output, provenance)
+    writer = CacheWriter(output, provenance, replace=cfg.overwrite)
 
     jobs: list[tuple[str, Video]] = []
     reused = 0
@@ -383,7 +397,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         split, video = jobs[pos]
         v = runner.pop(pos)
         for err in v.frame_errors:
-            _fail(failures, split, video, f"skipped a broken frame: {err}", cfg.strict, fatal=False)
+            _fail(failures, split, video, err, cfg.strict, fatal=False)
         if v.error is not None or not v.rows:
             _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
             bar.update(1)
@@ -393,7 +407,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
             _check_not_degenerate(feats, identity)
             checked = True
         writer.add(split, VideoRecord(video.rel, video.label, feats.numpy().astype(cfg.dtype),
-                                      torch.cat(v.indices).numpy(), v.fps))
+                                      torch.cat(v.indices).numpy(), v.fps, broken_frames=len(v.frame_errors)))
         extracted += 1
         bar.update(1)
         bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")
@@ -413,7 +427,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         raise DataError(f"no decodable frames in any of the {len(jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
     order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
-    if output.exists() and not writer.pending() and not failures:
+    if output.exists() and not writer.replace and not writer.pending() and not failures:
         writer.close_unchanged()  # everything was cached already: leave the file untouched
     else:
         writer.finalize(order, {"config": _json_dumps(cfg.to_dict()), "failures": failures})
@@ -423,11 +437,6 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                          frames=runner.frames_done, seconds=time.perf_counter() - t0,
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings)
-
-
-def _discard(output: Path) -> None:
-    discard_cache(output)
-    backbone_file_for(output).unlink(missing_ok=True)
 
 
 def _json_dumps(obj: Any) -> str:

@@ -187,3 +187,65 @@ def test_real_subprocess_make_demo_and_extract(tmp_path, weights_file):
         assert f["train/features"].shape == (32, 1280)
         kinds = {Path(v.decode()).suffix for v in f["train/videos"][()]}
     assert kinds == {"", ".mp4"}  # frame folders and (with one video per class) an h264 file
+
+
+def test_overwrite_keeps_old_cache_until_the_new_one_is_complete(tiny_dataset, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    assert extract(tiny_dataset, out, weights_file)[0] == 0
+    before = sha256_file(out)
+    (tmp_path / "garbage.pt").write_bytes(b"junk")
+    code, _, err = extract(tiny_dataset, out, tmp_path / "garbage.pt", "--overwrite")
+    one_error_line(code, err, "cannot load weights")
+    empty = tmp_path / "empty_ds"
+    (empty / "train" / "a" / "v").mkdir(parents=True)
+    code, _, err = extract(empty, out, weights_file, "--overwrite")
+    one_error_line(code, err, "no decodable frames")
+    assert sha256_file(out) == before  # failed replacements left the good cache alone
+    code, _, err = extract(tiny_dataset, out, weights_file, "--overwrite", "--max-frames", "2")
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f["train/features"].shape[0] == 8  # replaced: 4 videos x 2 frames
+
+
+def test_odd_names_and_animated_frames_are_bounded(tiny_dataset, tmp_path, weights_file):
+    import os
+
+    from PIL import Image
+
+    walk = tiny_dataset / "train" / "walk"
+    os.rename(bytes(walk / "w2"), bytes(walk) + b"/vid\xe9o")  # not valid UTF-8
+    anim = walk / "w1" / "frame_13.jpg"
+    frames = [Image.fromarray(f) for f in rand_frames(np.random.default_rng(0), 3)]
+    frames[0].save(anim, format="GIF", save_all=True, append_images=frames[1:])  # a GIF under a .jpg name
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0 and "Traceback" not in err, err
+    assert "not valid UTF-8; rename it" in err
+    assert "an animation (3 frames)" in stdout
+    with h5py.File(out) as f:
+        assert "train/walk/w1" in [v.decode() for v in f["train/videos"][()]]
+
+
+def test_repaired_frame_is_picked_up_on_rerun(tiny_dataset, tmp_path, weights_file):
+    frame = tiny_dataset / "train" / "walk" / "w1" / "frame_4.png"
+    good = frame.read_bytes()
+    frame.write_bytes(b"")
+    out = tmp_path / "f.h5"
+    assert extract(tiny_dataset, out, weights_file)[0] == 0
+    assert len(failures(out)) == 1
+    frame.write_bytes(good)
+    code, stdout, _ = extract(tiny_dataset, out, weights_file)
+    assert code == 0 and "this run: 1 videos" in stdout
+    assert failures(out) == []
+    with h5py.File(out) as f:
+        vids = [v.decode() for v in f["train/videos"][()]]
+        i = vids.index("train/walk/w1")
+        assert list(f["train/frame_indices"][f["train/offsets"][i]:f["train/offsets"][i + 1]]) == list(range(12))
+
+
+def test_output_inside_dataset_and_empty_split(tiny_dataset, tmp_path, weights_file):
+    code, _, err = extract(tiny_dataset, tiny_dataset / "feat.h5", weights_file)
+    one_error_line(code, err, "inside the dataset folder")
+    (tiny_dataset / "val").mkdir()
+    code, _, err = extract(tiny_dataset, tmp_path / "f.h5", weights_file)
+    assert code == 0 and "split folder" in err and "val has no videos" in err

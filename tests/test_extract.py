@@ -247,7 +247,8 @@ def test_imagenet_offline_fails_with_actionable_message(monkeypatch, tmp_path):
 def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     out = tmp_path / "f.h5"
     r = extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False)
-    assert r.weights.source == "recalibrated" and r.weights_file == tmp_path / "f.backbone.pt"
+    assert r.weights.source == "recalibrated"
+    assert r.weights_file == tmp_path / f"f.backbone-{r.weights.sha256[:12]}.pt"
     with FeatureCache(out) as c:
         d = c.load_split("train")
         feats = d.features.astype(np.float32)
@@ -298,12 +299,10 @@ def test_precision_is_part_of_provenance(tiny_dataset, tmp_path, weights_file):
 
 
 def test_calibration_with_one_frame_and_only_test_split(tiny_dataset, tmp_path):
-    from pipeline.extract import backbone_file_for
-
     out = tmp_path / "f.h5"
     c = config(tiny_dataset, out, "none", calibration_frames=1)
     r = extract_features(ExtractConfig(**{**c.__dict__, "dataset": DatasetSpec(str(tiny_dataset), splits=("test",))}),
                          progress=False)
-    assert r.videos == {"test": 2} and backbone_file_for(out).is_file()
-    meta = torch.load(backbone_file_for(out), weights_only=True)["meta"]
+    assert r.videos == {"test": 2} and r.weights_file.is_file()
+    meta = torch.load(r.weights_file, weights_only=True)["meta"]
     assert meta["calibration_frames"] == 2  # at least two: BatchNorm needs a batch
