@@ -5,8 +5,10 @@
 Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), then
 measures in this one process:
 
-* bare:     MobileNetV2 forward on pre-decoded, preprocessed tensors already on the device, at the
-            same batch size, precision and memory format the pipeline uses;
+* bare:     the pipeline's own network (MobileNetV2 with BatchNorm folded into the convs, as
+            extract-features runs it) on pre-decoded, preprocessed tensors already on the device, at
+            the same batch size, precision and memory format; the unfused torchvision model is
+            timed too, to show what the folding gains;
 * pipeline: ``extract_features`` end to end: indexing, JPEG decoding and resizing in DataLoader
             workers, device transfer, normalisation, the forward pass, and writing the HDF5 cache.
 
@@ -30,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backbone import build_backbone, recalibrate_batchnorm  # noqa: E402
+from pipeline.backbone import build_backbone, fuse_conv_bn, recalibrate_batchnorm  # noqa: E402
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec  # noqa: E402
 from pipeline.extract import autocast, extract_features, resolve_device, resolve_precision  # noqa: E402
 from pipeline.preprocess import normalize_frames  # noqa: E402
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare runs")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
     args = ap.parse_args()
 
@@ -97,7 +100,8 @@ def main() -> None:
         recalibrate_batchnorm(model, [torch.randn(16, 3, args.size, args.size) for _ in range(2)])
         weights = work / "backbone.pt"
         torch.save(model.state_dict(), weights)
-        model = model.to(device).to(memory_format=torch.channels_last).eval()
+        unfused = model.to(device).to(memory_format=torch.channels_last).eval()
+        model = fuse_conv_bn(unfused)
 
         cfg = ExtractConfig(dataset=DatasetSpec(str(work / "data")), output=str(work / "bench.h5"),
                             weights=str(weights), frame_spec=spec, batch_size=args.batch_size,
@@ -105,16 +109,24 @@ def main() -> None:
                             overwrite=True)
         print(f"device {device}, precision {amp or torch.float32}, batch {args.batch_size}, "
               f"input {args.size}x{args.size}, channels_last, torch threads {torch.get_num_threads()}")
-        bare1 = bare_rate(model, args.frames, args.batch_size, spec, device, amp)
-        t = time.perf_counter()
-        r = extract_features(cfg, progress=False)
-        pipe = r.frames / (time.perf_counter() - t)
-        bare2 = bare_rate(model, args.frames, args.batch_size, spec, device, amp)
-        bare = (bare1 + bare2) / 2
-        print(f"bare backbone : {bare:8.1f} frames/s  (before {bare1:.1f}, after {bare2:.1f})")
-        print(f"full pipeline : {pipe:8.1f} frames/s  ({r.frames} frames, decode + model + write, "
-              f"{r.extracted} videos)")
-        print(f"ratio pipeline/bare: {pipe / bare:.3f}")
+        # Machine speed drifts (shared CPUs): alternate bare and pipeline runs, each pipeline run is
+        # compared with the mean of the bare runs just before and after it, and the median is reported.
+        bares = [bare_rate(model, args.frames, args.batch_size, spec, device, amp)]
+        pipes, frames = [], 0
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            r = extract_features(cfg, progress=False)
+            pipes.append(r.frames / (time.perf_counter() - t))
+            frames = r.frames
+            bares.append(bare_rate(model, args.frames, args.batch_size, spec, device, amp))
+        ratios = [p / ((a + b) / 2) for p, a, b in zip(pipes, bares, bares[1:])]
+        unfused_rate = bare_rate(unfused, args.frames // 2, args.batch_size, spec, device, amp)
+        print(f"bare backbone : {np.mean(bares):8.1f} frames/s  (runs: {', '.join(f'{b:.1f}' for b in bares)})")
+        print(f"full pipeline : {np.mean(pipes):8.1f} frames/s  (runs: {', '.join(f'{p:.1f}' for p in pipes)}; "
+              f"{frames} frames each, decode + model + write)")
+        print(f"unfused torchvision MobileNetV2: {unfused_rate:.1f} frames/s "
+              f"(BatchNorm folding: {np.mean(bares) / unfused_rate:.2f}x)")
+        print(f"ratio pipeline/bare: {float(np.median(ratios)):.3f}  (per run: {', '.join(f'{x:.3f}' for x in ratios)})")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -168,6 +168,26 @@ def build_backbone(weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
 
 
 @torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one
+    conv (w' = w·γ/σ, b' = (b − μ)·γ/σ + β). Same function up to float rounding; on CPU it removes
+    the BatchNorm passes, about a third of MobileNetV2's inference time (measured here)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    return fused
+
+
+@torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, batches: Iterable[torch.Tensor], *, device: torch.device | str = "cpu"
 ) -> int:

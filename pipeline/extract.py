@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
-from .backbone import recalibrate_batchnorm, sha256_file
+from .backbone import fuse_conv_bn, recalibrate_batchnorm, sha256_file
 from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
@@ -378,7 +378,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         reused += sum(v.rel in done for v in videos)
         jobs += [(split, v) for v in videos if v.rel not in done]
 
-    model = model.to(device).eval()
+    model = fuse_conv_bn(model.to(device).eval())
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = FeatureRunner(model, cfg.frame_spec, device, amp_dtype, cfg.batch_size, cfg.channels_last)

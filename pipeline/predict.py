@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import WeightsIdentity, build_backbone, sha256_file
+from .backbone import WeightsIdentity, build_backbone, fuse_conv_bn, sha256_file
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, video_kind
@@ -136,7 +136,7 @@ class Predictor:
         from .extract import default_workers
 
         self.workers = default_workers() if workers is None else workers
-        self.backbone = self._backbone(ckpt, prov, weights).to(self.device).eval()
+        self.backbone = fuse_conv_bn(self._backbone(ckpt, prov, weights).to(self.device).eval())
         self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()
         self.head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])

@@ -196,6 +196,19 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, weights_file):
     assert_same_cache(ref, out)
 
 
+def test_fused_backbone_equals_unfused(weights_file):
+    from pipeline.backbone import fuse_conv_bn
+
+    model, _ = build_backbone(str(weights_file))
+    fused = fuse_conv_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_weights_state_dict_variants(tmp_path, weights_file):
     import torchvision
 
