@@ -114,7 +114,7 @@ class ExtractConfig:
     strict: bool = False
     calibration_frames: int = 1024
     seed: int = 0
-    chunk_frames: int = 256
+    chunk_frames: int = 64
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -118,7 +118,7 @@ class Predictor:
     """Backbone + head rebuilt from a checkpoint; call ``predict`` with paths."""
 
     def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 64, workers: int | None = None, chunk_frames: int = 256) -> None:
+                 batch_size: int = 64, workers: int | None = None, chunk_frames: int = 64) -> None:
         self.ckpt_path = Path(checkpoint)
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt.get("kind") not in ("temporal", "end_to_end"):
