@@ -7,6 +7,7 @@ returns. Errors in the input become one line on stderr and a non-zero exit code,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 def main(verbose: int, quiet: int) -> None:
     """Video action recognition with cached MobileNetV2 frame features."""
     _setup_logging(verbose, quiet)
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints results."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -125,6 +131,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         + (" without --overwrite" if overwrite else "") + " to resume"
     )
     r = extract_features(cfg, progress=not no_progress)
+    if not _is_main_rank():
+        return
     fps_txt = f"{r.frames / r.seconds:.0f} frames/s" if r.seconds > 0 else ""
     click.echo(f"wrote {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items()))
     click.echo(f"  this run: {r.extracted} videos, {r.frames} frames in {r.seconds:.1f} s ({fps_txt}); "
@@ -203,10 +211,11 @@ def _print_train_summary(r) -> None:
     chance = 1 / len(r.classes)
     click.echo(f"\nbest epoch {r.best_epoch} on {r.val_split} ({len(r.classes)} classes, chance {chance:.3f})"
                + ("; stopped early" if r.stopped_early else ""))
-    click.echo(format_table([("top-1", f"{b['top1']:.3f}"), ("top-5", f"{b['top5']:.3f}"),
-                             ("mean class acc", f"{b['mean_class_acc']:.3f}"), ("loss", f"{b['loss']:.4f}"),
-                             ("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"),
-                             ("total time", f"{r.seconds:.1f} s")]))
+    rows = [("top-1", f"{b['top1']:.3f}"), ("top-5", f"{b['top5']:.3f}"),
+            ("mean class acc", f"{b['mean_class_acc']:.3f}"), ("loss", f"{b['loss']:.4f}")]
+    if r.load_mb:
+        rows.append(("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"))
+    click.echo(format_table(rows + [("total time", f"{r.seconds:.1f} s")]))
     click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv")
 
 
@@ -287,6 +296,53 @@ def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], 
     if bad:
         click.echo(f"{len(bad)} of {len(preds)} input(s) failed", err=True)
         ctx.exit(EXIT_ERROR)
+
+
+@main.command("finetune-end-to-end")
+@click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="Dataset root (frames are decoded).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Stage-two (or end-to-end) checkpoint: head, backbone, FrameSpec and frame selection come from it.")
+@click.option("--weights", default="imagenet", show_default=True, help="Backbone without --init (none/imagenet/PATH).")
+@click.option("--split-dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--split-id", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default=None)
+@click.option("--size", type=click.IntRange(16), default=None, help="FrameSpec size  [default: --init's, else 224]")
+@click.option("--freeze-cnn", is_flag=True, help="Train the head only; the backbone stays exactly as it is.")
+@click.option("--trainable-blocks", type=click.IntRange(0, 19), default=None,
+              help="Train only the last N of the 19 backbone blocks (stem, 17 inverted residuals, final conv).")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[default: --lr / 10]")
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute trainable blocks in backward: less memory.")
+@click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
+@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--seq-len", type=click.IntRange(1), default=None, help="[default: --init's, else 8]")
+@click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True)
+@click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
+@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Clips per batch (per process).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | None, weights: str, split_dir, split_id,
+                 size: int | None, no_augment: bool, no_progress: bool, **kw) -> None:
+    """Fine-tune MobileNetV2 and the LSTM head jointly from frames (DDP under torchrun)."""
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune import finetune
+
+    cfg = FinetuneConfig(dataset=DatasetSpec(root=str(data_dir), split_dir=split_dir, split_id=split_id), out=str(out),
+                         init=str(init) if init else None, weights=weights,
+                         frame_spec=FrameSpec(size=size) if size else None, augment=not no_augment, **kw)
+    ctx.meta["resume_hint"] = f"{out}/last.pt holds the last finished epoch; add --resume to continue"
+    r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs))
+    if _is_main_rank():
+        _print_train_summary(r)
 
 
 @main.command("make-demo-data")

@@ -173,3 +173,50 @@ class TemporalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage three: MobileNetV2 and the same TemporalHead trained jointly from frames."""
+
+    dataset: DatasetSpec
+    out: str
+    init: str | None = None  # a stage-two (or end-to-end) checkpoint: head, backbone, FrameSpec, classes
+    weights: str = "imagenet"  # backbone when there is no --init
+    frame_spec: FrameSpec | None = None  # None: the --init checkpoint's (else FrameSpec())
+    selection: FrameSelection | None = None  # None: the --init checkpoint's (else all frames)
+    train_split: str = "train"
+    val_split: str | None = None
+    hidden: int = 512
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.5
+    pool: Literal["last", "mean"] = "last"
+    seq_len: int | None = None  # None: the --init run's, else 8
+    sampler: Literal["segment", "random"] = "segment"
+    eval_clips: int | None = None  # None: the --init run's, else 1
+    freeze_cnn: bool = False
+    trainable_blocks: int | None = None  # None: all 19 children of mobilenet_v2().features
+    grad_checkpoint: bool = False
+    augment: bool = True
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    backbone_lr: float | None = None  # None: lr / 10
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    workers: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dataset"] = self.dataset.to_dict()
+        d["frame_spec"] = self.frame_spec.to_dict() if self.frame_spec else None
+        d["selection"] = self.selection.to_dict() if self.selection else None
+        return d

@@ -499,3 +499,37 @@ def source_fps(video_path: Path, kind: str, sel: FrameSelection) -> float | None
     if kind == "frames":
         return sel.folder_fps
     return video_fps(video_path)
+
+
+def selected_positions(video_path: Path, kind: str, sel: FrameSelection) -> list[int]:
+    """Source frame indices a cache with selection ``sel`` holds for this video, without decoding."""
+    if kind == "frames":
+        n = len(list_frames(video_path))
+        times = [i / sel.folder_fps for i in range(n)] if sel.fps is not None and sel.folder_fps else None
+        return apply_selection(times, n, sel)
+    pts, tb = _video_pts(video_path)
+    if pts is None:
+        raise VideoDecodeError(f"{video_path}: no frame timestamps")
+    return apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel)
+
+
+def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[torch.Tensor]:
+    """Decode the given source frames (sorted, may repeat) as (3, H, W) uint8, in the given order."""
+    want = sorted(set(indices))
+    got: dict[int, torch.Tensor] = {}
+    if kind == "frames":
+        files = list_frames(video_path)
+        for i in want:
+            got[i] = decode_image_file(files[i])
+    else:
+        sel = FrameSelection(max_frames=None)
+        keep = set(want)
+        for f in iter_video_file(video_path, sel):
+            if f.index in keep:
+                got[f.index] = f.frame
+            if f.index >= want[-1]:
+                break
+        missing = keep - set(got)
+        if missing:
+            raise VideoDecodeError(f"{video_path}: frame {min(missing)} could not be decoded")
+    return [got[i] for i in indices]

@@ -7,7 +7,7 @@ gathered by index with one ``index_select``: no per-sample DataLoader, no Python
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,31 +48,24 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, sampler: Sampler,
-                    batch_size: int, rng: np.random.Generator, label_smoothing: float = 0.0,
-                    clip_grad: float | None = None, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None, desc: str = "train",
-                    progress: bool = True, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over every training video (one clip each); returns mean loss and top-1."""
+def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, label_smoothing: float = 0.0,
+                clip_grad: float | None = None, amp_dtype: torch.dtype | None = None,
+                scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
+                total: int | None = None, desc: str = "train", progress: bool = True) -> dict[str, float]:
+    """The optimisation loop shared by stage two and stage three.
+
+    ``batches`` yields ``(model inputs, labels)``; returns the summed loss, correct count and count
+    (sums, so distributed ranks can add them up)."""
     model.train()
-    n = len(bank)
-    order = rng.permutation(n)
-    pos, clip_len = sample(sampler, bank.lengths[order], seq_len, rng)
-    device = bank.features.device
     total_loss, correct, seen = 0.0, 0, 0
-    steps = math.ceil(n / batch_size)
-    for s in tqdm(range(steps), desc=desc, leave=False, disable=not progress or None, unit="batch"):
-        sl = slice(s * batch_size, (s + 1) * batch_size)
-        vids = order[sl]
-        x = bank.gather(vids, pos[sl])  # (B, S, D)
-        y = bank.labels[torch.from_numpy(vids).to(device)]
-        lengths = torch.from_numpy(clip_len[sl])
+    for s, (inputs, y) in enumerate(tqdm(batches, total=total, desc=desc, leave=False,
+                                        disable=not progress or None, unit="batch")):
         with autocast_ctx(device, amp_dtype):
-            logits = model(x, lengths)
+            logits = model(*inputs)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {s + 1}/{steps}")
+            raise FloatingPointError(f"loss became {loss.item()} at step {s + 1}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -88,13 +81,32 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if on_step is not None:
-            on_step()
-        b = len(vids)
+        b = len(y)
         total_loss += loss.item() * b
         correct += int((logits.argmax(1) == y).sum())
         seen += b
-    return {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1)}
+    return {"loss_sum": total_loss, "correct": correct, "count": seen}
+
+
+def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, sampler: Sampler,
+                    batch_size: int, rng: np.random.Generator, desc: str = "train", progress: bool = True,
+                    **kw) -> dict[str, float]:
+    """One pass over every training video of ``bank`` (one clip each); mean loss and top-1."""
+    n = len(bank)
+    order = rng.permutation(n)
+    pos, clip_len = sample(sampler, bank.lengths[order], seq_len, rng)
+    device = bank.features.device
+
+    def batches():
+        for s in range(0, n, batch_size):
+            vids = order[s:s + batch_size]
+            x = bank.gather(vids, pos[s:s + batch_size])  # (B, S, D)
+            yield (x, torch.from_numpy(clip_len[s:s + batch_size])), bank.labels[torch.from_numpy(vids).to(device)]
+
+    r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
+                    desc=desc, progress=progress, **kw)
+    return {"loss": r["loss_sum"] / max(r["count"], 1), "top1": r["correct"] / max(r["count"], 1)}
 
 
 @torch.no_grad()

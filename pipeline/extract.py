@@ -31,7 +31,8 @@ from .backbone import fuse_conv_bn, recalibrate_batchnorm, sha256_file
 from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
-from .errors import ConfigError, DataError, PipelineError, WeightsError
+from . import distributed as D
+from .errors import ConfigError, DataError, PipelineError
 from .preprocess import normalize_frames, resize_frames
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                 f"--fps needs the frame rate of frame folders such as {folder.path}: add --folder-fps "
                 "(the rate the frames were extracted at, e.g. 30 for HMDB51, 25 for UCF101)"
             )
-    device = resolve_device(cfg.device)
+    info = D.init(resolve_device(cfg.device))
+    device = D.local_device(resolve_device(cfg.device), info)
     amp_dtype = resolve_precision(cfg.precision, device)
     workers = default_workers() if cfg.workers is None else cfg.workers
     output = Path(cfg.output)
@@ -362,14 +364,25 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     except OSError as e:
         raise ConfigError(f"cannot write --output {output} ({e.strerror}); choose another path") from e
 
-    model, identity, weights_file = _resolve_backbone(cfg, index, device, workers)
+    # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
+    # folder; the other ranks then load the same weights and join. The job list is fixed between
+    # two barriers, before anyone writes, so every rank sees the same one.
+    if info.is_main:
+        model, identity, weights_file = _resolve_backbone(cfg, index, device, workers)
+    shared = D.broadcast_object((identity.to_dict(), str(weights_file or "")) if info.is_main else None, info)
+    if not info.is_main:
+        identity, weights_file = WeightsIdentity.from_dict(shared[0]), Path(shared[1]) if shared[1] else None
+        model, _ = build_backbone(str(weights_file) if weights_file else cfg.weights)
     provenance = {
         "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": identity.to_dict(),
         "frame_spec": cfg.frame_spec.to_dict(), "selection": cfg.selection.to_dict(),
         "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "dtype": cfg.dtype,
         "classes": index.classes,
     }
-    writer = CacheWriter(output, provenance, replace=cfg.overwrite)
+    writer = CacheWriter(output, provenance, replace=cfg.overwrite) if info.is_main else None
+    D.barrier(info)
+    if writer is None:
+        writer = CacheWriter(output, provenance, replace=cfg.overwrite)
 
     jobs: list[tuple[str, Video]] = []
     reused = 0
@@ -377,6 +390,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         done = writer.done(split)
         reused += sum(v.rel in done for v in videos)
         jobs += [(split, v) for v in videos if v.rel not in done]
+    D.barrier(info)
+    all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
     model = fuse_conv_bn(model.to(device).eval())
     if cfg.channels_last:
@@ -388,8 +403,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     failures: list[dict[str, Any]] = []
     extracted = 0
     checked = False
-    bar = tqdm(total=len(jobs), unit="video", desc="extract", disable=not progress or None,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), unit="video", desc="extract" if not info.enabled else f"extract (rank 0 of {info.world})",
+               disable=not progress or not info.is_main or None, dynamic_ncols=True)
     t_run = time.perf_counter()
 
     def finish(pos: int) -> None:
@@ -421,20 +436,32 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     finally:
         bar.close()
 
+    # Gather every rank's outcome; failures in dataset order, whatever rank or worker met them.
+    gathered = D.all_gather_objects((failures, extracted, runner.frames_done), info)
+    failures = [f for part, _, _ in gathered for f in part]
+    extracted, frames_done = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+    rank_of = {(s, v.rel): i for i, (s, v) in enumerate(all_jobs)}
+    failures.sort(key=lambda f: (rank_of.get((f["split"], f["video"]), -1), f["reason"]))
     if extracted == 0 and reused == 0:
-        writer.close_unchanged()
+        D.barrier(info)
+        if info.is_main:
+            writer.close_unchanged()
         first = failures[0]["reason"] if failures else "no videos"
-        raise DataError(f"no decodable frames in any of the {len(jobs)} videos under {index.root} "
+        raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
     order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
-    if output.exists() and not writer.replace and not writer.pending() and not failures:
-        writer.close_unchanged()  # everything was cached already: leave the file untouched
-    else:
-        writer.finalize(order, {"config": _json_dumps(cfg.to_dict()), "failures": failures})
+    D.barrier(info)  # every rank's parts are on disk
+    if info.is_main:
+        if output.exists() and not writer.replace and not writer.pending() and not failures:
+            writer.close_unchanged()  # everything was cached already: leave the file untouched
+        else:
+            writer.finalize(order, {"config": _json_dumps(cfg.to_dict()), "failures": failures})
+    D.barrier(info)
+    D.cleanup(info)
     with FeatureCache(output) as c:
         counts = {s: c.num_videos(s) for s in c.splits}
     return ExtractResult(output=output, videos=counts, extracted=extracted, reused=reused,
-                         frames=runner.frames_done, seconds=time.perf_counter() - t0,
+                         frames=frames_done, seconds=time.perf_counter() - t0,
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings)
 

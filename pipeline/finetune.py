@@ -1,0 +1,406 @@
+"""Stage three: fine-tune MobileNetV2 and the TemporalHead jointly from frames (DDP under torchrun).
+
+Clips are sampled exactly as in stage two (over the frames a cache with the same frame selection
+would hold: TSN segments or random windows for training, uniform for evaluation), decoded by
+DataLoader workers, and augmented consistently across the clip (one random resized crop and one
+flip per clip). Frozen backbone blocks run under ``no_grad`` with BatchNorm in eval mode; padded
+steps of short clips never go through the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as D
+from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
+from .cache import provenance_mismatch
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import FinetuneConfig, FrameSelection, FrameSpec
+from .data import Video, index_dataset, read_frames, selected_positions
+from .engine import train_steps
+from .errors import ConfigError, DataError
+from .extract import default_workers, resolve_device, resolve_precision
+from .metrics import classification_metrics
+from .models import TemporalHead, TemporalHeadConfig
+from .preprocess import normalize_frames, resize_frames
+from .report import plot_confusion, plot_curves, write_per_class
+from .sampling import sample
+from .train import TrainingError, TrainResult, _prepare_out, _summary, _write_jsonl, cosine_with_warmup
+
+log = logging.getLogger(__name__)
+
+N_BLOCKS = 19  # children of mobilenet_v2().features: stem, 17 inverted residuals, final 1x1 conv
+
+
+class EndToEnd(nn.Module):
+    """uint8 clips (B, T, 3, S, S) + lengths → logits; backbone blocks before ``first_trainable``
+    are frozen (no_grad, BatchNorm eval)."""
+
+    def __init__(self, backbone: MobileNetV2Features, head: TemporalHead, spec: FrameSpec, *,
+                 trainable_blocks: int = N_BLOCKS, grad_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.head, self.spec = backbone, head, spec
+        self.first_trainable = N_BLOCKS - trainable_blocks
+        self.grad_checkpoint = grad_checkpoint
+        for i, block in enumerate(self.backbone.features):
+            block.requires_grad_(i >= self.first_trainable)
+
+    def train(self, mode: bool = True) -> EndToEnd:
+        super().train(mode)
+        for block in list(self.backbone.features)[: self.first_trainable]:
+            block.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    def forward(self, clips: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, t = clips.shape[:2]
+        valid = torch.arange(t, device=clips.device)[None] < lengths.to(clips.device)[:, None]  # (B, T)
+        x = normalize_frames(clips[valid], self.spec, channels_last=True)  # (N_valid, 3, S, S)
+        blocks = list(self.backbone.features)
+        with torch.no_grad():
+            for block in blocks[: self.first_trainable]:
+                x = block(x)
+        for block in blocks[self.first_trainable:]:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        f = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (N_valid, 1280)
+        feats = f.new_zeros(b, t, f.shape[1])
+        feats[valid] = f
+        return self.head(feats, lengths)  # (B, C)
+
+
+class ClipDataset(Dataset):
+    """One clip per video per epoch; deterministic given (seed, epoch, video), whatever worker."""
+
+    def __init__(self, videos: list[Video], spec: FrameSpec, sel: FrameSelection, seq_len: int, *,
+                 train: bool, sampler: str = "segment", clip: int = 0, num_clips: int = 1, seed: int = 0,
+                 augment: bool = True) -> None:
+        self.videos, self.spec, self.sel, self.seq_len = videos, spec, sel, seq_len
+        self.train, self.sampler, self.clip, self.num_clips = train, sampler, clip, num_clips
+        self.seed, self.epoch, self.augment = seed, 0, augment
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+        v = self.videos[i]
+        try:
+            kept = selected_positions(v.path, v.kind, self.sel)
+            if not kept:
+                raise DataError(f"{v.path}: no frames")
+            n = np.array([len(kept)])
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                pos, clip_len = sample(self.sampler, n, self.seq_len, rng)  # type: ignore[arg-type]
+            else:
+                rng = None
+                pos, clip_len = sample("uniform", n, self.seq_len, clip=self.clip, num_clips=self.num_clips)
+            frames = read_frames(v.path, v.kind, [kept[p] for p in pos[0, : clip_len[0]]])
+        except Exception as e:  # noqa: BLE001 - a broken video is skipped, not fatal
+            log.warning("skipped %s in training: %s", v.rel, e)
+            return None
+        h, w = frames[0].shape[-2:]
+        clip = torch.stack([f if f.shape[-2:] == (h, w) else TF.resize(f, [h, w], antialias=True) for f in frames])
+        if self.train and self.augment:
+            g = torch.Generator().manual_seed(int(rng.integers(2**31)))  # type: ignore[union-attr]
+            top, left, ch, cw = _crop_params(h, w, g)
+            clip = TF.resized_crop(clip, top, left, ch, cw, [self.spec.size, self.spec.size], antialias=True)
+            if torch.rand((), generator=g) < 0.5:
+                clip = TF.horizontal_flip(clip)  # the same crop and flip for every frame of the clip
+        else:
+            clip = resize_frames(clip, self.spec)
+        return clip.contiguous(), int(clip_len[0]), v.label  # (T, 3, S, S) uint8
+
+
+def _crop_params(h: int, w: int, g: torch.Generator, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's parameters from our own generator (reproducible per clip)."""
+    area = h * w
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        ar = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=g).item())
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return top, left, ch, cw
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def collate_clips(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    items = [x for x in items if x is not None]
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    t = max(c.shape[0] for c, _, _ in items)
+    clips = torch.zeros(len(items), t, *items[0][0].shape[1:], dtype=torch.uint8)
+    for i, (c, _, _) in enumerate(items):
+        clips[i, : c.shape[0]] = c
+    return clips, torch.tensor([n for _, n, _ in items]), torch.tensor([y for _, _, y in items])
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Training: DistributedSampler semantics (shuffle by epoch, equal shares); ``set_epoch``."""
+
+    def __init__(self, n: int, info: D.DistInfo, seed: int, shuffle: bool) -> None:
+        self.sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=info.world, rank=info.rank,
+                                                           shuffle=shuffle, seed=seed, drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[dict[str, Any] | None, FrameSpec, FrameSelection]:
+    if cfg.init is None:
+        return None, cfg.frame_spec or FrameSpec(), cfg.selection or FrameSelection()
+    ckpt = load_checkpoint(cfg.init)
+    if ckpt.get("kind") not in ("temporal", "end_to_end"):
+        raise CheckpointError(f"--init {cfg.init} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+    if ckpt["classes"] != classes:
+        raise ConfigError(f"--init {cfg.init} was trained on other classes ({len(ckpt['classes'])}: "
+                          f"{', '.join(ckpt['classes'][:4])}...) than {cfg.dataset.root} ({len(classes)}: "
+                          f"{', '.join(classes[:4])}...)")
+    spec = FrameSpec.from_dict(ckpt["frame_spec"])
+    if cfg.frame_spec is not None and cfg.frame_spec != spec:
+        raise ConfigError(f"--init {cfg.init} uses FrameSpec {spec.to_dict()}, not {cfg.frame_spec.to_dict()}; "
+                          "drop --size/--resize to use the checkpoint's")
+    sel = FrameSelection.from_dict(ckpt["cache"]["selection"])
+    if cfg.selection is not None and cfg.selection != sel:
+        raise ConfigError(f"--init {cfg.init} uses frame selection {sel.to_dict()}, not {cfg.selection.to_dict()}")
+    return ckpt, spec, sel
+
+
+def _backbone_from(ckpt: dict[str, Any] | None, weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
+    if ckpt is None:
+        return build_backbone(weights)
+    if ckpt["kind"] == "end_to_end":
+        m = MobileNetV2Features()
+        m.load_state_dict(ckpt["backbone_state"])
+        return m, WeightsIdentity(source="end_to_end")
+    ident = WeightsIdentity.from_dict(ckpt["cache"]["weights"])
+    if ident.source == "torchvision":
+        return build_backbone(ident.name)[0], ident
+    if not ident.path or not Path(ident.path).is_file():
+        raise CheckpointError(f"the backbone of --init ({ident.path}) is missing; it is needed to start from the "
+                              "same features")
+    return build_backbone(ident.path)[0], ident
+
+
+def finetune(cfg: FinetuneConfig, *, progress: bool = True,
+             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    t_start = time.perf_counter()
+    base_device = resolve_device(cfg.device)
+    info = D.init(base_device)
+    device = D.local_device(base_device, info)
+    amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if info.is_main:
+        _prepare_out(out)
+        if not cfg.resume and not cfg.overwrite and any((out / f).exists() for f in ("best.pt", "last.pt")):
+            raise ConfigError(f"{out} already holds a run; use --resume to continue it, --overwrite to start "
+                              "over, or another --out")
+    D.barrier(info)
+
+    index = index_dataset(cfg.dataset)
+    val_split = cfg.val_split or next((s for s in ("val", "test") if s in index.splits), None)
+    for s in (cfg.train_split, val_split):
+        if s is None or s not in index.splits:
+            raise DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
+                            "check --train-split/--val-split")
+    init, spec, sel = _resolve_init(cfg, index.classes)
+    tc = init["train_config"] if init is not None else {}
+    cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or tc.get("seq_len") or 8,
+                              eval_clips=cfg.eval_clips or tc.get("eval_clips") or 1)
+    backbone, ident = _backbone_from(init, cfg.weights)
+    trainable = 0 if cfg.freeze_cnn else (N_BLOCKS if cfg.trainable_blocks is None else cfg.trainable_blocks)
+    if not 0 <= trainable <= N_BLOCKS:
+        raise ConfigError(f"--trainable-blocks must be between 0 and {N_BLOCKS}, got {trainable}")
+    if ident.source == "random" and trainable < N_BLOCKS:
+        raise ConfigError("--weights none with frozen blocks: their BatchNorm statistics are untrained; start from "
+                          "--init (a stage-two run, whose backbone is recalibrated) or --weights imagenet/PATH")
+    head_cfg = TemporalHeadConfig(num_classes=len(index.classes), input_dim=FEATURE_DIM, hidden=cfg.hidden,
+                                  layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
+    if init is not None:
+        if TemporalHeadConfig.from_dict(init["model_config"]) != head_cfg:
+            head_cfg = TemporalHeadConfig.from_dict(init["model_config"])
+            log.info("head architecture taken from --init: %s", head_cfg.to_dict())
+    head = TemporalHead(head_cfg)
+    if init is not None:
+        head.load_state_dict(init["model_state"] if init["kind"] == "temporal" else init["head_state"])
+    model = EndToEnd(backbone, head, spec, trainable_blocks=trainable, grad_checkpoint=cfg.grad_checkpoint)
+    model = model.to(device).to(memory_format=torch.channels_last)
+
+    head_params = list(model.head.parameters())
+    bb_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if bb_params:
+        groups.append({"params": bb_params, "lr": cfg.backbone_lr or cfg.lr / 10})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    ddp = model
+    if info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_videos, val_videos = index.videos(cfg.train_split), index.videos(val_split)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    train_ds = ClipDataset(train_videos, spec, sel, cfg.seq_len, train=True, sampler=cfg.sampler, seed=cfg.seed,
+                           augment=cfg.augment)
+    train_sampler = _ShardSampler(len(train_ds), info, cfg.seed, shuffle=True)
+    loader_kw = {"num_workers": workers, "collate_fn": collate_clips, "pin_memory": device.type == "cuda",
+                 "persistent_workers": False}
+    steps = math.ceil(len(train_sampler) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    provenance = {"backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": {"source": "end_to_end"},
+                  "frame_spec": spec.to_dict(), "selection": sel.to_dict(), "precision": "float32",
+                  "dtype": "float32", "classes": index.classes, "init_weights": ident.to_dict()}
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start = 1
+    if cfg.resume:
+        ck = load_checkpoint(out / "last.pt", kind="end_to_end")
+        diff = provenance_mismatch(ck["cache"], provenance)
+        if diff:
+            raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
+        model.backbone.load_state_dict(ck["backbone_state"])
+        model.head.load_state_dict(ck["head_state"])
+        optimizer.load_state_dict(ck["optimizer_state"])
+        scheduler.load_state_dict(ck["scheduler_state"])
+        history, best, start = list(ck["history"]), ck["best"], ck["epoch"] + 1
+
+    common = {"kind": "end_to_end", "model_config": head_cfg.to_dict(),
+              "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
+                               "trainable_blocks": trainable},
+              "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance, "val_split": val_split}
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(common["train_config"], indent=2, default=str))
+
+    for epoch in range(start, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        train_ds.epoch = epoch
+        train_sampler.set_epoch(epoch)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, **loader_kw)
+        t0 = time.perf_counter()
+
+        def batches():
+            for clips, lengths, y in loader:
+                if len(y):
+                    yield (clips.to(device, non_blocking=True), lengths), y.to(device)
+
+        try:
+            r = train_steps(ddp, batches(), optimizer, scheduler, label_smoothing=cfg.label_smoothing,
+                            clip_grad=cfg.clip_grad, amp_dtype=amp, scaler=scaler, device=device, total=len(loader),
+                            desc=f"epoch {epoch}/{cfg.epochs}", progress=progress and info.is_main)
+        except FloatingPointError as e:
+            raise TrainingError(f"epoch {epoch}: {e}; likely cause: learning rate too high (--lr {cfg.lr}, "
+                                f"--backbone-lr {cfg.backbone_lr}); best.pt is kept as it was") from None
+        loss_sum, correct, count = D.all_reduce_sum([r["loss_sum"], r["correct"], r["count"]], info)
+        train_s = time.perf_counter() - t0
+        probs, labels = _evaluate(model, val_videos, spec, sel, cfg, device, amp, info, loader_kw)
+        if info.is_main:
+            vloss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                                       torch.from_numpy(labels)))
+            m = classification_metrics(probs, labels, vloss)
+            record = {"epoch": epoch, "train_loss": loss_sum / max(count, 1), "train_top1": correct / max(count, 1),
+                      **{f"val_{k}": v for k, v in _summary(m).items()}, "lr": optimizer.param_groups[0]["lr"],
+                      "epoch_seconds": train_s, "clips_per_second": count / max(train_s, 1e-9)}
+            history.append(record)
+            improved = best is None or (m["top1"], -m["loss"]) > (best["top1"], -best["loss"])
+            states = {"backbone_state": model.backbone.state_dict(), "head_state": model.head.state_dict(),
+                      "model_state": model.head.state_dict()}
+            if improved:
+                best = {"epoch": epoch, **_summary(m)}
+                save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "metrics": m, **states})
+                plot_confusion(np.array(m["confusion"]), index.classes, out / "confusion.png",
+                               title=f"{val_split}, epoch {epoch}: top-1 {m['top1']:.3f}")
+                write_per_class(m, index.classes, out / "per_class.csv")
+            save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "metrics": m, **states,
+                                              "optimizer_state": optimizer.state_dict(),
+                                              "scheduler_state": scheduler.state_dict(), "history": history,
+                                              "best": best})
+            _write_jsonl(out / "metrics.jsonl", history)
+            plot_curves(history, out / "curves.png")
+            if on_epoch is not None:
+                on_epoch({**record, "best": improved})
+        D.barrier(info)
+    history, best = D.broadcast_object((history, best), info)
+    D.cleanup(info)
+    assert best is not None
+    return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
+                       val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,
+                       stopped_early=False)
+
+
+@torch.no_grad()
+def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameSelection, cfg: FinetuneConfig,
+              device: torch.device, amp: torch.dtype | None, info: D.DistInfo,
+              loader_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform clips, softmax averaged over ``eval_clips``; each rank takes every world-th video and
+    rank 0 gathers them all (no padding duplicates, unlike DistributedSampler)."""
+    from .engine import autocast_ctx
+
+    model.eval()
+    mine = list(range(info.rank, len(videos), info.world))
+    probs: dict[int, np.ndarray] = {}
+    labels = {i: videos[i].label for i in mine}
+    for k in range(cfg.eval_clips):
+        ds = ClipDataset([videos[i] for i in mine], spec, sel, cfg.seq_len, train=False, clip=k,
+                         num_clips=cfg.eval_clips)
+        loader = DataLoader(_Indexed(ds), batch_size=cfg.batch_size, **{**loader_kw, "collate_fn": _collate_indexed})
+        for (clips, lengths, _), idx in loader:
+            if not idx:
+                continue
+            with autocast_ctx(device, amp):
+                p = torch.softmax(model(clips.to(device), lengths).float(), 1).cpu().numpy()
+            for j, row in zip(idx, p):
+                probs[mine[j]] = probs.get(mine[j], 0) + row / cfg.eval_clips
+    parts = D.all_gather_objects(({i: probs[i] for i in probs}, {i: labels[i] for i in probs}), info)
+    allp = {i: p for part, _ in parts for i, p in part.items()}
+    alll = {i: y for _, part in parts for i, y in part.items()}
+    order = sorted(allp)
+    if not order:
+        raise DataError("no validation video could be decoded")
+    return np.stack([allp[i] for i in order]), np.array([alll[i] for i in order])
+
+
+def _collate_indexed(items: list) -> tuple:
+    kept = [(j, x) for j, x in items if x is not None]
+    return collate_clips([x for _, x in kept]), [j for j, _ in kept]
+
+
+class _Indexed(Dataset):
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return i, self.ds[i]

@@ -1,0 +1,156 @@
+"""Stage three: end-to-end fine-tuning, frozen parts stay frozen, torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SIZE, write_frames
+from test_extract import assert_same_cache
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpec, TemporalConfig
+from pipeline.errors import ConfigError
+from pipeline.extract import extract_features
+from pipeline.finetune import finetune
+from pipeline.predict import Predictor
+from pipeline.train import train_temporal
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> Path:
+    """Three classes told apart by colour (learnable by the CNN at 32 px), noisy frames."""
+    root = tmp_path_factory.mktemp("colours") / "ds"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for cls, rgb in COLOURS.items():
+            for k in range(n):
+                frames = [np.clip(np.array(rgb) + rng.normal(0, 40, (24, 32, 3)), 0, 255).astype(np.uint8)
+                          for _ in range(6)]
+                write_frames(root / split / cls / f"{cls}_{split}_{k}", frames, ".png")
+    return root
+
+
+def ft_cfg(root: Path, out: Path, weights: Path, **kw) -> FinetuneConfig:
+    base = dict(weights=str(weights), frame_spec=FrameSpec(size=SIZE), hidden=16, seq_len=4, epochs=3,
+                batch_size=6, lr=3e-3, backbone_lr=1e-3, workers=0, device="cpu", dropout=0.1)
+    return FinetuneConfig(dataset=DatasetSpec(str(root)), out=str(out), **{**base, **kw})
+
+
+def test_finetune_learns(colour_data, tmp_path, weights_file):
+    r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=6, trainable_blocks=2), progress=False)
+    losses = [h["train_loss"] for h in r.history]
+    assert losses[-1] < losses[0]
+    assert r.best["top1"] >= 0.66  # chance 1/3
+    ck = load_checkpoint(tmp_path / "run" / "best.pt", kind="end_to_end")
+    assert {"backbone_state", "head_state", "frame_spec", "classes", "cache"} <= set(ck)
+    # predict and extract-features take the fine-tuned checkpoint
+    preds = Predictor(tmp_path / "run" / "best.pt", device="cpu", workers=0).predict(
+        [colour_data / "val" / "red" / "red_val_0"], progress=False)
+    assert preds[0].error is None and preds[0].top_k
+    res = extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "re.h5"),
+                                         weights=str(tmp_path / "run" / "best.pt"), frame_spec=FrameSpec(size=SIZE),
+                                         workers=0, batch_size=8), progress=False)
+    assert res.weights.source == "file" and res.videos == {"train": 24, "val": 9}
+
+
+def _backbone(path: Path) -> dict[str, torch.Tensor]:
+    ck = torch.load(path, weights_only=True)
+    return ck["backbone_state"] if "backbone_state" in ck else {f"features.{k}" if not k.startswith("features.")
+                                                                 else k: v for k, v in ck.items()}
+
+
+def test_freeze_cnn_keeps_every_backbone_tensor(colour_data, tmp_path, weights_file):
+    finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, freeze_cnn=True, epochs=1), progress=False)
+    before, after = _backbone(weights_file), _backbone(tmp_path / "run" / "last.pt")
+    assert set(before) == set(after)
+    for k in before:  # weights and BatchNorm running statistics alike
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_trainable_blocks_change_only_those(colour_data, tmp_path, weights_file):
+    finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, trainable_blocks=2, epochs=1), progress=False)
+    before, after = _backbone(weights_file), _backbone(tmp_path / "run" / "last.pt")
+    changed = {int(k.split(".")[1]) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {17, 18}
+
+
+def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weights_file):
+    cache = tmp_path / "f.h5"
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(cache), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8), progress=False)
+    train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "s2"), hidden=16, epochs=2, seq_len=4,
+                                  device="cpu"), progress=False)
+    r = finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "e2e"),
+                                init=str(tmp_path / "s2" / "best.pt"), epochs=1, batch_size=6, workers=0,
+                                device="cpu"), progress=False)
+    ck = load_checkpoint(tmp_path / "e2e" / "best.pt")
+    assert ck["train_config"]["seq_len"] == 4 and ck["frame_spec"]["size"] == SIZE and r.best_epoch == 1
+    with pytest.raises(ConfigError, match="FrameSpec"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "x"),
+                                init=str(tmp_path / "s2" / "best.pt"), frame_spec=FrameSpec(size=48), workers=0,
+                                device="cpu"), progress=False)
+    other = tmp_path / "other"
+    for cls in ("cyan", "magenta"):
+        for split in ("train", "val"):
+            write_frames(other / split / cls / f"{cls}{split}", [np.zeros((24, 32, 3), np.uint8)] * 3)
+    with pytest.raises(ConfigError, match="other classes"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "y"),
+                                init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
+
+
+def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
+    class Stop(Exception):
+        pass
+
+    def stop(rec):
+        if rec["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2), progress=False, on_epoch=stop)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_finetune(colour_data, tmp_path, weights_file):
+    r = _torchrun("finetune-end-to-end", "--data-dir", str(colour_data), "--out", str(tmp_path / "ddp"),
+                  "--weights", str(weights_file), "--size", str(SIZE), "--hidden", "16", "--seq-len", "4",
+                  "--epochs", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("best epoch") == 1  # only rank 0 reports
+    ck = load_checkpoint(tmp_path / "ddp" / "best.pt", kind="end_to_end")
+    assert len(ck["history"] if "history" in ck else load_checkpoint(tmp_path / "ddp" / "last.pt")["history"]) >= 1
+    Predictor(tmp_path / "ddp" / "best.pt", device="cpu")
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_extract_equals_single(colour_data, tmp_path, weights_file):
+    # torchrun gives each process one thread (OMP_NUM_THREADS=1); the thread count changes the
+    # order of float reductions, so the single-process reference runs with one thread too.
+    single = tmp_path / "single.h5"
+    args = ["--weights", str(weights_file), "--size", str(SIZE), "--batch-size", "8", "--workers", "1", "--no-progress"]
+    ref = subprocess.run([sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(colour_data),
+                          "--output", str(single), *args], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stderr
+    r = _torchrun("extract-features", "--data-dir", str(colour_data), "--output", str(tmp_path / "sharded.h5"),
+                  "--weights", str(weights_file), "--size", str(SIZE), "--batch-size", "8", "--workers", "1",
+                  "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1
+    assert_same_cache(single, tmp_path / "sharded.h5")
