@@ -36,6 +36,21 @@ class Group(click.Group):
             hint = ctx.meta.get("resume_hint", "")
             click.echo(f"\ninterrupted{': ' + hint if hint else ''}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except RuntimeError as e:
+            if not _peer_failed(e):
+                raise
+            click.echo(f"error: rank {os.environ.get('RANK')} stopped because another rank failed "
+                       "(that rank's error is printed above)", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Under torchrun: a collective broke because another process died."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "reset by peer" in str(e)
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:

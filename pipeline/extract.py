@@ -358,7 +358,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                           "(e.g. features/)")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.parent / f".{output.name}.write_test"
+        probe = output.parent / f".{output.name}.write_test.{os.getpid()}"  # one per rank
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -81,7 +81,7 @@ def _pick_val_split(cfg: TemporalConfig, cache: FeatureCache) -> str:
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
