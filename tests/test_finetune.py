@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,18 @@ def test_torchrun_two_process_extract_equals_single(colour_data, tmp_path, weigh
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("wrote ") == 1
     assert_same_cache(single, tmp_path / "sharded.h5")
+
+
+@pytest.mark.slow
+def test_torchrun_failing_rank_stops_all(colour_data, tmp_path, weights_file):
+    """One rank meets a broken frame under --strict: every rank exits, the error is shown once."""
+    broken = tmp_path / "ds"
+    shutil.copytree(colour_data, broken)
+    (broken / "train" / "red" / "red_train_0" / "frame_1.png").write_bytes(b"junk")
+    r = _torchrun("extract-features", "--data-dir", str(broken), "--output", str(tmp_path / "x.h5"), "--weights",
+                  str(weights_file), "--size", str(SIZE), "--batch-size", "8", "--workers", "0", "--strict",
+                  "--no-progress", cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert any("red_train_0/frame_1.png" in e and "--strict" in e for e in errors), r.stderr[-2000:]
+    assert not (tmp_path / "x.h5").exists()

@@ -172,3 +172,14 @@ def test_memory_flat_in_video_length_real_subprocess(tmp_path, weights_file):
         peaks[name] = _peak_rss_mb(["predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / f"{name}.avi"),
                                     "--window", "64", "--json", "--batch-size", "32", "--workers", "1", "--no-progress"])
     assert peaks["long"] - peaks["short"] < 40, peaks
+
+
+def test_real_subprocess_predict(trained, tmp_path):
+    """`python cli.py predict` exactly as a user types it."""
+    root, _, ckpt = trained
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "predict", str(ckpt), str(root / "test" / "b"),
+                        "--top-k", "2", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith(str(root / "test" / "b")) for ln in lines)
+    assert all(len(ln.split()) == 5 for ln in lines)  # input, then 2 x (label, probability)
