@@ -22,7 +22,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"tool": TOOL, "schema_version": SCHEMA_VERSION, **payload}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"tool": TOOL, "schema_version": SCHEMA_VERSION, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
     os.replace(tmp, path)
 
 

@@ -9,6 +9,7 @@ steps of short clips never go through the backbone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,13 +77,29 @@ class EndToEnd(nn.Module):
                 x = block(x)
         for block in blocks[self.first_trainable:]:
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _frozen_bn_stats(b)))
             else:
                 x = block(x)
         f = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (N_valid, 1280)
         feats = f.new_zeros(b, t, f.shape[1])
         feats[valid] = f
         return self.head(feats, lengths)  # (B, C)
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module):
+    """During gradient checkpointing's recomputation, BatchNorm must not update its running
+    statistics a second time: momentum 0 keeps them (the forward already updated them)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
 
 
 class ClipDataset(Dataset):
@@ -99,6 +116,17 @@ class ClipDataset(Dataset):
         return len(self.videos)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+        """A training clip whose video cannot be decoded is replaced by the next video's, so every
+        batch is full and every DDP rank takes the same number of steps; evaluation returns None."""
+        for attempt in range(min(len(self.videos), 10) if self.train else 1):
+            item = self._clip((i + attempt) % len(self.videos))
+            if item is not None:
+                return item
+        if self.train:
+            raise DataError(f"10 videos in a row from {self.videos[i].path} on could not be decoded; check the dataset")
+        return None
+
+    def _clip(self, i: int) -> tuple[torch.Tensor, int, int] | None:
         v = self.videos[i]
         try:
             kept = selected_positions(v.path, v.kind, self.sel)
@@ -289,6 +317,16 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         diff = provenance_mismatch(ck["cache"], provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
+        if ck["model_config"] != head_cfg.to_dict():
+            raise CheckpointError(f"{out / 'last.pt'} has head {ck['model_config']}, this run asks for "
+                                  f"{head_cfg.to_dict()}; resume with the same options")
+        for key in ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed", "augment"):
+            was, now = ck["train_config"].get(key), {**cfg.to_dict(), "trainable_blocks": trainable}[key]
+            if was != now:
+                raise CheckpointError(f"{out / 'last.pt'} was trained with --{key.replace('_', '-')} {was}, "
+                                      f"this run asks for {now}; resume with the same options")
+        if scaler is not None and ck.get("scaler_state"):
+            scaler.load_state_dict(ck["scaler_state"])
         model.backbone.load_state_dict(ck["backbone_state"])
         model.head.load_state_dict(ck["head_state"])
         optimizer.load_state_dict(ck["optimizer_state"])
@@ -323,6 +361,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
                                 f"--backbone-lr {cfg.backbone_lr}); best.pt is kept as it was") from None
         loss_sum, correct, count = D.all_reduce_sum([r["loss_sum"], r["correct"], r["count"]], info)
         train_s = time.perf_counter() - t0
+        D.broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
         probs, labels = _evaluate(model, val_videos, spec, sel, cfg, device, amp, info, loader_kw)
         if info.is_main:
             vloss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
@@ -344,6 +383,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "metrics": m, **states,
                                               "optimizer_state": optimizer.state_dict(),
                                               "scheduler_state": scheduler.state_dict(), "history": history,
+                                              "scaler_state": scaler.state_dict() if scaler else None,
                                               "best": best})
             _write_jsonl(out / "metrics.jsonl", history)
             plot_curves(history, out / "curves.png")

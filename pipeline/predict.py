@@ -200,6 +200,16 @@ class Predictor:
         probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
         return probs[0]
 
+    def classify_windows(self, feats: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
+        """(W, C) probabilities of every window in one batched pass; each window is classified
+        exactly as a video of those rows would be."""
+        starts = np.array([a for a, _ in bounds], dtype=np.int64)
+        bank = FeatureBank(torch.from_numpy(feats).to(self.device), torch.from_numpy(starts).to(self.device),
+                           np.array([b - a for a, b in bounds]), torch.zeros(len(bounds), dtype=torch.long,
+                                                                             device=self.device))
+        probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
+        return probs
+
     def predict(self, inputs: Sequence[str | Path], *, top_k: int = 5, window: int | None = None,
                 stride: int | None = None, progress: bool = True) -> list[Prediction]:
         if window is not None and window < 1 or stride is not None and stride < 1:
@@ -222,8 +232,8 @@ class Predictor:
                 probs = self.classify(feats)
             else:
                 wins = []
-                for a, b in window_bounds(len(feats), window, stride or window):
-                    p = self.classify(feats[a:b])
+                bounds = window_bounds(len(feats), window, stride or window)
+                for (a, b), p in zip(bounds, self.classify_windows(feats, bounds)):
                     s, e = int(idx[a]), int(idx[b - 1])
                     wins.append(Window(s, e, s / fps if fps else None, e / fps if fps else None,
                                        self.classes[int(p.argmax())], float(p.max()), p.tolist()))

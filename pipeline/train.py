@@ -254,8 +254,14 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     if ckpt.get("kind") not in ("temporal", "end_to_end"):
         raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
     dev = resolve_device(device)
+    expected = ckpt["cache"]
     with FeatureCache(cache_path) as cache:
-        diff = provenance_mismatch(ckpt["cache"], cache.provenance)
+        if ckpt["kind"] == "end_to_end":  # its features: a cache extracted with --weights CHECKPOINT
+            from .backbone import sha256_file
+
+            expected = {**expected, "weights": {"source": "file", "sha256": sha256_file(checkpoint)},
+                        "dtype": cache.provenance.get("dtype"), "precision": cache.provenance.get("precision")}
+        diff = provenance_mismatch(expected, cache.provenance)
         if diff:
             raise CacheError(f"{cache_path} does not match {checkpoint}: {diff}; "
                              "evaluate on a cache extracted with the checkpoint's backbone and settings")
