@@ -51,12 +51,13 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
 def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, label_smoothing: float = 0.0,
                 clip_grad: float | None = None, amp_dtype: torch.dtype | None = None,
-                scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
+                scaler: torch.amp.GradScaler | None = None, device: torch.device | None = None,
                 total: int | None = None, desc: str = "train", progress: bool = True) -> dict[str, float]:
     """The optimisation loop shared by stage two and stage three.
 
     ``batches`` yields ``(model inputs, labels)``; returns the summed loss, correct count and count
     (sums, so distributed ranks can add them up)."""
+    device = device or torch.device("cpu")
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for s, (inputs, y) in enumerate(tqdm(batches, total=total, desc=desc, leave=False,
