@@ -75,7 +75,8 @@ def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--frames", type=int, default=2048,
+                    help="a multiple of --batch-size, so both sides run the same full batches")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="auto")
@@ -84,6 +85,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare runs")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
     args = ap.parse_args()
+    if args.frames % args.batch_size:
+        print(f"note: {args.frames} frames is not a multiple of the batch size {args.batch_size}: the pipeline pads "
+              "its last batch, the bare rate counts every frame it computes")
 
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
