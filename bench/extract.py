@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backbone import build_backbone, fuse_conv_bn, recalibrate_batchnorm  # noqa: E402
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec  # noqa: E402
-from pipeline.extract import autocast, extract_features, resolve_device, resolve_precision  # noqa: E402
+from pipeline.engine import autocast_ctx  # noqa: E402
+from pipeline.extract import extract_features, resolve_device, resolve_precision  # noqa: E402
 from pipeline.preprocess import normalize_frames  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, 
     x8 = torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, generator=g).to(device)
     x = normalize_frames(x8, spec, channels_last=True)  # pre-decoded and preprocessed, on the device
     n_batches = -(-frames // batch)
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast_ctx(device, amp):
         model(x)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -219,14 +219,7 @@ class CacheWriter:
                         ranked = list(sources)
                     _write_split(out, split, (self._record(sources[r], r) for r in ranked),
                                  self.provenance["dtype"], int(self.provenance.get("feature_dim", 0)))
-                for k, v in attrs.items():
-                    out.attrs[k] = v
-                out.attrs["schema_version"] = SCHEMA_VERSION
-                out.attrs["classes"] = _json(self.provenance["classes"])
-                out.attrs["provenance"] = _json(self.provenance)
-                out.attrs["failures"] = _json(failures)
-                out.attrs["package_version"] = __version__
-                out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                _write_root_attrs(out, self.provenance, {**attrs, "failures": _json(failures)})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         finally:
@@ -255,16 +248,20 @@ def write_cache(path: str | Path, provenance: dict[str, Any], splits: dict[str, 
     with _h5py().File(tmp, "w") as out:
         for split, records in splits.items():
             _write_split(out, split, records, provenance["dtype"], int(provenance.get("feature_dim", 0)))
-        for k, v in (attrs or {}).items():
-            out.attrs[k] = v
-        out.attrs["schema_version"] = SCHEMA_VERSION
-        out.attrs["classes"] = _json(provenance["classes"])
-        out.attrs["provenance"] = _json(provenance)
-        out.attrs.setdefault("failures", "[]")
-        out.attrs["package_version"] = __version__
-        out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        _write_root_attrs(out, provenance, {"failures": "[]", **(attrs or {})})
     os.replace(tmp, path)
     return path
+
+
+def _write_root_attrs(out: Any, provenance: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """The self-describing root attributes of schema version 1 (see the module docstring)."""
+    for k, v in attrs.items():
+        out.attrs[k] = v
+    out.attrs["schema_version"] = SCHEMA_VERSION
+    out.attrs["classes"] = _json(provenance["classes"])
+    out.attrs["provenance"] = _json(provenance)
+    out.attrs["package_version"] = __version__
+    out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[str]]) -> list[dict]:

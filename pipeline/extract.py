@@ -9,8 +9,8 @@ chunks, so a long video never has to fit in memory.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -32,6 +32,7 @@ from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_pr
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from . import distributed as D
+from .engine import autocast_ctx
 from .errors import ConfigError, DataError, PipelineError
 from .preprocess import normalize_frames, resize_frames
 
@@ -66,12 +67,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- decode workers
@@ -213,7 +208,7 @@ class FeatureRunner:
             s = self.spec.size
             parts.append(torch.zeros(self.batch_size - n, 3, s, s, dtype=torch.uint8, device=self.device))
         x = normalize_frames(torch.cat(parts), self.spec, channels_last=self.channels_last)  # (B,3,S,S)
-        with autocast(self.device, self.amp_dtype):
+        with autocast_ctx(self.device, self.amp_dtype):
             out = self.model(x).float()  # (B, 1280)
         done, start = set(), 0
         for pos, take in owners:
@@ -455,7 +450,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         if output.exists() and not writer.replace and not writer.pending() and not failures:
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:
-            writer.finalize(order, {"config": _json_dumps(cfg.to_dict()), "failures": failures})
+            writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures})
     D.barrier(info)
     D.cleanup(info)
     with FeatureCache(output) as c:
@@ -464,12 +459,6 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                          frames=frames_done, seconds=time.perf_counter() - t0,
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings)
-
-
-def _json_dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as D
 from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
 from .cache import provenance_mismatch
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameSelection, FrameSpec
 from .data import Video, index_dataset, read_frames, selected_positions
 from .engine import train_steps
@@ -38,9 +38,9 @@ from .extract import default_workers, resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .models import TemporalHead, TemporalHeadConfig
 from .preprocess import normalize_frames, resize_frames
-from .report import plot_confusion, plot_curves, write_per_class
+from .report import plot_curves
 from .sampling import sample
-from .train import TrainingError, TrainResult, _prepare_out, _summary, _write_jsonl, cosine_with_warmup
+from .train import TrainingError, TrainResult, _prepare_out, cosine_with_warmup, default_val_split, record_epoch
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     D.barrier(info)
 
     index = index_dataset(cfg.dataset)
-    val_split = cfg.val_split or next((s for s in ("val", "test") if s in index.splits), None)
+    val_split = cfg.val_split or default_val_split(index.splits)
     for s in (cfg.train_split, val_split):
         if s is None or s not in index.splits:
             raise DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
@@ -366,25 +366,12 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             vloss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                                        torch.from_numpy(labels)))
             m = classification_metrics(probs, labels, vloss)
-            record = {"epoch": epoch, "train_loss": loss_sum / max(count, 1), "train_top1": correct / max(count, 1),
-                      **{f"val_{k}": v for k, v in _summary(m).items()}, "lr": optimizer.param_groups[0]["lr"],
-                      "epoch_seconds": train_s, "clips_per_second": count / max(train_s, 1e-9)}
-            history.append(record)
-            improved = best is None or (m["top1"], -m["loss"]) > (best["top1"], -best["loss"])
             states = {"backbone_state": model.backbone.state_dict(), "head_state": model.head.state_dict(),
                       "model_state": model.head.state_dict()}
-            if improved:
-                best = {"epoch": epoch, **_summary(m)}
-                save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "metrics": m, **states})
-                plot_confusion(np.array(m["confusion"]), index.classes, out / "confusion.png",
-                               title=f"{val_split}, epoch {epoch}: top-1 {m['top1']:.3f}")
-                write_per_class(m, index.classes, out / "per_class.csv")
-            save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "metrics": m, **states,
-                                              "optimizer_state": optimizer.state_dict(),
-                                              "scheduler_state": scheduler.state_dict(), "history": history,
-                                              "scaler_state": scaler.state_dict() if scaler else None,
-                                              "best": best})
-            _write_jsonl(out / "metrics.jsonl", history)
+            record, best, improved = record_epoch(
+                out, common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
+                train_top1=correct / max(count, 1), clips=int(count), seconds=train_s, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, history=history, best=best, states=states, val_split=val_split)
             plot_curves(history, out / "curves.png")
             if on_epoch is not None:
                 on_epoch({**record, "best": improved})

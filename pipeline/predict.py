@@ -194,12 +194,6 @@ class Predictor:
             bar.close()
         self.frames_done = runner.frames_done
 
-    def classify(self, feats: np.ndarray) -> np.ndarray:
-        """(T, D) features of one video → (C,) probabilities, exactly as ``evaluate`` does."""
-        bank = FeatureBank.from_arrays(feats, np.array([0, len(feats)]), np.zeros(1, dtype=np.int64), self.device)
-        probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
-        return probs[0]
-
     def classify_windows(self, feats: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
         """(W, C) probabilities of every window in one batched pass; each window is classified
         exactly as a video of those rows would be."""
@@ -229,7 +223,7 @@ class Predictor:
                 continue
             pred.frames = len(feats)
             if window is None:
-                probs = self.classify(feats)
+                probs = self.classify_windows(feats, [(0, len(feats))])[0]  # the whole video, as evaluate does
             else:
                 wins = []
                 bounds = window_bounds(len(feats), window, stride or window)

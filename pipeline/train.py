@@ -68,14 +68,17 @@ def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[Sp
     return data, FeatureBank.from_arrays(data.features, data.offsets, data.labels, device)
 
 
+def default_val_split(splits) -> str | None:
+    """The validation split when none is named: ``val`` if present, else ``test``."""
+    return next((s for s in ("val", "test") if s in splits), None)
+
+
 def _pick_val_split(cfg: TemporalConfig, cache: FeatureCache) -> str:
-    if cfg.val_split:
-        return cfg.val_split
-    for s in ("val", "test"):
-        if s in cache.splits:
-            return s
-    raise CacheError(f"{cache.path} has no 'val' or 'test' split (has: {', '.join(cache.splits)}); "
-                     "pass --val-split")
+    split = cfg.val_split or default_val_split(cache.splits)
+    if split is None:
+        raise CacheError(f"{cache.path} has no 'val' or 'test' split (has: {', '.join(cache.splits)}); "
+                         "pass --val-split")
+    return split
 
 
 def _prepare_out(out: Path) -> None:
@@ -195,25 +198,10 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         m = classification_metrics(probs, val.labels, vloss)
         if not math.isfinite(vloss):
             raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; best.pt is kept as it was")
-        record = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
-                  **{f"val_{k}": v for k, v in _summary(m).items()},
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_s,
-                  "clips_per_second": len(train) / max(train_s, 1e-9)}
-        history.append(record)
-        improved = best is None or (m["top1"], -m["loss"]) > (best["top1"], -best["loss"])
-        if improved:
-            best = {"epoch": epoch, **_summary(m)}
-            save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "model_state": model.state_dict(),
-                                              "metrics": m})
-            plot_confusion(np.array(m["confusion"]), classes, out / "confusion.png",
-                           title=f"{val_split}, epoch {epoch}: top-1 {m['top1']:.3f}")
-            write_per_class(m, classes, out / "per_class.csv")
-        save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "model_state": model.state_dict(),
-                                          "metrics": m, "optimizer_state": optimizer.state_dict(),
-                                          "scheduler_state": scheduler.state_dict(),
-                                          "scaler_state": scaler.state_dict() if scaler else None,
-                                          "history": history, "best": best})
-        _write_jsonl(out / "metrics.jsonl", history)
+        record, best, improved = record_epoch(
+            out, common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train),
+            seconds=train_s, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history, best=best,
+            states={"model_state": model.state_dict()}, val_split=val_split)
         # Redraw the curves every epoch when epochs are slow; for sub-second epochs every 10th is enough.
         if train_s > 2 or epoch % 10 == 0 or epoch == cfg.epochs or improved:
             plot_curves(history, out / "curves.png")
@@ -230,6 +218,35 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
                        val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=load_s,
                        load_mb=load_mb, stopped_early=stopped_early)
+
+
+def record_epoch(out: Path, common: dict[str, Any], *, epoch: int, metrics: dict[str, Any], train_loss: float,
+                 train_top1: float, clips: int, seconds: float, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                 history: list[dict[str, Any]], best: dict[str, Any] | None, states: dict[str, Any],
+                 val_split: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The end of an epoch, shared by stages two and three: append its record to ``history``; on a
+    better val top-1 (ties: lower loss) save best.pt with the confusion matrix and per-class CSV;
+    then save last.pt (with what --resume needs) and metrics.jsonl. → (record, best, improved)."""
+    record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
+              **{f"val_{k}": v for k, v in _summary(metrics).items()}, "lr": optimizer.param_groups[0]["lr"],
+              "epoch_seconds": seconds, "clips_per_second": clips / max(seconds, 1e-9)}
+    history.append(record)
+    improved = best is None or (metrics["top1"], -metrics["loss"]) > (best["top1"], -best["loss"])
+    if improved:
+        best = {"epoch": epoch, **_summary(metrics)}
+        save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "metrics": metrics, **states})
+        plot_confusion(np.array(metrics["confusion"]), common["classes"], out / "confusion.png",
+                       title=f"{val_split}, epoch {epoch}: top-1 {metrics['top1']:.3f}")
+        write_per_class(metrics, common["classes"], out / "per_class.csv")
+    save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "metrics": metrics, **states,
+                                      "optimizer_state": optimizer.state_dict(),
+                                      "scheduler_state": scheduler.state_dict(),
+                                      "scaler_state": scaler.state_dict() if scaler else None,
+                                      "history": history, "best": best})
+    _write_jsonl(out / "metrics.jsonl", history)
+    assert best is not None
+    return record, best, improved
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
