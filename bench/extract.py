@@ -32,11 +32,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backbone import build_backbone, fuse_conv_bn, recalibrate_batchnorm  # noqa: E402
+from pipeline.backbone import FrozenBackbone, build_backbone, recalibrate_batchnorm  # noqa: E402
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec  # noqa: E402
 from pipeline.engine import autocast_ctx  # noqa: E402
 from pipeline.extract import extract_features, resolve_device, resolve_precision  # noqa: E402
 from pipeline.preprocess import normalize_frames  # noqa: E402
+from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int = 0) -> int:
@@ -57,9 +58,15 @@ def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int =
 
 def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, device: torch.device,
               amp: torch.dtype | None) -> float:
+    """Frames/s of ``model`` alone on a ready float batch: a FrozenBackbone's network gets the
+    centred input it expects, a plain MobileNetV2 the normalised one."""
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, generator=g).to(device)
-    x = normalize_frames(x8, spec, channels_last=True)  # pre-decoded and preprocessed, on the device
+    x8 = x8.contiguous(memory_format=torch.channels_last)
+    if isinstance(model, FrozenBackbone):  # pre-decoded and preprocessed, on the device
+        x, model = model.center(x8), model.net
+    else:
+        x = normalize_frames(x8, spec, channels_last=True)
     n_batches = -(-frames // batch)
     with torch.inference_mode(), autocast_ctx(device, amp):
         model(x)  # warm-up
@@ -85,7 +92,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare runs")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="leave glibc's malloc thresholds alone (the CLI tunes them; see pipeline/runtime.py)")
     args = ap.parse_args()
+    tuned = False if args.no_tune_allocator else tune_cpu_allocator()
     if args.frames % args.batch_size:
         print(f"note: {args.frames} frames is not a multiple of the batch size {args.batch_size}: the pipeline pads "
               "its last batch, the bare rate counts every frame it computes")
@@ -106,14 +116,15 @@ def main() -> None:
         weights = work / "backbone.pt"
         torch.save(model.state_dict(), weights)
         unfused = model.to(device).to(memory_format=torch.channels_last).eval()
-        model = fuse_conv_bn(unfused)
+        model = FrozenBackbone(unfused, spec)  # what extract-features runs
 
         cfg = ExtractConfig(dataset=DatasetSpec(str(work / "data")), output=str(work / "bench.h5"),
                             weights=str(weights), frame_spec=spec, batch_size=args.batch_size,
                             workers=args.workers, device=args.device, precision=args.precision,
                             overwrite=True)
         print(f"device {device}, precision {amp or torch.float32}, batch {args.batch_size}, "
-              f"input {args.size}x{args.size}, channels_last, torch threads {torch.get_num_threads()}")
+              f"input {args.size}x{args.size}, channels_last, torch threads {torch.get_num_threads()}, "
+              f"malloc thresholds tuned: {'yes' if tuned else 'no'}")
         # Machine speed drifts (shared CPUs): alternate bare and pipeline runs, each pipeline run is
         # compared with the mean of the bare runs just before and after it, and the median is reported.
         bares = [bare_rate(model, args.frames, args.batch_size, spec, device, amp)]

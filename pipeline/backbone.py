@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .config import FrameSpec
 from .errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,40 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return fused
+
+
+class FrozenBackbone(nn.Module):
+    """The inference form of ``MobileNetV2Features`` for one ``FrameSpec``: (B, 3, S, S) uint8 frames
+    → (B, 1280) features, as ``model(preprocess.normalize_frames(frames, spec))`` up to float rounding.
+
+    Every BatchNorm is folded into its conv (``fuse_conv_bn``), and so is the per-channel scale
+    1/(255·std) of the input normalisation, into the first conv. What is left of preprocessing is
+    one elementwise pass, uint8 → float ``x − 255·mean``. Centring, rather than scaling, is what stays
+    outside: a zero of the centred input is the mean pixel, which normalises to zero, so the first
+    conv's zero padding means the same as on the normalised input and the fold is exact at borders.
+    Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
+    """
+
+    def __init__(self, model: MobileNetV2Features, spec: FrameSpec, *, channels_last: bool = True) -> None:
+        super().__init__()
+        net = fuse_conv_bn(model)
+        first = net.features[0][0]
+        if not isinstance(first, nn.Conv2d) or first.padding_mode != "zeros" or first.in_channels != 3:
+            raise TypeError("FrozenBackbone expects MobileNetV2's first layer, a zero-padded 3-channel Conv2d")
+        mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+        with torch.no_grad():
+            first.weight.copy_((first.weight.double() / (255.0 * std)).to(first.weight.dtype))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format)
+        self.register_buffer("offset", (255.0 * mean).to(first.weight.device, torch.float32), persistent=False)
+
+    def center(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames → the float input of ``self.net`` (x − 255·mean), in the net's memory format."""
+        return torch.sub(frames.to(memory_format=self.memory_format), self.offset)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(self.center(frames))
 
 
 @torch.no_grad()

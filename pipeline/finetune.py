@@ -34,7 +34,7 @@ from .config import FinetuneConfig, FrameSelection, FrameSpec
 from .data import Video, index_dataset, read_frames, selected_positions
 from .engine import train_steps
 from .errors import ConfigError, DataError
-from .extract import default_workers, resolve_device, resolve_precision
+from .extract import default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .models import TemporalHead, TemporalHeadConfig
 from .preprocess import normalize_frames, resize_frames
@@ -294,7 +294,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_videos, val_videos = index.videos(cfg.train_split), index.videos(val_split)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_worker_processes() if cfg.workers is None else cfg.workers
     train_ds = ClipDataset(train_videos, spec, sel, cfg.seq_len, train=True, sampler=cfg.sampler, seed=cfg.seed,
                            augment=cfg.augment)
     train_sampler = _ShardSampler(len(train_ds), info, cfg.seed, shuffle=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import WeightsIdentity, build_backbone, fuse_conv_bn, sha256_file
+from .backbone import FrozenBackbone, WeightsIdentity, build_backbone, sha256_file
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, video_kind
@@ -135,9 +135,8 @@ class Predictor:
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         from .extract import default_workers
 
-        self.workers = default_workers() if workers is None else workers
-        self.backbone = fuse_conv_bn(self._backbone(ckpt, prov, weights).to(self.device).eval())
-        self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.workers = default_workers(self.device) if workers is None else workers
+        self.backbone = FrozenBackbone(self._backbone(ckpt, prov, weights).to(self.device).eval(), self.spec)
         self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()
         self.head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
 
@@ -168,10 +167,10 @@ class Predictor:
     def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
                  ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, float, str | None]]:
         """→ (video position, (T, D) features in the cache dtype, (T,) source indices, fps, error)."""
-        runner = FeatureRunner(self.backbone, self.spec, self.device, self.amp, self.batch_size, True)
+        runner = FeatureRunner(self.backbone, self.device, self.amp, self.batch_size)
         loader = frame_loader([(i, p, k) for i, (p, k) in enumerate(videos)], self.spec, self.selection,
                               chunk_frames=self.chunk_frames, workers=self.workers,
-                              pin_memory=self.device.type == "cuda")
+                              device=self.device, batch_size=self.batch_size)
         bar = tqdm(total=len(videos), unit="video", desc="predict", disable=not progress or None, dynamic_ncols=True)
 
         def done(pos: int):

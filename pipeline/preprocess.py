@@ -4,6 +4,9 @@ It is split in two so each half runs where it is cheapest. ``resize_frames`` is 
 on uint8 (torchvision's vectorised uint8 path); it runs in the decoding workers, so only
 ``size``×``size`` uint8 frames travel to the device, and frames of any size or count can be batched.
 ``normalize_frames`` converts to float and normalises on the device. ``preprocess`` is both.
+
+Decoders write pixels interleaved (H, W, 3); ``stack_frames`` keeps that layout, which is PyTorch's
+channels_last, so frames reach the network without a transposing copy anywhere on the way.
 """
 
 from __future__ import annotations
@@ -29,9 +32,18 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     if min(h, w) != s:
         # Short side to `s`, long side scaled and rounded like torchvision's Resize(int).
         frames = TF.resize(frames, s, antialias=True)
-    if frames.shape[-2:] != (s, s):
-        frames = TF.center_crop(frames, [s, s])
-    return frames.contiguous()
+    h, w = frames.shape[-2:]
+    top, left = round((h - s) / 2.0), round((w - s) / 2.0)  # as TF.center_crop rounds (half to even)
+    return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
+
+
+def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:
+    """(3, S, S) uint8 frames → (N, 3, S, S) in channels_last memory, with one copy.
+
+    Decoded and resized frames are (H, W, 3) in memory, so this copies whole pixel rows; the result
+    feeds a channels_last network as it is.
+    """
+    return torch.stack([f.permute(1, 2, 0) for f in frames]).permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=16)

@@ -15,7 +15,7 @@ from pipeline.data import (apply_selection, index_dataset, iter_frame_folder, it
                            list_frames, natural_key, select_by_rate, select_indices)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
-from pipeline.preprocess import resize_frames
+from pipeline.preprocess import resize_frames, stack_frames
 
 
 def test_natural_order():
@@ -220,3 +220,20 @@ def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
             assert round(g.frame.float().mean().item() / 8) - 3 == g.index, (sel, g.index)
     # 27 packets, 4 uniformly spaced → positions 3, 10, 16, 23; frame 3 cannot be decoded
     assert [g.index for g in iter_video_file(cut, FrameSelection(max_frames=4))] == [10, 16, 23]
+
+
+def test_resize_crop_matches_torchvision_and_stacks_channels_last():
+    import torchvision.transforms.v2.functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(24, 32), (33, 17), (16, 16), (40, 40), (16, 50)]  # (33, 17): the crop offset rounds 7.5
+    frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    spec = FrameSpec(size=16)
+    got = [resize_frames(f, spec) for f in frames]
+    for f, x in zip(frames, got):
+        assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16]))
+    squash = [resize_frames(f, FrameSpec(size=16, resize="squash")) for f in frames]
+    for f, x in zip(frames, squash):
+        assert torch.equal(x, TF.resize(f, [16, 16], antialias=True))
+    batch = stack_frames(got)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(got))

@@ -19,10 +19,10 @@ from PIL import Image
 from pipeline.backbone import build_backbone, sha256_file
 from pipeline.cache import FeatureCache
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
-from pipeline.data import decode_image_file, list_frames
-from pipeline.errors import CacheError, WeightsError
-from pipeline.extract import extract_features
-from pipeline.preprocess import preprocess
+from pipeline.data import decode_image_file, index_dataset, iter_frames, list_frames
+from pipeline.errors import CacheError, ConfigError, WeightsError
+from pipeline.extract import extract_features, frame_loader
+from pipeline.preprocess import preprocess, resize_frames
 
 
 def config(root: Path, out: Path, weights: Path | str, **kw) -> ExtractConfig:
@@ -196,17 +196,24 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, weights_file):
     assert_same_cache(ref, out)
 
 
-def test_fused_backbone_equals_unfused(weights_file):
-    from pipeline.backbone import fuse_conv_bn
+@pytest.mark.parametrize("spec", [FrameSpec(size=64), FrameSpec(size=64, mean=(0.2, 0.7, 0.5), std=(0.1, 0.4, 0.9))])
+def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
+    from pipeline.backbone import FrozenBackbone
+    from pipeline.preprocess import normalize_frames
 
     model, _ = build_backbone(str(weights_file))
-    fused = fuse_conv_bn(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    frozen = FrozenBackbone(model, spec)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
-    x = torch.randn(4, 3, 64, 64)
+    # Saturated borders: zero-padding the raw frames instead of the normalised ones would show here.
+    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    frames[:, :, :4] = 255
+    frames[:, :, :, -4:] = 0
     with torch.inference_mode():
-        ref = model(x)
-        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        ref = model(normalize_frames(frames, spec))
+        for x in (frames, frames.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(frozen(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        assert frozen.center(frames).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_weights_state_dict_variants(tmp_path, weights_file):
@@ -319,3 +326,44 @@ def test_calibration_with_one_frame_and_only_test_split(tiny_dataset, tmp_path):
     assert r.videos == {"test": 2} and r.weights_file.is_file()
     meta = torch.load(r.weights_file, weights_only=True)["meta"]
     assert meta["calibration_frames"] == 2  # at least two: BatchNorm needs a batch
+
+
+@pytest.mark.parametrize("inline, workers", [(True, 0), (True, 1), (True, 3), (False, 0), (False, 2)])
+def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, workers):
+    """Threads decoding between batches (the CPU path) and DataLoader processes (the CUDA path)."""
+    index = index_dataset(DatasetSpec(str(tiny_dataset)))
+    videos = [v for vs in index.splits.values() for v in vs]
+    spec = FrameSpec(size=SIZE)
+    loader = frame_loader([(i, v.path, v.kind) for i, v in enumerate(videos)], spec, FrameSelection(),
+                          chunk_frames=4, workers=workers, device=torch.device("cpu"), batch_size=4, inline=inline)
+    frames: dict[int, list[torch.Tensor]] = {}
+    indices: dict[int, list[torch.Tensor]] = {}
+    finished: set[int] = set()
+    for c in loader:
+        assert c.pos not in finished and c.error is None
+        assert c.frames.shape[0] == 0 or c.frames.is_contiguous(memory_format=torch.channels_last)
+        frames.setdefault(c.pos, []).append(c.frames)
+        indices.setdefault(c.pos, []).append(c.indices)
+        if c.last:
+            finished.add(c.pos)
+    assert finished == set(range(len(videos)))
+    for i, v in enumerate(videos):
+        ref = [resize_frames(f.frame, spec) for f in iter_frames(v.path, v.kind, FrameSelection())]
+        assert torch.equal(torch.cat(frames[i]), torch.stack(ref)), v.rel
+        assert torch.cat(indices[i]).tolist() == list(range(len(ref)))
+
+
+def test_inline_decoder_errors_reach_the_caller(tiny_dataset):
+    videos = [v for vs in index_dataset(DatasetSpec(str(tiny_dataset))).splits.values() for v in vs]
+    loader = frame_loader([(i, v.path, v.kind) for i, v in enumerate(videos)], FrameSpec(size=SIZE),
+                          FrameSelection(fps=5.0), chunk_frames=4, workers=2, device=torch.device("cpu"),
+                          batch_size=4)
+    with pytest.raises(ConfigError, match="--folder-fps"):
+        list(loader)
+
+
+def test_decoder_threads_do_not_change_the_cache(tiny_dataset, tmp_path, weights_file):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract_features(config(tiny_dataset, a, weights_file, workers=0), progress=False)
+    extract_features(config(tiny_dataset, b, weights_file, workers=3, chunk_frames=2), progress=False)
+    assert_same_cache(a, b)
