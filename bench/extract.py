@@ -1,16 +1,20 @@
 """Stage-one throughput: the full extract-features pipeline against the bare backbone, one run.
 
-    python bench/extract.py [--frames 2000] [--device auto] [--precision auto] [--batch-size 64]
+    python bench/extract.py [--frames 2048] [--repeats 5] [--device auto] [--precision auto] [--batch-size 64]
 
 Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), then
 measures in this one process:
 
-* bare:     the pipeline's own network (MobileNetV2 with BatchNorm folded into the convs, as
-            extract-features runs it) on pre-decoded, preprocessed tensors already on the device, at
-            the same batch size, precision and memory format; the unfused torchvision model is
-            timed too, to show what the folding gains;
-* pipeline: ``extract_features`` end to end: indexing, JPEG decoding and resizing in DataLoader
-            workers, device transfer, normalisation, the forward pass, and writing the HDF5 cache.
+* bare:     the pipeline's own network (``FrozenBackbone``: MobileNetV2 with BatchNorm and the input
+            scale folded into the convs, as extract-features runs it) on pre-decoded, preprocessed
+            tensors already on the device, at the same batch size, precision and memory format; the
+            unfused torchvision model is timed too, to show what the folding gains;
+* pipeline: ``extract_features`` end to end: indexing, JPEG decoding and resizing (threads between
+            batches on CPU, DataLoader workers on CUDA), device transfer, the uint8 → float input,
+            the forward pass, and writing the HDF5 cache.
+
+Both run with glibc's malloc thresholds tuned as the CLI tunes them (``pipeline/runtime.py``);
+``--no-tune-allocator`` shows the difference.
 
 It prints frames/s of each and their ratio (pipeline / bare; 1.0 = decoding and writing fully
 hidden). The bare rate is measured before and after the pipeline and averaged, so drift in machine
@@ -90,7 +94,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two bare runs")
+    ap.add_argument("--repeats", type=int, default=5, help="pipeline runs, each between two bare runs")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc's malloc thresholds alone (the CLI tunes them; see pipeline/runtime.py)")

@@ -35,6 +35,7 @@ from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpe
 from pipeline.extract import extract_features, resolve_device  # noqa: E402
 from pipeline.finetune import finetune  # noqa: E402
 from pipeline.train import train_temporal  # noqa: E402
+from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    tune_cpu_allocator()  # as the CLI does
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:

@@ -3,9 +3,9 @@
     python bench/predict.py [--seconds 60] [--fps 30] [--window 64]
 
 Writes a long 320×240 video (mpeg4 .avi, a panning texture), a backbone weights file and a
-checkpoint for it, then times ``predict`` with a timeline (decode every frame once in a worker,
-backbone in fixed batches, the LSTM over every window) and the bare backbone (BatchNorm folded, as
-predict runs it) on pre-decoded tensors at the same batch size. Prints frames/s of each and the
+checkpoint for it, then times ``predict`` with a timeline (decode every frame once, backbone in
+fixed batches, the LSTM over every window) and the bare backbone (the same FrozenBackbone network
+predict runs) on pre-decoded tensors at the same batch size. Prints frames/s of each and the
 ratio.
 """
 
@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import bare_rate  # noqa: E402
 
-from pipeline.backbone import build_backbone, fuse_conv_bn, recalibrate_batchnorm, sha256_file  # noqa: E402
+from pipeline.backbone import FrozenBackbone, build_backbone, recalibrate_batchnorm, sha256_file  # noqa: E402
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.config import FrameSelection, FrameSpec, TemporalConfig  # noqa: E402
 from pipeline.demo import write_video  # noqa: E402
 from pipeline.extract import resolve_device, resolve_precision  # noqa: E402
 from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
+from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def long_video(path: Path, n: int, fps: int) -> None:
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    tune_cpu_allocator()  # as the CLI does
     device = resolve_device(args.device)
     amp = resolve_precision("auto", device)
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -77,7 +79,7 @@ def main() -> None:
             "model_state": TemporalHead(head_cfg).state_dict(), "metrics": {}})
 
         predictor = Predictor(work / "model.pt", device=args.device, batch_size=args.batch_size)
-        model = fuse_conv_bn(backbone).to(device).to(memory_format=torch.channels_last).eval()
+        model = FrozenBackbone(backbone.to(device).eval(), spec)  # what predict runs
         bare1 = bare_rate(model, min(n, 1024), args.batch_size, spec, device, amp)
         t = time.perf_counter()
         (pred,) = predictor.predict([work / "long.avi"], window=args.window, progress=False)

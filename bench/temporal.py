@@ -35,6 +35,7 @@ from pipeline.cache import FeatureCache, VideoRecord, write_cache  # noqa: E402
 from pipeline.engine import FeatureBank, train_one_epoch  # noqa: E402
 from pipeline.extract import resolve_device  # noqa: E402
 from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
+from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def synthetic_cache(path: Path, n_train: int, n_val: int, frames: int, classes: int = 51, seed: int = 0) -> None:
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--e2e-clips", type=int, default=2, help="clips per end-to-end timing batch")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    tune_cpu_allocator()  # as the CLI does
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_temporal_"))
     try:

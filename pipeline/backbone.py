@@ -206,17 +206,29 @@ class FrozenBackbone(nn.Module):
         first = net.features[0][0]
         if not isinstance(first, nn.Conv2d) or first.padding_mode != "zeros" or first.in_channels != 3:
             raise TypeError("FrozenBackbone expects MobileNetV2's first layer, a zero-padded 3-channel Conv2d")
-        mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+        device = first.weight.device
+        mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         with torch.no_grad():
             first.weight.copy_((first.weight.double() / (255.0 * std)).to(first.weight.dtype))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
-        self.register_buffer("offset", (255.0 * mean).to(first.weight.device, torch.float32), persistent=False)
+        self.register_buffer("offset", (255.0 * mean).to(torch.float32), persistent=False)
 
     def center(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames → the float input of ``self.net`` (x − 255·mean), in the net's memory format."""
-        return torch.sub(frames.to(memory_format=self.memory_format), self.offset)
+        """(B, 3, H, W) uint8 frames → the float input of ``self.net``, x − 255·mean, in the net's
+        memory format."""
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"FrozenBackbone takes uint8 frames (0-255), got {frames.dtype}")
+        x = frames.to(torch.float32, memory_format=self.memory_format)
+        if self.memory_format == torch.channels_last:
+            # Subtract along whole (W·3) pixel rows: broadcasting the (1, 3, 1, 1) offset over the
+            # innermost dimension of 3 vectorises badly (measured 3x slower at batch 64).
+            w = x.shape[-1]
+            x.permute(0, 2, 3, 1).view(-1, w * 3).sub_(self.offset.view(3).repeat(w))
+        else:
+            x.sub_(self.offset)
+        return x
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net(self.center(frames))

@@ -458,8 +458,9 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
             i = position.get(frame.pts, count) if position else count
             if (i not in keep) if keep is not None else (i % sel.stride):
                 continue
-            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W)
-            yield DecodedFrame(i, rgb.contiguous(), None)
+            # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
+            rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
+            yield DecodedFrame(i, rgb, None)
         if n == 0:
             raise VideoDecodeError(f"{path}: no decodable frames")
     except av.FFmpegError as e:

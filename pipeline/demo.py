@@ -46,8 +46,9 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec
     Codec defaults by extension: .avi mpeg4, .mp4 libx264, .mkv ffv1 (lossless RGB), .webm vp9,
     .mov png (lossless RGB).
     """
-    import av
     from fractions import Fraction
+
+    import av
 
     ext = path.suffix.lower()
     codec = codec or {".avi": "mpeg4", ".mp4": "libx264", ".mkv": "ffv1", ".webm": "libvpx-vp9",

@@ -29,12 +29,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .backbone import BACKBONE, FEATURE_DIM, FrozenBackbone, MobileNetV2Features, WeightsIdentity, build_backbone
-from .backbone import recalibrate_batchnorm, sha256_file
+from . import distributed as D
+from .backbone import (
+    BACKBONE,
+    FEATURE_DIM,
+    FrozenBackbone,
+    MobileNetV2Features,
+    WeightsIdentity,
+    build_backbone,
+    recalibrate_batchnorm,
+    sha256_file,
+)
 from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
-from . import distributed as D
 from .engine import autocast_ctx
 from .errors import ConfigError, DataError, PipelineError
 from .preprocess import normalize_frames, resize_frames, stack_frames
@@ -86,7 +94,7 @@ class Chunk(NamedTuple):
     """Up to ``chunk_frames`` decoded, resized frames of one video, or an error report."""
 
     pos: int  # position of the video in the job list
-    frames: torch.Tensor  # (k, 3, S, S) uint8, channels_last memory
+    frames: torch.Tensor  # (k, 3, S, S) uint8, channels_last memory when k > 0
     indices: torch.Tensor  # (k,) int64 source frame numbers
     fps: float  # source frame rate (NaN if unknown)
     last: bool  # no more chunks for this video
@@ -158,11 +166,11 @@ class InlineFrameLoader:
             for job in jobs:
                 yield from self.stream.video(*job)
             return
-        lock = threading.Lock()
+        lock, stop = threading.Lock(), threading.Event()
         current: list[Iterator[Chunk] | None] = [None] * self.threads  # each thread's video
 
         def decode(slot: int, out: list[Chunk], made: list[int]) -> None:
-            while True:
+            while not stop.is_set():
                 with lock:
                     if made[0] >= self.round_frames:
                         return
@@ -181,21 +189,27 @@ class InlineFrameLoader:
 
         # One intra-op thread per decoder: the threads already use every core, and an OpenMP team
         # per decoder would only spin-wait between frames on the cores the other decoders need.
-        # That also sets the default for threads started later, so the caller's count is restored.
+        # With OpenMP the setting is per thread (it only also becomes the default for threads
+        # started later, so the caller's count is restored); other backends share one pool.
         model_threads = torch.get_num_threads()
+        own_pool = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode",
+                                  initializer=torch.set_num_threads if own_pool else None,
+                                  initargs=(1,) if own_pool else ())
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="decode",
-                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                while True:
-                    out: list[Chunk] = []
-                    made = [0]
-                    for f in [pool.submit(decode, i, out, made) for i in range(self.threads)]:
-                        f.result()  # re-raises a decoder's PipelineError here
-                    if not out:
-                        return
-                    yield from out
-        finally:
-            torch.set_num_threads(model_threads)
+            while True:
+                out: list[Chunk] = []
+                made = [0]
+                for f in [pool.submit(decode, i, out, made) for i in range(self.threads)]:
+                    f.result()  # re-raises a decoder's PipelineError here
+                if not out:
+                    return
+                yield from out
+        finally:  # also on an error, Ctrl-C or a consumer that stops early: decoders stop at their next chunk
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if own_pool:
+                torch.set_num_threads(model_threads)
 
 
 def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: FrameSelection, *,
@@ -204,7 +218,9 @@ def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: Fr
     """Decoded, resized frames of ``jobs`` as chunks: decoded between batches by threads for a CPU
     model (``InlineFrameLoader``), by DataLoader worker processes alongside the GPU for CUDA.
     ``inline`` overrides that choice."""
-    if device.type == "cpu" if inline is None else inline:
+    if inline is None:
+        inline = device.type == "cpu"
+    if inline:
         # Two batches per round: after each forward pass libgomp's threads spin-wait for a few
         # milliseconds before they sleep, on the cores the decoders need; fewer rounds pay that
         # less often (measured: 0.5 → 0.4 ms of decoding per frame on 2 cores). Chunks of at most

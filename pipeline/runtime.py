@@ -13,7 +13,6 @@ it does nothing. Python callers of the library can call it themselves; it is ide
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -26,7 +25,11 @@ _tuned: bool | None = None
 
 
 def tune_cpu_allocator() -> bool:
-    """Keep large freed blocks in glibc's heap for reuse. True if applied (Linux with glibc)."""
+    """Keep large freed blocks in glibc's heap for reuse. True if applied (Linux with glibc).
+
+    Left alone when the user already chose malloc settings (``MALLOC_*_`` variables or
+    ``GLIBC_TUNABLES``), e.g. to preload jemalloc or tcmalloc instead.
+    """
     global _tuned
     if _tuned is not None:
         return _tuned
@@ -36,12 +39,15 @@ def tune_cpu_allocator() -> bool:
             return False
     except (ValueError, OSError, AttributeError):  # not glibc, or no confstr (Windows)
         return False
+    if any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        log.debug("malloc settings given in the environment; leaving them alone")
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _INT_MAX) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+        libc = ctypes.CDLL("libc.so.6")
+        # Older glibc caps the mmap threshold at 32 MiB (HEAP_MAX_SIZE / 2); take the largest it allows.
+        mmap_ok = any(libc.mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (_INT_MAX, 32 << 20))
+        _tuned = mmap_ok and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     except (OSError, AttributeError):
         return False
-    if not ok:
-        log.debug("glibc refused the mallopt thresholds; keeping its defaults")
-    _tuned = ok
-    return ok
+    log.debug("glibc malloc thresholds %s", "raised" if _tuned else "refused; keeping the defaults")
+    return _tuned

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     # Saturated borders: zero-padding the raw frames instead of the normalised ones would show here.
-    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     frames[:, :, :4] = 255
     frames[:, :, :, -4:] = 0
     with torch.inference_mode():
@@ -214,6 +215,28 @@ def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
         for x in (frames, frames.contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(frozen(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         assert frozen.center(frames).is_contiguous(memory_format=torch.channels_last)
+        with pytest.raises(TypeError, match="uint8"):
+            frozen(normalize_frames(frames, spec))
+
+
+def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file):
+    from pipeline.backbone import FrozenBackbone, MobileNetV2Features
+    from pipeline.preprocess import normalize_frames
+
+    spec = FrameSpec(size=64)
+    model, _ = build_backbone(str(weights_file))
+    frozen = FrozenBackbone(model, spec)
+    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(normalize_frames(frames, spec))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model(normalize_frames(frames, spec)).float()
+            folded = frozen(frames).float()
+    # folding the input scale into the first conv costs no precision beyond bf16's own
+    assert (folded - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
+    # the folded constants follow the model's device (meta: shapes only, like an unmaterialised model)
+    meta = FrozenBackbone(MobileNetV2Features().to("meta").eval(), spec)
+    assert meta.offset.device.type == "meta" and meta.net.features[0][0].weight.device.type == "meta"
 
 
 def test_weights_state_dict_variants(tmp_path, weights_file):
@@ -339,6 +362,7 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
     frames: dict[int, list[torch.Tensor]] = {}
     indices: dict[int, list[torch.Tensor]] = {}
     finished: set[int] = set()
+    threads = torch.get_num_threads()
     for c in loader:
         assert c.pos not in finished and c.error is None
         assert c.frames.shape[0] == 0 or c.frames.is_contiguous(memory_format=torch.channels_last)
@@ -347,10 +371,22 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
         if c.last:
             finished.add(c.pos)
     assert finished == set(range(len(videos)))
+    assert torch.get_num_threads() == threads  # the decoders' one-thread setting did not leak
     for i, v in enumerate(videos):
         ref = [resize_frames(f.frame, spec) for f in iter_frames(v.path, v.kind, FrameSelection())]
         assert torch.equal(torch.cat(frames[i]), torch.stack(ref)), v.rel
         assert torch.cat(indices[i]).tolist() == list(range(len(ref)))
+
+
+def test_inline_decoder_stopped_early_restores_threads(tiny_dataset):
+    videos = [v for vs in index_dataset(DatasetSpec(str(tiny_dataset))).splits.values() for v in vs]
+    threads = torch.get_num_threads()
+    it = iter(frame_loader([(i, v.path, v.kind) for i, v in enumerate(videos)], FrameSpec(size=SIZE),
+                           FrameSelection(), chunk_frames=2, workers=2, device=torch.device("cpu"), batch_size=2))
+    assert next(it).frames.shape[0] > 0
+    it.close()  # a consumer that stops early (an error downstream, Ctrl-C)
+    assert torch.get_num_threads() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
 
 
 def test_inline_decoder_errors_reach_the_caller(tiny_dataset):

@@ -31,9 +31,10 @@ print(json.dumps({"tuned": tuned, "again": [faults_of_one_forward() for _ in ran
 """
 
 
-def _probe(mode: str) -> dict:
+def _probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", PROBE, str(REPO), mode], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         check=True, env={**clean, "OMP_NUM_THREADS": "1", **env})
     return json.loads(out.stdout)
 
 
@@ -46,6 +47,8 @@ def test_tuned_allocator_reuses_large_blocks():
     assert min(default["again"]) > 2000, default  # about 10,000 measured (4 KiB pages, ~40 MB)
     # tuned: the freed blocks are reused, hardly a page is faulted in again
     assert sorted(tuned["again"])[1] < 200, tuned  # 0 measured
+    # malloc settings the user chose (e.g. for jemalloc/tcmalloc) are left alone
+    assert not _probe("tune", MALLOC_ARENA_MAX="2")["tuned"]
 
 
 def test_tune_is_idempotent():
