@@ -46,9 +46,8 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec
     Codec defaults by extension: .avi mpeg4, .mp4 libx264, .mkv ffv1 (lossless RGB), .webm vp9,
     .mov png (lossless RGB).
     """
-    from fractions import Fraction
-
     import av
+    from fractions import Fraction
 
     ext = path.suffix.lower()
     codec = codec or {".avi": "mpeg4", ".mp4": "libx264", ".mkv": "ffv1", ".webm": "libvpx-vp9",

@@ -40,14 +40,7 @@ from .models import TemporalHead, TemporalHeadConfig
 from .preprocess import normalize_frames, resize_frames
 from .report import plot_curves
 from .sampling import sample
-from .train import (
-    TrainingError,
-    TrainResult,
-    _prepare_out,
-    cosine_with_warmup,
-    default_val_split,
-    record_epoch,
-)
+from .train import TrainingError, TrainResult, _prepare_out, cosine_with_warmup, default_val_split, record_epoch
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,8 @@ from conftest import rand_frames, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
-from pipeline.data import (
-    apply_selection,
-    index_dataset,
-    iter_frame_folder,
-    iter_video_file,
-    list_frames,
-    natural_key,
-    select_by_rate,
-    select_indices,
-)
+from pipeline.data import (apply_selection, index_dataset, iter_frame_folder, iter_video_file,
+                           list_frames, natural_key, select_by_rate, select_indices)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
@@ -198,9 +190,8 @@ def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
     """A stream-copied cut that starts 3 packets after a key frame (as `ffmpeg -ss -c copy`
     makes): the decoder drops the frames it cannot reconstruct; stored indices must still be the
     true positions in the stream, and each row the frame it claims to be."""
-    from fractions import Fraction
-
     import av
+    from fractions import Fraction
 
     frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
     src, cut = tmp_path / "src.mkv", tmp_path / "cut.mkv"
