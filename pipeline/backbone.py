@@ -206,7 +206,7 @@ class FrozenBackbone(nn.Module):
         net = fuse_conv_bn(model)
         first = net.features[0][0]
         if not isinstance(first, nn.Conv2d) or first.padding_mode != "zeros" or first.in_channels != 3:
-            raise TypeError("FrozenBackbone expects MobileNetV2's first layer: a zero-padded 3-channel Conv2d")
+            raise TypeError("FrozenBackbone expects MobileNetV2's first layer: a zero-padded 3-channel conv")
         device = first.weight.device
         mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)
