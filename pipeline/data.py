@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from .config import DatasetSpec, FrameSelection
 from .errors import ConfigError, DataError
@@ -368,12 +368,15 @@ def _clean(e: Exception) -> str:
 def decode_image_file(path: Path) -> torch.Tensor:
     """jpg/png (grey, RGB, RGBA, palette, 16-bit) → (3, H, W) uint8 RGB."""
     try:
-        if path.stat().st_size == 0:
+        data = path.read_bytes()  # one open + read; the GIL is released while the disk works
+        if not data:
             raise FrameDecodeError(f"{path}: empty file (0 bytes)")
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except FrameDecodeError:
         raise
-    except (RuntimeError, ValueError, OSError) as e:
+    except OSError as e:  # unreadable: permissions, I/O error, vanished since indexing
+        raise FrameDecodeError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (RuntimeError, ValueError) as e:
         raise FrameDecodeError(f"{path}: {_clean(e)}") from e
     if img.ndim != 3:  # an animated GIF/WebP saved under an image name
         raise FrameDecodeError(f"{path}: an animation ({img.shape[0]} frames), not a single image")

@@ -226,14 +226,19 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last():
     import torchvision.transforms.v2.functional as TF
 
     g = torch.Generator().manual_seed(0)
-    sizes = [(24, 32), (33, 17), (16, 16), (40, 40), (16, 50)]  # (33, 17): the crop offset rounds 7.5
-    frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    # (33, 17): the crop offset rounds 7.5; (10, 12): upsampling; (18, 29): 25.8 px truncates to 25
+    sizes = [(24, 32), (33, 17), (16, 16), (40, 40), (16, 50), (10, 12), (18, 29), (240, 320), (320, 240)]
+    chw = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    hwc = [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in chw]  # a decoder's memory layout
     spec = FrameSpec(size=16)
-    got = [resize_frames(f, spec) for f in frames]
-    for f, x in zip(frames, got):
-        assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16]))
-    squash = [resize_frames(f, FrameSpec(size=16, resize="squash")) for f in frames]
-    for f, x in zip(frames, squash):
-        assert torch.equal(x, TF.resize(f, [16, 16], antialias=True))
+    for frames in (chw, hwc):
+        got = [resize_frames(f, spec) for f in frames]
+        for f, x in zip(frames, got):
+            assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16])), f.shape
+        squash = [resize_frames(f, FrameSpec(size=16, resize="squash")) for f in frames]
+        for f, x in zip(frames, squash):
+            assert torch.equal(x, TF.resize(f, [16, 16], antialias=True)), f.shape
+    video = torch.stack(hwc[:1] * 3)  # a batch of frames goes through torchvision itself
+    assert torch.equal(resize_frames(video, spec), TF.center_crop(TF.resize(video, 16, antialias=True), [16, 16]))
     batch = stack_frames(got)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(got))
