@@ -1,6 +1,6 @@
 """Stage-one throughput: the full extract-features pipeline against the bare backbone, one run.
 
-    python bench/extract.py [--frames 2048] [--repeats 5] [--device auto] [--precision auto] [--batch-size 64]
+    python bench/extract.py [--frames 2048] [--repeats 9] [--device auto] [--precision auto] [--batch-size 64]
 
 Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), then
 measures in this one process:
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=5, help="pipeline runs, each between two bare runs")
+    ap.add_argument("--repeats", type=int, default=9, help="pipeline runs, each between two bare runs")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc's malloc thresholds alone (the CLI tunes them; see pipeline/runtime.py)")

@@ -134,7 +134,8 @@ class Predictor:
         self.amp = resolve_precision(_precision_name(prov.get("precision", "float32")), self.device)
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.workers = default_workers(self.device) if workers is None else workers
-        self.backbone = FrozenBackbone(self._backbone(ckpt, prov, weights).to(self.device).eval(), self.spec)
+        self.backbone = FrozenBackbone(self._backbone(ckpt, prov, weights).to(self.device).eval(), self.spec,
+                                       copy=False)
         self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()
         self.head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
 

@@ -45,7 +45,8 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
 def _native_uint8_bilinear() -> bool:
     """Whether ATen's vectorised uint8 antialiased bilinear kernel runs here: the condition under
     which torchvision resizes uint8 directly rather than through float32."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return cpu in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
 
 
 def _resize(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
@@ -54,7 +55,8 @@ def _resize(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
     the hot one (~20 us of Python saved per frame, on the threads that decode), goes straight to
     ``interpolate``; everything else goes through torchvision."""
     c, h, w = frames.shape[-3:]
-    if frames.ndim != 3 or frames.device.type != "cpu" or frames.stride() != (1, w * c, c) or not _native_uint8_bilinear():
+    one_hwc = frames.ndim == 3 and frames.device.type == "cpu" and frames.stride() == (1, w * c, c)
+    if not one_hwc or not _native_uint8_bilinear():
         return TF.resize(frames, [new_h, new_w], antialias=True)
     # Batch stride numel, not 1: with a size-1 batch interpolate cannot tell channels_last from
     # contiguous and would write a contiguous output, then repack it (torchvision does the same).

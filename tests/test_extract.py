@@ -217,6 +217,9 @@ def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
         assert frozen.center(frames).is_contiguous(memory_format=torch.channels_last)
         with pytest.raises(TypeError, match="uint8"):
             frozen(normalize_frames(frames, spec))
+        handed = build_backbone(str(weights_file))[0]  # copy=False folds the caller's own model
+        assert torch.equal(FrozenBackbone(handed, spec, copy=False)(frames), frozen(frames))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in handed.modules())
 
 
 def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file):
