@@ -390,7 +390,11 @@ def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConf
     loader = frame_loader(jobs, cfg.frame_spec, sel, chunk_frames=cfg.batch_size, workers=workers,
                           device=device, batch_size=cfg.batch_size)
 
-    frames = [c.frames for c in loader if c.frames.shape[0]]
+    # In job order: decoder threads deliver the chunks of different videos in whatever order they
+    # finish, and the cut below must keep the same frames every time (a sort by position is
+    # stable, so each video's chunks keep their own order).
+    chunks = sorted((c for c in loader if c.frames.shape[0]), key=lambda c: c.pos)
+    frames = [c.frames for c in chunks]
     pool = torch.cat(frames)[: max(2, cfg.calibration_frames)] if frames else None  # (n, 3, S, S) uint8
     if pool is None or len(pool) < 2:
         return 0  # BatchNorm statistics need at least two frames
