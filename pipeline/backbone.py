@@ -171,10 +171,11 @@ def build_backbone(weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
 
 @torch.no_grad()
 def fuse_conv_bn(model: nn.Module, *, copy: bool = True) -> nn.Module:
-    """A copy of ``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one
-    conv (w' = w·γ/σ, b' = (b − μ)·γ/σ + β). Same function up to float rounding; on CPU it removes
-    the BatchNorm passes, about a third of MobileNetV2's inference time (measured here).
-    ``copy=False`` rebuilds ``model`` itself and returns it (skips a deep copy, ~50 ms)."""
+    """``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one conv
+    (w' = w·γ/σ, b' = (b − μ)·γ/σ + β). Same function up to float rounding; on CPU it removes the
+    BatchNorm passes, about a third of MobileNetV2's inference time (measured here).
+    By default a folded copy; ``copy=False`` swaps the folded convs into ``model``'s own Sequentials
+    and returns it (no deep copy, ~50 ms saved): references to its old submodules go stale."""
     import copy as copy_
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -200,16 +201,18 @@ class FrozenBackbone(nn.Module):
     outside: a zero of the centred input is the mean pixel, which normalises to zero, so the first
     conv's zero padding means the same as on the normalised input and the fold is exact at borders.
     Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
-    ``copy=False`` folds into ``model``'s own modules instead of a copy: the caller hands it over.
+    ``copy=False`` folds ``model`` itself instead of a copy (see ``fuse_conv_bn``): the caller
+    hands it over and must not use it on its own afterwards.
     """
 
     def __init__(self, model: MobileNetV2Features, spec: FrameSpec, *, channels_last: bool = True,
                  copy: bool = True) -> None:
         super().__init__()
-        net = fuse_conv_bn(model, copy=copy)  # copy=False: the caller hands ``model`` over
-        first = net.features[0][0]
+        first = model.features[0][0]  # checked before anything is folded
         if not isinstance(first, nn.Conv2d) or first.padding_mode != "zeros" or first.in_channels != 3:
             raise TypeError("FrozenBackbone expects MobileNetV2's first layer: a zero-padded 3-channel conv")
+        net = fuse_conv_bn(model, copy=copy)  # copy=False: the caller hands ``model`` over
+        first = net.features[0][0]
         device = first.weight.device
         mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)

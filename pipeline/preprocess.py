@@ -12,7 +12,6 @@ channels_last, so frames reach the network without a transposing copy anywhere o
 from __future__ import annotations
 
 import functools
-import platform
 
 import torch
 import torch.nn.functional as F
@@ -41,27 +40,34 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
 
 
+def _interpolate_one(frame: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+    """The call torchvision's resize makes for one (3, H, W) uint8 frame in (H, W, 3) memory."""
+    c, h, w = frame.shape
+    # Batch stride numel, not 1: with a size-1 batch interpolate cannot tell channels_last from
+    # contiguous and would write a contiguous output, then repack it (torchvision does the same).
+    x = frame.as_strided((1, c, h, w), (frame.numel(), 1, w * c, c))
+    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 @functools.cache
-def _native_uint8_bilinear() -> bool:
-    """Whether ATen's vectorised uint8 antialiased bilinear kernel runs here: the condition under
-    which torchvision resizes uint8 directly rather than through float32."""
-    cpu = torch.backends.cpu.get_cpu_capability()
-    return cpu in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+def _direct_is_torchvision() -> bool:
+    """Whether the direct call gives torchvision's own bits here. torchvision resizes uint8
+    natively only on the CPUs it lists (a list that changed between releases) and through float32
+    elsewhere, so one probe, against the installed version, decides."""
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+    return torch.equal(_interpolate_one(probe, 16, 23), TF.resize(probe, [16, 23], antialias=True))
 
 
 def _resize(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
-    """Antialiased bilinear resize; the call torchvision's resize makes, without its per-call
-    dispatch. Decoders hand over one (3, H, W) frame at a time in (H, W, 3) memory, and that case,
-    the hot one (~20 us of Python saved per frame, on the threads that decode), goes straight to
-    ``interpolate``; everything else goes through torchvision."""
+    """Antialiased bilinear resize, torchvision's. Decoders hand over one (3, H, W) frame at a time
+    in (H, W, 3) memory; that case, the hot one, skips torchvision's per-call dispatch (~20 us of
+    Python per frame, on the threads that decode) when the result is the same."""
     c, h, w = frames.shape[-3:]
     one_hwc = frames.ndim == 3 and frames.device.type == "cpu" and frames.stride() == (1, w * c, c)
-    if not one_hwc or not _native_uint8_bilinear():
-        return TF.resize(frames, [new_h, new_w], antialias=True)
-    # Batch stride numel, not 1: with a size-1 batch interpolate cannot tell channels_last from
-    # contiguous and would write a contiguous output, then repack it (torchvision does the same).
-    x = frames.as_strided((1, c, h, w), (frames.numel(), 1, w * c, c))
-    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    if one_hwc and _direct_is_torchvision():
+        return _interpolate_one(frames, new_h, new_w)
+    return TF.resize(frames, [new_h, new_w], antialias=True)
 
 
 def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:

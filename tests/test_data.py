@@ -222,23 +222,38 @@ def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
     assert [g.index for g in iter_video_file(cut, FrameSelection(max_frames=4))] == [10, 16, 23]
 
 
-def test_resize_crop_matches_torchvision_and_stacks_channels_last():
+def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     import torchvision.transforms.v2.functional as TF
+
+    import pipeline.preprocess as P
 
     g = torch.Generator().manual_seed(0)
     # (33, 17): the crop offset rounds 7.5; (10, 12): upsampling; (18, 29): 25.8 px truncates to 25
-    sizes = [(24, 32), (33, 17), (16, 16), (40, 40), (16, 50), (10, 12), (18, 29), (240, 320), (320, 240)]
+    sizes = [(24, 32), (33, 17), (16, 16), (40, 40), (16, 50), (10, 12), (18, 29), (1, 40), (240, 320),
+             (320, 240)]
     chw = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
     hwc = [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in chw]  # a decoder's memory layout
-    spec = FrameSpec(size=16)
-    for frames in (chw, hwc):
-        got = [resize_frames(f, spec) for f in frames]
-        for f, x in zip(frames, got):
-            assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16])), f.shape
-        squash = [resize_frames(f, FrameSpec(size=16, resize="squash")) for f in frames]
-        for f, x in zip(frames, squash):
-            assert torch.equal(x, TF.resize(f, [16, 16], antialias=True)), f.shape
+    hwc.append(hwc[-2][:, 7:20])  # a row slice: (H, W, 3) memory at a storage offset
+    spec, squash = FrameSpec(size=16), FrameSpec(size=16, resize="squash")
+    tv_resize, calls, out, direct = TF.resize, [], {}, P._direct_is_torchvision()  # probe before patching
+    monkeypatch.setattr(P.TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
+    for name, frames in (("chw", chw), ("hwc", hwc)):
+        calls.clear()
+        out[name] = [resize_frames(f, spec) for f in frames], [resize_frames(f, squash) for f in frames]
+    # decoded frames skip torchvision's dispatch wherever the direct call gives torchvision's bits
+    assert not calls if direct else calls
+    for f, x in zip(chw, hwc):  # the direct call is ATen's uint8 kernel, whatever torchvision does here
+        ref = torch.nn.functional.interpolate(f[None], size=(16, 23), mode="bilinear", antialias=True)[0]
+        got_direct = P._interpolate_one(x, 16, 23)
+        assert torch.equal(got_direct, ref) and got_direct.stride()[0] == 1  # (H, W, 3) memory out
+    monkeypatch.undo()
+    for name, frames in (("chw", chw), ("hwc", hwc)):
+        for f, x, y in zip(frames, *out[name]):
+            assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16])), (name, f.shape)
+            assert torch.equal(y, TF.resize(f, [16, 16], antialias=True)), (name, f.shape)
     video = torch.stack(hwc[:1] * 3)  # a batch of frames goes through torchvision itself
-    assert torch.equal(resize_frames(video, spec), TF.center_crop(TF.resize(video, 16, antialias=True), [16, 16]))
+    ref = TF.center_crop(TF.resize(video, 16, antialias=True), [16, 16])
+    assert torch.equal(resize_frames(video, spec), ref)
+    got = out["hwc"][0]
     batch = stack_frames(got)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(got))
