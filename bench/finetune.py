@@ -34,8 +34,8 @@ from pipeline.backbone import build_backbone, recalibrate_batchnorm  # noqa: E40
 from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpec, TemporalConfig  # noqa: E402
 from pipeline.extract import extract_features, resolve_device  # noqa: E402
 from pipeline.finetune import finetune  # noqa: E402
-from pipeline.train import train_temporal  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
+from pipeline.train import train_temporal  # noqa: E402
 
 
 def main() -> None:
