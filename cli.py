@@ -35,6 +35,7 @@ class Group(click.Group):
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             hint = ctx.meta.get("resume_hint", "")
+            hint = hint() if callable(hint) else hint  # e.g. a run folder's: true when asked
             click.echo(f"\ninterrupted{': ' + hint if hint else ''}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except RuntimeError as e:
@@ -206,9 +207,16 @@ def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: 
 
     cfg = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
                          clip_grad=clip_grad or None, **kw)
-    ctx.meta["resume_hint"] = f"{out}/last.pt holds the last finished epoch; add --resume to continue"
-    r = train_temporal(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs))
+    r = train_temporal(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs),
+                       on_start=_hint_from(ctx))
     _print_train_summary(r)
+
+
+def _hint_from(ctx: click.Context):
+    """An ``on_start`` callback: after an interrupt, the run folder says what to do."""
+    def start(run) -> None:
+        ctx.meta["resume_hint"] = run.resume_hint
+    return start
 
 
 def _print_epoch(epochs: int, every: int = 1):
@@ -285,15 +293,10 @@ def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], 
 
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
+    if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
+        _check_plot_path(plot)
     predictor = Predictor(checkpoint, weights=weights, device=device, batch_size=batch_size, workers=workers)
     preds = predictor.predict(inputs, top_k=top_k, window=window, stride=stride, progress=not no_progress)
-    plots = []
-    if plot is not None:
-        ok = [p for p in preds if p.windows]
-        for i, p in enumerate(ok):
-            path = plot if len(ok) == 1 else plot.with_name(f"{plot.stem}_{i + 1}{plot.suffix or '.png'}")
-            plot_timeline(p, predictor.classes, path)
-            plots.append(path)
     if as_json:
         click.echo(json.dumps([p.to_json() for p in preds], indent=2))
     else:
@@ -306,14 +309,36 @@ def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], 
             for w in p.windows:
                 t = f"  {w.start_time:7.2f}-{w.end_time:7.2f} s" if w.start_time is not None else ""
                 click.echo(f"    frames {w.start_frame:>6}-{w.end_frame:<6}{t}  {w.label} {w.prob:.3f}")
-    for path in plots:
-        click.echo(f"timeline plot: {path}", err=True)
+    if plot is not None:
+        ok = [p for p in preds if p.windows]
+        for i, p in enumerate(ok):
+            path = plot if len(ok) == 1 else plot.with_name(f"{plot.stem}_{i + 1}{plot.suffix}")
+            plot_timeline(p, predictor.classes, path)
+            click.echo(f"timeline plot: {path}", err=True)
     bad = [p for p in preds if p.error]
     for p in bad:
         click.echo(f"error: {p.error}", err=True)
     if bad:
         click.echo(f"{len(bad)} of {len(preds)} input(s) failed", err=True)
         ctx.exit(EXIT_ERROR)
+
+
+def _check_plot_path(plot: Path) -> None:
+    """A plot path that can be written, in a format matplotlib knows; its folder is created."""
+    from pipeline.files import ensure_dir
+    from pipeline.report import _plt
+
+    fmt = plot.suffix.lstrip(".").lower()
+    fig = _plt().figure()
+    formats = fig.canvas.get_supported_filetypes()
+    _plt().close(fig)
+    if fmt not in formats:
+        raise click.BadParameter(f"{plot}: unknown image format {plot.suffix or '(none)'}; use a name ending in "
+                                 ".png, .pdf or .svg", param_hint="--plot")
+    if plot.is_dir():
+        raise click.BadParameter(f"{plot} is a folder; give a file name such as {plot}/timeline.png",
+                                 param_hint="--plot")
+    ensure_dir(plot.parent, "--plot folder")
 
 
 @main.command("finetune-end-to-end")
@@ -358,8 +383,7 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
     cfg = FinetuneConfig(dataset=DatasetSpec(root=str(data_dir), split_dir=split_dir, split_id=split_id), out=str(out),
                          init=str(init) if init else None, weights=weights,
                          frame_spec=FrameSpec(size=size) if size else None, augment=not no_augment, **kw)
-    ctx.meta["resume_hint"] = f"{out}/last.pt holds the last finished epoch; add --resume to continue"
-    r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs))
+    r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs), on_start=_hint_from(ctx))
     if _is_main_rank():
         _print_train_summary(r)
 

@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from .config import FrameSpec
+from .checkpoint import safe_load
 from .errors import WeightsError
 from .preprocess import per_channel_
 
@@ -114,13 +115,7 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A backbone state dict from a torchvision-style file or a project checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise WeightsError(
-            f"cannot load weights from {path} ({type(e).__name__}): expected a state dict saved with "
-            "torch.save or a checkpoint written by this tool; is the file complete?"
-        ) from e
+    obj = safe_load(path, WeightsError, "weights file")
     if isinstance(obj, dict) and "backbone_state" in obj:
         obj = obj["backbone_state"]
     elif isinstance(obj, dict) and "model_state" in obj and "schema_version" in obj:

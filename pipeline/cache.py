@@ -21,12 +21,14 @@ existing cache's videos plus the new ones, in dataset order) and atomically rena
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CacheError
+from .files import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,8 @@ class CacheWriter:
             self._check_compatible(self.path, read_provenance(self.path) if self.path.exists() else None)
         if partial is None or partial["replace"] != self.replace:
             self.partial.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(self.partial / "meta.json",
-                                _json({"provenance": provenance, "replace": self.replace}).encode())
+            atomic_write_bytes(self.partial / "meta.json",
+                               _json({"provenance": provenance, "replace": self.replace}).encode())
 
     def _check_compatible(self, where: Path, old: dict[str, Any] | None) -> None:
         if old is None:
@@ -163,12 +166,14 @@ class CacheWriter:
         """Store one finished video; atomic, so a kill leaves either all of it or nothing."""
         p = self._part_path(split, rec.rel)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".npz.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(p, hint=self._kept_hint()) as tmp, open(tmp, "wb") as f:
             np.savez(f, rel=np.array(rec.rel), label=np.int64(rec.label), features=rec.features,
                      frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps),
                      broken=np.int64(rec.broken_frames))
-        os.replace(tmp, p)
+
+    def _kept_hint(self) -> str:
+        n = sum(1 for _ in self.partial.glob("*/*.npz")) if self.partial.is_dir() else 0
+        return f"{n} finished video(s) are kept in {self.partial}"
 
     def pending(self) -> bool:
         """Finished parts not yet in the cache file."""
@@ -191,15 +196,17 @@ class CacheWriter:
     def finalize(self, order: dict[str, Sequence[str]], attrs: dict[str, Any]) -> Path:
         """Write the cache: existing videos + finished parts, each split in ``order`` (dataset
         order; videos not in it keep their previous order after those that are)."""
-        h5py = _h5py()
         old = _open(self.path) if self.path.exists() and not self.replace else None
-        tmp = Path(f"{self.path}.tmp")
+        hint = self._kept_hint()
         try:
+            # An upper bound of the new file's size: the parts hold the same rows with more overhead.
+            need = sum(p.stat().st_size for p in self.partial.glob("*/*.npz")) if self.partial.is_dir() else 0
+            need += self.path.stat().st_size if old is not None else 0
             old_splits = set(old.keys()) if old is not None else set()
             part_splits = {p.name for p in self.partial.iterdir() if p.is_dir()} if self.partial.exists() else set()
             failures = _merge_failures(json.loads(old.attrs.get("failures", "[]")) if old else [],
                                        attrs.pop("failures", []), order)
-            with h5py.File(tmp, "w") as out:
+            with atomic_path(self.path, hint=hint) as tmp, _h5_errors(), _h5_reserved(tmp, need) as out:
                 for split in sorted(old_splits | part_splits | set(order)):
                     sources: dict[str, Any] = {}
                     if old is not None and split in old:
@@ -220,12 +227,10 @@ class CacheWriter:
                     _write_split(out, split, (self._record(sources[r], r) for r in ranked),
                                  self.provenance["dtype"], int(self.provenance.get("feature_dim", 0)))
                 _write_root_attrs(out, self.provenance, {**attrs, "failures": _json(failures)})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+                out.flush()  # write errors surface here, not in a destructor
         finally:
             if old is not None:
                 old.close()
-        os.replace(tmp, self.path)
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
@@ -244,13 +249,44 @@ def write_cache(path: str | Path, provenance: dict[str, Any], splits: dict[str, 
                 attrs: dict[str, Any] | None = None) -> Path:
     """Write a whole cache in one go (synthetic caches, merges): temporary file, then atomic rename."""
     path = Path(path)
-    tmp = Path(f"{path}.tmp")
-    with _h5py().File(tmp, "w") as out:
+    with atomic_path(path) as tmp, _h5_errors(), _h5py().File(tmp, "w") as out:
         for split, records in splits.items():
             _write_split(out, split, records, provenance["dtype"], int(provenance.get("feature_dim", 0)))
         _write_root_attrs(out, provenance, {"failures": "[]", **(attrs or {})})
-    os.replace(tmp, path)
+        out.flush()
     return path
+
+
+@contextlib.contextmanager
+def _h5_errors() -> Iterator[None]:
+    """Raise what HDF5 could only report from a destructor. When a write fails while h5py closes
+    or frees an object (a full disk at the final chunk flush), the error goes to
+    ``sys.unraisablehook`` and the file would look written; here it becomes an exception."""
+    seen: list[BaseException] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value) if u.exc_value is not None else None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+    if seen:
+        raise seen[0]
+
+
+@contextlib.contextmanager
+def _h5_reserved(path: Path, nbytes: int) -> Iterator[Any]:
+    """A new HDF5 file opened for writing, with ``nbytes`` (plus 5 % and 1 MiB for metadata) of disk
+    reserved first. libhdf5 cannot recover from a write that fails for lack of space (the error
+    comes from a destructor, then the process may crash: h5py issue #914), so a full disk must fail
+    here, in ``posix_fallocate``, before HDF5 writes anything. HDF5 writes at its end-of-allocation
+    address, inside the reserved blocks, and trims the file to its true size on close."""
+    h5py = _h5py()
+    h5py.File(path, "w").close()
+    if nbytes and hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, int(nbytes * 1.05) + (1 << 20))
+    with h5py.File(path, "r+") as out:
+        yield out
 
 
 def _write_root_attrs(out: Any, provenance: dict[str, Any], attrs: dict[str, Any]) -> None:
@@ -298,12 +334,6 @@ def _write_split(out: Any, split: str, records: Iterator[VideoRecord], dtype: st
     g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     g.create_dataset("videos", data=np.asarray(videos, dtype=object), dtype=h5py.string_dtype())
     g.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _strings(arr: np.ndarray) -> list[str]:

@@ -10,7 +10,9 @@ chunks, so a long video never has to fit in memory.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -45,6 +47,7 @@ from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from .engine import autocast_ctx
 from .errors import ConfigError, DataError, PipelineError
+from .files import atomic_write_bytes, ensure_dir
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
@@ -344,11 +347,12 @@ class ExtractResult:
 def _save_backbone(model: MobileNetV2Features, output: Path, meta: dict[str, Any]) -> Path:
     """Save a recalibrated backbone next to the cache, named by its content hash, so replacing a
     cache never overwrites the backbone that checkpoints trained on the old one still need."""
-    tmp = output.with_name(output.stem + ".backbone.pt.tmp")
+    buf = io.BytesIO()
     torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": BACKBONE,
-                "backbone_state": model.state_dict(), "meta": meta}, tmp)
-    path = output.with_name(f"{output.stem}.backbone-{sha256_file(tmp)[:12]}.pt")
-    os.replace(tmp, path)
+                "backbone_state": model.state_dict(), "meta": meta}, buf)
+    data = buf.getvalue()
+    path = output.with_name(f"{output.stem}.backbone-{hashlib.sha256(data).hexdigest()[:12]}.pt")
+    atomic_write_bytes(path, data, hint="nothing was extracted yet")
     return path
 
 
@@ -454,13 +458,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     if output.resolve().is_relative_to(index.root.resolve()):
         raise ConfigError(f"--output {output} is inside the dataset folder {index.root}; write the cache elsewhere "
                           "(e.g. features/)")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.parent / f".{output.name}.write_test.{os.getpid()}"  # one per rank
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write --output {output} ({e.strerror}); choose another path") from e
+    ensure_dir(output.parent, "--output folder")
 
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -38,9 +37,9 @@ from .extract import default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .models import TemporalHead, TemporalHeadConfig
 from .preprocess import normalize_frames, resize_frames
-from .report import plot_curves
 from .sampling import sample
-from .train import TrainingError, TrainResult, _prepare_out, cosine_with_warmup, default_val_split, record_epoch
+from .run import RunDir
+from .train import TrainingError, TrainResult, cosine_with_warmup, default_val_split
 
 log = logging.getLogger(__name__)
 
@@ -239,20 +238,21 @@ def _backbone_from(ckpt: dict[str, Any] | None, weights: str) -> tuple[MobileNet
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
-             on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+             on_epoch: Callable[[dict[str, Any]], None] | None = None,
+             on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
     t_start = time.perf_counter()
     base_device = resolve_device(cfg.device)
     info = D.init(base_device)
     device = D.local_device(base_device, info)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    if info.is_main:
-        _prepare_out(out)
-        if not cfg.resume and not cfg.overwrite and any((out / f).exists() for f in ("best.pt", "last.pt")):
-            raise ConfigError(f"{out} already holds a run; use --resume to continue it, --overwrite to start "
-                              "over, or another --out")
+    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True) if info.is_main else None
     D.barrier(info)
+    if run is None:
+        run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=False)
+    out = run.path
+    if on_start is not None:
+        on_start(run)
 
     index = index_dataset(cfg.dataset)
     val_split = cfg.val_split or default_val_split(index.splits)
@@ -311,8 +311,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start = 1
-    if cfg.resume:
-        ck = load_checkpoint(out / "last.pt", kind="end_to_end")
+    ck = run.load_last("end_to_end")
+    if ck is not None:
         diff = provenance_mismatch(ck["cache"], provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
@@ -336,8 +336,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
                                "trainable_blocks": trainable},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance, "val_split": val_split}
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(common["train_config"], indent=2, default=str))
+    run.write_json("config.json", common["train_config"])
 
     for epoch in range(start, cfg.epochs + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -368,11 +367,11 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             m = classification_metrics(probs, labels, vloss)
             states = {"backbone_state": model.backbone.state_dict(), "head_state": model.head.state_dict(),
                       "model_state": model.head.state_dict()}
-            record, best, improved = record_epoch(
-                out, common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
+            record, best, improved = run.record_epoch(
+                common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
                 train_top1=correct / max(count, 1), clips=int(count), seconds=train_s, optimizer=optimizer,
                 scheduler=scheduler, scaler=scaler, history=history, best=best, states=states, val_split=val_split)
-            plot_curves(history, out / "curves.png")
+            run.plot_curves(history)
             if on_epoch is not None:
                 on_epoch({**record, "best": improved})
         D.barrier(info)

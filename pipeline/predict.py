@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .backbone import FrozenBackbone, WeightsIdentity, build_backbone, sha256_file
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FrameSelection, FrameSpec
-from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, video_kind
+from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, natural_key, video_kind
 from .engine import FeatureBank, evaluate
 from .errors import ConfigError, WeightsError
 from .extract import FeatureRunner, default_workers, frame_loader, resolve_device, resolve_precision
@@ -83,22 +83,42 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
         elif list_frames(p):
             videos.append((p, "frames"))
         else:
-            found = sorted(_walk(p), key=lambda v: str(v[0]))
+            found = list(_walk(p))
             if not found:
                 errors.append(Prediction(str(p), error=f"{p}: no videos or frame folders inside"))
             videos += found
     return videos, errors
 
 
-def _walk(folder: Path) -> Iterator[tuple[Path, str]]:
-    for q in folder.iterdir():
+def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[Path, str]]:
+    """Video files and frame folders under ``folder``; each real folder is visited once, so a
+    symlink loop (``again -> .``) or two links to one folder give each video once."""
+    seen = set() if seen is None else seen
+    try:
+        st = folder.stat()
+        entries = sorted(folder.iterdir(), key=lambda q: natural_key(q.name))
+    except OSError as e:
+        log.warning("skipped %s: %s", folder, e.strerror or e)
+        return
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
+    for q in entries:
         if q.name.startswith("."):
             continue
         if q.is_dir():
-            if any(f.suffix.lower() in IMAGE_EXTS for f in q.iterdir() if f.is_file()):
+            try:
+                frames = any(f.suffix.lower() in IMAGE_EXTS for f in q.iterdir() if f.is_file())
+            except OSError as e:
+                log.warning("skipped %s: %s", q, e.strerror or e)
+                continue
+            if not frames:
+                yield from _walk(q, seen)
+                continue
+            st = q.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 yield q, "frames"
-            else:
-                yield from _walk(q)
         elif video_kind(q) == "file":
             yield q, "file"
 
@@ -243,7 +263,7 @@ def _precision_name(p: str) -> str:
 
 def plot_timeline(pred: Prediction, classes: Sequence[str], path: Path, top: int = 5) -> None:
     """Probability of the most likely classes over time, one line each, windows as steps."""
-    from .report import _plt
+    from .report import _plt, save_figure
 
     plt = _plt()
     probs = np.array([w.probs for w in pred.windows])  # (W, C)
@@ -259,6 +279,5 @@ def plot_timeline(pred: Prediction, classes: Sequence[str], path: Path, top: int
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_write_bytes, atomic_write_text
 
 
 def _plt():
@@ -20,9 +22,15 @@ def _plt():
     return plt
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save and close a matplotlib figure, atomically (a full disk is one line, not a torn PNG)."""
+    plt = _plt()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=100, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
@@ -41,8 +49,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
@@ -64,16 +71,21 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                             color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, f.getvalue())
 
 
 def write_per_class(metrics: dict[str, Any], classes: Sequence[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "accuracy", "support"])
-        for c, acc, n in zip(classes, metrics["per_class_acc"], metrics["support"]):
-            w.writerow([c, "" if acc is None or np.isnan(acc) else f"{acc:.4f}", n])
+    write_csv(path, ["class", "accuracy", "support"],
+              [[c, "" if acc is None or np.isnan(acc) else f"{acc:.4f}", n]
+               for c, acc, n in zip(classes, metrics["per_class_acc"], metrics["support"])])
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,14 +16,16 @@ import numpy as np
 import torch
 
 from .cache import FeatureCache, SplitData, provenance_mismatch
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import TemporalConfig
 from .engine import FeatureBank, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .extract import resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .models import TemporalHead, TemporalHeadConfig
-from .report import plot_confusion, plot_curves, write_per_class
+from .files import ensure_dir
+from .report import plot_confusion, write_per_class
+from .run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,6 @@ def _pick_val_split(cfg: TemporalConfig, cache: FeatureCache) -> str:
     return split
 
 
-def _prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the output folder {out} ({e.strerror}); choose another --out") from e
-
-
 @dataclass
 class TrainResult:
     out: Path
@@ -105,21 +96,19 @@ class TrainResult:
     stopped_early: bool
 
 
-def _summary(m: dict[str, Any]) -> dict[str, float]:
-    return {k: m[k] for k in ("loss", "top1", "top5", "mean_class_acc")}
-
-
 def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
-                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
+    """Run stage two. ``on_start`` gets the run folder once it is checked (the CLI takes its
+    resume hint from it); ``on_epoch`` every epoch's record."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     seed_everything(cfg.seed, cfg.deterministic)
-    out = Path(cfg.out)
-    _prepare_out(out)
-    if not cfg.resume and not cfg.overwrite and any((out / f).exists() for f in ("best.pt", "last.pt")):
-        raise ConfigError(f"{out} already holds a run; use --resume to continue it, --overwrite to start over, "
-                          "or another --out")
+    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    out = run.path
+    if on_start is not None:
+        on_start(run)
     tb = None
     if cfg.tensorboard:
         try:
@@ -155,8 +144,8 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start = 1
-    if cfg.resume:
-        ckpt = load_checkpoint(out / "last.pt", kind="temporal")
+    ckpt = run.load_last("temporal")
+    if ckpt is not None:
         if ckpt["model_config"] != head_cfg.to_dict():
             raise CheckpointError(f"{out / 'last.pt'} has model {ckpt['model_config']}, this run asks for "
                                   f"{head_cfg.to_dict()}; resume with the same options")
@@ -169,13 +158,12 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         if scaler is not None and ckpt.get("scaler_state"):
             scaler.load_state_dict(ckpt["scaler_state"])
         history, best, start = list(ckpt["history"]), ckpt["best"], ckpt["epoch"] + 1
-        log.info("resuming %s after epoch %d", out / "last.pt", ckpt["epoch"])
 
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance["frame_spec"], "classes": classes, "cache": provenance,
               "val_split": val_split}
-    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": head_cfg.to_dict(),
-                                                 "classes": classes, "cache": provenance}, indent=2))
+    run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
+                                   "cache": provenance})
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
         if best is not None and cfg.patience and epoch - best["epoch"] > cfg.patience:
@@ -198,61 +186,26 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         m = classification_metrics(probs, val.labels, vloss)
         if not math.isfinite(vloss):
             raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; best.pt is kept as it was")
-        record, best, improved = record_epoch(
-            out, common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train),
+        record, best, improved = run.record_epoch(
+            common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train),
             seconds=train_s, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history, best=best,
             states={"model_state": model.state_dict()}, val_split=val_split)
         # Redraw the curves every epoch when epochs are slow; for sub-second epochs every 10th is enough.
         if train_s > 2 or epoch % 10 == 0 or epoch == cfg.epochs or improved:
-            plot_curves(history, out / "curves.png")
+            run.plot_curves(history)
         if tb is not None:
             for k, v in record.items():
                 if k != "epoch":
                     tb.add_scalar(k, v, epoch)
         if on_epoch is not None:
             on_epoch({**record, "best": improved})
-    plot_curves(history, out / "curves.png")
+    run.plot_curves(history)
     if tb is not None:
         tb.close()
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
                        val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=load_s,
                        load_mb=load_mb, stopped_early=stopped_early)
-
-
-def record_epoch(out: Path, common: dict[str, Any], *, epoch: int, metrics: dict[str, Any], train_loss: float,
-                 train_top1: float, clips: int, seconds: float, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-                 history: list[dict[str, Any]], best: dict[str, Any] | None, states: dict[str, Any],
-                 val_split: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """The end of an epoch, shared by stages two and three: append its record to ``history``; on a
-    better val top-1 (ties: lower loss) save best.pt with the confusion matrix and per-class CSV;
-    then save last.pt (with what --resume needs) and metrics.jsonl. → (record, best, improved)."""
-    record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
-              **{f"val_{k}": v for k, v in _summary(metrics).items()}, "lr": optimizer.param_groups[0]["lr"],
-              "epoch_seconds": seconds, "clips_per_second": clips / max(seconds, 1e-9)}
-    history.append(record)
-    improved = best is None or (metrics["top1"], -metrics["loss"]) > (best["top1"], -best["loss"])
-    if improved:
-        best = {"epoch": epoch, **_summary(metrics)}
-        save_checkpoint(out / "best.pt", {**common, "epoch": epoch, "metrics": metrics, **states})
-        plot_confusion(np.array(metrics["confusion"]), common["classes"], out / "confusion.png",
-                       title=f"{val_split}, epoch {epoch}: top-1 {metrics['top1']:.3f}")
-        write_per_class(metrics, common["classes"], out / "per_class.csv")
-    save_checkpoint(out / "last.pt", {**common, "epoch": epoch, "metrics": metrics, **states,
-                                      "optimizer_state": optimizer.state_dict(),
-                                      "scheduler_state": scheduler.state_dict(),
-                                      "scaler_state": scaler.state_dict() if scaler else None,
-                                      "history": history, "best": best})
-    _write_jsonl(out / "metrics.jsonl", history)
-    assert best is not None
-    return record, best, improved
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -289,8 +242,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     probs, loss = evaluate(head, bank, seq_len=tc["seq_len"], num_clips=eval_clips or tc["eval_clips"])
     m = classification_metrics(probs, data.labels, loss)
     if out is not None:
-        out = Path(out)
-        _prepare_out(out)
+        out = ensure_dir(out, "--out")
         plot_confusion(np.array(m["confusion"]), ckpt["classes"], out / f"confusion_{split}.png",
                        title=f"{split}: top-1 {m['top1']:.3f}")
         write_per_class(m, ckpt["classes"], out / f"per_class_{split}.csv")

@@ -116,7 +116,7 @@ def test_one_frame_video_and_class_without_videos(tiny_dataset, tmp_path, weight
     ("no_frames_at_all", ["no decodable frames in any of the 2 videos"]),
     ("output_is_dir", ["is a folder"]),
     ("weights_missing", ["weights file not found", "missing.pt"]),
-    ("weights_garbage", ["cannot load weights from", "garbage.pt"]),
+    ("weights_garbage", ["garbage.pt is not a weights file this tool can load safely"]),
     ("fps_without_folder_fps", ["--folder-fps"]),
 ])
 def test_bad_input_one_line(tiny_dataset, tmp_path, weights_file, case, needles):
@@ -195,7 +195,7 @@ def test_overwrite_keeps_old_cache_until_the_new_one_is_complete(tiny_dataset, t
     before = sha256_file(out)
     (tmp_path / "garbage.pt").write_bytes(b"junk")
     code, _, err = extract(tiny_dataset, out, tmp_path / "garbage.pt", "--overwrite")
-    one_error_line(code, err, "cannot load weights")
+    one_error_line(code, err, "is not a weights file this tool can load safely")
     empty = tmp_path / "empty_ds"
     (empty / "train" / "a" / "v").mkdir(parents=True)
     code, _, err = extract(empty, out, weights_file, "--overwrite")

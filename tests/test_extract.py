@@ -266,7 +266,7 @@ def test_weights_state_dict_variants(tmp_path, weights_file):
     with pytest.raises(WeightsError, match="not a MobileNetV2 state dict"):
         build_backbone(str(tmp_path / "wrong.pt"))
     (tmp_path / "garbage.pt").write_bytes(b"junk")
-    with pytest.raises(WeightsError, match="cannot load weights from"):
+    with pytest.raises(WeightsError, match="not a weights file this tool can load safely"):
         build_backbone(str(tmp_path / "garbage.pt"))
     with pytest.raises(WeightsError, match="weights file not found"):
         build_backbone(str(tmp_path / "missing.pt"))

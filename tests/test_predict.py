@@ -118,7 +118,7 @@ def test_bad_checkpoints(trained, tmp_path):
     ck = torch.load(ckpt, weights_only=True)
     ck["schema_version"] = 99
     torch.save(ck, tmp_path / "future.pt")
-    for f, msg in (("missing.pt", "checkpoint not found"), ("corrupt.pt", "cannot read checkpoint"),
+    for f, msg in (("missing.pt", "checkpoint not found"), ("corrupt.pt", "a damaged or incomplete torch.save file"),
                    ("foreign.pt", "not a checkpoint written by"), ("future.pt", "schema 99")):
         r = CliRunner().invoke(main, ["predict", str(tmp_path / f), str(root / "test")])
         assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.stderr, (f, r.stderr)

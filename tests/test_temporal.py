@@ -186,13 +186,13 @@ def test_bad_inputs(tmp_path):
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
     (tmp_path / "file").write_text("x")
     r = run(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "file" / "run")])
-    assert r.exit_code == 1 and "cannot write to the output folder" in r.stderr
+    assert r.exit_code == 1 and f"{tmp_path / 'file'} is a file, not a folder" in r.stderr
     empty = separable_cache(tmp_path / "e.h5", classes=2, per_class={"train": 0, "test": 2})
     r = run(main, ["train-temporal", "--cache", str(empty), "--out", str(tmp_path / "r2")])
     assert r.exit_code == 1 and "has no videos" in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"junk")
     r = run(main, ["evaluate", str(tmp_path / "junk.pt"), "--cache", str(cache)])
-    assert r.exit_code == 1 and "cannot read checkpoint" in r.stderr
+    assert r.exit_code == 1 and "junk.pt is not a checkpoint this tool can load safely" in r.stderr
     torch.save({"model": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint written by"):
         load_checkpoint(tmp_path / "other.pt")

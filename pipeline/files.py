@@ -1,0 +1,109 @@
+"""Crash-safe file writes, the one way every module writes a file that must never be half-written.
+
+A file is written to ``<name>.tmp`` beside its target, flushed to disk, then atomically renamed over
+the target: a kill at any instant leaves the old file or the new one, never a torn one. If writing
+fails, the temporary file is removed (a full disk must not stay full because of it), and a full
+disk becomes one ``DiskFullError`` line naming the file instead of a cascade of library errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+
+
+class DiskFullError(PipelineError):
+    """No space (or quota) left while writing a file."""
+
+
+class NotWritableError(PipelineError):
+    """An output path that cannot be written (its parent is a file, no permission, ...)."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "errno = 28", "errno = 122")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also where a library (h5py, torch's zip writer) only says so in text."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if any(t in str(e) for t in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_full(path: str | Path, hint: str = "") -> DiskFullError:
+    return DiskFullError(f"no space left on device while writing {path}; {hint + '; ' if hint else ''}"
+                         "free space and rerun")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, hint: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; on success it is fsynced and
+    renamed over ``path``, on any failure removed. ``hint`` is added to a full-disk message (what
+    is kept, what to rerun)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise disk_full(path, hint) from None
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, hint: str = "") -> None:
+    with atomic_path(path, hint=hint) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, *, hint: str = "") -> None:
+    atomic_write_bytes(path, text.encode(), hint=hint)
+
+
+def atomic_torch_save(path: str | Path, obj: Any, *, hint: str = "") -> None:
+    """``torch.save`` through memory, so a full disk is an ordinary ``OSError`` of a plain write (torch's
+    own zip writer reports it as an opaque ``RuntimeError`` from C++)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer(), hint=hint)
+
+
+def ensure_dir(path: str | Path, what: str) -> Path:
+    """Create the folder ``path`` (and parents) and check it is writable; one line if not.
+
+    ``what`` names the option, e.g. ``"--out"``."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotWritableError(f"cannot use {what} {path}: {p} is a file, not a folder; choose another path")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path) from None
+        raise NotWritableError(f"cannot write to {what} {path} ({e.strerror or e}); choose another path") from e
+    return path

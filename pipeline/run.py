@@ -1,0 +1,120 @@
+"""A training run's output folder, shared by stage two, the sweep and stage three.
+
+One place for the out-folder check, resume, and the end of every epoch. Files of a run:
+``best.pt`` (best validation top-1), ``last.pt`` (everything ``--resume`` needs, with the history),
+``metrics.jsonl`` (one line per epoch), ``config.json``, ``curves.png``, ``confusion.png``,
+``per_class.csv``. Every one is written atomically.
+
+Write order at the end of an epoch: ``metrics.jsonl``, then ``best.pt`` and its plots, then
+``last.pt``. A kill at any point leaves ``last.pt`` at the previous epoch; a resumed run redoes
+the epoch (identically: seeds derive from the epoch) and rewrites ``metrics.jsonl`` from
+``last.pt``'s history, so no row is ever lost or doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import ConfigError
+from .files import atomic_write_text, ensure_dir
+from .report import plot_confusion, plot_curves, write_per_class
+
+log = logging.getLogger(__name__)
+
+
+def summary(m: dict[str, Any]) -> dict[str, float]:
+    return {k: m[k] for k in ("loss", "top1", "top5", "mean_class_acc")}
+
+
+class RunDir:
+    """The folder ``path`` of one run. ``resume``: continue from ``last.pt`` (a folder without one
+    starts at epoch 1: an interrupt before the first epoch ended leaves nothing to resume, and
+    ``--resume`` must still work); ``overwrite``: start over where a run already is. Without either,
+    a folder that holds a run is refused, so a new run never replaces an earlier ``best.pt``.
+    ``main=False`` (other torchrun ranks) only reads."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 main: bool = True) -> None:
+        self.path = Path(path)
+        self.main = main
+        if main:
+            ensure_dir(self.path, "--out")
+        if main and not resume and not overwrite and (self.best.exists() or self.last.exists()):
+            raise ConfigError(f"{self.path} already holds a run; use --resume to continue it, --overwrite "
+                              "to start over, or another --out")
+        self.resume = resume and self.last.exists()
+        if resume and not self.resume:
+            log.warning("%s has no last.pt (no epoch of a run there finished): starting at epoch 1", self.path)
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    def resume_hint(self) -> str:
+        """What to do after an interrupt, true at the moment it is asked."""
+        try:
+            epoch = load_checkpoint(self.last)["epoch"] if self.last.exists() else None
+        except Exception:  # noqa: BLE001 - a hint must never raise
+            epoch = None
+        if epoch is None:
+            return f"no epoch finished yet; rerun with --resume to start again in {self.path}"
+        return f"{self.last} holds epoch {epoch}; add --resume to continue"
+
+    def load_last(self, kind: str) -> dict[str, Any] | None:
+        """``last.pt`` when resuming (its history also rewrites ``metrics.jsonl``), else None."""
+        if not self.resume:
+            return None
+        ckpt = load_checkpoint(self.last, kind=kind)
+        if self.main:
+            self.write_metrics(ckpt["history"])
+        log.info("resuming %s after epoch %d", self.last, ckpt["epoch"])
+        return ckpt
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.main:
+            atomic_write_text(self.path / name, json.dumps(obj, indent=2, default=str))
+
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    def record_epoch(self, common: dict[str, Any], *, epoch: int, metrics: dict[str, Any], train_loss: float,
+                     train_top1: float, clips: int, seconds: float, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                     history: list[dict[str, Any]], best: dict[str, Any] | None, states: dict[str, Any],
+                     val_split: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """The end of an epoch: append its record to ``history``; write ``metrics.jsonl``; on a
+        better val top-1 (ties: lower loss) save best.pt with the confusion matrix and per-class
+        CSV; then save last.pt (with what --resume needs). → (record, best, improved)."""
+        record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
+                  **{f"val_{k}": v for k, v in summary(metrics).items()}, "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_seconds": seconds, "clips_per_second": clips / max(seconds, 1e-9)}
+        history.append(record)
+        self.write_metrics(history)
+        improved = best is None or (metrics["top1"], -metrics["loss"]) > (best["top1"], -best["loss"])
+        if improved:
+            best = {"epoch": epoch, **summary(metrics)}
+            save_checkpoint(self.best, {**common, "epoch": epoch, "metrics": metrics, **states})
+            plot_confusion(np.array(metrics["confusion"]), common["classes"], self.path / "confusion.png",
+                           title=f"{val_split}, epoch {epoch}: top-1 {metrics['top1']:.3f}")
+            write_per_class(metrics, common["classes"], self.path / "per_class.csv")
+        save_checkpoint(self.last, {**common, "epoch": epoch, "metrics": metrics, **states,
+                                    "optimizer_state": optimizer.state_dict(),
+                                    "scheduler_state": scheduler.state_dict(),
+                                    "scaler_state": scaler.state_dict() if scaler else None,
+                                    "history": history, "best": best})
+        assert best is not None
+        return record, best, improved
+
+    def plot_curves(self, history: list[dict[str, Any]]) -> None:
+        plot_curves(history, self.path / "curves.png")

@@ -1,0 +1,303 @@
+"""What a hostile tester found: full disks, interrupts at awkward moments, symlink loops, bad paths.
+
+Each test reproduces one report and checks the one-line error (or the correct result) and that
+nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, SIZE
+from synthetic import separable_cache
+
+import pipeline.run
+from cli import main
+from pipeline.demo import write_video
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args))
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
+
+
+def cli_subprocess(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def one_line(code: int, err: str, *needles: str) -> str:
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (needs root, as CI runs); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _extract_args(root: Path, out: Path, weights: str) -> list[str]:
+    return ["extract-features", "--data-dir", str(root), "-o", str(out), "--weights", weights, "--size", str(SIZE),
+            "--batch-size", "8", "--workers", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("size,where", [("48k", "partial"), ("220k", "cache")])
+def test_full_disk_is_one_line_and_a_rerun_resumes(tiny_dataset, tmp_path, weights_file, small_disk, size, where):
+    """A real subprocess (h5py used to segfault): one line, exit 1, no .tmp left, finished videos
+    kept; after space is freed, the rerun gives the same cache as an uninterrupted run."""
+    disk = small_disk(size)
+    out = disk / "f.h5"
+    r = cli_subprocess(*_extract_args(tiny_dataset, out, str(weights_file)))
+    line = one_line(r.returncode, r.stderr, "no space left on device while writing", "free space and rerun")
+    assert r.returncode == 1
+    assert f"kept in {out}.partial" in line
+    assert not list(disk.rglob("*.tmp")), list(disk.rglob("*"))
+    kept = list((disk / "f.h5.partial").rglob("*.npz"))
+    assert (len(kept) == 6) if where == "cache" else (0 < len(kept) < 6)
+    assert not out.exists()
+
+    big = small_disk("4m")  # "free space": move the work to a roomier disk and rerun there
+    subprocess.run(["cp", "-a", f"{out}.partial", str(big)], check=True)
+    r = cli_subprocess(*_extract_args(tiny_dataset, big / "f.h5", str(weights_file)))
+    assert r.returncode == 0, r.stderr
+    assert f"{len(kept)} already cached" in r.stdout
+    ref = tmp_path / "ref.h5"
+    assert cli(*_extract_args(tiny_dataset, ref, str(weights_file)))[0] == 0
+    with h5py.File(big / "f.h5") as a, h5py.File(ref) as b:
+        for split in b:
+            assert np.array_equal(a[split]["features"][()], b[split]["features"][()])
+            assert list(a[split]["videos"][()]) == list(b[split]["videos"][()])
+
+
+def test_full_disk_while_saving_recalibrated_backbone(tiny_dataset, small_disk):
+    disk = small_disk("1m")  # the backbone file is ~9 MB
+    r = cli_subprocess(*_extract_args(tiny_dataset, disk / "f.h5", "none"))
+    one_line(r.returncode, r.stderr, "no space left on device while writing", "backbone", "free space and rerun")
+    assert not list(disk.iterdir())
+
+
+def test_full_disk_while_training_keeps_last_good_checkpoint(tmp_path, small_disk):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3}, dim=512)
+    disk = small_disk("2m")  # room for a few checkpoints of a 512-wide LSTM, not for every file of 30 epochs
+    code, _, err = cli("train-temporal", "--cache", str(cache), "--out", str(disk / "run"), "--epochs", "30",
+                       "--hidden", "96", "--device", "cpu", "--no-progress")
+    one_line(code, err, "no space left on device while writing", "free space and rerun")
+    assert not list(disk.rglob("*.tmp"))
+    for name in ("best.pt", "last.pt"):
+        if (disk / "run" / name).exists():
+            torch.load(disk / "run" / name, weights_only=True)  # never torn
+
+
+# ----------------------------------------------------------------------- train-temporal interrupts
+
+
+def _train(cache: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return cli("train-temporal", "--cache", str(cache), "--out", str(out), "--epochs", "3", "--hidden", "16",
+               "--seq-len", "4", "--device", "cpu", "--no-progress", *extra)
+
+
+def test_metrics_row_of_last_epoch_is_restored_on_resume(tmp_path):
+    """Killed after the final epoch's last.pt (the row not yet written): --resume rewrites it."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    assert _train(cache, tmp_path / "run")[0] == 0
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    assert len(rows) == 3
+    metrics.write_text("\n".join(rows[:2]) + "\n")  # the state such a kill left
+    code, out, err = _train(cache, tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert metrics.read_text().splitlines() == rows
+
+
+def test_kill_between_metrics_and_last_never_doubles_a_row(tmp_path, monkeypatch):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    real = pipeline.run.save_checkpoint
+
+    def dies_at_last_of_epoch_2(path, payload, **kw):
+        if Path(path).name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real(path, payload, **kw)
+
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", dies_at_last_of_epoch_2)
+    code, _, err = _train(cache, tmp_path / "run")
+    assert code == 130 and "last.pt holds epoch 1; add --resume" in err, err
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", real)
+    assert _train(cache, tmp_path / "run", "--resume")[0] == 0
+    assert [int(r.split('"epoch": ')[1].split(",")[0]) for r in
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_interrupt_in_first_epoch_hint_is_true_and_resume_works(tmp_path, monkeypatch):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    ref = _train(cache, tmp_path / "ref")
+    assert ref[0] == 0
+
+    import pipeline.train
+
+    real_epoch = pipeline.train.train_one_epoch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train, "train_one_epoch", interrupted)
+    code, _, err = _train(cache, tmp_path / "a")
+    assert code == 130
+    assert "no epoch finished yet; rerun with --resume" in err and "last.pt holds" not in err
+    monkeypatch.setattr(pipeline.train, "train_one_epoch", real_epoch)
+    code, out, err = _train(cache, tmp_path / "a", "--resume")
+    assert code == 0, err
+
+    # Interrupted between best.pt and last.pt of epoch 1: a plain rerun is refused, --resume works.
+    real_save = pipeline.run.save_checkpoint
+
+    def dies_at_first_last(path, payload, **kw):
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt
+        return real_save(path, payload, **kw)
+
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", dies_at_first_last)
+    code, _, err = _train(cache, tmp_path / "b")
+    assert code == 130 and (tmp_path / "b" / "best.pt").exists() and not (tmp_path / "b" / "last.pt").exists()
+    assert "rerun with --resume" in err
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", real_save)
+    code, _, err = _train(cache, tmp_path / "b")
+    one_line(code, err, "already holds a run; use --resume")
+    code, out, err = _train(cache, tmp_path / "b", "--resume")
+    assert code == 0, err
+    # and the result is the uninterrupted run's
+    assert out.split("best epoch")[1].splitlines()[0] == ref[1].split("best epoch")[1].splitlines()[0]
+    a = torch.load(tmp_path / "ref" / "best.pt", weights_only=True)["model_state"]
+    b = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model_state"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, weights_file):
+    from conftest import rand_frames, write_frames
+
+    tmp = tmp_path_factory.mktemp("robust")
+    rng = np.random.default_rng(1)
+    root = tmp / "ds"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for k in range(3):
+                write_frames(root / split / c / f"{c}{k}", rand_frames(rng, 8), ".png")
+    assert cli(*_extract_args(root, tmp / "f.h5", str(weights_file)))[0] == 0
+    assert cli("train-temporal", "--cache", str(tmp / "f.h5"), "--out", str(tmp / "run"), "--epochs", "1",
+               "--hidden", "8", "--seq-len", "4", "--device", "cpu", "--no-progress")[0] == 0
+    return tmp / "run" / "best.pt", rng
+
+
+def test_predict_visits_each_real_folder_once(trained_run, tmp_path):
+    ckpt, rng = trained_run
+    from conftest import rand_frames
+
+    d = tmp_path / "vids"
+    d.mkdir()
+    write_video(d / "v.avi", rand_frames(rng, 10), fps=10)
+    (d / "again").symlink_to(".")  # a loop
+    (tmp_path / "alias").symlink_to(d)  # a second name for the same folder
+    code, out, err = cli("predict", str(ckpt), str(d), "--json", "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    import json
+
+    assert [p["input"] for p in json.loads(out)] == [str(d / "v.avi")]
+
+
+def test_predict_plot_path_checked_before_the_work(trained_run, tmp_path):
+    ckpt, rng = trained_run
+    from conftest import rand_frames
+
+    video = tmp_path / "v.avi"
+    write_video(video, rand_frames(rng, 12), fps=10)
+    plot = tmp_path / "no" / "such" / "dir" / "t.png"
+    code, out, err = cli("predict", str(ckpt), str(video), "--window", "4", "--plot", str(plot), "--no-progress",
+                         "--device", "cpu")
+    assert code == 0, err
+    assert str(video) in out and plot.stat().st_size > 0
+    (tmp_path / "afile").write_text("x")
+    code, out, err = cli("predict", str(ckpt), str(video), "--window", "4", "--plot", str(tmp_path / "afile" / "t.png"),
+                         "--no-progress", "--device", "cpu")
+    one_line(code, err, "is a file, not a folder")
+    assert out == ""  # refused before any work
+    code, _, err = cli("predict", str(ckpt), str(video), "--window", "4", "--plot", str(tmp_path / "t.xyz"),
+                       "--no-progress")
+    assert code == 2 and "unknown image format" in err
+
+
+# ------------------------------------------------------------------------ files that are not ours
+
+
+def test_non_checkpoints_are_refused_without_unsafe_advice(trained_run, tiny_dataset, tmp_path):
+    ckpt, rng = trained_run
+    video = tmp_path / "v.avi"
+    from conftest import rand_frames
+
+    write_video(video, rand_frames(rng, 6), fps=10)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    files = {"random.pt": os.urandom(4096), "empty.pt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"a": Payload()}, tmp_path / "payload.pt")
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"tool": "x"}, f)
+    h5py.File(tmp_path / "cache.h5", "w").close()
+    for name in ("random.pt", "empty.pt", "payload.pt", "plain.pkl", "cache.h5"):
+        for args in (["predict", str(tmp_path / name), str(video)],
+                     ["evaluate", str(tmp_path / name), "--cache", str(tmp_path / "cache.h5")],
+                     ["extract-features", "--data-dir", str(tiny_dataset), "--weights", str(tmp_path / name),
+                      "-o", str(tmp_path / "o" / "x.h5")]):
+            code, _, err = cli(*args)
+            line = one_line(code, err, name)
+            assert "weights_only" not in line and "can load safely" in line, line
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_output_parent_is_a_file(tiny_dataset, tmp_path, weights_file):
+    (tmp_path / "plain").write_text("x")
+    code, _, err = cli(*_extract_args(tiny_dataset, tmp_path / "plain" / "f.h5", str(weights_file)))
+    one_line(code, err, f"{tmp_path / 'plain'} is a file, not a folder")
+    cache = separable_cache(tmp_path / "c.h5", classes=2, per_class={"train": 3, "test": 2})
+    code, _, err = cli("train-temporal", "--cache", str(cache), "--out", str(tmp_path / "plain" / "run"))
+    one_line(code, err, f"{tmp_path / 'plain'} is a file, not a folder")
