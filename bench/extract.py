@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.backbone import FrozenBackbone, build_backbone, recalibrate_batchnorm  # noqa: E402
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec  # noqa: E402
@@ -42,6 +43,8 @@ from pipeline.engine import autocast_ctx  # noqa: E402
 from pipeline.extract import extract_features, resolve_device, resolve_precision  # noqa: E402
 from pipeline.preprocess import normalize_frames  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
+
+from _report import record  # noqa: E402
 
 
 def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int = 0) -> int:
@@ -147,6 +150,9 @@ def main() -> None:
         print(f"unfused torchvision MobileNetV2: {unfused_rate:.1f} frames/s "
               f"(BatchNorm folding: {np.mean(bares) / unfused_rate:.2f}x)")
         print(f"ratio pipeline/bare: {float(np.median(ratios)):.3f}  (per run: {', '.join(f'{x:.3f}' for x in ratios)})")
+        record("extract", device=str(device), precision=str(amp or torch.float32).removeprefix("torch."),
+               pipeline_fps=float(np.mean(pipes)), bare_fps=float(np.mean(bares)),
+               ratio=float(np.median(ratios)))
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -35,6 +35,8 @@ from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpe
 from pipeline.extract import extract_features, resolve_device  # noqa: E402
 from pipeline.finetune import finetune  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
+
+from _report import record  # noqa: E402
 from pipeline.train import train_temporal  # noqa: E402
 
 
@@ -91,6 +93,7 @@ def main() -> None:
               f"median of 3)")
         print(f"end-to-end epoch: {e2e_s:.1f} s (all 19 blocks trainable, {args.size}x{args.size}, {device}); {mem_txt}")
         print(f"ratio end-to-end / cached: {e2e_s / cached:.0f}x")
+        record("finetune", device=str(device), epoch_s=e2e_s, cached_epoch_s=cached, ratio=e2e_s / cached)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

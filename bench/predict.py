@@ -35,6 +35,8 @@ from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
+from _report import record  # noqa: E402
+
 
 def long_video(path: Path, n: int, fps: int) -> None:
     rng = np.random.default_rng(0)
@@ -91,6 +93,7 @@ def main() -> None:
         print(f"bare backbone: {bare:.1f} frames/s (before {bare1:.1f}, after {bare2:.1f}), batch {args.batch_size}, "
               f"{device}")
         print(f"ratio predict/bare: {rate / bare:.3f}")
+        record("predict", device=str(device), pipeline_fps=rate, bare_fps=bare, ratio=rate / bare)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

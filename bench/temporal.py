@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.backbone import MobileNetV2Features  # noqa: E402
 from pipeline.cache import FeatureCache, VideoRecord, write_cache  # noqa: E402
@@ -36,6 +37,8 @@ from pipeline.engine import FeatureBank, train_one_epoch  # noqa: E402
 from pipeline.extract import resolve_device  # noqa: E402
 from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
+
+from _report import record  # noqa: E402
 
 
 def synthetic_cache(path: Path, n_train: int, n_val: int, frames: int, classes: int = 51, seed: int = 0) -> None:
@@ -137,6 +140,8 @@ def main() -> None:
         print(f"e2e    : MobileNetV2 fwd+bwd {1 / per_frame:.1f} frames/s -> {e2e_epoch:.0f} s per epoch over the "
               f"same clips (measured on {args.e2e_clips * args.seq_len} frames, scaled)")
         print(f"ratio end-to-end / cached epoch: {e2e_epoch / epoch_s:.0f}x")
+        record("temporal", device=str(device), epoch_s=epoch_s, clips_per_s=clips / epoch_s,
+               e2e_epoch_s=e2e_epoch, ratio=e2e_epoch / epoch_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
