@@ -71,6 +71,7 @@ class DatasetIndex:
     classes: list[str]
     splits: dict[str, list[Video]]
     warnings: list[str] = field(default_factory=list)
+    layout: str = "<root>/<split>/<class>/<video>"  # what was looked for, for "no videos found"
 
     def videos(self, split: str) -> list[Video]:
         return self.splits[split]
@@ -125,7 +126,7 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
         index.splits = {s: index.splits[s] for s in spec.splits}
     if index.num_videos == 0:
         raise DataError(
-            f"no videos found under {root}: expected <root>/<split>/<class>/<video>, where a video is "
+            f"no videos found under {root}: expected {index.layout}, where a video is "
             f"a folder of jpg/png frames or a {'/'.join(sorted(e[1:] for e in VIDEO_EXTS))} file"
         )
     _check_duplicates(index)
@@ -214,26 +215,52 @@ def _split_files_for(spec: DatasetSpec) -> list[Path]:
     return files
 
 
-def _parse_split_files(files: Sequence[Path]) -> list[tuple[str, str, str]]:
-    """→ (split, class, video file name) triples from HMDB51 or UCF101 annotation files."""
-    entries: list[tuple[str, str, str]] = []
+class _Entry(NamedTuple):
+    """One video listed in a split file, with the place that lists it (``file:line``) for messages."""
+
+    split: str
+    cls: str
+    name: str
+    where: str
+
+
+def _plain(name: str) -> bool:
+    """One path component: not empty, not '.' or '..', no separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _read_lines(f: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; a UTF-8 byte order mark is dropped."""
+    for n, ln in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if ln.strip():
+            yield n, ln.strip()
+
+
+def _parse_split_files(files: Sequence[Path]) -> list[_Entry]:
+    """Videos listed in HMDB51 or UCF101 annotation files, each as exactly ``<class>/<video>``."""
+    entries: list[_Entry] = []
     for f in dict.fromkeys(p.resolve() for p in files):  # --split-dir and --split-file may name one twice
-        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         if m := _HMDB_FILE.match(f.name):
-            for n, ln in enumerate(lines, 1):
+            for n, ln in _read_lines(f):
                 parts = ln.split()
                 if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                     raise DataError(f"{f}:{n}: expected '<video>.avi 0|1|2', got {ln!r}")
+                if not _plain(m["cls"]):
+                    raise DataError(f"{f}:{n}: the class {m['cls']!r} taken from this file's name is not a folder "
+                                    "name; name the file '<class>_test_split<N>.txt'")
+                if not _plain(parts[0]):
+                    raise DataError(f"{f}:{n}: expected a video file name such as 'clip.avi' (no folder, "
+                                    f"'.' or '..'), got {parts[0]!r}")
                 if parts[1] != "0":
-                    entries.append(("train" if parts[1] == "1" else "test", m["cls"], parts[0]))
+                    entries.append(_Entry("train" if parts[1] == "1" else "test", m["cls"], parts[0], f"{f}:{n}"))
         elif m := _UCF_FILE.match(f.name):
             split = m["split"].lower()
-            for n, ln in enumerate(lines, 1):
-                rel = ln.split()[0].replace("\\", "/")
-                if "/" not in rel:
-                    raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]', got {ln!r}")
-                cls, name = rel.rsplit("/", 1)
-                entries.append((split, cls, name))
+            for n, ln in _read_lines(f):
+                parts = ln.split()[0].replace("\\", "/").split("/")
+                if len(parts) != 2 or not all(_plain(p) for p in parts):
+                    raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]' (a class folder of the "
+                                    f"dataset and a video name, no absolute path, '.' or '..'), got {ln!r}")
+                entries.append(_Entry(split, parts[0], parts[1], f"{f}:{n}"))
         else:
             raise DataError(
                 f"unrecognised split file name: {f}; expected HMDB51 '<class>_test_split<N>.txt' "
@@ -246,10 +273,16 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     entries = _parse_split_files(_split_files_for(spec))
     warnings: list[str] = []
     on_disk: dict[str, dict[str, Path]] = {}  # class → stem → path (folder or file)
-    for cls in {c for _, c, _ in entries}:
+    first = {e.cls: e.where for e in reversed(entries)}  # the first line naming each class
+    real_root = root.resolve()
+    for cls, where in sorted(first.items()):
         cdir = root / cls
         if not cdir.is_dir():
-            raise DataError(f"class folder {cdir} named in the split files does not exist")
+            raise DataError(f"{where}: class folder {cdir} does not exist; check --data-dir (the folder that "
+                            "holds the class folders) and this line")
+        if not cdir.resolve().is_relative_to(real_root):
+            raise DataError(f"{where}: class folder {cdir} resolves to {cdir.resolve()}, outside the dataset "
+                            f"folder {root}; move the class folder into it")
         on_disk[cls] = {}
         for v in sorted(cdir.iterdir()):
             if not _visible(v) or video_kind(v) is None:
@@ -267,7 +300,7 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
     missing = 0
-    for split, cls, name in entries:
+    for split, cls, name, _ in entries:
         stem = Path(name).stem
         path = on_disk[cls].get(stem)
         if path is None:
@@ -282,7 +315,9 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     ordered = {
         s: sorted(vs, key=lambda v: (v.label, natural_key(v.rel))) for s, vs in sorted(splits.items())
     }
-    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings)
+    example = f"e.g. {root / entries[0].cls / entries[0].name}; " if entries else ""
+    layout = f"<root>/<class>/<video> as the split files list them ({example}a flat tree, no split folders)"
+    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings, layout=layout)
 
 
 def _check_duplicates(index: DatasetIndex) -> None:
