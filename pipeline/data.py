@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,46 @@ def _utf8(p: Path) -> bool:
         return False
 
 
+def printable(p: Path | str) -> str:
+    """A path as text that prints and stores anywhere: bytes that are not UTF-8 appear as \\xNN."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
 def _bad_name(p: Path) -> str:
-    return f"ignored {ascii(str(p))}: its name is not valid UTF-8; rename it"
+    return f"ignored '{printable(p)}': its name is not valid UTF-8; rename it"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A name or an unreadable folder that indexing left out; the cache lists these as failures."""
+
+    split: str | None  # the split it belongs to, where known
+    path: str  # printable, relative to the dataset root when inside it
+    reason: str
+    kind: Literal["name", "folder"]
+
+
+class _Report:
+    """Warnings and skipped entries gathered while indexing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.warnings: list[str] = []
+        self.skipped: list[Skipped] = []
+
+    def skip(self, split: str | None, path: Path, reason: str, kind: Literal["name", "folder"]) -> None:
+        rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+        self.skipped.append(Skipped(split, printable(rel), reason, kind))
+        self.warnings.append(reason)
+
+    def listdir(self, folder: Path, what: str, split: str | None) -> list[Path] | None:
+        """Entries of ``folder`` in natural order, or None (and a warning) if it cannot be read."""
+        try:
+            return sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+        except OSError as e:
+            self.skip(split, folder, f"cannot read {what} folder {printable(folder)} ({e.strerror or e}): "
+                                     "skipped it; check its permissions", "folder")
+            return None
 
 
 @dataclass(frozen=True)
@@ -71,6 +110,7 @@ class DatasetIndex:
     classes: list[str]
     splits: dict[str, list[Video]]
     warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     layout: str = "<root>/<split>/<class>/<video>"  # what was looked for, for "no videos found"
 
     def videos(self, split: str) -> list[Video]:
@@ -134,19 +174,35 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
 
 
 def _index_split_tree(root: Path) -> DatasetIndex:
-    split_dirs = sorted((p for p in root.iterdir() if _visible(p)), key=lambda p: natural_key(p.name))
-    for p in split_dirs:
-        if not p.is_dir():
+    try:
+        top = sorted((p for p in root.iterdir() if _visible(p)), key=lambda p: natural_key(p.name))
+    except OSError as e:
+        raise DataError(f"cannot read dataset folder {root} ({e.strerror or e}); check its permissions") from e
+    report = _Report(root)
+    split_dirs = []
+    for p in top:
+        if not _utf8(p):
+            report.skip(None, p, _bad_name(p), "name")
+        elif not p.is_dir():
             raise DataError(
                 f"expected split folders (train/, test/, ...) in {root}, found a file: {p}; "
                 "move it out of the dataset folder"
             )
-    warnings: list[str] = []
+        else:
+            split_dirs.append(p)
+    warnings = report.warnings
     per_split: dict[str, dict[str, list[Path]]] = {}
     for split_dir in split_dirs:
+        split = split_dir.name
         classes: dict[str, list[Path]] = {}
-        for class_dir in sorted(split_dir.iterdir(), key=lambda p: natural_key(p.name)):
+        listing = report.listdir(split_dir, "split", split)
+        if listing is None:
+            continue
+        for class_dir in listing:
             if not _visible(class_dir):
+                continue
+            if not _utf8(class_dir):
+                report.skip(split, class_dir, _bad_name(class_dir), "name")
                 continue
             if not class_dir.is_dir():
                 if video_kind(class_dir) == "file":
@@ -159,12 +215,15 @@ def _index_split_tree(root: Path) -> DatasetIndex:
                     f"expected class folders in {split_dir}, found a file: {class_dir}; "
                     "move it out of the dataset folder"
                 )
-            videos = []
-            for v in sorted(class_dir.iterdir(), key=lambda p: natural_key(p.name)):
+            entries = report.listdir(class_dir, "class", split)
+            classes[class_dir.name] = videos = []  # an unreadable class keeps its label
+            if entries is None:
+                continue
+            for v in entries:
                 if not _visible(v):
                     continue
                 if not _utf8(v):
-                    warnings.append(_bad_name(v))
+                    report.skip(split, v, _bad_name(v), "name")
                     continue
                 if video_kind(v) is None:
                     warnings.append(f"ignored {v}: not a frame folder or a video file")
@@ -172,10 +231,9 @@ def _index_split_tree(root: Path) -> DatasetIndex:
                 videos.append(v)
             if not videos:
                 warnings.append(f"class folder {class_dir} has no videos")
-            classes[class_dir.name] = videos
         if not any(classes.values()):
             warnings.append(f"split folder {split_dir} has no videos")
-        per_split[split_dir.name] = classes
+        per_split[split] = classes
     class_names = sorted({c for cls in per_split.values() for c in cls})
     label = {c: i for i, c in enumerate(class_names)}
     splits = {
@@ -187,7 +245,8 @@ def _index_split_tree(root: Path) -> DatasetIndex:
         ]
         for split, cls in per_split.items()
     }
-    return DatasetIndex(root=root, classes=class_names, splits=splits, warnings=warnings)
+    return DatasetIndex(root=root, classes=class_names, splits=splits, warnings=warnings,
+                        skipped=report.skipped)
 
 
 _HMDB_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<id>\d+)\.txt$")
@@ -236,11 +295,13 @@ def _read_lines(f: Path) -> Iterator[tuple[int, str]]:
             yield n, ln.strip()
 
 
-def _parse_split_files(files: Sequence[Path]) -> list[_Entry]:
+def _parse_split_files(files: Sequence[Path], report: _Report) -> list[_Entry]:
     """Videos listed in HMDB51 or UCF101 annotation files, each as exactly ``<class>/<video>``."""
     entries: list[_Entry] = []
     for f in dict.fromkeys(p.resolve() for p in files):  # --split-dir and --split-file may name one twice
-        if m := _HMDB_FILE.match(f.name):
+        if not _utf8(f):  # an HMDB51 file named after a class whose name is not UTF-8
+            report.skip(None, f, _bad_name(f), "name")
+        elif m := _HMDB_FILE.match(f.name):
             for n, ln in _read_lines(f):
                 parts = ln.split()
                 if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
@@ -270,25 +331,32 @@ def _parse_split_files(files: Sequence[Path]) -> list[_Entry]:
 
 
 def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
-    entries = _parse_split_files(_split_files_for(spec))
-    warnings: list[str] = []
+    report = _Report(root)
+    entries = _parse_split_files(_split_files_for(spec), report)
+    warnings = report.warnings
     on_disk: dict[str, dict[str, Path]] = {}  # class → stem → path (folder or file)
+    unreadable: set[str] = set()
     first = {e.cls: e.where for e in reversed(entries)}  # the first line naming each class
     real_root = root.resolve()
     for cls, where in sorted(first.items()):
         cdir = root / cls
         if not cdir.is_dir():
-            raise DataError(f"{where}: class folder {cdir} does not exist; check --data-dir (the folder that "
-                            "holds the class folders) and this line")
+            hint = " (the split file is not valid UTF-8 here)" if "\ufffd" in cls else ""
+            raise DataError(f"{where}: class folder {cdir} does not exist{hint}; check --data-dir (the folder "
+                            "that holds the class folders) and this line")
         if not cdir.resolve().is_relative_to(real_root):
             raise DataError(f"{where}: class folder {cdir} resolves to {cdir.resolve()}, outside the dataset "
                             f"folder {root}; move the class folder into it")
         on_disk[cls] = {}
-        for v in sorted(cdir.iterdir()):
+        listing = report.listdir(cdir, "class", None)
+        if listing is None:  # the class keeps its label; its videos are not reported missing one by one
+            unreadable.add(cls)
+            continue
+        for v in listing:
             if not _visible(v) or video_kind(v) is None:
                 continue
             if not _utf8(v):
-                warnings.append(_bad_name(v))
+                report.skip(None, v, _bad_name(v), "name")
                 continue
             stem = v.stem if v.is_file() else v.name
             if stem in on_disk[cls]:
@@ -303,6 +371,8 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     for split, cls, name, _ in entries:
         stem = Path(name).stem
         path = on_disk[cls].get(stem)
+        if path is None and cls in unreadable:
+            continue
         if path is None:
             missing += 1
             if missing <= 3:
@@ -317,7 +387,8 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     }
     example = f"e.g. {root / entries[0].cls / entries[0].name}; " if entries else ""
     layout = f"<root>/<class>/<video> as the split files list them ({example}a flat tree, no split folders)"
-    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings, layout=layout)
+    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings,
+                        skipped=report.skipped, layout=layout)
 
 
 def _check_duplicates(index: DatasetIndex) -> None:
