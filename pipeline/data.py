@@ -42,10 +42,13 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _utf8(p: Path) -> bool:
+def _utf8(p: Path | str) -> bool:
     """False for names that are not valid UTF-8 (e.g. unpacked from a Latin-1 archive)."""
+    name = p if isinstance(p, str) else p.name
+    if name.isascii():
+        return True
     try:
-        p.name.encode("utf-8")
+        name.encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False
@@ -130,16 +133,25 @@ def video_kind(path: Path) -> Literal["frames", "file"] | None:
     return None
 
 
+def _is_frame(p: Path) -> bool:
+    return _visible(p) and p.suffix.lower() in IMAGE_EXTS and p.is_file()
+
+
 def list_frames(folder: Path) -> list[Path]:
-    """Image files of a frame folder in natural order; hidden files and other files ignored."""
-    frames = []
-    for p in folder.iterdir():
-        if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            if _utf8(p):
-                frames.append(p)
-            else:
-                log.warning(_bad_name(p))
+    """Image files of a frame folder in natural order; hidden files, other files and names that are
+    not valid UTF-8 (see ``bad_frame_names``, which indexing reports) are left out."""
+    frames = [p for p in folder.iterdir() if _utf8(p) and _is_frame(p)]
     return sorted(frames, key=lambda p: natural_key(p.name))
+
+
+def bad_frame_names(folder: Path) -> list[Path]:
+    """Frames that ``list_frames`` leaves out because their names are not valid UTF-8."""
+    try:
+        names = os.listdir(folder)  # names only: most folders are all ASCII and cost nothing more
+    except OSError:
+        return []  # decoding reports a folder it cannot read
+    bad = [folder / n for n in names if not _utf8(n)]
+    return sorted((p for p in bad if _is_frame(p)), key=lambda p: natural_key(p.name))
 
 
 # --------------------------------------------------------------------------------------- index
@@ -156,6 +168,11 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
         index = _index_from_split_files(root, spec)
     else:
         index = _index_split_tree(root)
+    for split, videos in index.splits.items():  # every split, so each run lists the same names
+        for v in videos:
+            for f in bad_frame_names(v.path) if v.kind == "frames" else ():
+                index.skipped.append(Skipped(split, v.rel, _bad_name(f), "name"))
+                index.warnings.append(_bad_name(f))
     if spec.splits is not None:
         missing = [s for s in spec.splits if s not in index.splits]
         if missing:

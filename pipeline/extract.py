@@ -40,7 +40,7 @@ from .backbone import (
     recalibrate_batchnorm,
     sha256_file,
 )
-from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
+from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from .engine import autocast_ctx
@@ -533,23 +533,25 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     finally:
         bar.close()
 
-    # Gather every rank's outcome; failures in dataset order, whatever rank or worker met them.
+    # Gather every rank's outcome; failures in dataset order, whatever rank or worker met them, and
+    # whichever videos an earlier, interrupted run already did.
     gathered = D.all_gather_objects((failures, extracted, runner.frames_done), info)
-    failures = [f for part, _, _ in gathered for f in part]
+    failures = [{"split": s.split, "video": s.path, "reason": s.reason, "skipped": s.kind} for s in index.skipped]
+    failures += [f for part, _, _ in gathered for f in part]
     extracted, frames_done = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
-    rank_of = {(s, v.rel): i for i, (s, v) in enumerate(all_jobs)}
+    rank_of = {(s, v.rel): i for i, (s, v) in enumerate((s, v) for s, vs in index.splits.items() for v in vs)}
     failures.sort(key=lambda f: (rank_of.get((f["split"], f["video"]), -1), f["reason"]))
     if extracted == 0 and reused == 0:
         D.barrier(info)
         if info.is_main:
             writer.close_unchanged()
-        first = failures[0]["reason"] if failures else "no videos"
+        first = next((f["reason"] for f in failures if f["skipped"] not in INDEX_FAILURES), "no videos")
         raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
     order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
-        if output.exists() and not writer.replace and not writer.pending() and not failures:
+        if not writer.pending() and writer.failures_unchanged(failures, order):
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:
             writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures})

@@ -347,3 +347,37 @@ def test_unreadable_split_and_class_folders_are_skipped(tiny_dataset, tmp_path, 
         videos = [v.decode() for v in f["train/videos"][()]]
         assert not [v for v in videos if "run" in v] and videos
         assert "val" not in f
+
+
+def test_ignored_names_are_listed_warned_once_and_not_retried(tiny_dataset, tmp_path):
+    """Every name left out (split, class, video folder, video file, frame) is in the failure list and
+    the summary, warned about once (calibration decodes the frames too), and a rerun does not redo
+    the video whose frame was left out: the name is as wrong as before."""
+    rng = np.random.default_rng(0)
+    walk = tiny_dataset / "train" / "walk"
+    os.rename(walk / "w2", _bad(walk, b"vid\xe9o"))
+    os.rename(walk / "w1" / "frame_12.png", _bad(walk / "w1", b"fr\xe9me_13.png"))
+    write_video(tmp_path / "c.mkv", rand_frames(rng, 3))
+    os.rename(tmp_path / "c.mkv", _bad(tiny_dataset / "train" / "run", b"cl\xe9p.mkv"))
+    write_frames(tmp_path / "v", rand_frames(rng, 2))
+    os.makedirs(_bad(tiny_dataset / "train", b"cl\xe9ss"))
+    os.rename(tmp_path / "v", _bad(tiny_dataset / "train", b"cl\xe9ss/v"))
+    os.makedirs(_bad(tiny_dataset, b"te\xe9st/walk"))
+    out = tmp_path / "f.h5"
+    args = ["extract-features", "--data-dir", str(tiny_dataset), "--output", str(out), "--weights", "none",
+            "--size", str(SIZE), "--calibration-frames", "16", "--workers", "0", "--no-progress"]
+    code, stdout, err = run(*args)
+    assert code == 0, err
+    names = ["te\\xe9st", "train/cl\\xe9ss", "train/walk/vid\\xe9o", "train/run/cl\\xe9p.mkv",
+             "train/walk/w1/fr\\xe9me_13.png"]
+    for name in names:
+        assert err.count(f"{name}': its name is not valid UTF-8") == 1, (name, err)
+    assert "5 problem(s)" in stdout and all(f"skipped name: ignored '{tiny_dataset}/{n}'" in stdout for n in names)
+    got = {(f["split"], f["video"], f["skipped"]) for f in failures(out)}
+    assert got == {(None, "te\\xe9st", "name"), ("train", "train/cl\\xe9ss", "name"),
+                   ("train", "train/walk/vid\\xe9o", "name"), ("train", "train/run/cl\\xe9p.mkv", "name"),
+                   ("train", "train/walk/w1", "name")}
+    before = sha256_file(out)
+    code, stdout, err = run(*args)
+    assert code == 0 and "this run: 0 videos" in stdout and "5 problem(s)" in stdout, stdout + err
+    assert sha256_file(out) == before  # nothing new: the cache is left as it was
