@@ -512,6 +512,7 @@ class DecodedFrame(NamedTuple):
     index: int  # source frame number (position in the folder's natural order / decode order)
     frame: torch.Tensor | None  # (3, H, W) uint8, or None if this frame failed to decode
     error: str | None
+    skipped: Literal["frame", "frames"] = "frame"  # "frames": the rest of a truncated video (index -1)
 
 
 def _open_video(path: Path):
@@ -531,22 +532,156 @@ def _open_video(path: Path):
     return container, stream
 
 
-def _video_pts(path: Path) -> tuple[list[int] | None, float]:
-    """Presentation timestamps of every frame, sorted, read by demuxing only (no decoding), and
-    the time base; None if the container does not give every packet a timestamp."""
+class _Demuxed(NamedTuple):
+    """What one demuxing pass (no decoding) learns about a video file."""
+
+    pts: list[int]  # presentation timestamps of the packets with data, in file order (may hold None)
+    time_base: float
+    corrupt: int  # packets the demuxer flagged incomplete (a file cut inside a frame)
+    last_corrupt: bool
+    declared_frames: int  # the frame count the header declares, 0 if none (Matroska, WebM)
+    declared_seconds: float | None  # the duration it declares
+    fps: float | None
+
+
+def _demux(path: Path) -> _Demuxed:
     import av
 
     container, stream = _open_video(path)
     try:
-        tb = float(stream.time_base) if stream.time_base else 0.0
-        pts = [p.pts for p in container.demux(stream) if p.size]
+        pts, corrupt, last = [], 0, False
+        for p in container.demux(stream):
+            if p.size:
+                pts.append(p.pts)
+                last = p.is_corrupt
+                corrupt += last
+        return _Demuxed(pts, float(stream.time_base) if stream.time_base else 0.0, corrupt, last,
+                        stream.frames or 0, _declared_seconds(container, stream),
+                        float(stream.average_rate) if stream.average_rate else None)
     except av.FFmpegError as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
     finally:
         container.close()
-    if not tb or any(p is None for p in pts):
-        return None, tb
-    return sorted(pts), tb
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """The stream's duration as its header declares it (AVI, MP4: the stream header; Matroska: the
+    track's DURATION tag), else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    if tag and (m := re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d*)?)", tag.strip())):
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    return container.duration / 1e6 if container.duration else None
+
+
+def _video_pts(path: Path) -> tuple[list[int] | None, float]:
+    """Presentation timestamps of every frame, sorted, read by demuxing only (no decoding), and
+    the time base; None if the container does not give every packet a timestamp."""
+    d = _demux(path)
+    return _sorted_pts(d), d.time_base
+
+
+def _sorted_pts(d: _Demuxed) -> list[int] | None:
+    if not d.time_base or any(p is None for p in d.pts):
+        return None
+    return sorted(d.pts)
+
+
+_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof"})
+
+
+def _declared_bytes(path: Path) -> int | None:
+    """How long the container's own size fields say the file is: the top-level RIFF chunks (AVI),
+    boxes (MP4, MOV) or Matroska/WebM segment. None for other formats or sizes left unwritten."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(128)
+            if head[:4] == b"RIFF":
+                return _walk_chunks(f, little=True)
+            if head[4:8] in _BOXES:
+                return _walk_chunks(f, little=False)
+            if head[:4] == b"\x1a\x45\xdf\xa3":
+                return _ebml_segment_end(head)
+    except OSError:
+        pass
+    return None
+
+
+def _walk_chunks(f, little: bool) -> int | None:
+    """End of the last top-level RIFF chunk (``little``) or ISO box, following their size fields."""
+    size = os.fstat(f.fileno()).st_size
+    pos = 0
+    while pos + 8 <= size:
+        f.seek(pos)
+        h = f.read(16)
+        if not (h[4:8] if not little else h[:4]).isascii():
+            return None  # not a chunk header: the sizes cannot be followed
+        if little:
+            n = 8 + int.from_bytes(h[4:8], "little")
+            n += n & 1  # chunks are padded to an even length
+        else:
+            n = int.from_bytes(h[:4], "big")
+            if n == 1 and len(h) == 16:
+                n = int.from_bytes(h[8:16], "big")
+            elif n == 0:
+                n = size - pos  # the last box runs to the end of the file
+        if n < 8 or little and pos == 0 and n == 8:
+            return None  # a size never written (a recording that was not closed)
+        pos += n
+    return pos
+
+
+def _ebml_segment_end(head: bytes) -> int | None:
+    """Where the Matroska segment ends by its size field, from the first bytes of the file."""
+
+    def vint(i: int) -> tuple[int, int, bool]:  # → (value, length, all ones = unknown size)
+        if i >= len(head) or not head[i]:
+            raise IndexError
+        n = 9 - head[i].bit_length()
+        v = int.from_bytes(head[i:i + n], "big") & ((1 << (7 * n)) - 1)
+        return v, n, v == (1 << (7 * n)) - 1
+
+    try:
+        size, n, _ = vint(4)  # the EBML header element, then the segment
+        i = 4 + n + size
+        if head[i:i + 4] != b"\x18\x53\x80\x67":
+            return None
+        size, n, unknown = vint(i + 4)
+    except IndexError:
+        return None
+    return None if unknown else i + 4 + n + size
+
+
+def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
+    """Why a video file that decoded ``decoded`` frames is cut short, or None if it is complete.
+
+    A header can be wrong about the length of a file that is all there (AVI frame counts often
+    are), so falling short of it only counts with evidence that data is missing: the demuxer
+    flagged a packet incomplete, or the file is shorter than its container's size fields say. A
+    file cut only in a trailing index (every frame present) is complete. Tolerance: more than one
+    frame or 1 % of the declared length missing.
+    """
+    what, expected, present = f"decoded {decoded} frames", 0.0, 0.0
+    if d.declared_frames:
+        what = f"decoded {decoded} of {d.declared_frames} frames the header declares"
+        expected, present = d.declared_frames, len(d.pts)
+    elif d.declared_seconds and d.fps and (pts := _sorted_pts(d)):
+        span = (pts[-1] - pts[0]) * d.time_base + 1 / d.fps  # the last frame lasts one period
+        what = f"decoded {decoded} frames, {span:.2f} s of the {d.declared_seconds:.2f} s the header declares"
+        expected, present = d.declared_seconds * d.fps, span * d.fps
+    short = expected - present > max(1.0, 0.01 * expected)
+    if not (short or d.corrupt):
+        return None
+    evidence = [f"{d.corrupt} incomplete packet(s)"] if d.corrupt else []
+    declared, size = _declared_bytes(path), path.stat().st_size
+    if declared is not None and declared > size + 1:
+        evidence.append(f"the file has {size} of the {declared} bytes its container declares")
+    if not evidence:
+        log.debug("%s: %s, but nothing is missing from the file: its header is wrong", path, what)
+        return None
+    cut = d.last_corrupt or len(evidence) == 2 or not d.corrupt
+    return f"{path}: {'truncated' if cut else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
 def video_fps(path: Path) -> float | None:
@@ -566,7 +701,8 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     """
     import av
 
-    pts, tb = _video_pts(path)
+    demuxed = _demux(path)
+    pts, tb = _sorted_pts(demuxed), demuxed.time_base
     if pts is not None:
         position = {p: i for i, p in enumerate(pts)}
         keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel))
@@ -576,9 +712,10 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
             raise VideoDecodeError(f"{path}: no frame timestamps, cannot apply --fps/--max-frames")
         keep = None
     container, stream = _open_video(path)
+    n = 0
+    stopped = None
     try:
         stream.thread_type = "AUTO"
-        n = 0
         for count, frame in enumerate(container.decode(stream)):
             n += 1
             i = position.get(frame.pts, count) if position else count
@@ -587,12 +724,18 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
             # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
             rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
             yield DecodedFrame(i, rgb, None)
-        if n == 0:
-            raise VideoDecodeError(f"{path}: no decodable frames")
     except av.FFmpegError as e:
-        raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+        if n == 0:
+            raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+        stopped = f"{path}: decoding stopped after {n} frames ({e})"  # keep the frames before it
     finally:
         container.close()
+    if n == 0:
+        raise VideoDecodeError(f"{path}: no decodable frames")
+    # A file cut short decodes without an error up to where it ends: keep those frames, but say so.
+    problem = stopped or _truncation(path, demuxed, n)
+    if problem is not None:
+        yield DecodedFrame(-1, None, problem, "frames")
 
 
 def iter_frame_folder(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
@@ -652,7 +795,7 @@ def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[tor
         sel = FrameSelection(max_frames=None)
         keep = set(want)
         for f in iter_video_file(video_path, sel):
-            if f.index in keep:
+            if f.frame is not None and f.index in keep:
                 got[f.index] = f.frame
             if f.index >= want[-1]:
                 break

@@ -100,6 +100,7 @@ class Chunk(NamedTuple):
     last: bool  # no more chunks for this video
     error: str | None  # a frame (fatal=False) or the whole video (fatal=True) failed
     fatal: bool
+    skipped: str = "frame"  # with fatal=False: "frame", or "frames" for the end of a truncated video
 
 
 class VideoFrameStream(IterableDataset):
@@ -125,7 +126,7 @@ class VideoFrameStream(IterableDataset):
             fps = float("nan") if fps is None else fps
             for f in iter_frames(path, kind, self.sel):
                 if f.frame is None:
-                    yield Chunk(pos, *empty, fps, False, f.error, False)
+                    yield Chunk(pos, *empty, fps, False, f.error, False, f.skipped)
                     continue
                 frames.append(resize_frames(f.frame, self.spec))
                 indices.append(f.index)
@@ -249,7 +250,7 @@ class _Video:
     fps: float = float("nan")
     last: bool = False
     error: str | None = None
-    frame_errors: list[str] = field(default_factory=list)
+    frame_errors: list[tuple[str, str]] = field(default_factory=list)  # (what was skipped, why)
 
 
 class FeatureRunner:
@@ -271,7 +272,7 @@ class FeatureRunner:
             if chunk.fatal:
                 v.error = chunk.error
             else:
-                v.frame_errors.append(chunk.error)
+                v.frame_errors.append((chunk.skipped, chunk.error))
         if chunk.frames.shape[0]:
             v.indices.append(chunk.indices)
             v.queued += chunk.frames.shape[0]
@@ -508,8 +509,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         nonlocal extracted, checked
         split, video = jobs[pos]
         v = runner.pop(pos)
-        for err in v.frame_errors:
-            _fail(failures, split, video, err, cfg.strict, fatal=False)
+        for skipped, err in v.frame_errors:
+            _fail(failures, split, video, err, cfg.strict, skipped)
         if v.error is not None or not v.rows:
             _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
             bar.update(1)
@@ -566,11 +567,14 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
 
 
 def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,
-          fatal: bool = True) -> None:
+          skipped: str = "video") -> None:
+    """Record a broken video, frame, or truncated end of a video ("frames": its other frames are kept)."""
     if strict:
-        raise DataError(f"{reason} (--strict; drop --strict to skip broken {'videos' if fatal else 'frames'})")
-    log.warning("skipped %s: %s", "video" if fatal else "frame", reason)
-    failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": "video" if fatal else "frame"})
+        instead = {"video": "skip broken videos", "frame": "skip broken frames",
+                   "frames": "keep the frames a truncated video has"}[skipped]
+        raise DataError(f"{reason} (--strict; drop --strict to {instead})")
+    log.warning("skipped %s: %s", skipped, reason)
+    failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": skipped})
 
 
 def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:

@@ -178,8 +178,8 @@ class Predictor:
         def done(pos: int):
             v = runner.pop(pos)
             bar.update(1)
-            for e in v.frame_errors:
-                log.warning("skipped frame: %s", e)
+            for skipped, e in v.frame_errors:
+                log.warning("skipped %s: %s", skipped, e)
             if v.error is not None or not v.rows:
                 return pos, None, None, v.fps, v.error or f"{videos[pos][0]}: no decodable frames"
             feats = torch.cat(v.rows).to("cpu").numpy().astype(self.dtype)

@@ -381,3 +381,29 @@ def test_ignored_names_are_listed_warned_once_and_not_retried(tiny_dataset, tmp_
     code, stdout, err = run(*args)
     assert code == 0 and "this run: 0 videos" in stdout and "5 problem(s)" in stdout, stdout + err
     assert sha256_file(out) == before  # nothing new: the cache is left as it was
+
+
+def test_truncated_video_is_kept_listed_retried_and_strict_refuses(tiny_dataset, tmp_path, weights_file):
+    import re
+
+    from conftest import cut_file, write_faststart_mp4
+
+    video = tiny_dataset / "train" / "run" / "cut.mp4"
+    write_faststart_mp4(video, rand_frames(np.random.default_rng(0), 120))
+    cut_file(video, video.stat().st_size // 2)
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0, err
+    (got,) = failures(out)
+    assert (got["video"], got["skipped"]) == ("train/run/cut.mp4", "frames")
+    m = re.search(r"truncated: decoded (\d+) of 120 frames the header declares", got["reason"])
+    assert m and f"skipped frames: {got['reason']}" in stdout and "cut.mp4: truncated" in err
+    with h5py.File(out) as f:
+        vids = [v.decode() for v in f["train/videos"][()]]
+        lengths = np.diff(f["train/offsets"][()])
+    assert lengths[vids.index("train/run/cut.mp4")] == int(m[1]) < 120  # kept, with the frames it has
+    code, stdout, _ = extract(tiny_dataset, out, weights_file)
+    assert code == 0 and "this run: 1 videos" in stdout and len(failures(out)) == 1  # retried, like a broken frame
+    code, _, err = extract(tiny_dataset, tmp_path / "g.h5", weights_file, "--strict")
+    one_error_line(code, err, "cut.mp4: truncated: decoded", "--strict")
+    assert not (tmp_path / "g.h5").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import rand_frames, write_frames
+from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
@@ -345,3 +345,64 @@ def test_no_videos_in_split_file_mode_describes_split_files(tmp_path):
         index_dataset(spec)
     msg = str(e.value)
     assert "split files" in msg and "<root>/<class>/<video>" in msg and "<split>" not in msg, msg
+
+
+def _write_120(path: Path) -> list[np.ndarray]:
+    """120 frames at 25 fps: mpeg4 .avi, faststart h264 .mp4, ffv1 .mkv."""
+    frames = rand_frames(np.random.default_rng(7), 120, 24, 32)
+    (write_faststart_mp4 if path.suffix == ".mp4" else write_video)(path, frames, fps=25)
+    return frames
+
+
+@pytest.mark.parametrize("ext, declares", [(".avi", "of 120 frames the header declares"),
+                                           (".mp4", "of 120 frames the header declares"),
+                                           (".mkv", "of the 4.80 s the header declares")])
+def test_truncated_video_keeps_its_frames_and_says_so(tmp_path, ext, declares):
+    path = tmp_path / f"v{ext}"
+    frames = _write_120(path)
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.frame is not None for g in got)
+    cut_file(path, path.stat().st_size // 2)
+    got = list(iter_video_file(path, FrameSelection()))
+    decoded, last = got[:-1], got[-1]
+    assert 30 < len(decoded) < 90 and all(g.frame is not None for g in decoded)
+    assert [g.index for g in decoded] == list(range(len(decoded)))
+    assert last.frame is None and last.skipped == "frames", (last.index, last.error)
+    assert last.error.startswith(f"{path}: truncated: decoded {len(decoded)} ") and declares in last.error
+    assert "bytes its container declares" in last.error
+    if ext == ".mkv":  # lossless: the frames that are kept are the right ones
+        assert all(torch.equal(g.frame, torch.from_numpy(frames[g.index]).permute(2, 0, 1)) for g in decoded)
+    # a selection decodes every frame all the same and reports the same
+    assert list(iter_video_file(path, FrameSelection(max_frames=4)))[-1].error == last.error
+
+
+def test_video_with_a_wrong_header_count_but_complete_passes(tmp_path):
+    """Writers get the AVI frame count wrong (this happens); a file that is all there and decodes
+    cleanly is not truncated, whatever its header says. FFmpeg reads the count from the stream
+    header (strh dwLength), not the main header (avih dwTotalFrames): both are rewritten."""
+    import struct
+
+    import av
+
+    path = tmp_path / "v.avi"
+    _write_120(path)
+    data = bytearray(path.read_bytes())
+    for chunk, offset in ((b"avih", 16), (b"strh", 32)):
+        at = data.find(chunk) + 8 + offset
+        assert struct.unpack_from("<I", data, at)[0] == 120
+        struct.pack_into("<I", data, at, 200)
+    path.write_bytes(bytes(data))
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 200
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.error is None for g in got)
+
+
+@pytest.mark.parametrize("ext, cut", [(".avi", 10), (".mkv", 50)])
+def test_video_cut_only_in_its_trailing_index_passes(tmp_path, ext, cut):
+    """The AVI idx1 index and the Matroska cues/tags come after the frames: every frame is there."""
+    path = tmp_path / f"v{ext}"
+    _write_120(path)
+    cut_file(path, path.stat().st_size - cut)
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.error is None for g in got)
