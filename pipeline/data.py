@@ -353,9 +353,11 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     warnings = report.warnings
     on_disk: dict[str, dict[str, Path]] = {}  # class → stem → path (folder or file)
     unreadable: set[str] = set()
-    first = {e.cls: e.where for e in reversed(entries)}  # the first line naming each class
+    first: dict[str, str] = {}  # each class → the first line naming it, in file order
+    for e in entries:
+        first.setdefault(e.cls, e.where)
     real_root = root.resolve()
-    for cls, where in sorted(first.items()):
+    for cls, where in first.items():
         cdir = root / cls
         if not cdir.is_dir():
             hint = " (the split file is not valid UTF-8 here)" if "\ufffd" in cls else ""

@@ -406,3 +406,9 @@ def test_video_cut_only_in_its_trailing_index_passes(tmp_path, ext, cut):
     cut_file(path, path.stat().st_size - cut)
     got = list(iter_video_file(path, FrameSelection()))
     assert len(got) == 120 and all(g.error is None for g in got)
+
+
+def test_split_file_errors_name_the_first_bad_line(tmp_path):
+    spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\nzebra/z.avi 1\nant/a.avi 1\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'trainlist01.txt'}:2: class folder .*zebra does not exist"):
+        index_dataset(spec)
