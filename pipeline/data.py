@@ -617,8 +617,8 @@ def _walk_chunks(f, little: bool) -> int | None:
     while pos + 8 <= size:
         f.seek(pos)
         h = f.read(16)
-        if not (h[4:8] if not little else h[:4]).isascii():
-            return None  # not a chunk header: the sizes cannot be followed
+        if not all(32 <= c < 127 for c in (h[:4] if little else h[4:8])):
+            return None  # not a chunk header (padding, garbage): the sizes cannot be followed
         if little:
             n = 8 + int.from_bytes(h[4:8], "little")
             n += n & 1  # chunks are padded to an even length
@@ -677,13 +677,13 @@ def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
         return None
     evidence = [f"{d.corrupt} incomplete packet(s)"] if d.corrupt else []
     declared, size = _declared_bytes(path), path.stat().st_size
-    if declared is not None and declared > size + 1:
+    cut = declared is not None and declared > size + 1  # a missing pad byte is not a cut
+    if cut:
         evidence.append(f"the file has {size} of the {declared} bytes its container declares")
     if not evidence:
         log.debug("%s: %s, but nothing is missing from the file: its header is wrong", path, what)
         return None
-    cut = d.last_corrupt or len(evidence) == 2 or not d.corrupt
-    return f"{path}: {'truncated' if cut else 'damaged'}: {what} ({'; '.join(evidence)})"
+    return f"{path}: {'truncated' if cut or d.last_corrupt else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
 def video_fps(path: Path) -> float | None:
