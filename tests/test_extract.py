@@ -442,3 +442,19 @@ def test_interrupted_run_with_ignored_names_resumes_to_the_same_cache(tiny_datas
     with FeatureCache(b) as c:
         assert {(f["video"], f["skipped"]) for f in c.failures} == {("train/walk/w1", "name"),
                                                                     ("train/walk/vid\\xe9o", "name")}
+
+
+@pytest.mark.parametrize("inline, workers", [(True, 2), (False, 1)])
+def test_truncated_video_reaches_the_runner_as_skipped_frames(tmp_path, inline, workers):
+    """Both loaders (threads on CPU, DataLoader processes on CUDA) carry what a frame error skipped."""
+    from conftest import cut_file, write_faststart_mp4
+
+    video = tmp_path / "cut.mp4"
+    write_faststart_mp4(video, rand_frames(np.random.default_rng(0), 60))
+    cut_file(video, video.stat().st_size // 2)
+    loader = frame_loader([(0, video, "file")], FrameSpec(size=SIZE), FrameSelection(), chunk_frames=4,
+                          workers=workers, device=torch.device("cpu"), batch_size=4, inline=inline)
+    chunks = list(loader)
+    errors = [(c.skipped, c.error) for c in chunks if c.error is not None]
+    assert len(errors) == 1 and errors[0][0] == "frames" and "truncated: decoded" in errors[0][1]
+    assert not any(c.fatal for c in chunks) and sum(c.frames.shape[0] for c in chunks) > 10
