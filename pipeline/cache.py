@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 256 * 1024
+# Failures found by indexing (a name that is not UTF-8, an unreadable folder), not by decoding: a
+# rerun finds them afresh, and retrying a video for them would redo it on every run, for nothing.
+INDEX_FAILURES = frozenset({"name", "folder"})
 
 
 def _h5py():
@@ -148,7 +151,8 @@ class CacheWriter:
         if self.path.exists() and not self.replace:
             with _open(self.path) as f:
                 if split in f:
-                    retry = {x["video"] for x in json.loads(f.attrs.get("failures", "[]")) if x.get("split") == split}
+                    retry = {x["video"] for x in json.loads(f.attrs.get("failures", "[]"))
+                             if x.get("split") == split and x.get("skipped") not in INDEX_FAILURES}
                     done.update(v for v in _strings(f[split]["videos"][()]) if v not in retry)
         d = self.partial / split
         if d.is_dir():
@@ -178,6 +182,14 @@ class CacheWriter:
     def pending(self) -> bool:
         """Finished parts not yet in the cache file."""
         return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))
+
+    def failures_unchanged(self, failures: list[dict[str, Any]], order: dict[str, Sequence[str]]) -> bool:
+        """The cache file already lists exactly the failures ``finalize`` would store."""
+        if self.replace or not self.path.exists():
+            return False
+        with _open(self.path) as f:
+            old = json.loads(f.attrs.get("failures", "[]"))
+        return _merge_failures(old, failures, order) == old
 
     def close_unchanged(self) -> None:
         """Nothing new to write: drop the work folder, keep the cache file as it is."""
@@ -301,8 +313,9 @@ def _write_root_attrs(out: Any, provenance: dict[str, Any], attrs: dict[str, Any
 
 
 def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[str]]) -> list[dict]:
-    """Failures of this run replace those of earlier runs for the splits it covered."""
-    return [f for f in old if f.get("split") not in order] + new
+    """Failures of this run replace those of earlier runs for the splits it covered; those found
+    by indexing replace all earlier ones (every run indexes every split)."""
+    return [f for f in old if f.get("split") not in order and f.get("skipped") not in INDEX_FAILURES] + new
 
 
 def _write_split(out: Any, split: str, records: Iterator[VideoRecord], dtype: str, dim: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -41,17 +42,58 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _utf8(p: Path) -> bool:
+def _utf8(p: Path | str) -> bool:
     """False for names that are not valid UTF-8 (e.g. unpacked from a Latin-1 archive)."""
+    name = p if isinstance(p, str) else p.name
+    if name.isascii():
+        return True
     try:
-        p.name.encode("utf-8")
+        name.encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False
 
 
+def printable(p: Path | str) -> str:
+    """A path as text that prints and stores anywhere: bytes that are not UTF-8 appear as \\xNN."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
 def _bad_name(p: Path) -> str:
-    return f"ignored {ascii(str(p))}: its name is not valid UTF-8; rename it"
+    return f"ignored '{printable(p)}': its name is not valid UTF-8; rename it"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A name or an unreadable folder that indexing left out; the cache lists these as failures."""
+
+    split: str | None  # the split it belongs to, where known
+    path: str  # printable, relative to the dataset root when inside it
+    reason: str
+    kind: Literal["name", "folder"]
+
+
+class _Report:
+    """Warnings and skipped entries gathered while indexing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.warnings: list[str] = []
+        self.skipped: list[Skipped] = []
+
+    def skip(self, split: str | None, path: Path, reason: str, kind: Literal["name", "folder"]) -> None:
+        rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+        self.skipped.append(Skipped(split, printable(rel), reason, kind))
+        self.warnings.append(reason)
+
+    def listdir(self, folder: Path, what: str, split: str | None) -> list[Path] | None:
+        """Entries of ``folder`` in natural order, or None (and a warning) if it cannot be read."""
+        try:
+            return sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+        except OSError as e:
+            self.skip(split, folder, f"cannot read {what} folder {printable(folder)} ({e.strerror or e}): "
+                                     "skipped it; check its permissions", "folder")
+            return None
 
 
 @dataclass(frozen=True)
@@ -71,6 +113,8 @@ class DatasetIndex:
     classes: list[str]
     splits: dict[str, list[Video]]
     warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    layout: str = "<root>/<split>/<class>/<video>"  # what was looked for, for "no videos found"
 
     def videos(self, split: str) -> list[Video]:
         return self.splits[split]
@@ -89,16 +133,25 @@ def video_kind(path: Path) -> Literal["frames", "file"] | None:
     return None
 
 
+def _is_frame(p: Path) -> bool:
+    return _visible(p) and p.suffix.lower() in IMAGE_EXTS and p.is_file()
+
+
 def list_frames(folder: Path) -> list[Path]:
-    """Image files of a frame folder in natural order; hidden files and other files ignored."""
-    frames = []
-    for p in folder.iterdir():
-        if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            if _utf8(p):
-                frames.append(p)
-            else:
-                log.warning(_bad_name(p))
+    """Image files of a frame folder in natural order; hidden files, other files and names that are
+    not valid UTF-8 (see ``bad_frame_names``, which indexing reports) are left out."""
+    frames = [p for p in folder.iterdir() if _utf8(p) and _is_frame(p)]
     return sorted(frames, key=lambda p: natural_key(p.name))
+
+
+def bad_frame_names(folder: Path) -> list[Path]:
+    """Frames that ``list_frames`` leaves out because their names are not valid UTF-8."""
+    try:
+        names = os.listdir(folder)  # names only: most folders are all ASCII and cost nothing more
+    except OSError:
+        return []  # decoding reports a folder it cannot read
+    bad = [folder / n for n in names if not _utf8(n)]
+    return sorted((p for p in bad if _is_frame(p)), key=lambda p: natural_key(p.name))
 
 
 # --------------------------------------------------------------------------------------- index
@@ -115,6 +168,11 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
         index = _index_from_split_files(root, spec)
     else:
         index = _index_split_tree(root)
+    for split, videos in index.splits.items():  # every split, so each run lists the same names
+        for v in videos:
+            for f in bad_frame_names(v.path) if v.kind == "frames" else ():
+                index.skipped.append(Skipped(split, v.rel, _bad_name(f), "name"))
+                index.warnings.append(_bad_name(f))
     if spec.splits is not None:
         missing = [s for s in spec.splits if s not in index.splits]
         if missing:
@@ -125,7 +183,7 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
         index.splits = {s: index.splits[s] for s in spec.splits}
     if index.num_videos == 0:
         raise DataError(
-            f"no videos found under {root}: expected <root>/<split>/<class>/<video>, where a video is "
+            f"no videos found under {root}: expected {index.layout}, where a video is "
             f"a folder of jpg/png frames or a {'/'.join(sorted(e[1:] for e in VIDEO_EXTS))} file"
         )
     _check_duplicates(index)
@@ -133,19 +191,35 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
 
 
 def _index_split_tree(root: Path) -> DatasetIndex:
-    split_dirs = sorted((p for p in root.iterdir() if _visible(p)), key=lambda p: natural_key(p.name))
-    for p in split_dirs:
-        if not p.is_dir():
+    try:
+        top = sorted((p for p in root.iterdir() if _visible(p)), key=lambda p: natural_key(p.name))
+    except OSError as e:
+        raise DataError(f"cannot read dataset folder {root} ({e.strerror or e}); check its permissions") from e
+    report = _Report(root)
+    split_dirs = []
+    for p in top:
+        if not _utf8(p):
+            report.skip(None, p, _bad_name(p), "name")
+        elif not p.is_dir():
             raise DataError(
                 f"expected split folders (train/, test/, ...) in {root}, found a file: {p}; "
                 "move it out of the dataset folder"
             )
-    warnings: list[str] = []
+        else:
+            split_dirs.append(p)
+    warnings = report.warnings
     per_split: dict[str, dict[str, list[Path]]] = {}
     for split_dir in split_dirs:
+        split = split_dir.name
         classes: dict[str, list[Path]] = {}
-        for class_dir in sorted(split_dir.iterdir(), key=lambda p: natural_key(p.name)):
+        listing = report.listdir(split_dir, "split", split)
+        if listing is None:
+            continue
+        for class_dir in listing:
             if not _visible(class_dir):
+                continue
+            if not _utf8(class_dir):
+                report.skip(split, class_dir, _bad_name(class_dir), "name")
                 continue
             if not class_dir.is_dir():
                 if video_kind(class_dir) == "file":
@@ -158,12 +232,15 @@ def _index_split_tree(root: Path) -> DatasetIndex:
                     f"expected class folders in {split_dir}, found a file: {class_dir}; "
                     "move it out of the dataset folder"
                 )
-            videos = []
-            for v in sorted(class_dir.iterdir(), key=lambda p: natural_key(p.name)):
+            entries = report.listdir(class_dir, "class", split)
+            classes[class_dir.name] = videos = []  # an unreadable class keeps its label
+            if entries is None:
+                continue
+            for v in entries:
                 if not _visible(v):
                     continue
                 if not _utf8(v):
-                    warnings.append(_bad_name(v))
+                    report.skip(split, v, _bad_name(v), "name")
                     continue
                 if video_kind(v) is None:
                     warnings.append(f"ignored {v}: not a frame folder or a video file")
@@ -171,10 +248,9 @@ def _index_split_tree(root: Path) -> DatasetIndex:
                 videos.append(v)
             if not videos:
                 warnings.append(f"class folder {class_dir} has no videos")
-            classes[class_dir.name] = videos
         if not any(classes.values()):
             warnings.append(f"split folder {split_dir} has no videos")
-        per_split[split_dir.name] = classes
+        per_split[split] = classes
     class_names = sorted({c for cls in per_split.values() for c in cls})
     label = {c: i for i, c in enumerate(class_names)}
     splits = {
@@ -186,7 +262,8 @@ def _index_split_tree(root: Path) -> DatasetIndex:
         ]
         for split, cls in per_split.items()
     }
-    return DatasetIndex(root=root, classes=class_names, splits=splits, warnings=warnings)
+    return DatasetIndex(root=root, classes=class_names, splits=splits, warnings=warnings,
+                        skipped=report.skipped)
 
 
 _HMDB_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<id>\d+)\.txt$")
@@ -214,26 +291,54 @@ def _split_files_for(spec: DatasetSpec) -> list[Path]:
     return files
 
 
-def _parse_split_files(files: Sequence[Path]) -> list[tuple[str, str, str]]:
-    """→ (split, class, video file name) triples from HMDB51 or UCF101 annotation files."""
-    entries: list[tuple[str, str, str]] = []
+class _Entry(NamedTuple):
+    """One video listed in a split file, with the place that lists it (``file:line``) for messages."""
+
+    split: str
+    cls: str
+    name: str
+    where: str
+
+
+def _plain(name: str) -> bool:
+    """One path component: not empty, not '.' or '..', no separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _read_lines(f: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; a UTF-8 byte order mark is dropped."""
+    for n, ln in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if ln.strip():
+            yield n, ln.strip()
+
+
+def _parse_split_files(files: Sequence[Path], report: _Report) -> list[_Entry]:
+    """Videos listed in HMDB51 or UCF101 annotation files, each as exactly ``<class>/<video>``."""
+    entries: list[_Entry] = []
     for f in dict.fromkeys(p.resolve() for p in files):  # --split-dir and --split-file may name one twice
-        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
-        if m := _HMDB_FILE.match(f.name):
-            for n, ln in enumerate(lines, 1):
+        if not _utf8(f):  # an HMDB51 file named after a class whose name is not UTF-8
+            report.skip(None, f, _bad_name(f), "name")
+        elif m := _HMDB_FILE.match(f.name):
+            for n, ln in _read_lines(f):
                 parts = ln.split()
                 if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                     raise DataError(f"{f}:{n}: expected '<video>.avi 0|1|2', got {ln!r}")
+                if not _plain(m["cls"]):
+                    raise DataError(f"{f}:{n}: the class {m['cls']!r} taken from this file's name is not a folder "
+                                    "name; name the file '<class>_test_split<N>.txt'")
+                if not _plain(parts[0]):
+                    raise DataError(f"{f}:{n}: expected a video file name such as 'clip.avi' (no folder, "
+                                    f"'.' or '..'), got {parts[0]!r}")
                 if parts[1] != "0":
-                    entries.append(("train" if parts[1] == "1" else "test", m["cls"], parts[0]))
+                    entries.append(_Entry("train" if parts[1] == "1" else "test", m["cls"], parts[0], f"{f}:{n}"))
         elif m := _UCF_FILE.match(f.name):
             split = m["split"].lower()
-            for n, ln in enumerate(lines, 1):
-                rel = ln.split()[0].replace("\\", "/")
-                if "/" not in rel:
-                    raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]', got {ln!r}")
-                cls, name = rel.rsplit("/", 1)
-                entries.append((split, cls, name))
+            for n, ln in _read_lines(f):
+                parts = ln.split()[0].replace("\\", "/").split("/")
+                if len(parts) != 2 or not all(_plain(p) for p in parts):
+                    raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]' (a class folder of the "
+                                    f"dataset and a video name, no absolute path, '.' or '..'), got {ln!r}")
+                entries.append(_Entry(split, parts[0], parts[1], f"{f}:{n}"))
         else:
             raise DataError(
                 f"unrecognised split file name: {f}; expected HMDB51 '<class>_test_split<N>.txt' "
@@ -243,19 +348,34 @@ def _parse_split_files(files: Sequence[Path]) -> list[tuple[str, str, str]]:
 
 
 def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
-    entries = _parse_split_files(_split_files_for(spec))
-    warnings: list[str] = []
+    report = _Report(root)
+    entries = _parse_split_files(_split_files_for(spec), report)
+    warnings = report.warnings
     on_disk: dict[str, dict[str, Path]] = {}  # class → stem → path (folder or file)
-    for cls in {c for _, c, _ in entries}:
+    unreadable: set[str] = set()
+    first: dict[str, str] = {}  # each class → the first line naming it, in file order
+    for e in entries:
+        first.setdefault(e.cls, e.where)
+    real_root = root.resolve()
+    for cls, where in first.items():
         cdir = root / cls
         if not cdir.is_dir():
-            raise DataError(f"class folder {cdir} named in the split files does not exist")
+            hint = " (the split file is not valid UTF-8 here)" if "\ufffd" in cls else ""
+            raise DataError(f"{where}: class folder {cdir} does not exist{hint}; check --data-dir (the folder "
+                            "that holds the class folders) and this line")
+        if not cdir.resolve().is_relative_to(real_root):
+            raise DataError(f"{where}: class folder {cdir} resolves to {cdir.resolve()}, outside the dataset "
+                            f"folder {root}; move the class folder into it")
         on_disk[cls] = {}
-        for v in sorted(cdir.iterdir()):
+        listing = report.listdir(cdir, "class", None)
+        if listing is None:  # the class keeps its label; its videos are not reported missing one by one
+            unreadable.add(cls)
+            continue
+        for v in listing:
             if not _visible(v) or video_kind(v) is None:
                 continue
             if not _utf8(v):
-                warnings.append(_bad_name(v))
+                report.skip(None, v, _bad_name(v), "name")
                 continue
             stem = v.stem if v.is_file() else v.name
             if stem in on_disk[cls]:
@@ -267,9 +387,11 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
     missing = 0
-    for split, cls, name in entries:
+    for split, cls, name, _ in entries:
         stem = Path(name).stem
         path = on_disk[cls].get(stem)
+        if path is None and cls in unreadable:
+            continue
         if path is None:
             missing += 1
             if missing <= 3:
@@ -282,7 +404,10 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     ordered = {
         s: sorted(vs, key=lambda v: (v.label, natural_key(v.rel))) for s, vs in sorted(splits.items())
     }
-    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings)
+    example = f"e.g. {root / entries[0].cls / entries[0].name}; " if entries else ""
+    layout = f"<root>/<class>/<video> as the split files list them ({example}a flat tree, no split folders)"
+    return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings,
+                        skipped=report.skipped, layout=layout)
 
 
 def _check_duplicates(index: DatasetIndex) -> None:
@@ -389,6 +514,7 @@ class DecodedFrame(NamedTuple):
     index: int  # source frame number (position in the folder's natural order / decode order)
     frame: torch.Tensor | None  # (3, H, W) uint8, or None if this frame failed to decode
     error: str | None
+    skipped: Literal["frame", "frames"] = "frame"  # "frames": the rest of a truncated video (index -1)
 
 
 def _open_video(path: Path):
@@ -408,22 +534,156 @@ def _open_video(path: Path):
     return container, stream
 
 
-def _video_pts(path: Path) -> tuple[list[int] | None, float]:
-    """Presentation timestamps of every frame, sorted, read by demuxing only (no decoding), and
-    the time base; None if the container does not give every packet a timestamp."""
+class _Demuxed(NamedTuple):
+    """What one demuxing pass (no decoding) learns about a video file."""
+
+    pts: list[int]  # presentation timestamps of the packets with data, in file order (may hold None)
+    time_base: float
+    corrupt: int  # packets the demuxer flagged incomplete (a file cut inside a frame)
+    last_corrupt: bool
+    declared_frames: int  # the frame count the header declares, 0 if none (Matroska, WebM)
+    declared_seconds: float | None  # the duration it declares
+    fps: float | None
+
+
+def _demux(path: Path) -> _Demuxed:
     import av
 
     container, stream = _open_video(path)
     try:
-        tb = float(stream.time_base) if stream.time_base else 0.0
-        pts = [p.pts for p in container.demux(stream) if p.size]
+        pts, corrupt, last = [], 0, False
+        for p in container.demux(stream):
+            if p.size:
+                pts.append(p.pts)
+                last = p.is_corrupt
+                corrupt += last
+        return _Demuxed(pts, float(stream.time_base) if stream.time_base else 0.0, corrupt, last,
+                        stream.frames or 0, _declared_seconds(container, stream),
+                        float(stream.average_rate) if stream.average_rate else None)
     except av.FFmpegError as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
     finally:
         container.close()
-    if not tb or any(p is None for p in pts):
-        return None, tb
-    return sorted(pts), tb
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """The stream's duration as its header declares it (AVI, MP4: the stream header; Matroska: the
+    track's DURATION tag), else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    if tag and (m := re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d*)?)", tag.strip())):
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    return container.duration / 1e6 if container.duration else None
+
+
+def _video_pts(path: Path) -> tuple[list[int] | None, float]:
+    """Presentation timestamps of every frame, sorted, read by demuxing only (no decoding), and
+    the time base; None if the container does not give every packet a timestamp."""
+    d = _demux(path)
+    return _sorted_pts(d), d.time_base
+
+
+def _sorted_pts(d: _Demuxed) -> list[int] | None:
+    if not d.time_base or any(p is None for p in d.pts):
+        return None
+    return sorted(d.pts)
+
+
+_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof"})
+
+
+def _declared_bytes(path: Path) -> int | None:
+    """How long the container's own size fields say the file is: the top-level RIFF chunks (AVI),
+    boxes (MP4, MOV) or Matroska/WebM segment. None for other formats or sizes left unwritten."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(128)
+            if head[:4] == b"RIFF":
+                return _walk_chunks(f, little=True)
+            if head[4:8] in _BOXES:
+                return _walk_chunks(f, little=False)
+            if head[:4] == b"\x1a\x45\xdf\xa3":
+                return _ebml_segment_end(head)
+    except OSError:
+        pass
+    return None
+
+
+def _walk_chunks(f, little: bool) -> int | None:
+    """End of the last top-level RIFF chunk (``little``) or ISO box, following their size fields."""
+    size = os.fstat(f.fileno()).st_size
+    pos = 0
+    while pos + 8 <= size:
+        f.seek(pos)
+        h = f.read(16)
+        if not all(32 <= c < 127 for c in (h[:4] if little else h[4:8])):
+            return None  # not a chunk header (padding, garbage): the sizes cannot be followed
+        if little:
+            n = 8 + int.from_bytes(h[4:8], "little")
+            n += n & 1  # chunks are padded to an even length
+        else:
+            n = int.from_bytes(h[:4], "big")
+            if n == 1 and len(h) == 16:
+                n = int.from_bytes(h[8:16], "big")
+            elif n == 0:
+                n = size - pos  # the last box runs to the end of the file
+        if n < 8 or little and pos == 0 and n == 8:
+            return None  # a size never written (a recording that was not closed)
+        pos += n
+    return pos
+
+
+def _ebml_segment_end(head: bytes) -> int | None:
+    """Where the Matroska segment ends by its size field, from the first bytes of the file."""
+
+    def vint(i: int) -> tuple[int, int, bool]:  # → (value, length, all ones = unknown size)
+        if i >= len(head) or not head[i]:
+            raise IndexError
+        n = 9 - head[i].bit_length()
+        v = int.from_bytes(head[i:i + n], "big") & ((1 << (7 * n)) - 1)
+        return v, n, v == (1 << (7 * n)) - 1
+
+    try:
+        size, n, _ = vint(4)  # the EBML header element, then the segment
+        i = 4 + n + size
+        if head[i:i + 4] != b"\x18\x53\x80\x67":
+            return None
+        size, n, unknown = vint(i + 4)
+    except IndexError:
+        return None
+    return None if unknown else i + 4 + n + size
+
+
+def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
+    """Why a video file that decoded ``decoded`` frames is cut short, or None if it is complete.
+
+    A header can be wrong about the length of a file that is all there (AVI frame counts often
+    are), so falling short of it only counts with evidence that data is missing: the demuxer
+    flagged a packet incomplete, or the file is shorter than its container's size fields say. A
+    file cut only in a trailing index (every frame present) is complete. Tolerance: more than one
+    frame or 1 % of the declared length missing.
+    """
+    what, expected, present = f"decoded {decoded} frames", 0.0, 0.0
+    if d.declared_frames:
+        what = f"decoded {decoded} of {d.declared_frames} frames the header declares"
+        expected, present = d.declared_frames, len(d.pts)
+    elif d.declared_seconds and d.fps and (pts := _sorted_pts(d)):
+        span = (pts[-1] - pts[0]) * d.time_base + 1 / d.fps  # the last frame lasts one period
+        what = f"decoded {decoded} frames, {span:.2f} s of the {d.declared_seconds:.2f} s the header declares"
+        expected, present = d.declared_seconds * d.fps, span * d.fps
+    short = expected - present > max(1.0, 0.01 * expected)
+    if not (short or d.corrupt):
+        return None
+    evidence = [f"{d.corrupt} incomplete packet(s)"] if d.corrupt else []
+    declared, size = _declared_bytes(path), path.stat().st_size
+    cut = declared is not None and declared > size + 1  # a missing pad byte is not a cut
+    if cut:
+        evidence.append(f"the file has {size} of the {declared} bytes its container declares")
+    if not evidence:
+        log.debug("%s: %s, but nothing is missing from the file: its header is wrong", path, what)
+        return None
+    return f"{path}: {'truncated' if cut or d.last_corrupt else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
 def video_fps(path: Path) -> float | None:
@@ -443,7 +703,8 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     """
     import av
 
-    pts, tb = _video_pts(path)
+    demuxed = _demux(path)
+    pts, tb = _sorted_pts(demuxed), demuxed.time_base
     if pts is not None:
         position = {p: i for i, p in enumerate(pts)}
         keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel))
@@ -453,9 +714,10 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
             raise VideoDecodeError(f"{path}: no frame timestamps, cannot apply --fps/--max-frames")
         keep = None
     container, stream = _open_video(path)
+    n = 0
+    stopped = None
     try:
         stream.thread_type = "AUTO"
-        n = 0
         for count, frame in enumerate(container.decode(stream)):
             n += 1
             i = position.get(frame.pts, count) if position else count
@@ -464,12 +726,18 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
             # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
             rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
             yield DecodedFrame(i, rgb, None)
-        if n == 0:
-            raise VideoDecodeError(f"{path}: no decodable frames")
     except av.FFmpegError as e:
-        raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+        if n == 0:
+            raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+        stopped = f"{path}: decoding stopped after {n} frames ({e})"  # keep the frames before it
     finally:
         container.close()
+    if n == 0:
+        raise VideoDecodeError(f"{path}: no decodable frames")
+    # A file cut short decodes without an error up to where it ends: keep those frames, but say so.
+    problem = stopped or _truncation(path, demuxed, n)
+    if problem is not None:
+        yield DecodedFrame(-1, None, problem, "frames")
 
 
 def iter_frame_folder(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
@@ -529,7 +797,7 @@ def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[tor
         sel = FrameSelection(max_frames=None)
         keep = set(want)
         for f in iter_video_file(video_path, sel):
-            if f.index in keep:
+            if f.frame is not None and f.index in keep:
                 got[f.index] = f.frame
             if f.index >= want[-1]:
                 break

@@ -42,7 +42,7 @@ from .backbone import (
     recalibrate_batchnorm,
     sha256_file,
 )
-from .cache import CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
+from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
 from .engine import autocast_ctx
@@ -103,6 +103,7 @@ class Chunk(NamedTuple):
     last: bool  # no more chunks for this video
     error: str | None  # a frame (fatal=False) or the whole video (fatal=True) failed
     fatal: bool
+    skipped: str = "frame"  # with fatal=False: "frame", or "frames" for the end of a truncated video
 
 
 class VideoFrameStream(IterableDataset):
@@ -128,7 +129,7 @@ class VideoFrameStream(IterableDataset):
             fps = float("nan") if fps is None else fps
             for f in iter_frames(path, kind, self.sel):
                 if f.frame is None:
-                    yield Chunk(pos, *empty, fps, False, f.error, False)
+                    yield Chunk(pos, *empty, fps, False, f.error, False, f.skipped)
                     continue
                 frames.append(resize_frames(f.frame, self.spec))
                 indices.append(f.index)
@@ -252,7 +253,7 @@ class _Video:
     fps: float = float("nan")
     last: bool = False
     error: str | None = None
-    frame_errors: list[str] = field(default_factory=list)
+    frame_errors: list[tuple[str, str]] = field(default_factory=list)  # (what was skipped, why)
 
 
 class FeatureRunner:
@@ -274,7 +275,7 @@ class FeatureRunner:
             if chunk.fatal:
                 v.error = chunk.error
             else:
-                v.frame_errors.append(chunk.error)
+                v.frame_errors.append((chunk.skipped, chunk.error))
         if chunk.frames.shape[0]:
             v.indices.append(chunk.indices)
             v.queued += chunk.frames.shape[0]
@@ -506,8 +507,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         nonlocal extracted, checked
         split, video = jobs[pos]
         v = runner.pop(pos)
-        for err in v.frame_errors:
-            _fail(failures, split, video, err, cfg.strict, fatal=False)
+        for skipped, err in v.frame_errors:
+            _fail(failures, split, video, err, cfg.strict, skipped)
         if v.error is not None or not v.rows:
             _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
             bar.update(1)
@@ -531,23 +532,25 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     finally:
         bar.close()
 
-    # Gather every rank's outcome; failures in dataset order, whatever rank or worker met them.
+    # Gather every rank's outcome; failures in dataset order, whatever rank or worker met them, and
+    # whichever videos an earlier, interrupted run already did.
     gathered = D.all_gather_objects((failures, extracted, runner.frames_done), info)
-    failures = [f for part, _, _ in gathered for f in part]
+    failures = [{"split": s.split, "video": s.path, "reason": s.reason, "skipped": s.kind} for s in index.skipped]
+    failures += [f for part, _, _ in gathered for f in part]
     extracted, frames_done = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
-    rank_of = {(s, v.rel): i for i, (s, v) in enumerate(all_jobs)}
+    rank_of = {(s, v.rel): i for i, (s, v) in enumerate((s, v) for s, vs in index.splits.items() for v in vs)}
     failures.sort(key=lambda f: (rank_of.get((f["split"], f["video"]), -1), f["reason"]))
     if extracted == 0 and reused == 0:
         D.barrier(info)
         if info.is_main:
             writer.close_unchanged()
-        first = failures[0]["reason"] if failures else "no videos"
+        first = next((f["reason"] for f in failures if f["skipped"] not in INDEX_FAILURES), "no videos")
         raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
     order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
-        if output.exists() and not writer.replace and not writer.pending() and not failures:
+        if not writer.pending() and writer.failures_unchanged(failures, order):
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:
             writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures})
@@ -562,11 +565,14 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
 
 
 def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,
-          fatal: bool = True) -> None:
+          skipped: str = "video") -> None:
+    """Record a broken video, frame, or truncated end of a video ("frames": its other frames are kept)."""
     if strict:
-        raise DataError(f"{reason} (--strict; drop --strict to skip broken {'videos' if fatal else 'frames'})")
-    log.warning("skipped %s: %s", "video" if fatal else "frame", reason)
-    failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": "video" if fatal else "frame"})
+        instead = {"video": "skip broken videos", "frame": "skip broken frames",
+                   "frames": "keep the frames a truncated video has"}[skipped]
+        raise DataError(f"{reason} (--strict; drop --strict to {instead})")
+    log.warning("skipped %s: %s", skipped, reason)
+    failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": skipped})
 
 
 def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:

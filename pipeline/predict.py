@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .backbone import FrozenBackbone, WeightsIdentity, build_backbone, sha256_file
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FrameSelection, FrameSpec
-from .data import IMAGE_EXTS, VIDEO_EXTS, list_frames, natural_key, video_kind
+from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
 from .engine import FeatureBank, evaluate
 from .errors import ConfigError, WeightsError
 from .extract import FeatureRunner, default_workers, frame_loader, resolve_device, resolve_precision
@@ -87,6 +87,9 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
             if not found:
                 errors.append(Prediction(str(p), error=f"{p}: no videos or frame folders inside"))
             videos += found
+    for p, kind in videos:
+        for f in bad_frame_names(p) if kind == "frames" else ():
+            log.warning("ignored '%s': its name is not valid UTF-8; rename it", printable(f))
     return videos, errors
 
 
@@ -195,8 +198,8 @@ class Predictor:
         def done(pos: int):
             v = runner.pop(pos)
             bar.update(1)
-            for e in v.frame_errors:
-                log.warning("skipped frame: %s", e)
+            for skipped, e in v.frame_errors:
+                log.warning("skipped %s: %s", skipped, e)
             if v.error is not None or not v.rows:
                 return pos, None, None, v.fps, v.error or f"{videos[pos][0]}: no decodable frames"
             feats = torch.cat(v.rows).to("cpu").numpy().astype(self.dtype)

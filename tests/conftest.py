@@ -36,6 +36,29 @@ def write_frames(folder: Path, frames: list[np.ndarray], ext: str = ".png", name
     return paths
 
 
+def write_faststart_mp4(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+    """h264 .mp4 with its header (moov) before the frames, as web videos are: a cut file still opens."""
+    from fractions import Fraction
+
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=Fraction(fps))
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(q)
+        for q in s.encode():
+            c.mux(q)
+
+
+def cut_file(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` bytes of ``path`` (as an interrupted copy or download does)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """A random-init MobileNetV2 with BatchNorm recalibrated on noise: non-degenerate features."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +251,159 @@ def test_output_inside_dataset_and_empty_split(tiny_dataset, tmp_path, weights_f
     (tiny_dataset / "val").mkdir()
     code, _, err = extract(tiny_dataset, tmp_path / "f.h5", weights_file)
     assert code == 0 and "split folder" in err and "val has no videos" in err
+
+
+def _bad(path: Path, name: bytes) -> bytes:
+    """``path/name`` as bytes: a name that is not valid UTF-8 (as unpacked from a Latin-1 archive)."""
+    return os.fsencode(path) + b"/" + name
+
+
+def test_class_and_split_folders_with_non_utf8_names_are_ignored(tiny_dataset, tmp_path, weights_file):
+    rng = np.random.default_rng(0)
+    write_frames(tmp_path / "v", rand_frames(rng, 3))
+    os.mkdir(_bad(tiny_dataset / "train", b"cl\xe9ss"))
+    os.rename(tmp_path / "v", _bad(tiny_dataset / "train", b"cl\xe9ss/v"))
+    os.makedirs(_bad(tiny_dataset, b"te\xe9st/walk/w9"))
+    write_frames(tmp_path / "w", rand_frames(rng, 3))
+    for f in (tmp_path / "w").iterdir():
+        os.rename(f, _bad(tiny_dataset, b"te\xe9st/walk/w9/" + f.name.encode()))
+    out = tmp_path / "f.h5"
+    code, _, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0 and "Traceback" not in err, err
+    assert "train/cl\\xe9ss': its name is not valid UTF-8" in err and "te\\xe9st': its name" in err
+    assert not Path(f"{out}.tmp").exists() and not Path(f"{out}.partial").exists()
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["classes"]) == ["jump", "run", "walk"] and sorted(f) == ["test", "train"]
+
+
+def test_split_files_naming_a_non_utf8_class_are_ignored(tmp_path, weights_file):
+    rng = np.random.default_rng(0)
+    root, splits = tmp_path / "hmdb", tmp_path / "splits"
+    for cls in ("jump", "walk"):
+        for k in range(2):
+            write_frames(root / cls / f"{cls}{k}", rand_frames(rng, 3))
+        (splits / f"{cls}_test_split1.txt").parent.mkdir(exist_ok=True)
+        (splits / f"{cls}_test_split1.txt").write_text(f"{cls}0.avi 1\n{cls}1.avi 2\n")
+    os.rename(root / "walk", _bad(root, b"w\xe4lk"))
+    os.rename(splits / "walk_test_split1.txt", _bad(splits, b"w\xe4lk_test_split1.txt"))
+    out = tmp_path / "f.h5"
+    code, _, err = extract(root, out, weights_file, "--split-dir", str(splits))
+    assert code == 0 and "Traceback" not in err, err
+    assert "w\\xe4lk_test_split1.txt': its name is not valid UTF-8" in err
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["classes"]) == ["jump"]
+        assert [v.decode() for v in f["train/videos"][()]] == ["jump/jump0"]
+
+
+def _without_dac(args: list[str], probe: Path) -> list[str] | None:
+    """A command line that runs ``args`` unable to read chmod-000 folders such as ``probe``: through
+    capsh without the DAC capabilities when root, as is otherwise; None if neither can."""
+    import shlex
+
+    cmd = args
+    if os.geteuid() == 0:
+        if not Path("/usr/sbin/capsh").exists():
+            return None
+        cmd = ["/usr/sbin/capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(args)]
+    test = (cmd[:-1] + [shlex.join(["ls", str(probe)])]) if os.geteuid() == 0 else ["ls", str(probe)]
+    return cmd if subprocess.run(test, capture_output=True, check=False).returncode != 0 else None
+
+
+@pytest.mark.parametrize("layout", ["split_tree", "split_files"])
+def test_unreadable_split_and_class_folders_are_skipped(tiny_dataset, tmp_path, weights_file, layout):
+    extra: list[str] = []
+    if layout == "split_tree":
+        locked = [tiny_dataset / "train" / "run"]
+        write_frames(tiny_dataset / "val" / "walk" / "w8", rand_frames(np.random.default_rng(0), 2))
+        locked.append(tiny_dataset / "val")
+    else:
+        (tmp_path / "trainlist01.txt").write_text("run/r1.avi 1\nwalk/w1.avi 1\njump/j1.avi 1\n")
+        for split in ("train", "test"):
+            for d in (tiny_dataset / split).iterdir():
+                for v in d.iterdir():
+                    (tiny_dataset / d.name).mkdir(exist_ok=True)
+                    os.rename(v, tiny_dataset / d.name / v.name)
+            shutil.rmtree(tiny_dataset / split)
+        locked = [tiny_dataset / "run"]
+        extra = ["--split-file", str(tmp_path / "trainlist01.txt")]
+    out = tmp_path / "f.h5"
+    args = [sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(tiny_dataset), "--output",
+            str(out), "--weights", str(weights_file), "--size", str(SIZE), "--workers", "0", "--no-progress", *extra]
+    for d in locked:
+        d.chmod(0)
+    try:
+        cmd = _without_dac(args, locked[0])
+        if cmd is None:
+            pytest.skip("cannot make a folder unreadable here (root without capsh)")
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
+    finally:
+        for d in locked:
+            d.chmod(0o755)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for d in locked:
+        assert f"cannot read {'split' if d.name == 'val' else 'class'} folder {d}" in r.stderr
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["classes"]) == ["jump", "run", "walk"]  # labels do not move
+        videos = [v.decode() for v in f["train/videos"][()]]
+        assert not [v for v in videos if "run" in v] and videos
+        assert "val" not in f
+
+
+def test_ignored_names_are_listed_warned_once_and_not_retried(tiny_dataset, tmp_path):
+    """Every name left out (split, class, video folder, video file, frame) is in the failure list and
+    the summary, warned about once (calibration decodes the frames too), and a rerun does not redo
+    the video whose frame was left out: the name is as wrong as before."""
+    rng = np.random.default_rng(0)
+    walk = tiny_dataset / "train" / "walk"
+    os.rename(walk / "w2", _bad(walk, b"vid\xe9o"))
+    os.rename(walk / "w1" / "frame_12.png", _bad(walk / "w1", b"fr\xe9me_13.png"))
+    write_video(tmp_path / "c.mkv", rand_frames(rng, 3))
+    os.rename(tmp_path / "c.mkv", _bad(tiny_dataset / "train" / "run", b"cl\xe9p.mkv"))
+    write_frames(tmp_path / "v", rand_frames(rng, 2))
+    os.makedirs(_bad(tiny_dataset / "train", b"cl\xe9ss"))
+    os.rename(tmp_path / "v", _bad(tiny_dataset / "train", b"cl\xe9ss/v"))
+    os.makedirs(_bad(tiny_dataset, b"te\xe9st/walk"))
+    out = tmp_path / "f.h5"
+    args = ["extract-features", "--data-dir", str(tiny_dataset), "--output", str(out), "--weights", "none",
+            "--size", str(SIZE), "--calibration-frames", "16", "--workers", "0", "--no-progress"]
+    code, stdout, err = run(*args)
+    assert code == 0, err
+    names = ["te\\xe9st", "train/cl\\xe9ss", "train/walk/vid\\xe9o", "train/run/cl\\xe9p.mkv",
+             "train/walk/w1/fr\\xe9me_13.png"]
+    for name in names:
+        assert err.count(f"{name}': its name is not valid UTF-8") == 1, (name, err)
+    assert "5 problem(s)" in stdout and all(f"skipped name: ignored '{tiny_dataset}/{n}'" in stdout for n in names)
+    got = {(f["split"], f["video"], f["skipped"]) for f in failures(out)}
+    assert got == {(None, "te\\xe9st", "name"), ("train", "train/cl\\xe9ss", "name"),
+                   ("train", "train/walk/vid\\xe9o", "name"), ("train", "train/run/cl\\xe9p.mkv", "name"),
+                   ("train", "train/walk/w1", "name")}
+    before = sha256_file(out)
+    code, stdout, err = run(*args)
+    assert code == 0 and "this run: 0 videos" in stdout and "5 problem(s)" in stdout, stdout + err
+    assert sha256_file(out) == before  # nothing new: the cache is left as it was
+
+
+def test_truncated_video_is_kept_listed_retried_and_strict_refuses(tiny_dataset, tmp_path, weights_file):
+    import re
+
+    from conftest import cut_file, write_faststart_mp4
+
+    video = tiny_dataset / "train" / "run" / "cut.mp4"
+    write_faststart_mp4(video, rand_frames(np.random.default_rng(0), 120))
+    cut_file(video, video.stat().st_size // 2)
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(tiny_dataset, out, weights_file)
+    assert code == 0, err
+    (got,) = failures(out)
+    assert (got["video"], got["skipped"]) == ("train/run/cut.mp4", "frames")
+    m = re.search(r"truncated: decoded (\d+) of 120 frames the header declares", got["reason"])
+    assert m and f"skipped frames: {got['reason']}" in stdout and "cut.mp4: truncated" in err
+    with h5py.File(out) as f:
+        vids = [v.decode() for v in f["train/videos"][()]]
+        lengths = np.diff(f["train/offsets"][()])
+    assert lengths[vids.index("train/run/cut.mp4")] == int(m[1]) < 120  # kept, with the frames it has
+    code, stdout, _ = extract(tiny_dataset, out, weights_file)
+    assert code == 0 and "this run: 1 videos" in stdout and len(failures(out)) == 1  # retried, like a broken frame
+    code, _, err = extract(tiny_dataset, tmp_path / "g.h5", weights_file, "--strict")
+    one_error_line(code, err, "cut.mp4: truncated: decoded", "--strict")
+    assert not (tmp_path / "g.h5").exists()

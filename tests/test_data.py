@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import rand_frames, write_frames
+from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
@@ -257,3 +257,158 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     got = out["hwc"][0]
     batch = stack_frames(got)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(got))
+
+
+def _ucf(tmp_path: Path, train: str, test: str = "brush_hair/brush_hair_v2.avi\n") -> DatasetSpec:
+    root = tmp_path / "ucf"
+    _flat_tree(root)
+    (tmp_path / "trainlist01.txt").write_text(train)
+    (tmp_path / "testlist01.txt").write_text(test)
+    return DatasetSpec(str(root), split_files=(str(tmp_path / "trainlist01.txt"), str(tmp_path / "testlist01.txt")))
+
+
+@pytest.mark.parametrize("listfile, line", [
+    ("trainlist01.txt", "a/../../outside/secret/secret_vid.avi 1"),
+    ("trainlist01.txt", "brush_hair/../../outside/secret/secret_vid.avi 1"),  # reads outside without the check
+    ("testlist01.txt", "../outside/secret/secret_vid.avi"),
+    ("testlist01.txt", "/abs/outside/secret_vid.avi"),
+    ("testlist01.txt", "./cartwheel/cartwheel_v0.avi"),
+    ("testlist01.txt", "cartwheel//cartwheel_v0.avi"),
+    ("testlist01.txt", "cartwheel/../cartwheel/cartwheel_v0.avi"),
+    ("testlist01.txt", "cartwheel/sub/cartwheel_v0.avi"),
+    ("testlist01.txt", "cartwheel/.."),
+    ("testlist01.txt", "nope/cartwheel_v0.avi"),  # no such class folder
+])
+def test_ucf101_split_paths_stay_in_root_and_name_a_class(tmp_path, listfile, line):
+    """A listed path is exactly <class>/<video>: it can neither read outside the dataset folder nor
+    invent a class (which would shift every later class's label)."""
+    secret = tmp_path / "outside" / "secret"
+    secret.mkdir(parents=True)
+    write_video(secret / "secret_vid.avi", rand_frames(np.random.default_rng(0), 2))
+    lines = {"trainlist01.txt": "brush_hair/brush_hair_v0.avi 1\n", "testlist01.txt": "cartwheel/cartwheel_v3.avi\n"}
+    lines[listfile] += line + "\n"
+    spec = _ucf(tmp_path, lines["trainlist01.txt"], lines["testlist01.txt"])
+    with pytest.raises(DataError) as e:
+        index_dataset(spec)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / listfile}:2: ") and "\n" not in msg, msg
+
+
+def test_split_file_class_symlinked_outside_root_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "jump"
+    write_frames(elsewhere / "jump_v0", rand_frames(np.random.default_rng(0), 2))
+    spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\njump/jump_v0.avi 2\n")
+    (Path(spec.root) / "jump").symlink_to(elsewhere)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'trainlist01.txt'}:2: .*outside"):
+        index_dataset(spec)
+
+
+@pytest.mark.parametrize("line", ["../brush_hair/brush_hair_v0.avi 1", "sub/brush_hair_v0.avi 1", ".. 1", "/x.avi 2"])
+def test_hmdb51_split_video_must_be_a_plain_name(tmp_path, line):
+    root = tmp_path / "hmdb"
+    _flat_tree(root)
+    f = tmp_path / "cartwheel_test_split1.txt"
+    f.write_text(f"cartwheel_v0.avi 1\n{line}\n")
+    with pytest.raises(DataError, match=rf"^{f}:2: "):
+        index_dataset(DatasetSpec(str(root), split_files=(str(f),)))
+
+
+def test_hmdb51_split_file_for_missing_class_names_file_and_line(tmp_path):
+    root = tmp_path / "hmdb"
+    _flat_tree(root)
+    f = tmp_path / "jump_test_split1.txt"
+    f.write_text("\n\njump_v0.avi 1\n")
+    with pytest.raises(DataError, match=rf"^{f}:3: class folder {root / 'jump'} .*does not exist"):
+        index_dataset(DatasetSpec(str(root), split_files=(str(f),)))
+    dots = tmp_path / ".._test_split1.txt"
+    dots.write_text("x.avi 1\n")
+    with pytest.raises(DataError, match=rf"^{dots}:1: "):
+        index_dataset(DatasetSpec(str(root), split_files=(str(dots),)))
+
+
+def test_split_files_with_bom_keep_their_first_video(tmp_path):
+    bom = "\ufeff"
+    spec = _ucf(tmp_path, bom + "brush_hair/brush_hair_v0.avi 1\r\ncartwheel/cartwheel_v1.avi 2\r\n",
+                bom + "cartwheel/cartwheel_v3.avi\n")
+    idx = index_dataset(spec)
+    assert [v.rel for v in idx.videos("train")] == ["brush_hair/brush_hair_v0", "cartwheel/cartwheel_v1"]
+    assert [v.rel for v in idx.videos("test")] == ["cartwheel/cartwheel_v3.avi"]
+    f = tmp_path / "brush_hair_test_split1.txt"
+    f.write_bytes((bom + "brush_hair_v0.avi 1\nbrush_hair_v1.avi 2\n").encode())
+    idx = index_dataset(DatasetSpec(spec.root, split_files=(str(f),)))
+    assert [v.rel for v in idx.videos("train")] == ["brush_hair/brush_hair_v0"]
+
+
+def test_no_videos_in_split_file_mode_describes_split_files(tmp_path):
+    spec = _ucf(tmp_path, "brush_hair/gone_v0.avi 1\n", "cartwheel/gone_v1.avi\n")
+    with pytest.raises(DataError) as e:
+        index_dataset(spec)
+    msg = str(e.value)
+    assert "split files" in msg and "<root>/<class>/<video>" in msg and "<split>" not in msg, msg
+
+
+def _write_120(path: Path) -> list[np.ndarray]:
+    """120 frames at 25 fps: mpeg4 .avi, faststart h264 .mp4, ffv1 .mkv."""
+    frames = rand_frames(np.random.default_rng(7), 120, 24, 32)
+    (write_faststart_mp4 if path.suffix == ".mp4" else write_video)(path, frames, fps=25)
+    return frames
+
+
+@pytest.mark.parametrize("ext, declares", [(".avi", "of 120 frames the header declares"),
+                                           (".mp4", "of 120 frames the header declares"),
+                                           (".mkv", "of the 4.80 s the header declares")])
+def test_truncated_video_keeps_its_frames_and_says_so(tmp_path, ext, declares):
+    path = tmp_path / f"v{ext}"
+    frames = _write_120(path)
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.frame is not None for g in got)
+    cut_file(path, path.stat().st_size // 2)
+    got = list(iter_video_file(path, FrameSelection()))
+    decoded, last = got[:-1], got[-1]
+    assert 30 < len(decoded) < 90 and all(g.frame is not None for g in decoded)
+    assert [g.index for g in decoded] == list(range(len(decoded)))
+    assert last.frame is None and last.skipped == "frames", (last.index, last.error)
+    assert last.error.startswith(f"{path}: truncated: decoded {len(decoded)} ") and declares in last.error
+    assert "bytes its container declares" in last.error
+    if ext == ".mkv":  # lossless: the frames that are kept are the right ones
+        assert all(torch.equal(g.frame, torch.from_numpy(frames[g.index]).permute(2, 0, 1)) for g in decoded)
+    # a selection decodes every frame all the same and reports the same
+    assert list(iter_video_file(path, FrameSelection(max_frames=4)))[-1].error == last.error
+
+
+def test_video_with_a_wrong_header_count_but_complete_passes(tmp_path):
+    """Writers get the AVI frame count wrong (this happens); a file that is all there and decodes
+    cleanly is not truncated, whatever its header says. FFmpeg reads the count from the stream
+    header (strh dwLength), not the main header (avih dwTotalFrames): both are rewritten."""
+    import struct
+
+    import av
+
+    path = tmp_path / "v.avi"
+    _write_120(path)
+    data = bytearray(path.read_bytes())
+    for chunk, offset in ((b"avih", 16), (b"strh", 32)):
+        at = data.find(chunk) + 8 + offset
+        assert struct.unpack_from("<I", data, at)[0] == 120
+        struct.pack_into("<I", data, at, 200)
+    path.write_bytes(bytes(data))
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 200
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.error is None for g in got)
+
+
+@pytest.mark.parametrize("ext, cut", [(".avi", 10), (".mkv", 50)])
+def test_video_cut_only_in_its_trailing_index_passes(tmp_path, ext, cut):
+    """The AVI idx1 index and the Matroska cues/tags come after the frames: every frame is there."""
+    path = tmp_path / f"v{ext}"
+    _write_120(path)
+    cut_file(path, path.stat().st_size - cut)
+    got = list(iter_video_file(path, FrameSelection()))
+    assert len(got) == 120 and all(g.error is None for g in got)
+
+
+def test_split_file_errors_name_the_first_bad_line(tmp_path):
+    spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\nzebra/z.avi 1\nant/a.avi 1\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'trainlist01.txt'}:2: class folder .*zebra does not exist"):
+        index_dataset(spec)

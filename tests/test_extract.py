@@ -415,3 +415,46 @@ def test_decoder_threads_do_not_change_the_cache(tiny_dataset, tmp_path, weights
     extract_features(config(tiny_dataset, a, weights_file, workers=0), progress=False)
     extract_features(config(tiny_dataset, b, weights_file, workers=3, chunk_frames=2), progress=False)
     assert_same_cache(a, b)
+
+
+def test_interrupted_run_with_ignored_names_resumes_to_the_same_cache(tiny_dataset, tmp_path, weights_file,
+                                                                       monkeypatch):
+    from pipeline.cache import CacheWriter
+
+    walk = tiny_dataset / "train" / "walk"
+    os.rename(walk / "w1" / "frame_3.png", os.fsencode(walk / "w1") + b"/fr\xe9me_3.png")
+    os.rename(walk / "w2", os.fsencode(walk) + b"/vid\xe9o")
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract_features(config(tiny_dataset, a, weights_file), progress=False)
+
+    def killed(self, *args, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # every video done, killed before the cache file is written
+        m.setattr(CacheWriter, "finalize", killed)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(config(tiny_dataset, b, weights_file), progress=False)
+    r = extract_features(config(tiny_dataset, b, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 5) and len(r.failures) == 2
+    assert_same_cache(a, b)
+    r = extract_features(config(tiny_dataset, b, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 5)  # the video with a left-out frame is not redone
+    with FeatureCache(b) as c:
+        assert {(f["video"], f["skipped"]) for f in c.failures} == {("train/walk/w1", "name"),
+                                                                    ("train/walk/vid\\xe9o", "name")}
+
+
+@pytest.mark.parametrize("inline, workers", [(True, 2), (False, 1)])
+def test_truncated_video_reaches_the_runner_as_skipped_frames(tmp_path, inline, workers):
+    """Both loaders (threads on CPU, DataLoader processes on CUDA) carry what a frame error skipped."""
+    from conftest import cut_file, write_faststart_mp4
+
+    video = tmp_path / "cut.mp4"
+    write_faststart_mp4(video, rand_frames(np.random.default_rng(0), 60))
+    cut_file(video, video.stat().st_size // 2)
+    loader = frame_loader([(0, video, "file")], FrameSpec(size=SIZE), FrameSelection(), chunk_frames=4,
+                          workers=workers, device=torch.device("cpu"), batch_size=4, inline=inline)
+    chunks = list(loader)
+    errors = [(c.skipped, c.error) for c in chunks if c.error is not None]
+    assert len(errors) == 1 and errors[0][0] == "frames" and "truncated: decoded" in errors[0][1]
+    assert not any(c.fatal for c in chunks) and sum(c.frames.shape[0] for c in chunks) > 10
