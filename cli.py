@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
+from pipeline.config import INTERPOLATIONS, DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection
 from pipeline.errors import PipelineError
 from pipeline.runtime import tune_cpu_allocator
 
@@ -70,7 +70,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
 def main(verbose: int, quiet: int) -> None:
-    """Video action recognition with cached MobileNetV2 frame features."""
+    """Video action recognition with cached image-backbone frame features."""
     _setup_logging(verbose, quiet)
     tune_cpu_allocator()  # about 2x faster CPU forward passes; see pipeline/runtime.py
 
@@ -83,6 +83,32 @@ def _is_main_rank() -> bool:
 def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...] | None:
     names = tuple(s for v in value for s in v.split(",") if s)
     return names or None
+
+
+FRAME_OPTIONS_LIST = [
+    click.option("--size", type=click.IntRange(16), default=None,
+                 help="Network input size (square crop).  [default: the backbone weights' own, e.g. 224]"),
+    click.option("--resize-size", type=click.IntRange(16), default=None,
+                 help="Short side before the centre crop.  [default: the weights' own ratio, e.g. 232 for 224]"),
+    click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                 help="Antialiased resize filter.  [default: the weights' own]"),
+    click.option("--resize", type=click.Choice(["crop", "squash"]), default=None,
+                 help="crop: short side to --resize-size, then centre crop --size; squash: both sides to --size.  "
+                      "[default: crop]"),
+]
+
+
+def FRAME_OPTIONS(f):  # noqa: N802 - used as a decorator, like click's own
+    """The FrameSpec options, defined once: each left out keeps the backbone's default."""
+    for opt in reversed(FRAME_OPTIONS_LIST):
+        f = opt(f)
+    return f
+
+
+def _describe_spec(spec) -> str:
+    if spec.resize == "squash":
+        return f"squashed to {spec.size}x{spec.size}, {spec.interpolation}"
+    return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
 
 
 @main.command("extract-features")
@@ -98,12 +124,12 @@ def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
               help="Folder of official split files; picks those of --split-id.")
 @click.option("--split-id", type=click.IntRange(1), default=1, show_default=True,
               help="Which official split (1-3) with --split-dir.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="A torchvision classification model (see list-backbones) or timm:<model name>.")
 @click.option("--weights", default="none", show_default=True,
-              help="none (random init, BatchNorm recalibrated on your frames), imagenet, a torchvision "
-                   "weight name (IMAGENET1K_V1), or PATH to a state dict / checkpoint.")
-@click.option("--size", type=click.IntRange(16), default=224, show_default=True, help="Network input size (square).")
-@click.option("--resize", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
-              help="crop: short side to --size then centre crop; squash: both sides to --size.")
+              help="none (random init, BatchNorm recalibrated on your frames), imagenet (the default weights), "
+                   "a weight tag (IMAGENET1K_V1; timm: a pretrained tag), or PATH to a weights file / checkpoint.")
+@FRAME_OPTIONS
 @click.option("--stride", type=click.IntRange(1), default=1, show_default=True, help="Keep every K-th frame.")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resample video files to at most this frame rate.")
@@ -129,10 +155,11 @@ def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None, splits, split_files,
-                         split_dir, split_id, weights, size, resize, stride, fps, folder_fps, max_frames,
+                         split_dir, split_id, backbone, weights, size, resize_size, interpolation, resize, stride,
+                         fps, folder_fps, max_frames,
                          batch_size, workers, device, precision, dtype, calibration_frames, seed,
                          overwrite, strict, no_progress) -> None:
-    """Cache MobileNetV2 features of every frame of every video in one HDF5 file (resumable)."""
+    """Cache backbone features of every frame of every video in one HDF5 file (resumable)."""
     from pipeline.extract import extract_features
 
     if output is None:
@@ -140,7 +167,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     cfg = ExtractConfig(
         dataset=DatasetSpec(root=str(data_dir), splits=splits, split_files=tuple(split_files),
                             split_dir=split_dir, split_id=split_id),
-        output=str(output), weights=weights, frame_spec=FrameSpec(size=size, resize=resize),
+        output=str(output), backbone=backbone, weights=weights,
+        frame_overrides=FrameOverrides(size=size, resize_size=resize_size, interpolation=interpolation, resize=resize),
         selection=FrameSelection(stride=stride, fps=fps, max_frames=max_frames, folder_fps=folder_fps),
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype,
         overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
@@ -156,7 +184,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     click.echo(f"wrote {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items()))
     click.echo(f"  this run: {r.extracted} videos, {r.frames} frames in {r.seconds:.1f} s ({fps_txt}); "
                f"{r.reused} already cached")
-    click.echo(f"  weights: {r.weights.describe()}")
+    click.echo(f"  backbone: {r.backbone} ({r.feature_dim}-d), weights: {r.weights.describe()}")
+    click.echo(f"  frames: {_describe_spec(r.frame_spec)}")
     if r.weights_file:
         click.echo(f"  recalibrated backbone saved to {r.weights_file} (later stages use it)")
     if r.failures:
@@ -351,10 +380,13 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--split-id", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--val-split", default=None)
-@click.option("--size", type=click.IntRange(16), default=None, help="FrameSpec size  [default: --init's, else 224]")
+@click.option("--backbone", default=None, help="Without --init: the backbone (see list-backbones).  "
+                                                "[default: --init's, else mobilenet_v2]")
+@FRAME_OPTIONS
 @click.option("--freeze-cnn", is_flag=True, help="Train the head only; the backbone stays exactly as it is.")
-@click.option("--trainable-blocks", type=click.IntRange(0, 19), default=None,
-              help="Train only the last N of the 19 backbone blocks (stem, 17 inverted residuals, final conv).")
+@click.option("--trainable-blocks", type=click.IntRange(0), default=None,
+              help="Train only the last N blocks of the backbone (list-backbones --blocks NAME shows them).  "
+                   "[default: all]")
 @click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[default: --lr / 10]")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute trainable blocks in backward: less memory.")
 @click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
@@ -375,17 +407,51 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | None, weights: str, split_dir, split_id,
-                 size: int | None, no_augment: bool, no_progress: bool, **kw) -> None:
-    """Fine-tune MobileNetV2 and the LSTM head jointly from frames (DDP under torchrun)."""
+                 size: int | None, resize_size: int | None, interpolation: str | None, resize: str | None,
+                 no_augment: bool, no_progress: bool, **kw) -> None:
+    """Fine-tune the backbone and the temporal head jointly from frames (DDP under torchrun)."""
     from pipeline.config import FinetuneConfig
     from pipeline.finetune import finetune
 
     cfg = FinetuneConfig(dataset=DatasetSpec(root=str(data_dir), split_dir=split_dir, split_id=split_id), out=str(out),
                          init=str(init) if init else None, weights=weights,
-                         frame_spec=FrameSpec(size=size) if size else None, augment=not no_augment, **kw)
+                         frame_overrides=FrameOverrides(size=size, resize_size=resize_size, interpolation=interpolation,
+                                                        resize=resize), augment=not no_augment, **kw)
     r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs), on_start=_hint_from(ctx))
     if _is_main_rank():
         _print_train_summary(r)
+
+
+@main.command("list-backbones")
+@click.option("--timm", "timm_pattern", default=None, metavar="PATTERN",
+              help="List timm's pretrained models matching PATTERN (e.g. 'vit_small*', '*dinov2*') instead.")
+@click.option("--blocks", "blocks_of", default=None, metavar="NAME",
+              help="Show the blocks of one backbone, as --trainable-blocks counts them (last first).")
+def list_backbones_cmd(timm_pattern: str | None, blocks_of: str | None) -> None:
+    """Backbones by name: feature dimension, default input (the weights' transform), weight tags."""
+    from pipeline.backbones import create_backbone, describe_timm, describe_torchvision, torchvision_names
+
+    if blocks_of:
+        bb = create_backbone(blocks_of, "none")
+        click.echo(f"{bb.name}: {len(bb.blocks)} blocks, {bb.num_features}-d features; --trainable-blocks N "
+                   "trains the last N")
+        for i, b in enumerate(bb.blocks):
+            n = sum(p.numel() for name, p in bb.net.named_parameters() if name in set(b.params))
+            click.echo(f"  {i + 1:>3}  {', '.join(b.modules) or ', '.join(b.params)}  ({n / 1e6:.2f} M parameters)")
+        return
+    rows = describe_timm(timm_pattern) if timm_pattern else [describe_torchvision(n) for n in torchvision_names()]
+    if not rows:
+        raise click.BadParameter(f"no pretrained timm model matches {timm_pattern!r}", param_hint="--timm")
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'name':<{width}}  {'dim':>5}  {'input':<22}  weights (default first)")
+    for r in rows:
+        tags = [r["default"]] + [w for w in r["weights"] if w != r["default"]] if r["default"] else r["weights"]
+        click.echo(f"{r['name']:<{width}}  {r['num_features'] or '?':>5}  {_describe_input(r['frame_spec']):<22}  "
+                   f"{', '.join(tags) or '-'}")
+
+
+def _describe_input(spec) -> str:
+    return f"{spec.resize_size}->{spec.size} {spec.interpolation}"
 
 
 @main.command("make-demo-data")
@@ -441,7 +507,7 @@ def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size
     click.echo(f"[2/5] extract-features -> {features}  (random-init MobileNetV2, BatchNorm recalibrated on the demo frames)")
     ctx.meta["resume_hint"] = "rerun `python cli.py demo` to resume"
     r = extract_features(ExtractConfig(dataset=DatasetSpec(root=str(data_dir)), output=str(features),
-                                       weights="none", frame_spec=FrameSpec(size=size), device=device,
+                                       weights="none", frame_overrides=FrameOverrides(size=size), device=device,
                                        calibration_frames=512))
     click.echo(f"  {', '.join(f'{s} {n} videos' for s, n in r.videos.items())}; {r.frames} frames in "
                f"{r.seconds:.1f} s this run ({r.reused} videos already cached); backbone {r.weights_file}")

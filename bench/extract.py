@@ -1,11 +1,12 @@
 """Stage-one throughput: the full extract-features pipeline against the bare backbone, one run.
 
-    python bench/extract.py [--frames 2048] [--repeats 9] [--device auto] [--precision auto] [--batch-size 64]
+    python bench/extract.py [--backbone mobilenet_v2] [--frames 2048] [--repeats 9] [--device auto]
+                            [--precision auto] [--batch-size 64] [--size S]
 
 Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), then
 measures in this one process:
 
-* bare:     the pipeline's own network (``FrozenBackbone``: MobileNetV2 with BatchNorm and the input
+* bare:     the pipeline's own network (``FrozenBackbone``: the backbone with BatchNorm and the input
             scale folded into the convs, as extract-features runs it) on pre-decoded, preprocessed
             tensors already on the device, at the same batch size, precision and memory format; the
             unfused torchvision model is timed too, to show what the folding gains;
@@ -37,10 +38,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.backbone import FrozenBackbone, build_backbone, recalibrate_batchnorm  # noqa: E402
-from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec  # noqa: E402
-from pipeline.engine import autocast_ctx  # noqa: E402
-from pipeline.extract import extract_features, resolve_device, resolve_precision  # noqa: E402
+from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm  # noqa: E402
+from pipeline.config import DatasetSpec, ExtractConfig, FrameOverrides, FrameSpec  # noqa: E402
+from pipeline.extract import extract_features  # noqa: E402
+from pipeline.runtime import autocast_ctx, resolve_device, resolve_precision  # noqa: E402
 from pipeline.preprocess import normalize_frames  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
@@ -66,7 +67,7 @@ def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int =
 def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, device: torch.device,
               amp: torch.dtype | None) -> float:
     """Frames/s of ``model`` alone on a ready float batch: a FrozenBackbone's network gets the
-    centred input it expects, a plain MobileNetV2 the normalised one."""
+    centred input it expects, the plain network the normalised one."""
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, generator=g).to(device)
     x8 = x8.contiguous(memory_format=torch.channels_last)
@@ -93,7 +94,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=2048,
                     help="a multiple of --batch-size, so both sides run the same full batches")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--backbone", default="mobilenet_v2", help="any name extract-features takes")
+    ap.add_argument("--size", type=int, default=None, help="crop size  [default: the backbone weights' own]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--workers", type=int, default=None)
@@ -109,7 +111,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
-    spec = FrameSpec(size=args.size)
+    spec = default_frame_spec(args.backbone).override(FrameOverrides(size=args.size))
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         t = time.perf_counter()
@@ -118,19 +120,19 @@ def main() -> None:
               f"({time.perf_counter() - t:.1f} s to generate)")
 
         torch.manual_seed(0)  # random init + BatchNorm recalibrated on noise: realistic activations
-        model, _ = build_backbone("none")
-        recalibrate_batchnorm(model, [torch.randn(16, 3, args.size, args.size) for _ in range(2)])
+        model = create_backbone(args.backbone, "none", input_size=spec.size).net
+        recalibrate_batchnorm(model, [torch.randn(16, 3, spec.size, spec.size) for _ in range(2)])
         weights = work / "backbone.pt"
         torch.save(model.state_dict(), weights)
         unfused = model.to(device).to(memory_format=torch.channels_last).eval()
         model = FrozenBackbone(unfused, spec)  # what extract-features runs
 
         cfg = ExtractConfig(dataset=DatasetSpec(str(work / "data")), output=str(work / "bench.h5"),
-                            weights=str(weights), frame_spec=spec, batch_size=args.batch_size,
+                            backbone=args.backbone, weights=str(weights), frame_spec=spec, batch_size=args.batch_size,
                             workers=args.workers, device=args.device, precision=args.precision,
                             overwrite=True)
-        print(f"device {device}, precision {amp or torch.float32}, batch {args.batch_size}, "
-              f"input {args.size}x{args.size}, channels_last, torch threads {torch.get_num_threads()}, "
+        print(f"{args.backbone} on {device}, precision {amp or torch.float32}, batch {args.batch_size}, "
+              f"short side {spec.resize_size} -> crop {spec.size}x{spec.size} {spec.interpolation}, channels_last, torch threads {torch.get_num_threads()}, "
               f"malloc thresholds tuned: {'yes' if tuned else 'no'}")
         # Machine speed drifts (shared CPUs): alternate bare and pipeline runs, each pipeline run is
         # compared with the mean of the bare runs just before and after it, and the median is reported.
@@ -147,10 +149,10 @@ def main() -> None:
         print(f"bare backbone : {np.mean(bares):8.1f} frames/s  (runs: {', '.join(f'{b:.1f}' for b in bares)})")
         print(f"full pipeline : {np.mean(pipes):8.1f} frames/s  (runs: {', '.join(f'{p:.1f}' for p in pipes)}; "
               f"{frames} frames each, decode + model + write)")
-        print(f"unfused torchvision MobileNetV2: {unfused_rate:.1f} frames/s "
+        print(f"unfused {args.backbone}: {unfused_rate:.1f} frames/s "
               f"(BatchNorm folding: {np.mean(bares) / unfused_rate:.2f}x)")
         print(f"ratio pipeline/bare: {float(np.median(ratios)):.3f}  (per run: {', '.join(f'{x:.3f}' for x in ratios)})")
-        record("extract", device=str(device), precision=str(amp or torch.float32).removeprefix("torch."),
+        record("extract", backbone=args.backbone, device=str(device), precision=str(amp or torch.float32).removeprefix("torch."),
                pipeline_fps=float(np.mean(pipes)), bare_fps=float(np.mean(bares)),
                ratio=float(np.median(ratios)))
     finally:

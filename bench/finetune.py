@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import make_jpeg_dataset  # noqa: E402
 
-from pipeline.backbone import build_backbone, recalibrate_batchnorm  # noqa: E402
+from pipeline.backbones import create_backbone, recalibrate_batchnorm  # noqa: E402
 from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpec, TemporalConfig  # noqa: E402
-from pipeline.extract import extract_features, resolve_device  # noqa: E402
+from pipeline.extract import extract_features  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
 from pipeline.finetune import finetune  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
@@ -60,7 +61,7 @@ def main() -> None:
             (work / "data" / "val" / d.name).mkdir(parents=True)
             shutil.copytree(first, work / "data" / "val" / d.name / f"val_{first.name}")
         torch.manual_seed(0)
-        backbone, _ = build_backbone("none")
+        backbone = create_backbone("mobilenet_v2", "none").net
         recalibrate_batchnorm(backbone, [torch.randn(16, 3, args.size, args.size) for _ in range(2)])
         torch.save(backbone.state_dict(), work / "backbone.pt")
         spec = FrameSpec(size=args.size)

@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import bare_rate  # noqa: E402
 
-from pipeline.backbone import FrozenBackbone, build_backbone, recalibrate_batchnorm, sha256_file  # noqa: E402
+from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm  # noqa: E402
+from pipeline.files import sha256_file  # noqa: E402
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.config import FrameSelection, FrameSpec, TemporalConfig  # noqa: E402
+from pipeline.config import FrameSelection, Provenance, TemporalConfig, WeightsIdentity  # noqa: E402
 from pipeline.demo import write_video  # noqa: E402
-from pipeline.extract import resolve_device, resolve_precision  # noqa: E402
-from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
+from pipeline.runtime import resolve_device, resolve_precision  # noqa: E402
+from pipeline.heads import HeadConfig, build_head  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
@@ -65,20 +66,19 @@ def main() -> None:
         long_video(work / "long.avi", n, args.fps)
         print(f"video : {n} frames 320x240 at {args.fps} fps ({time.perf_counter() - t:.0f} s to write)")
         torch.manual_seed(0)
-        backbone, _ = build_backbone("none")
+        backbone = create_backbone("mobilenet_v2", "none").net
         recalibrate_batchnorm(backbone, [torch.randn(16, 3, 224, 224) for _ in range(2)])
         torch.save(backbone.state_dict(), work / "backbone.pt")
-        spec = FrameSpec()
-        head_cfg = TemporalHeadConfig(num_classes=51)
-        prov = {"backbone": "mobilenet_v2", "feature_dim": 1280, "dtype": "float16", "classes": [f"c{i}" for i in range(51)],
-                "weights": {"source": "file", "name": None, "sha256": sha256_file(work / "backbone.pt"),
-                            "path": str(work / "backbone.pt")},
-                "frame_spec": spec.to_dict(), "selection": FrameSelection().to_dict(),
-                "precision": str(amp or torch.float32).removeprefix("torch.")}
+        spec = default_frame_spec("mobilenet_v2")  # the ImageNet weights' transform: 232 -> 224
+        head_cfg = HeadConfig(num_classes=51, input_dim=1280)
+        prov = Provenance(backbone="mobilenet_v2", weights=WeightsIdentity(
+            source="file", sha256=sha256_file(work / "backbone.pt"), path=str(work / "backbone.pt")),
+            frame_spec=spec, selection=FrameSelection(), feature_dim=1280, classes=tuple(f"c{i}" for i in range(51)),
+            precision=str(amp or torch.float32).removeprefix("torch."))
         save_checkpoint(work / "model.pt", {
             "kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": TemporalConfig("", "").to_dict(),
-            "frame_spec": spec.to_dict(), "classes": prov["classes"], "cache": prov, "epoch": 0,
-            "model_state": TemporalHead(head_cfg).state_dict(), "metrics": {}})
+            "frame_spec": spec.to_dict(), "classes": list(prov.classes), "cache": prov.to_dict(), "epoch": 0,
+            "model_state": build_head(head_cfg).state_dict(), "metrics": {}})
 
         predictor = Predictor(work / "model.pt", device=args.device, batch_size=args.batch_size)
         model = FrozenBackbone(backbone.to(device).eval(), spec)  # what predict runs

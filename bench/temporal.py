@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.backbone import MobileNetV2Features  # noqa: E402
+from pipeline.backbones import create_backbone  # noqa: E402
 from pipeline.cache import FeatureCache, VideoRecord, write_cache  # noqa: E402
 from pipeline.engine import FeatureBank, train_one_epoch  # noqa: E402
-from pipeline.extract import resolve_device  # noqa: E402
-from pipeline.models import TemporalHead, TemporalHeadConfig  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
+from pipeline.config import FrameSelection, FrameSpec, Provenance, WeightsIdentity  # noqa: E402
+from pipeline.heads import HeadConfig, build_head  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
 from _report import record  # noqa: E402
@@ -52,14 +53,15 @@ def synthetic_cache(path: Path, n_train: int, n_val: int, frames: int, classes: 
             f = centres[c] + rng.standard_normal((t, 1280), dtype=np.float32)
             yield VideoRecord(f"{split}/c{c}/v{i}", c, f.astype(np.float16), np.arange(t), 30.0)
 
-    prov = {"backbone": "mobilenet_v2", "feature_dim": 1280, "dtype": "float16", "classes": [f"c{i}" for i in range(classes)],
-            "weights": {"source": "file", "sha256": "0" * 64}, "frame_spec": {}, "selection": {}, "precision": "float32"}
+    prov = Provenance(backbone="mobilenet_v2", weights=WeightsIdentity(source="file", sha256="0" * 64),
+                      frame_spec=FrameSpec(), selection=FrameSelection(), feature_dim=1280,
+                      classes=tuple(f"c{i}" for i in range(classes)))
     write_cache(path, prov, {"train": records("train", n_train), "val": records("val", n_val)})
 
 
 def end_to_end_seconds_per_frame(device: torch.device, batch_frames: int, repeats: int = 3) -> float:
     """MobileNetV2 forward + backward (train mode) per frame at 224×224."""
-    model = MobileNetV2Features().to(device).to(memory_format=torch.channels_last).train()
+    model = create_backbone("mobilenet_v2", "none").net.to(device).to(memory_format=torch.channels_last).train()
     x = torch.randn(batch_frames, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     model(x).sum().backward()  # warm-up
     if device.type == "cuda":
@@ -120,7 +122,8 @@ def main() -> None:
 
         bank = FeatureBank.from_arrays(train.features, train.offsets, train.labels, device)
         torch.manual_seed(0)
-        model = TemporalHead(TemporalHeadConfig(num_classes=len(train.classes), hidden=args.hidden)).to(device)
+        model = build_head(HeadConfig(num_classes=len(train.classes), input_dim=train.features.shape[1],
+                                      hidden=args.hidden)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         times = []
         for epoch in range(args.epochs):

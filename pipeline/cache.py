@@ -1,10 +1,10 @@
 """The feature cache: the only module that knows HDF5.
 
-Layout of ``<name>.h5`` (schema version 1), readable with plain h5py::
+Layout of ``<name>.h5`` (schema version 2), readable with plain h5py::
 
     /                       attrs: schema_version, classes (JSON list), provenance (JSON), config (JSON),
                                    failures (JSON list), package_version, created
-    /<split>/features       (sum T, 1280) float16|float32   row r = one kept frame
+    /<split>/features       (sum T, D) float16|float32      row r = one kept frame (D: the backbone's)
     /<split>/frame_indices  (sum T,) int64                  source frame number of row r
     /<split>/offsets        (N + 1,) int64                  video i = rows offsets[i]:offsets[i+1]
     /<split>/labels         (N,) int64                      index into classes
@@ -17,6 +17,9 @@ While extracting, every finished video is saved as its own small file in ``<name
 videos in flight. When all videos are done, the cache is assembled into ``<name>.h5.tmp`` (the
 existing cache's videos plus the new ones, in dataset order) and atomically renamed over
 ``<name>.h5``. So a rerun resumes exactly, and the result is identical to an uninterrupted run.
+
+Schema 1 (before backbones were a choice) is read as it is: its provenance is MobileNetV2 with a
+FrameSpec whose short side equals its crop (``config.Provenance.from_dict`` migrates it).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .config import FrameSpec, Provenance
 from .errors import CacheError
 from .files import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the provenance names the backbone; FrameSpec has resize size and interpolation
 CHUNK_BYTES = 256 * 1024
 # Failures found by indexing (a name that is not UTF-8, an unreadable folder), not by decoding: a
 # rerun finds them afresh, and retrying a video for them would redo it on every run, for nothing.
@@ -71,22 +75,6 @@ class VideoRecord:
     broken_frames: int = 0  # frames that failed to decode; such a video is retried on a rerun
 
 
-def provenance_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """Name the first field on which two provenances disagree (None if compatible)."""
-    from .backbone import WeightsIdentity
-
-    if old.get("backbone") != new.get("backbone"):
-        return f"backbone {old.get('backbone')} vs {new.get('backbone')}"
-    wo, wn = WeightsIdentity.from_dict(old["weights"]), WeightsIdentity.from_dict(new["weights"])
-    if not wo.matches(wn):
-        return f"weights {wo.describe()} vs {wn.describe()}"
-    for key, what in (("frame_spec", "FrameSpec"), ("selection", "frame selection"),
-                      ("precision", "compute precision"), ("dtype", "feature dtype"), ("classes", "class list")):
-        if old.get(key) != new.get(key):
-            return f"{what} {_json(old.get(key))} vs {_json(new.get(key))}"
-    return None
-
-
 def read_partial(path: str | Path) -> dict[str, Any] | None:
     """``{"provenance", "replace"}`` of an unfinished extraction into ``path``, if there is one."""
     meta = Path(f"{path}.partial") / "meta.json"
@@ -94,7 +82,7 @@ def read_partial(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         d = json.loads(meta.read_text())
-        return {"provenance": d["provenance"], "replace": bool(d["replace"])}
+        return {"provenance": Provenance.from_dict(d["provenance"]), "replace": bool(d["replace"])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"unreadable {meta} ({e}); delete {meta.parent} to start over") from e
 
@@ -109,12 +97,12 @@ class CacheWriter:
     the new one atomically takes its place; an unfinished replacing run resumes like any other.
     """
 
-    def __init__(self, path: str | Path, provenance: dict[str, Any], *, replace: bool = False) -> None:
+    def __init__(self, path: str | Path, provenance: Provenance, *, replace: bool = False) -> None:
         self.path = Path(path)
         self.partial = Path(f"{self.path}.partial")
         self.provenance = provenance
         partial = read_partial(self.path)
-        if partial is not None and provenance_mismatch(partial["provenance"], provenance):
+        if partial is not None and partial["provenance"].mismatch(provenance):
             if not replace:
                 self._check_compatible(self.partial, partial["provenance"])
             shutil.rmtree(self.partial)  # unfinished work with other settings, being replaced
@@ -125,12 +113,12 @@ class CacheWriter:
         if partial is None or partial["replace"] != self.replace:
             self.partial.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.partial / "meta.json",
-                               _json({"provenance": provenance, "replace": self.replace}).encode())
+                               _json({"provenance": provenance.to_dict(), "replace": self.replace}).encode())
 
-    def _check_compatible(self, where: Path, old: dict[str, Any] | None) -> None:
+    def _check_compatible(self, where: Path, old: Provenance | None) -> None:
         if old is None:
             return
-        diff = provenance_mismatch(old, self.provenance)
+        diff = old.mismatch(self.provenance)
         if diff:
             raise CacheError(
                 f"{where} was made with different settings ({diff}); use another --output, "
@@ -237,7 +225,7 @@ class CacheWriter:
                     else:
                         ranked = list(sources)
                     _write_split(out, split, (self._record(sources[r], r) for r in ranked),
-                                 self.provenance["dtype"], int(self.provenance.get("feature_dim", 0)))
+                                 self.provenance.dtype, self.provenance.feature_dim)
                 _write_root_attrs(out, self.provenance, {**attrs, "failures": _json(failures)})
                 out.flush()  # write errors surface here, not in a destructor
         finally:
@@ -257,13 +245,13 @@ class CacheWriter:
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]))
 
 
-def write_cache(path: str | Path, provenance: dict[str, Any], splits: dict[str, Iterator[VideoRecord]],
+def write_cache(path: str | Path, provenance: Provenance, splits: dict[str, Iterator[VideoRecord]],
                 attrs: dict[str, Any] | None = None) -> Path:
     """Write a whole cache in one go (synthetic caches, merges): temporary file, then atomic rename."""
     path = Path(path)
     with atomic_path(path) as tmp, _h5_errors(), _h5py().File(tmp, "w") as out:
         for split, records in splits.items():
-            _write_split(out, split, records, provenance["dtype"], int(provenance.get("feature_dim", 0)))
+            _write_split(out, split, records, provenance.dtype, provenance.feature_dim)
         _write_root_attrs(out, provenance, {"failures": "[]", **(attrs or {})})
         out.flush()
     return path
@@ -301,13 +289,13 @@ def _h5_reserved(path: Path, nbytes: int) -> Iterator[Any]:
         yield out
 
 
-def _write_root_attrs(out: Any, provenance: dict[str, Any], attrs: dict[str, Any]) -> None:
+def _write_root_attrs(out: Any, provenance: Provenance, attrs: dict[str, Any]) -> None:
     """The self-describing root attributes of schema version 1 (see the module docstring)."""
     for k, v in attrs.items():
         out.attrs[k] = v
     out.attrs["schema_version"] = SCHEMA_VERSION
-    out.attrs["classes"] = _json(provenance["classes"])
-    out.attrs["provenance"] = _json(provenance)
+    out.attrs["classes"] = _json(list(provenance.classes))
+    out.attrs["provenance"] = _json(provenance.to_dict())
     out.attrs["package_version"] = __version__
     out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -361,19 +349,19 @@ def _open(path: Path):
         raise CacheError(f"cannot read feature cache {path}: {e}; re-extract it with --overwrite") from e
 
 
-def read_provenance(path: str | Path) -> dict[str, Any]:
+def read_provenance(path: str | Path) -> Provenance:
     with _open(Path(path)) as f:
         _check_schema(f, Path(path))
-        return json.loads(f.attrs["provenance"])
+        return Provenance.from_dict(json.loads(f.attrs["provenance"]))
 
 
 def _check_schema(f: Any, path: Path) -> None:
     v = f.attrs.get("schema_version")
     if v is None or "provenance" not in f.attrs:
         raise CacheError(f"{path} is not a feature cache written by this tool (no schema_version)")
-    if int(v) != SCHEMA_VERSION:
+    if int(v) not in (1, SCHEMA_VERSION):  # schema 1 is read as MobileNetV2 with its FrameSpec
         raise CacheError(
-            f"{path} has cache schema version {int(v)}, this tool reads version {SCHEMA_VERSION}; "
+            f"{path} has cache schema version {int(v)}, this tool reads versions 1 to {SCHEMA_VERSION}; "
             "re-extract it with --overwrite"
         )
 
@@ -392,7 +380,7 @@ class SplitData:
     frame_indices: np.ndarray  # (sum T,)
     fps: np.ndarray  # (N,)
     classes: list[str]
-    provenance: dict[str, Any]
+    provenance: Provenance
 
     @property
     def lengths(self) -> np.ndarray:
@@ -421,7 +409,7 @@ class FeatureCache:
         self._f = _open(self.path)
         _check_schema(self._f, self.path)
         self.classes: list[str] = json.loads(self._f.attrs["classes"])
-        self.provenance: dict[str, Any] = json.loads(self._f.attrs["provenance"])
+        self.provenance = Provenance.from_dict(json.loads(self._f.attrs["provenance"]))
         self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
         self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
         self._offsets: dict[str, np.ndarray] = {}
@@ -431,10 +419,8 @@ class FeatureCache:
         return sorted(self._f.keys())
 
     @property
-    def frame_spec(self):
-        from .config import FrameSpec
-
-        return FrameSpec.from_dict(self.provenance["frame_spec"])
+    def frame_spec(self) -> FrameSpec:
+        return self.provenance.frame_spec
 
     def _group(self, split: str):
         if split not in self._f:

@@ -11,7 +11,7 @@ from .errors import PipelineError
 from .files import atomic_torch_save
 
 TOOL = "action-pipeline"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: provenance names the backbone, heads have an arch, FrameSpec has resize/interpolation
 
 
 class CheckpointError(PipelineError):
@@ -54,15 +54,38 @@ def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what
 
 
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """A checkpoint of this tool, migrated in memory to the current schema."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     ckpt = safe_load(path, CheckpointError)
     if not isinstance(ckpt, dict) or ckpt.get("tool") != TOOL:
         raise CheckpointError(f"{path} is not a checkpoint written by {TOOL} (train-temporal / finetune-end-to-end)")
-    if ckpt.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint schema {ckpt.get('schema_version')}, this version reads {SCHEMA_VERSION}")
+    version = ckpt.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise CheckpointError(f"{path} has checkpoint schema {version}, this version reads 1 to {SCHEMA_VERSION}; "
+                              "upgrade action-pipeline to use it")
+    if version == 1:
+        ckpt = _migrate_v1(ckpt)
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def _migrate_v1(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 (MobileNetV2 and the LSTM were the only choices, so nothing named them): the
+    LSTM's layer was ``lstm`` (now ``rnn``), the provenance had no backbone, FrameSpecs no
+    resize size; end-to-end checkpoints kept the head twice (``head_state``)."""
+    ckpt = dict(ckpt)
+    for key in ("model_state", "head_state"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt[key] = {("rnn." + k[5:] if k.startswith("lstm.") else k): v for k, v in ckpt[key].items()}
+    ckpt.pop("head_state", None)
+    ckpt["model_config"] = {"arch": "lstm", **ckpt.get("model_config", {})}
+    prov = dict(ckpt.get("cache", {}))
+    prov.setdefault("backbone", "mobilenet_v2")
+    prov.setdefault("feature_dim", 1280)
+    ckpt["cache"] = prov
+    ckpt["schema_version"] = SCHEMA_VERSION
+    ckpt["migrated_from"] = 1
     return ckpt

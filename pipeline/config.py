@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,35 +11,162 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ResizeMode = Literal["crop", "squash"]
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
 class FrameSpec:
     """How a decoded uint8 RGB frame becomes a network input.
 
-    ``crop``: resize the short side to ``size`` (aspect kept), then centre-crop ``size``×``size``.
-    ``squash``: resize both sides to ``size`` (aspect not kept, nothing cut off).
+    ``crop``: resize the short side to ``resize_size`` (aspect kept), then centre-crop
+    ``size``×``size`` (torchvision's ``Resize(resize_size)`` + ``CenterCrop(size)``, timm's eval
+    transform with ``resize_size = size / crop_pct``). ``squash``: resize both sides to ``size``
+    (aspect not kept, nothing cut off). Antialiased ``interpolation``; then ``(x/255 - mean) / std``.
+    The default of each backbone is its weights' own eval transform (``backbones.default_frame_spec``).
     """
 
     size: int = 224
     resize: ResizeMode = "crop"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize_size: int | None = None  # None: ``size`` (no margin cropped away)
+    interpolation: Interpolation = "bilinear"
 
     def __post_init__(self) -> None:
         if self.size < 16:
             raise ValueError(f"FrameSpec.size must be at least 16, got {self.size}")
         if self.resize not in ("crop", "squash"):
             raise ValueError(f"FrameSpec.resize must be 'crop' or 'squash', got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"FrameSpec.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                             f"got {self.interpolation!r}")
+        resize_size = self.size if self.resize_size is None or self.resize == "squash" else int(self.resize_size)
+        if resize_size < self.size:
+            raise ValueError(f"FrameSpec.resize_size ({resize_size}) must be at least the crop size ({self.size})")
+        object.__setattr__(self, "resize_size", resize_size)
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        return {"size": self.size, "resize": self.resize, "resize_size": self.resize_size,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FrameSpec:
-        return cls(size=int(d["size"]), resize=d["resize"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+        """Also reads schema-1 dicts (no ``resize_size``/``interpolation``: short side = size, bilinear)."""
+        return cls(size=int(d["size"]), resize=d["resize"], mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize_size=d.get("resize_size"), interpolation=d.get("interpolation", "bilinear"))
+
+    def override(self, o: FrameOverrides) -> FrameSpec:
+        """This spec with the options a user gave. A new crop ``size`` without a ``resize_size``
+        keeps the weights' crop ratio (torchvision 232/224, timm 1/crop_pct)."""
+        size = o.size or self.size
+        resize_size = o.resize_size or (round(size * self.resize_size / self.size) if o.size else self.resize_size)
+        return dataclasses.replace(self, size=size, resize_size=max(size, resize_size),
+                                   resize=o.resize or self.resize, interpolation=o.interpolation or self.interpolation)
+
+
+@dataclass(frozen=True)
+class FrameOverrides:
+    """The FrameSpec options given on the command line; None keeps the backbone's default."""
+
+    size: int | None = None
+    resize_size: int | None = None
+    interpolation: Interpolation | None = None
+    resize: ResizeMode | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """What a backbone's weights are, stored with every cache and checkpoint.
+
+    ``source``: ``torchvision`` (``name`` = the weight enum, e.g. ``IMAGENET1K_V2``), ``timm``
+    (``name`` = the pretrained tag), ``file`` / ``recalibrated`` (``sha256`` of the file), ``random``,
+    ``end_to_end``. Two identities match when their file hashes match (a file that moved is still
+    the same weights), or else their source and name.
+    """
+
+    source: str
+    name: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+
+    def matches(self, other: WeightsIdentity) -> bool:
+        if self.sha256 or other.sha256:
+            return self.sha256 == other.sha256
+        return (self.source, self.name) == (other.source, other.name)
+
+    def describe(self) -> str:
+        if self.name:
+            return f"{self.source} {self.name}"
+        return f"{self.source} {self.path or ''} (sha256 {str(self.sha256)[:12]})".replace("  ", " ")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "name": self.name, "sha256": self.sha256, "path": self.path}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WeightsIdentity:
+        return cls(source=d["source"], name=d.get("name"), sha256=d.get("sha256"), path=d.get("path"))
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v.to_dict() if hasattr(v, "to_dict") else list(v) if isinstance(v, tuple) else v,
+                      sort_keys=True)
+
+
+LEGACY_BACKBONE = "mobilenet_v2"  # what schema-1 caches and checkpoints hold (they did not record it)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where cached features come from: what must match for features to be mixed in one cache, or
+    for a model trained on them to be used on other features. Stored in caches and checkpoints."""
+
+    backbone: str
+    weights: WeightsIdentity
+    frame_spec: FrameSpec
+    selection: FrameSelection
+    feature_dim: int
+    classes: tuple[str, ...] = ()
+    precision: str = "float32"  # compute precision of the backbone (autocast dtype)
+    dtype: str = "float16"  # storage dtype of the features
+
+    _FIELDS = (("backbone", "backbone"), ("weights", "weights"), ("frame_spec", "FrameSpec"),
+               ("selection", "frame selection"), ("feature_dim", "feature dimension"),
+               ("precision", "compute precision"), ("dtype", "feature dtype"), ("classes", "class list"))
+
+    def mismatch(self, other: Provenance, *, ignore: tuple[str, ...] = ()) -> str | None:
+        """Name the first field on which the two disagree (None if compatible)."""
+        for key, what in self._FIELDS:
+            if key in ignore:
+                continue
+            a, b = getattr(self, key), getattr(other, key)
+            if key == "weights":
+                if not a.matches(b):
+                    return f"weights {a.describe()} vs {b.describe()}"
+            elif a != b:
+                return f"{what} {_show(a)} vs {_show(b)}"
+        return None
+
+    def replace(self, **kw: Any) -> Provenance:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "weights": self.weights.to_dict(), "frame_spec": self.frame_spec.to_dict(),
+                "selection": self.selection.to_dict(), "feature_dim": self.feature_dim,
+                "classes": list(self.classes), "precision": self.precision, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provenance:
+        """Also reads schema-1 dicts: they were all MobileNetV2 (1280-d), and did not say so."""
+        return cls(backbone=d.get("backbone") or LEGACY_BACKBONE, weights=WeightsIdentity.from_dict(d["weights"]),
+                   frame_spec=FrameSpec.from_dict(d["frame_spec"]), selection=FrameSelection.from_dict(d["selection"]),
+                   feature_dim=int(d.get("feature_dim") or 1280), classes=tuple(d.get("classes", ())),
+                   precision=d.get("precision", "float32"), dtype=d.get("dtype", "float16"))
 
 
 @dataclass(frozen=True)
@@ -97,12 +225,17 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Stage one: every kept frame of every video → one 1280-d MobileNetV2 feature row in HDF5."""
+    """Stage one: every kept frame of every video → one feature row of ``backbone`` in HDF5.
+
+    ``frame_spec``: a full FrameSpec, or None for the backbone's default (its weights' eval
+    transform) with ``frame_overrides`` applied."""
 
     dataset: DatasetSpec
     output: str
     weights: str = "none"
-    frame_spec: FrameSpec = field(default_factory=FrameSpec)
+    frame_spec: FrameSpec | None = None
+    backbone: str = "mobilenet_v2"
+    frame_overrides: FrameOverrides = field(default_factory=FrameOverrides)
     selection: FrameSelection = field(default_factory=FrameSelection)
     batch_size: int = 64
     workers: int | None = None
@@ -127,7 +260,8 @@ class ExtractConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["dataset"] = self.dataset.to_dict()
-        d["frame_spec"] = self.frame_spec.to_dict()
+        d["frame_spec"] = self.frame_spec.to_dict() if self.frame_spec else None
+        d["frame_overrides"] = self.frame_overrides.to_dict()
         d["selection"] = self.selection.to_dict()
         return d
 
@@ -177,13 +311,15 @@ class TemporalConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Stage three: MobileNetV2 and the same TemporalHead trained jointly from frames."""
+    """Stage three: the backbone and the same temporal head trained jointly from frames."""
 
     dataset: DatasetSpec
     out: str
     init: str | None = None  # a stage-two (or end-to-end) checkpoint: head, backbone, FrameSpec, classes
-    weights: str = "imagenet"  # backbone when there is no --init
-    frame_spec: FrameSpec | None = None  # None: the --init checkpoint's (else FrameSpec())
+    weights: str = "imagenet"  # backbone weights when there is no --init
+    backbone: str | None = None  # None: the --init checkpoint's, else mobilenet_v2
+    frame_spec: FrameSpec | None = None  # None: the --init checkpoint's, else the backbone's default
+    frame_overrides: FrameOverrides = field(default_factory=FrameOverrides)
     selection: FrameSelection | None = None  # None: the --init checkpoint's (else all frames)
     train_split: str = "train"
     val_split: str | None = None
@@ -196,7 +332,7 @@ class FinetuneConfig:
     sampler: Literal["segment", "random"] = "segment"
     eval_clips: int | None = None  # None: the --init run's, else 1
     freeze_cnn: bool = False
-    trainable_blocks: int | None = None  # None: all 19 children of mobilenet_v2().features
+    trainable_blocks: int | None = None  # None: every block of the backbone
     grad_checkpoint: bool = False
     augment: bool = True
     epochs: int = 5
@@ -218,5 +354,6 @@ class FinetuneConfig:
         d = dataclasses.asdict(self)
         d["dataset"] = self.dataset.to_dict()
         d["frame_spec"] = self.frame_spec.to_dict() if self.frame_spec else None
+        d["frame_overrides"] = self.frame_overrides.to_dict()
         d["selection"] = self.selection.to_dict() if self.selection else None
         return d

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .runtime import autocast_ctx
 from .sampling import Sampler, sample
 
 
@@ -40,12 +41,6 @@ class FeatureBank:
         dev = self.features.device
         rows = self.offsets[torch.from_numpy(videos).to(dev)].unsqueeze(1) + torch.from_numpy(pos).to(dev)
         return self.features.index_select(0, rows.reshape(-1)).view(*pos.shape, -1).float()
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    import contextlib
-
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]], optimizer: torch.optim.Optimizer,

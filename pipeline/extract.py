@@ -1,4 +1,4 @@
-"""Stage one: MobileNetV2 features of every kept frame of every video, cached in HDF5.
+"""Stage one: backbone features of every kept frame of every video, cached in HDF5.
 
 Throughput design: frames are decoded and resized (uint8) by DataLoader workers while a GPU
 computes, or, for a CPU model, by threads between batches (see ``InlineFrameLoader``); frames of
@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -32,62 +31,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed as D
-from .backbone import (
-    BACKBONE,
-    FEATURE_DIM,
-    FrozenBackbone,
-    MobileNetV2Features,
-    WeightsIdentity,
-    build_backbone,
-    recalibrate_batchnorm,
-    sha256_file,
-)
+from .backbones import Backbone, FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
-from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
+from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
-from .engine import autocast_ctx
+from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision
 from .errors import ConfigError, DataError, PipelineError
-from .files import atomic_write_bytes, ensure_dir
+from .files import atomic_write_bytes, ensure_dir, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FILE_SCHEMA = 1
-
-
-# ------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ConfigError(f"unknown --device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for plain fp32. ``auto``: bf16 (else fp16) on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--precision fp16 is for CUDA; on CPU use fp32 or bf16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def default_worker_processes() -> int:
-    """DataLoader worker processes: every core but the main process's, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def default_workers(device: torch.device) -> int:
-    """Frame decoders: on CPU one thread per core the model uses (they take turns with it, see
-    ``InlineFrameLoader``); on CUDA, worker processes that decode while the GPU computes."""
-    return torch.get_num_threads() if device.type == "cpu" else default_worker_processes()
+BACKBONE_FILE_SCHEMA = 2  # 2: records the backbone name
 
 
 # ----------------------------------------------------------------------------- decode workers
@@ -312,7 +267,7 @@ class FeatureRunner:
             pad = torch.zeros_like(parts[0][:1]).expand(self.batch_size - n, -1, -1, -1)
             parts.append(pad.to(memory_format=torch.channels_last))
         with autocast_ctx(self.device, self.amp_dtype):
-            out = self.model(torch.cat(parts)).float()  # (B, 3, S, S) uint8 → (B, 1280)
+            out = self.model(torch.cat(parts)).float()  # (B, 3, S, S) uint8 → (B, D)
         done, start = set(), 0
         for pos, take in owners:
             v = self.videos[pos]
@@ -343,14 +298,17 @@ class ExtractResult:
     weights: WeightsIdentity
     weights_file: Path | None
     warnings: list[str]
+    backbone: str = ""
+    feature_dim: int = 0
+    frame_spec: FrameSpec | None = None
 
 
-def _save_backbone(model: MobileNetV2Features, output: Path, meta: dict[str, Any]) -> Path:
+def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> Path:
     """Save a recalibrated backbone next to the cache, named by its content hash, so replacing a
     cache never overwrites the backbone that checkpoints trained on the old one still need."""
     buf = io.BytesIO()
-    torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": BACKBONE,
-                "backbone_state": model.state_dict(), "meta": meta}, buf)
+    torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": bb.name,
+                "backbone_state": bb.net.state_dict(), "meta": meta}, buf)
     data = buf.getvalue()
     path = output.with_name(f"{output.stem}.backbone-{hashlib.sha256(data).hexdigest()[:12]}.pt")
     atomic_write_bytes(path, data, hint="nothing was extracted yet")
@@ -366,14 +324,14 @@ def _recorded_backbone(output: Path, overwrite: bool) -> Path | None:
     if output.is_file() and not overwrite:
         provs.append(read_provenance(output))
     for prov in provs:
-        ident = WeightsIdentity.from_dict(prov["weights"])
+        ident = prov.weights
         if ident.source == "recalibrated" and ident.path and Path(ident.path).is_file() \
                 and sha256_file(ident.path) == ident.sha256:
             return Path(ident.path)
     return None
 
 
-def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConfig,
+def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, spec: FrameSpec,
                device: torch.device, workers: int) -> int:
     """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the train split.
 
@@ -392,7 +350,7 @@ def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConf
     per_video = max(1, math.ceil(cfg.calibration_frames / n_videos))
     sel = FrameSelection(max_frames=per_video, fps=cfg.selection.fps, folder_fps=cfg.selection.folder_fps)
     jobs = [(i, v.path, v.kind) for i, v in enumerate(pick)]
-    loader = frame_loader(jobs, cfg.frame_spec, sel, chunk_frames=cfg.batch_size, workers=workers,
+    loader = frame_loader(jobs, spec, sel, chunk_frames=cfg.batch_size, workers=workers,
                           device=device, batch_size=cfg.batch_size)
 
     # In job order: decoder threads deliver the chunks of different videos in whatever order they
@@ -405,35 +363,45 @@ def _calibrate(model: MobileNetV2Features, index: DatasetIndex, cfg: ExtractConf
         return 0  # BatchNorm statistics need at least two frames
     pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))]
     n_batches = max(1, len(pool) // max(2, cfg.batch_size))
-    batches = (normalize_frames(b.to(device), cfg.frame_spec) for b in torch.tensor_split(pool, n_batches))
-    return recalibrate_batchnorm(model, batches, device=device)
+    batches = (normalize_frames(b.to(device), spec) for b in torch.tensor_split(pool, n_batches))
+    return recalibrate_batchnorm(net, batches, device=device)
 
 
-def _resolve_backbone(cfg: ExtractConfig, index: DatasetIndex, device: torch.device,
-                      workers: int) -> tuple[MobileNetV2Features, WeightsIdentity, Path | None]:
+def resolve_frame_spec(cfg: ExtractConfig) -> FrameSpec:
+    """The config's FrameSpec, or the backbone's default (its weights' eval transform) with the
+    options the user gave."""
+    return cfg.frame_spec or default_frame_spec(cfg.backbone, cfg.weights).override(cfg.frame_overrides)
+
+
+def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, device: torch.device,
+                      workers: int) -> tuple[Backbone, Path | None]:
+    """The backbone with its weights; for ``--weights none`` with BatchNorm, recalibrated on the
+    dataset's frames and saved (or the one an earlier run of this cache saved)."""
     if cfg.weights.lower() != "none":
-        model, identity = build_backbone(cfg.weights)
-        return model, identity, None
+        return create_backbone(cfg.backbone, cfg.weights, input_size=spec.size), None
     path = _recorded_backbone(Path(cfg.output), cfg.overwrite)
     if path is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the recalibrated backbone %s", path)
-        model, _ = build_backbone(str(path))
+        bb = create_backbone(cfg.backbone, str(path), input_size=spec.size)
     else:
         torch.manual_seed(cfg.seed)
-        model, _ = build_backbone("none")
-        model.to(device)
+        bb = create_backbone(cfg.backbone, "none", input_size=spec.size)
+        if not bb.has_batchnorm:
+            log.warning("--weights none: %s is randomly initialised and has no BatchNorm to calibrate; its "
+                        "features are only good for testing (use --weights imagenet)", bb.name)
+            return bb, None
+        bb.net.to(device)
         log.warning(
-            "--weights none: random-init MobileNetV2; recalibrating its BatchNorm statistics on "
-            "%d frames of this dataset (use --weights imagenet for pretrained features)",
-            cfg.calibration_frames)
-        n = _calibrate(model, index, cfg, device, workers)
+            "--weights none: random-init %s; recalibrating its BatchNorm statistics on %d frames of this "
+            "dataset (use --weights imagenet for pretrained features)", bb.name, cfg.calibration_frames)
+        n = _calibrate(bb.net, index, cfg, spec, device, workers)
         if n == 0:
             raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
-        path = _save_backbone(model.cpu(), Path(cfg.output), {
-            "calibration_frames": n, "seed": cfg.seed, "dataset": str(index.root),
-            "frame_spec": cfg.frame_spec.to_dict()})
-    identity = WeightsIdentity(source="recalibrated", sha256=sha256_file(path), path=str(path.resolve()))
-    return model, identity, path
+        bb.net.cpu()
+        path = _save_backbone(bb, Path(cfg.output), {
+            "calibration_frames": n, "seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict()})
+    bb.weights = WeightsIdentity(source="recalibrated", sha256=sha256_file(path), path=str(path.resolve()))
+    return bb, path
 
 
 def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
@@ -464,18 +432,18 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between
     # two barriers, before anyone writes, so every rank sees the same one.
+    spec = resolve_frame_spec(cfg)
     if info.is_main:
-        model, identity, weights_file = _resolve_backbone(cfg, index, device, workers)
-    shared = D.broadcast_object((identity.to_dict(), str(weights_file or "")) if info.is_main else None, info)
-    if not info.is_main:
-        identity, weights_file = WeightsIdentity.from_dict(shared[0]), Path(shared[1]) if shared[1] else None
-        model, _ = build_backbone(str(weights_file) if weights_file else cfg.weights)
-    provenance = {
-        "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": identity.to_dict(),
-        "frame_spec": cfg.frame_spec.to_dict(), "selection": cfg.selection.to_dict(),
-        "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "dtype": cfg.dtype,
-        "classes": index.classes,
-    }
+        bb, weights_file = _resolve_backbone(cfg, spec, index, device, workers)
+    shared = D.broadcast_object(str(weights_file or "") if info.is_main else None, info)
+    if not info.is_main:  # the same weights as rank 0 (the seed makes a random init the same too)
+        weights_file = Path(shared) if shared else None
+        torch.manual_seed(cfg.seed)
+        bb = create_backbone(cfg.backbone, str(weights_file) if weights_file else cfg.weights, input_size=spec.size)
+    identity = bb.weights
+    provenance = Provenance(backbone=bb.name, weights=identity, frame_spec=spec, selection=cfg.selection,
+                            feature_dim=bb.num_features, classes=tuple(index.classes),
+                            precision=str(amp_dtype or torch.float32).removeprefix("torch."), dtype=cfg.dtype)
     writer = CacheWriter(output, provenance, replace=cfg.overwrite) if info.is_main else None
     D.barrier(info)
     if writer is None:
@@ -490,10 +458,10 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
-    frozen = FrozenBackbone(model.to(device).eval(), cfg.frame_spec, channels_last=cfg.channels_last,
-                            copy=False)
+    frozen = FrozenBackbone(bb.net.to(device).eval(), spec, channels_last=cfg.channels_last)
+    del bb
     runner = FeatureRunner(frozen, device, amp_dtype, cfg.batch_size)
-    loader = frame_loader([(i, v.path, v.kind) for i, (_, v) in enumerate(jobs)], cfg.frame_spec,
+    loader = frame_loader([(i, v.path, v.kind) for i, (_, v) in enumerate(jobs)], spec,
                           cfg.selection, chunk_frames=cfg.chunk_frames, workers=workers,
                           device=device, batch_size=cfg.batch_size)
     failures: list[dict[str, Any]] = []
@@ -513,7 +481,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
             _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
             bar.update(1)
             return
-        feats = torch.cat(v.rows).to("cpu")  # (T, 1280)
+        feats = torch.cat(v.rows).to("cpu")  # (T, D)
         if not checked:
             _check_not_degenerate(feats, identity)
             checked = True
@@ -561,7 +529,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     return ExtractResult(output=output, videos=counts, extracted=extracted, reused=reused,
                          frames=frames_done, seconds=time.perf_counter() - t0,
                          failures=failures, weights=identity, weights_file=weights_file,
-                         warnings=index.warnings)
+                         warnings=index.warnings, backbone=provenance.backbone, feature_dim=provenance.feature_dim,
+                         frame_spec=spec)
 
 
 def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,

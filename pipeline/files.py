@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -85,6 +86,14 @@ def atomic_torch_save(path: str | Path, obj: Any, *, hint: str = "") -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getbuffer(), hint=hint)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def ensure_dir(path: str | Path, what: str) -> Path:

@@ -1,9 +1,9 @@
-"""Stage three: fine-tune MobileNetV2 and the TemporalHead jointly from frames (DDP under torchrun).
+"""Stage three: fine-tune the backbone and the temporal head jointly from frames (DDP under torchrun).
 
 Clips are sampled exactly as in stage two (over the frames a cache with the same frame selection
 would hold: TSN segments or random windows for training, uniform for evaluation), decoded by
 DataLoader workers, and augmented consistently across the clip (one random resized crop and one
-flip per clip). Frozen backbone blocks run under ``no_grad`` with BatchNorm in eval mode; padded
+flip per clip). Frozen backbone blocks get no gradient and keep BatchNorm in eval mode; padded
 steps of short clips never go through the backbone.
 """
 
@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,16 +25,16 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .backbone import BACKBONE, FEATURE_DIM, MobileNetV2Features, WeightsIdentity, build_backbone
-from .cache import provenance_mismatch
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import FinetuneConfig, FrameSelection, FrameSpec
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, default_frame_spec
+from .checkpoint import CheckpointError
+from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import Video, index_dataset, read_frames, selected_positions
 from .engine import train_steps
 from .errors import ConfigError, DataError
-from .extract import default_worker_processes, resolve_device, resolve_precision
+from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
-from .models import TemporalHead, TemporalHeadConfig
+from .heads import HeadConfig, build_head
+from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir
@@ -43,46 +42,52 @@ from .train import TrainingError, TrainResult, cosine_with_warmup, default_val_s
 
 log = logging.getLogger(__name__)
 
-N_BLOCKS = 19  # children of mobilenet_v2().features: stem, 17 inverted residuals, final 1x1 conv
-
-
 class EndToEnd(nn.Module):
-    """uint8 clips (B, T, 3, S, S) + lengths → logits; backbone blocks before ``first_trainable``
-    are frozen (no_grad, BatchNorm eval)."""
+    """uint8 clips (B, T, 3, S, S) + lengths → (B, C) logits: the backbone on every real frame, the
+    head on the clip. Only the last ``trainable_blocks`` blocks of the backbone train. The others
+    get ``requires_grad=False`` (autograd records nothing before the first trainable parameter, so
+    they cost one plain forward and keep no activations) and stay in eval mode in training, so
+    their BatchNorm statistics and dropout stay as they are. ``grad_checkpoint`` recomputes each
+    trainable block in the backward pass."""
 
-    def __init__(self, backbone: MobileNetV2Features, head: TemporalHead, spec: FrameSpec, *,
-                 trainable_blocks: int = N_BLOCKS, grad_checkpoint: bool = False) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module, spec: FrameSpec, *, trainable_blocks: int | None = None,
+                 grad_checkpoint: bool = False) -> None:
         super().__init__()
-        self.backbone, self.head, self.spec = backbone, head, spec
-        self.first_trainable = N_BLOCKS - trainable_blocks
-        self.grad_checkpoint = grad_checkpoint
-        for i, block in enumerate(self.backbone.features):
-            block.requires_grad_(i >= self.first_trainable)
+        self.backbone, self.head, self.spec = backbone.net, head, spec
+        n = len(backbone.blocks) if trainable_blocks is None else trainable_blocks
+        self._frozen = backbone.set_trainable(n)  # a plain list: not registered twice
+        if grad_checkpoint:
+            for m in backbone.trainable_modules(n):
+                _checkpointed(m)
 
     def train(self, mode: bool = True) -> EndToEnd:
         super().train(mode)
-        for block in list(self.backbone.features)[: self.first_trainable]:
-            block.eval()  # frozen BatchNorm keeps its running statistics
+        for m in self._frozen:
+            m.eval()  # frozen BatchNorm keeps its running statistics
         return self
 
     def forward(self, clips: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         b, t = clips.shape[:2]
         valid = torch.arange(t, device=clips.device)[None] < lengths.to(clips.device)[:, None]  # (B, T)
         x = normalize_frames(clips[valid], self.spec, channels_last=True)  # (N_valid, 3, S, S)
-        blocks = list(self.backbone.features)
-        with torch.no_grad():
-            for block in blocks[: self.first_trainable]:
-                x = block(x)
-        for block in blocks[self.first_trainable:]:
-            if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, use_reentrant=False,
-                               context_fn=lambda b=block: (contextlib.nullcontext(), _frozen_bn_stats(b)))
-            else:
-                x = block(x)
-        f = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (N_valid, 1280)
+        f = self.backbone(x)  # (N_valid, D)
         feats = f.new_zeros(b, t, f.shape[1])
         feats[valid] = f
         return self.head(feats, lengths)  # (B, C)
+
+
+def _checkpointed(module: nn.Module) -> None:
+    """Make ``module`` recompute its forward in the backward pass (instance-level, so its
+    state-dict keys stay as they are)."""
+    inner = module.forward
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        if not module.training or not torch.is_grad_enabled():
+            return inner(*args, **kw)
+        return checkpoint(inner, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _frozen_bn_stats(module)), **kw)
+
+    module.forward = forward  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -201,40 +206,31 @@ class _ShardSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------ set-up
 
 
-def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[dict[str, Any] | None, FrameSpec, FrameSelection]:
+def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None, str, FrameSpec, FrameSelection]:
+    """The --init model (checked against the dataset and the options) with its backbone name,
+    FrameSpec and frame selection; without --init, those of the options."""
     if cfg.init is None:
-        return None, cfg.frame_spec or FrameSpec(), cfg.selection or FrameSelection()
-    ckpt = load_checkpoint(cfg.init)
-    if ckpt.get("kind") not in ("temporal", "end_to_end"):
-        raise CheckpointError(f"--init {cfg.init} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
-    if ckpt["classes"] != classes:
-        raise ConfigError(f"--init {cfg.init} was trained on other classes ({len(ckpt['classes'])}: "
-                          f"{', '.join(ckpt['classes'][:4])}...) than {cfg.dataset.root} ({len(classes)}: "
+        name = cfg.backbone or DEFAULT_BACKBONE
+        spec = cfg.frame_spec or default_frame_spec(name, cfg.weights).override(cfg.frame_overrides)
+        return None, name, spec, cfg.selection or FrameSelection()
+    init = load_model(cfg.init)
+    if init.classes != classes:
+        raise ConfigError(f"--init {cfg.init} was trained on other classes ({len(init.classes)}: "
+                          f"{', '.join(init.classes[:4])}...) than {cfg.dataset.root} ({len(classes)}: "
                           f"{', '.join(classes[:4])}...)")
-    spec = FrameSpec.from_dict(ckpt["frame_spec"])
-    if cfg.frame_spec is not None and cfg.frame_spec != spec:
-        raise ConfigError(f"--init {cfg.init} uses FrameSpec {spec.to_dict()}, not {cfg.frame_spec.to_dict()}; "
-                          "drop --size/--resize to use the checkpoint's")
-    sel = FrameSelection.from_dict(ckpt["cache"]["selection"])
-    if cfg.selection is not None and cfg.selection != sel:
-        raise ConfigError(f"--init {cfg.init} uses frame selection {sel.to_dict()}, not {cfg.selection.to_dict()}")
-    return ckpt, spec, sel
-
-
-def _backbone_from(ckpt: dict[str, Any] | None, weights: str) -> tuple[MobileNetV2Features, WeightsIdentity]:
-    if ckpt is None:
-        return build_backbone(weights)
-    if ckpt["kind"] == "end_to_end":
-        m = MobileNetV2Features()
-        m.load_state_dict(ckpt["backbone_state"])
-        return m, WeightsIdentity(source="end_to_end")
-    ident = WeightsIdentity.from_dict(ckpt["cache"]["weights"])
-    if ident.source == "torchvision":
-        return build_backbone(ident.name)[0], ident
-    if not ident.path or not Path(ident.path).is_file():
-        raise CheckpointError(f"the backbone of --init ({ident.path}) is missing; it is needed to start from the "
-                              "same features")
-    return build_backbone(ident.path)[0], ident
+    prov = init.provenance
+    if cfg.backbone is not None and cfg.backbone != prov.backbone:
+        raise ConfigError(f"--init {cfg.init} was trained on {prov.backbone} features, not {cfg.backbone}; "
+                          "drop --backbone to use the checkpoint's")
+    spec = prov.frame_spec
+    asked = cfg.frame_spec or (spec.override(cfg.frame_overrides) if cfg.frame_overrides != FrameOverrides() else spec)
+    if asked != spec:
+        raise ConfigError(f"--init {cfg.init} uses FrameSpec {spec.to_dict()}, not {asked.to_dict()}; "
+                          "drop --size/--resize-size/--interpolation to use the checkpoint's")
+    if cfg.selection is not None and cfg.selection != prov.selection:
+        raise ConfigError(f"--init {cfg.init} uses frame selection {prov.selection.to_dict()}, "
+                          f"not {cfg.selection.to_dict()}")
+    return init, prov.backbone, spec, prov.selection
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
@@ -260,26 +256,27 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         if s is None or s not in index.splits:
             raise DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
                             "check --train-split/--val-split")
-    init, spec, sel = _resolve_init(cfg, index.classes)
-    tc = init["train_config"] if init is not None else {}
-    cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or tc.get("seq_len") or 8,
-                              eval_clips=cfg.eval_clips or tc.get("eval_clips") or 1)
-    backbone, ident = _backbone_from(init, cfg.weights)
-    trainable = 0 if cfg.freeze_cnn else (N_BLOCKS if cfg.trainable_blocks is None else cfg.trainable_blocks)
-    if not 0 <= trainable <= N_BLOCKS:
-        raise ConfigError(f"--trainable-blocks must be between 0 and {N_BLOCKS}, got {trainable}")
-    if ident.source == "random" and trainable < N_BLOCKS:
+    init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
+    cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
+                              eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
+    if init is not None:
+        backbone = init.backbone()
+    else:
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(backbone_name, cfg.weights, input_size=spec.size)
+    n_blocks = len(backbone.blocks)
+    trainable = 0 if cfg.freeze_cnn else (n_blocks if cfg.trainable_blocks is None else cfg.trainable_blocks)
+    if not 0 <= trainable <= n_blocks:
+        raise ConfigError(f"--trainable-blocks must be between 0 and {n_blocks} for {backbone.name}, got {trainable}")
+    if backbone.weights.source == "random" and trainable < n_blocks and backbone.has_batchnorm:
         raise ConfigError("--weights none with frozen blocks: their BatchNorm statistics are untrained; start from "
                           "--init (a stage-two run, whose backbone is recalibrated) or --weights imagenet/PATH")
-    head_cfg = TemporalHeadConfig(num_classes=len(index.classes), input_dim=FEATURE_DIM, hidden=cfg.hidden,
-                                  layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
-    if init is not None:
-        if TemporalHeadConfig.from_dict(init["model_config"]) != head_cfg:
-            head_cfg = TemporalHeadConfig.from_dict(init["model_config"])
-            log.info("head architecture taken from --init: %s", head_cfg.to_dict())
-    head = TemporalHead(head_cfg)
-    if init is not None:
-        head.load_state_dict(init["model_state"] if init["kind"] == "temporal" else init["head_state"])
+    head_cfg = HeadConfig(num_classes=len(index.classes), input_dim=backbone.num_features, hidden=cfg.hidden,
+                          layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
+    if init is not None and init.head_config != head_cfg:
+        head_cfg = init.head_config
+        log.info("head architecture taken from --init: %s", head_cfg.to_dict())
+    head = init.head if init is not None else build_head(head_cfg)
     model = EndToEnd(backbone, head, spec, trainable_blocks=trainable, grad_checkpoint=cfg.grad_checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
 
@@ -305,15 +302,16 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
-    provenance = {"backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": {"source": "end_to_end"},
-                  "frame_spec": spec.to_dict(), "selection": sel.to_dict(), "precision": "float32",
-                  "dtype": "float32", "classes": index.classes, "init_weights": ident.to_dict()}
+    provenance = Provenance(backbone=backbone.name, weights=WeightsIdentity(source="end_to_end"), frame_spec=spec,
+                            selection=sel, feature_dim=backbone.num_features, classes=tuple(index.classes),
+                            precision="float32", dtype="float32")
+    init_weights = backbone.weights
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start = 1
     ck = run.load_last("end_to_end")
     if ck is not None:
-        diff = provenance_mismatch(ck["cache"], provenance)
+        diff = Provenance.from_dict(ck["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
         if ck["model_config"] != head_cfg.to_dict():
@@ -327,7 +325,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         if scaler is not None and ck.get("scaler_state"):
             scaler.load_state_dict(ck["scaler_state"])
         model.backbone.load_state_dict(ck["backbone_state"])
-        model.head.load_state_dict(ck["head_state"])
+        model.head.load_state_dict(ck["model_state"])
         optimizer.load_state_dict(ck["optimizer_state"])
         scheduler.load_state_dict(ck["scheduler_state"])
         history, best, start = list(ck["history"]), ck["best"], ck["epoch"] + 1
@@ -335,7 +333,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     common = {"kind": "end_to_end", "model_config": head_cfg.to_dict(),
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
                                "trainable_blocks": trainable},
-              "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance, "val_split": val_split}
+              "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
+              "init_weights": init_weights.to_dict(), "val_split": val_split}
     run.write_json("config.json", common["train_config"])
 
     for epoch in range(start, cfg.epochs + 1):
@@ -365,8 +364,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             vloss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                                        torch.from_numpy(labels)))
             m = classification_metrics(probs, labels, vloss)
-            states = {"backbone_state": model.backbone.state_dict(), "head_state": model.head.state_dict(),
-                      "model_state": model.head.state_dict()}
+            states = {"backbone_state": model.backbone.state_dict(), "model_state": model.head.state_dict()}
             record, best, improved = run.record_epoch(
                 common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
                 train_top1=correct / max(count, 1), clips=int(count), seconds=train_s, optimizer=optimizer,
@@ -389,8 +387,6 @@ def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameS
               loader_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Uniform clips, softmax averaged over ``eval_clips``; each rank takes every world-th video and
     rank 0 gathers them all (no padding duplicates, unlike DistributedSampler)."""
-    from .engine import autocast_ctx
-
     model.eval()
     mine = list(range(info.rank, len(videos), info.world))
     probs: dict[int, np.ndarray] = {}

@@ -2,8 +2,8 @@
 sampling and classes all come from the checkpoint; nothing is retyped.
 
 Frames stream through the same decode workers and fixed-size backbone batches as extraction, so
-each frame is decoded once and memory does not grow with video length (only the 1280-d features
-are kept, 2.5 KB per frame in float16). Without a window, a video is classified exactly as
+each frame is decoded once and memory does not grow with video length (only the features are
+kept: 2.5 KB per frame for MobileNetV2's 1280 dimensions in float16). Without a window, a video is classified exactly as
 ``evaluate`` classifies its cached features (same features, same uniform clips); with
 ``window``/``stride`` it gets a timeline, and the video-level label is the mean of the window
 probabilities.
@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import FrozenBackbone, WeightsIdentity, build_backbone, sha256_file
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import FrameSelection, FrameSpec
+from .backbones import FrozenBackbone
 from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
 from .engine import FeatureBank, evaluate
-from .errors import ConfigError, WeightsError
-from .extract import FeatureRunner, default_workers, frame_loader, resolve_device, resolve_precision
-from .models import TemporalHead, TemporalHeadConfig
+from .errors import ConfigError
+from .extract import FeatureRunner, frame_loader
+from .runtime import default_workers, resolve_device, resolve_precision
+from .model import load_model
 
 log = logging.getLogger(__name__)
 
@@ -142,49 +141,19 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto",
                  batch_size: int = 64, workers: int | None = None, chunk_frames: int = 64) -> None:
-        self.ckpt_path = Path(checkpoint)
-        ckpt = load_checkpoint(self.ckpt_path)
-        if ckpt.get("kind") not in ("temporal", "end_to_end"):
-            raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
-        self.classes: list[str] = ckpt["classes"]
-        prov = ckpt["cache"]
-        self.spec = FrameSpec.from_dict(ckpt["frame_spec"])
-        self.selection = FrameSelection.from_dict(prov["selection"])
-        self.seq_len = int(ckpt["train_config"]["seq_len"])
-        self.eval_clips = int(ckpt["train_config"].get("eval_clips", 1))
-        self.dtype = prov.get("dtype", "float16")
+        self.model = load_model(checkpoint)
+        self.ckpt_path = self.model.path
+        self.classes: list[str] = self.model.classes
+        prov = self.model.provenance
+        self.spec, self.selection = prov.frame_spec, prov.selection
+        self.seq_len, self.eval_clips = self.model.seq_len, self.model.eval_clips
+        self.dtype = prov.dtype
         self.device = resolve_device(device)
-        self.amp = resolve_precision(_precision_name(prov.get("precision", "float32")), self.device)
+        self.amp = resolve_precision(_precision_name(prov.precision), self.device)
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.workers = default_workers(self.device) if workers is None else workers
-        self.backbone = FrozenBackbone(self._backbone(ckpt, prov, weights).to(self.device).eval(), self.spec,
-                                       copy=False)
-        self.head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(self.device).eval()
-        self.head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
-
-    def _backbone(self, ckpt: dict[str, Any], prov: dict[str, Any], weights: str | Path | None):
-        if ckpt["kind"] == "end_to_end":
-            from .backbone import MobileNetV2Features
-
-            model = MobileNetV2Features()
-            model.load_state_dict(ckpt["backbone_state"])
-            return model
-        ident = WeightsIdentity.from_dict(prov["weights"])
-        if ident.source == "torchvision" and weights is None:
-            return build_backbone(ident.name)[0]
-        if ident.source == "random":
-            raise WeightsError(f"{self.ckpt_path} was trained on features of an uncalibrated random backbone")
-        path = Path(weights) if weights is not None else Path(ident.path or "")
-        if weights is None and not path.is_file():
-            raise WeightsError(f"the backbone weights this model was trained with are not at {ident.path}; "
-                               f"pass --weights PATH (a file with sha256 {ident.sha256[:12]}...)")
-        if not path.is_file():
-            raise WeightsError(f"weights file not found: {path}")
-        got = sha256_file(path)
-        if ident.sha256 and got != ident.sha256:
-            raise WeightsError(f"{path} is not the backbone this model was trained with (sha256 {got[:12]}... != "
-                               f"{ident.sha256[:12]}...)")
-        return build_backbone(str(path))[0]
+        self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec)
+        self.head = self.model.head.to(self.device).eval()
 
     def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
                  ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, float, str | None]]:

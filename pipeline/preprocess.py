@@ -23,51 +23,56 @@ from .config import FrameSpec
 def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     """(N, 3, H, W) or (3, H, W) uint8 → same rank, spatial size ``spec.size``×``spec.size``, uint8.
 
-    Antialiased bilinear, exactly as ``torchvision.transforms.v2.functional.resize``; a centre crop
-    as ``center_crop`` rounds it.
+    ``crop``: the short side to ``spec.resize_size`` (long side scaled and truncated as
+    torchvision's ``Resize(int)`` does), then a centre crop rounded as ``center_crop`` rounds it;
+    ``squash``: both sides to ``spec.size``. Antialiased ``spec.interpolation``, exactly as
+    ``torchvision.transforms.v2.functional.resize``.
     """
     if frames.dtype != torch.uint8:
         raise TypeError(f"resize_frames expects uint8 frames, got {frames.dtype}")
     h, w = frames.shape[-2:]
-    s = spec.size
+    s, mode = spec.size, spec.interpolation
     if spec.resize == "squash":
-        return frames if (h, w) == (s, s) else _resize(frames, s, s)
-    if min(h, w) != s:
-        # Short side to `s`, long side scaled and truncated as torchvision's Resize(int) does.
-        frames = _resize(frames, s, int(s * w / h)) if h <= w else _resize(frames, int(s * h / w), s)
+        return frames if (h, w) == (s, s) else _resize(frames, s, s, mode)
+    r = spec.resize_size or s
+    if min(h, w) != r:
+        frames = _resize(frames, r, int(r * w / h), mode) if h <= w else _resize(frames, int(r * h / w), r, mode)
     h, w = frames.shape[-2:]
     top, left = round((h - s) / 2.0), round((w - s) / 2.0)  # as TF.center_crop rounds (half to even)
     return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
 
 
-def _interpolate_one(frame: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+def _interpolate_one(frame: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear") -> torch.Tensor:
     """The call torchvision's resize makes for one (3, H, W) uint8 frame in (H, W, 3) memory."""
     c, h, w = frame.shape
     # Batch stride numel, not 1: with a size-1 batch interpolate cannot tell channels_last from
     # contiguous and would write a contiguous output, then repack it (torchvision does the same).
     x = frame.as_strided((1, c, h, w), (frame.numel(), 1, w * c, c))
-    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    if mode == "nearest":
+        return F.interpolate(x, size=(new_h, new_w), mode="nearest")[0]
+    return F.interpolate(x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)[0]
 
 
 @functools.cache
-def _direct_is_torchvision() -> bool:
+def _direct_is_torchvision(mode: str = "bilinear") -> bool:
     """Whether the direct call gives torchvision's own bits here. torchvision resizes uint8
     natively only on the CPUs it lists (a list that changed between releases) and through float32
-    elsewhere, so one probe, against the installed version, decides."""
+    elsewhere, so one probe per mode, against the installed version, decides."""
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
-    return torch.equal(_interpolate_one(probe, 16, 23), TF.resize(probe, [16, 23], antialias=True))
+    want = TF.resize(probe, [16, 23], interpolation=TF.InterpolationMode(mode), antialias=True)
+    return torch.equal(_interpolate_one(probe, 16, 23, mode), want)
 
 
-def _resize(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
-    """Antialiased bilinear resize, torchvision's. Decoders hand over one (3, H, W) frame at a time
-    in (H, W, 3) memory; that case, the hot one, skips torchvision's per-call dispatch (~20 us of
+def _resize(frames: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased resize, torchvision's. Decoders hand over one (3, H, W) frame at a time in
+    (H, W, 3) memory; that case, the hot one, skips torchvision's per-call dispatch (~20 us of
     Python per frame, on the threads that decode) when the result is the same."""
     c, h, w = frames.shape[-3:]
     one_hwc = frames.ndim == 3 and frames.device.type == "cpu" and frames.stride() == (1, w * c, c)
-    if one_hwc and _direct_is_torchvision():
-        return _interpolate_one(frames, new_h, new_w)
-    return TF.resize(frames, [new_h, new_w], antialias=True)
+    if one_hwc and _direct_is_torchvision(mode):
+        return _interpolate_one(frames, new_h, new_w, mode)
+    return TF.resize(frames, [new_h, new_w], interpolation=TF.InterpolationMode(mode), antialias=True)
 
 
 def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Process-wide settings that make CPU inference fast; applied by the CLI and the bench scripts.
+"""Process-wide settings: device and precision resolution, worker counts, and the CPU allocator.
 
+The allocator. 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 unmaps it again on ``free``. A MobileNetV2 forward at batch 64 allocates activations of up to
 ~300 MB, so on every forward the kernel hands out and zero-fills all those pages again: measured
@@ -12,9 +13,16 @@ it does nothing. Python callers of the library can call it themselves; it is ide
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI applies the allocator before it loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +59,51 @@ def tune_cpu_allocator() -> bool:
         return False
     log.debug("glibc malloc thresholds %s", "raised" if _tuned else "refused; keeping the defaults")
     return _tuned
+
+
+# ------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. ``auto``: bf16 (else fp16) on CUDA, fp32 on CPU."""
+    import torch
+
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 is for CUDA; on CPU use fp32 or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def default_worker_processes() -> int:
+    """DataLoader worker processes: every core but the main process's, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def default_workers(device: torch.device) -> int:
+    """Frame decoders: on CPU one thread per core the model uses (they take turns with it, see
+    ``InlineFrameLoader``); on CUDA, worker processes that decode while the GPU computes."""
+    import torch
+
+    return torch.get_num_threads() if device.type == "cpu" else default_worker_processes()
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``; nothing for plain fp32 (None)."""
+    import torch
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

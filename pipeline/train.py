@@ -1,4 +1,4 @@
-"""Stage two: train the LSTM ``TemporalHead`` on cached features; and evaluate a checkpoint."""
+"""Stage two: train a temporal head on cached features; and evaluate a checkpoint."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import FeatureCache, SplitData, provenance_mismatch
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import TemporalConfig
+from .cache import FeatureCache, SplitData
+from .checkpoint import CheckpointError
+from .config import Provenance, TemporalConfig
 from .engine import FeatureBank, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
-from .extract import resolve_device, resolve_precision
+from .runtime import resolve_device, resolve_precision
 from .metrics import classification_metrics
-from .models import TemporalHead, TemporalHeadConfig
+from .heads import HeadConfig, build_head
+from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
 from .run import RunDir
@@ -131,10 +132,9 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     log.info("loaded %s (%d videos) and %s (%d videos): %.0f MB in %.2f s (%.0f MB/s)", cfg.train_split,
              len(train), val_split, len(val), load_mb, load_s, load_mb / max(load_s, 1e-9))
 
-    head_cfg = TemporalHeadConfig(num_classes=len(classes), input_dim=train.features.shape[1], hidden=cfg.hidden,
-                                  layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout,
-                                  pool=cfg.pool)
-    model = TemporalHead(head_cfg).to(device)
+    head_cfg = HeadConfig(num_classes=len(classes), input_dim=train.features.shape[1], hidden=cfg.hidden,
+                          layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
+    model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,7 +149,7 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         if ckpt["model_config"] != head_cfg.to_dict():
             raise CheckpointError(f"{out / 'last.pt'} has model {ckpt['model_config']}, this run asks for "
                                   f"{head_cfg.to_dict()}; resume with the same options")
-        diff = provenance_mismatch(ckpt["cache"], provenance)
+        diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
         model.load_state_dict(ckpt["model_state"])
@@ -160,10 +160,10 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         history, best, start = list(ckpt["history"]), ckpt["best"], ckpt["epoch"] + 1
 
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
-              "frame_spec": provenance["frame_spec"], "classes": classes, "cache": provenance,
+              "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
               "val_split": val_split}
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
-                                   "cache": provenance})
+                                   "cache": provenance.to_dict()})
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
         if best is not None and cfg.patience and epoch - best["epoch"] > cfg.patience:
@@ -219,31 +219,18 @@ class EvalResult:
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,
                         eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None) -> EvalResult:
-    """Metrics of a stage-two checkpoint on a cache split; refuses a cache it was not trained for."""
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("kind") not in ("temporal", "end_to_end"):
-        raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+    """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for."""
+    model = load_model(checkpoint)
     dev = resolve_device(device)
-    expected = ckpt["cache"]
     with FeatureCache(cache_path) as cache:
-        if ckpt["kind"] == "end_to_end":  # its features: a cache extracted with --weights CHECKPOINT
-            from .backbone import sha256_file
-
-            expected = {**expected, "weights": {"source": "file", "sha256": sha256_file(checkpoint)},
-                        "dtype": cache.provenance.get("dtype"), "precision": cache.provenance.get("precision")}
-        diff = provenance_mismatch(expected, cache.provenance)
-        if diff:
-            raise CacheError(f"{cache_path} does not match {checkpoint}: {diff}; "
-                             "evaluate on a cache extracted with the checkpoint's backbone and settings")
+        model.check_cache(cache.provenance, cache_path)
         data, bank = load_bank(cache, split, dev)
-    head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"])).to(dev)
-    head.load_state_dict(ckpt["model_state"] if ckpt["kind"] == "temporal" else ckpt["head_state"])
-    tc = ckpt["train_config"]
-    probs, loss = evaluate(head, bank, seq_len=tc["seq_len"], num_clips=eval_clips or tc["eval_clips"])
+    head = model.head.to(dev)
+    probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
     if out is not None:
         out = ensure_dir(out, "--out")
-        plot_confusion(np.array(m["confusion"]), ckpt["classes"], out / f"confusion_{split}.png",
+        plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
                        title=f"{split}: top-1 {m['top1']:.3f}")
-        write_per_class(m, ckpt["classes"], out / f"per_class_{split}.csv")
-    return EvalResult(metrics=m, classes=ckpt["classes"], split=split, videos=data.videos, probs=probs)
+        write_per_class(m, model.classes, out / f"per_class_{split}.csv")
+    return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs)

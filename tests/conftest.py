@@ -13,7 +13,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.backbone import MobileNetV2Features, recalibrate_batchnorm  # noqa: E402
+from pipeline.backbones import create_backbone, recalibrate_batchnorm  # noqa: E402
 from pipeline.demo import write_video  # noqa: E402
 
 SIZE = 32  # network input size used by the tests: MobileNetV2 stays fast on two cores
@@ -63,7 +63,7 @@ def cut_file(path: Path, keep: int) -> None:
 def weights_file(tmp_path_factory) -> Path:
     """A random-init MobileNetV2 with BatchNorm recalibrated on noise: non-degenerate features."""
     torch.manual_seed(0)
-    model = MobileNetV2Features()
+    model = create_backbone("mobilenet_v2", "none").net
     g = torch.Generator().manual_seed(0)
     recalibrate_batchnorm(model, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
     path = tmp_path_factory.mktemp("weights") / "backbone.pt"

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import VideoRecord, write_cache
+from pipeline.config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
 
 
-def provenance(classes: list[str], dim: int, dtype: str = "float16") -> dict:
-    return {"backbone": "mobilenet_v2", "feature_dim": dim, "dtype": dtype, "classes": classes,
-            "weights": {"source": "file", "name": None, "sha256": "0" * 64, "path": None},
-            "frame_spec": {"size": 32, "resize": "crop", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-            "selection": {"stride": 1, "fps": None, "max_frames": None, "folder_fps": None}}
+def provenance(classes: list[str], dim: int, dtype: str = "float16") -> Provenance:
+    return Provenance(backbone="mobilenet_v2", weights=WeightsIdentity(source="file", sha256="0" * 64),
+                      frame_spec=FrameSpec(size=32), selection=FrameSelection(), feature_dim=dim,
+                      classes=tuple(classes), dtype=dtype)
 
 
 def separable_cache(path: Path, *, classes: int = 4, per_class: dict[str, int] | None = None, dim: int = 32,

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import REPO, SIZE, rand_frames, write_frames
 
 from cli import main
-from pipeline.backbone import sha256_file
+from pipeline.files import sha256_file
 from pipeline.demo import write_video
 
 

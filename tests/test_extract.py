@@ -17,7 +17,8 @@ import torch
 from conftest import REPO, SIZE, rand_frames, write_frames
 from PIL import Image
 
-from pipeline.backbone import build_backbone, sha256_file
+from pipeline.backbones import FrozenBackbone, create_backbone
+from pipeline.files import sha256_file
 from pipeline.cache import FeatureCache
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from pipeline.data import decode_image_file, index_dataset, iter_frames, list_frames
@@ -51,7 +52,7 @@ def reference_frames(path: Path) -> list[torch.Tensor]:
 
 
 def reference_features(weights: Path, frames: list[torch.Tensor], spec: FrameSpec) -> np.ndarray:
-    model, _ = build_backbone(str(weights))
+    model = create_backbone("mobilenet_v2", str(weights)).net
     with torch.inference_mode():
         return torch.cat([model(preprocess(f[None], spec)) for f in frames]).numpy()
 
@@ -128,8 +129,7 @@ def test_provenance_mismatch_refused_and_overwrite(tiny_dataset, tmp_path, weigh
     with pytest.raises(CacheError, match=r"FrameSpec .*--overwrite"):
         extract_features(config(tiny_dataset, out, weights_file, frame_spec=FrameSpec(size=48)), progress=False)
     other = tmp_path / "other.pt"
-    model, _ = build_backbone(str(weights_file))
-    sd = model.state_dict()
+    sd = create_backbone("mobilenet_v2", str(weights_file)).net.state_dict()
     sd["features.0.0.weight"] = sd["features.0.0.weight"] * 2
     torch.save(sd, other)
     with pytest.raises(CacheError, match=r"weights .*--overwrite"):
@@ -137,7 +137,7 @@ def test_provenance_mismatch_refused_and_overwrite(tiny_dataset, tmp_path, weigh
     assert sha256_file(out) == before  # refused runs leave the cache untouched
     extract_features(config(tiny_dataset, out, other, overwrite=True), progress=False)
     with FeatureCache(out) as c:
-        assert c.provenance["weights"]["sha256"] == sha256_file(other)
+        assert c.provenance.weights.sha256 == sha256_file(other)
 
 
 def test_rerun_skips_and_extending_splits_equals_one_run(tiny_dataset, tmp_path, weights_file):
@@ -199,10 +199,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, weights_file):
 
 @pytest.mark.parametrize("spec", [FrameSpec(size=64), FrameSpec(size=64, mean=(0.2, 0.7, 0.5), std=(0.1, 0.4, 0.9))])
 def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
-    from pipeline.backbone import FrozenBackbone
     from pipeline.preprocess import normalize_frames
 
-    model, _ = build_backbone(str(weights_file))
+    model = create_backbone("mobilenet_v2", str(weights_file)).net
     frozen = FrozenBackbone(model, spec)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
@@ -217,17 +216,13 @@ def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
         assert frozen.center(frames).is_contiguous(memory_format=torch.channels_last)
         with pytest.raises(TypeError, match="uint8"):
             frozen(normalize_frames(frames, spec))
-        handed = build_backbone(str(weights_file))[0]  # copy=False folds the caller's own model
-        assert torch.equal(FrozenBackbone(handed, spec, copy=False)(frames), frozen(frames))
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in handed.modules())
 
 
 def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file):
-    from pipeline.backbone import FrozenBackbone, MobileNetV2Features
     from pipeline.preprocess import normalize_frames
 
     spec = FrameSpec(size=64)
-    model, _ = build_backbone(str(weights_file))
+    model = create_backbone("mobilenet_v2", str(weights_file)).net
     frozen = FrozenBackbone(model, spec)
     frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -238,14 +233,14 @@ def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file)
     # folding the input scale into the first conv costs no precision beyond bf16's own
     assert (folded - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
     # the folded constants follow the model's device (meta: shapes only, like an unmaterialised model)
-    meta = FrozenBackbone(MobileNetV2Features().to("meta").eval(), spec)
-    assert meta.offset.device.type == "meta" and meta.net.features[0][0].weight.device.type == "meta"
+    meta = FrozenBackbone(create_backbone("mobilenet_v2", "none").net.to("meta").eval(), spec)
+    assert meta.offset.device.type == "meta" and all(p.device.type == "meta" for p in meta.net.parameters())
 
 
 def test_weights_state_dict_variants(tmp_path, weights_file):
     import torchvision
 
-    base, ident = build_backbone(str(weights_file))
+    base = create_backbone("mobilenet_v2", str(weights_file)).net
     full = torchvision.models.mobilenet_v2()
     full.features.load_state_dict(base.features.state_dict())
     variants = {
@@ -259,17 +254,17 @@ def test_weights_state_dict_variants(tmp_path, weights_file):
         want = base(x)
         for name, sd in variants.items():
             torch.save(sd, tmp_path / name)
-            m, i = build_backbone(str(tmp_path / name))
-            assert torch.equal(m(x), want), name
-            assert i.source == "file" and i.sha256 == sha256_file(tmp_path / name)
+            bb = create_backbone("mobilenet_v2", str(tmp_path / name))
+            assert torch.equal(bb.net.eval()(x), want), name
+            assert bb.weights.source == "file" and bb.weights.sha256 == sha256_file(tmp_path / name)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
-    with pytest.raises(WeightsError, match="not a MobileNetV2 state dict"):
-        build_backbone(str(tmp_path / "wrong.pt"))
+    with pytest.raises(WeightsError, match="not a mobilenet_v2 state dict"):
+        create_backbone("mobilenet_v2", str(tmp_path / "wrong.pt"))
     (tmp_path / "garbage.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="not a weights file this tool can load safely"):
-        build_backbone(str(tmp_path / "garbage.pt"))
+        create_backbone("mobilenet_v2", str(tmp_path / "garbage.pt"))
     with pytest.raises(WeightsError, match="weights file not found"):
-        build_backbone(str(tmp_path / "missing.pt"))
+        create_backbone("mobilenet_v2", str(tmp_path / "missing.pt"))
 
 
 def test_imagenet_offline_fails_with_actionable_message(monkeypatch, tmp_path):
@@ -285,9 +280,9 @@ def test_imagenet_offline_fails_with_actionable_message(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError, match=r"could not download .* --weights PATH/TO/mobilenet_v2-"):
-        build_backbone("imagenet")
+        create_backbone("mobilenet_v2", "imagenet")
     with pytest.raises(WeightsError, match="unknown weights"):
-        build_backbone("IMAGENET1K_V9")
+        create_backbone("mobilenet_v2", "IMAGENET1K_V9")
 
 
 def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):

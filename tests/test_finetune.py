@@ -51,7 +51,7 @@ def test_finetune_learns(colour_data, tmp_path, weights_file):
     assert losses[-1] < losses[0]
     assert r.best["top1"] >= 0.66  # chance 1/3
     ck = load_checkpoint(tmp_path / "run" / "best.pt", kind="end_to_end")
-    assert {"backbone_state", "head_state", "frame_spec", "classes", "cache"} <= set(ck)
+    assert {"backbone_state", "model_state", "frame_spec", "classes", "cache"} <= set(ck)
     # predict and extract-features take the fine-tuned checkpoint
     preds = Predictor(tmp_path / "run" / "best.pt", device="cpu", workers=0).predict(
         [colour_data / "val" / "red" / "red_val_0"], progress=False)
@@ -132,9 +132,9 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
 
 
 def test_grad_checkpoint_same_step_and_batchnorm_statistics(weights_file):
-    from pipeline.backbone import build_backbone
+    from pipeline.backbones import create_backbone
     from pipeline.finetune import EndToEnd
-    from pipeline.models import TemporalHead, TemporalHeadConfig
+    from pipeline.heads import HeadConfig, build_head
 
     torch.manual_seed(0)
     clips = torch.randint(0, 256, (2, 3, 3, SIZE, SIZE), dtype=torch.uint8)
@@ -142,7 +142,8 @@ def test_grad_checkpoint_same_step_and_batchnorm_statistics(weights_file):
     results = []
     for gc in (False, True):
         torch.manual_seed(1)
-        m = EndToEnd(build_backbone(str(weights_file))[0], TemporalHead(TemporalHeadConfig(2, hidden=4, dropout=0)),
+        m = EndToEnd(create_backbone("mobilenet_v2", str(weights_file)),
+                     build_head(HeadConfig(2, input_dim=1280, hidden=4, dropout=0)),
                      FrameSpec(size=SIZE), trainable_blocks=3, grad_checkpoint=gc).train()
         torch.nn.functional.cross_entropy(m(clips, lengths), y).backward()
         results.append((m.backbone.state_dict(), [p.grad.clone() for p in m.backbone.features[18].parameters()]))

@@ -15,11 +15,11 @@ import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from pipeline.runtime import tune_cpu_allocator
 tuned = tune_cpu_allocator() if sys.argv[2] == "tune" else False
-from pipeline.backbone import MobileNetV2Features
+from pipeline.backbones import create_backbone
 
 # Activations above 32 MiB (8 x 96 x 112 x 112 floats = 38.5 MB): glibc's default threshold adapts to
 # freed blocks only up to 32 MiB, so at a smaller input it sometimes reuses them without any tuning.
-model, x = MobileNetV2Features().eval(), torch.randn(8, 3, 224, 224)
+model, x = create_backbone("mobilenet_v2", "none").net.eval(), torch.randn(8, 3, 224, 224)
 
 def faults_of_one_forward():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

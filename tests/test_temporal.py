@@ -16,7 +16,7 @@ from pipeline.cache import FeatureCache
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import TemporalConfig
 from pipeline.errors import ConfigError
-from pipeline.models import TemporalHead, TemporalHeadConfig
+from pipeline.heads import HeadConfig, build_head
 from pipeline.sampling import random_clips, segment_clips, uniform_clips
 from pipeline.train import TrainingError, evaluate_checkpoint, train_temporal
 
@@ -67,7 +67,7 @@ def test_lstm_separates_time_reversed_classes_mean_pool_cannot(tmp_path):
 @pytest.mark.parametrize("pool, bidirectional", [("last", False), ("last", True), ("mean", True)])
 def test_padding_never_changes_output(pool, bidirectional):
     torch.manual_seed(0)
-    m = TemporalHead(TemporalHeadConfig(num_classes=3, input_dim=8, hidden=6, layers=2, bidirectional=bidirectional,
+    m = build_head(HeadConfig(num_classes=3, input_dim=8, hidden=6, layers=2, bidirectional=bidirectional,
                                         pool=pool)).eval()
     x = torch.randn(3, 10, 8)
     lengths = torch.tensor([10, 4, 7])
@@ -84,12 +84,12 @@ def test_padding_never_changes_output(pool, bidirectional):
 def test_last_pool_uses_backward_final_state():
     """For a bidirectional LSTM, 'last' must see the whole clip in both directions."""
     torch.manual_seed(0)
-    m = TemporalHead(TemporalHeadConfig(num_classes=2, input_dim=4, hidden=5, bidirectional=True, dropout=0)).eval()
+    m = build_head(HeadConfig(num_classes=2, input_dim=4, hidden=5, bidirectional=True, dropout=0)).eval()
     x = torch.randn(1, 6, 4)
     y = x.clone()
     y[0, 0] += 5  # change only the first frame
     with torch.no_grad():
-        _, (h_n, _) = m.lstm(x)
+        _, (h_n, _) = m.rnn(x)
         z = torch.cat([h_n[0], h_n[1]], 1)
         torch.testing.assert_close(m(x), m.classifier(z))
         assert not torch.allclose(m(x), m(y))
@@ -154,10 +154,10 @@ def test_checkpoint_round_trip_and_evaluate_reproduces_best(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=4, per_class={"train": 12, "test": 6})
     r = train_temporal(cfg(cache, tmp_path / "run", epochs=5, eval_clips=2), progress=False)
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert ckpt["schema_version"] == 1 and ckpt["kind"] == "temporal" and ckpt["epoch"] == r.best_epoch
+    assert ckpt["schema_version"] == 2 and ckpt["kind"] == "temporal" and ckpt["epoch"] == r.best_epoch
     assert ckpt["classes"] == ["c0", "c1", "c2", "c3"] and ckpt["frame_spec"]["size"] == 32
     assert ckpt["cache"]["weights"]["sha256"] == "0" * 64
-    head = TemporalHead(TemporalHeadConfig.from_dict(ckpt["model_config"]))
+    head = build_head(HeadConfig.from_dict(ckpt["model_config"]))
     head.load_state_dict(ckpt["model_state"])  # strict: every key present
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", cache, "test", device="cpu")
     for k in ("top1", "top5", "mean_class_acc"):

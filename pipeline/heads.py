@@ -1,8 +1,15 @@
-"""Temporal models over per-frame features. No I/O."""
+"""Temporal heads over per-frame features, through one registry. No I/O.
+
+Contract for every head: ``(B, T, D)`` features and ``(B,)`` lengths (``None``: all ``T`` real)
+→ ``(B, C)`` logits; steps past a clip's length (padding) never change its output.
+``build_head(HeadConfig)`` builds one; a checkpoint stores ``HeadConfig.to_dict()`` and rebuilds it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -11,24 +18,51 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 @dataclass(frozen=True)
-class TemporalHeadConfig:
+class HeadConfig:
+    """Architecture of a temporal head; ``arch`` names a registry entry (``HEADS``)."""
+
     num_classes: int
-    input_dim: int = 1280
+    input_dim: int
+    arch: str = "lstm"
     hidden: int = 512
     layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.5
     pool: Literal["last", "mean"] = "last"
 
+    def __post_init__(self) -> None:
+        if self.arch not in HEADS:
+            raise ValueError(f"unknown head {self.arch!r}: use one of {', '.join(HEADS)}")
+        for name in ("num_classes", "input_dim", "hidden", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TemporalHeadConfig:
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
+        """Missing fields get their defaults: schema-1 checkpoints (no ``arch``) load as the LSTM."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class TemporalHead(nn.Module):
+HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {}
+
+
+def register(arch: str):
+    def add(cls):
+        HEADS[arch] = cls
+        return cls
+    return add
+
+
+def build_head(cfg: HeadConfig) -> nn.Module:
+    return HEADS[cfg.arch](cfg)
+
+
+@register("lstm")
+class LSTMHead(nn.Module):
     """LSTM over a clip of frame features → class logits.
 
     ``pool="last"`` classifies the final hidden state of each direction (``h_n``): for the forward
@@ -38,11 +72,13 @@ class TemporalHead(nn.Module):
     Padded steps never change the result: sequences are packed when lengths differ.
     """
 
-    def __init__(self, cfg: TemporalHeadConfig) -> None:
+    rnn_type: type[nn.RNNBase] = nn.LSTM
+
+    def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.lstm = nn.LSTM(cfg.input_dim, cfg.hidden, num_layers=cfg.layers, batch_first=True,
-                            bidirectional=cfg.bidirectional, dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.rnn = self.rnn_type(cfg.input_dim, cfg.hidden, num_layers=cfg.layers, batch_first=True,
+                                 bidirectional=cfg.bidirectional, dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), cfg.num_classes)
 
@@ -52,9 +88,11 @@ class TemporalHead(nn.Module):
         packed = lengths is not None and bool((lengths != t).any())
         if packed:
             inp = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, (h_n, _) = self.lstm(inp)
+            out, h_n = self.rnn(inp)
         else:
-            out, (h_n, _) = self.lstm(x)  # (B, T, H·dirs)
+            out, h_n = self.rnn(x)  # (B, T, H·dirs)
+        if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
+            h_n = h_n[0]
         if self.cfg.pool == "last":
             dirs = 2 if self.cfg.bidirectional else 1
             z = h_n.view(self.cfg.layers, dirs, b, self.cfg.hidden)[-1]  # (dirs, B, H), top layer

@@ -1,0 +1,633 @@
+"""Image backbones by name: any torchvision classification model, or ``timm:<name>`` through timm.
+
+``create_backbone(name, weights)`` is the one seam every stage uses. A ``Backbone`` is the image
+model with its final classifier removed, so it maps a normalised (B, 3, H, W) batch to pooled
+(B, D) features (the penultimate layer, as feature extractors use it), and knows:
+
+* ``num_features`` (D), and the default ``FrameSpec`` of its weights (torchvision's
+  ``weights.transforms()``, timm's ``resolve_model_data_config``);
+* its ordered ``blocks`` (for ``--trainable-blocks``): per family for torchvision (MobileNet,
+  EfficientNet, ResNet/ResNeXt, ConvNeXt, RegNet, ViT; other models by top-level children), and
+  timm's own parameter grouping (``group_matcher``);
+* the identity of its weights, stored with caches and checkpoints.
+
+``--weights`` accepts ``none`` (random init), ``imagenet`` (the default weights), a weight tag
+(torchvision: ``IMAGENET1K_V1``; timm: a pretrained tag such as ``augreg_in21k_ft_in1k``), or a
+``PATH``: a state dict (classifier optional, DDP ``module.`` stripped), a file written by this tool,
+or for timm any file timm reads (``.safetensors``/``.pth``; OpenAI-CLIP and original DINOv2 key
+names are converted by timm's own filters). Downloads happen only for ``imagenet`` or a tag;
+offline, the error names the file to fetch.
+
+``FrozenBackbone`` is the inference form for extraction and predict (BatchNorm and the input
+scale folded into the convolutions). This module writes no files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import safe_load
+from .config import IMAGENET_MEAN, IMAGENET_STD, FrameSpec, WeightsIdentity
+from .errors import ConfigError, WeightsError
+from .files import sha256_file
+from .preprocess import per_channel_
+
+log = logging.getLogger(__name__)
+
+TIMM = "timm:"
+DEFAULT_BACKBONE = "mobilenet_v2"
+
+
+@dataclass
+class Block:
+    """One unit of ``--trainable-blocks``: its parameters, and the largest modules wholly inside it
+    (set to eval mode when the block is frozen, so BatchNorm statistics and dropout stay put)."""
+
+    params: list[str]
+    modules: list[str]
+
+
+@dataclass
+class Backbone:
+    """An image model up to its pooled features: ``net`` maps (B, 3, H, W) normalised → (B, D)."""
+
+    name: str
+    net: nn.Module
+    num_features: int
+    frame_spec: FrameSpec
+    weights: WeightsIdentity
+    block_params: list[list[str]] = field(repr=False)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.net.modules())
+
+    @functools.cached_property
+    def blocks(self) -> list[Block]:
+        return [Block(ps, _maximal_modules(self.net, set(ps))) for ps in self.block_params]
+
+    def set_trainable(self, n: int) -> list[nn.Module]:
+        """Only the last ``n`` blocks train. Returns the modules of the frozen blocks, which the
+        caller keeps in eval mode."""
+        if not 0 <= n <= len(self.blocks):
+            raise ConfigError(f"--trainable-blocks must be between 0 and {len(self.blocks)} for {self.name}, got {n}")
+        trainable = {p for b in self.blocks[len(self.blocks) - n:] for p in b.params}
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name in trainable)
+        modules = dict(self.net.named_modules())
+        return [modules[m] for b in self.blocks[: len(self.blocks) - n] for m in b.modules]
+
+    def trainable_modules(self, n: int) -> list[nn.Module]:
+        modules = dict(self.net.named_modules())
+        return [modules[m] for b in self.blocks[len(self.blocks) - n:] for m in b.modules]
+
+
+def _maximal_modules(net: nn.Module, params: set[str]) -> list[str]:
+    """Names of the largest submodules all of whose parameters are in ``params`` (pre-order)."""
+    out: list[str] = []
+    for name, m in net.named_modules():
+        if not name or any(name.startswith(o + ".") for o in out):
+            continue
+        own = [f"{name}.{p}" for p, _ in m.named_parameters()]
+        if own and all(p in params for p in own):
+            out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(TIMM)
+
+
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as e:
+        raise ConfigError("timm backbones need the timm package: pip install 'action-pipeline[timm]' "
+                          "(or pip install timm)") from e
+    return timm
+
+
+def check_name(name: str) -> str:
+    """``name`` if it names a backbone this tool can build, else one line saying what can."""
+    if is_timm(name):
+        timm = _timm()
+        arch = name[len(TIMM):].split(".")[0]
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch.split('_')[0]}*")[:6]
+            raise ConfigError(f"unknown timm model {arch!r}" + (f" (similar: {', '.join(close)})" if close else "")
+                              + "; see `list-backbones --timm PATTERN`")
+        return name
+    if name not in torchvision_names():
+        import difflib
+
+        close = difflib.get_close_matches(name, torchvision_names(), n=4)
+        raise ConfigError(f"unknown backbone {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + "; use a torchvision classification model (`list-backbones`) or timm:<model name>")
+    return name
+
+
+# ---------------------------------------------------------------------------------- creation
+
+
+def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
+    """The preprocessing ``name`` with ``weights`` expects, without building the model: the weights'
+    own eval transform (for ``none``, that of the default weights); a file written by this tool
+    (an end-to-end checkpoint, a recalibrated backbone) gives the FrameSpec it was made with."""
+    check_name(name)
+    path = _path_of(weights)
+    if path is not None:
+        ours = _our_file(path)
+        recorded = ((ours or {}).get("cache") or {}).get("frame_spec") or ((ours or {}).get("meta") or {}).get(
+            "frame_spec")
+        if recorded:
+            return FrameSpec.from_dict(recorded)
+    if is_timm(name):
+        timm = _timm()
+        arch = name[len(TIMM):]
+        full = arch if path is not None or weights.lower() in ("none", "imagenet", "default") else \
+            f"{arch.split('.')[0]}.{weights}"
+        cfg = timm.models.get_pretrained_cfg(full) or timm.models.get_pretrained_cfg(arch)
+        return _timm_frame_spec(cfg.to_dict() if cfg is not None else {"input_size": (3, 224, 224)}, None)
+    import torchvision
+
+    tag = weights if path is None and weights.lower() != "none" else "imagenet"
+    w = _torchvision_weights(name, tag) if tag != "imagenet" else torchvision.models.get_model_weights(name).DEFAULT
+    return _torchvision_frame_spec(w)
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "none", *,
+                    input_size: int | None = None) -> Backbone:
+    """The backbone ``name`` with ``weights`` (see the module docstring), in eval mode.
+
+    ``input_size``: the square input the model will see; timm models with a fixed input size
+    (ViTs) are built for it (timm resamples their position embeddings)."""
+    check_name(name)
+    if is_timm(name):
+        return _create_timm(name[len(TIMM):], weights, input_size)
+    return _create_torchvision(name, weights)
+
+
+def _path_of(weights: str) -> Path | None:
+    """``weights`` as a file path, None for ``none``/``imagenet``/a tag; one line if it looks like a
+    path and is not a file."""
+    if weights.lower() in ("none", "imagenet", "default"):
+        return None
+    p = Path(weights)
+    if p.is_dir():
+        raise WeightsError(f"--weights {p} is a folder; give the weights file")
+    if p.is_file():
+        return p
+    if "/" in weights or "\\" in weights or p.suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt"):
+        raise WeightsError(f"weights file not found: {weights!r}; use --weights none, imagenet, a weight tag, "
+                           "or an existing file")
+    return None  # a tag
+
+
+def _our_file(path: Path) -> dict[str, Any] | None:
+    """The backbone state of a file this tool wrote (a recalibrated backbone or an end-to-end
+    checkpoint), checked against ``name`` by the caller; None for other files."""
+    if path.suffix in (".safetensors", ".npz"):
+        return None
+    obj = safe_load(path, WeightsError, "weights file")
+    if isinstance(obj, dict) and "backbone_state" in obj:
+        return obj
+    if isinstance(obj, dict) and "model_state" in obj and "schema_version" in obj:
+        raise WeightsError(f"{path} is a temporal-model checkpoint without backbone weights; pass the weights the "
+                           "cache was extracted with, or an end-to-end checkpoint")
+    return {"raw": obj}
+
+
+def _recorded_backbone(obj: dict[str, Any]) -> str | None:
+    if "backbone" in obj and isinstance(obj["backbone"], str):
+        return obj["backbone"]
+    cache = obj.get("cache")
+    if isinstance(cache, dict):
+        return cache.get("backbone") or "mobilenet_v2"  # schema-1 end-to-end checkpoints
+    return "mobilenet_v2" if "backbone_state" in obj else None
+
+
+def _check_same_backbone(path: Path, obj: dict[str, Any], name: str) -> None:
+    rec = _recorded_backbone(obj)
+    if rec is not None and rec != name:
+        raise WeightsError(f"{path} holds {rec} weights, not {name}; pass --backbone {rec} (or other weights)")
+
+
+# ------------------------------------------------------------------------------ torchvision
+
+
+def _torchvision_weights(name: str, tag: str):
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    if tag.lower() in ("imagenet", "default"):
+        return enum.DEFAULT
+    try:
+        return enum[tag.upper().split(".")[-1]]
+    except KeyError:
+        raise WeightsError(f"unknown weights {tag!r} for {name}: use none, imagenet, "
+                           f"{', '.join(w.name for w in enum)} or a path to a state dict / checkpoint") from None
+
+
+def _build_torchvision(name: str, w) -> nn.Module:
+    import torchvision
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # googlenet/inception init notes
+        kwargs: dict[str, Any] = {}
+        if w is None and name in ("googlenet", "inception_v3"):
+            kwargs = {"aux_logits": False, "init_weights": True}
+        model = torchvision.models.get_model(name, weights=w, **kwargs)
+    if getattr(model, "aux_logits", False):  # the auxiliary classifiers only matter for ImageNet training
+        model.aux_logits = False
+        for attr in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+    return model
+
+
+def _remove_classifier(model: nn.Module, name: str) -> tuple[int, str]:
+    """Replace the final Linear by Identity; → (its in_features, its state-dict prefix)."""
+    linears = [(k, m) for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{name} has no linear classifier to remove, so it has no pooled feature vector; "
+                          "choose another backbone")
+    path, lin = linears[-1]
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    setattr(parent, path.rsplit(".", 1)[-1], nn.Identity())
+    return lin.in_features, path + "."
+
+
+def _torchvision_frame_spec(w) -> FrameSpec:
+    t = w.transforms()
+    crop = t.crop_size[0] if isinstance(t.crop_size, list | tuple) else t.crop_size
+    resize = t.resize_size[0] if isinstance(t.resize_size, list | tuple) else t.resize_size
+    interp = getattr(t.interpolation, "value", str(t.interpolation)).lower()
+    return FrameSpec(size=int(crop), resize_size=int(resize), interpolation=interp if interp in
+                     ("bilinear", "bicubic", "nearest") else "bilinear", mean=tuple(t.mean), std=tuple(t.std))
+
+
+def _create_torchvision(name: str, weights: str) -> Backbone:
+    path = _path_of(weights)
+    w = None if path is not None or weights.lower() == "none" else _torchvision_weights(name, weights)
+    try:
+        model = _build_torchvision(name, w)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+        file = w.url.rsplit("/", 1)[-1]
+        raise WeightsError(
+            f"could not download the {name} weights {w.name} ({str(e).splitlines()[0][:120]}): offline? fetch "
+            f"{w.url} on a machine with network and pass --weights PATH/TO/{file}") from e
+    dim, head_prefix = _remove_classifier(model, name)
+    import torchvision
+
+    spec = _torchvision_frame_spec(w or torchvision.models.get_model_weights(name).DEFAULT)
+    if w is not None:
+        ident = WeightsIdentity(source="torchvision", name=w.name)
+    elif path is not None:
+        _load_torchvision_file(model, name, path, head_prefix)
+        ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
+    else:
+        ident = WeightsIdentity(source="random")
+    return Backbone(name=name, net=model.eval(), num_features=dim, frame_spec=spec, weights=ident,
+                    block_params=_torchvision_blocks(model, name))
+
+
+def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix: str) -> None:
+    obj = _our_file(path)
+    if obj is not None and "backbone_state" in obj:
+        _check_same_backbone(path, obj, name)
+        state = obj["backbone_state"]
+    else:
+        state = obj["raw"] if obj is not None else None
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    own = model.state_dict()
+    if name == "mobilenet_v2" and not any(k in own for k in state):  # a features-only dict, no prefix
+        state = {f"features.{k}": v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise WeightsError(f"{path} is not a {name} state dict ({detail[:160]}...)") from e
+
+
+def _torchvision_blocks(model: nn.Module, name: str) -> list[list[str]]:
+    """Ordered groups of parameter names, input side first."""
+    params = [n for n, _ in model.named_parameters()]
+
+    def under(*prefixes: str) -> list[str]:
+        return [p for p in params if any(p == x or p.startswith(x + ".") for x in prefixes)]
+
+    def children(path: str) -> list[str]:
+        return [f"{path}.{c}" for c, m in model.get_submodule(path).named_children() if any(True for _ in m.parameters())]
+
+    if name.startswith(("mobilenet", "efficientnet", "mnasnet", "convnext")):
+        seq = "layers" if name.startswith("mnasnet") else "features"
+        groups = [under(c) for c in children(seq)]
+    elif name.startswith(("resnet", "resnext", "wide_resnet")):
+        groups = [under("conv1", "bn1")] + [under(f"layer{i}") for i in range(1, 5)]
+    elif name.startswith("regnet"):
+        groups = [under("stem")] + [under(c) for c in children("trunk_output")]
+    elif name.startswith("vit_"):
+        groups = [under("conv_proj", "class_token", "encoder.pos_embedding")] + [
+            under(c) for c in children("encoder.layers")]
+    else:  # generic: top-level children in registration order
+        groups = [under(c) for c, m in model.named_children() if any(True for _ in m.parameters())]
+    groups = [g for g in groups if g]
+    rest = [p for p in params if not any(p in g for g in groups)]
+    if rest:  # what follows the last block (a post-pool norm or projection) or loose parameters
+        first = [p for p in rest if p in ("class_token", "cls_token", "pos_embed")]
+        if first:
+            groups[0] = first + groups[0]
+        groups[-1] = groups[-1] + [p for p in rest if p not in first]
+    return groups
+
+
+# ------------------------------------------------------------------------------------- timm
+
+
+def _timm_frame_spec(cfg: dict[str, Any], input_size: int | None) -> FrameSpec:
+    import math
+
+    size = int(input_size or cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    mode = "squash" if cfg.get("crop_mode") == "squash" else "crop"
+    interp = cfg.get("interpolation", "bicubic")
+    return FrameSpec(size=size, resize=mode, resize_size=max(size, math.floor(size / crop_pct)),
+                     interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",
+                     mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
+    timm = _timm()
+    path = _path_of(weights)
+    kw: dict[str, Any] = {"num_classes": 0}
+    base_cfg = timm.models.get_pretrained_cfg(arch) or {}
+    base_cfg = base_cfg.to_dict() if hasattr(base_cfg, "to_dict") else dict(base_cfg)
+    if input_size and base_cfg.get("fixed_input_size") and input_size != base_cfg.get("input_size", (0, 0, 0))[-1]:
+        kw["img_size"] = input_size
+    name = f"{TIMM}{arch}"
+    ours = _our_file(path) if path is not None else None
+    if weights.lower() == "none" or (ours is not None and "backbone_state" in ours):
+        model = timm.create_model(arch, pretrained=False, **kw)
+        ident = WeightsIdentity(source="random")
+        if ours is not None:
+            _check_same_backbone(path, ours, name)
+            try:
+                model.load_state_dict(ours["backbone_state"], strict=True)
+            except RuntimeError as e:
+                raise WeightsError(f"{path} is not a {name} state dict ({str(e).splitlines()[0][:160]})") from e
+            ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
+    elif path is not None:
+        try:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kw)
+        except Exception as e:  # noqa: BLE001 - timm's loaders raise many types for a foreign file
+            raise WeightsError(f"cannot load {path} into {name} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+        ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
+    else:
+        full = arch if weights.lower() in ("imagenet", "default") else f"{arch.split('.')[0]}.{weights}"
+        cfg = timm.models.get_pretrained_cfg(full)
+        if cfg is None:
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch.split('.')[0]}.*")]
+            raise WeightsError(f"unknown weights {weights!r} for {name}: use none, imagenet, "
+                               f"{', '.join(tags) or '(no pretrained tags)'} or a path to a weights file")
+        try:
+            model = timm.create_model(full, pretrained=True, **kw)
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types (offline, auth, missing)
+            where = (f"https://huggingface.co/{cfg.hf_hub_id} (model.safetensors)" if getattr(cfg, "hf_hub_id", None)
+                     else getattr(cfg, "url", None) or "the weights file")
+            raise WeightsError(f"could not download the timm weights {full} ({type(e).__name__}): offline? fetch "
+                               f"{where} on a machine with network and pass --weights PATH/TO/FILE") from e
+        ident = WeightsIdentity(source="timm", name=getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or full)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or base_cfg)
+    spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
+    return Backbone(name=name, net=model.eval(), num_features=int(model.num_features), frame_spec=spec,
+                    weights=ident, block_params=_timm_blocks(model))
+
+
+def _timm_blocks(model: nn.Module) -> list[list[str]]:
+    params = [n for n, _ in model.named_parameters()]
+    try:
+        from timm.models import group_parameters
+
+        grouped = group_parameters(model, model.group_matcher(coarse=False))
+        groups = [list(v) for _, v in sorted(grouped.items())]
+    except Exception:  # noqa: BLE001 - models without group_matcher: top-level children
+        groups = [[p for p in params if p.split(".")[0] == c] for c, _ in model.named_children()]
+    groups = [g for g in groups if g]
+    rest = [p for p in params if not any(p in g for g in groups)]
+    if rest:
+        groups[-1] = groups[-1] + rest
+    return groups
+
+
+# ---------------------------------------------------------------------------------- listing
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip weight initialisation (a listing needs shapes, not values)."""
+    import torch.nn.init as init
+
+    saved = {k: getattr(init, k) for k in dir(init) if k.endswith("_") and not k.startswith("_")}
+    for k in saved:
+        setattr(init, k, lambda t, *a, **kw: t)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(init, k, v)
+
+
+def describe_torchvision(name: str) -> dict[str, Any]:
+    """Feature dimension, default FrameSpec and weight tags of a torchvision model, without
+    building it for real (shapes only)."""
+    import torchvision
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = _build_torchvision(name, None)
+    except Exception:  # noqa: BLE001 - RegNet computes widths with tensors, which meta cannot read back
+        with warnings.catch_warnings(), _no_init():
+            warnings.simplefilter("ignore")
+            model = _build_torchvision(name, None)
+    try:
+        dim, _ = _remove_classifier(model, name)
+    except ConfigError:
+        dim = None
+    enum = torchvision.models.get_model_weights(name)
+    return {"name": name, "num_features": dim, "frame_spec": _torchvision_frame_spec(enum.DEFAULT),
+            "weights": [w.name for w in enum], "default": enum.DEFAULT.name}
+
+
+def describe_timm(pattern: str) -> list[dict[str, Any]]:
+    timm = _timm()
+    out = []
+    for full in timm.list_pretrained(pattern):
+        arch = full.split(".")[0]
+        cfg = timm.models.get_pretrained_cfg(full).to_dict()
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                dim = timm.create_model(arch, pretrained=False, num_classes=0).num_features
+        except Exception:  # noqa: BLE001
+            dim = None
+        out.append({"name": f"{TIMM}{full}", "num_features": dim, "frame_spec": _timm_frame_spec(cfg, None),
+                    "weights": [full.split(".", 1)[1]] if "." in full else [], "default": None})
+    return out
+
+
+# ------------------------------------------------------------------------ frozen inference
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one conv
+    (w' = w·γ/σ, b' = (b − μ)·γ/σ + β); same function up to float rounding. Traced with torch.fx,
+    which finds every pair (ResNet's ``conv1``/``bn1`` attributes as well as MobileNet's
+    Sequentials); a model fx cannot trace falls back to pairs inside Sequentials. On CPU the
+    BatchNorm passes were about a third of MobileNetV2's inference time (measured here)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = model.eval()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(model, inplace=False).eval()
+    except Exception as e:  # noqa: BLE001 - fx cannot trace data-dependent control flow
+        log.debug("fx could not trace %s (%s); folding Sequential pairs only", type(model).__name__, e)
+    fused = copy.deepcopy(model)
+    for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    return fused
+
+
+def _first_conv(net: nn.Module, size: int) -> nn.Conv2d | None:
+    """The Conv2d that reads the network input itself (found by running a small input), or None."""
+    found: list[nn.Conv2d] = []
+    x = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        if not found and args and args[0] is x:
+            found.append(m)  # type: ignore[arg-type]
+
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+class FrozenBackbone(nn.Module):
+    """The inference form of a backbone for one ``FrameSpec``: (B, 3, S, S) uint8 frames → (B, D)
+    features, as ``net(preprocess.normalize_frames(frames, spec))`` up to float rounding.
+
+    Every BatchNorm is folded into its conv (``fuse_conv_bn``), and so is the per-channel scale
+    1/(255·std) of the input normalisation, into the conv that reads the input (when it is a
+    zero-padded 3-channel conv, as in every CNN and ViT patch embedding here). What is left of
+    preprocessing is one elementwise pass, uint8 → float ``x − 255·mean``. Centring, rather than
+    scaling, is what stays outside: a zero of the centred input is the mean pixel, which normalises
+    to zero, so the conv's zero padding means the same as on the normalised input and the fold is
+    exact at borders. A network whose input goes elsewhere first keeps the full normalisation.
+    Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
+    """
+
+    def __init__(self, net: nn.Module, spec: FrameSpec, *, channels_last: bool = True) -> None:
+        super().__init__()
+        fused = fuse_conv_bn(net)
+        if fused is net:  # nothing to fold: the scale fold below must not touch the caller's module
+            import copy
+
+            fused = copy.deepcopy(net)
+        device = next(fused.parameters()).device
+        mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)
+        first = _first_conv(fused, spec.size)
+        scale = None
+        if (first is not None and first.in_channels == 3 and first.groups == 1
+                and (first.padding_mode == "zeros" or first.padding in (0, (0, 0)))):
+            with torch.no_grad():
+                w = first.weight.double() / (255.0 * std.view(1, 3, 1, 1))
+                first.weight.copy_(w.to(first.weight.dtype))
+        else:
+            scale = (1.0 / (255.0 * std)).to(torch.float32)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = fused.to(memory_format=self.memory_format)
+        self.register_buffer("offset", (255.0 * mean).to(torch.float32), persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def center(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 frames → the float input of ``self.net`` in the net's memory format."""
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"FrozenBackbone takes uint8 frames (0-255), got {frames.dtype}")
+        x = per_channel_(frames.to(torch.float32, memory_format=self.memory_format), None, -self.offset)
+        return x if self.scale is None else per_channel_(x, self.scale, torch.zeros_like(self.offset))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(self.center(frames))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                          device: torch.device | str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running mean/var on ``batches`` (normalised inputs), then freeze.
+
+    ``momentum=None`` averages the per-batch statistics with equal weight, independent of batch
+    order: give it equal-sized batches that are fair samples (shuffled across videos). Returns the
+    number of frames used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x.to(device))
+            n += x.shape[0]
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    return n

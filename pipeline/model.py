@@ -1,0 +1,114 @@
+"""``load_model``: the one way to rebuild a trained model from a checkpoint alone.
+
+A checkpoint holds everything: the head's config and weights, the classes, the provenance of the
+features it was trained on (backbone, weights identity, FrameSpec, frame selection), and the clip
+sampling (seq-len, eval clips). ``evaluate``, ``predict``, ``finetune-end-to-end --init`` and
+``export`` all go through here, so every compatibility check lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .backbones import Backbone, create_backbone
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
+from .errors import CacheError, WeightsError
+from .files import sha256_file
+from .heads import HeadConfig, build_head
+
+TRAINED_KINDS = ("temporal", "end_to_end")
+
+
+@dataclass
+class Model:
+    """A trained head and what it needs, rebuilt from ``path``; the backbone is built on demand."""
+
+    path: Path
+    kind: str  # "temporal" (stage two) or "end_to_end" (stage three)
+    head: nn.Module  # eval mode, on the CPU
+    head_config: HeadConfig
+    classes: list[str]
+    provenance: Provenance  # of the features the head was trained on
+    seq_len: int
+    eval_clips: int
+    ckpt: dict[str, Any]
+
+    @property
+    def frame_spec(self) -> FrameSpec:
+        return self.provenance.frame_spec
+
+    @property
+    def selection(self) -> FrameSelection:
+        return self.provenance.selection
+
+    def features_provenance(self) -> Provenance:
+        """The provenance a cache must have for this model to be evaluated on it. An end-to-end
+        model's features are those of a cache extracted with ``--weights <this checkpoint>``."""
+        if self.kind == "end_to_end":
+            return self.provenance.replace(weights=WeightsIdentity(source="file", sha256=sha256_file(self.path)))
+        return self.provenance
+
+    def check_cache(self, cache: Provenance, cache_path: str | Path) -> None:
+        """Refuse a cache whose features are not the ones this model was trained on."""
+        ignore = ("precision", "dtype") if self.kind == "end_to_end" else ()
+        diff = self.features_provenance().mismatch(cache, ignore=ignore)
+        if diff:
+            raise CacheError(f"{cache_path} does not match {self.path}: {diff}; evaluate on a cache extracted "
+                             "with the checkpoint's backbone and settings")
+
+    def backbone(self, weights: str | Path | None = None) -> Backbone:
+        """The backbone that made the features: from the checkpoint itself (end-to-end), by its
+        weight name (torchvision/timm, downloaded if needed), or from the recorded file. ``weights``
+        points at that file if it has moved; its sha256 must match."""
+        prov = self.provenance
+        if self.kind == "end_to_end":
+            bb = create_backbone(prov.backbone, "none", input_size=prov.frame_spec.size)
+            try:
+                bb.net.load_state_dict(self.ckpt["backbone_state"])
+            except RuntimeError as e:
+                raise CheckpointError(f"{self.path}: its backbone_state does not fit {prov.backbone} "
+                                      f"({str(e).splitlines()[0][:120]})") from e
+            bb.weights = WeightsIdentity(source="end_to_end", sha256=None, path=str(self.path))
+            return bb
+        ident = prov.weights
+        if ident.source in ("torchvision", "timm") and weights is None:
+            return create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
+        if ident.source == "random":
+            raise WeightsError(f"{self.path} was trained on features of an uncalibrated random backbone")
+        path = Path(weights) if weights is not None else Path(ident.path or "")
+        if weights is None and not path.is_file():
+            raise WeightsError(f"the backbone weights this model was trained with are not at {ident.path}; "
+                               f"pass --weights PATH (a file with sha256 {str(ident.sha256)[:12]}...)")
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        got = sha256_file(path)
+        if ident.sha256 and got != ident.sha256:
+            raise WeightsError(f"{path} is not the backbone this model was trained with (sha256 {got[:12]}... != "
+                               f"{ident.sha256[:12]}...)")
+        return create_backbone(prov.backbone, str(path), input_size=prov.frame_spec.size)
+
+
+def load_model(path: str | Path) -> Model:
+    """Rebuild the trained model in ``path`` (a ``best.pt``/``last.pt`` of train-temporal, the sweep
+    or finetune-end-to-end; schema 1 or 2)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") not in TRAINED_KINDS:
+        raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+    cfg = HeadConfig.from_dict(ckpt["model_config"])
+    head = build_head(cfg)
+    try:
+        head.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit its {cfg.arch} head "
+                              f"({str(e).splitlines()[0][:120]})") from e
+    tc = ckpt.get("train_config", {})
+    return Model(path=path, kind=ckpt["kind"], head=head.eval(), head_config=cfg, classes=list(ckpt["classes"]),
+                 provenance=Provenance.from_dict({**ckpt["cache"], "classes": ckpt["cache"].get("classes",
+                                                                                                ckpt["classes"])}),
+                 seq_len=int(tc.get("seq_len", 16)), eval_clips=int(tc.get("eval_clips", 1)), ckpt=ckpt)
