@@ -187,7 +187,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     click.echo(f"  backbone: {r.backbone} ({r.feature_dim}-d), weights: {r.weights.describe()}")
     click.echo(f"  frames: {_describe_spec(r.frame_spec)}")
     if r.weights_file:
-        click.echo(f"  recalibrated backbone saved to {r.weights_file} (later stages use it)")
+        click.echo(f"  {r.weights.source.replace('_', ' ')} backbone saved to {r.weights_file} (later stages use it)")
     if r.failures:
         click.echo(f"  {len(r.failures)} problem(s), listed in the cache's 'failures' attribute:")
         for f in r.failures:
@@ -504,7 +504,8 @@ def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size
     else:
         click.echo("  reusing the existing demo data")
 
-    click.echo(f"[2/5] extract-features -> {features}  (random-init MobileNetV2, BatchNorm recalibrated on the demo frames)")
+    click.echo(f"[2/5] extract-features -> {features}  (random-init MobileNetV2, BatchNorm recalibrated on the "
+               "demo frames)")
     ctx.meta["resume_hint"] = "rerun `python cli.py demo` to resume"
     r = extract_features(ExtractConfig(dataset=DatasetSpec(root=str(data_dir)), output=str(features),
                                        weights="none", frame_overrides=FrameOverrides(size=size), device=device,

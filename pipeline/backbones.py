@@ -162,12 +162,14 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
         if recorded:
             return FrameSpec.from_dict(recorded)
     if is_timm(name):
-        timm = _timm()
         arch = name[len(TIMM):]
         full = arch if path is not None or weights.lower() in ("none", "imagenet", "default") else \
             f"{arch.split('.')[0]}.{weights}"
-        cfg = timm.models.get_pretrained_cfg(full) or timm.models.get_pretrained_cfg(arch)
-        return _timm_frame_spec(cfg.to_dict() if cfg is not None else {"input_size": (3, 224, 224)}, None)
+        cfg = _timm_cfg(full) or _timm_cfg(arch)
+        if cfg is None:
+            raise WeightsError(f"unknown weights {weights!r} for {name}; see `list-backbones --timm "
+                               f"'{arch.split('.')[0]}*'` for its pretrained tags")
+        return _timm_frame_spec(cfg.to_dict(), None)
     import torchvision
 
     tag = weights if path is None and weights.lower() != "none" else "imagenet"
@@ -248,9 +250,18 @@ def _torchvision_weights(name: str, tag: str):
                            f"{', '.join(w.name for w in enum)} or a path to a state dict / checkpoint") from None
 
 
-def _build_torchvision(name: str, w) -> nn.Module:
+def _build_torchvision(name: str, w, *, shapes_only: bool = False) -> nn.Module:
+    """The torchvision model; ``shapes_only``: parameters left uninitialised (on the meta device
+    where the model allows it), for weights that a state dict will then give."""
     import torchvision
 
+    if shapes_only:
+        try:
+            with torch.device("meta"):
+                return _build_torchvision(name, w)
+        except Exception:  # noqa: BLE001 - RegNet computes its widths from tensor values
+            with _no_init():
+                return _build_torchvision(name, w)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # googlenet/inception init notes
         kwargs: dict[str, Any] = {}
@@ -290,7 +301,7 @@ def _create_torchvision(name: str, weights: str) -> Backbone:
     path = _path_of(weights)
     w = None if path is not None or weights.lower() == "none" else _torchvision_weights(name, weights)
     try:
-        model = _build_torchvision(name, w)
+        model = _build_torchvision(name, w, shapes_only=path is not None)  # a file gives every value
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
         file = w.url.rsplit("/", 1)[-1]
         raise WeightsError(
@@ -303,7 +314,7 @@ def _create_torchvision(name: str, weights: str) -> Backbone:
     if w is not None:
         ident = WeightsIdentity(source="torchvision", name=w.name)
     elif path is not None:
-        _load_torchvision_file(model, name, path, head_prefix)
+        model = _load_torchvision_file(model, name, path, head_prefix)
         ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     else:
         ident = WeightsIdentity(source="random")
@@ -311,7 +322,7 @@ def _create_torchvision(name: str, weights: str) -> Backbone:
                     block_params=_torchvision_blocks(model, name))
 
 
-def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix: str) -> None:
+def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix: str) -> nn.Module:
     obj = _our_file(path)
     if obj is not None and "backbone_state" in obj:
         _check_same_backbone(path, obj, name)
@@ -329,11 +340,18 @@ def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix:
     if name == "mobilenet_v2" and not any(k in own for k in state):  # a features-only dict, no prefix
         state = {f"features.{k}": v for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # assign: the model may be on meta
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise WeightsError(f"{path} is not a {name} state dict ({detail[:160]}...)") from e
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a tensor the state dict does not hold (a non-persistent buffer): build it for real
+        real = _build_torchvision(name, None)
+        _remove_classifier(real, name)
+        real.load_state_dict(model.state_dict(), strict=True)
+        model = real
+    return model
 
 
 def _torchvision_blocks(model: nn.Module, name: str) -> list[list[str]]:
@@ -387,8 +405,8 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
     timm = _timm()
     path = _path_of(weights)
     kw: dict[str, Any] = {"num_classes": 0}
-    base_cfg = timm.models.get_pretrained_cfg(arch) or {}
-    base_cfg = base_cfg.to_dict() if hasattr(base_cfg, "to_dict") else dict(base_cfg)
+    base_cfg = _timm_cfg(arch)
+    base_cfg = base_cfg.to_dict() if base_cfg is not None else {}
     if input_size and base_cfg.get("fixed_input_size") and input_size != base_cfg.get("input_size", (0, 0, 0))[-1]:
         kw["img_size"] = input_size
     name = f"{TIMM}{arch}"
@@ -412,23 +430,65 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
         ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     else:
         full = arch if weights.lower() in ("imagenet", "default") else f"{arch.split('.')[0]}.{weights}"
-        cfg = timm.models.get_pretrained_cfg(full)
+        cfg = _timm_cfg(full)
         if cfg is None:
             tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch.split('.')[0]}.*")]
             raise WeightsError(f"unknown weights {weights!r} for {name}: use none, imagenet, "
                                f"{', '.join(tags) or '(no pretrained tags)'} or a path to a weights file")
+        where = (f"https://huggingface.co/{cfg.hf_hub_id} (model.safetensors)" if getattr(cfg, "hf_hub_id", None)
+                 else getattr(cfg, "url", None) or "the weights file")
+        hint = f"offline? fetch {where} on a machine with network and pass --weights PATH/TO/FILE"
+        if not _hub_cached(cfg) and not _hub_reachable():  # fail at once, not after the hub client's retries
+            raise WeightsError(f"could not download the timm weights {full} (no connection to the Hugging Face "
+                               f"hub): {hint}")
         try:
             model = timm.create_model(full, pretrained=True, **kw)
         except Exception as e:  # noqa: BLE001 - hub errors come in many types (offline, auth, missing)
-            where = (f"https://huggingface.co/{cfg.hf_hub_id} (model.safetensors)" if getattr(cfg, "hf_hub_id", None)
-                     else getattr(cfg, "url", None) or "the weights file")
-            raise WeightsError(f"could not download the timm weights {full} ({type(e).__name__}): offline? fetch "
-                               f"{where} on a machine with network and pass --weights PATH/TO/FILE") from e
+            raise WeightsError(f"could not download the timm weights {full} ({type(e).__name__}): {hint}") from e
         ident = WeightsIdentity(source="timm", name=getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or full)
     cfg = dict(getattr(model, "pretrained_cfg", None) or base_cfg)
     spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
     return Backbone(name=name, net=model.eval(), num_features=int(model.num_features), frame_spec=spec,
                     weights=ident, block_params=_timm_blocks(model))
+
+
+def _timm_cfg(full: str) -> Any:
+    """timm's pretrained config of ``arch[.tag]``, or None for a tag it does not know."""
+    try:
+        return _timm().models.get_pretrained_cfg(full)
+    except RuntimeError:  # "Invalid pretrained tag"
+        return None
+
+
+def _hub_cached(cfg: Any) -> bool:
+    """Whether the weights of a timm pretrained config are already in the local Hugging Face cache."""
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(repo, f), str)
+                   for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+    except Exception:  # noqa: BLE001 - an old hub client: let the download itself decide
+        return True
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub (``HF_ENDPOINT`` if set) within ``timeout``: offline, the hub
+    client retries for about a minute before it gives up."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _timm_blocks(model: nn.Module) -> list[list[str]]:
@@ -507,27 +567,57 @@ def describe_timm(pattern: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ frozen inference
 
 
+def _graph(model: nn.Module) -> Any:
+    """The torch.fx graph of ``model``'s forward (module calls by qualified name), or None where fx
+    cannot trace it (data-dependent control flow). Tracing only: no GraphModule is built."""
+    try:
+        import torch.fx
+
+        return torch.fx.Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types on untraceable code
+        log.debug("fx could not trace %s (%s)", type(model).__name__, e)
+        return None
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 @torch.no_grad()
-def fuse_conv_bn(model: nn.Module) -> nn.Module:
+def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> nn.Module:
     """``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one conv
-    (w' = w·γ/σ, b' = (b − μ)·γ/σ + β); same function up to float rounding. Traced with torch.fx,
-    which finds every pair (ResNet's ``conv1``/``bn1`` attributes as well as MobileNet's
-    Sequentials); a model fx cannot trace falls back to pairs inside Sequentials. On CPU the
-    BatchNorm passes were about a third of MobileNetV2's inference time (measured here)."""
-    import copy
+    (w' = w·γ/σ, b' = (b − μ)·γ/σ + β); same function up to float rounding. The pairs come from the
+    torch.fx graph (ResNet's ``conv1``/``bn1`` attributes as well as MobileNet's Sequentials): a
+    BatchNorm whose input is a conv's output that nothing else reads. A model fx cannot trace falls
+    back to adjacent pairs inside Sequentials. On CPU the BatchNorm passes were about a third of
+    MobileNetV2's inference time (measured here). The model keeps its own forward (no GraphModule:
+    building one cost 0.2 s per model). ``copy=False`` folds ``model``'s own modules: the caller
+    hands it over and must not use it on its own afterwards."""
+    import copy as copy_
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    model = model.eval()
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return model
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        return fuse(model, inplace=False).eval()
-    except Exception as e:  # noqa: BLE001 - fx cannot trace data-dependent control flow
-        log.debug("fx could not trace %s (%s); folding Sequential pairs only", type(model).__name__, e)
-    fused = copy.deepcopy(model)
+    fused = (copy_.deepcopy(model) if copy else model).eval()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()):
+        return fused
+    graph = _graph(fused) if graph is None else graph
+    if graph is not None:
+        calls: dict[str, int] = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        modules = dict(fused.named_modules())
+        for n in graph.nodes:
+            bn = modules.get(n.target) if n.op == "call_module" else None
+            if not isinstance(bn, nn.BatchNorm2d) or calls[n.target] != 1 or not n.args:
+                continue
+            src = n.args[0]
+            conv = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
+            if isinstance(conv, nn.Conv2d) and calls[src.target] == 1 and len(src.users) == 1:
+                _set_module(fused, src.target, fuse_conv_bn_eval(conv, bn))
+                _set_module(fused, n.target, nn.Identity())
+        return fused
     for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
@@ -538,8 +628,23 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
     return fused
 
 
-def _first_conv(net: nn.Module, size: int) -> nn.Conv2d | None:
-    """The Conv2d that reads the network input itself (found by running a small input), or None."""
+def _first_conv(net: nn.Module, size: int, graph: Any = None) -> nn.Conv2d | None:
+    """The Conv2d that reads the network input itself, or None. From the fx graph where there is
+    one; otherwise found by running one small input."""
+    if graph is not None:
+        import operator
+
+        def shape_only(n: Any) -> bool:  # reading the input's shape (ViT's size checks) is not using it
+            return (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim", "dtype")
+                    or n.op == "call_method" and n.target in ("size", "dim")
+                    or n.op == "call_function" and n.target is operator.getitem and shape_only(n.args[0]))
+
+        image = next(n for n in graph.nodes if n.op == "placeholder")  # later ones: optional arguments
+        users = [u for u in image.users if not shape_only(u)]
+        if len(users) == 1 and users[0].op == "call_module":
+            m = net.get_submodule(users[0].target)
+            return m if isinstance(m, nn.Conv2d) else None
+        return None
     found: list[nn.Conv2d] = []
     x = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
 
@@ -569,19 +674,20 @@ class FrozenBackbone(nn.Module):
     to zero, so the conv's zero padding means the same as on the normalised input and the fold is
     exact at borders. A network whose input goes elsewhere first keeps the full normalisation.
     Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
+    ``copy=False`` folds ``net`` itself instead of a copy (see ``fuse_conv_bn``).
     """
 
-    def __init__(self, net: nn.Module, spec: FrameSpec, *, channels_last: bool = True) -> None:
+    def __init__(self, net: nn.Module, spec: FrameSpec, *, channels_last: bool = True, copy: bool = True) -> None:
         super().__init__()
-        fused = fuse_conv_bn(net)
-        if fused is net:  # nothing to fold: the scale fold below must not touch the caller's module
-            import copy
+        import copy as copy_
 
-            fused = copy.deepcopy(net)
+        fused = (copy_.deepcopy(net) if copy else net).eval()  # copy=False: the caller hands ``net`` over
+        graph = _graph(fused)  # the fx graph names the conv/BN pairs and the conv that reads the input
+        fused = fuse_conv_bn(fused, copy=False, graph=graph)
         device = next(fused.parameters()).device
         mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)
-        first = _first_conv(fused, spec.size)
+        first = _first_conv(fused, spec.size, graph)
         scale = None
         if (first is not None and first.in_channels == 3 and first.groups == 1
                 and (first.padding_mode == "zeros" or first.padding in (0, (0, 0)))):

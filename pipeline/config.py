@@ -85,7 +85,8 @@ class WeightsIdentity:
     """What a backbone's weights are, stored with every cache and checkpoint.
 
     ``source``: ``torchvision`` (``name`` = the weight enum, e.g. ``IMAGENET1K_V2``), ``timm``
-    (``name`` = the pretrained tag), ``file`` / ``recalibrated`` (``sha256`` of the file), ``random``,
+    (``name`` = the pretrained tag), ``file`` / ``recalibrated`` / ``random_init`` (``sha256`` of
+    the file; the last two saved by ``--weights none``), ``random``,
     ``end_to_end``. Two identities match when their file hashes match (a file that moved is still
     the same weights), or else their source and name.
     """

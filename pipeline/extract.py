@@ -43,6 +43,7 @@ from .preprocess import normalize_frames, resize_frames, stack_frames
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE_SCHEMA = 2  # 2: records the backbone name
+GENERATED = ("recalibrated", "random_init")  # weights sources of backbone files saved by --weights none
 
 
 # ----------------------------------------------------------------------------- decode workers
@@ -315,8 +316,9 @@ def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> Path:
     return path
 
 
-def _recorded_backbone(output: Path, overwrite: bool) -> Path | None:
-    """The recalibrated backbone an unfinished run or (unless replacing) the existing cache used."""
+def _recorded_backbone(output: Path, overwrite: bool) -> WeightsIdentity | None:
+    """The backbone file that ``--weights none`` saved for an unfinished run or (unless replacing)
+    the existing cache, if it is still there unchanged."""
     provs = []
     partial = read_partial(output)
     if partial is not None:
@@ -325,9 +327,9 @@ def _recorded_backbone(output: Path, overwrite: bool) -> Path | None:
         provs.append(read_provenance(output))
     for prov in provs:
         ident = prov.weights
-        if ident.source == "recalibrated" and ident.path and Path(ident.path).is_file() \
+        if ident.source in GENERATED and ident.path and Path(ident.path).is_file() \
                 and sha256_file(ident.path) == ident.sha256:
-            return Path(ident.path)
+            return ident
     return None
 
 
@@ -375,32 +377,37 @@ def resolve_frame_spec(cfg: ExtractConfig) -> FrameSpec:
 
 def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, device: torch.device,
                       workers: int) -> tuple[Backbone, Path | None]:
-    """The backbone with its weights; for ``--weights none`` with BatchNorm, recalibrated on the
-    dataset's frames and saved (or the one an earlier run of this cache saved)."""
+    """The backbone with its weights. For ``--weights none`` the random init, with its BatchNorm
+    recalibrated on the dataset's frames where it has any, is saved next to the cache so that
+    later stages reproduce the features (or the one an earlier run of this cache saved is reused)."""
     if cfg.weights.lower() != "none":
         return create_backbone(cfg.backbone, cfg.weights, input_size=spec.size), None
-    path = _recorded_backbone(Path(cfg.output), cfg.overwrite)
-    if path is not None:  # a resumed or extended run keeps the features reproducible
-        log.info("reusing the recalibrated backbone %s", path)
+    recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite)
+    if recorded is not None:  # a resumed or extended run keeps the features reproducible
+        log.info("reusing the backbone %s", recorded.path)
+        path, source = Path(str(recorded.path)), recorded.source
         bb = create_backbone(cfg.backbone, str(path), input_size=spec.size)
     else:
         torch.manual_seed(cfg.seed)
         bb = create_backbone(cfg.backbone, "none", input_size=spec.size)
-        if not bb.has_batchnorm:
+        meta: dict[str, Any] = {"seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict()}
+        if bb.has_batchnorm:
+            bb.net.to(device)
+            log.warning(
+                "--weights none: random-init %s; recalibrating its BatchNorm statistics on %d frames of this "
+                "dataset (use --weights imagenet for pretrained features)", bb.name, cfg.calibration_frames)
+            n = _calibrate(bb.net, index, cfg, spec, device, workers)
+            if n == 0:
+                raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
+            bb.net.cpu()
+            meta["calibration_frames"] = n
+            source = "recalibrated"
+        else:
             log.warning("--weights none: %s is randomly initialised and has no BatchNorm to calibrate; its "
                         "features are only good for testing (use --weights imagenet)", bb.name)
-            return bb, None
-        bb.net.to(device)
-        log.warning(
-            "--weights none: random-init %s; recalibrating its BatchNorm statistics on %d frames of this "
-            "dataset (use --weights imagenet for pretrained features)", bb.name, cfg.calibration_frames)
-        n = _calibrate(bb.net, index, cfg, spec, device, workers)
-        if n == 0:
-            raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
-        bb.net.cpu()
-        path = _save_backbone(bb, Path(cfg.output), {
-            "calibration_frames": n, "seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict()})
-    bb.weights = WeightsIdentity(source="recalibrated", sha256=sha256_file(path), path=str(path.resolve()))
+            source = "random_init"
+        path = _save_backbone(bb, Path(cfg.output), meta)
+    bb.weights = WeightsIdentity(source=source, sha256=sha256_file(path), path=str(path.resolve()))
     return bb, path
 
 
@@ -458,7 +465,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
-    frozen = FrozenBackbone(bb.net.to(device).eval(), spec, channels_last=cfg.channels_last)
+    frozen = FrozenBackbone(bb.net.to(device).eval(), spec, channels_last=cfg.channels_last, copy=False)
     del bb
     runner = FeatureRunner(frozen, device, amp_dtype, cfg.batch_size)
     loader = frame_loader([(i, v.path, v.kind) for i, (_, v) in enumerate(jobs)], spec,

@@ -152,7 +152,7 @@ class Predictor:
         self.amp = resolve_precision(_precision_name(prov.precision), self.device)
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.workers = default_workers(self.device) if workers is None else workers
-        self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec)
+        self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec, copy=False)
         self.head = self.model.head.to(self.device).eval()
 
     def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
