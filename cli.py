@@ -111,6 +111,44 @@ def _describe_spec(spec) -> str:
     return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
 
 
+def _options(*opts):
+    """Several click options as one decorator: each option shared by commands is defined once."""
+    def apply(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
+
+
+HEAD_OPTIONS = _options(
+    click.option("--head", type=click.Choice(["lstm", "gru", "transformer", "attention", "mean"]), default="lstm",
+                 show_default=True, help="Temporal head: lstm/gru (recurrent), transformer (pre-norm encoder), "
+                                         "attention (learned-query pooling), mean (order-blind baseline)."),
+    click.option("--hidden", type=click.IntRange(1), default=512, show_default=True,
+                 help="Hidden size (recurrent state; transformer/attention width)."),
+    click.option("--layers", type=click.IntRange(1), default=1, show_default=True),
+    click.option("--bidirectional", is_flag=True, help="lstm/gru: read the clip both ways."),
+    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True),
+    click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+                 help="lstm/gru: last = final hidden state of each direction; mean = average over time."),
+    click.option("--num-heads", type=click.IntRange(1), default=4, show_default=True,
+                 help="transformer/attention: attention heads (must divide --hidden)."),
+)
+
+VALIDATION_OPTIONS = _options(
+    click.option("--val-split", default=None,
+                 help="Split the best epoch is picked on.  [default: val if present, else carved from train]"),
+    click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+                 show_default=True, help="Without a val split: the share of each class carved from train for "
+                                         "validation, as whole source videos."),
+    click.option("--group-pattern", default=None, metavar="REGEX",
+                 help="Regex naming a clip's source video in its file name (its first group), so the carve never "
+                      "splits one.  [default: UCF101 v_X_gNN / HMDB51 names, else each video alone]"),
+    click.option("--test-split", default=None,
+                 help="Split evaluated once at the end with the picked model.  [default: test if present]"),
+)
+
+
 @main.command("extract-features")
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path),
               help="Dataset root: <root>/<split>/<class>/<video> (or <root>/<class>/<video> with split files).")
@@ -198,13 +236,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--cache", required=True, type=click.Path(path_type=Path), help="Feature cache from extract-features.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics, plots).")
 @click.option("--train-split", default="train", show_default=True)
-@click.option("--val-split", default=None, help="[default: val if the cache has it, else test]")
-@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--layers", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--bidirectional", is_flag=True)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True)
-@click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="last: final hidden state of each direction; mean: average over time.")
+@VALIDATION_OPTIONS
+@HEAD_OPTIONS
 @click.option("--seq-len", type=click.IntRange(1), default=16, show_default=True, help="Frames per clip.")
 @click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True,
               help="Training clips: segment = TSN (one random frame per equal segment); random = random window.")
@@ -230,7 +263,8 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.pass_context
 def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: str, val_split: str | None,
                        clip_grad: float, no_progress: bool, **kw) -> None:
-    """Train the LSTM head on cached features (seconds per epoch); evaluates every epoch."""
+    """Train a temporal head on cached features (seconds per epoch); picks the best epoch on a
+    validation set and evaluates the test split once, with the picked model."""
     from pipeline.config import TemporalConfig
     from pipeline.train import train_temporal
 
@@ -264,14 +298,135 @@ def _print_train_summary(r) -> None:
 
     b = r.best
     chance = 1 / len(r.classes)
-    click.echo(f"\nbest epoch {r.best_epoch} on {r.val_split} ({len(r.classes)} classes, chance {chance:.3f})"
+    click.echo(f"\nbest epoch {r.best_epoch}, picked on {r.val_split} ({len(r.classes)} classes, chance {chance:.3f})"
                + ("; stopped early" if r.stopped_early else ""))
-    rows = [("top-1", f"{b['top1']:.3f}"), ("top-5", f"{b['top5']:.3f}"),
-            ("mean class acc", f"{b['mean_class_acc']:.3f}"), ("loss", f"{b['loss']:.4f}")]
+    rows = [("val top-1", f"{b['top1']:.3f}"), ("val top-5", f"{b['top5']:.3f}"),
+            ("val mean class acc", f"{b['mean_class_acc']:.3f}"), ("val loss", f"{b['loss']:.4f}")]
+    if r.test is not None:
+        t = r.test
+        rows += [(f"{r.test_split} top-1", f"{t['top1']:.3f}  (evaluated once, with the picked model)"),
+                 (f"{r.test_split} top-5", f"{t['top5']:.3f}"),
+                 (f"{r.test_split} mean class acc", f"{t['mean_class_acc']:.3f}")]
     if r.load_mb:
         rows.append(("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"))
     click.echo(format_table(rows + [("total time", f"{r.seconds:.1f} s")]))
-    click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv")
+    click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv"
+               + (" test.json confusion_test.png" if r.test is not None else ""))
+
+
+def _list_of(kind):
+    """A click callback for comma-separated (or repeated) values of one type; None if not given."""
+    def parse(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
+        items = [x.strip() for v in value for x in v.split(",") if x.strip()]
+        if not items:
+            return None
+        out = []
+        for x in items:
+            try:
+                if kind is bool:
+                    if x.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(x)
+                    out.append(x.lower() in ("true", "1", "yes"))
+                elif isinstance(kind, tuple):
+                    if x not in kind:
+                        raise ValueError(x)
+                    out.append(x)
+                else:
+                    out.append(kind(x))
+            except ValueError:
+                want = "true/false" if kind is bool else " | ".join(kind) if isinstance(kind, tuple) else kind.__name__
+                raise click.BadParameter(f"{x!r} is not a valid value ({want})") from None
+        return tuple(dict.fromkeys(out))
+    return parse
+
+
+SWEEP_AXES = [("head", ("lstm", "gru", "transformer", "attention", "mean")), ("hidden", int), ("layers", int),
+              ("bidirectional", bool), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
+              ("sampler", ("segment", "random")), ("eval_clips", int)]
+
+
+@main.command("sweep")
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Feature cache from extract-features.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Sweep folder: leaderboard.csv/.png, the winner's best.pt, trials/<id>/best.pt.")
+@click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON file of axes to sweep, e.g. {\"head\": [\"lstm\", \"transformer\"], \"lr\": [0.001, 0.003]}, "
+                   "or a list of such grids (their union); options below override it.")
+@_options(*[click.option(f"--{a.replace('_', '-')}", a, multiple=True, callback=_list_of(kind), metavar="V[,V...]",
+                         help=f"Values of {a} to sweep.") for a, kind in SWEEP_AXES])
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Epochs of a trial that runs to the end.")
+@click.option("--eta", type=click.IntRange(2), default=3, show_default=True,
+              help="Successive halving: after each rung, the best 1/eta of the running trials go on.")
+@click.option("--min-epochs", type=click.IntRange(1), default=2, show_default=True,
+              help="The first rung: every trial trains this many epochs (rungs: min, min*eta, ..., --epochs).")
+@click.option("--train-split", default="train", show_default=True)
+@VALIDATION_OPTIONS
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="AMP on CUDA (auto: bf16); CPU trains in fp32.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a sweep.")
+@click.option("--no-progress", is_flag=True)
+def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, min_epochs: int, train_split: str,
+              val_split: str | None, val_fraction: float, group_pattern: str | None, test_split: str | None,
+              batch_size: int, seed: int, device: str, precision: str, overwrite: bool, no_progress: bool,
+              **axes) -> None:
+    """Train a grid of temporal heads at once on one cache; poor ones stop early; leaderboard and winner.
+
+    Rerunning the same command after an interruption resumes the sweep."""
+    import json
+
+    from pipeline.config import TemporalConfig
+    from pipeline.sweep import DEFAULT_GRID, SweepConfig, sweep
+
+    grids: list[dict[str, tuple]] = []
+    if spec is not None:
+        try:
+            raw = json.loads(spec.read_text())
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"{spec}: not JSON ({e})", param_hint="--spec")
+        kinds = dict(SWEEP_AXES)
+        for g in raw if isinstance(raw, list) else [raw]:
+            if not isinstance(g, dict):
+                raise click.BadParameter(f"{spec}: expected an object of axis -> list of values, or a list of them",
+                                         param_hint="--spec")
+            grid = {}
+            for a, v in g.items():
+                if a not in kinds:
+                    raise click.BadParameter(f"{spec}: unknown axis {a!r} (axes: {', '.join(kinds)})",
+                                             param_hint="--spec")
+                grid[a] = _list_of(kinds[a])(None, None, tuple(str(x) for x in (v if isinstance(v, list) else [v])))
+            grids.append(grid)
+    given = {a: v for a, v in axes.items() if v}
+    grids = [{**g, **given} for g in grids] if grids else [given or dict(DEFAULT_GRID)]
+    base = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
+                          val_fraction=val_fraction, group_pattern=group_pattern, test_split=test_split,
+                          epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision)
+    cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
+                      overwrite=overwrite)
+    r = sweep(cfg, progress=not no_progress)
+    _print_leaderboard(r)
+
+
+def _print_leaderboard(r) -> None:
+    chance = 1 / len(r.classes)
+    click.echo(f"leaderboard: {len(r.leaderboard)} trials picked on {r.val_split} ({len(r.classes)} classes, "
+               f"chance {chance:.3f}); {r.trial_epochs} trial-epochs in {r.seconds:.0f} s")
+    width = max(len(x["config"]) for x in r.leaderboard)
+    click.echo(f"  {'rank':>4}  {'id':<4}  {'config':<{width}}  {'val top-1':>9}  {'val loss':>8}  {'epoch':>5}  status")
+    for x in r.leaderboard:
+        top1 = f"{x['best_val_top1']:.3f}" if x["best_val_top1"] is not None else "-"
+        loss = f"{x['best_val_loss']:.4f}" if x["best_val_loss"] is not None else "-"
+        click.echo(f"  {x['rank']:>4}  {x['id']:<4}  {x['config']:<{width}}  {top1:>9}  {loss:>8}  "
+                   f"{x['best_epoch'] or '-':>5}  {x['status']}")
+    w = r.winner
+    click.echo(f"winner {w['id']} ({w['config']}): val top-1 {w['best_val_top1']:.3f} at epoch {w['best_epoch']}")
+    if r.test is not None:
+        click.echo(f"  {r.test_split} top-1 {r.test['top1']:.3f}, top-5 {r.test['top5']:.3f}, mean class acc "
+                   f"{r.test['mean_class_acc']:.3f} (the winner only, evaluated once)")
+    click.echo(f"outputs in {r.out}/: best.pt (the winner) leaderboard.csv leaderboard.png sweep.json"
+               + (" test.json" if r.test is not None else "") + " trials/")
 
 
 @main.command("evaluate")
@@ -379,7 +534,7 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--split-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--split-id", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--train-split", default="train", show_default=True)
-@click.option("--val-split", default=None)
+@VALIDATION_OPTIONS
 @click.option("--backbone", default=None, help="Without --init: the backbone (see list-backbones).  "
                                                 "[default: --init's, else mobilenet_v2]")
 @FRAME_OPTIONS
@@ -390,7 +545,7 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[default: --lr / 10]")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute trainable blocks in backward: less memory.")
 @click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
-@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True)
+@HEAD_OPTIONS
 @click.option("--seq-len", type=click.IntRange(1), default=None, help="[default: --init's, else 8]")
 @click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True)
 @click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
@@ -513,14 +668,14 @@ def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size
     click.echo(f"  {', '.join(f'{s} {n} videos' for s, n in r.videos.items())}; {r.frames} frames in "
                f"{r.seconds:.1f} s this run ({r.reused} videos already cached); backbone {r.weights_file}")
 
-    click.echo(f"[3/5] train-temporal -> {out}")
+    click.echo(f"[3/5] train-temporal -> {out}  (best epoch picked on a validation set carved from train)")
     tr = train_temporal(TemporalConfig(cache=str(features), out=str(out), hidden=256, epochs=epochs, lr=3e-3,
-                                       dropout=0.2, device=device, overwrite=True),
+                                       dropout=0.2, device=device, overwrite=True, val_fraction=0.25),
                         progress=False, on_epoch=_print_epoch(epochs, every=10))
-    click.echo(f"  best epoch {tr.best_epoch}: val top-1 {tr.best['top1']:.3f} (chance {1 / len(tr.classes):.3f}); "
+    click.echo(f"  best epoch {tr.best_epoch}, picked on {tr.val_split}: val top-1 {tr.best['top1']:.3f}; "
                f"{sum(h['epoch_seconds'] for h in tr.history):.1f} s of training in all")
 
-    click.echo(f"[4/5] evaluate {out}/best.pt on the test split")
+    click.echo(f"[4/5] evaluate {out}/best.pt on the test split (held out: evaluated once, never used to pick)")
     ev = evaluate_checkpoint(out / "best.pt", features, "test", device=device, out=out)
     m = ev.metrics
     click.echo(format_table([("top-1", f"{m['top1']:.3f}"), ("top-5", f"{m['top5']:.3f}"),
@@ -539,7 +694,8 @@ def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size
                    f"{'' if p.top_k[0][0] == truth else '   (wrong)'}")
     click.echo(f"  {right}/{len(preds)} correct")
     click.echo(f"\ndone in {time.perf_counter() - t0:.0f} s: test top-1 {m['top1']:.3f} vs chance "
-               f"{1 / len(ev.classes):.3f}. Outputs: {features}, {out}/ (best.pt, curves.png, confusion.png, ...)")
+               f"{1 / len(ev.classes):.3f} (model picked on validation, not on test). Outputs: {features}, "
+               f"{out}/ (best.pt, curves.png, confusion.png, ...)")
 
 
 if __name__ == "__main__":

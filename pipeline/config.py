@@ -269,12 +269,22 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class TemporalConfig:
-    """Stage two: an LSTM on cached feature sequences."""
+    """Stage two: a temporal head on cached feature sequences.
+
+    The best epoch is picked on ``val_split``, or where the cache has no ``val`` split on a
+    validation set carved from the training split (``val_fraction`` of each class, whole source
+    videos, see ``data.carve_validation``); ``test_split`` is then evaluated once, with the
+    picked model."""
 
     cache: str
     out: str
     train_split: str = "train"
-    val_split: str | None = None  # None: "val" if the cache has it, else "test"
+    val_split: str | None = None  # None: "val" if the cache has it, else carved from train
+    val_fraction: float = 0.1
+    group_pattern: str | None = None  # regex naming a clip's source video (else UCF101/HMDB51 names)
+    test_split: str | None = None  # None: "test" if the cache has it and it is not the val split
+    head: str = "lstm"
+    num_heads: int = 4
     hidden: int = 512
     layers: int = 1
     bidirectional: bool = False
@@ -300,11 +310,13 @@ class TemporalConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size"):
+        for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -323,7 +335,12 @@ class FinetuneConfig:
     frame_overrides: FrameOverrides = field(default_factory=FrameOverrides)
     selection: FrameSelection | None = None  # None: the --init checkpoint's (else all frames)
     train_split: str = "train"
-    val_split: str | None = None
+    val_split: str | None = None  # None: "val" if the dataset has it, else carved from train
+    val_fraction: float = 0.1
+    group_pattern: str | None = None
+    test_split: str | None = None  # None: "test" if the dataset has it and it is not the val split
+    head: str = "lstm"
+    num_heads: int = 4
     hidden: int = 512
     layers: int = 1
     bidirectional: bool = False

@@ -805,3 +805,59 @@ def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[tor
         if missing:
             raise VideoDecodeError(f"{video_path}: frame {min(missing)} could not be decoded")
     return [got[i] for i in indices]
+
+
+# ------------------------------------------------------------------------- validation carve
+
+# UCF101: v_<Class>_g<group>_c<clip>; the group (one actor / source) is what must not straddle.
+_UCF_NAME = re.compile(r"^(?P<group>v_.+_g\d+)_c\d+$")
+# HMDB51: <source video>_<action>_<body>_<camera motion>_<people>_<view>_<quality>_<clip number>,
+# e.g. April_09_brush_hair_u_nm_np1_ba_goo_0; clips of one source differ only in the clip number.
+_HMDB_NAME = re.compile(r"^(?P<group>.+_[a-z]_(?:nm|cm)_np\d+_(?:fr|ba|le|ri)_(?:goo|med|bad))_\d+$")
+
+
+def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
+    """The source video a clip comes from, from its name: ``pattern`` (a regex searched in the file
+    name without its extension; its first group, else the whole match), else the UCF101 or HMDB51
+    naming, else the clip itself (one group per video)."""
+    name = Path(rel).name
+    stem = Path(name).stem if Path(name).suffix.lower() in VIDEO_EXTS else name
+    if pattern is not None:
+        m = re.search(pattern, stem)
+        if m:
+            return m.group(1) if m.groups() else m.group(0)
+        return stem
+    m = _UCF_NAME.match(stem) or _HMDB_NAME.match(stem)
+    return m["group"] if m else stem
+
+
+def carve_validation(videos: Sequence[str], labels: Sequence[int], fraction: float, *, seed: int = 0,
+                     pattern: str | None = None) -> np.ndarray:
+    """A boolean mask of the videos to hold out for validation: about ``fraction`` of each class,
+    taken as whole source groups (``source_group``), so clips of one source video never land on
+    both sides. Deterministic for a seed. A class whose videos are all one group stays in training."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    labels = np.asarray(labels)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, v in enumerate(videos):
+        groups[source_group(v, pattern)].append(i)
+    # A group goes with the class most of its clips have (UCF101's groups are per class; an
+    # HMDB51 source can hold several actions).
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for g, idx in groups.items():
+        by_class[int(np.bincount(labels[idx]).argmax())].append(g)
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(videos), dtype=bool)
+    for c in sorted(by_class):
+        names = sorted(by_class[c])
+        rng.shuffle(names)
+        total = sum(len(groups[g]) for g in names)
+        target = max(1, round(fraction * total))
+        taken = 0
+        for g in names[:-1]:  # never the last group: the class keeps training videos
+            if taken >= target:
+                break
+            val[groups[g]] = True
+            taken += len(groups[g])
+    return val

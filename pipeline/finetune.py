@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, default_frame_spec
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import Video, index_dataset, read_frames, selected_positions
+from .data import Video, carve_validation, index_dataset, read_frames, selected_positions
 from .engine import train_steps
 from .errors import ConfigError, DataError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
@@ -39,6 +39,7 @@ from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir
 from .train import TrainingError, TrainResult, cosine_with_warmup, default_val_split
+from .run import summary
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +253,29 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
 
     index = index_dataset(cfg.dataset)
     val_split = cfg.val_split or default_val_split(index.splits)
-    for s in (cfg.train_split, val_split):
-        if s is None or s not in index.splits:
+    test_split = cfg.test_split or ("test" if "test" in index.splits and val_split != "test" else None)
+    for s in (cfg.train_split, val_split, test_split):
+        if s is not None and s not in index.splits:
             raise DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
-                            "check --train-split/--val-split")
+                            "check --train-split/--val-split/--test-split")
+    if val_split is not None and val_split == test_split:
+        raise ConfigError(f"--val-split and --test-split are both {val_split!r}: the split a model is picked on "
+                          "cannot also be the one it is reported on")
+    if val_split == "test":
+        log.warning("picking the best epoch on the test split and reporting its score overstates accuracy")
+    train_videos = index.videos(cfg.train_split)
+    if val_split is None:  # carved from train by whole source videos, as stage two does
+        mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
+                                seed=cfg.seed, pattern=cfg.group_pattern)
+        val_videos = [v for v, m in zip(train_videos, mask) if m]
+        train_videos = [v for v, m in zip(train_videos, mask) if not m]
+        validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": cfg.seed,
+                      "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
+        val_name = f"{len(val_videos)} videos carved from {cfg.train_split!r}"
+    else:
+        val_videos = index.videos(val_split)
+        validation = {"kind": "split", "split": val_split}
+        val_name = f"split {val_split!r}"
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
@@ -271,8 +291,9 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     if backbone.weights.source == "random" and trainable < n_blocks and backbone.has_batchnorm:
         raise ConfigError("--weights none with frozen blocks: their BatchNorm statistics are untrained; start from "
                           "--init (a stage-two run, whose backbone is recalibrated) or --weights imagenet/PATH")
-    head_cfg = HeadConfig(num_classes=len(index.classes), input_dim=backbone.num_features, hidden=cfg.hidden,
-                          layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
+    head_cfg = HeadConfig(num_classes=len(index.classes), input_dim=backbone.num_features, arch=cfg.head,
+                          hidden=cfg.hidden, layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                          pool=cfg.pool, num_heads=cfg.num_heads, max_len=max(cfg.seq_len, 1))
     if init is not None and init.head_config != head_cfg:
         head_cfg = init.head_config
         log.info("head architecture taken from --init: %s", head_cfg.to_dict())
@@ -290,7 +311,6 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_videos, val_videos = index.videos(cfg.train_split), index.videos(val_split)
     workers = default_worker_processes() if cfg.workers is None else cfg.workers
     train_ds = ClipDataset(train_videos, spec, sel, cfg.seq_len, train=True, sampler=cfg.sampler, seed=cfg.seed,
                            augment=cfg.augment)
@@ -334,7 +354,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
                                "trainable_blocks": trainable},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
-              "init_weights": init_weights.to_dict(), "val_split": val_split}
+              "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation}
     run.write_json("config.json", common["train_config"])
 
     for epoch in range(start, cfg.epochs + 1):
@@ -368,17 +388,29 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             record, best, improved = run.record_epoch(
                 common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
                 train_top1=correct / max(count, 1), clips=int(count), seconds=train_s, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, history=history, best=best, states=states, val_split=val_split)
+                scheduler=scheduler, scaler=scaler, history=history, best=best, states=states, val_split="val")
             run.plot_curves(history)
             if on_epoch is not None:
                 on_epoch({**record, "best": improved})
         D.barrier(info)
     history, best = D.broadcast_object((history, best), info)
+    test = None
+    if test_split is not None:  # once, with the picked model (every rank loads best.pt, as rank 0 wrote it)
+        ck = load_checkpoint(run.best)
+        model.backbone.load_state_dict(ck["backbone_state"])
+        model.head.load_state_dict(ck["model_state"])
+        probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, amp, info, loader_kw)
+        if info.is_main:
+            loss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                                      torch.from_numpy(labels)))
+            m = classification_metrics(probs, labels, loss)
+            test = {"split": test_split, "epoch": ck["epoch"], **summary(m)}
+            run.write_json("test.json", {**test, "picked_on": val_name, "per_class_acc": m["per_class_acc"]})
     D.cleanup(info)
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
-                       val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,
-                       stopped_early=False)
+                       val_split=val_name, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,
+                       stopped_early=False, test=test, test_split=test_split)
 
 
 @torch.no_grad()

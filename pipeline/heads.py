@@ -3,6 +3,14 @@
 Contract for every head: ``(B, T, D)`` features and ``(B,)`` lengths (``None``: all ``T`` real)
 → ``(B, C)`` logits; steps past a clip's length (padding) never change its output.
 ``build_head(HeadConfig)`` builds one; a checkpoint stores ``HeadConfig.to_dict()`` and rebuilds it.
+
+* ``lstm``, ``gru``: a recurrent layer; ``pool`` ``last`` (final state of each direction) or
+  ``mean`` (outputs averaged over real steps). Packed sequences when lengths differ.
+* ``transformer``: a small pre-norm Transformer encoder over the clip (input projection to
+  ``hidden``, learned positions, key-padding mask), outputs averaged over real steps.
+* ``attention``: attention pooling, the attentive-probe shape (V-JEPA): one learned query attends
+  over the projected frames (with learned positions, so it can read order), then an MLP.
+* ``mean``: the average frame feature and a linear layer: TSN's order-blind baseline.
 """
 
 from __future__ import annotations
@@ -29,13 +37,18 @@ class HeadConfig:
     bidirectional: bool = False
     dropout: float = 0.5
     pool: Literal["last", "mean"] = "last"
+    num_heads: int = 4  # attention heads (transformer, attention)
+    max_len: int = 64  # longest clip the learned positions cover (transformer, attention)
 
     def __post_init__(self) -> None:
         if self.arch not in HEADS:
             raise ValueError(f"unknown head {self.arch!r}: use one of {', '.join(HEADS)}")
-        for name in ("num_classes", "input_dim", "hidden", "layers"):
+        for name in ("num_classes", "input_dim", "hidden", "layers", "num_heads", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.arch in ("transformer", "attention") and self.hidden % self.num_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads}) "
+                             f"for the {self.arch} head")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,3 +117,106 @@ class LSTMHead(nn.Module):
             else:
                 z = out.mean(1)  # (B, H·dirs)
         return self.classifier(self.dropout(z))
+
+
+@register("gru")
+class GRUHead(LSTMHead):
+    """As ``lstm``, with a GRU."""
+
+    rnn_type = nn.GRU
+
+
+def _valid_mask(lengths: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """(B, T) True on real steps."""
+    if lengths is None:
+        return torch.ones(b, t, dtype=torch.bool, device=device)
+    return torch.arange(t, device=device)[None] < lengths.to(device)[:, None]
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) averaged over the real steps of each row → (B, H). Padding is zeroed, not summed."""
+    w = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+class _Positions(nn.Module):
+    """Learned position embeddings for up to ``max_len`` steps."""
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"clip of {t} steps is longer than the head's {self.max_len} learned positions")
+        return x + self.weight[:, :t]
+
+
+@register("transformer")
+class TransformerHead(nn.Module):
+    """Pre-norm Transformer encoder over the frames; real outputs averaged, then a linear layer."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.input_dim, cfg.hidden)
+        self.pos = _Positions(cfg.max_len, cfg.hidden)
+        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.num_heads, dim_feedforward=2 * cfg.hidden,
+                                           dropout=cfg.dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        valid = _valid_mask(lengths, b, t, x.device)  # (B, T)
+        h = self.pos(self.proj(x))  # (B, T, H)
+        h = self.encoder(h, src_key_padding_mask=~valid if lengths is not None else None)
+        return self.classifier(self.dropout(_masked_mean(self.norm(h), valid)))
+
+
+@register("attention")
+class AttentionPoolHead(nn.Module):
+    """A learned query attends over the projected frames (with learned positions); then an MLP."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.input_dim, cfg.hidden)
+        self.pos = _Positions(cfg.max_len, cfg.hidden)
+        self.query = nn.Parameter(torch.zeros(1, 1, cfg.hidden))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.attn = nn.MultiheadAttention(cfg.hidden, cfg.num_heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, 2 * cfg.hidden), nn.GELU(),
+                                 nn.Dropout(cfg.dropout), nn.Linear(2 * cfg.hidden, cfg.hidden))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        kv = self.norm(self.pos(self.proj(x)))  # (B, T, H)
+        mask = ~_valid_mask(lengths, b, t, x.device) if lengths is not None else None
+        z, _ = self.attn(self.query.expand(b, -1, -1), kv, kv, key_padding_mask=mask, need_weights=False)
+        z = z[:, 0]  # (B, H)
+        z = z + self.mlp(z)
+        return self.classifier(self.dropout(z))
+
+
+@register("mean")
+class MeanHead(nn.Module):
+    """The average of the real frames' features, dropout, a linear layer (order-blind)."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.input_dim, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        return self.classifier(self.dropout(_masked_mean(x, _valid_mask(lengths, b, t, x.device))))

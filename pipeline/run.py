@@ -118,3 +118,23 @@ class RunDir:
 
     def plot_curves(self, history: list[dict[str, Any]]) -> None:
         plot_curves(history, self.path / "curves.png")
+
+    def report_test(self, head: torch.nn.Module, source: Any, split: str, classes: list[str], *, seq_len: int,
+                    eval_clips: int, amp: torch.dtype | None = None) -> dict[str, Any]:
+        """Evaluate the picked model (``best.pt``'s weights loaded into ``head``) on the test split,
+        once; writes ``test.json``, ``confusion_test.png`` and ``per_class_test.csv``."""
+        from .engine import evaluate
+        from .metrics import classification_metrics
+
+        ckpt = load_checkpoint(self.best)
+        head.load_state_dict(ckpt["model_state"])
+        probs, loss = evaluate(head, source, seq_len=seq_len, num_clips=eval_clips, amp_dtype=amp)
+        m = classification_metrics(probs, source.labels.cpu().numpy(), loss)
+        result = {"split": split, "epoch": ckpt["epoch"], **summary(m)}
+        if self.main:
+            atomic_write_text(self.path / "test.json", json.dumps({**result, "picked_on": ckpt.get("val_split"),
+                                                                   "per_class_acc": m["per_class_acc"]}, indent=2))
+            plot_confusion(np.array(m["confusion"]), classes, self.path / "confusion_test.png",
+                           title=f"{split} (picked at epoch {ckpt['epoch']}): top-1 {m['top1']:.3f}")
+            write_per_class(m, classes, self.path / "per_class_test.csv")
+        return result

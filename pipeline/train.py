@@ -18,6 +18,7 @@ import torch
 from .cache import FeatureCache, SplitData
 from .checkpoint import CheckpointError
 from .config import Provenance, TemporalConfig
+from .data import carve_validation
 from .engine import FeatureBank, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .runtime import resolve_device, resolve_precision
@@ -71,16 +72,78 @@ def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[Sp
 
 
 def default_val_split(splits) -> str | None:
-    """The validation split when none is named: ``val`` if present, else ``test``."""
-    return next((s for s in ("val", "test") if s in splits), None)
+    """The validation split of a dataset when none is named: ``val`` if present, else None
+    (stage two then carves one from train; stage three, which decodes frames, needs a split)."""
+    return "val" if "val" in splits else None
 
 
-def _pick_val_split(cfg: TemporalConfig, cache: FeatureCache) -> str:
-    split = cfg.val_split or default_val_split(cache.splits)
-    if split is None:
-        raise CacheError(f"{cache.path} has no 'val' or 'test' split (has: {', '.join(cache.splits)}); "
-                         "pass --val-split")
-    return split
+@dataclass
+class StageTwoData:
+    """The splits stage two (and the sweep) train, pick and report on, held as ClipSources."""
+
+    train: FeatureBank
+    val: FeatureBank
+    test: FeatureBank | None
+    classes: list[str]
+    provenance: Provenance
+    val_name: str  # what the best epoch is picked on, as said in reports
+    test_split: str | None
+    validation: dict[str, Any]  # how val was made; a carve lists its videos (saved in checkpoints)
+    test_videos: list[str]
+    load_seconds: float
+    load_mb: float
+
+
+def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_split: str | None = None,
+                   val_fraction: float = 0.1, group_pattern: str | None = None, test_split: str | None = None,
+                   seed: int = 0, device: torch.device | str = "cpu") -> StageTwoData:
+    """Open a cache for stage two: the training split; a validation set (``val_split``, else the
+    cache's ``val``, else carved from train by whole source videos); the test split, evaluated
+    only once at the end. Picking on the test split itself is allowed when named, with a warning."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    with FeatureCache(cache_path) as cache:
+        val_name = val_split or ("val" if "val" in cache.splits else None)
+        if test_split is None and "test" in cache.splits and val_name != "test":
+            test_split = "test"
+        for s in (train_split, val_name, test_split):
+            if s is not None and s not in cache.splits:
+                raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
+        if val_name is not None and val_name == test_split:
+            raise ConfigError(f"--val-split and --test-split are both {val_name!r}: the split a model is picked "
+                              "on cannot also be the one it is reported on")
+        train_data, train = load_bank(cache, train_split, device)
+        if val_name is None:
+            mask = carve_validation(train_data.videos, train_data.labels, val_fraction, seed=seed,
+                                    pattern=group_pattern)
+            if not mask.any() or mask.all():
+                raise CacheError(f"cannot carve a validation set from {train_split!r} of {cache.path} "
+                                 f"({len(mask)} videos in {len(set(train_data.labels.tolist()))} classes); "
+                                 "give a split with --val-split or raise --val-fraction")
+            val = train.subset(np.flatnonzero(mask))
+            train = train.subset(np.flatnonzero(~mask))
+            validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
+                          "group_pattern": group_pattern,
+                          "videos": [v for v, m in zip(train_data.videos, mask) if m]}
+            val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
+                        "whole source videos)")
+        else:
+            if val_name == "test":
+                log.warning("picking the best epoch on the test split and reporting its score overstates "
+                            "accuracy; without --val-split, a validation set is carved from train instead")
+            val_data, val = load_bank(cache, val_name, device)
+            validation = {"kind": "split", "split": val_name}
+            val_desc = f"split {val_name!r}"
+        test, test_videos = None, []
+        if test_split is not None:
+            test_data, test = load_bank(cache, test_split, device)
+            test_videos = test_data.videos
+        load_mb = sum(b.features.element_size() * b.features.shape[0] * b.features.shape[1] / 1e6
+                      for b in {id(x.features): x for x in (train, val, test) if x is not None}.values())
+        classes, provenance = list(cache.classes), cache.provenance
+    return StageTwoData(train=train, val=val, test=test, classes=classes, provenance=provenance, val_name=val_desc,
+                        test_split=test_split, validation=validation, test_videos=test_videos,
+                        load_seconds=time.perf_counter() - t0, load_mb=load_mb)
 
 
 @dataclass
@@ -90,11 +153,13 @@ class TrainResult:
     best: dict[str, Any]
     history: list[dict[str, Any]]
     classes: list[str]
-    val_split: str
+    val_split: str  # what the best epoch was picked on
     seconds: float
     load_seconds: float
     load_mb: float
     stopped_early: bool
+    test: dict[str, Any] | None = None  # the picked model on the test split, evaluated once
+    test_split: str | None = None
 
 
 def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
@@ -118,25 +183,19 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
         tb = SummaryWriter(str(out / "tensorboard"))
 
-    with FeatureCache(cfg.cache) as cache:
-        val_split = _pick_val_split(cfg, cache)
-        for s in (cfg.train_split, val_split):
-            if s not in cache.splits:
-                raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
-        t0 = time.perf_counter()
-        train, train_bank = load_bank(cache, cfg.train_split, device)
-        val, val_bank = load_bank(cache, val_split, device)
-        load_s = time.perf_counter() - t0
-        load_mb = (train.features.nbytes + val.features.nbytes) / 1e6
-        classes, provenance = cache.classes, cache.provenance
-    log.info("loaded %s (%d videos) and %s (%d videos): %.0f MB in %.2f s (%.0f MB/s)", cfg.train_split,
-             len(train), val_split, len(val), load_mb, load_s, load_mb / max(load_s, 1e-9))
+    data = load_stage_two(cfg.cache, train_split=cfg.train_split, val_split=cfg.val_split,
+                          val_fraction=cfg.val_fraction, group_pattern=cfg.group_pattern, test_split=cfg.test_split,
+                          seed=cfg.seed, device=device)
+    train_bank, val_bank, classes, provenance = data.train, data.val, data.classes, data.provenance
+    val_labels = val_bank.labels.cpu().numpy()
+    load_s, load_mb = data.load_seconds, data.load_mb
+    log.info("loaded %d training videos, validation: %s; %.0f MB in %.2f s (%.0f MB/s)", len(train_bank),
+             data.val_name, load_mb, load_s, load_mb / max(load_s, 1e-9))
 
-    head_cfg = HeadConfig(num_classes=len(classes), input_dim=train.features.shape[1], hidden=cfg.hidden,
-                          layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
+    head_cfg = head_config(cfg, num_classes=len(classes), input_dim=provenance.feature_dim)
     model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = math.ceil(len(train) / cfg.batch_size)
+    steps = math.ceil(len(train_bank) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -152,6 +211,9 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
+        if ckpt.get("validation", data.validation) != data.validation:
+            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split or "
+                                  "--val-fraction/--group-pattern changed); resume with the same data and options")
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -161,7 +223,7 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
 
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
-              "val_split": val_split}
+              "val_split": data.val_name, "validation": data.validation}
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
                                    "cache": provenance.to_dict()})
     stopped_early = False
@@ -183,13 +245,13 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
                                 "best.pt is kept as it was") from None
         train_s = time.perf_counter() - t0
         probs, vloss = evaluate(model, val_bank, seq_len=cfg.seq_len, num_clips=cfg.eval_clips, amp_dtype=amp)
-        m = classification_metrics(probs, val.labels, vloss)
+        m = classification_metrics(probs, val_labels, vloss)
         if not math.isfinite(vloss):
             raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; best.pt is kept as it was")
         record, best, improved = run.record_epoch(
-            common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train),
+            common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train_bank),
             seconds=train_s, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history, best=best,
-            states={"model_state": model.state_dict()}, val_split=val_split)
+            states={"model_state": model.state_dict()}, val_split="val")
         # Redraw the curves every epoch when epochs are slow; for sub-second epochs every 10th is enough.
         if train_s > 2 or epoch % 10 == 0 or epoch == cfg.epochs or improved:
             run.plot_curves(history)
@@ -203,9 +265,20 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     if tb is not None:
         tb.close()
     assert best is not None
+    test = None
+    if data.test is not None:  # once, with the picked model: the number to report
+        test = run.report_test(build_head(head_cfg).to(device), data.test, data.test_split, classes,
+                               seq_len=cfg.seq_len, eval_clips=cfg.eval_clips, amp=amp)
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
-                       val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=load_s,
-                       load_mb=load_mb, stopped_early=stopped_early)
+                       val_split=data.val_name, seconds=time.perf_counter() - t_start, load_seconds=load_s,
+                       load_mb=load_mb, stopped_early=stopped_early, test=test, test_split=data.test_split)
+
+
+def head_config(cfg: TemporalConfig, *, num_classes: int, input_dim: int) -> HeadConfig:
+    """The head a stage-two config asks for (positions cover its clips)."""
+    return HeadConfig(num_classes=num_classes, input_dim=input_dim, arch=cfg.head, hidden=cfg.hidden,
+                      layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool,
+                      num_heads=cfg.num_heads, max_len=max(cfg.seq_len, 1))
 
 
 @dataclass

@@ -412,3 +412,70 @@ def test_split_file_errors_name_the_first_bad_line(tmp_path):
     spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\nzebra/z.avi 1\nant/a.avi 1\n")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'trainlist01.txt'}:2: class folder .*zebra does not exist"):
         index_dataset(spec)
+
+
+# ------------------------------------------------------------------------- validation carve
+
+
+def _hmdb_names(rng: np.random.Generator) -> tuple[list[str], list[int]]:
+    """Real-looking HMDB51 clip names: several clips per source video, sources shared by actions."""
+    actions = ["brush_hair", "cartwheel", "catch", "chew", "clap"]
+    names, labels = [], []
+    for s in range(40):
+        src = f"{['April_09', 'Aussie_Brunette', 'Blonde_being_pulled', 'Veoh_Alpha_Dog'][s % 4]}_{s}"
+        for a in rng.choice(len(actions), size=int(rng.integers(1, 3)), replace=False):
+            tags = f"{['f', 'u', 'h'][s % 3]}_{['nm', 'cm'][s % 2]}_np{1 + s % 2}_{['fr', 'ba', 'le', 'ri'][s % 4]}_" \
+                   f"{['goo', 'med', 'bad'][s % 3]}"
+            for clip in range(int(rng.integers(1, 5))):
+                names.append(f"{actions[a]}/{src}_{actions[a]}_{tags}_{clip}.avi")
+                labels.append(int(a))
+    return names, labels
+
+
+def _ucf_names(rng: np.random.Generator) -> tuple[list[str], list[int]]:
+    classes = ["ApplyEyeMakeup", "Archery", "BabyCrawling", "Basketball"]
+    names, labels = [], []
+    for c, cls in enumerate(classes):
+        for g in range(8, 26):
+            for clip in range(1, int(rng.integers(4, 8))):
+                names.append(f"{cls}/v_{cls}_g{g:02d}_c{clip:02d}.avi")
+                labels.append(c)
+    return names, labels
+
+
+@pytest.mark.parametrize("make", [_hmdb_names, _ucf_names])
+def test_carve_never_splits_a_source_video(make):
+    from pipeline.data import carve_validation, source_group
+
+    names, labels = make(np.random.default_rng(0))
+    val = carve_validation(names, labels, 0.15, seed=3)
+    groups = {}
+    for n, v in zip(names, val):
+        groups.setdefault(source_group(n), set()).add(bool(v))
+    assert all(len(sides) == 1 for sides in groups.values())  # no group on both sides
+    assert len(groups) < len(names)  # the names really do share sources
+    labels = np.array(labels)
+    for c in np.unique(labels):  # every class on both sides, about the fraction held out
+        assert val[labels == c].any() and (~val[labels == c]).any()
+    assert 0.08 < val.mean() < 0.3
+    assert np.array_equal(val, carve_validation(names, labels, 0.15, seed=3))  # deterministic
+    assert not np.array_equal(val, carve_validation(names, labels, 0.15, seed=4))
+
+
+def test_source_group_names_and_pattern():
+    from pipeline.data import carve_validation, source_group
+
+    assert source_group("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "v_ApplyEyeMakeup_g08"
+    assert source_group("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi") == "April_09_brush_hair_u_nm_np1_ba_goo"
+    assert source_group("walk/video_12") == "video_12"  # unknown naming: one group per video
+    assert source_group("a/sub03_take2_clip7.mp4", r"^(sub\d+)") == "sub03"
+    names = [f"c{c}/sub{s:02d}_clip{k}" for c in range(2) for s in range(6) for k in range(3)]
+    labels = [int(n[1]) for n in names]
+    val = carve_validation(names, labels, 0.3, pattern=r"^(sub\d+)_")
+    by_subject = {}
+    for n, v in zip(names, val):
+        by_subject.setdefault(n.split("/")[1][:5], set()).add(bool(v))
+    assert all(len(s) == 1 for s in by_subject.values())
+    # A class with a single source stays in training rather than being carved away.
+    one = carve_validation(["a/x_1", "a/x_2", "b/y_1", "b/z_1"], [0, 0, 1, 1], 0.5, pattern=r"^([a-z])_")
+    assert not one[:2].any()

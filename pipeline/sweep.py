@@ -1,0 +1,412 @@
+"""The sweep: many temporal heads trained at once on one cache, poor ones stopped early.
+
+A grid over head, hidden size, layers, bidirectional, dropout, lr, weight decay, seq-len, sampler
+and eval clips becomes a list of trials (each a full ``TemporalConfig``; axes a head does not use
+are ignored, so duplicates collapse). All trials train in one process on the splits of
+``train.load_stage_two`` (picked on validation, never on test):
+
+* each step samples and gathers one batch of clips and feeds it to every trial that shares its
+  seq-len and sampler, with one backward pass for all (``engine.train_heads_one_epoch``);
+  validation clips are gathered once for every trial too;
+* successive halving: at the end of each rung (``min_epochs``, ×``eta``, ... up to ``epochs``)
+  only the best 1/``eta`` of the running trials (val top-1, then val loss) go on;
+* after every epoch the whole sweep is saved atomically (``sweep_state.pt``): rerunning the
+  same command after a kill resumes it and ends with the same leaderboard; each trial's best
+  model is kept in ``trials/<id>/best.pt``;
+* at the end: a leaderboard (returned, and as ``leaderboard.csv`` and ``leaderboard.png``), the
+  winner's ``best.pt`` in the usual format (for predict, evaluate, ``finetune --init``), and the
+  winner evaluated once on the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TemporalConfig
+from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
+from .errors import ConfigError
+from .files import atomic_torch_save, atomic_write_text, ensure_dir
+from .heads import build_head
+from .metrics import classification_metrics
+from .report import write_csv
+from .run import summary
+from .runtime import resolve_device, resolve_precision
+from .train import StageTwoData, cosine_with_warmup, head_config, load_stage_two
+
+log = logging.getLogger(__name__)
+
+AXES = ("head", "hidden", "layers", "bidirectional", "dropout", "lr", "weight_decay", "seq_len", "sampler",
+        "eval_clips")
+DEFAULT_GRID: dict[str, tuple] = {"head": ("lstm", "gru", "transformer", "attention", "mean"),
+                                  "hidden": (256, 512), "bidirectional": (False, True), "lr": (1e-3, 3e-3)}
+# Fields a head does not read: a grid point that differs only in them is the same trial.
+UNUSED = {"mean": ("hidden", "layers", "bidirectional", "pool", "num_heads"),
+          "attention": ("layers", "bidirectional", "pool"),
+          "transformer": ("bidirectional", "pool"),
+          "lstm": ("num_heads",), "gru": ("num_heads",)}
+STATE_VERSION = 1
+
+
+Grid = tuple[tuple[str, tuple], ...]  # (axis, values) pairs: their cartesian product
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``base``: every trial's options (its ``out`` is the sweep folder); ``grids``: one or more
+    grids of axes, whose trials are swept together (their union)."""
+
+    base: TemporalConfig
+    grids: tuple[Grid, ...] = (tuple(DEFAULT_GRID.items()),)
+    eta: int = 3
+    min_epochs: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.grids:
+            raise ConfigError("the sweep has no grid")
+        for grid in self.grids:
+            for axis, values in grid:
+                if axis not in AXES:
+                    raise ConfigError(f"cannot sweep over {axis!r}: the axes are {', '.join(AXES)}")
+                if not values:
+                    raise ConfigError(f"the sweep axis {axis!r} has no values")
+        if self.eta < 2:
+            raise ConfigError(f"--eta must be at least 2, got {self.eta}")
+        if self.min_epochs < 1:
+            raise ConfigError(f"--min-epochs must be at least 1, got {self.min_epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "grids": [{a: list(v) for a, v in g} for g in self.grids],
+                "eta": self.eta, "min_epochs": self.min_epochs}
+
+
+
+@dataclass
+class Trial:
+    id: str
+    cfg: TemporalConfig
+    label: str
+    status: str = "running"  # running | finished | stopped | failed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    stopped_at: int | None = None
+    failed: str | None = None
+    key: str = ""  # the trial's own settings: its seed derives from them, not from its place in the grid
+    trainer: HeadTrainer | None = None
+    head_cfg: Any = None
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    leaderboard: list[dict[str, Any]]  # best first
+    winner: dict[str, Any]
+    test: dict[str, Any] | None
+    test_split: str | None
+    val_split: str
+    classes: list[str]
+    seconds: float
+    trial_epochs: int  # epochs trained, summed over trials
+    varying: list[str]  # the axes that differ between trials
+
+
+def varying_axes(trials: Sequence[Trial]) -> list[str]:
+    """The axes whose value differs between the trials that use them."""
+    return [a for a in AXES if len({getattr(t.cfg, a) for t in trials if a not in UNUSED.get(t.cfg.head, ())}) > 1]
+
+
+def expand_grid(cfg: SweepConfig) -> list[Trial]:
+    """The trials of the grids: every combination, fields a head does not use reset, duplicates
+    dropped, in grid order."""
+    base = dataclasses.replace(cfg.base, resume=False, overwrite=False)
+    seen: dict[str, Trial] = {}
+    points = [dict(zip([a for a, _ in g], values)) for g in cfg.grids for values in itertools.product(*(v for _, v in g))]
+    for point in points:
+        t = dataclasses.replace(base, **point)
+        defaults = TemporalConfig(cache="", out="")
+        t = dataclasses.replace(t, **{f: getattr(defaults, f) for f in UNUSED.get(t.head, ()) if f not in ("out",)})
+        key = json.dumps({a: getattr(t, a) for a in (*AXES, "pool", "num_heads")}, sort_keys=True)
+        if key not in seen:
+            seen[key] = Trial(id="", cfg=t, label="", key=key)
+    trials = list(seen.values())
+    varying = varying_axes(trials)
+    width = len(str(len(trials) - 1))
+    for i, t in enumerate(trials):
+        t.id, t.label = f"t{i:0{width}d}", _label(t.cfg, varying)
+        t.cfg = dataclasses.replace(t.cfg, out=str(Path(cfg.base.out) / "trials" / t.id))
+    return trials
+
+
+def _label(t: TemporalConfig, axes: Sequence[str]) -> str:
+    parts = [t.head]
+    for a in axes:
+        if a == "head" or a in UNUSED.get(t.head, ()):
+            continue
+        v = getattr(t, a)
+        parts.append({"bidirectional": "bi" if v else "uni"}.get(a, f"{a.replace('_', '-')} {v:g}"
+                     if isinstance(v, float) else f"{a.replace('_', '-')} {v}"))
+    return " ".join(parts)
+
+
+def rung_ends(epochs: int, min_epochs: int, eta: int) -> list[int]:
+    """Epochs after which successive halving keeps the best 1/eta: min, min·eta, ... and the last."""
+    ends, e = [], min_epochs
+    while e < epochs:
+        ends.append(e)
+        e *= eta
+    return ends + [epochs]
+
+
+def planned_trial_epochs(n: int, ends: list[int], eta: int) -> int:
+    total, prev = 0, 0
+    for end in ends:
+        total += n * (end - prev)
+        prev, n = end, max(1, math.ceil(n / eta))
+    return total
+
+
+def _spec_hash(cfg: SweepConfig, data_validation: dict[str, Any]) -> str:
+    spec = {**cfg.to_dict(), "validation": data_validation}
+    spec["base"] = {k: v for k, v in spec["base"].items() if k not in ("resume", "overwrite", "device")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sweep(cfg: SweepConfig, *, progress: bool = True,
+          on_epoch: Callable[[int, list[Trial]], None] | None = None) -> SweepResult:
+    """Run the sweep in ``cfg.base.out``; resumes a killed sweep of the same spec there."""
+    t_start = time.perf_counter()
+    base = cfg.base
+    out = ensure_dir(base.out, "--out")
+    device = resolve_device(base.device)
+    amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
+    data = load_stage_two(base.cache, train_split=base.train_split, val_split=base.val_split,
+                          val_fraction=base.val_fraction, group_pattern=base.group_pattern,
+                          test_split=base.test_split, seed=base.seed, device=device)
+    trials = expand_grid(cfg)
+    ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
+    spec = _spec_hash(cfg, data.validation)
+    state_path = out / "sweep_state.pt"
+    if cfg.overwrite:
+        for p in (state_path, out / "trials", out / "best.pt"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    state = _load_state(state_path, spec) if state_path.exists() else None
+    if state is None and (out / "best.pt").exists():
+        raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "
+                          "or another --out")
+    varying = varying_axes(trials)
+    log.info("sweep of %d trials (%s), rungs at epochs %s, validation: %s", len(trials),
+             "; ".join(", ".join(f"{a} {list(v)}" for a, v in g) for g in cfg.grids), ends, data.val_name)
+
+    for t in trials:
+        _build_trainer(t, data, device)
+    start = 1
+    if state is not None:
+        start = state["epoch"] + 1
+        for t in trials:
+            s = state["trials"][t.id]
+            t.status, t.history, t.best = s["status"], list(s["history"]), s["best"]
+            t.stopped_at, t.failed = s["stopped_at"], s["failed"]
+            if t.status == "running":
+                t.trainer.model.load_state_dict(s["model_state"])
+                t.trainer.optimizer.load_state_dict(s["optimizer_state"])
+                t.trainer.scheduler.load_state_dict(s["scheduler_state"])
+        log.info("resuming the sweep in %s after epoch %d", out, state["epoch"])
+
+    total = planned_trial_epochs(len(trials), ends, cfg.eta)
+    done = sum(len(t.history) for t in trials if t.status != "failed") + sum(
+        (t.stopped_at or 0) for t in trials if t.status == "failed")
+    bar = tqdm(total=total, initial=min(done, total), unit="trial-epoch", desc="sweep", disable=not progress or None,
+               dynamic_ncols=True)
+    val_labels = data.val.labels.cpu().numpy()
+    try:
+        for epoch in range(start, base.epochs + 1):
+            running = [t for t in trials if t.status == "running"]
+            if not running:
+                break
+            t0 = time.perf_counter()
+            for (seq_len, sampler), group in _groups(running, lambda c: (c.seq_len, c.sampler)).items():
+                rng = np.random.default_rng([base.seed, epoch, seq_len, ("segment", "random").index(sampler)])
+                stats = train_heads_one_epoch([t.trainer for t in group], data.train, seq_len=seq_len, sampler=sampler,
+                                              batch_size=base.batch_size, rng=rng, epoch=epoch, amp_dtype=amp)
+                for t, st in zip(group, stats):
+                    t.history.append({"epoch": epoch, "train_loss": st["loss"], "train_top1": st["top1"]})
+            train_s = time.perf_counter() - t0
+            for (seq_len, clips), group in _groups([t for t in running if t.trainer.failed is None],
+                                                   lambda c: (c.seq_len, c.eval_clips)).items():
+                results = evaluate_heads([t.trainer.model for t in group], data.val, seq_len=seq_len, num_clips=clips,
+                                         amp_dtype=amp)
+                for t, (probs, loss) in zip(group, results):
+                    _record(t, epoch, classification_metrics(probs, val_labels, loss), data, train_s / len(running))
+            for t in running:
+                if t.trainer.failed is not None and t.status == "running":
+                    t.status, t.failed, t.stopped_at = "failed", t.trainer.failed, epoch
+                    log.warning("trial %s (%s) failed: %s", t.id, t.label, t.failed)
+            if epoch in ends:
+                _halve(trials, epoch, cfg.eta, last=epoch == base.epochs)
+            _save_state(state_path, spec, epoch, trials)
+            bar.update(len(running))
+            if on_epoch is not None:
+                on_epoch(epoch, trials)
+    finally:
+        bar.close()
+    for t in trials:
+        if t.status == "running":  # the schedule ended
+            t.status = "finished"
+
+    board = leaderboard(trials, varying)
+    if not board or board[0]["best_val_top1"] is None:
+        raise ConfigError("every trial of the sweep failed (loss not finite); lower the learning rates")
+    winner = next(t for t in trials if t.id == board[0]["id"])
+    shutil.copyfile(Path(winner.cfg.out) / "best.pt", out / "best.pt.tmp")
+    (out / "best.pt.tmp").replace(out / "best.pt")
+    test = None
+    if data.test is not None:  # once, the winner only
+        ck = load_checkpoint(out / "best.pt")
+        head = build_head(winner.head_cfg).to(device)
+        head.load_state_dict(ck["model_state"])
+        ((probs, loss),) = evaluate_heads([head], data.test, seq_len=winner.cfg.seq_len,
+                                          num_clips=winner.cfg.eval_clips, amp_dtype=amp)
+        m = classification_metrics(probs, data.test.labels.cpu().numpy(), loss)
+        test = {"split": data.test_split, "trial": winner.id, "epoch": ck["epoch"], **summary(m)}
+        atomic_write_text(out / "test.json", json.dumps({**test, "picked_on": data.val_name,
+                                                         "per_class_acc": m["per_class_acc"]}, indent=2))
+    _write_outputs(out, cfg, board, varying, data, test)
+    return SweepResult(out=out, leaderboard=board, winner=board[0], test=test, test_split=data.test_split,
+                       val_split=data.val_name, classes=data.classes, seconds=time.perf_counter() - t_start,
+                       trial_epochs=sum(len(t.history) for t in trials), varying=varying)
+
+
+def _groups(trials: list[Trial], key: Callable[[TemporalConfig], Any]) -> dict[Any, list[Trial]]:
+    out: dict[Any, list[Trial]] = {}
+    for t in trials:
+        out.setdefault(key(t.cfg), []).append(t)
+    return out
+
+
+def _build_trainer(t: Trial, data: StageTwoData, device: torch.device) -> None:
+    c = t.cfg
+    t.head_cfg = head_config(c, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
+    seed = (c.seed * 1_000_003 + int(hashlib.sha256(t.key.encode()).hexdigest()[:8], 16)) % 2**31
+    torch.manual_seed(seed)
+    model = build_head(t.head_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    steps = math.ceil(len(data.train) / c.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(c.epochs * steps, max(1, round(c.warmup_epochs
+                                                                                                      * steps))))
+    t.trainer = HeadTrainer(model=model, optimizer=opt, scheduler=sched, seed=seed, clip_grad=c.clip_grad,
+                            label_smoothing=c.label_smoothing)
+
+
+def _record(t: Trial, epoch: int, m: dict[str, Any], data: StageTwoData, seconds: float) -> None:
+    """The trial's epoch record; on a better val top-1 (ties: lower loss) its best.pt, in the usual
+    format of a train-temporal checkpoint."""
+    rec = t.history[-1]
+    rec.update({f"val_{k}": v for k, v in summary(m).items()})
+    rec["epoch_seconds"] = seconds
+    if t.best is None or (m["top1"], -m["loss"]) > (t.best["top1"], -t.best["loss"]):
+        t.best = {"epoch": epoch, **summary(m)}
+        Path(t.cfg.out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(Path(t.cfg.out) / "best.pt", {
+            "kind": "temporal", "model_config": t.head_cfg.to_dict(), "train_config": t.cfg.to_dict(),
+            "frame_spec": data.provenance.frame_spec.to_dict(), "classes": data.classes,
+            "cache": data.provenance.to_dict(), "val_split": data.val_name, "validation": data.validation,
+            "epoch": epoch, "metrics": m, "model_state": t.trainer.model.state_dict(), "sweep_trial": t.id})
+
+
+def _rank_key(t: Trial) -> tuple:
+    b = t.best
+    return (-(b["top1"]), b["loss"], t.id) if b is not None else (1.0, math.inf, t.id)
+
+
+def _halve(trials: list[Trial], epoch: int, eta: int, *, last: bool) -> None:
+    running = sorted((t for t in trials if t.status == "running"), key=_rank_key)
+    keep = len(running) if last else max(1, math.ceil(len(running) / eta))
+    for t in running[keep:]:
+        t.status, t.stopped_at = "stopped", epoch
+    if not last and running[keep:]:
+        log.info("epoch %d: %d trial(s) go on, %d stopped", epoch, keep, len(running) - keep)
+
+
+def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for rank, t in enumerate(sorted(trials, key=_rank_key), 1):
+        b = t.best or {}
+        rows.append({"rank": rank, "id": t.id, "config": t.label, **{a: getattr(t.cfg, a) for a in varying},
+                     "best_val_top1": b.get("top1"), "best_val_loss": b.get("loss"),
+                     "best_val_mean_class_acc": b.get("mean_class_acc"), "best_epoch": b.get("epoch"),
+                     "epochs": len(t.history), "status": t.status if t.status != "stopped" else
+                     f"stopped at {t.stopped_at}", "failed": t.failed})
+    return rows
+
+
+def _save_state(path: Path, spec: str, epoch: int, trials: list[Trial]) -> None:
+    """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
+    schedule, the others with their records only."""
+    state = {"version": STATE_VERSION, "spec": spec, "epoch": epoch, "trials": {}}
+    for t in trials:
+        s = {"status": t.status, "history": t.history, "best": t.best, "stopped_at": t.stopped_at, "failed": t.failed}
+        if t.status == "running":
+            s.update(model_state=t.trainer.model.state_dict(), optimizer_state=t.trainer.optimizer.state_dict(),
+                     scheduler_state=t.trainer.scheduler.state_dict())
+        state["trials"][t.id] = s
+    atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
+
+
+def _load_state(path: Path, spec: str) -> dict[str, Any] | None:
+    from .checkpoint import safe_load
+
+    state = safe_load(path, ConfigError, "sweep state")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ConfigError(f"{path} is not a sweep state this version can resume; use --overwrite to start over")
+    if state["spec"] != spec:
+        raise ConfigError(f"{path.parent} holds a sweep of another grid, cache or options; rerun with the same "
+                          "options to resume it, or --overwrite to start over")
+    return state
+
+
+def _write_outputs(out: Path, cfg: SweepConfig, board: list[dict[str, Any]], varying: list[str],
+                   data: StageTwoData, test: dict[str, Any] | None) -> None:
+    cols = ["rank", "id", "config", *varying, "best_val_top1", "best_val_loss", "best_val_mean_class_acc",
+            "best_epoch", "epochs", "status"]
+    write_csv(out / "leaderboard.csv", cols, [[r[c] for c in cols] for r in board])
+    atomic_write_text(out / "sweep.json", json.dumps({**cfg.to_dict(), "validation": data.val_name,
+                                                      "winner": board[0], "test": test}, indent=2, default=str))
+    plot_leaderboard(board, out / "leaderboard.png", title=f"sweep: val top-1 ({data.val_name})")
+
+
+def plot_leaderboard(board: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Best val top-1 per trial, best first; colour by head, hatched where stopped early."""
+    from .report import _plt, save_figure
+
+    plt = _plt()
+    rows = [r for r in board if r["best_val_top1"] is not None]
+    colours = {"lstm": "tab:blue", "gru": "tab:cyan", "transformer": "tab:purple", "attention": "tab:orange",
+               "mean": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(rows) + 1)))
+    y = np.arange(len(rows))[::-1]
+    for yi, r in zip(y, rows):
+        head = r["config"].split()[0]
+        ax.barh(yi, r["best_val_top1"], color=colours.get(head, "tab:green"),
+                hatch="//" if r["status"].startswith("stopped") else None, edgecolor="white")
+        ax.text(r["best_val_top1"], yi, f" {r['best_val_top1']:.3f}", va="center", fontsize=7)
+    ax.set_yticks(y, [f"{r['id']} {r['config']}" for r in rows], fontsize=7)
+    ax.set(xlabel="best val top-1", xlim=(0, 1.08), title=title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)

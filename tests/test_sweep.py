@@ -1,0 +1,110 @@
+"""The sweep: trains a grid at once, picks on validation, stops poor trials, survives a kill."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO
+from synthetic import reversal_cache, separable_cache
+
+from cli import main
+from pipeline.config import TemporalConfig
+from pipeline.errors import ConfigError
+from pipeline.model import load_model
+from pipeline.sweep import SweepConfig, expand_grid, planned_trial_epochs, rung_ends, sweep
+from pipeline.train import evaluate_checkpoint
+
+
+def base(cache: Path, out: Path, **kw) -> TemporalConfig:
+    return TemporalConfig(cache=str(cache), out=str(out), **{**dict(epochs=6, batch_size=16, hidden=16, dropout=0.1,
+                                                                    seq_len=8, warmup_epochs=0.5, device="cpu",
+                                                                    num_heads=2, val_fraction=0.2), **kw})
+
+
+def test_grid_expansion_drops_what_a_head_does_not_use():
+    cfg = SweepConfig(base=base(Path("c.h5"), Path("o")), grids=((("head", ("lstm", "mean")), ("hidden", (8, 16)),
+                                                                  ("bidirectional", (False, True))),))
+    trials = expand_grid(cfg)
+    assert [t.label for t in trials] == ["lstm hidden 8 uni", "lstm hidden 8 bi", "lstm hidden 16 uni",
+                                         "lstm hidden 16 bi", "mean"]
+    assert [t.id for t in trials] == ["t0", "t1", "t2", "t3", "t4"]
+    assert rung_ends(30, 2, 3) == [2, 6, 18, 30] and rung_ends(4, 5, 3) == [4]
+    assert planned_trial_epochs(9, [2, 6, 18], 3) == 9 * 2 + 3 * 4 + 1 * 12
+    with pytest.raises(ConfigError, match="cannot sweep over 'colour'"):
+        SweepConfig(base=cfg.base, grids=((("colour", ("red",)),),))
+    two = SweepConfig(base=cfg.base, grids=((("head", ("lstm",)), ("hidden", (8, 16))), (("head", ("mean",)),)))
+    assert [t.label for t in expand_grid(two)] == ["lstm hidden 8", "lstm hidden 16", "mean"]
+
+
+def test_sweep_picks_an_order_aware_head_when_order_decides(tmp_path):
+    cache = reversal_cache(tmp_path / "rev.h5")
+    cfg = SweepConfig(base=base(cache, tmp_path / "sw", epochs=12, lr=3e-3),
+                      grids=((("head", ("mean", "lstm", "transformer")), ("lr", (3e-3,))),), eta=2, min_epochs=3)
+    r = sweep(cfg, progress=False)
+    assert r.winner["config"].split()[0] in ("lstm", "transformer")
+    mean = next(x for x in r.leaderboard if x["config"] == "mean")
+    assert mean["best_val_top1"] < r.winner["best_val_top1"] and mean["status"] == "stopped at 3"
+    assert r.test is not None and r.test["top1"] >= 0.9  # the winner, once, on the held-out split
+    # The winner's best.pt is an ordinary train-temporal checkpoint.
+    m = load_model(tmp_path / "sw" / "best.pt")
+    assert m.head_config.arch == r.winner["config"].split()[0]
+    ev = evaluate_checkpoint(tmp_path / "sw" / "best.pt", cache, "test", device="cpu")
+    assert ev.metrics["top1"] == pytest.approx(r.test["top1"])
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "leaderboard.csv")))
+    assert [row["id"] for row in rows] == [x["id"] for x in r.leaderboard]
+    assert (tmp_path / "sw" / "leaderboard.png").stat().st_size > 0
+    # Trained together, each trial is what it would be alone: batches and dropout do not depend on the others.
+    alone = sweep(SweepConfig(base=base(cache, tmp_path / "one", epochs=12, lr=3e-3),
+                              grids=((("head", ("lstm",)),),), eta=2, min_epochs=3), progress=False)
+    lstm = next(x for x in r.leaderboard if x["config"] == "lstm")
+    if lstm["status"] == "finished":
+        assert alone.winner["best_val_top1"] == lstm["best_val_top1"]
+        assert alone.winner["best_val_loss"] == pytest.approx(lstm["best_val_loss"], rel=1e-5)
+
+
+def test_rerun_with_another_grid_is_refused(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
+    sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8,)),),), min_epochs=1),
+          progress=False)
+    with pytest.raises(ConfigError, match="holds a sweep of another grid, cache or options; rerun with the same"):
+        sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),),
+                          min_epochs=1), progress=False)
+    r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "x"), "--hidden", "8,abc"])
+    assert r.exit_code == 2 and "'abc' is not a valid value (int)" in r.stderr
+
+
+def _sweep_cmd(cache: Path, out: Path) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), "-q", "sweep", "--cache", str(cache), "--out", str(out),
+            "--head", "lstm,gru,mean", "--hidden", "16,32", "--epochs", "8", "--min-epochs", "2", "--eta", "2",
+            "--batch-size", "8", "--seq-len", "6", "--device", "cpu", "--no-progress"]
+
+
+def test_sweep_killed_and_rerun_ends_with_the_same_leaderboard(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 16, "test": 4}, noise=2.0)
+    full = subprocess.run(_sweep_cmd(cache, tmp_path / "full"), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    state = tmp_path / "part" / "sweep_state.pt"
+    p = subprocess.Popen(_sweep_cmd(cache, tmp_path / "part"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the sweep ended before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)  # mid-epoch 4, after the first rung
+    p.wait()
+    rerun = subprocess.run(_sweep_cmd(cache, tmp_path / "part"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    a = (tmp_path / "full" / "leaderboard.csv").read_text()
+    b = (tmp_path / "part" / "leaderboard.csv").read_text()
+    assert a == b
+    assert rerun.stdout.split("leaderboard:")[1].split(";")[0] == full.stdout.split("leaderboard:")[1].split(";")[0]
