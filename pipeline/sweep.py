@@ -7,7 +7,8 @@ are ignored, so duplicates collapse). All trials train in one process on the spl
 
 * each step samples and gathers one batch of clips and feeds it to every trial that shares its
   seq-len and sampler, with one backward pass for all (``engine.train_heads_one_epoch``);
-  validation clips are gathered once for every trial too;
+  validation clips are gathered once for every trial too; trials that differ only in their
+  eval clips share one training and are evaluated each their own way;
 * successive halving: at the end of each rung (``min_epochs``, ×``eta``, ... up to ``epochs``)
   only the best 1/``eta`` of the running trials (val top-1, then val loss) go on;
 * after every epoch the whole sweep is saved atomically (``sweep_state.pt``): rerunning the
@@ -60,7 +61,7 @@ UNUSED = {"mean": ("hidden", "layers", "bidirectional", "pool", "num_heads"),
           "attention": ("layers", "bidirectional", "pool"),
           "transformer": ("bidirectional", "pool"),
           "lstm": ("num_heads",), "gru": ("num_heads",)}
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: trainings shared by trials saved once
 
 
 Grid = tuple[tuple[str, tuple], ...]  # (axis, values) pairs: their cartesian product
@@ -108,6 +109,7 @@ class Trial:
     stopped_at: int | None = None
     failed: str | None = None
     key: str = ""  # the trial's own settings: its seed derives from them, not from its place in the grid
+    train_key: str = ""  # the same without eval clips: trials that differ only there share one training
     trainer: HeadTrainer | None = None
     head_cfg: Any = None
 
@@ -141,9 +143,11 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
         t = dataclasses.replace(base, **point)
         defaults = TemporalConfig(cache="", out="")
         t = dataclasses.replace(t, **{f: getattr(defaults, f) for f in UNUSED.get(t.head, ()) if f not in ("out",)})
-        key = json.dumps({a: getattr(t, a) for a in (*AXES, "pool", "num_heads")}, sort_keys=True)
+        settings = {a: getattr(t, a) for a in (*AXES, "pool", "num_heads")}
+        key = json.dumps(settings, sort_keys=True)
         if key not in seen:
-            seen[key] = Trial(id="", cfg=t, label="", key=key)
+            train_key = json.dumps({**settings, "eval_clips": None}, sort_keys=True)
+            seen[key] = Trial(id="", cfg=t, label="", key=key, train_key=train_key)
     trials = list(seen.values())
     varying = varying_axes(trials)
     width = len(str(len(trials) - 1))
@@ -213,8 +217,12 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     log.info("sweep of %d trials (%s), rungs at epochs %s, validation: %s", len(trials),
              "; ".join(", ".join(f"{a} {list(v)}" for a, v in g) for g in cfg.grids), ends, data.val_name)
 
-    for t in trials:
-        _build_trainer(t, data, device)
+    trainers: dict[str, HeadTrainer] = {}
+    for t in trials:  # trials that differ only in eval clips train once, together
+        if t.train_key not in trainers:
+            trainers[t.train_key] = _build_trainer(t, data, device)
+        t.trainer = trainers[t.train_key]
+        t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     start = 1
     if state is not None:
         start = state["epoch"] + 1
@@ -223,9 +231,10 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
             t.status, t.history, t.best = s["status"], list(s["history"]), s["best"]
             t.stopped_at, t.failed = s["stopped_at"], s["failed"]
             if t.status == "running":
-                t.trainer.model.load_state_dict(s["model_state"])
-                t.trainer.optimizer.load_state_dict(s["optimizer_state"])
-                t.trainer.scheduler.load_state_dict(s["scheduler_state"])
+                tr = state["trainers"][t.train_key]
+                t.trainer.model.load_state_dict(tr["model_state"])
+                t.trainer.optimizer.load_state_dict(tr["optimizer_state"])
+                t.trainer.scheduler.load_state_dict(tr["scheduler_state"])
         log.info("resuming the sweep in %s after epoch %d", out, state["epoch"])
 
     total = planned_trial_epochs(len(trials), ends, cfg.eta)
@@ -242,9 +251,12 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
             t0 = time.perf_counter()
             for (seq_len, sampler), group in _groups(running, lambda c: (c.seq_len, c.sampler)).items():
                 rng = np.random.default_rng([base.seed, epoch, seq_len, ("segment", "random").index(sampler)])
-                stats = train_heads_one_epoch([t.trainer for t in group], data.train, seq_len=seq_len, sampler=sampler,
-                                              batch_size=base.batch_size, rng=rng, epoch=epoch, amp_dtype=amp)
-                for t, st in zip(group, stats):
+                shared = list({id(t.trainer): t.trainer for t in group}.values())
+                stats = dict(zip(map(id, shared), train_heads_one_epoch(
+                    shared, data.train, seq_len=seq_len, sampler=sampler, batch_size=base.batch_size, rng=rng,
+                    epoch=epoch, amp_dtype=amp)))
+                for t in group:
+                    st = stats[id(t.trainer)]
                     t.history.append({"epoch": epoch, "train_loss": st["loss"], "train_top1": st["top1"]})
             train_s = time.perf_counter() - t0
             for (seq_len, clips), group in _groups([t for t in running if t.trainer.failed is None],
@@ -299,18 +311,17 @@ def _groups(trials: list[Trial], key: Callable[[TemporalConfig], Any]) -> dict[A
     return out
 
 
-def _build_trainer(t: Trial, data: StageTwoData, device: torch.device) -> None:
+def _build_trainer(t: Trial, data: StageTwoData, device: torch.device) -> HeadTrainer:
     c = t.cfg
-    t.head_cfg = head_config(c, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
-    seed = (c.seed * 1_000_003 + int(hashlib.sha256(t.key.encode()).hexdigest()[:8], 16)) % 2**31
+    seed = (c.seed * 1_000_003 + int(hashlib.sha256(t.train_key.encode()).hexdigest()[:8], 16)) % 2**31
     torch.manual_seed(seed)
-    model = build_head(t.head_cfg).to(device)
+    model = build_head(head_config(c, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     steps = math.ceil(len(data.train) / c.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(c.epochs * steps, max(1, round(c.warmup_epochs
                                                                                                       * steps))))
-    t.trainer = HeadTrainer(model=model, optimizer=opt, scheduler=sched, seed=seed, clip_grad=c.clip_grad,
-                            label_smoothing=c.label_smoothing)
+    return HeadTrainer(model=model, optimizer=opt, scheduler=sched, seed=seed, clip_grad=c.clip_grad,
+                       label_smoothing=c.label_smoothing)
 
 
 def _record(t: Trial, epoch: int, m: dict[str, Any], data: StageTwoData, seconds: float) -> None:
@@ -358,13 +369,14 @@ def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, A
 def _save_state(path: Path, spec: str, epoch: int, trials: list[Trial]) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
     schedule, the others with their records only."""
-    state = {"version": STATE_VERSION, "spec": spec, "epoch": epoch, "trials": {}}
+    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "epoch": epoch, "trials": {}, "trainers": {}}
     for t in trials:
-        s = {"status": t.status, "history": t.history, "best": t.best, "stopped_at": t.stopped_at, "failed": t.failed}
-        if t.status == "running":
-            s.update(model_state=t.trainer.model.state_dict(), optimizer_state=t.trainer.optimizer.state_dict(),
-                     scheduler_state=t.trainer.scheduler.state_dict())
-        state["trials"][t.id] = s
+        state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
+                                 "stopped_at": t.stopped_at, "failed": t.failed}
+        if t.status == "running" and t.train_key not in state["trainers"]:  # a shared training is saved once
+            state["trainers"][t.train_key] = {"model_state": t.trainer.model.state_dict(),
+                                              "optimizer_state": t.trainer.optimizer.state_dict(),
+                                              "scheduler_state": t.trainer.scheduler.state_dict()}
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
 
 

@@ -108,3 +108,18 @@ def test_sweep_killed_and_rerun_ends_with_the_same_leaderboard(tmp_path):
     b = (tmp_path / "part" / "leaderboard.csv").read_text()
     assert a == b
     assert rerun.stdout.split("leaderboard:")[1].split(";")[0] == full.stdout.split("leaderboard:")[1].split(";")[0]
+
+
+def test_trials_that_differ_only_in_eval_clips_train_once(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3})
+    cfg = SweepConfig(base=base(cache, tmp_path / "sw", epochs=3), grids=((("eval_clips", (1, 3)),),), min_epochs=3)
+    trials = expand_grid(cfg)
+    assert len(trials) == 2 and trials[0].train_key == trials[1].train_key
+    r = sweep(cfg, progress=False)
+    a, b = (torch.load(tmp_path / "sw" / "trials" / t / "best.pt", weights_only=True) for t in ("t0", "t1"))
+    hist = {x["id"]: x for x in r.leaderboard}
+    assert hist["t0"]["epochs"] == hist["t1"]["epochs"] == 3
+    if a["epoch"] == b["epoch"]:  # the same training: identical weights at the same epoch
+        for k in a["model_state"]:
+            assert torch.equal(a["model_state"][k], b["model_state"][k])
+    assert a["train_config"]["eval_clips"] == 1 and b["train_config"]["eval_clips"] == 3
