@@ -10,7 +10,9 @@
 #      and then the rest of the suite with the GPU visible;
 #   2. the CLI with --device cuda on generated data: make-demo-data, extract-features,
 #      train-temporal, finetune-end-to-end with AMP, predict;
-#   3. every bench in bench/ with --device cuda;
+#   3. every bench in bench/ with --device cuda: extraction (MobileNetV2 and ResNet-50, bf16,
+#      channels_last) against the bare backbone, stage two with the split in GPU memory, the
+#      sweep, predict, end-to-end fine-tuning;
 # then prints one table: frames/s and ratios, epoch seconds, peak GPU memory, and each step's status.
 # Logs and the table go to $GPU_OUT (default $OUT when the device tool runs it, else bench/out/gpu).
 # The device machine has no registry: PyAV is carried as a wheel in .whl/ (see --fetch-wheels).
@@ -108,15 +110,23 @@ step cli_predict 60 "${CLI[@]}" predict "$WORK/e2e/best.pt" "$D/test" --window 8
   --no-progress
 
 if [ -n "$SMALL" ]; then
-  step bench_extract 120 "$PY" bench/extract.py --device "$DEVICE" --frames 128 --repeats 1 --size 64
+  step bench_extract_mobilenet_v2 120 "$PY" bench/extract.py --device "$DEVICE" --frames 128 --repeats 1 --size 64
+  step bench_extract_resnet50 120 "$PY" bench/extract.py --backbone resnet50 --device "$DEVICE" --frames 64 \
+    --repeats 1 --size 64
   step bench_temporal 120 "$PY" bench/temporal.py --device "$DEVICE" --train 64 --val 32 --frames 30 --epochs 1
+  step bench_sweep 120 "$PY" bench/sweep.py --device "$DEVICE" --train 96 --val 48 --frames 30 --epochs 2
   step bench_predict 120 "$PY" bench/predict.py --device "$DEVICE" --seconds 4
   step bench_finetune 120 "$PY" bench/finetune.py --device "$DEVICE" --videos 8 --frames 8 --size 64
 else
-  step bench_extract 90 "$PY" bench/extract.py --device cuda --frames 8192 --batch-size 256 --repeats 5
-  step bench_temporal 120 "$PY" bench/temporal.py --device cuda
-  step bench_predict 60 "$PY" bench/predict.py --device cuda
-  step bench_finetune 90 "$PY" bench/finetune.py --device cuda --videos 96
+  # bf16 autocast and channels_last on the GPU; decoding in DataLoader worker processes.
+  step bench_extract_mobilenet_v2 75 "$PY" bench/extract.py --device cuda --precision bf16 --frames 8192 \
+    --batch-size 256 --repeats 3
+  step bench_extract_resnet50 75 "$PY" bench/extract.py --backbone resnet50 --device cuda --precision bf16 \
+    --frames 8192 --batch-size 256 --repeats 3
+  step bench_temporal 90 "$PY" bench/temporal.py --device cuda  # the split held in GPU memory
+  step bench_sweep 90 "$PY" bench/sweep.py --device cuda
+  step bench_predict 45 "$PY" bench/predict.py --device cuda
+  step bench_finetune 60 "$PY" bench/finetune.py --device cuda --videos 96
 fi
 
 "$PY" bench/gpu_table.py "$STEPS" "$BENCH_JSON" "$(cat "$OUTDIR/device.txt")" "$(( $(date +%s) - START ))" \
