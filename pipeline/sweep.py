@@ -11,9 +11,10 @@ are ignored, so duplicates collapse). All trials train in one process on the spl
   eval clips share one training and are evaluated each their own way;
 * successive halving: at the end of each rung (``min_epochs``, ×``eta``, ... up to ``epochs``)
   only the best 1/``eta`` of the running trials (val top-1, then val loss) go on;
-* after every epoch the whole sweep is saved atomically (``sweep_state.pt``): rerunning the
-  same command after a kill resumes it and ends with the same leaderboard; each trial's best
-  model is kept in ``trials/<id>/best.pt``;
+* at every rung end, and at least a minute apart, the whole sweep is saved atomically
+  (``sweep_state.pt``): rerunning the same command after a kill resumes from there, replays the
+  epochs since exactly, and ends with the same leaderboard; each trial's best model is kept in
+  ``trials/<id>/best.pt``;
 * at the end: a leaderboard (returned, and as ``leaderboard.csv`` and ``leaderboard.png``), the
   winner's ``best.pt`` in the usual format (for predict, evaluate, ``finetune --init``), and the
   winner evaluated once on the test split.
@@ -62,6 +63,7 @@ UNUSED = {"mean": ("hidden", "layers", "bidirectional", "pool", "num_heads"),
           "transformer": ("bidirectional", "pool"),
           "lstm": ("num_heads",), "gru": ("num_heads",)}
 STATE_VERSION = 2  # 2: trainings shared by trials saved once
+SNAPSHOT_SECONDS = 60.0
 
 
 Grid = tuple[tuple[str, tuple], ...]  # (axis, values) pairs: their cartesian product
@@ -243,6 +245,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     bar = tqdm(total=total, initial=min(done, total), unit="trial-epoch", desc="sweep", disable=not progress or None,
                dynamic_ncols=True)
     val_labels = data.val.labels.cpu().numpy()
+    last_save = time.perf_counter()
     try:
         for epoch in range(start, base.epochs + 1):
             running = [t for t in trials if t.status == "running"]
@@ -271,7 +274,12 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
                     log.warning("trial %s (%s) failed: %s", t.id, t.label, t.failed)
             if epoch in ends:
                 _halve(trials, epoch, cfg.eta, last=epoch == base.epochs)
-            _save_state(state_path, spec, epoch, trials)
+            # A snapshot at every rung end and at least a minute apart: it can weigh hundreds of MB
+            # (every running head with its optimiser), and a resumed sweep replays the epochs since
+            # the last one exactly (batches and dropout are seeded per epoch).
+            if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
+                _save_state(state_path, spec, epoch, trials)
+                last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
                 on_epoch(epoch, trials)
