@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
-from .files import atomic_torch_save, atomic_write_text, ensure_dir
+from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir
 from .heads import build_head
 from .metrics import classification_metrics
 from .report import write_csv
@@ -201,6 +201,9 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     out = ensure_dir(base.out, "--out")
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
+    if amp == torch.float16:
+        raise ConfigError("the sweep trains in fp32 or bf16 (fp16 would need a loss scaler per head); "
+                          "use --precision bf16")
     data = load_stage_two(base.cache, train_split=base.train_split, val_split=base.val_split,
                           val_fraction=base.val_fraction, group_pattern=base.group_pattern,
                           test_split=base.test_split, seed=base.seed, device=device)
@@ -293,8 +296,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     if not board or board[0]["best_val_top1"] is None:
         raise ConfigError("every trial of the sweep failed (loss not finite); lower the learning rates")
     winner = next(t for t in trials if t.id == board[0]["id"])
-    shutil.copyfile(Path(winner.cfg.out) / "best.pt", out / "best.pt.tmp")
-    (out / "best.pt.tmp").replace(out / "best.pt")
+    atomic_write_bytes(out / "best.pt", (Path(winner.cfg.out) / "best.pt").read_bytes())
     test = None
     if data.test is not None:  # once, the winner only
         ck = load_checkpoint(out / "best.pt")
