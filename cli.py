@@ -352,6 +352,39 @@ def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], 
         ctx.exit(EXIT_ERROR)
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--head-only", is_flag=True,
+              help="Export only the head: (batch, time, D) float32 features → probabilities, for your own features.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True,
+              help="auto: torch.export (dynamo) for each part, the TorchScript exporter where that fails.")
+def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | None, exporter: str) -> None:
+    """Export a trained model to ONNX for onnxruntime: uint8 frames → class probabilities."""
+    from pipeline.config import ExportConfig
+    from pipeline.export import export_model
+
+    r = export_model(ExportConfig(checkpoint=str(checkpoint), out=str(out), head_only=head_only,
+                                  weights=str(weights) if weights else None, exporter=exporter))
+    m = r.meta
+    click.echo(f"wrote {r.out} ({r.bytes / 1e6:.1f} MB) in {r.seconds:.1f} s: {m.head_config.arch} head"
+               + ("" if head_only else f" on {m.provenance.backbone}") + f", {len(m.classes)} classes")
+    shape = (f"features (batch, time, {m.feature_dim}) float32" if head_only else
+             f"frames (batch, time, {m.frame_spec.size}, {m.frame_spec.size}, 3) uint8 RGB")
+    click.echo(f"  {shape} -> probs (batch, {len(m.classes)}); time = seq-len {m.seq_len} "
+               f"(a shorter clip: its real length), {m.eval_clips} uniform clip(s) per video")
+    if not head_only:
+        click.echo(f"  frames: {_describe_spec(m.frame_spec)} (outside the graph); normalisation inside")
+    click.echo("  exporters: " + ", ".join(f"{part} {kind}" for part, kind in r.exporters.items()))
+    for part, why in r.fallbacks.items():
+        click.echo(f"    {part}: {why}")
+    click.echo(f"  onnxruntime vs torch on a random batch: max |difference| {r.max_abs_diff:.2g}")
+    if not head_only:
+        click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO")
+
+
 def _check_plot_path(plot: Path) -> None:
     """A plot path that can be written, in a format matplotlib knows; its folder is created."""
     from pipeline.files import ensure_dir
