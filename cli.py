@@ -296,8 +296,11 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 
 
 @main.command("predict")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="torch: MODEL is a checkpoint; onnx: MODEL is a file from `export`, run by onnxruntime (nothing "
+                   "else is needed); auto: by MODEL's name (.onnx or not).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input (a JSON list) instead of a table.")
 @click.option("--window", type=click.IntRange(1), default=None,
@@ -312,19 +315,23 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], top_k: int, as_json: bool,
+def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runtime: str, top_k: int, as_json: bool,
                 window: int | None, stride: int | None, plot: Path | None, weights: Path | None, batch_size: int,
                 workers: int | None, device: str, no_progress: bool) -> None:
-    """Label videos (files, frame folders, or folders of them) with a trained checkpoint."""
+    """Label videos (files, frame folders, or folders of them) with a trained model: a checkpoint
+    (torch) or an exported .onnx (onnxruntime)."""
     import json
 
     from pipeline.predict import Predictor, plot_timeline
 
+    if not inputs:
+        raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them)")
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
         _check_plot_path(plot)
-    predictor = Predictor(checkpoint, weights=weights, device=device, batch_size=batch_size, workers=workers)
+    predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
+                          workers=workers)
     preds = predictor.predict(inputs, top_k=top_k, window=window, stride=stride, progress=not no_progress)
     if as_json:
         click.echo(json.dumps([p.to_json() for p in preds], indent=2))

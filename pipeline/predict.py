@@ -1,12 +1,15 @@
-"""Label new videos from a checkpoint alone: the backbone, FrameSpec, frame selection, clip
-sampling and classes all come from the checkpoint; nothing is retyped.
+"""Label new videos from a trained model alone: a checkpoint (torch) or an
+exported .onnx (onnxruntime). The backbone, FrameSpec, frame selection, clip sampling and classes all
+come from the model file; nothing is retyped.
 
 Frames stream through the same decode workers and fixed-size backbone batches as extraction, so
 each frame is decoded once and memory does not grow with video length (only the features are
-kept: 2.5 KB per frame for MobileNetV2's 1280 dimensions in float16). Without a window, a video is classified exactly as
-``evaluate`` classifies its cached features (same features, same uniform clips); with
-``window``/``stride`` it gets a timeline, and the video-level label is the mean of the window
-probabilities.
+kept: 2.5 KB per frame for MobileNetV2's 1280 dimensions in float16). Without a window, a video is
+classified exactly as ``evaluate`` classifies its cached features (same features, same uniform
+clips); with ``window``/``stride`` it gets a timeline, and the video-level label is the mean of the
+window probabilities. The math sits behind one ``Classifier`` interface (per-frame features,
+per-clip probabilities) with a torch and an onnxruntime implementation; decoding, windows,
+timeline and JSON are shared. ``LiveRun`` labels a live source window by window as it plays.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import torch
 from tqdm import tqdm
 
 from .backbones import FrozenBackbone
+from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
-from .engine import FeatureBank, evaluate
+from .engine import FeatureBank
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
-from .runtime import default_workers, resolve_device, resolve_precision
 from .model import load_model
+from .runtime import default_workers, resolve_device, resolve_precision
+from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +141,166 @@ def window_bounds(n: int, window: int, stride: int) -> list[tuple[int, int]]:
     return [(s, s + window) for s in starts]
 
 
-class Predictor:
-    """Backbone + head rebuilt from a checkpoint; call ``predict`` with paths."""
+class Classifier:
+    """The math of predict, behind one interface so the torch and onnxruntime paths share the rest
+    (decoding, windows, timeline, JSON): per-frame ``features`` and per-clip ``clip_probs``.
 
-    def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 64, workers: int | None = None, chunk_frames: int = 64) -> None:
+    Attributes: ``classes``, ``spec`` (FrameSpec), ``selection``, ``seq_len``, ``eval_clips``,
+    ``dtype`` (storage dtype features are rounded to, as in the cache the head was trained on),
+    ``device`` and ``amp`` (autocast dtype) for the frame batches, ``runtime`` ("torch"/"onnx").
+    """
+
+    runtime: str
+    classes: list[str]
+    spec: FrameSpec
+    selection: FrameSelection
+    seq_len: int
+    eval_clips: int
+    dtype: str
+    device: torch.device
+    amp: torch.dtype | None = None
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 frames (channels_last memory) on ``device`` → (N, D) features."""
+        raise NotImplementedError
+
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) float32 clips on ``device``, (B,) real lengths (the rest is padding) → (B, C)."""
+        raise NotImplementedError
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:  # FeatureRunner calls its model on frame batches
+        return self.features(frames)
+
+
+class TorchClassifier(Classifier):
+    """Backbone (``FrozenBackbone``) and head rebuilt from a checkpoint."""
+
+    runtime = "torch"
+
+    def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto") -> None:
         self.model = load_model(checkpoint)
-        self.ckpt_path = self.model.path
-        self.classes: list[str] = self.model.classes
         prov = self.model.provenance
+        self.classes = self.model.classes
         self.spec, self.selection = prov.frame_spec, prov.selection
-        self.seq_len, self.eval_clips = self.model.seq_len, self.model.eval_clips
-        self.dtype = prov.dtype
+        self.seq_len, self.eval_clips, self.dtype = self.model.seq_len, self.model.eval_clips, prov.dtype
         self.device = resolve_device(device)
         self.amp = resolve_precision(_precision_name(prov.precision), self.device)
-        self.batch_size, self.chunk_frames = batch_size, chunk_frames
-        self.workers = default_workers(self.device) if workers is None else workers
         self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec, copy=False)
         self.head = self.model.head.to(self.device).eval()
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.backbone(frames)
+
+    @torch.no_grad()
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(x, lengths).float(), 1)  # as engine.evaluate computes them
+
+
+class OnnxClassifier(Classifier):
+    """An exported .onnx file alone: its metadata gives everything, onnxruntime does the math. The
+    full graph is run as its two parts (split at ``features``), so each frame goes through the
+    backbone once and the head runs per clip, as in the torch path."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: str | Path) -> None:
+        from .export import OnnxMeta, load_onnx, ort_session, read_metadata, split_model
+
+        self.path = Path(path)
+        proto = load_onnx(self.path)
+        meta: OnnxMeta = read_metadata(proto)
+        if meta.graph != "full":
+            raise ConfigError(f"{self.path} is a head-only export (features in, not frames); predict needs the full "
+                              "model: export the checkpoint again without --head-only")
+        self.meta = meta
+        self.classes = list(meta.classes)
+        self.spec, self.selection = meta.frame_spec, meta.selection
+        self.seq_len, self.eval_clips, self.dtype = meta.seq_len, meta.eval_clips, meta.feature_dtype
+        self.device = torch.device("cpu")
+        backbone, head = split_model(proto)
+        self.backbone, self.head = ort_session(backbone), ort_session(head)
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 2, 3, 1).contiguous().numpy()[None]  # (1, N, S, S, 3): channels_last is a view
+        return torch.from_numpy(self.backbone.run(None, {"frames": x})[0][0])  # (N, D)
+
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Clips of one length run together; a short clip runs unpadded (its real frames only),
+        which the head contract makes equal to the padded clip with its length."""
+        x_np, lens = x.cpu().numpy(), lengths.cpu().numpy()
+        out = np.empty((len(lens), len(self.classes)), dtype=np.float32)
+        for n in np.unique(lens):
+            rows = np.flatnonzero(lens == n)
+            out[rows] = self.head.run(None, {"features": np.ascontiguousarray(x_np[rows, :n])})[0]
+        return torch.from_numpy(out)
+
+
+def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
+                    device: str = "auto") -> Classifier:
+    """A checkpoint (torch) or an exported .onnx (onnxruntime); ``auto`` goes by the file name."""
+    path = Path(model)
+    onnx_file = path.suffix.lower() == ".onnx"
+    if runtime == "auto":
+        runtime = "onnx" if onnx_file else "torch"
+    if runtime == "onnx":
+        if not onnx_file and path.is_file() and _head(path) in (b"PK", b"\x80\x02"):
+            raise ConfigError(f"{path} is a torch checkpoint, not an ONNX file: export it first "
+                              f"(`python cli.py export {path} --out model.onnx`) or use --runtime torch")
+        if weights is not None:
+            raise ConfigError("--weights is for checkpoints: an .onnx file holds its backbone")
+        if device == "cuda":
+            raise ConfigError("--runtime onnx runs on the CPU (onnxruntime's CPU provider); drop --device cuda")
+        return OnnxClassifier(path)
+    if runtime != "torch":
+        raise ConfigError(f"unknown runtime {runtime!r}: use auto, torch or onnx")
+    if onnx_file:
+        raise ConfigError(f"{path} is an ONNX file: use --runtime onnx (or auto)")
+    return TorchClassifier(path, weights=weights, device=device)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)  # a zip (torch.save) or a pickle (older torch.save)
+
+
+def window_probs(clf: Classifier, feats: np.ndarray, bounds: list[tuple[int, int]], batch_size: int = 256
+                 ) -> np.ndarray:
+    """(W, C) probabilities of the windows ``bounds`` of ``feats`` (T, D), in batches; each window
+    is classified exactly as ``evaluate`` classifies a video of those rows (softmax averaged over
+    ``eval_clips`` uniform clips of ``seq_len``)."""
+    starts = np.array([a for a, _ in bounds], dtype=np.int64)
+    lengths = np.array([b - a for a, b in bounds])
+    bank = FeatureBank(torch.from_numpy(feats).to(clf.device), torch.from_numpy(starts).to(clf.device), lengths,
+                       torch.zeros(len(bounds), dtype=torch.long, device=clf.device))
+    n, probs = len(bounds), None
+    for k in range(clf.eval_clips):
+        pos, clip_len = sample("uniform", lengths, clf.seq_len, clip=k, num_clips=clf.eval_clips)
+        chunks = [clf.clip_probs(bank.gather(np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size]),
+                                 torch.from_numpy(clip_len[s:s + batch_size])) for s in range(0, n, batch_size)]
+        p = torch.cat(chunks)
+        probs = p if probs is None else probs + p
+    return (probs / clf.eval_clips).cpu().numpy()
+
+
+class Predictor:
+    """A checkpoint or an exported .onnx; call ``predict`` with paths."""
+
+    def __init__(self, model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
+                 device: str = "auto", batch_size: int = 64, workers: int | None = None,
+                 chunk_frames: int = 64) -> None:
+        self.classifier = open_classifier(model, runtime=runtime, weights=weights, device=device)
+        c = self.classifier
+        self.classes: list[str] = c.classes
+        self.spec, self.selection, self.seq_len, self.eval_clips, self.dtype = (
+            c.spec, c.selection, c.seq_len, c.eval_clips, c.dtype)
+        self.device, self.amp = c.device, c.amp
+        self.batch_size, self.chunk_frames = batch_size, chunk_frames
+        self.workers = default_workers(self.device) if workers is None else workers
 
     def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
                  ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, float, str | None]]:
         """→ (video position, (T, D) features in the cache dtype, (T,) source indices, fps, error)."""
-        runner = FeatureRunner(self.backbone, self.device, self.amp, self.batch_size)
+        runner = FeatureRunner(self.classifier, self.device, self.amp, self.batch_size)
         loader = frame_loader([(i, p, k) for i, (p, k) in enumerate(videos)], self.spec, self.selection,
                               chunk_frames=self.chunk_frames, workers=self.workers,
                               device=self.device, batch_size=self.batch_size)
@@ -185,14 +327,8 @@ class Predictor:
         self.frames_done = runner.frames_done
 
     def classify_windows(self, feats: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
-        """(W, C) probabilities of every window in one batched pass; each window is classified
-        exactly as a video of those rows would be."""
-        starts = np.array([a for a, _ in bounds], dtype=np.int64)
-        bank = FeatureBank(torch.from_numpy(feats).to(self.device), torch.from_numpy(starts).to(self.device),
-                           np.array([b - a for a, b in bounds]), torch.zeros(len(bounds), dtype=torch.long,
-                                                                             device=self.device))
-        probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
-        return probs
+        """(W, C) probabilities of every window in one batched pass (see ``window_probs``)."""
+        return window_probs(self.classifier, feats, bounds)
 
     def predict(self, inputs: Sequence[str | Path], *, top_k: int = 5, window: int | None = None,
                 stride: int | None = None, progress: bool = True) -> list[Prediction]:

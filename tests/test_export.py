@@ -1,22 +1,27 @@
 """export: onnxruntime computes what torch computes, for every head and two backbones; the metadata
-rebuilds everything; a part that cannot be exported is one line."""
+rebuilds everything; ``predict --runtime onnx`` gives the torch path's labels, probabilities and
+windows; unusable models and files are one line."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SIZE
+from conftest import SIZE, rand_frames, write_frames
 from synthetic import write_checkpoint
 
 from cli import main
 from pipeline.backbones import FrozenBackbone, create_backbone, recalibrate_batchnorm
 from pipeline.config import ExportConfig
+from pipeline.demo import write_video
+from pipeline.errors import ConfigError, ExportError
 from pipeline.heads import HEADS
 from pipeline.model import load_model
+from pipeline.predict import Predictor
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -157,3 +162,93 @@ def test_unexportable_head_names_the_part(monkeypatch, tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: the svd head cannot be exported to ONNX: dynamo exporter:")
     assert "legacy exporter:" in line and not (tmp_path / "svd.onnx").exists()
+
+
+# ---------------------------------------------------------------- predict --runtime onnx
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Video files and frame folders, one of each shorter than seq-len (6)."""
+    rng = np.random.default_rng(5)
+    root = tmp_path_factory.mktemp("onnx_inputs")
+    write_video(root / "long.mkv", rand_frames(rng, 30), fps=15)
+    write_video(root / "short.mkv", rand_frames(rng, 4), fps=15)
+    write_frames(root / "folder", rand_frames(rng, 17), ".png")
+    write_frames(root / "tiny", rand_frames(rng, 3), ".jpg")
+    return [root / "long.mkv", root / "short.mkv", root / "folder", root / "tiny"]
+
+
+@pytest.mark.parametrize("window", [None, (8, 3)])
+def test_predict_onnx_equals_torch(exported, inputs, window):
+    ckpt, r = exported
+    kw = {"window": window[0], "stride": window[1]} if window else {}
+    torch_preds = Predictor(ckpt, device="cpu", batch_size=8, workers=0).predict(inputs, progress=False, **kw)
+    onnx = Predictor(r.out, batch_size=8, workers=0)
+    assert onnx.classifier.runtime == "onnx"
+    onnx_preds = onnx.predict(inputs, progress=False, **kw)
+    assert [p.input for p in onnx_preds] == [p.input for p in torch_preds] == [str(i) for i in inputs]
+    for a, b in zip(torch_preds, onnx_preds):
+        assert a.error is None and b.error is None and (a.kind, a.frames, a.fps) == (b.kind, b.frames, b.fps)
+        np.testing.assert_allclose(b.probs, a.probs, atol=TOL, rtol=0)
+        assert [c for c, _ in a.top_k] == [c for c, _ in b.top_k]
+        assert len(a.windows) == len(b.windows) == (0 if window is None else len(b.windows))
+        for wa, wb in zip(a.windows, b.windows):
+            assert (wa.start_frame, wa.end_frame, wa.start_time, wa.end_time, wa.label) == \
+                   (wb.start_frame, wb.end_frame, wb.start_time, wb.end_time, wb.label)
+            np.testing.assert_allclose(wb.probs, wa.probs, atol=TOL, rtol=0)
+    if window:
+        assert len(torch_preds[0].windows) == 9  # 30 frames: windows of 8 starting 0, 3, ..., 21, and 22 (flush)
+
+
+def test_predict_cli_onnx_json_equals_torch(exported, inputs):
+    ckpt, r = exported
+    args = [str(inputs[0]), str(inputs[2]), "--json", "--window", "8", "--no-progress", "--workers", "0"]
+    a = CliRunner().invoke(main, ["predict", str(ckpt), *args])
+    b = CliRunner().invoke(main, ["predict", "--runtime", "onnx", str(r.out), *args])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.stderr, b.stderr)
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert [set(x) for x in ja] == [set(x) for x in jb]
+    for x, y in zip(ja, jb):
+        assert [w["label"] for w in x["windows"]] == [w["label"] for w in y["windows"]]
+        assert [(w["start_frame"], w["end_frame"]) for w in x["windows"]] == \
+               [(w["start_frame"], w["end_frame"]) for w in y["windows"]]
+        for t, u in zip(x["top_k"], y["top_k"]):
+            assert t["label"] == u["label"] and abs(t["prob"] - u["prob"]) < TOL
+
+
+def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    ckpt, r = exported
+    out = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "head.onnx"), "--head-only",
+                                    "--exporter", "legacy"])
+    assert out.exit_code == 0, out.stderr
+    assert "features (batch, time, 1280) float32 -> probs (batch, 3)" in out.stdout
+    assert "exporters: head legacy" in out.stdout
+
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), foreign)
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    cases = [
+        (["--runtime", "onnx", str(foreign)], "has no action-pipeline metadata (not written by `export`)"),
+        ([str(tmp_path / "head.onnx")], "is a head-only export"),
+        ([str(tmp_path / "junk.onnx")], "is not a readable ONNX file"),
+        ([str(tmp_path / "missing.onnx")], "no such ONNX file"),
+        (["--runtime", "onnx", str(ckpt)], "is a torch checkpoint, not an ONNX file: export it first"),
+        (["--runtime", "torch", str(r.out)], "is an ONNX file: use --runtime onnx"),
+    ]
+    for args, msg in cases:
+        res = CliRunner().invoke(main, ["predict", *args, str(inputs[0]), "--no-progress"])
+        assert res.exit_code == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and msg in res.stderr, (args, res.stderr)
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install 'action-pipeline\[onnx\]'"):
+        Predictor(r.out)
+    with pytest.raises(ExportError, match="no such ONNX file"):
+        read_metadata(tmp_path / "missing.onnx")
