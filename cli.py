@@ -302,12 +302,25 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
               help="torch: MODEL is a checkpoint; onnx: MODEL is a file from `export`, run by onnxruntime (nothing "
                    "else is needed); auto: by MODEL's name (.onnx or not).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input (a JSON list) instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per input (a JSON list) instead of a table; with --live, one JSON line "
+                   "per window and a last line with the summary.")
 @click.option("--window", type=click.IntRange(1), default=None,
-              help="Classify windows of N kept frames for a timeline; the video label is their mean.")
-@click.option("--stride", type=click.IntRange(1), default=None, help="Window step in kept frames.  [default: --window]")
+              help="Classify windows of N kept frames for a timeline; the video label is their mean.  "
+                   "[default with --live: the model's seq-len]")
+@click.option("--stride", type=click.IntRange(1), default=None,
+              help="Window step in kept frames.  [default: --window; with --live: half the window]")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="With --window: save the timeline plot here (PATH_<n>.png for several inputs).")
+@click.option("--live", "live_source", metavar="SOURCE", default=None,
+              help="Label a live source instead of INPUTs: a V4L2 device (/dev/video0), an rtsp:// or http:// URL, "
+                   "or a video file (with --realtime: at its own frame rate). Ctrl-C stops it with a summary.")
+@click.option("--realtime", is_flag=True,
+              help="With --live: play the source at its own frame rate (a file, or a file behind a URL).")
+@click.option("--reconnect", is_flag=True,
+              help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="With --live: seconds a network source may stall before it counts as lost.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -316,22 +329,36 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runtime: str, top_k: int, as_json: bool,
-                window: int | None, stride: int | None, plot: Path | None, weights: Path | None, batch_size: int,
-                workers: int | None, device: str, no_progress: bool) -> None:
-    """Label videos (files, frame folders, or folders of them) with a trained model: a checkpoint
-    (torch) or an exported .onnx (onnxruntime)."""
+                window: int | None, stride: int | None, plot: Path | None, live_source: str | None, realtime: bool,
+                reconnect: bool, timeout: float, weights: Path | None, batch_size: int, workers: int | None,
+                device: str, no_progress: bool) -> None:
+    """Label videos (files, frame folders, or folders of them) or a live source with a trained model:
+    a checkpoint (torch) or an exported .onnx (onnxruntime)."""
     import json
 
     from pipeline.predict import Predictor, plot_timeline
 
-    if not inputs:
-        raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them)")
+    if live_source is not None:
+        if inputs:
+            raise click.BadParameter("give INPUTs or --live SOURCE, not both", param_hint="--live")
+        if plot is not None:
+            raise click.BadParameter("--plot is for INPUTs, not --live", param_hint="--plot")
+    else:
+        if not inputs:
+            raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them) or --live SOURCE")
+        for flag, on in (("--realtime", realtime), ("--reconnect", reconnect)):
+            if on:
+                raise click.BadParameter(f"{flag} needs --live SOURCE", param_hint=flag)
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
         _check_plot_path(plot)
     predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
                           workers=workers)
+    if live_source is not None:
+        _predict_live(ctx, predictor, live_source, as_json=as_json, window=window, stride=stride, realtime=realtime,
+                      reconnect=reconnect, timeout=timeout)
+        return
     preds = predictor.predict(inputs, top_k=top_k, window=window, stride=stride, progress=not no_progress)
     if as_json:
         click.echo(json.dumps([p.to_json() for p in preds], indent=2))
@@ -356,6 +383,41 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
         click.echo(f"error: {p.error}", err=True)
     if bad:
         click.echo(f"{len(bad)} of {len(preds)} input(s) failed", err=True)
+        ctx.exit(EXIT_ERROR)
+
+
+def _predict_live(ctx: click.Context, predictor, source: str, *, as_json: bool, **kw) -> None:
+    """One line per window as it comes; Ctrl-C ends with the summary (exit 0); a lost source ends
+    with the summary and one error line (exit 1)."""
+    import json
+
+    run = predictor.live(source, **kw)
+    if not as_json:
+        click.echo(f"live: {source}, windows of {run.window} frames every {run.stride} "
+                   f"({predictor.classifier.runtime}; Ctrl-C stops)", err=True)
+    interrupted = False
+    try:
+        for w in run:
+            if as_json:
+                click.echo(json.dumps(w.to_json()))
+            else:
+                click.echo(f"{w.start_time:8.2f}-{w.end_time:8.2f} s  frames {w.start_frame:>6}-{w.end_frame:<6}  "
+                           f"{w.label} {w.prob:.3f}  {1000 * w.latency:7.1f} ms"
+                           + (f"  ({w.dropped} dropped)" if w.dropped else ""))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        run.close(interrupted=interrupted)
+    s = run.summary()
+    if as_json:
+        click.echo(json.dumps(s.to_json()))
+    else:
+        lat = (f"; latency mean {1000 * s.latency_mean:.1f} ms, p95 {1000 * s.latency_p95:.1f} ms"
+               if s.latency_mean is not None else "")
+        click.echo(f"{s.ended}: {s.windows} windows, {s.frames_read} frames read, {s.frames_classified} classified, "
+                   f"{s.dropped} dropped{', ' + str(s.reconnects) + ' reconnects' if s.reconnects else ''}{lat}")
+    if s.error:
+        click.echo(f"error: {s.error}", err=True)
         ctx.exit(EXIT_ERROR)
 
 
@@ -389,7 +451,7 @@ def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | Non
         click.echo(f"    {part}: {why}")
     click.echo(f"  onnxruntime vs torch on a random batch: max |difference| {r.max_abs_diff:.2g}")
     if not head_only:
-        click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO")
+        click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO  (or --live SOURCE)")
 
 
 def _check_plot_path(plot: Path) -> None:

@@ -26,3 +26,6 @@ class CacheError(PipelineError):
 class ExportError(PipelineError):
     """A model part that cannot be exported to ONNX, or an ONNX file this tool cannot use."""
 
+
+class StreamError(PipelineError):
+    """A live source that cannot be opened, or that was lost."""

@@ -1,4 +1,4 @@
-"""Label new videos from a trained model alone: a checkpoint (torch) or an
+"""Label new videos, or a live source, from a trained model alone: a checkpoint (torch) or an
 exported .onnx (onnxruntime). The backbone, FrameSpec, frame selection, clip sampling and classes all
 come from the model file; nothing is retyped.
 
@@ -15,6 +15,8 @@ timeline and JSON are shared. ``LiveRun`` labels a live source window by window 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from .engine import FeatureBank
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
 from .model import load_model
-from .runtime import default_workers, resolve_device, resolve_precision
+from .preprocess import resize_frames, stack_frames
+from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision
 from .sampling import sample
 
 log = logging.getLogger(__name__)
@@ -283,7 +286,7 @@ def window_probs(clf: Classifier, feats: np.ndarray, bounds: list[tuple[int, int
 
 
 class Predictor:
-    """A checkpoint or an exported .onnx; call ``predict`` with paths."""
+    """A checkpoint or an exported .onnx; call ``predict`` with paths, or ``live`` with a source."""
 
     def __init__(self, model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
                  device: str = "auto", batch_size: int = 64, workers: int | None = None,
@@ -363,6 +366,141 @@ class Predictor:
             order = np.argsort(-probs)[:k]
             pred.top_k = [(self.classes[i], float(probs[i])) for i in order]
         return [results[i] for i in sorted(results)] + errors
+
+    def live(self, source: str, **kw: Any) -> LiveRun:
+        """Label a live source window by window (see ``LiveRun``)."""
+        return LiveRun(self.classifier, source, **kw)
+
+
+# ----------------------------------------------------------------------------------- live video
+
+
+@dataclass
+class LiveWindow:
+    index: int  # 0, 1, 2, ... in the order emitted
+    start_frame: int  # source frame numbers of the window's first and last frame
+    end_frame: int
+    start_time: float  # their times in seconds since the stream's first frame
+    end_time: float
+    label: str
+    prob: float
+    latency: float  # seconds from the source delivering the window's last frame to its label
+    dropped: int  # frames dropped so far (the model was slower than the source)
+    probs: list[float] = field(repr=False, default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window": self.index, "start_frame": self.start_frame, "end_frame": self.end_frame,
+                "start_time": round(self.start_time, 6), "end_time": round(self.end_time, 6), "label": self.label,
+                "prob": self.prob, "latency_ms": round(1000 * self.latency, 3), "dropped": self.dropped}
+
+
+@dataclass
+class LiveSummary:
+    source: str
+    windows: int
+    frames_read: int  # decoded from the source
+    frames_kept: int  # kept by the frame selection
+    frames_classified: int  # run through the backbone
+    dropped: int  # kept but dropped because the model was busy
+    reconnects: int
+    latency_mean: float | None  # seconds, over the windows
+    latency_p50: float | None
+    latency_p95: float | None
+    seconds: float
+    ended: str  # "end of file", "end of stream", "interrupted", "lost", "stopped"
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        ms = lambda v: None if v is None else round(1000 * v, 3)  # noqa: E731
+        return {"summary": {"source": self.source, "windows": self.windows, "frames_read": self.frames_read,
+                            "frames_kept": self.frames_kept, "frames_classified": self.frames_classified,
+                            "dropped": self.dropped, "reconnects": self.reconnects,
+                            "latency_ms_mean": ms(self.latency_mean), "latency_ms_p50": ms(self.latency_p50),
+                            "latency_ms_p95": ms(self.latency_p95), "seconds": round(self.seconds, 3),
+                            "ended": self.ended, "error": self.error}}
+
+
+class LiveRun:
+    """A rolling window of ``window`` kept frames (default: seq-len), classified every ``stride``
+    frames (default: half the window) as the frames arrive; iterate for ``LiveWindow``s.
+
+    Each frame goes through the backbone once, when it arrives (all frames waiting in the queue
+    together); a window is classified like a file's window (``window_probs``). When the model is
+    slower than the source, the stream drops the oldest waiting frames (``queue_size`` at most
+    wait), so the windows stay current and memory stays flat; ``summary()`` counts them. Call
+    ``close()`` when done (also after Ctrl-C).
+    """
+
+    def __init__(self, classifier: Classifier, source: str, *, window: int | None = None,
+                 stride: int | None = None, realtime: bool = False, reconnect: bool = False, queue_size: int = 2,
+                 timeout: float = 10.0, retries: int | None = None, drop: bool | None = None) -> None:
+        from .stream import LiveStream
+
+        if window is not None and window < 1 or stride is not None and stride < 1:
+            raise ConfigError("--window and --stride must be >= 1")
+        self.clf = classifier
+        self.window = window or classifier.seq_len
+        self.stride = stride or max(1, self.window // 2)
+        spec = classifier.spec
+        self.stream = LiveStream(source, selection=classifier.selection, realtime=realtime, reconnect=reconnect,
+                                 transform=lambda f: resize_frames(f, spec), queue_size=queue_size, drop=drop,
+                                 timeout=timeout, retries=retries)
+        self.source, self.queue_size = source, queue_size
+        self.latencies: list[float] = []
+        self.classified = 0
+        self.interrupted = False
+        self._t0 = time.perf_counter()
+
+    def __iter__(self) -> Iterator[LiveWindow]:
+        rows: deque[np.ndarray] = deque(maxlen=self.window)  # (D,) features of the last frames
+        frames: deque = deque(maxlen=self.window)
+        since = 0  # frames since the last window
+        self._warm_up()
+        for batch in self.stream.batches():
+            x = stack_frames([f.image for f in batch]).to(self.clf.device)  # (n, 3, S, S) uint8
+            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
+                feats = self.clf.features(x).float().cpu().numpy().astype(self.clf.dtype)  # (n, D)
+            for f, row in zip(batch, feats):
+                rows.append(row)
+                frames.append(f)
+                self.classified += 1
+                since += 1
+                if len(rows) < self.window or (since < self.stride and self.latencies):
+                    continue
+                since = 0
+                p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]
+                latency = time.perf_counter() - frames[-1].arrival
+                self.latencies.append(latency)
+                yield LiveWindow(len(self.latencies) - 1, frames[0].index, frames[-1].index, frames[0].time,
+                                 frames[-1].time, self.clf.classes[int(p.argmax())], float(p.max()), latency,
+                                 self.stream.stats.dropped, p.tolist())
+
+    def _warm_up(self) -> None:
+        """One pass of each batch shape before the source starts: first calls are slow (kernel
+        selection, allocations), and would otherwise cost the first frames."""
+        s = self.clf.spec.size
+        for n in range(1, self.queue_size + 1):
+            x = torch.zeros(n, 3, s, s, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
+                f = self.clf.features(x.to(self.clf.device)).float().cpu().numpy().astype(self.clf.dtype)
+        window_probs(self.clf, np.repeat(f[:1], self.window, axis=0), [(0, self.window)])
+
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop the source; ``interrupted``: the user stopped it (Ctrl-C), which is no error."""
+        self.interrupted = self.interrupted or interrupted
+        self.stream.close()
+
+    def summary(self) -> LiveSummary:
+        lat = np.array(self.latencies)
+        st = self.stream.stats
+        ended = "interrupted" if self.interrupted else self.stream.ended or "stopped"
+        return LiveSummary(
+            source=self.source, windows=len(lat), frames_read=st.read, frames_kept=st.kept,
+            frames_classified=self.classified, dropped=st.dropped, reconnects=st.reconnects,
+            latency_mean=float(lat.mean()) if len(lat) else None,
+            latency_p50=float(np.percentile(lat, 50)) if len(lat) else None,
+            latency_p95=float(np.percentile(lat, 95)) if len(lat) else None,
+            seconds=time.perf_counter() - self._t0, ended=ended, error=None if self.interrupted else self.stream.error)
 
 
 def _precision_name(p: str) -> str:
