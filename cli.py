@@ -325,16 +325,21 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
               help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None, help="Frame decoders, as for extract-features.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Intra-op threads of the model on the CPU (torch and onnxruntime).  [default: one per core; "
+                   "with --live one fewer, as the reader thread decodes while the model runs]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runtime: str, top_k: int, as_json: bool,
                 window: int | None, stride: int | None, plot: Path | None, live_source: str | None, realtime: bool,
                 reconnect: bool, timeout: float, weights: Path | None, batch_size: int, workers: int | None,
-                device: str, no_progress: bool) -> None:
+                threads: int | None, device: str, no_progress: bool) -> None:
     """Label videos (files, frame folders, or folders of them) or a live source with a trained model:
     a checkpoint (torch) or an exported .onnx (onnxruntime)."""
     import json
+
+    import torch
 
     from pipeline.predict import Predictor, plot_timeline
 
@@ -353,8 +358,14 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
         _check_plot_path(plot)
+    if threads is None and live_source is not None:
+        # Files decode between batches (pipeline/extract.py); live frames must be decoded while the
+        # model runs, and an OpenMP team that shares its cores with the reader stalls at every barrier.
+        threads = max(1, torch.get_num_threads() - 1)
+    if threads is not None:
+        torch.set_num_threads(threads)  # onnxruntime's sessions take the same count
     predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
-                          workers=workers)
+                          workers=workers, threads=threads)
     if live_source is not None:
         _predict_live(ctx, predictor, live_source, as_json=as_json, window=window, stride=stride, realtime=realtime,
                       reconnect=reconnect, timeout=timeout)

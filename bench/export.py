@@ -13,8 +13,9 @@ on noise, an LSTM head of 512 over 51 classes), exports it with ``export``, then
   onnxruntime run against the torch runs before and after it), ratio onnxruntime ÷ torch as the
   median; and the largest probability difference between them;
 * live latency: ``predict --live`` on a 30 fps file played in real time (``--realtime``), windows
-  of seq-len frames every seq-len/2; per-window latency p50/p95 (from the source delivering a
-  window's last frame to its label), dropped frames, for onnxruntime and torch.
+  of seq-len frames every seq-len/2, with the CLI's threads (one per core but one, for the reader
+  thread; or ``--threads``); per-window latency p50/p95 (from the source delivering a window's
+  last frame to its label), dropped frames, for onnxruntime and torch.
 
 This machine's speed drifts (shared CPUs; other jobs): the load average is printed before and
 after. Torch's OpenMP threads suffer most from other processes on the same cores (they spin-wait
@@ -95,13 +96,20 @@ def rate(fn, clips: torch.Tensor, batches: int) -> float:
     return batches * clips.shape[0] / (time.perf_counter() - t)
 
 
-def live_latency(model: Path, video: Path, seq_len: int, runtime: str) -> dict:
-    run = Predictor(model, runtime=runtime, device="cpu").live(str(video), realtime=True, stride=max(1, seq_len // 2))
+def live_latency(model: Path, video: Path, seq_len: int, runtime: str, threads: int) -> dict:
+    """``predict --live`` as the CLI runs it, with ``threads`` intra-op threads for the model."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for _ in run:
-            pass
+        run = Predictor(model, runtime=runtime, device="cpu", threads=threads).live(
+            str(video), realtime=True, stride=max(1, seq_len // 2))
+        try:
+            for _ in run:
+                pass
+        finally:
+            run.close()
     finally:
-        run.close()
+        torch.set_num_threads(saved)
     s = run.summary()
     ms = lambda v: float("nan") if v is None else 1000 * v  # noqa: E731 - no window: fewer kept frames than one
     return {"windows": s.windows, "p50_ms": ms(s.latency_p50), "p95_ms": ms(s.latency_p95),
@@ -179,9 +187,11 @@ def main() -> None:
         if args.live_seconds > 0:
             video = work / "live.ts"
             write_live_video(video, args.live_seconds)
+            threads = args.threads or max(1, torch.get_num_threads() - 1)  # the CLI's default with --live
             for runtime, model in (("onnx", r.out), ("torch", ckpt)):
-                live[runtime] = m = live_latency(model, video, args.seq_len, runtime)
-                print(f"live {runtime:<5}: {m['windows']} windows on a {args.live_seconds:.0f} s 30 fps source in "
+                live[runtime] = m = live_latency(model, video, args.seq_len, runtime, threads)
+                print(f"live {runtime:<5} ({threads} thread{'s' if threads > 1 else ''}): {m['windows']} windows on a "
+                      f"{args.live_seconds:.0f} s 30 fps source in "
                       f"real time, latency p50 {m['p50_ms']:.1f} ms, p95 {m['p95_ms']:.1f} ms (mean "
                       f"{m['mean_ms']:.1f}), {m['dropped']} of {m['frames']} frames dropped")
         load1 = os.getloadavg()

@@ -206,7 +206,7 @@ class OnnxClassifier(Classifier):
 
     runtime = "onnx"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         from .export import OnnxMeta, load_onnx, ort_session, read_metadata, split_model
 
         self.path = Path(path)
@@ -221,7 +221,7 @@ class OnnxClassifier(Classifier):
         self.seq_len, self.eval_clips, self.dtype = meta.seq_len, meta.eval_clips, meta.feature_dtype
         self.device = torch.device("cpu")
         backbone, head = split_model(proto)
-        self.backbone, self.head = ort_session(backbone), ort_session(head)
+        self.backbone, self.head = ort_session(backbone, threads), ort_session(head, threads)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 2, 3, 1).contiguous().numpy()[None]  # (1, N, S, S, 3): channels_last is a view
@@ -239,8 +239,10 @@ class OnnxClassifier(Classifier):
 
 
 def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
-                    device: str = "auto") -> Classifier:
-    """A checkpoint (torch) or an exported .onnx (onnxruntime); ``auto`` goes by the file name."""
+                    device: str = "auto", threads: int | None = None) -> Classifier:
+    """A checkpoint (torch) or an exported .onnx (onnxruntime); ``auto`` goes by the file name.
+    ``threads``: intra-op threads of onnxruntime's sessions (torch's count is process-wide: set it
+    with ``torch.set_num_threads``); None: torch's count, one per core."""
     path = Path(model)
     onnx_file = path.suffix.lower() == ".onnx"
     if runtime == "auto":
@@ -253,7 +255,7 @@ def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | 
             raise ConfigError("--weights is for checkpoints: an .onnx file holds its backbone")
         if device == "cuda":
             raise ConfigError("--runtime onnx runs on the CPU (onnxruntime's CPU provider); drop --device cuda")
-        return OnnxClassifier(path)
+        return OnnxClassifier(path, threads=threads)
     if runtime != "torch":
         raise ConfigError(f"unknown runtime {runtime!r}: use auto, torch or onnx")
     if onnx_file:
@@ -290,8 +292,8 @@ class Predictor:
 
     def __init__(self, model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
                  device: str = "auto", batch_size: int = 64, workers: int | None = None,
-                 chunk_frames: int = 64) -> None:
-        self.classifier = open_classifier(model, runtime=runtime, weights=weights, device=device)
+                 chunk_frames: int = 64, threads: int | None = None) -> None:
+        self.classifier = open_classifier(model, runtime=runtime, weights=weights, device=device, threads=threads)
         c = self.classifier
         self.classes: list[str] = c.classes
         self.spec, self.selection, self.seq_len, self.eval_clips, self.dtype = (

@@ -279,3 +279,15 @@ def test_stream_selection_is_the_file_selection():
                 FrameSelection(fps=100)):
         pick = _Selector(sel)
         assert [i for i, t in enumerate(times) if pick.keep(t)] == apply_selection(times, len(times), sel), sel
+
+
+def test_live_option_combinations_are_checked_first(exported, media):
+    model = str(exported[1].out)
+    for args, msg in ((["--live", str(media / "clip.mkv"), str(media / "clip.mkv")], "not both"),
+                      ([str(media / "clip.mkv"), "--realtime"], "--realtime needs --live SOURCE"),
+                      ([str(media / "clip.mkv"), "--reconnect"], "--reconnect needs --live SOURCE"),
+                      (["--live", str(media / "clip.mkv"), "--plot", "t.png"], "--plot is for INPUTs"),
+                      ([], "give at least one INPUT"),
+                      (["--live", str(media / "nothing.mkv")], "live source " + str(media / "nothing.mkv") + ": no such file")):
+        r = CliRunner().invoke(main, ["predict", model, *args])
+        assert r.exit_code in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
