@@ -451,35 +451,80 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 
 
 @main.command("predict")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="torch: MODEL is a checkpoint; onnx: MODEL is a file from `export`, run by onnxruntime (nothing "
+                   "else is needed); auto: by MODEL's name (.onnx or not).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input (a JSON list) instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per input (a JSON list) instead of a table; with --live, one JSON line "
+                   "per window and a last line with the summary.")
 @click.option("--window", type=click.IntRange(1), default=None,
-              help="Classify windows of N kept frames for a timeline; the video label is their mean.")
-@click.option("--stride", type=click.IntRange(1), default=None, help="Window step in kept frames.  [default: --window]")
+              help="Classify windows of N kept frames for a timeline; the video label is their mean.  "
+                   "[default with --live: the model's seq-len]")
+@click.option("--stride", type=click.IntRange(1), default=None,
+              help="Window step in kept frames.  [default: --window; with --live: half the window]")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="With --window: save the timeline plot here (PATH_<n>.png for several inputs).")
+@click.option("--live", "live_source", metavar="SOURCE", default=None,
+              help="Label a live source instead of INPUTs: a V4L2 device (/dev/video0), an rtsp:// or http:// URL, "
+                   "or a video file (with --realtime: at its own frame rate). Ctrl-C stops it with a summary.")
+@click.option("--realtime", is_flag=True,
+              help="With --live: play the source at its own frame rate (a file, or a file behind a URL).")
+@click.option("--reconnect", is_flag=True,
+              help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="With --live: seconds a network source may stall before it counts as lost.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None, help="Frame decoders, as for extract-features.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Intra-op threads of the model on the CPU (torch and onnxruntime).  [default: one per core; "
+                   "with --live one fewer, as the reader thread decodes while the model runs]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], top_k: int, as_json: bool,
-                window: int | None, stride: int | None, plot: Path | None, weights: Path | None, batch_size: int,
-                workers: int | None, device: str, no_progress: bool) -> None:
-    """Label videos (files, frame folders, or folders of them) with a trained checkpoint."""
+def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runtime: str, top_k: int, as_json: bool,
+                window: int | None, stride: int | None, plot: Path | None, live_source: str | None, realtime: bool,
+                reconnect: bool, timeout: float, weights: Path | None, batch_size: int, workers: int | None,
+                threads: int | None, device: str, no_progress: bool) -> None:
+    """Label videos (files, frame folders, or folders of them) or a live source with a trained model:
+    a checkpoint (torch) or an exported .onnx (onnxruntime)."""
     import json
+
+    import torch
 
     from pipeline.predict import Predictor, plot_timeline
 
+    if live_source is not None:
+        if inputs:
+            raise click.BadParameter("give INPUTs or --live SOURCE, not both", param_hint="--live")
+        if plot is not None:
+            raise click.BadParameter("--plot is for INPUTs, not --live", param_hint="--plot")
+    else:
+        if not inputs:
+            raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them) or --live SOURCE")
+        for flag, on in (("--realtime", realtime), ("--reconnect", reconnect)):
+            if on:
+                raise click.BadParameter(f"{flag} needs --live SOURCE", param_hint=flag)
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
         _check_plot_path(plot)
-    predictor = Predictor(checkpoint, weights=weights, device=device, batch_size=batch_size, workers=workers)
+    if threads is None and live_source is not None:
+        # Files decode between batches (pipeline/extract.py); live frames must be decoded while the
+        # model runs, and an OpenMP team that shares its cores with the reader stalls at every barrier.
+        threads = max(1, torch.get_num_threads() - 1)
+    if threads is not None:
+        torch.set_num_threads(threads)  # onnxruntime's sessions take the same count
+    predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
+                          workers=workers, threads=threads)
+    if live_source is not None:
+        _predict_live(ctx, predictor, live_source, as_json=as_json, window=window, stride=stride, realtime=realtime,
+                      reconnect=reconnect, timeout=timeout)
+        return
     preds = predictor.predict(inputs, top_k=top_k, window=window, stride=stride, progress=not no_progress)
     if as_json:
         click.echo(json.dumps([p.to_json() for p in preds], indent=2))
@@ -505,6 +550,74 @@ def predict_cmd(ctx: click.Context, checkpoint: Path, inputs: tuple[Path, ...], 
     if bad:
         click.echo(f"{len(bad)} of {len(preds)} input(s) failed", err=True)
         ctx.exit(EXIT_ERROR)
+
+
+def _predict_live(ctx: click.Context, predictor, source: str, *, as_json: bool, **kw) -> None:
+    """One line per window as it comes; Ctrl-C ends with the summary (exit 0); a lost source ends
+    with the summary and one error line (exit 1)."""
+    import json
+
+    run = predictor.live(source, **kw)
+    if not as_json:
+        click.echo(f"live: {source}, windows of {run.window} frames every {run.stride} "
+                   f"({predictor.classifier.runtime}; Ctrl-C stops)", err=True)
+    interrupted = False
+    try:
+        for w in run:
+            if as_json:
+                click.echo(json.dumps(w.to_json()))
+            else:
+                click.echo(f"{w.start_time:8.2f}-{w.end_time:8.2f} s  frames {w.start_frame:>6}-{w.end_frame:<6}  "
+                           f"{w.label} {w.prob:.3f}  {1000 * w.latency:7.1f} ms"
+                           + (f"  ({w.dropped} dropped)" if w.dropped else ""))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        run.close(interrupted=interrupted)
+    s = run.summary()
+    if as_json:
+        click.echo(json.dumps(s.to_json()))
+    else:
+        lat = (f"; latency mean {1000 * s.latency_mean:.1f} ms, p95 {1000 * s.latency_p95:.1f} ms"
+               if s.latency_mean is not None else "")
+        click.echo(f"{s.ended}: {s.windows} windows, {s.frames_read} frames read, {s.frames_classified} classified, "
+                   f"{s.dropped} dropped{', ' + str(s.reconnects) + ' reconnects' if s.reconnects else ''}{lat}")
+    if s.error:
+        click.echo(f"error: {s.error}", err=True)
+        ctx.exit(EXIT_ERROR)
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--head-only", is_flag=True,
+              help="Export only the head: (batch, time, D) float32 features → probabilities, for your own features.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True,
+              help="auto: torch.export (dynamo) for each part, the TorchScript exporter where that fails.")
+def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | None, exporter: str) -> None:
+    """Export a trained model to ONNX for onnxruntime: uint8 frames → class probabilities."""
+    from pipeline.config import ExportConfig
+    from pipeline.export import export_model
+
+    r = export_model(ExportConfig(checkpoint=str(checkpoint), out=str(out), head_only=head_only,
+                                  weights=str(weights) if weights else None, exporter=exporter))
+    m = r.meta
+    click.echo(f"wrote {r.out} ({r.bytes / 1e6:.1f} MB) in {r.seconds:.1f} s: {m.head_config.arch} head"
+               + ("" if head_only else f" on {m.provenance.backbone}") + f", {len(m.classes)} classes")
+    shape = (f"features (batch, time, {m.feature_dim}) float32" if head_only else
+             f"frames (batch, time, {m.frame_spec.size}, {m.frame_spec.size}, 3) uint8 RGB")
+    click.echo(f"  {shape} -> probs (batch, {len(m.classes)}); time = seq-len {m.seq_len} "
+               f"(a shorter clip: its real length), {m.eval_clips} uniform clip(s) per video")
+    if not head_only:
+        click.echo(f"  frames: {_describe_spec(m.frame_spec)} (outside the graph); normalisation inside")
+    click.echo("  exporters: " + ", ".join(f"{part} {kind}" for part, kind in r.exporters.items()))
+    for part, why in r.fallbacks.items():
+        click.echo(f"    {part}: {why}")
+    click.echo(f"  onnxruntime vs torch on a random batch: max |difference| {r.max_abs_diff:.2g}")
+    if not head_only:
+        click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO  (or --live SOURCE)")
 
 
 def _check_plot_path(plot: Path) -> None:

@@ -375,3 +375,24 @@ class FinetuneConfig:
         d["frame_overrides"] = self.frame_overrides.to_dict()
         d["selection"] = self.selection.to_dict() if self.selection else None
         return d
+
+
+Exporter = Literal["auto", "dynamo", "legacy"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export a trained model (``checkpoint``) to one ONNX file (``out``) for onnxruntime."""
+
+    checkpoint: str
+    out: str
+    head_only: bool = False  # only the head: (B, T, D) features → probabilities
+    weights: str | None = None  # the backbone file, if the one recorded in the checkpoint has moved
+    exporter: Exporter = "auto"  # auto: the dynamo exporter, the TorchScript one where dynamo fails
+
+    def __post_init__(self) -> None:
+        if self.exporter not in ("auto", "dynamo", "legacy"):
+            raise ValueError(f"exporter must be auto, dynamo or legacy, got {self.exporter!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

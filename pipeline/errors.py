@@ -21,3 +21,11 @@ class WeightsError(PipelineError):
 
 class CacheError(PipelineError):
     """A feature cache that is missing, unreadable, or incompatible with the request."""
+
+
+class ExportError(PipelineError):
+    """A model part that cannot be exported to ONNX, or an ONNX file this tool cannot use."""
+
+
+class StreamError(PipelineError):
+    """A live source that cannot be opened, or that was lost."""

@@ -1,17 +1,22 @@
-"""Label new videos from a checkpoint alone: the backbone, FrameSpec, frame selection, clip
-sampling and classes all come from the checkpoint; nothing is retyped.
+"""Label new videos, or a live source, from a trained model alone: a checkpoint (torch) or an
+exported .onnx (onnxruntime). The backbone, FrameSpec, frame selection, clip sampling and classes all
+come from the model file; nothing is retyped.
 
 Frames stream through the same decode workers and fixed-size backbone batches as extraction, so
 each frame is decoded once and memory does not grow with video length (only the features are
-kept: 2.5 KB per frame for MobileNetV2's 1280 dimensions in float16). Without a window, a video is classified exactly as
-``evaluate`` classifies its cached features (same features, same uniform clips); with
-``window``/``stride`` it gets a timeline, and the video-level label is the mean of the window
-probabilities.
+kept: 2.5 KB per frame for MobileNetV2's 1280 dimensions in float16). Without a window, a video is
+classified exactly as ``evaluate`` classifies its cached features (same features, same uniform
+clips); with ``window``/``stride`` it gets a timeline, and the video-level label is the mean of the
+window probabilities. The math sits behind one ``Classifier`` interface (per-frame features,
+per-clip probabilities) with a torch and an onnxruntime implementation; decoding, windows,
+timeline and JSON are shared. ``LiveRun`` labels a live source window by window as it plays.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +27,15 @@ import torch
 from tqdm import tqdm
 
 from .backbones import FrozenBackbone
+from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
-from .engine import FeatureBank, evaluate
+from .engine import FeatureBank
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
-from .runtime import default_workers, resolve_device, resolve_precision
 from .model import load_model
+from .preprocess import resize_frames, stack_frames
+from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision
+from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +144,168 @@ def window_bounds(n: int, window: int, stride: int) -> list[tuple[int, int]]:
     return [(s, s + window) for s in starts]
 
 
-class Predictor:
-    """Backbone + head rebuilt from a checkpoint; call ``predict`` with paths."""
+class Classifier:
+    """The math of predict, behind one interface so the torch and onnxruntime paths share the rest
+    (decoding, windows, timeline, JSON): per-frame ``features`` and per-clip ``clip_probs``.
 
-    def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 64, workers: int | None = None, chunk_frames: int = 64) -> None:
+    Attributes: ``classes``, ``spec`` (FrameSpec), ``selection``, ``seq_len``, ``eval_clips``,
+    ``dtype`` (storage dtype features are rounded to, as in the cache the head was trained on),
+    ``device`` and ``amp`` (autocast dtype) for the frame batches, ``runtime`` ("torch"/"onnx").
+    """
+
+    runtime: str
+    classes: list[str]
+    spec: FrameSpec
+    selection: FrameSelection
+    seq_len: int
+    eval_clips: int
+    dtype: str
+    device: torch.device
+    amp: torch.dtype | None = None
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 frames (channels_last memory) on ``device`` → (N, D) features."""
+        raise NotImplementedError
+
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) float32 clips on ``device``, (B,) real lengths (the rest is padding) → (B, C)."""
+        raise NotImplementedError
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:  # FeatureRunner calls its model on frame batches
+        return self.features(frames)
+
+
+class TorchClassifier(Classifier):
+    """Backbone (``FrozenBackbone``) and head rebuilt from a checkpoint."""
+
+    runtime = "torch"
+
+    def __init__(self, checkpoint: str | Path, *, weights: str | Path | None = None, device: str = "auto") -> None:
         self.model = load_model(checkpoint)
-        self.ckpt_path = self.model.path
-        self.classes: list[str] = self.model.classes
         prov = self.model.provenance
+        self.classes = self.model.classes
         self.spec, self.selection = prov.frame_spec, prov.selection
-        self.seq_len, self.eval_clips = self.model.seq_len, self.model.eval_clips
-        self.dtype = prov.dtype
+        self.seq_len, self.eval_clips, self.dtype = self.model.seq_len, self.model.eval_clips, prov.dtype
         self.device = resolve_device(device)
         self.amp = resolve_precision(_precision_name(prov.precision), self.device)
-        self.batch_size, self.chunk_frames = batch_size, chunk_frames
-        self.workers = default_workers(self.device) if workers is None else workers
         self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec, copy=False)
         self.head = self.model.head.to(self.device).eval()
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.backbone(frames)
+
+    @torch.no_grad()
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(x, lengths).float(), 1)  # as engine.evaluate computes them
+
+
+class OnnxClassifier(Classifier):
+    """An exported .onnx file alone: its metadata gives everything, onnxruntime does the math. The
+    full graph is run as its two parts (split at ``features``), so each frame goes through the
+    backbone once and the head runs per clip, as in the torch path."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        from .export import OnnxMeta, load_onnx, ort_session, read_metadata, split_model
+
+        self.path = Path(path)
+        proto = load_onnx(self.path)
+        meta: OnnxMeta = read_metadata(proto)
+        if meta.graph != "full":
+            raise ConfigError(f"{self.path} is a head-only export (features in, not frames); predict needs the full "
+                              "model: export the checkpoint again without --head-only")
+        self.meta = meta
+        self.classes = list(meta.classes)
+        self.spec, self.selection = meta.frame_spec, meta.selection
+        self.seq_len, self.eval_clips, self.dtype = meta.seq_len, meta.eval_clips, meta.feature_dtype
+        self.device = torch.device("cpu")
+        backbone, head = split_model(proto)
+        self.backbone, self.head = ort_session(backbone, threads), ort_session(head, threads)
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 2, 3, 1).contiguous().numpy()[None]  # (1, N, S, S, 3): channels_last is a view
+        return torch.from_numpy(self.backbone.run(None, {"frames": x})[0][0])  # (N, D)
+
+    def clip_probs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Clips of one length run together; a short clip runs unpadded (its real frames only),
+        which the head contract makes equal to the padded clip with its length."""
+        x_np, lens = x.cpu().numpy(), lengths.cpu().numpy()
+        out = np.empty((len(lens), len(self.classes)), dtype=np.float32)
+        for n in np.unique(lens):
+            rows = np.flatnonzero(lens == n)
+            out[rows] = self.head.run(None, {"features": np.ascontiguousarray(x_np[rows, :n])})[0]
+        return torch.from_numpy(out)
+
+
+def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
+                    device: str = "auto", threads: int | None = None) -> Classifier:
+    """A checkpoint (torch) or an exported .onnx (onnxruntime); ``auto`` goes by the file name.
+    ``threads``: intra-op threads of onnxruntime's sessions (torch's count is process-wide: set it
+    with ``torch.set_num_threads``); None: torch's count, one per core."""
+    path = Path(model)
+    onnx_file = path.suffix.lower() == ".onnx"
+    if runtime == "auto":
+        runtime = "onnx" if onnx_file else "torch"
+    if runtime == "onnx":
+        if not onnx_file and path.is_file() and _head(path) in (b"PK", b"\x80\x02"):
+            raise ConfigError(f"{path} is a torch checkpoint, not an ONNX file: export it first "
+                              f"(`python cli.py export {path} --out model.onnx`) or use --runtime torch")
+        if weights is not None:
+            raise ConfigError("--weights is for checkpoints: an .onnx file holds its backbone")
+        if device == "cuda":
+            raise ConfigError("--runtime onnx runs on the CPU (onnxruntime's CPU provider); drop --device cuda")
+        return OnnxClassifier(path, threads=threads)
+    if runtime != "torch":
+        raise ConfigError(f"unknown runtime {runtime!r}: use auto, torch or onnx")
+    if onnx_file:
+        raise ConfigError(f"{path} is an ONNX file: use --runtime onnx (or auto)")
+    return TorchClassifier(path, weights=weights, device=device)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)  # a zip (torch.save) or a pickle (older torch.save)
+
+
+def window_probs(clf: Classifier, feats: np.ndarray, bounds: list[tuple[int, int]], batch_size: int = 256
+                 ) -> np.ndarray:
+    """(W, C) probabilities of the windows ``bounds`` of ``feats`` (T, D), in batches; each window
+    is classified exactly as ``evaluate`` classifies a video of those rows (softmax averaged over
+    ``eval_clips`` uniform clips of ``seq_len``)."""
+    starts = np.array([a for a, _ in bounds], dtype=np.int64)
+    lengths = np.array([b - a for a, b in bounds])
+    bank = FeatureBank(torch.from_numpy(feats).to(clf.device), torch.from_numpy(starts).to(clf.device), lengths,
+                       torch.zeros(len(bounds), dtype=torch.long, device=clf.device))
+    n, probs = len(bounds), None
+    for k in range(clf.eval_clips):
+        pos, clip_len = sample("uniform", lengths, clf.seq_len, clip=k, num_clips=clf.eval_clips)
+        chunks = [clf.clip_probs(bank.gather(np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size]),
+                                 torch.from_numpy(clip_len[s:s + batch_size])) for s in range(0, n, batch_size)]
+        p = torch.cat(chunks)
+        probs = p if probs is None else probs + p
+    return (probs / clf.eval_clips).cpu().numpy()
+
+
+class Predictor:
+    """A checkpoint or an exported .onnx; call ``predict`` with paths, or ``live`` with a source."""
+
+    def __init__(self, model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
+                 device: str = "auto", batch_size: int = 64, workers: int | None = None,
+                 chunk_frames: int = 64, threads: int | None = None) -> None:
+        self.classifier = open_classifier(model, runtime=runtime, weights=weights, device=device, threads=threads)
+        c = self.classifier
+        self.classes: list[str] = c.classes
+        self.spec, self.selection, self.seq_len, self.eval_clips, self.dtype = (
+            c.spec, c.selection, c.seq_len, c.eval_clips, c.dtype)
+        self.device, self.amp = c.device, c.amp
+        self.batch_size, self.chunk_frames = batch_size, chunk_frames
+        self.workers = default_workers(self.device) if workers is None else workers
 
     def features(self, videos: Sequence[tuple[Path, str]], *, progress: bool = True
                  ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None, float, str | None]]:
         """→ (video position, (T, D) features in the cache dtype, (T,) source indices, fps, error)."""
-        runner = FeatureRunner(self.backbone, self.device, self.amp, self.batch_size)
+        runner = FeatureRunner(self.classifier, self.device, self.amp, self.batch_size)
         loader = frame_loader([(i, p, k) for i, (p, k) in enumerate(videos)], self.spec, self.selection,
                               chunk_frames=self.chunk_frames, workers=self.workers,
                               device=self.device, batch_size=self.batch_size)
@@ -185,14 +332,8 @@ class Predictor:
         self.frames_done = runner.frames_done
 
     def classify_windows(self, feats: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
-        """(W, C) probabilities of every window in one batched pass; each window is classified
-        exactly as a video of those rows would be."""
-        starts = np.array([a for a, _ in bounds], dtype=np.int64)
-        bank = FeatureBank(torch.from_numpy(feats).to(self.device), torch.from_numpy(starts).to(self.device),
-                           np.array([b - a for a, b in bounds]), torch.zeros(len(bounds), dtype=torch.long,
-                                                                             device=self.device))
-        probs, _ = evaluate(self.head, bank, seq_len=self.seq_len, num_clips=self.eval_clips)
-        return probs
+        """(W, C) probabilities of every window in one batched pass (see ``window_probs``)."""
+        return window_probs(self.classifier, feats, bounds)
 
     def predict(self, inputs: Sequence[str | Path], *, top_k: int = 5, window: int | None = None,
                 stride: int | None = None, progress: bool = True) -> list[Prediction]:
@@ -227,6 +368,141 @@ class Predictor:
             order = np.argsort(-probs)[:k]
             pred.top_k = [(self.classes[i], float(probs[i])) for i in order]
         return [results[i] for i in sorted(results)] + errors
+
+    def live(self, source: str, **kw: Any) -> LiveRun:
+        """Label a live source window by window (see ``LiveRun``)."""
+        return LiveRun(self.classifier, source, **kw)
+
+
+# ----------------------------------------------------------------------------------- live video
+
+
+@dataclass
+class LiveWindow:
+    index: int  # 0, 1, 2, ... in the order emitted
+    start_frame: int  # source frame numbers of the window's first and last frame
+    end_frame: int
+    start_time: float  # their times in seconds since the stream's first frame
+    end_time: float
+    label: str
+    prob: float
+    latency: float  # seconds from the source delivering the window's last frame to its label
+    dropped: int  # frames dropped so far (the model was slower than the source)
+    probs: list[float] = field(repr=False, default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window": self.index, "start_frame": self.start_frame, "end_frame": self.end_frame,
+                "start_time": round(self.start_time, 6), "end_time": round(self.end_time, 6), "label": self.label,
+                "prob": self.prob, "latency_ms": round(1000 * self.latency, 3), "dropped": self.dropped}
+
+
+@dataclass
+class LiveSummary:
+    source: str
+    windows: int
+    frames_read: int  # decoded from the source
+    frames_kept: int  # kept by the frame selection
+    frames_classified: int  # run through the backbone
+    dropped: int  # kept but dropped because the model was busy
+    reconnects: int
+    latency_mean: float | None  # seconds, over the windows
+    latency_p50: float | None
+    latency_p95: float | None
+    seconds: float
+    ended: str  # "end of file", "end of stream", "interrupted", "lost", "stopped"
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        ms = lambda v: None if v is None else round(1000 * v, 3)  # noqa: E731
+        return {"summary": {"source": self.source, "windows": self.windows, "frames_read": self.frames_read,
+                            "frames_kept": self.frames_kept, "frames_classified": self.frames_classified,
+                            "dropped": self.dropped, "reconnects": self.reconnects,
+                            "latency_ms_mean": ms(self.latency_mean), "latency_ms_p50": ms(self.latency_p50),
+                            "latency_ms_p95": ms(self.latency_p95), "seconds": round(self.seconds, 3),
+                            "ended": self.ended, "error": self.error}}
+
+
+class LiveRun:
+    """A rolling window of ``window`` kept frames (default: seq-len), classified every ``stride``
+    frames (default: half the window) as the frames arrive; iterate for ``LiveWindow``s.
+
+    Each frame goes through the backbone once, when it arrives (all frames waiting in the queue
+    together); a window is classified like a file's window (``window_probs``). When the model is
+    slower than the source, the stream drops the oldest waiting frames (``queue_size`` at most
+    wait), so the windows stay current and memory stays flat; ``summary()`` counts them. Call
+    ``close()`` when done (also after Ctrl-C).
+    """
+
+    def __init__(self, classifier: Classifier, source: str, *, window: int | None = None,
+                 stride: int | None = None, realtime: bool = False, reconnect: bool = False, queue_size: int = 2,
+                 timeout: float = 10.0, retries: int | None = None, drop: bool | None = None) -> None:
+        from .stream import LiveStream
+
+        if window is not None and window < 1 or stride is not None and stride < 1:
+            raise ConfigError("--window and --stride must be >= 1")
+        self.clf = classifier
+        self.window = window or classifier.seq_len
+        self.stride = stride or max(1, self.window // 2)
+        spec = classifier.spec
+        self.stream = LiveStream(source, selection=classifier.selection, realtime=realtime, reconnect=reconnect,
+                                 transform=lambda f: resize_frames(f, spec), queue_size=queue_size, drop=drop,
+                                 timeout=timeout, retries=retries)
+        self.source, self.queue_size = source, queue_size
+        self.latencies: list[float] = []
+        self.classified = 0
+        self.interrupted = False
+        self._t0 = time.perf_counter()
+
+    def __iter__(self) -> Iterator[LiveWindow]:
+        rows: deque[np.ndarray] = deque(maxlen=self.window)  # (D,) features of the last frames
+        frames: deque = deque(maxlen=self.window)
+        since = 0  # frames since the last window
+        self._warm_up()
+        for batch in self.stream.batches():
+            x = stack_frames([f.image for f in batch]).to(self.clf.device)  # (n, 3, S, S) uint8
+            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
+                feats = self.clf.features(x).float().cpu().numpy().astype(self.clf.dtype)  # (n, D)
+            for f, row in zip(batch, feats):
+                rows.append(row)
+                frames.append(f)
+                self.classified += 1
+                since += 1
+                if len(rows) < self.window or (since < self.stride and self.latencies):
+                    continue
+                since = 0
+                p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]
+                latency = time.perf_counter() - frames[-1].arrival
+                self.latencies.append(latency)
+                yield LiveWindow(len(self.latencies) - 1, frames[0].index, frames[-1].index, frames[0].time,
+                                 frames[-1].time, self.clf.classes[int(p.argmax())], float(p.max()), latency,
+                                 self.stream.stats.dropped, p.tolist())
+
+    def _warm_up(self) -> None:
+        """One pass of each batch shape before the source starts: first calls are slow (kernel
+        selection, allocations), and would otherwise cost the first frames."""
+        s = self.clf.spec.size
+        for n in range(1, self.queue_size + 1):
+            x = torch.zeros(n, 3, s, s, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
+                f = self.clf.features(x.to(self.clf.device)).float().cpu().numpy().astype(self.clf.dtype)
+        window_probs(self.clf, np.repeat(f[:1], self.window, axis=0), [(0, self.window)])
+
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop the source; ``interrupted``: the user stopped it (Ctrl-C), which is no error."""
+        self.interrupted = self.interrupted or interrupted
+        self.stream.close()
+
+    def summary(self) -> LiveSummary:
+        lat = np.array(self.latencies)
+        st = self.stream.stats
+        ended = "interrupted" if self.interrupted else self.stream.ended or "stopped"
+        return LiveSummary(
+            source=self.source, windows=len(lat), frames_read=st.read, frames_kept=st.kept,
+            frames_classified=self.classified, dropped=st.dropped, reconnects=st.reconnects,
+            latency_mean=float(lat.mean()) if len(lat) else None,
+            latency_p50=float(np.percentile(lat, 50)) if len(lat) else None,
+            latency_p95=float(np.percentile(lat, 95)) if len(lat) else None,
+            seconds=time.perf_counter() - self._t0, ended=ended, error=None if self.interrupted else self.stream.error)
 
 
 def _precision_name(p: str) -> str:

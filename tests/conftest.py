@@ -85,3 +85,20 @@ def tiny_dataset(tmp_path) -> Path:
     write_frames(root / "test" / "jump" / "j1", rand_frames(rng, 6), ".png")
     write_frames(root / "test" / "walk" / "w3", rand_frames(rng, 4), ".png")
     return root
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, weights_file):
+    """A stage-two checkpoint over the MobileNetV2 of ``weights_file`` (seq-len 6, 2 eval clips) and
+    its ONNX export, shared by the export, predict and live tests. The TorchScript exporter takes
+    3 s here, the dynamo one 12 s; the default (dynamo first) is tested on ResNet-18 and the heads."""
+    pytest.importorskip("onnxruntime")
+    from synthetic import write_checkpoint
+
+    from pipeline.config import ExportConfig
+    from pipeline.export import export_model
+
+    tmp = tmp_path_factory.mktemp("exported")
+    ckpt = write_checkpoint(tmp / "model.pt", weights=weights_file, size=SIZE)
+    result = export_model(ExportConfig(checkpoint=str(ckpt), out=str(tmp / "model.onnx"), exporter="legacy"))
+    return ckpt, result

@@ -53,3 +53,37 @@ def reversal_cache(path: Path, *, per_class: dict[str, int] | None = None, dim: 
                                         np.ascontiguousarray(seq).astype(np.float16), np.arange(t), 30.0))
         splits[split] = iter(recs)
     return write_cache(path, provenance(["forward", "backward"], dim), splits)
+
+
+def write_checkpoint(path: Path, *, weights: Path | None, backbone: str = "mobilenet_v2", size: int = 32,
+                     head: dict | None = None, classes: tuple[str, ...] = ("a", "b", "c"), seq_len: int = 6,
+                     eval_clips: int = 2, feature_dim: int | None = None, seed: int = 0, scale: float = 1.0
+                     ) -> Path:
+    """A stage-two checkpoint as train-temporal writes it, without training: a random head (its
+    weights times ``scale``) over ``backbone`` features from ``weights``."""
+    import torch
+
+    from pipeline.backbones import create_backbone
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import TemporalConfig
+    from pipeline.files import sha256_file
+    from pipeline.heads import HeadConfig, build_head
+
+    bb = create_backbone(backbone, "none", input_size=size) if feature_dim is None else None
+    dim = feature_dim or bb.num_features
+    spec = FrameSpec(size=size, mean=bb.frame_spec.mean, std=bb.frame_spec.std) if bb else FrameSpec(size=size)
+    ident = (WeightsIdentity(source="file", sha256=sha256_file(weights), path=str(weights)) if weights
+             else WeightsIdentity(source="file", sha256="0" * 64, path="/nonexistent/backbone.pt"))
+    prov = Provenance(backbone=backbone, weights=ident, frame_spec=spec, selection=FrameSelection(), feature_dim=dim,
+                      classes=tuple(classes))
+    cfg = HeadConfig(**{"num_classes": len(classes), "input_dim": dim, "hidden": 16, "dropout": 0.0, **(head or {})})
+    torch.manual_seed(seed)
+    model = build_head(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    tc = TemporalConfig(cache="", out="", seq_len=seq_len, eval_clips=eval_clips).to_dict()
+    save_checkpoint(path, {"kind": "temporal", "model_config": cfg.to_dict(), "train_config": tc,
+                           "frame_spec": spec.to_dict(), "classes": list(classes), "cache": prov.to_dict(),
+                           "epoch": 1, "model_state": model.state_dict(), "metrics": {"top1": 0.5}})
+    return path

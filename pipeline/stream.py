@@ -1,0 +1,337 @@
+"""Live video sources as an iterator of timestamped frames. Knows nothing about models.
+
+A source is a V4L2 device (``/dev/video0``), a URL FFmpeg reads (``rtsp://``, ``http://``, ...),
+or a video file, played as fast as it decodes or, with ``realtime``, at its own frame rate. A
+reader thread decodes, applies the frame selection (``--fps``, ``--stride`` of the model's cache,
+as the extraction kept frames) and an optional ``transform`` (the resize), and hands frames over
+through a bounded queue of ``queue_size`` frames. When the consumer is slower than a live source
+the *oldest* queued frame is dropped and counted, so the consumer always gets the newest frames
+and memory never grows; a file read as fast as it decodes waits for the consumer instead (nothing
+is dropped, and the result does not depend on the consumer's speed).
+
+A source that fails or ends mid-stream ends the iteration, with ``error`` saying why; with
+``reconnect`` it is reopened with exponential backoff, and frame numbers and times continue (a new
+connection starts at the wall-clock time since the first frame, never before the last frame).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from .config import FrameSelection
+from .errors import StreamError
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["device", "url", "file"]
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_NEEDS_SEEK = (".mp4", ".mov", ".m4v", ".3gp")
+
+
+class StreamFrame(NamedTuple):
+    image: torch.Tensor  # (3, H, W) uint8 RGB in (H, W, 3) memory, or what ``transform`` made of it
+    time: float  # seconds since the first frame of the stream (source timestamps)
+    index: int  # frame number in the source, counted over every decoded frame (and reconnects)
+    arrival: float  # time.perf_counter() when the source delivered it (for latency)
+
+
+@dataclass
+class StreamStats:
+    read: int = 0  # frames decoded
+    kept: int = 0  # frames the selection kept (queued)
+    dropped: int = 0  # kept frames evicted from a full queue before the consumer took them
+    reconnects: int = 0
+
+
+def source_kind(source: str) -> SourceKind:
+    if source.startswith("/dev/video") or source.startswith("v4l2:"):
+        return "device"
+    if _URL.match(source) and not source.startswith("file://"):
+        return "url"
+    return "file"
+
+
+def _open(source: str, kind: SourceKind, timeout: float):
+    """→ (container, video stream); one line naming the source if it cannot be opened."""
+    import av
+
+    try:
+        if kind == "device":
+            container = av.open(source.removeprefix("v4l2:"), format="v4l2", timeout=timeout)
+        elif kind == "url":
+            options = {"rw_timeout": str(int(timeout * 1e6))}  # µs: a stalled connection fails, it does not hang
+            if source.startswith(("rtsp://", "rtsps://")):
+                options["rtsp_transport"] = "tcp"
+            container = av.open(source, options=options, timeout=timeout)
+        else:
+            path = Path(source.removeprefix("file://"))
+            if not path.is_file():
+                raise StreamError(f"live source {source}: no such file")
+            container = av.open(str(path))
+    except StreamError:
+        raise
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        hint = _seek_hint(source, kind)
+        if kind == "device":
+            hint = "; is the camera connected, and free (not used by another program)?"
+        raise StreamError(f"live source {source}: cannot open it ({_reason(e)}){hint}") from e
+    videos = list(container.streams.video)
+    if not videos:
+        container.close()
+        raise StreamError(f"live source {source}: no video stream")
+    return container, videos[0]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = re.sub(r":\s*'[^']*'$", "", text)  # PyAV appends the URL, which the message already names
+    return re.sub(r"^\[Errno -?\d+\] ", "", text)  # FFmpeg's codes are no errno a user can look up
+
+
+def _seek_hint(source: str, kind: SourceKind) -> str:
+    if kind == "url" and source.lower().split("?")[0].endswith(_NEEDS_SEEK):
+        return ("; an .mp4/.mov whose index sits at the end needs a server that answers Range requests: "
+                "stream MPEG-TS (.ts), MKV or AVI, or a faststart .mp4, instead")
+    return ""
+
+
+class _Selector:
+    """Frame selection on a stream, one frame at a time: rate resampling, then every K-th (the
+    same rule as ``data.select_by_rate`` and ``select_indices``; ``max_frames`` needs the length)."""
+
+    def __init__(self, sel: FrameSelection) -> None:
+        self.period = 1.0 / sel.fps if sel.fps else None
+        self.stride = sel.stride
+        self.k = 0
+        self.n = 0
+
+    def keep(self, t: float) -> bool:
+        eps = 1e-6
+        if self.period is not None:
+            if t + eps < self.k * self.period:
+                return False
+            self.k = math.floor((t + eps) / self.period) + 1
+        i, self.n = self.n, self.n + 1
+        return i % self.stride == 0
+
+
+class _Queue:
+    """A bounded hand-over: ``put`` drops the oldest item when full (``drop``) or waits."""
+
+    def __init__(self, size: int, drop: bool, stats: StreamStats) -> None:
+        self.items: deque[StreamFrame] = deque()
+        self.size, self.drop, self.stats = size, drop, stats
+        self.cond = threading.Condition()
+        self.finished = False
+
+    def put(self, item: StreamFrame, stop: threading.Event) -> None:
+        with self.cond:
+            while not self.drop and len(self.items) >= self.size and not stop.is_set():
+                self.cond.wait(0.1)
+            if len(self.items) >= self.size:
+                self.items.popleft()
+                self.stats.dropped += 1
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def finish(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def take(self) -> list[StreamFrame] | None:
+        """Every queued frame (at least one), oldest first; None when the source is done."""
+        with self.cond:
+            while not self.items and not self.finished:
+                self.cond.wait(0.1)  # a timeout keeps Ctrl-C responsive in the main thread
+            if not self.items:
+                return None
+            out = list(self.items)
+            self.items.clear()
+            self.cond.notify_all()
+            return out
+
+
+class LiveStream:
+    """Frames of a live source; iterate for single frames or ``batches()`` for all that are ready.
+
+    ``drop``: None = drop when the source is live (a device, a URL, or a file with ``realtime``).
+    ``retries``: with ``reconnect``, how many reopenings in a row to try (None: until closed).
+    After the iteration, ``ended`` says why it stopped and ``error`` is set if the source failed.
+    """
+
+    def __init__(self, source: str, *, selection: FrameSelection | None = None, realtime: bool = False,
+                 reconnect: bool = False, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 queue_size: int = 2, drop: bool | None = None, timeout: float = 10.0, retries: int | None = None,
+                 backoff: float = 0.5, max_backoff: float = 10.0) -> None:
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.source, self.kind = source, source_kind(source)
+        self.selection = selection or FrameSelection()
+        self.realtime, self.reconnect, self.transform = realtime, reconnect, transform
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self.drop = (self.kind != "file" or realtime) if drop is None else drop
+        self.stats = StreamStats()
+        self.ended: str | None = None
+        self.error: str | None = None
+        self.fps: float | None = None
+        self._queue = _Queue(queue_size, self.drop, self.stats)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first: Any = None
+        # With OpenMP a thread's count is its own, but also the default of threads started later:
+        # close() restores the caller's (as extract's decoder threads do).
+        self._threads = torch.get_num_threads()
+        self._omp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        self._t_start: float | None = None  # wall clock of the stream's first frame
+        self._last_time: float | None = None  # time of the last kept frame
+        if not reconnect:
+            self._first = _open(source, self.kind, timeout)  # fail at once, in the caller's thread
+            self.fps = _rate(self._first[1])
+
+    # ---------------------------------------------------------------------------- consumer side
+
+    def start(self) -> LiveStream:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="live-reader", daemon=True)
+            self._thread.start()
+        return self
+
+    def batches(self) -> Iterator[list[StreamFrame]]:
+        """Lists of the frames ready at each call, oldest first (at most ``queue_size``)."""
+        self.start()
+        while (got := self._queue.take()) is not None:
+            yield got
+
+    def __iter__(self) -> Iterator[StreamFrame]:
+        for batch in self.batches():
+            yield from batch
+
+    def close(self) -> None:
+        """Stop the reader (it closes the source); safe to call twice, and after an interrupt."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            if self._omp:
+                torch.set_num_threads(self._threads)
+        elif self._first is not None:
+            self._first[0].close()
+            self._first = None
+        if self.ended is None:
+            self.ended = "stopped"
+
+    def __enter__(self) -> LiveStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ reader side
+
+    def _run(self) -> None:
+        if self._omp:  # the resize in this thread must not start an OpenMP team on the model's cores
+            torch.set_num_threads(1)
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    opened, self._first = self._first, None
+                    container, stream = opened or _open(self.source, self.kind, self.timeout)
+                except StreamError as e:
+                    if not self._retry(attempt, str(e).removeprefix(f"live source {self.source}: ")):
+                        return
+                    attempt += 1
+                    continue
+                self.fps = self.fps or _rate(stream)
+                read_before = self.stats.read
+                try:
+                    self._read(container, stream)
+                    why = "end of file" if self.kind == "file" else "end of stream"
+                except Exception as e:  # noqa: BLE001 - decoders and networks fail in many ways; bound to the source
+                    why = f"lost after {self.stats.read} frames ({_reason(e)})"
+                    if self.stats.read == read_before:
+                        why += _seek_hint(self.source, self.kind)
+                    if self.kind == "file":
+                        why = f"decoding failed after {self.stats.read} frames ({_reason(e)})"
+                finally:
+                    container.close()
+                if self._stop.is_set():
+                    return
+                if self.kind == "file" or not self.reconnect:
+                    if why.startswith("end of"):
+                        self.ended = why
+                    else:
+                        retry = "; --reconnect retries" if self.kind != "file" and "Range" not in why else ""
+                        self.ended, self.error = "lost", f"live source {self.source}: {why}{retry}"
+                    return
+                attempt = 0 if self.stats.read > read_before else attempt  # frames came: a fresh backoff
+                if not self._retry(attempt, why):
+                    return
+                attempt += 1
+        finally:
+            self._queue.finish()
+
+    def _retry(self, attempt: int, why: str) -> bool:
+        """Wait the backoff before reopening; False (and the loss recorded) if not to retry."""
+        if self._stop.is_set():
+            return False
+        if not self.reconnect or (self.retries is not None and attempt >= self.retries):
+            tries = f" (gave up after {attempt} reconnection attempts)" if self.reconnect else ""
+            self.ended, self.error = "lost", f"live source {self.source}: {why}{tries}"
+            return False
+        delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+        log.warning("live source %s: %s; reconnecting in %.1f s", self.source, why, delay)
+        self.stats.reconnects += 1
+        return not self._stop.wait(delay)
+
+    def _read(self, container, stream) -> None:
+        """Decode until the end of the source or a stop. Times continue over reconnections: a new
+        connection starts at the wall-clock time since the stream's first frame."""
+        stream.thread_type = "AUTO"
+        selector = _Selector(self.selection)
+        t0: float | None = None  # source time of this connection's first frame
+        wall0 = offset = 0.0
+        for frame in container.decode(stream):
+            if self._stop.is_set():
+                return
+            now = time.perf_counter()
+            t_src = float(frame.time) if frame.time is not None else self.stats.read / (self.fps or 30.0)
+            if t0 is None:
+                t0, wall0 = t_src, now
+                if self._t_start is None:
+                    self._t_start = now
+                # after a reconnection: the time since the first frame, and never before the last one
+                offset = now - self._t_start
+                if self._last_time is not None:
+                    offset = max(offset, self._last_time + 1.0 / (self.fps or 30.0))
+            if self.realtime:  # release the frame when its time has come
+                due = wall0 + (t_src - t0)
+                if due > now and self._stop.wait(due - now):
+                    return
+            released = time.perf_counter()
+            index = self.stats.read
+            self.stats.read += 1
+            if not selector.keep(t_src - t0):
+                continue
+            rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
+            image = self.transform(rgb) if self.transform is not None else rgb
+            self.stats.kept += 1
+            self._last_time = t = offset + max(0.0, t_src - t0)
+            self._queue.put(StreamFrame(image, t, index, released), self._stop)
+
+
+def _rate(stream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else None

@@ -1,0 +1,254 @@
+"""export: onnxruntime computes what torch computes, for every head and two backbones; the metadata
+rebuilds everything; ``predict --runtime onnx`` gives the torch path's labels, probabilities and
+windows; unusable models and files are one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import SIZE, rand_frames, write_frames
+from synthetic import write_checkpoint
+
+from cli import main
+from pipeline.backbones import FrozenBackbone, create_backbone, recalibrate_batchnorm
+from pipeline.config import ExportConfig
+from pipeline.demo import write_video
+from pipeline.errors import ConfigError, ExportError
+from pipeline.heads import HEADS
+from pipeline.model import load_model
+from pipeline.predict import Predictor
+
+ort = pytest.importorskip("onnxruntime")
+
+from pipeline.export import export_model, ort_session, read_metadata  # noqa: E402
+
+TOL = 1e-4  # fp32: onnxruntime's probabilities vs torch's
+HEAD_CASES = [{"arch": a} for a in HEADS] + [
+    {"arch": "lstm", "bidirectional": True, "layers": 2, "pool": "mean"},
+    {"arch": "lstm", "bidirectional": True, "pool": "last"},
+]
+
+
+class _TorchPath:
+    """What predict's torch path computes for (B, T, S, S, 3) uint8 clips, built here from the
+    checkpoint: FrozenBackbone on every frame (channels_last, as decoded), features rounded to the
+    cache dtype, the head with the lengths, softmax."""
+
+    def __init__(self, ckpt) -> None:
+        self.model = load_model(ckpt)
+        self.backbone = FrozenBackbone(self.model.backbone().net, self.model.frame_spec)
+
+    @torch.inference_mode()
+    def __call__(self, clips: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        b, t = clips.shape[:2]
+        f = self.backbone(clips.flatten(0, 1).permute(0, 3, 1, 2)).float()  # (B·T, D)
+        f = f.to(getattr(torch, self.model.provenance.dtype)).float().view(b, t, -1)
+        return torch.softmax(self.model.head(f, lengths), 1).numpy()
+
+
+def _clips(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random uint8 clips (B, T, S, S, 3), as decoded and resized frames look."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b * t, 3, SIZE // 4, SIZE // 4, generator=g) * 255
+    img = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return img.round().to(torch.uint8).permute(0, 2, 3, 1).reshape(b, t, SIZE, SIZE, 3).contiguous()
+
+
+# ------------------------------------------------------------------------------- the graph
+
+
+@pytest.mark.parametrize("head", HEAD_CASES, ids=lambda h: "-".join(str(v) for v in h.values()))
+def test_every_head_exports_and_matches_torch(head, tmp_path):
+    """Head-only export of each registered head: full clips, and a clip shorter than seq-len given
+    unpadded, equal torch's output on the padded clip with its length."""
+    ckpt = write_checkpoint(tmp_path / "h.pt", weights=None, feature_dim=24, head=head, seq_len=6,
+                            classes=("a", "b", "c", "d"), scale=3.0)
+    r = export_model(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "h.onnx"), head_only=True))
+    model = load_model(ckpt)
+    sess = ort_session(r.out)
+    assert [i.name for i in sess.get_inputs()] == ["features"] and [o.name for o in sess.get_outputs()] == ["probs"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 24, generator=g)
+    lengths = torch.tensor([6, 6, 3, 1, 5])
+    for i in range(5):
+        x[i, lengths[i]:] = torch.randn(6 - int(lengths[i]), 24, generator=g) * 100  # padding: never read
+    with torch.no_grad():
+        want = torch.softmax(model.head(x, lengths), 1).numpy()
+    got = np.concatenate([sess.run(None, {"features": x[i:i + 1, :lengths[i]].numpy()})[0] for i in range(5)])
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    full = sess.run(None, {"features": x[:2].numpy()})[0]  # a batch of two full clips at once
+    np.testing.assert_allclose(full, want[:2], atol=TOL, rtol=0)
+    assert np.abs(want - 1 / 4).max() > 1e-2  # the head is not trivially uniform
+    meta = read_metadata(r.out)
+    assert meta.graph == "head" and meta.head_config == model.head_config
+    if head["arch"] == "lstm":  # the dynamo exporter keeps an LSTM's time axis dynamic (a while loop)
+        assert r.exporters == {"head": "dynamo"}, r.fallbacks
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    net = create_backbone("resnet18", "none", input_size=SIZE).net
+    recalibrate_batchnorm(net, [torch.randn(16, 3, SIZE, SIZE) for _ in range(2)])
+    tmp = tmp_path_factory.mktemp("resnet")
+    torch.save(net.state_dict(), tmp / "resnet18.pt")
+    return write_checkpoint(tmp / "model.pt", weights=tmp / "resnet18.pt", backbone="resnet18", seq_len=5,
+                            eval_clips=1)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
+def test_full_graph_matches_torch_and_metadata_round_trips(backbone, exported, resnet_checkpoint, tmp_path):
+    if backbone == "mobilenet_v2":
+        ckpt, r = exported
+    else:
+        ckpt = resnet_checkpoint
+        r = export_model(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "r.onnx")))
+    torch_path = _TorchPath(ckpt)
+    model = torch_path.model
+    sess = ort_session(r.out)
+    (inp,) = sess.get_inputs()
+    assert inp.name == "frames" and inp.type == "tensor(uint8)"
+    assert inp.shape == ["batch", "time", SIZE, SIZE, 3]
+    assert [o.name for o in sess.get_outputs()] == ["probs"]
+
+    t = model.seq_len
+    clips = _clips(3, t)
+    got = sess.run(None, {"frames": clips.numpy()})[0]
+    want = torch_path(clips, torch.full((3,), t))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    assert np.abs(want - 1 / 3).max() > 1e-2
+    # a clip shorter than seq-len: unpadded in onnxruntime, padded with its length in torch
+    short = clips[:1, :2]
+    padded = torch.cat([short, torch.zeros(1, t - 2, SIZE, SIZE, 3, dtype=torch.uint8)], 1)
+    np.testing.assert_allclose(sess.run(None, {"frames": short.numpy()})[0],
+                               torch_path(padded, torch.tensor([2])), atol=TOL, rtol=0)
+    assert r.max_abs_diff < TOL
+    assert r.exporters == ({"head": "legacy", "backbone": "legacy"} if backbone == "mobilenet_v2" else
+                           {"head": "dynamo", "backbone": "dynamo"})  # the default: dynamo where it works
+    assert not r.fallbacks
+
+    meta = read_metadata(r.out)
+    assert meta.graph == "full" and list(meta.classes) == model.classes
+    assert meta.frame_spec == model.frame_spec and meta.selection == model.selection
+    assert (meta.seq_len, meta.eval_clips, meta.clip_sampling) == (model.seq_len, model.eval_clips, "uniform")
+    assert meta.head_config == model.head_config and meta.provenance == model.provenance
+    assert meta.feature_dtype == "float16" and meta.checkpoint["kind"] == "temporal"
+    assert set(meta.exporters) == {"backbone", "head"}
+    # runtime users read it without the onnx package: every value is JSON
+    props = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(props["classes"]) == model.classes and json.loads(props["seq_len"]) == model.seq_len
+    assert json.loads(props["frame_spec"]) == model.frame_spec.to_dict()
+    assert {"format", "format_version", "selection", "eval_clips", "provenance", "head_config"} <= set(props)
+
+
+def test_unexportable_head_names_the_part(monkeypatch, tmp_path):
+    class SvdHead(torch.nn.Module):  # singular values have no ONNX operator
+        def __init__(self, cfg):
+            super().__init__()
+            self.fc = torch.nn.Linear(cfg.input_dim, cfg.num_classes)
+
+        def forward(self, x, lengths=None):
+            return self.fc(torch.linalg.svdvals(x)[:, :1].expand(-1, x.shape[2]).contiguous() + x.mean(1))
+
+    monkeypatch.setitem(HEADS, "svd", SvdHead)
+    ckpt = write_checkpoint(tmp_path / "svd.pt", weights=None, feature_dim=8, head={"arch": "svd"}, seq_len=4)
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "svd.onnx"), "--head-only"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: the svd head cannot be exported to ONNX: dynamo exporter:")
+    assert "legacy exporter:" in line and not (tmp_path / "svd.onnx").exists()
+
+
+# ---------------------------------------------------------------- predict --runtime onnx
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Video files and frame folders, one of each shorter than seq-len (6)."""
+    rng = np.random.default_rng(5)
+    root = tmp_path_factory.mktemp("onnx_inputs")
+    write_video(root / "long.mkv", rand_frames(rng, 30), fps=15)
+    write_video(root / "short.mkv", rand_frames(rng, 4), fps=15)
+    write_frames(root / "folder", rand_frames(rng, 17), ".png")
+    write_frames(root / "tiny", rand_frames(rng, 3), ".jpg")
+    return [root / "long.mkv", root / "short.mkv", root / "folder", root / "tiny"]
+
+
+@pytest.mark.parametrize("window", [None, (8, 3)])
+def test_predict_onnx_equals_torch(exported, inputs, window):
+    ckpt, r = exported
+    kw = {"window": window[0], "stride": window[1]} if window else {}
+    torch_preds = Predictor(ckpt, device="cpu", batch_size=8, workers=0).predict(inputs, progress=False, **kw)
+    onnx = Predictor(r.out, batch_size=8, workers=0)
+    assert onnx.classifier.runtime == "onnx"
+    onnx_preds = onnx.predict(inputs, progress=False, **kw)
+    assert [p.input for p in onnx_preds] == [p.input for p in torch_preds] == [str(i) for i in inputs]
+    for a, b in zip(torch_preds, onnx_preds):
+        assert a.error is None and b.error is None and (a.kind, a.frames, a.fps) == (b.kind, b.frames, b.fps)
+        np.testing.assert_allclose(b.probs, a.probs, atol=TOL, rtol=0)
+        assert [c for c, _ in a.top_k] == [c for c, _ in b.top_k]
+        assert len(a.windows) == len(b.windows) == (0 if window is None else len(b.windows))
+        for wa, wb in zip(a.windows, b.windows):
+            assert (wa.start_frame, wa.end_frame, wa.start_time, wa.end_time, wa.label) == \
+                   (wb.start_frame, wb.end_frame, wb.start_time, wb.end_time, wb.label)
+            np.testing.assert_allclose(wb.probs, wa.probs, atol=TOL, rtol=0)
+    if window:
+        assert len(torch_preds[0].windows) == 9  # 30 frames: windows of 8 starting 0, 3, ..., 21, and 22 (flush)
+
+
+def test_predict_cli_onnx_json_equals_torch(exported, inputs):
+    ckpt, r = exported
+    args = [str(inputs[0]), str(inputs[2]), "--json", "--window", "8", "--no-progress", "--workers", "0"]
+    a = CliRunner().invoke(main, ["predict", str(ckpt), *args])
+    b = CliRunner().invoke(main, ["predict", "--runtime", "onnx", str(r.out), *args])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.stderr, b.stderr)
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert [set(x) for x in ja] == [set(x) for x in jb]
+    for x, y in zip(ja, jb):
+        assert [w["label"] for w in x["windows"]] == [w["label"] for w in y["windows"]]
+        assert [(w["start_frame"], w["end_frame"]) for w in x["windows"]] == \
+               [(w["start_frame"], w["end_frame"]) for w in y["windows"]]
+        for t, u in zip(x["top_k"], y["top_k"]):
+            assert t["label"] == u["label"] and abs(t["prob"] - u["prob"]) < TOL
+
+
+def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    ckpt, r = exported
+    out = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "head.onnx"), "--head-only",
+                                    "--exporter", "legacy"])
+    assert out.exit_code == 0, out.stderr
+    assert "features (batch, time, 1280) float32 -> probs (batch, 3)" in out.stdout
+    assert "exporters: head legacy" in out.stdout
+
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), foreign)
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    cases = [
+        (["--runtime", "onnx", str(foreign)], "has no action-pipeline metadata (not written by `export`)"),
+        ([str(tmp_path / "head.onnx")], "is a head-only export"),
+        ([str(tmp_path / "junk.onnx")], "is not a readable ONNX file"),
+        ([str(tmp_path / "missing.onnx")], "no such ONNX file"),
+        (["--runtime", "onnx", str(ckpt)], "is a torch checkpoint, not an ONNX file: export it first"),
+        (["--runtime", "torch", str(r.out)], "is an ONNX file: use --runtime onnx"),
+    ]
+    for args, msg in cases:
+        res = CliRunner().invoke(main, ["predict", *args, str(inputs[0]), "--no-progress"])
+        assert res.exit_code == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and msg in res.stderr, (args, res.stderr)
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install 'action-pipeline\[onnx\]'"):
+        Predictor(r.out)
+    with pytest.raises(ExportError, match="no such ONNX file"):
+        read_metadata(tmp_path / "missing.onnx")

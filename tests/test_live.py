@@ -1,0 +1,293 @@
+"""Live video: a file at its own frame rate, drops when the model is slow, an MPEG-TS stream from a
+local ``python -m http.server``, streams cut half way, Ctrl-C, reconnection. Each under ~10 s."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, rand_frames
+
+from cli import main
+from pipeline.config import FrameSelection
+from pipeline.data import apply_selection
+from pipeline.demo import write_video
+from pipeline.predict import Predictor
+from pipeline.stream import LiveStream, _Selector
+
+pytest.importorskip("onnxruntime")
+
+FPS = 30
+W, S = 6, 3  # window (the model's seq-len) and stride, in kept frames
+
+
+def write_ts(path: Path, frames: list[np.ndarray], fps: int = FPS) -> Path:
+    """MPEG-TS (mpeg4): a container that streams, readable front to back without seeking."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mpegts") as c:
+        s = c.add_stream("mpeg4", rate=Fraction(fps))
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(7)
+    d = tmp_path_factory.mktemp("www")
+    write_video(d / "clip.mkv", rand_frames(rng, 45), fps=FPS)  # 1.5 s, lossless
+    write_video(d / "short.mkv", rand_frames(rng, 15), fps=FPS)
+    write_video(d / "long.mkv", rand_frames(rng, 300), fps=FPS)  # 10 s
+    data = write_ts(d / "clip.ts", rand_frames(rng, 60)).read_bytes()  # 2 s
+    (d / "cut.ts").write_bytes(data[: len(data) // 2 + 77])  # cut inside a 188-byte TS packet
+    noise = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(30)]
+    write_video(d / "late.mp4", noise, fps=FPS)  # libx264, its index (moov) at the end: 77 kB
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    """A real ``python -m http.server`` (no Range requests) serving ``media``."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(media)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("http.server did not start")
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor(exported) -> Predictor:
+    return Predictor(exported[1].out, batch_size=8, workers=0)
+
+
+def _check_windows(windows, summary, fps: float = FPS) -> None:
+    """Windows every S frames the model took, with increasing times that are the frames' own."""
+    assert summary.frames_classified + summary.dropped == summary.frames_kept
+    assert len(windows) == (summary.frames_classified - W) // S + 1
+    assert [w.index for w in windows] == list(range(len(windows)))
+    ends = [w.end_time for w in windows]
+    assert all(b > a for a, b in zip(ends, ends[1:]))
+    for w in windows:
+        assert w.start_time == pytest.approx(w.start_frame / fps, abs=1e-3)
+        assert w.end_time == pytest.approx(w.end_frame / fps, abs=1e-3)
+        assert w.latency >= 0 and w.end_frame - w.start_frame >= W - 1
+    assert summary.windows == len(windows) and summary.latency_p95 >= summary.latency_p50 > 0
+
+
+def test_file_in_real_time_gives_the_file_timeline(onnx_predictor, exported, media):
+    run = onnx_predictor.live(str(media / "clip.mkv"), realtime=True, stride=S)
+    t = time.perf_counter()
+    try:
+        windows = list(run)
+    finally:
+        run.close()
+    took, s = time.perf_counter() - t, run.summary()
+    assert took > 44 / FPS - 0.05  # played at its own rate: 45 frames at 30 fps
+    assert (s.frames_read, s.frames_kept, s.ended, s.error) == (45, 45, "end of file", None)
+    _check_windows(windows, s)
+    # The same frames through the file path (window W, stride S): the same windows. Frames the
+    # live run dropped (a busy machine) would shift them, so that part needs a run without drops.
+    ref = onnx_predictor.predict([media / "clip.mkv"], window=W, stride=S, progress=False)[0].windows
+    if s.dropped == 0:
+        assert [(w.start_frame, w.end_frame, w.label) for w in windows] == \
+               [(w.start_frame, w.end_frame, w.label) for w in ref]
+        np.testing.assert_allclose([w.probs for w in windows], [w.probs for w in ref], atol=1e-4, rtol=0)
+    # A file without --realtime is read as fast as the model goes and never dropped: with the torch
+    # model too, live windows are the file's windows.
+    torch_predictor = Predictor(exported[0], device="cpu", workers=0)
+    run = torch_predictor.live(str(media / "short.mkv"), stride=S)
+    try:
+        torch_windows = list(run)
+    finally:
+        run.close()
+    ref = torch_predictor.predict([media / "short.mkv"], window=W, stride=S, progress=False)[0].windows
+    assert run.summary().dropped == 0 and len(torch_windows) == len(ref) == 4
+    assert [(w.start_frame, w.end_frame, w.label) for w in torch_windows] == \
+           [(w.start_frame, w.end_frame, w.label) for w in ref]
+    np.testing.assert_allclose([w.probs for w in torch_windows], [w.probs for w in ref], atol=1e-4, rtol=0)
+
+
+class _Slow:
+    """A classifier that takes ``delay`` seconds per batch of frames, recording the batch sizes."""
+
+    def __init__(self, clf, delay: float) -> None:
+        self.clf, self.delay, self.sizes = clf, delay, []
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
+
+    def features(self, frames):
+        self.sizes.append(frames.shape[0])
+        time.sleep(self.delay)
+        return self.clf.features(frames)
+
+
+def test_slow_model_drops_frames_and_counts_them(onnx_predictor, media):
+    from pipeline.predict import LiveRun
+
+    slow = _Slow(onnx_predictor.classifier, 0.12)  # ~8 batches/s against 30 frames/s
+    run = LiveRun(slow, str(media / "clip.mkv"), realtime=True, stride=S)
+    try:
+        windows = list(run)
+    finally:
+        run.close()
+    s = run.summary()
+    assert s.frames_kept == 45 and s.dropped >= 10, s
+    _check_windows(windows, s)
+    assert max(slow.sizes) <= 2  # never more than the queue (2 frames) waiting: no unbounded backlog
+    assert [w.dropped for w in windows] == sorted(w.dropped for w in windows)
+    assert max(w.latency for w in windows) < 1.5
+
+
+def test_http_stream_from_a_local_server(exported, server):
+    r = CliRunner().invoke(main, ["predict", "--runtime", "onnx", str(exported[1].out), "--live",
+                                  f"{server}/clip.ts", "--realtime", "--json", "--stride", str(S)])
+    assert r.exit_code == 0, r.stderr
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    *windows, last = lines
+    s = last["summary"]
+    assert (s["frames_read"], s["ended"], s["error"]) == (60, "end of stream", None)
+    assert s["windows"] == len(windows) == (s["frames_classified"] - W) // S + 1
+    assert set(windows[0]) == {"window", "start_frame", "end_frame", "start_time", "end_time", "label", "prob",
+                               "latency_ms", "dropped"}
+    ends = [w["end_time"] for w in windows]
+    assert all(b > a for a, b in zip(ends, ends[1:])) and ends[-1] == pytest.approx(59 / FPS, abs=0.1)
+    assert s["latency_ms_p95"] >= s["latency_ms_p50"] > 0
+
+    # An mp4 with its index at the end cannot be read from a server without Range requests.
+    r = CliRunner().invoke(main, ["predict", str(exported[1].out), "--live", f"{server}/late.mp4"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    (err,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "late.mp4" in err and "Range requests" in err and "MPEG-TS" in err
+
+
+class _CutHandler(BaseHTTPRequestHandler):
+    """Announces the whole file, sends half of it, and closes the connection: a stream lost mid-way."""
+
+    data = b""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data[: len(self.data) // 2])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_stream_cut_half_way_ends_with_one_line(exported, server, media):
+    model = str(exported[1].out)
+    # a truncated copy: the server sends what there is, the stream just ends early
+    r = CliRunner().invoke(main, ["predict", model, "--live", f"{server}/cut.ts"])
+    assert r.exit_code == 0 and "Traceback" not in r.stderr, r.stderr
+    summary = r.stdout.strip().splitlines()[-1]
+    assert summary.startswith("end of stream: ") and "frames read" in summary
+    assert 15 < int(summary.split(" frames read")[0].rsplit(" ", 1)[1]) < 60
+    # the connection dies before the announced length: the source is lost, one error line
+    handler = type("Cut", (_CutHandler,), {"data": (media / "clip.ts").read_bytes()})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = CliRunner().invoke(main, ["predict", model, "--live", f"http://127.0.0.1:{srv.server_address[1]}/x.ts"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "/x.ts: lost after" in errors[0] and "--reconnect retries" in errors[0]
+    assert r.stdout.strip().splitlines()[-1].startswith("lost: ")
+
+
+def test_ctrl_c_stops_cleanly_with_a_summary(exported, media):
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "predict", str(exported[1].out), "--live",
+                             str(media / "long.mkv"), "--realtime", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        got = [proc.stdout.readline() for _ in range(2)]  # two windows: it is running
+        assert all(json.loads(ln)["window"] in (0, 1) for ln in got), got
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    s = json.loads(out.strip().splitlines()[-1])["summary"]
+    assert s["ended"] == "interrupted" and s["error"] is None and s["windows"] >= 2
+    assert s["frames_read"] < 300
+
+
+def test_reconnect_with_backoff(server):
+    dead = f"http://127.0.0.1:{_free_port()}/clip.ts"  # nothing listens there
+    stream = LiveStream(dead, reconnect=True, retries=2, backoff=0.01)
+    with stream:
+        assert list(stream) == []
+    assert stream.stats.reconnects == 2 and stream.ended == "lost"
+    assert stream.error.startswith(f"live source {dead}: ") and "gave up after 2 reconnection attempts" in stream.error
+    # A stream that ends is reopened: frame numbers and times go on increasing.
+    stream = LiveStream(f"{server}/clip.ts", reconnect=True, backoff=0.01, transform=lambda f: f[:, :4, :4])
+    frames = []
+    with stream:
+        for f in stream:
+            frames.append(f)
+            if f.index >= 90:
+                break
+    assert stream.stats.reconnects >= 1 and stream.error is None and stream.ended == "stopped"
+    assert [f.index for f in frames] == sorted({f.index for f in frames})
+    times = [f.time for f in frames]
+    assert all(b > a for a, b in zip(times, times[1:]))
+
+
+def test_stream_selection_is_the_file_selection():
+    times = list(np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.02, 0.05, 199)]))  # jittery ~30 fps
+    for sel in (FrameSelection(fps=10), FrameSelection(stride=3), FrameSelection(fps=12, stride=2),
+                FrameSelection(fps=100)):
+        pick = _Selector(sel)
+        assert [i for i, t in enumerate(times) if pick.keep(t)] == apply_selection(times, len(times), sel), sel
+
+
+def test_live_option_combinations_are_checked_first(exported, media):
+    model = str(exported[1].out)
+    for args, msg in ((["--live", str(media / "clip.mkv"), str(media / "clip.mkv")], "not both"),
+                      ([str(media / "clip.mkv"), "--realtime"], "--realtime needs --live SOURCE"),
+                      ([str(media / "clip.mkv"), "--reconnect"], "--reconnect needs --live SOURCE"),
+                      (["--live", str(media / "clip.mkv"), "--plot", "t.png"], "--plot is for INPUTs"),
+                      ([], "give at least one INPUT"),
+                      (["--live", str(media / "nothing.mkv")], "live source " + str(media / "nothing.mkv") + ": no such file")):
+        r = CliRunner().invoke(main, ["predict", model, *args])
+        assert r.exit_code in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
