@@ -1,10 +1,11 @@
 """Stage-one throughput: the full extract-features pipeline against the bare backbone, one run.
 
-    python bench/extract.py [--backbone mobilenet_v2] [--frames 2048] [--repeats 9] [--device auto]
-                            [--precision auto] [--batch-size 64] [--size S]
+    python bench/extract.py [--backbone mobilenet_v2] [--seconds 20 | --frames N] [--repeats 9]
+                            [--device auto] [--precision auto] [--batch-size 64] [--size S]
 
-Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), then
-measures in this one process:
+Generates a set of 320×240 JPEG frame folders (smooth random texture, like real video), as many
+frames as the bare backbone runs in ``--seconds`` (so a fast and a slow backbone are measured over
+runs of the same length, where start-up weighs the same), then measures in this one process:
 
 * bare:     the pipeline's own network (``FrozenBackbone``: the backbone with BatchNorm and the input
             scale folded into the convs, as extract-features runs it) on pre-decoded, preprocessed
@@ -91,8 +92,12 @@ def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=2048,
-                    help="a multiple of --batch-size, so both sides run the same full batches")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="frames per run, a multiple of --batch-size  [default: what the bare backbone does in "
+                         "--seconds]")
+    ap.add_argument("--seconds", type=float, default=20.0,
+                    help="length of a run when --frames is not given: long enough that start-up (model build, "
+                         "first-batch warm-up) weighs as in a real extraction, short enough for 9 pairs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backbone", default="mobilenet_v2", help="any name extract-features takes")
     ap.add_argument("--size", type=int, default=None, help="crop size  [default: the backbone weights' own]")
@@ -105,20 +110,12 @@ def main() -> None:
                     help="leave glibc's malloc thresholds alone (the CLI tunes them; see pipeline/runtime.py)")
     args = ap.parse_args()
     tuned = False if args.no_tune_allocator else tune_cpu_allocator()
-    if args.frames % args.batch_size:
-        print(f"note: {args.frames} frames is not a multiple of the batch size {args.batch_size}: the pipeline pads "
-              "its last batch, the bare rate counts every frame it computes")
-
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
     spec = default_frame_spec(args.backbone).override(FrameOverrides(size=args.size))
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        t = time.perf_counter()
-        n_videos = make_jpeg_dataset(work / "data", args.frames) if not (work / "data").exists() else None
-        print(f"data: {args.frames} JPEG frames 320x240 in {n_videos or 'existing'} videos "
-              f"({time.perf_counter() - t:.1f} s to generate)")
-
+        work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)  # random init + BatchNorm recalibrated on noise: realistic activations
         model = create_backbone(args.backbone, "none", input_size=spec.size).net
         recalibrate_batchnorm(model, [torch.randn(16, 3, spec.size, spec.size) for _ in range(2)])
@@ -126,6 +123,22 @@ def main() -> None:
         torch.save(model.state_dict(), weights)
         unfused = model.to(device).to(memory_format=torch.channels_last).eval()
         model = FrozenBackbone(unfused, spec)  # what extract-features runs
+        if args.frames is None:
+            rate = bare_rate(model, 4 * args.batch_size, args.batch_size, spec, device, amp)
+            args.frames = max(1, round(rate * args.seconds / args.batch_size)) * args.batch_size
+        if args.frames % args.batch_size:
+            print(f"note: {args.frames} frames is not a multiple of the batch size {args.batch_size}: the pipeline "
+                  "pads its last batch, the bare rate counts every frame it computes")
+        t = time.perf_counter()
+        marker = work / "data" / f".frames_{args.frames}"
+        if not marker.exists():
+            shutil.rmtree(work / "data", ignore_errors=True)
+            n_videos = make_jpeg_dataset(work / "data", args.frames)
+            marker.touch()
+        else:
+            n_videos = None
+        print(f"data: {args.frames} JPEG frames 320x240 in {n_videos or 'existing'} videos "
+              f"({time.perf_counter() - t:.1f} s to generate)")
 
         cfg = ExtractConfig(dataset=DatasetSpec(str(work / "data")), output=str(work / "bench.h5"),
                             backbone=args.backbone, weights=str(weights), frame_spec=spec, batch_size=args.batch_size,
