@@ -1,14 +1,28 @@
-"""``train_one_epoch`` and ``evaluate`` over a split held in memory; every dependency is an argument.
+"""``train_one_epoch`` and ``evaluate`` over a ``ClipSource``; every dependency is an argument.
 
-The whole split lives in one (ΣT, D) tensor (CPU RAM, or GPU memory on CUDA); a batch of clips is
-gathered by index with one ``index_select``: no per-sample DataLoader, no Python loop per clip.
+A ``ClipSource`` is a split as the engine sees it: ``lengths``, ``labels`` and ``gather(videos,
+positions) -> (B, T, D)``, plus ``gather_batches`` for a whole epoch's batches in order. Two exist:
+
+* ``FeatureBank``: the whole split in one (ΣT, D) tensor (CPU RAM, or GPU memory on CUDA); a batch
+  of clips is gathered by index with one ``index_select``: no per-sample DataLoader, no Python loop
+  per clip.
+* ``LazyBank``: the split stays on disk (``cache.LazySplit``); each batch reads only the rows its
+  clips sample (sorted, one read per run of consecutive rows), and a prefetch thread reads the next
+  batches while the current one trains. It returns exactly the values ``FeatureBank`` does.
+
+The random draws (order, clip positions) are made here, before any source is asked for rows, so a
+run draws the same clips and gets the same results whichever source it reads from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +32,28 @@ from tqdm import tqdm
 
 from .runtime import autocast_ctx
 from .sampling import Sampler, sample
+
+Request = tuple[np.ndarray, np.ndarray]  # (n,) video ids, (n, S) positions within them
+
+
+class ClipSource(Protocol):
+    """What the engine (train, sweep, evaluate) reads clips from."""
+
+    lengths: np.ndarray  # (N,) frames per video
+    labels: torch.Tensor  # (N,) int64, on ``device``
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __len__(self) -> int: ...
+
+    def gather(self, videos: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """(n,) video ids and (n, S) positions within them → (n, S, D) float32 on ``device``."""
+        ...
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        """``gather`` of each request, in order (a lazy source reads ahead)."""
+        ...
 
 
 @dataclass
@@ -33,6 +69,10 @@ class FeatureBank:
         return cls(torch.from_numpy(features).to(device), torch.from_numpy(offsets).to(device),
                    np.diff(offsets), torch.from_numpy(labels).to(device))
 
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -41,6 +81,75 @@ class FeatureBank:
         dev = self.features.device
         rows = self.offsets[torch.from_numpy(videos).to(dev)].unsqueeze(1) + torch.from_numpy(pos).to(dev)
         return self.features.index_select(0, rows.reshape(-1)).view(*pos.shape, -1).float()
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        for videos, pos in requests:
+            yield self.gather(videos, pos)
+
+
+class LazyBank:
+    """A ``ClipSource`` over a split read on demand: ``reader`` is a ``cache.LazySplit`` (or anything
+    with ``offsets``, ``labels`` and ``read_rows(sorted unique rows) -> (n, D) array``).
+
+    ``gather_batches`` keeps up to ``prefetch`` batches in flight on one background thread, so
+    the model does not wait for the disk where the disk keeps up; memory stays at a few batches."""
+
+    def __init__(self, reader, device: torch.device, *, prefetch: int = 2) -> None:
+        self.reader = reader
+        self.offsets = np.asarray(reader.offsets, dtype=np.int64)
+        self.lengths = np.diff(self.offsets)
+        self.labels = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64)).to(device)
+        self._device = torch.device(device)
+        self.prefetch = max(1, prefetch)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, videos: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """(n, S, D) features in the stored dtype: each distinct row read once, in file order."""
+        rows = (self.offsets[videos][:, None] + pos).reshape(-1)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return self.reader.read_rows(uniq)[inverse.reshape(-1)].reshape(*pos.shape, -1)
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        # float16 travels to the device as it is stored and is widened there, as FeatureBank does.
+        return torch.from_numpy(x).to(self._device).float()
+
+    def gather(self, videos: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        return self._tensor(self.read(videos, pos))
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        requests = iter(requests)
+        with ThreadPoolExecutor(1, thread_name_prefix="clip-prefetch") as pool:
+            pending = deque(pool.submit(self.read, *r) for r in _take(requests, self.prefetch))
+            try:
+                while pending:
+                    x = pending.popleft().result()
+                    nxt = next(requests, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.read, *nxt))
+                    yield self._tensor(x)
+            finally:  # the consumer stopped early (an error, a break): drop what was not started
+                for f in pending:
+                    f.cancel()
+
+    def close(self) -> None:
+        if hasattr(self.reader, "close"):
+            self.reader.close()
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        x = next(it, None)
+        if x is None:
+            break
+        out.append(x)
+    return out
 
 
 def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -84,7 +193,7 @@ def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]],
     return {"loss_sum": total_loss, "correct": correct, "count": seen}
 
 
-def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, bank: ClipSource, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, sampler: Sampler,
                     batch_size: int, rng: np.random.Generator, desc: str = "train", progress: bool = True,
                     **kw) -> dict[str, float]:
@@ -92,21 +201,23 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.
     n = len(bank)
     order = rng.permutation(n)
     pos, clip_len = sample(sampler, bank.lengths[order], seq_len, rng)
-    device = bank.features.device
+    device = bank.device
+    starts = range(0, n, batch_size)
+    xs = bank.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
 
     def batches():
-        for s in range(0, n, batch_size):
+        for s, x in zip(starts, xs):  # x: (B, S, D)
             vids = order[s:s + batch_size]
-            x = bank.gather(vids, pos[s:s + batch_size])  # (B, S, D)
             yield (x, torch.from_numpy(clip_len[s:s + batch_size])), bank.labels[torch.from_numpy(vids).to(device)]
 
-    r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
-                    desc=desc, progress=progress, **kw)
+    with contextlib.closing(xs):
+        r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
+                        desc=desc, progress=progress, **kw)
     return {"loss": r["loss_sum"] / max(r["count"], 1), "top1": r["correct"] / max(r["count"], 1)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bank: FeatureBank, *, seq_len: int, num_clips: int = 1, batch_size: int = 256,
+def evaluate(model: nn.Module, bank: ClipSource, *, seq_len: int, num_clips: int = 1, batch_size: int = 256,
              amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, float]:
     """Deterministic: softmax averaged over ``num_clips`` uniform clips per video.
 
@@ -114,18 +225,21 @@ def evaluate(model: nn.Module, bank: FeatureBank, *, seq_len: int, num_clips: in
     """
     model.eval()
     n = len(bank)
-    device = bank.features.device
+    device = bank.device
+    clips = [sample("uniform", bank.lengths, seq_len, clip=k, num_clips=num_clips) for k in range(num_clips)]
+    starts = range(0, n, batch_size)
+    xs = bank.gather_batches((np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
+                             for pos, _ in clips for s in starts)
     probs = None
-    for k in range(num_clips):
-        pos, clip_len = sample("uniform", bank.lengths, seq_len, clip=k, num_clips=num_clips)
-        chunks = []
-        for s in range(0, n, batch_size):
-            vids = np.arange(s, min(s + batch_size, n))
-            with autocast_ctx(device, amp_dtype):
-                logits = model(bank.gather(vids, pos[s:s + batch_size]), torch.from_numpy(clip_len[s:s + batch_size]))
-            chunks.append(torch.softmax(logits.float(), 1))
-        p = torch.cat(chunks)
-        probs = p if probs is None else probs + p
+    with contextlib.closing(xs):
+        for _, clip_len in clips:
+            chunks = []
+            for s, x in zip(starts, xs):
+                with autocast_ctx(device, amp_dtype):
+                    logits = model(x, torch.from_numpy(clip_len[s:s + batch_size]))
+                chunks.append(torch.softmax(logits.float(), 1))
+            p = torch.cat(chunks)
+            probs = p if probs is None else probs + p
     probs = probs / num_clips
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), bank.labels).item()
     return probs.cpu().numpy(), loss
