@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import FeatureCache, SplitData
+from .cache import FeatureCache
 from .checkpoint import CheckpointError
 from .config import Provenance, TemporalConfig
-from .engine import FeatureBank, evaluate, train_one_epoch
+from .engine import evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .runtime import resolve_device, resolve_precision
 from .metrics import classification_metrics
@@ -27,6 +27,7 @@ from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
 from .run import RunDir
+from .sources import load_bank, open_splits  # noqa: F401 - load_bank: the in-memory loader, as before
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,6 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
-def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[SplitData, FeatureBank]:
-    data = cache.load_split(split)
-    if len(data) == 0:
-        raise CacheError(f"split {split!r} of {cache.path} has no videos; extract it first")
-    step = 1 << 20
-    for a in range(0, len(data.features), step):
-        bad = ~np.isfinite(data.features[a:a + step]).all(1)
-        if bad.any():
-            row = a + int(np.argmax(bad))
-            vid = int(np.searchsorted(data.offsets, row, side="right")) - 1
-            raise CacheError(f"NaN/Inf in the features of {data.videos[vid]} (split {split!r}) in {cache.path}; "
-                             "re-extract that cache with --overwrite")
-    return data, FeatureBank.from_arrays(data.features, data.offsets, data.labels, device)
-
-
 def default_val_split(splits) -> str | None:
     """The validation split when none is named: ``val`` if present, else ``test``."""
     return next((s for s in ("val", "test") if s in splits), None)
@@ -95,6 +81,7 @@ class TrainResult:
     load_seconds: float
     load_mb: float
     stopped_early: bool
+    load: str = ""  # which splits were held in memory and which read lazily, for the summary
 
 
 def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
@@ -124,15 +111,16 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
             if s not in cache.splits:
                 raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
         t0 = time.perf_counter()
-        train, train_bank = load_bank(cache, cfg.train_split, device)
-        val, val_bank = load_bank(cache, val_split, device)
+        opened = open_splits(cache, [cfg.train_split, val_split], device, load=cfg.load,
+                             memory_budget_gb=cfg.memory_budget)
+        (train, train_bank), (val, val_bank) = ((opened[s].data, opened[s].source) for s in (cfg.train_split, val_split))
         load_s = time.perf_counter() - t0
-        load_mb = (train.features.nbytes + val.features.nbytes) / 1e6
+        load_mb = sum(o.data.feature_bytes for o in opened.values() if o.mode == "memory") / 1e6
         classes, provenance = cache.classes, cache.provenance
     log.info("loaded %s (%d videos) and %s (%d videos): %.0f MB in %.2f s (%.0f MB/s)", cfg.train_split,
              len(train), val_split, len(val), load_mb, load_s, load_mb / max(load_s, 1e-9))
 
-    head_cfg = HeadConfig(num_classes=len(classes), input_dim=train.features.shape[1], hidden=cfg.hidden,
+    head_cfg = HeadConfig(num_classes=len(classes), input_dim=train.feature_dim, hidden=cfg.hidden,
                           layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout, pool=cfg.pool)
     model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -199,13 +187,14 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
                     tb.add_scalar(k, v, epoch)
         if on_epoch is not None:
             on_epoch({**record, "best": improved})
+    opened.close()
     run.plot_curves(history)
     if tb is not None:
         tb.close()
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
                        val_split=val_split, seconds=time.perf_counter() - t_start, load_seconds=load_s,
-                       load_mb=load_mb, stopped_early=stopped_early)
+                       load_mb=load_mb, stopped_early=stopped_early, load=opened.describe())
 
 
 @dataclass
@@ -215,22 +204,28 @@ class EvalResult:
     split: str
     videos: list[str]
     probs: np.ndarray
+    load: str = ""  # memory or lazy, as for TrainResult
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,
-                        eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None) -> EvalResult:
-    """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for."""
+                        eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None,
+                        load: str = "auto", memory_budget: float | None = None) -> EvalResult:
+    """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for.
+    ``load``/``memory_budget`` (GB): as for ``TemporalConfig`` (see ``sources.open_splits``)."""
     model = load_model(checkpoint)
     dev = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         model.check_cache(cache.provenance, cache_path)
-        data, bank = load_bank(cache, split, dev)
+        opened = open_splits(cache, [split], dev, load=load, memory_budget_gb=memory_budget)
+    data, bank = opened[split].data, opened[split].source
     head = model.head.to(dev)
-    probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
+    with opened:
+        probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
     if out is not None:
         out = ensure_dir(out, "--out")
         plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
                        title=f"{split}: top-1 {m['top1']:.3f}")
         write_per_class(m, model.classes, out / f"per_class_{split}.csv")
-    return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs)
+    return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs,
+                      load=opened.describe())
