@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import shutil
 import sys
@@ -518,16 +519,20 @@ def _nonfinite_row(rows: np.ndarray) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
-HINT_GAP_BYTES = 256 << 10  # rows of one batch closer than this are announced to the kernel as one span
-
-
 class LazySplit:
     """A split read on demand, for caches larger than RAM: everything but ``features`` is held in
-    memory (a few bytes per video); feature rows are read from the file when asked, with
-    positional reads (no memory map, so resident memory stays at the rows asked for).
+    memory (a few bytes per video); feature rows are read from the file when asked.
 
-    Its own file handle, independent of the ``FeatureCache`` it came from: it stays readable
-    after that is closed, until ``close()`` (or garbage collection)."""
+    Contiguous features are memory-mapped (read-only) and a batch's rows are copied out with one
+    ``np.take``, which runs without the GIL (page faults, on a cold page cache, included), so a
+    reader thread hardly competes with the training thread. The pages just read are then dropped
+    from the mapping (``MADV_DONTNEED``; they stay in the page cache): a mapped page counts as
+    resident memory of the process, and an epoch touches most of the file. So resident memory
+    stays at about one batch whatever the cache's size. Chunked (older) caches are read through
+    h5py, one whole chunk per chunk touched.
+
+    It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
+    readable after that is closed, until ``close()`` (or garbage collection)."""
 
     def __init__(self, path: Path, split: str, group: Any, classes: list[str], provenance: Provenance) -> None:
         ds = group["features"]
@@ -541,11 +546,16 @@ class LazySplit:
         self.dtype = np.dtype(ds.dtype)
         self.layout = _layout(ds)
         self._row_bytes = self.shape[1] * self.dtype.itemsize
-        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
         self._h5: Any = None
         if self.layout == "contiguous":
             self._start = int(ds.id.get_offset() or 0)
-            self._fd = os.open(path, os.O_RDONLY)
+            if self.feature_bytes:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size < self._start + self.feature_bytes:
+                        raise CacheError(f"{path} ends before the features of split {split!r} do (truncated "
+                                         "copy?); re-extract it with --overwrite")
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         else:
             log.warning("%s: split %r stores its features chunked (an older cache layout): lazy reads fetch "
                         "whole chunks, which is slower; `python cli.py rewrite-cache %s` rewrites it for "
@@ -554,7 +564,7 @@ class LazySplit:
             self._ds = self._h5[split]["features"]
             self._chunk_rows = int(ds.chunks[0]) if ds.chunks else max(1, (1 << 20) // max(self._row_bytes, 1))
             self._buf = np.empty((self._chunk_rows, self.shape[1]), self.dtype)
-        self._finalizer = weakref.finalize(self, _close_handles, self._fd, self._h5)
+        self._finalizer = weakref.finalize(self, _close_handles, self._map, self._h5)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -580,8 +590,8 @@ class LazySplit:
             return out
         if rows[0] < 0 or rows[-1] >= self.shape[0] or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
             raise ValueError(f"rows must be sorted, unique and in [0, {self.shape[0]})")
-        if self._fd is not None:
-            self._pread(rows, out)
+        if self.layout == "contiguous":
+            self._read_mapped(rows, out)
         else:
             self._read_chunks(rows, out)
         bad = _nonfinite_row(out)
@@ -591,19 +601,14 @@ class LazySplit:
                              "re-extract that cache with --overwrite")
         return out
 
-    def _pread(self, rows: np.ndarray, out: np.ndarray) -> None:
-        rb, fd, start = self._row_bytes, self._fd, self._start
-        gaps = np.diff(rows)
-        if hasattr(os, "posix_fadvise"):
-            # Announce every span first: on a cold page cache the kernel then reads them all at
-            # once, where the reads below would wait for one random read after another.
-            cut = np.flatnonzero(gaps * rb > HINT_GAP_BYTES) + 1
-            for a, b in zip(rows[np.r_[0, cut]].tolist(), rows[np.r_[cut - 1, len(rows) - 1]].tolist()):
-                os.posix_fadvise(fd, start + a * rb, (b + 1 - a) * rb, os.POSIX_FADV_WILLNEED)
-        cut = np.flatnonzero(gaps != 1) + 1  # runs of consecutive rows: one read each
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        for i, j, r in zip(np.r_[0, cut].tolist(), np.r_[cut, len(rows)].tolist(), rows[np.r_[0, cut]].tolist()):
-            _pread_into(fd, view[i * rb:j * rb], start + r * rb, self.path)
+    def _read_mapped(self, rows: np.ndarray, out: np.ndarray) -> None:
+        rb, start = self._row_bytes, self._start
+        view = np.frombuffer(self._map, self.dtype, self.shape[0] * self.shape[1], start).reshape(self.shape)
+        np.take(view, rows, axis=0, out=out, mode="clip")  # rows are checked; "raise" would buffer ``out``
+        del view  # no export may outlive a read: close() unmaps
+        if hasattr(mmap, "MADV_DONTNEED"):
+            a = (start + int(rows[0]) * rb) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, a, start + (int(rows[-1]) + 1) * rb - a)
 
     def _read_chunks(self, rows: np.ndarray, out: np.ndarray) -> None:
         c = self._chunk_rows
@@ -625,23 +630,9 @@ class LazySplit:
         self.close()
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(buf):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-        else:
-            data = os.pread(fd, len(buf) - done, offset + done)
-            n = len(data)
-            buf[done:done + n] = data
-        if n == 0:
-            raise CacheError(f"{path} ends before its features do (truncated copy?); re-extract it with --overwrite")
-        done += n
-
-
-def _close_handles(fd: int | None, h5: Any) -> None:
-    if fd is not None:
-        os.close(fd)
+def _close_handles(mapped: mmap.mmap | None, h5: Any) -> None:
+    if mapped is not None:
+        mapped.close()
     if h5 is not None:
         with contextlib.suppress(Exception):
             h5.close()
