@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,7 @@ class LazyBank:
         self.labels = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64)).to(device)
         self._device = torch.device(device)
         self.prefetch = max(1, prefetch)
+        self.wait_seconds = 0.0  # time consumers of gather_batches spent waiting for reads (all calls)
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +130,9 @@ class LazyBank:
             pending = deque(pool.submit(self.read, *r) for r in _take(requests, self.prefetch))
             try:
                 while pending:
+                    t = time.perf_counter()
                     x = pending.popleft().result()
+                    self.wait_seconds += time.perf_counter() - t
                     nxt = next(requests, None)
                     if nxt is not None:
                         pending.append(pool.submit(self.read, *nxt))
