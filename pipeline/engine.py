@@ -103,6 +103,7 @@ class LazyBank:
         self._device = torch.device(device)
         self.prefetch = max(1, prefetch)
         self.wait_seconds = 0.0  # time consumers of gather_batches spent waiting for reads (all calls)
+        self.read_cpu_seconds = 0.0  # CPU time the reads took (in whichever thread ran them)
 
     @property
     def device(self) -> torch.device:
@@ -113,9 +114,12 @@ class LazyBank:
 
     def read(self, videos: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """(n, S, D) features in the stored dtype: each distinct row read once, in file order."""
+        t = time.thread_time()
         rows = (self.offsets[videos][:, None] + pos).reshape(-1)
         uniq, inverse = np.unique(rows, return_inverse=True)
-        return self.reader.read_rows(uniq)[inverse.reshape(-1)].reshape(*pos.shape, -1)
+        x = self.reader.read_rows(uniq)[inverse.reshape(-1)].reshape(*pos.shape, -1)
+        self.read_cpu_seconds += time.thread_time() - t  # one reader at a time: no lost updates that matter
+        return x
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         # float16 travels to the device as it is stored and is widened there, as FeatureBank does.
