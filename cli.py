@@ -85,6 +85,15 @@ def _split_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return names or None
 
 
+def _options(*opts):
+    """Several click options as one decorator: each option shared by commands is defined once."""
+    def apply(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
+
+
 FRAME_OPTIONS_LIST = [
     click.option("--size", type=click.IntRange(16), default=None,
                  help="Network input size (square crop).  [default: the backbone weights' own, e.g. 224]"),
@@ -98,26 +107,26 @@ FRAME_OPTIONS_LIST = [
 ]
 
 
-def FRAME_OPTIONS(f):  # noqa: N802 - used as a decorator, like click's own
-    """The FrameSpec options, defined once: each left out keeps the backbone's default."""
-    for opt in reversed(FRAME_OPTIONS_LIST):
-        f = opt(f)
-    return f
+FRAME_OPTIONS = _options(*FRAME_OPTIONS_LIST)  # each left out keeps the backbone's default
+
+
+LOAD_OPTIONS_LIST = [
+    click.option("--load", type=click.Choice(["auto", "memory", "lazy"]), default="auto", show_default=True,
+                 help="memory: hold each split in RAM; lazy: read the rows each batch samples from the cache "
+                      "(caches larger than RAM; same results); auto: lazy for splits that do not fit the "
+                      "memory budget."),
+    click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
+                 help="Features --load auto may hold in memory.  [default: half the available memory]"),
+]
+
+
+LOAD_OPTIONS = _options(*LOAD_OPTIONS_LIST)  # train-temporal, evaluate, sweep
 
 
 def _describe_spec(spec) -> str:
     if spec.resize == "squash":
         return f"squashed to {spec.size}x{spec.size}, {spec.interpolation}"
     return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
-
-
-def _options(*opts):
-    """Several click options as one decorator: each option shared by commands is defined once."""
-    def apply(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return apply
 
 
 HEAD_OPTIONS = _options(
@@ -259,6 +268,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="AMP on CUDA (auto: bf16 or fp16); CPU always trains in fp32.")
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard (needs the tensorboard package).")
+@LOAD_OPTIONS
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: str, val_split: str | None,
@@ -307,7 +317,9 @@ def _print_train_summary(r) -> None:
         rows += [(f"{r.test_split} top-1", f"{t['top1']:.3f}  (evaluated once, with the picked model)"),
                  (f"{r.test_split} top-5", f"{t['top5']:.3f}"),
                  (f"{r.test_split} mean class acc", f"{t['mean_class_acc']:.3f}")]
-    if r.load_mb:
+    if getattr(r, "load", ""):
+        rows.append(("cache load", r.load))
+    elif r.load_mb:
         rows.append(("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"))
     click.echo(format_table(rows + [("total time", f"{r.seconds:.1f} s")]))
     click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv"
@@ -363,6 +375,7 @@ SWEEP_AXES = [("head", ("lstm", "gru", "transformer", "attention", "mean")), ("h
 @VALIDATION_OPTIONS
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@LOAD_OPTIONS
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="AMP on CUDA (auto: bf16); CPU trains in fp32.")
@@ -370,8 +383,8 @@ SWEEP_AXES = [("head", ("lstm", "gru", "transformer", "attention", "mean")), ("h
 @click.option("--no-progress", is_flag=True)
 def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, min_epochs: int, train_split: str,
               val_split: str | None, val_fraction: float, group_pattern: str | None, test_split: str | None,
-              batch_size: int, seed: int, device: str, precision: str, overwrite: bool, no_progress: bool,
-              **axes) -> None:
+              batch_size: int, seed: int, load: str, memory_budget: float | None, device: str, precision: str,
+              overwrite: bool, no_progress: bool, **axes) -> None:
     """Train a grid of temporal heads at once on one cache; poor ones stop early; leaderboard and winner.
 
     Rerunning the same command after an interruption resumes the sweep."""
@@ -402,7 +415,8 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
     grids = [{**g, **given} for g in grids] if grids else [given or dict(DEFAULT_GRID)]
     base = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
                           val_fraction=val_fraction, group_pattern=group_pattern, test_split=test_split,
-                          epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision)
+                          epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                          load=load, memory_budget=memory_budget)
     cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
                       overwrite=overwrite)
     r = sweep(cfg, progress=not no_progress)
@@ -436,18 +450,39 @@ def _print_leaderboard(r) -> None:
 @click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: the checkpoint's]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the confusion matrix and per-class CSV here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | None, out: Path | None, device: str) -> None:
+@LOAD_OPTIONS
+def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | None, out: Path | None, device: str,
+                 load: str, memory_budget: float | None) -> None:
     """Metrics of a checkpoint on a cache split (the cache must match the checkpoint's backbone)."""
     from pipeline.report import format_table
     from pipeline.train import evaluate_checkpoint
 
-    r = evaluate_checkpoint(checkpoint, cache, split, eval_clips=eval_clips, device=device, out=out)
+    r = evaluate_checkpoint(checkpoint, cache, split, eval_clips=eval_clips, device=device, out=out, load=load,
+                            memory_budget=memory_budget)
     m = r.metrics
-    click.echo(f"{split}: {len(r.videos)} videos, {len(r.classes)} classes (chance {1 / len(r.classes):.3f})")
+    click.echo(f"{split}: {len(r.videos)} videos, {len(r.classes)} classes (chance {1 / len(r.classes):.3f}); "
+               f"cache: {r.load}")
     click.echo(format_table([("top-1", f"{m['top1']:.3f}"), ("top-5", f"{m['top5']:.3f}"),
                              ("mean class acc", f"{m['mean_class_acc']:.3f}"), ("loss", f"{m['loss']:.4f}")]))
     if out is not None:
         click.echo(f"wrote {out}/confusion_{split}.png and {out}/per_class_{split}.csv")
+
+
+@main.command("rewrite-cache")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write the rewritten cache here.  [default: replace CACHE, atomically]")
+@click.option("--force", is_flag=True, help="Rewrite even a cache that is contiguous already.")
+def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
+    """Rewrite a cache's features contiguously (older caches store them chunked), for fast --load lazy."""
+    from pipeline.cache import rewrite_cache
+
+    r = rewrite_cache(cache, output, force=force)
+    was = ", ".join(f"{s} {v}" for s, v in r.layouts.items()) or "no splits"
+    if not r.rewritten:
+        click.echo(f"{cache} is contiguous already ({was}); nothing to do (--force rewrites it anyway)")
+        return
+    click.echo(f"wrote {r.path}: every split contiguous (was: {was}), {r.nbytes / 1e6:.0f} MB in {r.seconds:.1f} s")
 
 
 @main.command("predict")

@@ -11,6 +11,12 @@ Layout of ``<name>.h5`` (schema version 2), readable with plain h5py::
     /<split>/videos         (N,) str                        path relative to the dataset root
     /<split>/fps            (N,) float32                    source frame rate (NaN if unknown)
 
+``features`` and ``frame_indices`` are stored contiguously (no chunking, no compression): row r of
+``features`` is at byte ``dset.id.get_offset() + r * D * itemsize`` of the file, so a lazy reader
+(``FeatureCache.open_lazy``) fetches exactly the rows a batch samples with plain positional reads.
+Caches written before this layout hold them chunked; every reader still reads them (the lazy one
+chunk by chunk, with a warning), and ``rewrite_cache`` rewrites them contiguously.
+
 Crash safety. HDF5 is not safe to kill mid-write, so the cache file is never written in place.
 While extracting, every finished video is saved as its own small file in ``<name>.h5.partial/``
 (written to a temporary name, then atomically renamed); a kill at any instant loses at most the
@@ -27,12 +33,17 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
+import mmap
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +58,6 @@ from .files import atomic_path, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: the provenance names the backbone; FrameSpec has resize size and interpolation
-CHUNK_BYTES = 256 * 1024
 # Failures found by indexing (a name that is not UTF-8, an unreadable folder), not by decoding: a
 # rerun finds them afresh, and retrying a video for them would redo it on every run, for nothing.
 INDEX_FAILURES = frozenset({"name", "folder"})
@@ -183,12 +193,13 @@ class CacheWriter:
         """Nothing new to write: drop the work folder, keep the cache file as it is."""
         shutil.rmtree(self.partial, ignore_errors=True)
 
-    def _parts(self, split: str) -> dict[str, Path]:
+    def _parts(self, split: str) -> dict[str, tuple[Path, int]]:
+        """Finished parts of ``split``: relative path -> (part file, rows)."""
         d = self.partial / split
         out = {}
         for p in sorted(d.glob("*.npz")) if d.is_dir() else []:
             with np.load(p) as z:
-                out[str(z["rel"])] = p
+                out[str(z["rel"])] = (p, len(z["frame_indices"]))
         return out
 
     # -- assembly ------------------------------------------------------------------------------
@@ -208,14 +219,14 @@ class CacheWriter:
                                        attrs.pop("failures", []), order)
             with atomic_path(self.path, hint=hint) as tmp, _h5_errors(), _h5_reserved(tmp, need) as out:
                 for split in sorted(old_splits | part_splits | set(order)):
-                    sources: dict[str, Any] = {}
+                    sources: dict[str, Any] = {}  # rel -> (kind, ..., rows)
                     if old is not None and split in old:
                         g = old[split]
                         offs = g["offsets"][()]
                         for i, rel in enumerate(_strings(g["videos"][()])):
-                            sources[rel] = ("old", g, i, offs)
-                    for rel, p in self._parts(split).items():
-                        sources[rel] = ("part", p)
+                            sources[rel] = ("old", g, i, offs, int(offs[i + 1] - offs[i]))
+                    for rel, (p, rows) in self._parts(split).items():
+                        sources[rel] = ("part", p, rows)
                     if split in order:  # the split as indexed now: stale videos must not leak in
                         ranked = [r for r in order[split] if r in sources]
                         stale = len(sources) - len(ranked)
@@ -225,7 +236,8 @@ class CacheWriter:
                     else:
                         ranked = list(sources)
                     _write_split(out, split, (self._record(sources[r], r) for r in ranked),
-                                 self.provenance.dtype, self.provenance.feature_dim)
+                                 sum(sources[r][-1] for r in ranked), self.provenance.dtype,
+                                 self.provenance.feature_dim)
                 _write_root_attrs(out, self.provenance, {**attrs, "failures": _json(failures)})
                 out.flush()  # write errors surface here, not in a destructor
         finally:
@@ -237,7 +249,7 @@ class CacheWriter:
     @staticmethod
     def _record(src: tuple, rel: str) -> VideoRecord:
         if src[0] == "old":
-            _, g, i, offs = src
+            _, g, i, offs, _ = src
             a, b = int(offs[i]), int(offs[i + 1])
             return VideoRecord(rel, int(g["labels"][i]), g["features"][a:b], g["frame_indices"][a:b],
                                float(g["fps"][i]))
@@ -245,16 +257,103 @@ class CacheWriter:
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]))
 
 
-def write_cache(path: str | Path, provenance: Provenance, splits: dict[str, Iterator[VideoRecord]],
+def write_cache(path: str | Path, provenance: Provenance, splits: dict[str, Iterable[VideoRecord]],
                 attrs: dict[str, Any] | None = None) -> Path:
-    """Write a whole cache in one go (synthetic caches, merges): temporary file, then atomic rename."""
+    """Write a whole cache in one go (synthetic caches, merges): temporary file, then atomic rename.
+
+    The contiguous layout needs each split's row count before the first row is written: a list of
+    records gives it at once; an iterator is first spooled (in memory up to ``SPOOL_BYTES``, then
+    in an anonymous temporary file beside ``path``), so a cache larger than RAM can be streamed."""
     path = Path(path)
-    with atomic_path(path) as tmp, _h5_errors(), _h5py().File(tmp, "w") as out:
-        for split, records in splits.items():
-            _write_split(out, split, records, provenance.dtype, provenance.feature_dim)
-        _write_root_attrs(out, provenance, {"failures": "[]", **(attrs or {})})
-        out.flush()
+    dtype = np.dtype(provenance.dtype)
+    with contextlib.ExitStack() as stack:
+        staged = {split: _stage(records, dtype, stack, path.parent) for split, records in splits.items()}
+        need = sum(rows * (dim * dtype.itemsize + 8) for rows, dim, _ in staged.values())
+        with atomic_path(path) as tmp, _h5_errors(), _h5_reserved(tmp, need) as out:
+            for split, (rows, _, records) in staged.items():
+                _write_split(out, split, records, rows, provenance.dtype, provenance.feature_dim)
+            _write_root_attrs(out, provenance, {"failures": "[]", **(attrs or {})})
+            out.flush()
     return path
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    path: Path
+    layouts: dict[str, str]  # split -> layout of its features before
+    rewritten: bool
+    nbytes: int
+    seconds: float
+
+
+def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: bool = False,
+                  block_bytes: int = 64 << 20) -> RewriteResult:
+    """Rewrite a cache in the contiguous layout lazy reading wants (see the module docstring): the
+    same datasets, values and attributes, through a temporary file and an atomic rename, over
+    ``path`` or into ``output``. A cache that is contiguous already is left alone unless ``force``
+    (or an ``output`` is given)."""
+    src = Path(path)
+    dst = Path(output) if output is not None else src
+    if not src.is_file():
+        raise CacheError(f"feature cache not found: {src}")
+    t0 = time.perf_counter()
+    with _open(src) as f:
+        _check_schema(f, src)
+        layouts = {split: _layout(f[split]["features"]) for split in f}
+    if not force and dst == src and all(v == "contiguous" for v in layouts.values()):
+        return RewriteResult(dst, layouts, False, 0, time.perf_counter() - t0)
+    hint = f"{src} is unchanged"
+    with atomic_path(dst, hint=hint) as tmp, _h5_errors():
+        with _open(src) as old, _h5_reserved(tmp, src.stat().st_size) as out:
+            for split in old:
+                g, h = old[split], out.create_group(split)
+                h.attrs.update(g.attrs)
+                for name, ds in g.items():
+                    if name in ("features", "frame_indices"):
+                        _copy_contiguous(ds, h, name, block_bytes)
+                    else:
+                        old.copy(ds, h, name=name)
+            out.attrs.update(old.attrs)
+            out.flush()
+    return RewriteResult(dst, layouts, True, dst.stat().st_size, time.perf_counter() - t0)
+
+
+def _copy_contiguous(ds: Any, group: Any, name: str, block_bytes: int) -> None:
+    new = group.create_dataset(name, shape=ds.shape, dtype=ds.dtype, fill_time="never")
+    new.attrs.update(ds.attrs)
+    per_row = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    step = max(1, block_bytes // per_row)
+    buf = np.empty((min(step, ds.shape[0]), *ds.shape[1:]), ds.dtype)
+    for a in range(0, ds.shape[0], step):
+        b = min(a + step, ds.shape[0])
+        ds.read_direct(buf, np.s_[a:b], np.s_[0:b - a])
+        new[a:b] = buf[:b - a]
+
+
+SPOOL_BYTES = 256 << 20
+
+
+def _stage(records: Iterable[VideoRecord], dtype: np.dtype, stack: contextlib.ExitStack,
+           folder: Path) -> tuple[int, int, Iterable[VideoRecord]]:
+    """(rows, dim or 0, records to write): a sequence as it is, an iterator through a spool."""
+    if isinstance(records, Sequence):
+        dim = records[0].features.shape[1] if len(records) else 0
+        return sum(len(r.frame_indices) for r in records), dim, records
+    spool = stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES, dir=folder if folder.is_dir() else None))
+    meta, rows, dim = [], 0, 0
+    for rec in records:
+        feats = np.ascontiguousarray(rec.features, dtype=dtype)  # (T, D)
+        spool.write(feats.data)
+        meta.append((rec.rel, rec.label, feats.shape, np.asarray(rec.frame_indices), rec.fps))
+        rows, dim = rows + feats.shape[0], feats.shape[1]
+
+    def replay() -> Iterator[VideoRecord]:
+        spool.seek(0)
+        for rel, label, shape, frames, fps in meta:
+            feats = np.frombuffer(spool.read(shape[0] * shape[1] * dtype.itemsize), dtype=dtype).reshape(shape)
+            yield VideoRecord(rel, label, feats, frames, fps)
+
+    return rows, dim, replay()
 
 
 @contextlib.contextmanager
@@ -306,30 +405,31 @@ def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[
     return [f for f in old if f.get("split") not in order and f.get("skipped") not in INDEX_FAILURES] + new
 
 
-def _write_split(out: Any, split: str, records: Iterator[VideoRecord], dtype: str, dim: int) -> None:
+def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int, dtype: str, dim: int) -> None:
+    """One split, its ``rows`` frames in total, with ``features`` and ``frame_indices`` contiguous
+    (see the module docstring). ``dim`` applies only to an empty split; otherwise the records' own."""
     g = out.create_group(split)
-    feats = frames = None
+    records = iter(records)
+    first = next(records, None)
+    if first is not None:
+        dim = first.features.shape[1]
+    # Created at full size with no fill: each byte is written once, by the records below.
+    feats = g.create_dataset("features", shape=(rows, dim), dtype=dtype, fill_time="never")
+    frames = g.create_dataset("frame_indices", shape=(rows,), dtype="int64", fill_time="never")
     offsets, labels, videos, fps = [0], [], [], []
-    for rec in records:
-        if feats is None:
-            dim = rec.features.shape[1]
-            rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-            feats = g.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
-                                     chunks=(rows, dim))
-            frames = g.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype="int64",
-                                      chunks=(max(rows, 4096),))
+    for rec in itertools.chain([first], records) if first is not None else ():
         n, t = offsets[-1], rec.features.shape[0]
-        feats.resize(n + t, axis=0)
-        feats[n:] = rec.features.astype(dtype, copy=False)
-        frames.resize(n + t, axis=0)
-        frames[n:] = rec.frame_indices
+        if n + t > rows:
+            raise CacheError(f"split {split!r}: the videos hold more than the {rows} frames counted")
+        if t:
+            feats[n:n + t] = np.asarray(rec.features, dtype=dtype)
+            frames[n:n + t] = rec.frame_indices
         offsets.append(n + t)
         labels.append(rec.label)
         videos.append(rec.rel)
         fps.append(rec.fps)
-    if feats is None:
-        g.create_dataset("features", shape=(0, dim), dtype=dtype)
-        g.create_dataset("frame_indices", shape=(0,), dtype="int64")
+    if offsets[-1] != rows:
+        raise CacheError(f"split {split!r}: the videos hold {offsets[-1]} frames, {rows} were counted")
     h5py = _h5py()
     g.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
     g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
@@ -389,9 +489,153 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def feature_bytes(self) -> int:
+        return self.features.nbytes
+
     def video(self, i: int) -> np.ndarray:
         """(T, D) features of video ``i``."""
         return self.features[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _layout(ds: Any) -> str:
+    """``contiguous`` when row r of ``ds`` sits at a fixed file offset (plain positional reads can
+    fetch it), else ``chunked`` (older caches; also compressed, external or never-written data)."""
+    if ds.chunks is not None or ds.compression is not None or ds.external or not ds.dtype.isnative:
+        return "chunked"
+    return "contiguous" if ds.size == 0 or ds.id.get_offset() is not None else "chunked"
+
+
+def _nonfinite_row(rows: np.ndarray) -> int | None:
+    """Index of the first row holding a NaN or Inf (all exponent bits set), or None; integer ops,
+    about a millisecond per batch, where a float16 ``isfinite`` would be several."""
+    bits = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+    uint, mask = bits[rows.dtype.itemsize]
+    bad = ((rows.view(uint) & uint(mask)) == uint(mask)).any(1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+class LazySplit:
+    """A split read on demand, for caches larger than RAM: everything but ``features`` is held in
+    memory (a few bytes per video); feature rows are read from the file when asked.
+
+    Contiguous features are memory-mapped (read-only) and a batch's rows are copied out with one
+    ``np.take``, which runs without the GIL (page faults, on a cold page cache, included), so a
+    reader thread hardly competes with the training thread. The pages just read are then dropped
+    from the mapping (``MADV_DONTNEED``; they stay in the page cache): a mapped page counts as
+    resident memory of the process, and an epoch touches most of the file. So resident memory
+    stays at about one batch whatever the cache's size. Chunked (older) caches are read through
+    h5py, one whole chunk per chunk touched.
+
+    It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
+    readable after that is closed, until ``close()`` (or garbage collection)."""
+
+    def __init__(self, path: Path, split: str, group: Any, classes: list[str], provenance: Provenance) -> None:
+        ds = group["features"]
+        self.path, self.split = path, split
+        self.offsets: np.ndarray = group["offsets"][()]
+        self.labels: np.ndarray = group["labels"][()]
+        self.videos = _strings(group["videos"][()])
+        self.fps: np.ndarray = group["fps"][()]
+        self.classes, self.provenance = list(classes), provenance
+        self.shape: tuple[int, int] = tuple(ds.shape)
+        self.dtype = np.dtype(ds.dtype)
+        self.layout = _layout(ds)
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        self._map: mmap.mmap | None = None
+        self._h5: Any = None
+        if self.layout == "contiguous":
+            self._start = int(ds.id.get_offset() or 0)
+            if self.feature_bytes:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size < self._start + self.feature_bytes:
+                        raise CacheError(f"{path} ends before the features of split {split!r} do (truncated "
+                                         "copy?); re-extract it with --overwrite")
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            log.warning("%s: split %r stores its features chunked (an older cache layout): lazy reads fetch "
+                        "whole chunks, which is slower; `python cli.py rewrite-cache %s` rewrites it for "
+                        "row-wise reads", path, split, path)
+            self._h5 = _open(path)
+            self._ds = self._h5[split]["features"]
+            self._chunk_rows = int(ds.chunks[0]) if ds.chunks else max(1, (1 << 20) // max(self._row_bytes, 1))
+            self._buf = np.empty((self._chunk_rows, self.shape[1]), self.dtype)
+        self._finalizer = weakref.finalize(self, _close_handles, self._map, self._h5)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.shape[1]
+
+    @property
+    def feature_bytes(self) -> int:
+        return self.shape[0] * self._row_bytes
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) features of ``rows`` (sorted ascending, no repeats), in the stored dtype.
+        A NaN/Inf among them is a ``CacheError`` naming the video."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        if not len(rows):
+            return out
+        if rows[0] < 0 or rows[-1] >= self.shape[0] or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
+            raise ValueError(f"rows must be sorted, unique and in [0, {self.shape[0]})")
+        if self.layout == "contiguous":
+            self._read_mapped(rows, out)
+        else:
+            self._read_chunks(rows, out)
+        bad = _nonfinite_row(out)
+        if bad is not None:
+            vid = int(np.searchsorted(self.offsets, rows[bad], side="right")) - 1
+            raise CacheError(f"NaN/Inf in the features of {self.videos[vid]} (split {self.split!r}) in {self.path}; "
+                             "re-extract that cache with --overwrite")
+        return out
+
+    def _read_mapped(self, rows: np.ndarray, out: np.ndarray) -> None:
+        rb, start = self._row_bytes, self._start
+        view = np.frombuffer(self._map, self.dtype, self.shape[0] * self.shape[1], start).reshape(self.shape)
+        np.take(view, rows, axis=0, out=out, mode="clip")  # rows are checked; "raise" would buffer ``out``
+        del view  # no export may outlive a read: close() unmaps
+        if hasattr(mmap, "MADV_DONTNEED"):
+            a = (start + int(rows[0]) * rb) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, a, start + (int(rows[-1]) + 1) * rb - a)
+
+    def _read_chunks(self, rows: np.ndarray, out: np.ndarray) -> None:
+        c = self._chunk_rows
+        ids = rows // c
+        cut = np.flatnonzero(np.diff(ids)) + 1
+        for i, j in zip(np.r_[0, cut].tolist(), np.r_[cut, len(rows)].tolist()):
+            a = int(ids[i]) * c
+            b = min(a + c, self.shape[0])
+            self._ds.read_direct(self._buf, np.s_[a:b], np.s_[0:b - a])
+            out[i:j] = self._buf[rows[i:j] - a]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> LazySplit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close_handles(mapped: mmap.mmap | None, h5: Any) -> None:
+    if mapped is not None:
+        mapped.close()
+    if h5 is not None:
+        with contextlib.suppress(Exception):
+            h5.close()
 
 
 class FeatureCache:
@@ -440,6 +684,19 @@ class FeatureCache:
             videos=_strings(g["videos"][()]), frame_indices=g["frame_indices"][()], fps=g["fps"][()],
             classes=list(self.classes), provenance=self.provenance,
         )
+
+    def open_lazy(self, split: str) -> LazySplit:
+        """``split`` for on-demand reading (``LazySplit.read_rows``): for caches larger than RAM."""
+        return LazySplit(self.path, split, self._group(split), self.classes, self.provenance)
+
+    def layout(self, split: str) -> str:
+        """``contiguous`` (row-wise lazy reads) or ``chunked`` (older caches; see ``rewrite_cache``)."""
+        return _layout(self._group(split)["features"])
+
+    def feature_bytes(self, split: str) -> int:
+        """Bytes of ``split``'s features: what holding it in memory takes."""
+        ds = self._group(split)["features"]
+        return int(ds.size) * ds.dtype.itemsize
 
     def num_videos(self, split: str) -> int:
         return len(self._group(split)["labels"])

@@ -308,6 +308,10 @@ class TemporalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tensorboard: bool = False
+    # Splits held in memory or read lazily from the cache (caches larger than RAM); auto: lazy for
+    # what does not fit ``memory_budget`` GB (default: half the available memory). Same results.
+    load: Literal["auto", "memory", "lazy"] = "auto"
+    memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size", "num_heads"):
@@ -317,6 +321,10 @@ class TemporalConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.load not in ("auto", "memory", "lazy"):
+            raise ValueError(f"load must be auto, memory or lazy, got {self.load!r}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be > 0 GB, got {self.memory_budget}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

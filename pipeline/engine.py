@@ -1,14 +1,29 @@
-"""``train_one_epoch`` and ``evaluate`` over a split held in memory; every dependency is an argument.
+"""``train_one_epoch`` and ``evaluate`` over a ``ClipSource``; every dependency is an argument.
 
-The whole split lives in one (ΣT, D) tensor (CPU RAM, or GPU memory on CUDA); a batch of clips is
-gathered by index with one ``index_select``: no per-sample DataLoader, no Python loop per clip.
+A ``ClipSource`` is a split as the engine sees it: ``lengths``, ``labels`` and ``gather(videos,
+positions) -> (B, T, D)``, plus ``gather_batches`` for a whole epoch's batches in order. Two exist:
+
+* ``FeatureBank``: the whole split in one (ΣT, D) tensor (CPU RAM, or GPU memory on CUDA); a batch
+  of clips is gathered by index with one ``index_select``: no per-sample DataLoader, no Python loop
+  per clip.
+* ``LazyBank``: the split stays on disk (``cache.LazySplit``); each batch reads only the rows its
+  clips sample (sorted, one read per run of consecutive rows), and a prefetch thread reads the next
+  batches while the current one trains. It returns exactly the values ``FeatureBank`` does.
+
+The random draws (order, clip positions) are made here, before any source is asked for rows, so a
+run draws the same clips and gets the same results whichever source it reads from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +33,28 @@ from tqdm import tqdm
 
 from .runtime import autocast_ctx
 from .sampling import Sampler, sample
+
+Request = tuple[np.ndarray, np.ndarray]  # (n,) video ids, (n, S) positions within them
+
+
+class ClipSource(Protocol):
+    """What the engine (train, sweep, evaluate) reads clips from."""
+
+    lengths: np.ndarray  # (N,) frames per video
+    labels: torch.Tensor  # (N,) int64, on ``device``
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __len__(self) -> int: ...
+
+    def gather(self, videos: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """(n,) video ids and (n, S) positions within them → (n, S, D) float32 on ``device``."""
+        ...
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        """``gather`` of each request, in order (a lazy source reads ahead)."""
+        ...
 
 
 @dataclass
@@ -33,6 +70,10 @@ class FeatureBank:
         return cls(torch.from_numpy(features).to(device), torch.from_numpy(offsets).to(device),
                    np.diff(offsets), torch.from_numpy(labels).to(device))
 
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -46,6 +87,91 @@ class FeatureBank:
         dev = self.features.device
         rows = self.offsets[torch.from_numpy(videos).to(dev)].unsqueeze(1) + torch.from_numpy(pos).to(dev)
         return self.features.index_select(0, rows.reshape(-1)).view(*pos.shape, -1).float()
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        for videos, pos in requests:
+            yield self.gather(videos, pos)
+
+
+class LazyBank:
+    """A ``ClipSource`` over a split read on demand: ``reader`` is a ``cache.LazySplit`` (or anything
+    with ``offsets``, ``labels`` and ``read_rows(sorted unique rows) -> (n, D) array``).
+
+    ``gather_batches`` keeps up to ``prefetch`` batches in flight on one background thread, so
+    the model does not wait for the disk where the disk keeps up; memory stays at a few batches."""
+
+    def __init__(self, reader, device: torch.device, *, prefetch: int = 2) -> None:
+        self.reader = reader
+        self.offsets = np.asarray(reader.offsets, dtype=np.int64)
+        self.lengths = np.diff(self.offsets)
+        self.labels = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64)).to(device)
+        self._device = torch.device(device)
+        self.prefetch = max(1, prefetch)
+        self.wait_seconds = 0.0  # time consumers of gather_batches spent waiting for reads (all calls)
+        self.read_cpu_seconds = 0.0  # CPU time the reads took (in whichever thread ran them)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def subset(self, idx: np.ndarray) -> LazyBank:
+        """Videos ``idx`` of this split, reading from the same file (``offsets`` then holds their
+        starts only, which is all ``read`` uses)."""
+        sub = object.__new__(LazyBank)
+        sub.__dict__.update(self.__dict__)
+        sub.offsets, sub.lengths = self.offsets[idx], self.lengths[idx]
+        sub.labels = self.labels[torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.labels.device)]
+        return sub
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, videos: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """(n, S, D) features in the stored dtype: each distinct row read once, in file order."""
+        t = time.thread_time()
+        rows = (self.offsets[videos][:, None] + pos).reshape(-1)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        x = self.reader.read_rows(uniq)[inverse.reshape(-1)].reshape(*pos.shape, -1)
+        self.read_cpu_seconds += time.thread_time() - t  # one reader at a time: no lost updates that matter
+        return x
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        # float16 travels to the device as it is stored and is widened there, as FeatureBank does.
+        return torch.from_numpy(x).to(self._device).float()
+
+    def gather(self, videos: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        return self._tensor(self.read(videos, pos))
+
+    def gather_batches(self, requests: Iterable[Request]) -> Iterator[torch.Tensor]:
+        requests = iter(requests)
+        with ThreadPoolExecutor(1, thread_name_prefix="clip-prefetch") as pool:
+            pending = deque(pool.submit(self.read, *r) for r in _take(requests, self.prefetch))
+            try:
+                while pending:
+                    t = time.perf_counter()
+                    x = pending.popleft().result()
+                    self.wait_seconds += time.perf_counter() - t
+                    nxt = next(requests, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.read, *nxt))
+                    yield self._tensor(x)
+            finally:  # the consumer stopped early (an error, a break): drop what was not started
+                for f in pending:
+                    f.cancel()
+
+    def close(self) -> None:
+        if hasattr(self.reader, "close"):
+            self.reader.close()
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        x = next(it, None)
+        if x is None:
+            break
+        out.append(x)
+    return out
 
 
 def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -89,7 +215,7 @@ def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]],
     return {"loss_sum": total_loss, "correct": correct, "count": seen}
 
 
-def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, bank: ClipSource, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, sampler: Sampler,
                     batch_size: int, rng: np.random.Generator, desc: str = "train", progress: bool = True,
                     **kw) -> dict[str, float]:
@@ -97,43 +223,29 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, optimizer: torch.optim.
     n = len(bank)
     order = rng.permutation(n)
     pos, clip_len = sample(sampler, bank.lengths[order], seq_len, rng)
-    device = bank.features.device
+    device = bank.device
+    starts = range(0, n, batch_size)
+    xs = bank.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
 
     def batches():
-        for s in range(0, n, batch_size):
+        for s, x in zip(starts, xs):  # x: (B, S, D)
             vids = order[s:s + batch_size]
-            x = bank.gather(vids, pos[s:s + batch_size])  # (B, S, D)
             yield (x, torch.from_numpy(clip_len[s:s + batch_size])), bank.labels[torch.from_numpy(vids).to(device)]
 
-    r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
-                    desc=desc, progress=progress, **kw)
+    with contextlib.closing(xs):
+        r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
+                        desc=desc, progress=progress, **kw)
     return {"loss": r["loss_sum"] / max(r["count"], 1), "top1": r["correct"] / max(r["count"], 1)}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, bank: FeatureBank, *, seq_len: int, num_clips: int = 1, batch_size: int = 256,
+def evaluate(model: nn.Module, bank: ClipSource, *, seq_len: int, num_clips: int = 1, batch_size: int = 256,
              amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, float]:
     """Deterministic: softmax averaged over ``num_clips`` uniform clips per video.
 
     Returns (N, C) probabilities and the mean cross-entropy of the averaged prediction.
     """
-    model.eval()
-    n = len(bank)
-    device = bank.features.device
-    probs = None
-    for k in range(num_clips):
-        pos, clip_len = sample("uniform", bank.lengths, seq_len, clip=k, num_clips=num_clips)
-        chunks = []
-        for s in range(0, n, batch_size):
-            vids = np.arange(s, min(s + batch_size, n))
-            with autocast_ctx(device, amp_dtype):
-                logits = model(bank.gather(vids, pos[s:s + batch_size]), torch.from_numpy(clip_len[s:s + batch_size]))
-            chunks.append(torch.softmax(logits.float(), 1))
-        p = torch.cat(chunks)
-        probs = p if probs is None else probs + p
-    probs = probs / num_clips
-    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), bank.labels).item()
-    return probs.cpu().numpy(), loss
+    return evaluate_heads([model], bank, seq_len=seq_len, num_clips=num_clips, batch_size=batch_size,
+                          amp_dtype=amp_dtype)[0]
 
 
 # ------------------------------------------------------------------ many heads at once (sweep)
@@ -153,7 +265,7 @@ class HeadTrainer:
     failed: str | None = None
 
 
-def train_heads_one_epoch(heads: list[HeadTrainer], source: FeatureBank, *, seq_len: int, sampler: Sampler,
+def train_heads_one_epoch(heads: list[HeadTrainer], source: ClipSource, *, seq_len: int, sampler: Sampler,
                           batch_size: int, rng: np.random.Generator, epoch: int, amp_dtype: torch.dtype | None = None,
                           on_batch: Callable[[], None] | None = None) -> list[dict[str, float]]:
     """One pass over every training video for several heads at once: each batch of clips is
@@ -164,74 +276,80 @@ def train_heads_one_epoch(heads: list[HeadTrainer], source: FeatureBank, *, seq_
     n = len(source)
     order = rng.permutation(n)
     pos, clip_len = sample(sampler, source.lengths[order], seq_len, rng)
-    device = source.features.device
+    device = source.device
     live = [h for h in heads if h.failed is None]
     for h in live:
         h.model.train()
     sums = {id(h): [0.0, 0, 0] for h in heads}
-    for step, s in enumerate(range(0, n, batch_size)):
-        vids = order[s:s + batch_size]
-        x = source.gather(vids, pos[s:s + batch_size])  # (B, S, D), once for every head
-        lengths = torch.from_numpy(clip_len[s:s + batch_size])
-        y = source.labels[torch.from_numpy(vids).to(device)]
-        total = None
-        for h in live:
-            if h.failed is not None:
-                continue
-            torch.manual_seed(h.seed * 1_000_003 + epoch * 10_007 + step)
-            with autocast_ctx(device, amp_dtype):
-                logits = h.model(x, lengths)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=h.label_smoothing)
-            if not torch.isfinite(loss):
-                h.failed = f"loss became {loss.item()} in epoch {epoch}, step {step + 1}"
-                continue
-            total = loss if total is None else total + loss
-            acc = sums[id(h)]
-            acc[0] += loss.item() * len(y)
-            acc[1] += int((logits.argmax(1) == y).sum())
-            acc[2] += len(y)
-        for h in live:
-            h.optimizer.zero_grad(set_to_none=True)
-        if total is not None:
-            total.backward()
-        for h in live:
-            if h.failed is not None:
-                continue
-            if h.clip_grad:
-                nn.utils.clip_grad_norm_(h.model.parameters(), h.clip_grad)
-            h.optimizer.step()
-            if h.scheduler is not None:
-                h.scheduler.step()
-        if on_batch is not None:
-            on_batch()
+    starts = range(0, n, batch_size)
+    xs = source.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
+    with contextlib.closing(xs):
+        for step, (s, x) in enumerate(zip(starts, xs)):  # x: (B, S, D), gathered once for every head
+            vids = order[s:s + batch_size]
+            lengths = torch.from_numpy(clip_len[s:s + batch_size])
+            y = source.labels[torch.from_numpy(vids).to(device)]
+            total = None
+            for h in live:
+                if h.failed is not None:
+                    continue
+                torch.manual_seed(h.seed * 1_000_003 + epoch * 10_007 + step)
+                with autocast_ctx(device, amp_dtype):
+                    logits = h.model(x, lengths)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=h.label_smoothing)
+                if not torch.isfinite(loss):
+                    h.failed = f"loss became {loss.item()} in epoch {epoch}, step {step + 1}"
+                    continue
+                total = loss if total is None else total + loss
+                acc = sums[id(h)]
+                acc[0] += loss.item() * len(y)
+                acc[1] += int((logits.argmax(1) == y).sum())
+                acc[2] += len(y)
+            for h in live:
+                h.optimizer.zero_grad(set_to_none=True)
+            if total is not None:
+                total.backward()
+            for h in live:
+                if h.failed is not None:
+                    continue
+                if h.clip_grad:
+                    nn.utils.clip_grad_norm_(h.model.parameters(), h.clip_grad)
+                h.optimizer.step()
+                if h.scheduler is not None:
+                    h.scheduler.step()
+            if on_batch is not None:
+                on_batch()
     return [{"loss": sums[id(h)][0] / max(sums[id(h)][2], 1) if h.failed is None else float("nan"),
              "top1": sums[id(h)][1] / max(sums[id(h)][2], 1) if h.failed is None else float("nan")} for h in heads]
 
 
 @torch.no_grad()
-def evaluate_heads(models: list[nn.Module], source: FeatureBank, *, seq_len: int, num_clips: int = 1,
+def evaluate_heads(models: list[nn.Module], source: ClipSource, *, seq_len: int, num_clips: int = 1,
                    batch_size: int = 256, amp_dtype: torch.dtype | None = None) -> list[tuple[np.ndarray, float]]:
-    """``evaluate`` for several heads on the same clips, each clip gathered once."""
+    """Deterministic evaluation of several heads on the same clips, each clip gathered once: the
+    softmax averaged over ``num_clips`` uniform clips per video. → per head: (N, C) probabilities
+    and the mean cross-entropy of the averaged prediction."""
     for m in models:
         m.eval()
     n = len(source)
-    device = source.features.device
+    device = source.device
+    clips = [sample("uniform", source.lengths, seq_len, clip=k, num_clips=num_clips) for k in range(num_clips)]
+    starts = range(0, n, batch_size)
+    xs = source.gather_batches((np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
+                               for pos, _ in clips for s in starts)
     probs: list[torch.Tensor | None] = [None] * len(models)
-    for k in range(num_clips):
-        pos, clip_len = sample("uniform", source.lengths, seq_len, clip=k, num_clips=num_clips)
-        chunks: list[list[torch.Tensor]] = [[] for _ in models]
-        for s in range(0, n, batch_size):
-            x = source.gather(np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
-            lengths = torch.from_numpy(clip_len[s:s + batch_size])
-            for i, m in enumerate(models):
-                with autocast_ctx(device, amp_dtype):
-                    chunks[i].append(torch.softmax(m(x, lengths).float(), 1))
-        for i in range(len(models)):
-            p = torch.cat(chunks[i])
-            probs[i] = p if probs[i] is None else probs[i] + p
+    with contextlib.closing(xs):
+        for _, clip_len in clips:
+            chunks: list[list[torch.Tensor]] = [[] for _ in models]
+            for s, x in zip(starts, xs):
+                lengths = torch.from_numpy(clip_len[s:s + batch_size])
+                for i, m in enumerate(models):
+                    with autocast_ctx(device, amp_dtype):
+                        chunks[i].append(torch.softmax(m(x, lengths).float(), 1))
+            for i in range(len(models)):
+                p = torch.cat(chunks[i])
+                probs[i] = p if probs[i] is None else probs[i] + p
     out = []
     for p in probs:
         p = p / num_clips
-        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), source.labels).item()
-        out.append((p.cpu().numpy(), loss))
+        out.append((p.cpu().numpy(), F.nll_loss(torch.log(p.clamp_min(1e-12)), source.labels).item()))
     return out

@@ -107,3 +107,23 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     import torch
 
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM a new allocation can get without swapping: ``MemAvailable`` of /proc/meminfo
+    (free memory plus what the page cache can give back), else free pages from ``sysconf``; None
+    where neither is known. psutil is not a dependency."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

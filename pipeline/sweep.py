@@ -189,7 +189,9 @@ def planned_trial_epochs(n: int, ends: list[int], eta: int) -> int:
 
 def _spec_hash(cfg: SweepConfig, data_validation: dict[str, Any]) -> str:
     spec = {**cfg.to_dict(), "validation": data_validation}
-    spec["base"] = {k: v for k, v in spec["base"].items() if k not in ("resume", "overwrite", "device")}
+    # Where the splits live (memory or lazy) and on which device do not change a trial's result.
+    spec["base"] = {k: v for k, v in spec["base"].items()
+                    if k not in ("resume", "overwrite", "device", "load", "memory_budget")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -198,7 +200,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     """Run the sweep in ``cfg.base.out``; resumes a killed sweep of the same spec there."""
     t_start = time.perf_counter()
     base = cfg.base
-    out = ensure_dir(base.out, "--out")
+    ensure_dir(base.out, "--out")
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
     if amp == torch.float16:
@@ -206,7 +208,18 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
                           "use --precision bf16")
     data = load_stage_two(base.cache, train_split=base.train_split, val_split=base.val_split,
                           val_fraction=base.val_fraction, group_pattern=base.group_pattern,
-                          test_split=base.test_split, seed=base.seed, device=device)
+                          test_split=base.test_split, seed=base.seed, device=device, load=base.load,
+                          memory_budget=base.memory_budget)
+    try:
+        return _sweep(cfg, data, device, amp, progress=progress, on_epoch=on_epoch, t_start=t_start)
+    finally:
+        data.close()
+
+
+def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torch.dtype | None, *, progress: bool,
+           on_epoch: Callable[[int, list[Trial]], None] | None, t_start: float) -> SweepResult:
+    base = cfg.base
+    out = Path(base.out)
     trials = expand_grid(cfg)
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
     spec = _spec_hash(cfg, data.validation)

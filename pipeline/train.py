@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import FeatureCache, SplitData
+from .cache import FeatureCache
 from .checkpoint import CheckpointError
 from .config import Provenance, TemporalConfig
 from .data import carve_validation
-from .engine import FeatureBank, evaluate, train_one_epoch
+from .engine import ClipSource, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .runtime import resolve_device, resolve_precision
 from .metrics import classification_metrics
@@ -28,6 +28,7 @@ from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
 from .run import RunDir
+from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,6 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
-def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[SplitData, FeatureBank]:
-    data = cache.load_split(split)
-    if len(data) == 0:
-        raise CacheError(f"split {split!r} of {cache.path} has no videos; extract it first")
-    step = 1 << 20
-    for a in range(0, len(data.features), step):
-        bad = ~np.isfinite(data.features[a:a + step]).all(1)
-        if bad.any():
-            row = a + int(np.argmax(bad))
-            vid = int(np.searchsorted(data.offsets, row, side="right")) - 1
-            raise CacheError(f"NaN/Inf in the features of {data.videos[vid]} (split {split!r}) in {cache.path}; "
-                             "re-extract that cache with --overwrite")
-    return data, FeatureBank.from_arrays(data.features, data.offsets, data.labels, device)
-
-
 def default_val_split(splits) -> str | None:
     """The validation split of a dataset when none is named: ``val`` if present, else None
     (stage two then carves one from train; stage three, which decodes frames, needs a split)."""
@@ -79,11 +65,12 @@ def default_val_split(splits) -> str | None:
 
 @dataclass
 class StageTwoData:
-    """The splits stage two (and the sweep) train, pick and report on, held as ClipSources."""
+    """The splits stage two (and the sweep) train, pick and report on, held as ClipSources (in
+    memory or read lazily, see ``sources.open_splits``); ``close()`` when done."""
 
-    train: FeatureBank
-    val: FeatureBank
-    test: FeatureBank | None
+    train: ClipSource
+    val: ClipSource
+    test: ClipSource | None
     classes: list[str]
     provenance: Provenance
     val_name: str  # what the best epoch is picked on, as said in reports
@@ -91,15 +78,22 @@ class StageTwoData:
     validation: dict[str, Any]  # how val was made; a carve lists its videos (saved in checkpoints)
     test_videos: list[str]
     load_seconds: float
-    load_mb: float
+    load_mb: float  # features held in memory
+    opened: OpenSplits
+    load: str  # which splits are in memory and which read lazily, for the summary
+
+    def close(self) -> None:
+        self.opened.close()
 
 
 def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_split: str | None = None,
                    val_fraction: float = 0.1, group_pattern: str | None = None, test_split: str | None = None,
-                   seed: int = 0, device: torch.device | str = "cpu") -> StageTwoData:
+                   seed: int = 0, device: torch.device | str = "cpu", load: str = "auto",
+                   memory_budget: float | None = None) -> StageTwoData:
     """Open a cache for stage two: the training split; a validation set (``val_split``, else the
     cache's ``val``, else carved from train by whole source videos); the test split, evaluated
-    only once at the end. Picking on the test split itself is allowed when named, with a warning."""
+    only once at the end. Picking on the test split itself is allowed when named, with a warning.
+    ``load``/``memory_budget`` (GB): each split held in memory or read lazily (``sources``)."""
     device = torch.device(device)
     t0 = time.perf_counter()
     with FeatureCache(cache_path) as cache:
@@ -112,38 +106,37 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         if val_name is not None and val_name == test_split:
             raise ConfigError(f"--val-split and --test-split are both {val_name!r}: the split a model is picked "
                               "on cannot also be the one it is reported on")
-        train_data, train = load_bank(cache, train_split, device)
-        if val_name is None:
-            mask = carve_validation(train_data.videos, train_data.labels, val_fraction, seed=seed,
-                                    pattern=group_pattern)
-            if not mask.any() or mask.all():
-                raise CacheError(f"cannot carve a validation set from {train_split!r} of {cache.path} "
-                                 f"({len(mask)} videos in {len(set(train_data.labels.tolist()))} classes); "
-                                 "give a split with --val-split or raise --val-fraction")
-            val = train.subset(np.flatnonzero(mask))
-            train = train.subset(np.flatnonzero(~mask))
-            validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
-                          "group_pattern": group_pattern,
-                          "videos": [v for v, m in zip(train_data.videos, mask) if m]}
-            val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
-                        "whole source videos)")
-        else:
-            if val_name == "test":
-                log.warning("picking the best epoch on the test split and reporting its score overstates "
-                            "accuracy; without --val-split, a validation set is carved from train instead")
-            val_data, val = load_bank(cache, val_name, device)
-            validation = {"kind": "split", "split": val_name}
-            val_desc = f"split {val_name!r}"
-        test, test_videos = None, []
-        if test_split is not None:
-            test_data, test = load_bank(cache, test_split, device)
-            test_videos = test_data.videos
-        load_mb = sum(b.features.element_size() * b.features.shape[0] * b.features.shape[1] / 1e6
-                      for b in {id(x.features): x for x in (train, val, test) if x is not None}.values())
+        opened = open_splits(cache, [s for s in (train_split, val_name, test_split) if s is not None], device,
+                             load=load, memory_budget_gb=memory_budget)
         classes, provenance = list(cache.classes), cache.provenance
+    train_data, train = opened[train_split].data, opened[train_split].source
+    if val_name is None:
+        mask = carve_validation(train_data.videos, train_data.labels, val_fraction, seed=seed, pattern=group_pattern)
+        if not mask.any() or mask.all():
+            opened.close()
+            raise CacheError(f"cannot carve a validation set from {train_split!r} of {cache_path} "
+                             f"({len(mask)} videos in {len(set(np.asarray(train_data.labels).tolist()))} classes); "
+                             "give a split with --val-split or raise --val-fraction")
+        val = train.subset(np.flatnonzero(mask))
+        train = train.subset(np.flatnonzero(~mask))
+        validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
+                      "group_pattern": group_pattern, "videos": [v for v, m in zip(train_data.videos, mask) if m]}
+        val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
+                    "whole source videos)")
+    else:
+        if val_name == "test":
+            log.warning("picking the best epoch on the test split and reporting its score overstates "
+                        "accuracy; without --val-split, a validation set is carved from train instead")
+        val = opened[val_name].source
+        validation = {"kind": "split", "split": val_name}
+        val_desc = f"split {val_name!r}"
+    test = opened[test_split].source if test_split is not None else None
+    test_videos = list(opened[test_split].data.videos) if test_split is not None else []
+    load_mb = sum(o.data.feature_bytes for o in opened.values() if o.mode == "memory") / 1e6
     return StageTwoData(train=train, val=val, test=test, classes=classes, provenance=provenance, val_name=val_desc,
                         test_split=test_split, validation=validation, test_videos=test_videos,
-                        load_seconds=time.perf_counter() - t0, load_mb=load_mb)
+                        load_seconds=time.perf_counter() - t0, load_mb=load_mb, opened=opened,
+                        load=opened.describe())
 
 
 @dataclass
@@ -160,6 +153,7 @@ class TrainResult:
     stopped_early: bool
     test: dict[str, Any] | None = None  # the picked model on the test split, evaluated once
     test_split: str | None = None
+    load: str = ""  # which splits were held in memory and which read lazily, for the summary
 
 
 def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
@@ -185,12 +179,11 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
 
     data = load_stage_two(cfg.cache, train_split=cfg.train_split, val_split=cfg.val_split,
                           val_fraction=cfg.val_fraction, group_pattern=cfg.group_pattern, test_split=cfg.test_split,
-                          seed=cfg.seed, device=device)
+                          seed=cfg.seed, device=device, load=cfg.load, memory_budget=cfg.memory_budget)
     train_bank, val_bank, classes, provenance = data.train, data.val, data.classes, data.provenance
     val_labels = val_bank.labels.cpu().numpy()
     load_s, load_mb = data.load_seconds, data.load_mb
-    log.info("loaded %d training videos, validation: %s; %.0f MB in %.2f s (%.0f MB/s)", len(train_bank),
-             data.val_name, load_mb, load_s, load_mb / max(load_s, 1e-9))
+    log.info("opened %d training videos, validation: %s; %s", len(train_bank), data.val_name, data.load)
 
     head_cfg = head_config(cfg, num_classes=len(classes), input_dim=provenance.feature_dim)
     model = build_head(head_cfg).to(device)
@@ -269,9 +262,11 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     if data.test is not None:  # once, with the picked model: the number to report
         test = run.report_test(build_head(head_cfg).to(device), data.test, data.test_split, classes,
                                seq_len=cfg.seq_len, eval_clips=cfg.eval_clips, amp=amp)
+    data.close()
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
                        val_split=data.val_name, seconds=time.perf_counter() - t_start, load_seconds=load_s,
-                       load_mb=load_mb, stopped_early=stopped_early, test=test, test_split=data.test_split)
+                       load_mb=load_mb, stopped_early=stopped_early, test=test, test_split=data.test_split,
+                       load=data.load)
 
 
 def head_config(cfg: TemporalConfig, *, num_classes: int, input_dim: int) -> HeadConfig:
@@ -288,22 +283,28 @@ class EvalResult:
     split: str
     videos: list[str]
     probs: np.ndarray
+    load: str = ""  # memory or lazy, as for TrainResult
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,
-                        eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None) -> EvalResult:
-    """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for."""
+                        eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None,
+                        load: str = "auto", memory_budget: float | None = None) -> EvalResult:
+    """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for.
+    ``load``/``memory_budget`` (GB): as for ``TemporalConfig`` (see ``sources.open_splits``)."""
     model = load_model(checkpoint)
     dev = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         model.check_cache(cache.provenance, cache_path)
-        data, bank = load_bank(cache, split, dev)
+        opened = open_splits(cache, [split], dev, load=load, memory_budget_gb=memory_budget)
+    data, bank = opened[split].data, opened[split].source
     head = model.head.to(dev)
-    probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
+    with opened:
+        probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
     if out is not None:
         out = ensure_dir(out, "--out")
         plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
                        title=f"{split}: top-1 {m['top1']:.3f}")
         write_per_class(m, model.classes, out / f"per_class_{split}.csv")
-    return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs)
+    return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs,
+                      load=opened.describe())

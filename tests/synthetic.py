@@ -17,7 +17,8 @@ def provenance(classes: list[str], dim: int, dtype: str = "float16") -> Provenan
 
 
 def separable_cache(path: Path, *, classes: int = 4, per_class: dict[str, int] | None = None, dim: int = 32,
-                    length: tuple[int, int] = (12, 40), noise: float = 1.0, seed: int = 0) -> Path:
+                    length: tuple[int, int] = (12, 40), noise: float = 1.0, seed: int = 0,
+                    dtype: str = "float16") -> Path:
     """Each class has its own mean feature vector; every frame is that plus noise."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (classes, dim))
@@ -29,9 +30,9 @@ def separable_cache(path: Path, *, classes: int = 4, per_class: dict[str, int] |
             for k in range(n):
                 t = int(rng.integers(*length))
                 f = centres[c] + noise * rng.normal(0, 1, (t, dim))
-                recs.append(VideoRecord(f"{split}/c{c}/v{k}", c, f.astype(np.float16), np.arange(t), 30.0))
+                recs.append(VideoRecord(f"{split}/c{c}/v{k}", c, f.astype(dtype), np.arange(t), 30.0))
         splits[split] = iter(recs)
-    return write_cache(path, provenance([f"c{c}" for c in range(classes)], dim), splits)
+    return write_cache(path, provenance([f"c{c}" for c in range(classes)], dim, dtype), splits)
 
 
 def reversal_cache(path: Path, *, per_class: dict[str, int] | None = None, dim: int = 16,

@@ -123,3 +123,15 @@ def test_trials_that_differ_only_in_eval_clips_train_once(tmp_path):
         for k in a["model_state"]:
             assert torch.equal(a["model_state"][k], b["model_state"][k])
     assert a["train_config"]["eval_clips"] == 1 and b["train_config"]["eval_clips"] == 3
+
+
+def test_sweep_reads_lazily_with_the_same_leaderboard(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3}, noise=2.0)
+    grids = ((("head", ("lstm", "mean")), ("hidden", (8, 16))),)
+    boards = {}
+    for load in ("memory", "lazy"):
+        r = sweep(SweepConfig(base=base(cache, tmp_path / load, epochs=3, load=load), grids=grids, min_epochs=1),
+                  progress=False)
+        boards[load] = [(x["id"], x["best_val_top1"], x["best_val_loss"], x["status"]) for x in r.leaderboard]
+        assert r.test is not None
+    assert boards["memory"] == boards["lazy"]
