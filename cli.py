@@ -6,6 +6,7 @@ returns. Errors in the input become one line on stderr and a non-zero exit code,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -136,7 +137,8 @@ HEAD_OPTIONS = _options(
     click.option("--hidden", type=click.IntRange(1), default=512, show_default=True,
                  help="Hidden size (recurrent state; transformer/attention width)."),
     click.option("--layers", type=click.IntRange(1), default=1, show_default=True),
-    click.option("--bidirectional", is_flag=True, help="lstm/gru: read the clip both ways."),
+    click.option("--bidirectional/--unidirectional", default=True, show_default=True,
+                 help="lstm/gru: read the clip both ways, or forward only."),
     click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True),
     click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
                  help="lstm/gru: last = final hidden state of each direction; mean = average over time."),
@@ -250,7 +252,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--seq-len", type=click.IntRange(1), default=16, show_default=True, help="Frames per clip.")
 @click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True,
               help="Training clips: segment = TSN (one random frame per equal segment); random = random window.")
-@click.option("--eval-clips", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--eval-clips", type=click.IntRange(1), default=4, show_default=True,
               help="Uniform clips per video averaged at evaluation.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -553,6 +555,7 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
         # model runs, and an OpenMP team that shares its cores with the reader stalls at every barrier.
         threads = max(1, torch.get_num_threads() - 1)
     if threads is not None:
+        ctx.call_on_close(functools.partial(torch.set_num_threads, torch.get_num_threads()))  # back as it was
         torch.set_num_threads(threads)  # onnxruntime's sessions take the same count
     predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
                           workers=workers, threads=threads)

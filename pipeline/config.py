@@ -287,12 +287,12 @@ class TemporalConfig:
     num_heads: int = 4
     hidden: int = 512
     layers: int = 1
-    bidirectional: bool = False
+    bidirectional: bool = True  # defaults chosen by bench/defaults.py (README: Defaults)
     dropout: float = 0.5
     pool: Literal["last", "mean"] = "last"
     seq_len: int = 16
     sampler: Literal["segment", "random"] = "segment"
-    eval_clips: int = 1
+    eval_clips: int = 4
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -351,7 +351,7 @@ class FinetuneConfig:
     num_heads: int = 4
     hidden: int = 512
     layers: int = 1
-    bidirectional: bool = False
+    bidirectional: bool = True
     dropout: float = 0.5
     pool: Literal["last", "mean"] = "last"
     seq_len: int | None = None  # None: the --init run's, else 8
