@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import safe_load
@@ -628,9 +629,9 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
     return fused
 
 
-def _first_conv(net: nn.Module, size: int, graph: Any = None) -> nn.Conv2d | None:
-    """The Conv2d that reads the network input itself, or None. From the fx graph where there is
-    one; otherwise found by running one small input."""
+def _first_conv(net: nn.Module, size: int, graph: Any = None) -> tuple[str, nn.Conv2d] | None:
+    """(qualified name, module) of the Conv2d that reads the network input itself, or None. From
+    the fx graph where there is one; otherwise found by running one small input."""
     if graph is not None:
         import operator
 
@@ -643,7 +644,7 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> nn.Conv2d | Non
         users = [u for u in image.users if not shape_only(u)]
         if len(users) == 1 and users[0].op == "call_module":
             m = net.get_submodule(users[0].target)
-            return m if isinstance(m, nn.Conv2d) else None
+            return (users[0].target, m) if isinstance(m, nn.Conv2d) else None
         return None
     found: list[nn.Conv2d] = []
     x = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
@@ -659,20 +660,75 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> nn.Conv2d | Non
     finally:
         for h in handles:
             h.remove()
-    return found[0] if found else None
+    if not found:
+        return None
+    return next(name for name, m in net.named_modules() if m is found[0]), found[0]
+
+
+def _padded_reach(size: int, kernel: int, stride: int, pad: int, dilation: int) -> tuple[int, int]:
+    """How many output positions at the start and at the end of one axis read zero padding."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    start = sum(1 for i in range(out) if i * stride - pad < 0)
+    end = sum(1 for i in range(out) if i * stride - pad + dilation * (kernel - 1) > size - 1)
+    return min(start, out), min(end, out - min(start, out))
+
+
+class _CentredConv(nn.Module):
+    """The conv that reads the network input, taking raw pixel values (0-255 as floats) instead of
+    centred ones. Centring, ``x − c`` with ``c = 255·mean``, is linear: ``W * pad0(x − c)`` equals
+    ``W * pad0(x) − R`` with ``R = W * pad0(c)`` the response to a constant image. ``R`` is one
+    number per output channel away from the border, folded into the bias; within reach of the
+    zero padding it differs, and that difference (``border``, zero elsewhere) is added back to the
+    output's edge rows and columns. Exact for inputs of ``size``×``size``, one pass over the input
+    less than centring it."""
+
+    def __init__(self, conv: nn.Conv2d, offset: torch.Tensor, size: int) -> None:
+        super().__init__()
+        self.conv, self.size = conv, size
+        with torch.no_grad():
+            w = conv.weight.double()
+            c = offset.double().view(1, 3, 1, 1).expand(1, 3, size, size)
+            r = F.conv2d(c, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)  # (1, Co, H', W')
+            interior = (w * offset.double().view(1, 3, 1, 1)).sum((1, 2, 3))  # (Co,)
+            bias = (conv.bias.double() if conv.bias is not None else torch.zeros_like(interior)) - interior
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+            border = interior.view(1, -1, 1, 1) - r  # zero away from the border
+        # The output rows and columns whose receptive field reaches into the padding (geometry only).
+        (self.top, self.bottom), (self.left, self.right) = (
+            _padded_reach(size, k, st, p, dl) for k, st, p, dl in
+            zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+        self.register_buffer("border", border.to(conv.weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"this backbone takes {self.size}x{self.size} frames, got {tuple(x.shape[-2:])}")
+        y = self.conv(x)
+        if torch.onnx.is_in_onnx_export():  # one elementwise add is the simplest graph
+            return y + self.border.to(y.dtype)
+        d = self.border.to(y.dtype)
+        h, w = y.shape[-2:]
+        t, b, lf, r = self.top, self.bottom, self.left, self.right
+        if t:
+            y[..., :t, :] += d[..., :t, :]
+        if b:
+            y[..., h - b:, :] += d[..., h - b:, :]
+        if lf:
+            y[..., t:h - b, :lf] += d[..., t:h - b, :lf]
+        if r:
+            y[..., t:h - b, w - r:] += d[..., t:h - b, w - r:]
+        return y
 
 
 class FrozenBackbone(nn.Module):
     """The inference form of a backbone for one ``FrameSpec``: (B, 3, S, S) uint8 frames → (B, D)
     features, as ``net(preprocess.normalize_frames(frames, spec))`` up to float rounding.
 
-    Every BatchNorm is folded into its conv (``fuse_conv_bn``), and so is the per-channel scale
-    1/(255·std) of the input normalisation, into the conv that reads the input (when it is a
-    zero-padded 3-channel conv, as in every CNN and ViT patch embedding here). What is left of
-    preprocessing is one elementwise pass, uint8 → float ``x − 255·mean``. Centring, rather than
-    scaling, is what stays outside: a zero of the centred input is the mean pixel, which normalises
-    to zero, so the conv's zero padding means the same as on the normalised input and the fold is
-    exact at borders. A network whose input goes elsewhere first keeps the full normalisation.
+    Every BatchNorm is folded into its conv (``fuse_conv_bn``), and so is the whole input
+    normalisation, into the conv that reads the input (a zero-padded 3-channel conv, as in every
+    CNN and ViT patch embedding here): the scale 1/(255·std) into its weights, the centring into its
+    bias with the border put right (``_CentredConv``; exact, since the zero padding of the centred
+    input is not a zero of the raw one). What is left of preprocessing is the uint8 → float cast.
+    A network whose input goes elsewhere first keeps the normalisation as one pass outside.
     Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
     ``copy=False`` folds ``net`` itself instead of a copy (see ``fuse_conv_bn``).
     """
@@ -688,25 +744,38 @@ class FrozenBackbone(nn.Module):
         mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         first = _first_conv(fused, spec.size, graph)
-        scale = None
-        if (first is not None and first.in_channels == 3 and first.groups == 1
-                and (first.padding_mode == "zeros" or first.padding in (0, (0, 0)))):
-            with torch.no_grad():
-                w = first.weight.double() / (255.0 * std.view(1, 3, 1, 1))
-                first.weight.copy_(w.to(first.weight.dtype))
-        else:
-            scale = (1.0 / (255.0 * std)).to(torch.float32)
+        offset = (255.0 * mean).to(torch.float32)
+        shift, scale = -offset, (1.0 / (255.0 * std)).to(torch.float32)
+        if first is not None:
+            name, conv = first
+            if conv.in_channels == 3 and conv.groups == 1 and conv.padding_mode == "zeros":
+                with torch.no_grad():  # the input scale, into the conv's weights
+                    conv.weight.copy_((conv.weight.double() / (255.0 * std)).to(conv.weight.dtype))
+                scale = None
+                if not isinstance(conv.padding, str):  # and the centring ("same" padding: left outside)
+                    _set_module(fused, name, _CentredConv(conv, offset.view(3), spec.size))
+                    shift = None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = fused.to(memory_format=self.memory_format)
-        self.register_buffer("offset", (255.0 * mean).to(torch.float32), persistent=False)
+        self.register_buffer("offset", offset, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)  # None: folded into the first conv
         self.register_buffer("scale", scale, persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixel values (0-255) → the input of ``self.net``: what is left of the
+        normalisation once the first conv took what it could (usually nothing)."""
+        if self.shift is not None:
+            x = x + self.shift
+        return x if self.scale is None else x * self.scale
 
     def center(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 frames → the float input of ``self.net`` in the net's memory format."""
         if frames.dtype != torch.uint8:
             raise TypeError(f"FrozenBackbone takes uint8 frames (0-255), got {frames.dtype}")
-        x = per_channel_(frames.to(torch.float32, memory_format=self.memory_format), None, -self.offset)
-        return x if self.scale is None else per_channel_(x, self.scale, torch.zeros_like(self.offset))
+        x = frames.to(torch.float32, memory_format=self.memory_format)
+        if self.shift is None and self.scale is None:
+            return x
+        return per_channel_(x, self.scale, self.shift if self.shift is not None else torch.zeros_like(self.offset))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net(self.center(frames))

@@ -168,7 +168,8 @@ class CacheWriter:
         """Store one finished video; atomic, so a kill leaves either all of it or nothing."""
         p = self._part_path(split, rec.rel)
         p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(p, hint=self._kept_hint()) as tmp, open(tmp, "wb") as f:
+        # No fsync: done() checks every part it finds, and a part torn by a power cut is redone.
+        with atomic_path(p, hint=self._kept_hint, fsync=False) as tmp, open(tmp, "wb") as f:
             np.savez(f, rel=np.array(rec.rel), label=np.int64(rec.label), features=rec.features,
                      frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps),
                      broken=np.int64(rec.broken_frames))

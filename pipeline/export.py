@@ -149,18 +149,13 @@ class FramesToFeatures(nn.Module):
 
     def __init__(self, frozen: FrozenBackbone, round_to: torch.dtype | None) -> None:
         super().__init__()
-        self.net = frozen.net
-        self.register_buffer("offset", frozen.offset.clone(), persistent=False)  # (1, 3, 1, 1)
-        self.register_buffer("scale", None if frozen.scale is None else frozen.scale.clone(), persistent=False)
+        self.frozen = frozen
         self.round_to = round_to
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[0], frames.shape[1]
         x = frames.flatten(0, 1).permute(0, 3, 1, 2).to(torch.float32)  # (B·T, 3, S, S)
-        x = x - self.offset  # FrozenBackbone.center: the input scale is folded into the first conv
-        if self.scale is not None:
-            x = x * self.scale
-        f = self.net(x).float()  # (B·T, D)
+        f = self.frozen.net(self.frozen.normalize(x)).float()  # (B·T, D): as FrozenBackbone runs it
         if self.round_to is not None:
             f = f.to(self.round_to).to(torch.float32)
         return f.reshape(b, t, f.shape[-1])  # (B, T, D)

@@ -13,7 +13,7 @@ import errno
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +49,25 @@ def disk_full(path: str | Path, hint: str = "") -> DiskFullError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, hint: str = "") -> Iterator[Path]:
+def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it is fsynced and
-    renamed over ``path``, on any failure removed. ``hint`` is added to a full-disk message (what
-    is kept, what to rerun)."""
+    renamed over ``path``, on any failure removed. ``hint`` (or a function giving it, called only
+    on failure) is added to a full-disk message: what is kept, what to rerun. ``fsync=False`` for
+    files whose reader checks them anyway (a part torn by a power cut is redone): the rename
+    still makes them all-or-nothing for a killed process."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if not isinstance(e, DiskFullError) and is_disk_full(e):
-            raise disk_full(path, hint) from None
+            raise disk_full(path, hint() if callable(hint) else hint) from None
         raise
 
 

@@ -479,3 +479,33 @@ def test_source_group_names_and_pattern():
     # A class with a single source stays in training rather than being carved away.
     one = carve_validation(["a/x_1", "a/x_2", "b/y_1", "b/z_1"], [0, 0, 1, 1], 0.5, pattern=r"^([a-z])_")
     assert not one[:2].any()
+
+
+@pytest.mark.parametrize("mode, kw", [("RGB", {}), ("RGB", {"subsampling": 0, "quality": 60}), ("L", {}),
+                                      ("RGB", {"progressive": True}), ("CMYK", {})])
+def test_jpeg_frames_decode_to_torchvisions_pixels(tmp_path, mode, kw):
+    """The libjpeg-turbo path (simplejpeg) must give torchvision's pixels bit for bit, or step aside."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+
+    from pipeline.data import decode_image_file
+
+    rng = np.random.default_rng(0)
+    img = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).convert(mode).save(buf, "JPEG", **kw)
+    (tmp_path / "f.jpg").write_bytes(buf.getvalue())
+    want = decode_image(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    got = decode_image_file(tmp_path / "f.jpg")
+    assert torch.equal(got, want) and got.shape == (3, 48, 64)
+    assert got.stride() == (1, 64 * 3, 3)  # (H, W, 3) memory, as the pipeline keeps frames
+
+
+def test_damaged_jpeg_is_named(tmp_path):
+    from pipeline.data import FrameDecodeError, decode_image_file
+
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    with pytest.raises(FrameDecodeError, match="bad.jpg"):
+        decode_image_file(tmp_path / "bad.jpg")
