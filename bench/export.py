@@ -84,9 +84,10 @@ def torch_probs(clf: TorchClassifier, clips: torch.Tensor) -> np.ndarray:
     """predict's torch path on (B, T, S, S, 3) clips: FrozenBackbone, float16 features, head, softmax."""
     b, t = clips.shape[:2]
     with torch.inference_mode():
-        f = clf.features(clips.flatten(0, 1).permute(0, 3, 1, 2)).float()  # channels_last frames → (B·T, D)
+        frames = clips.flatten(0, 1).permute(0, 3, 1, 2).to(clf.device)  # channels_last frames
+        f = clf.features(frames).float()  # (B·T, D)
         f = f.to(torch.float16).float().view(b, t, -1)
-        return clf.clip_probs(f, torch.full((b,), t)).numpy()
+        return clf.clip_probs(f, torch.full((b,), t)).cpu().numpy()
 
 
 def rate(fn, clips: torch.Tensor, batches: int) -> float:
@@ -139,6 +140,8 @@ def write_live_video(path: Path, seconds: float, fps: int = 30) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: torch on the GPU against onnxruntime's CUDA provider (onnxruntime-gpu)")
     ap.add_argument("--size", type=int, default=None, help="crop size  [default: the backbone weights' own]")
     ap.add_argument("--clips", type=int, default=4, help="clips per batch (both runtimes)")
     ap.add_argument("--seq-len", type=int, default=16)
@@ -162,8 +165,8 @@ def main() -> None:
         print(f"export: {time.perf_counter() - t:.1f} s, {r.bytes / 1e6:.1f} MB, exporters "
               f"{', '.join(f'{k} {v}' for k, v in r.exporters.items())}")
 
-        clf = TorchClassifier(ckpt, device="cpu")
-        sess = ort_session(r.out)
+        clf = TorchClassifier(ckpt, device=args.device)
+        sess = ort_session(r.out, device=args.device)
         clips = smooth_clips(args.clips, args.seq_len, s)
         run_ort = lambda c: sess.run(None, {"frames": c.numpy()})[0]  # noqa: E731
         run_torch = lambda c: torch_probs(clf, c)  # noqa: E731
@@ -184,7 +187,7 @@ def main() -> None:
               f"max |prob difference| {diff:.2g}")
 
         live: dict[str, dict] = {}
-        if args.live_seconds > 0:
+        if args.live_seconds > 0 and args.device == "cpu":
             video = work / "live.ts"
             write_live_video(video, args.live_seconds)
             threads = args.threads or max(1, torch.get_num_threads() - 1)  # the CLI's default with --live
@@ -196,7 +199,7 @@ def main() -> None:
                       f"{m['mean_ms']:.1f}), {m['dropped']} of {m['frames']} frames dropped")
         load1 = os.getloadavg()
         print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f} on {os.cpu_count()} CPUs")
-        record("export", backbone=args.backbone, size=s, clips=args.clips, seq_len=args.seq_len,
+        record("export", device=args.device, backbone=args.backbone, size=s, clips=args.clips, seq_len=args.seq_len,
                torch_clips_per_s=float(np.mean(torches)), ort_clips_per_s=float(np.mean(orts)), ratio=ratio,
                max_prob_diff=diff, **{f"live_{k}_{q}": v[q] for k, v in live.items() for q in ("p50_ms", "p95_ms",
                                                                                               "dropped")})

@@ -11,8 +11,9 @@
 #   2. the CLI with --device cuda on generated data: make-demo-data, extract-features,
 #      train-temporal, finetune-end-to-end with AMP, predict;
 #   3. every bench in bench/ with --device cuda: extraction (MobileNetV2 and ResNet-50, bf16,
-#      channels_last) against the bare backbone, stage two with the split in GPU memory, the
-#      sweep, predict, end-to-end fine-tuning;
+#      channels_last) against the bare backbone, stage two with the split in GPU memory and read
+#      lazily, the sweep, predict, end-to-end fine-tuning, and onnxruntime (its CUDA provider when
+#      installed: onnxruntime-gpu; else the CPU one);
 # then prints one table: frames/s and ratios, epoch seconds, peak GPU memory, and each step's status.
 # Logs and the table go to $GPU_OUT (default $OUT when the device tool runs it, else bench/out/gpu).
 # The device machine has no registry: PyAV is carried as a wheel in .whl/ (see --fetch-wheels).
@@ -113,7 +114,9 @@ if [ -n "$SMALL" ]; then
   step bench_extract_mobilenet_v2 120 "$PY" bench/extract.py --device "$DEVICE" --frames 128 --repeats 1 --size 64
   step bench_extract_resnet50 120 "$PY" bench/extract.py --backbone resnet50 --device "$DEVICE" --frames 64 \
     --repeats 1 --size 64
-  step bench_temporal 120 "$PY" bench/temporal.py --device "$DEVICE" --train 64 --val 32 --frames 30 --epochs 1
+  step bench_temporal 120 "$PY" bench/temporal.py --device "$DEVICE" --train 64 --val 32 --frames 30 --epochs 1 \
+    --big-gb 0 --lazy-pairs 1 --lockstep 1
+  step bench_export 120 "$PY" bench/export.py --device "$DEVICE" --repeats 1 --batches 1 --live-seconds 2
   step bench_sweep 120 "$PY" bench/sweep.py --device "$DEVICE" --train 96 --val 48 --frames 30 --epochs 2
   step bench_predict 120 "$PY" bench/predict.py --device "$DEVICE" --seconds 4
   step bench_finetune 120 "$PY" bench/finetune.py --device "$DEVICE" --videos 8 --frames 8 --size 64
@@ -123,10 +126,16 @@ else
     --batch-size 256 --repeats 3
   step bench_extract_resnet50 75 "$PY" bench/extract.py --backbone resnet50 --device cuda --precision bf16 \
     --frames 8192 --batch-size 256 --repeats 3
-  step bench_temporal 90 "$PY" bench/temporal.py --device cuda  # the split held in GPU memory
+  # the split held in GPU memory, then read lazily (no 8 GB cache: the lazy-RSS check is the CPU's)
+  step bench_temporal 90 "$PY" bench/temporal.py --device cuda --big-gb 0 --lazy-pairs 2 --lockstep 2
   step bench_sweep 90 "$PY" bench/sweep.py --device cuda
   step bench_predict 45 "$PY" bench/predict.py --device cuda
   step bench_finetune 60 "$PY" bench/finetune.py --device cuda --videos 96
+  if "$PY" -c 'import sys, onnxruntime as o; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null; then
+    step bench_export_cuda 60 "$PY" bench/export.py --device cuda --repeats 3
+  else
+    step bench_export_cpu 60 "$PY" bench/export.py --repeats 3 --live-seconds 0  # onnxruntime has no CUDA provider here
+  fi
 fi
 
 "$PY" bench/gpu_table.py "$STEPS" "$BENCH_JSON" "$(cat "$OUTDIR/device.txt")" "$(( $(date +%s) - START ))" \

@@ -191,17 +191,23 @@ def _ort():
     return onnxruntime
 
 
-def ort_session(model: Any, threads: int | None = None):
-    """An onnxruntime CPU session for a ModelProto or a path: every graph optimisation, one
-    intra-op thread per core torch uses (the decoders run between batches, as for torch)."""
+def ort_session(model: Any, threads: int | None = None, device: str = "cpu"):
+    """An onnxruntime session for a ModelProto or a path: every graph optimisation, one intra-op
+    thread per core torch uses (the decoders run between batches, as for torch). ``device="cuda"``
+    runs it with the CUDA execution provider (onnxruntime-gpu); inputs and outputs stay numpy."""
     ort = _ort()
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu, or run the "
+                              ".onnx on the CPU (drop --device cuda)")
+        providers.insert(0, "CUDAExecutionProvider")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.log_severity_level = 3  # errors only: no warnings on stderr for unused initializers
     data = model if isinstance(model, str | Path) else model.SerializeToString()
-    return ort.InferenceSession(str(data) if isinstance(data, Path) else data, so,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
 
 
 def _short(e: BaseException) -> str:

@@ -206,7 +206,9 @@ class OnnxClassifier(Classifier):
 
     runtime = "onnx"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, provider: str = "cpu") -> None:
+        """``provider="cuda"``: onnxruntime's CUDA execution provider (tensors here stay on the CPU,
+        onnxruntime copies them)."""
         from .export import OnnxMeta, load_onnx, ort_session, read_metadata, split_model
 
         self.path = Path(path)
@@ -221,7 +223,7 @@ class OnnxClassifier(Classifier):
         self.seq_len, self.eval_clips, self.dtype = meta.seq_len, meta.eval_clips, meta.feature_dtype
         self.device = torch.device("cpu")
         backbone, head = split_model(proto)
-        self.backbone, self.head = ort_session(backbone, threads), ort_session(head, threads)
+        self.backbone, self.head = ort_session(backbone, threads, provider), ort_session(head, threads, provider)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 2, 3, 1).contiguous().numpy()[None]  # (1, N, S, S, 3): channels_last is a view
@@ -253,9 +255,7 @@ def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | 
                               f"(`python cli.py export {path} --out model.onnx`) or use --runtime torch")
         if weights is not None:
             raise ConfigError("--weights is for checkpoints: an .onnx file holds its backbone")
-        if device == "cuda":
-            raise ConfigError("--runtime onnx runs on the CPU (onnxruntime's CPU provider); drop --device cuda")
-        return OnnxClassifier(path, threads=threads)
+        return OnnxClassifier(path, threads=threads, provider="cuda" if device == "cuda" else "cpu")
     if runtime != "torch":
         raise ConfigError(f"unknown runtime {runtime!r}: use auto, torch or onnx")
     if onnx_file:

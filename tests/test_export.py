@@ -242,6 +242,11 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
         (["--runtime", "onnx", str(ckpt)], "is a torch checkpoint, not an ONNX file: export it first"),
         (["--runtime", "torch", str(r.out)], "is an ONNX file: use --runtime onnx"),
     ]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU-only package
+        cases.append((["--runtime", "onnx", str(r.out), "--device", "cuda"],
+                      "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu"))
     for args, msg in cases:
         res = CliRunner().invoke(main, ["predict", *args, str(inputs[0]), "--no-progress"])
         assert res.exit_code == 1 and "Traceback" not in res.stderr, (args, res.stderr)
