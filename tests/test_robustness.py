@@ -265,6 +265,7 @@ def test_predict_plot_path_checked_before_the_work(trained_run, tmp_path):
 # ------------------------------------------------------------------------ files that are not ours
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the pickle payload is the point
 def test_non_checkpoints_are_refused_without_unsafe_advice(trained_run, tiny_dataset, tmp_path):
     ckpt, rng = trained_run
     video = tmp_path / "v.avi"
