@@ -40,21 +40,23 @@ class DemoInfo:
     video_files: int
 
 
-def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec: str | None = None) -> None:
+def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec: str | None = None,
+                options: dict[str, str] | None = None) -> None:
     """Write (H, W, 3) uint8 RGB frames as a video file with PyAV.
 
     Codec defaults by extension: .avi mpeg4, .mp4 libx264, .mkv ffv1 (lossless RGB), .webm vp9,
-    .mov png (lossless RGB).
+    .mov png (lossless RGB), .ts mpeg4 (MPEG-TS: streams front to back without seeking).
+    ``options``: the container's (e.g. ``{"movflags": "faststart"}``: an .mp4's index first).
     """
     import av
     from fractions import Fraction
 
     ext = path.suffix.lower()
     codec = codec or {".avi": "mpeg4", ".mp4": "libx264", ".mkv": "ffv1", ".webm": "libvpx-vp9",
-                      ".mov": "png"}[ext]
+                      ".mov": "png", ".ts": "mpeg4"}[ext]
     pix_fmt = {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
     h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as c:
+    with av.open(str(path), "w", options=options or {}) as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = w, h, pix_fmt
         if codec == "mpeg4":

@@ -38,19 +38,9 @@ def write_frames(folder: Path, frames: list[np.ndarray], ext: str = ".png", name
 
 def write_faststart_mp4(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
     """h264 .mp4 with its header (moov) before the frames, as web videos are: a cut file still opens."""
-    from fractions import Fraction
+    from pipeline.demo import write_video
 
-    import av
-
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=Fraction(fps))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(q)
-        for q in s.encode():
-            c.mux(q)
+    write_video(path, frames, fps, options={"movflags": "faststart"})
 
 
 def cut_file(path: Path, keep: int) -> None:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,17 +33,7 @@ W, S = 6, 3  # window (the model's seq-len) and stride, in kept frames
 
 def write_ts(path: Path, frames: list[np.ndarray], fps: int = FPS) -> Path:
     """MPEG-TS (mpeg4): a container that streams, readable front to back without seeking."""
-    import av
-
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", format="mpegts") as c:
-        s = c.add_stream("mpeg4", rate=Fraction(fps))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video(path, frames, fps)  # .ts: MPEG-TS, mpeg4
     return path
 
 
