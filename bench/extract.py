@@ -7,9 +7,9 @@ Generates a set of 320×240 JPEG frame folders (smooth random texture, like real
 frames as the bare backbone runs in ``--seconds`` (so a fast and a slow backbone are measured over
 runs of the same length, where start-up weighs the same), then measures in this one process:
 
-* bare:     the pipeline's own network (``FrozenBackbone``: the backbone with BatchNorm and the input
-            scale folded into the convs, as extract-features runs it) on pre-decoded, preprocessed
-            tensors already on the device, at the same batch size, precision and memory format; the
+* bare:     the pipeline's own network (``FrozenBackbone``: the backbone with BatchNorm and the whole
+            input normalisation folded into the convs, as extract-features runs it) on one batch of
+            the dataset's frames, pre-decoded, as float and already on the device, at the same batch size, precision and memory format; the
             unfused torchvision model is timed too, to show what the folding gains;
 * pipeline: ``extract_features`` end to end: indexing, JPEG decoding and resizing (threads between
             batches on CPU, DataLoader workers on CUDA), device transfer, the uint8 → float input,

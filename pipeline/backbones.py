@@ -580,6 +580,14 @@ def _graph(model: nn.Module) -> Any:
         return None
 
 
+def _plain(m: nn.Module, base: type[nn.Module]) -> bool:
+    """``m`` is a ``base`` that computes what ``base`` computes: a subclass with its own forward
+    (timm's ``Conv2dSame`` pads inside it, ``StdConv2d`` standardises its weights there,
+    ``BatchNormAct2d`` adds an activation) must not be folded as if it were the plain module."""
+    return isinstance(m, base) and all(getattr(type(m), f, None) is getattr(base, f, None)
+                                       for f in ("forward", "_conv_forward"))
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
@@ -611,11 +619,11 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
         modules = dict(fused.named_modules())
         for n in graph.nodes:
             bn = modules.get(n.target) if n.op == "call_module" else None
-            if not isinstance(bn, nn.BatchNorm2d) or calls[n.target] != 1 or not n.args:
+            if not _plain(bn, nn.BatchNorm2d) or calls[n.target] != 1 or not n.args:
                 continue
             src = n.args[0]
             conv = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
-            if isinstance(conv, nn.Conv2d) and calls[src.target] == 1 and len(src.users) == 1:
+            if _plain(conv, nn.Conv2d) and calls[src.target] == 1 and len(src.users) == 1:
                 _set_module(fused, src.target, fuse_conv_bn_eval(conv, bn))
                 _set_module(fused, n.target, nn.Identity())
         return fused
@@ -623,7 +631,7 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if _plain(conv, nn.Conv2d) and _plain(bn, nn.BatchNorm2d):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return fused
@@ -644,7 +652,7 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> tuple[str, nn.C
         users = [u for u in image.users if not shape_only(u)]
         if len(users) == 1 and users[0].op == "call_module":
             m = net.get_submodule(users[0].target)
-            return (users[0].target, m) if isinstance(m, nn.Conv2d) else None
+            return (users[0].target, m) if _plain(m, nn.Conv2d) else None
         return None
     found: list[nn.Conv2d] = []
     x = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
@@ -660,7 +668,7 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> tuple[str, nn.C
     finally:
         for h in handles:
             h.remove()
-    if not found:
+    if not found or not _plain(found[0], nn.Conv2d):
         return None
     return next(name for name, m in net.named_modules() if m is found[0]), found[0]
 
@@ -775,7 +783,8 @@ class FrozenBackbone(nn.Module):
         x = frames.to(torch.float32, memory_format=self.memory_format)
         if self.shift is None and self.scale is None:
             return x
-        return per_channel_(x, self.scale, self.shift if self.shift is not None else torch.zeros_like(self.offset))
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.offset)
+        return per_channel_(x, self.scale, shift if self.scale is None else shift * self.scale)  # (x + shift)·scale
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net(self.center(frames))

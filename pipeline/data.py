@@ -506,7 +506,8 @@ def _decode_jpeg_turbo(data: bytes) -> torch.Tensor | None:
     try:
         if _simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray", "RGB"):
             return None
-        return torch.from_numpy(_simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+        return torch.from_numpy(_simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
+                                                        fastupsample=False)).permute(2, 0, 1)  # torchvision's
     except ValueError:
         return None
 

@@ -56,7 +56,7 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec
                       ".mov": "png", ".ts": "mpeg4"}[ext]
     pix_fmt = {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
     h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", options=options or {}) as c:
+    with av.open(str(path), "w", container_options=options or {}) as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = w, h, pix_fmt
         if codec == "mpeg4":

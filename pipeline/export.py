@@ -206,8 +206,21 @@ def ort_session(model: Any, threads: int | None = None, device: str = "cpu"):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.log_severity_level = 3  # errors only: no warnings on stderr for unused initializers
+    if device == "cuda" and hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA/cuDNN from the torch wheels
+        ort.preload_dlls()
     data = model if isinstance(model, str | Path) else model.SerializeToString()
-    return ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
+    try:
+        with warnings.catch_warnings():  # a provider that cannot start is a warning there; an error below
+            warnings.simplefilter("ignore")
+            sess = ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types, not RuntimeError
+        raise ExportError(f"onnxruntime cannot load {data if isinstance(data, str | Path) else 'the model'}: "
+                          f"{_short(e)}") from e
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        # the package has the provider, but CUDA or cuDNN did not load: it would run on the CPU
+        raise ExportError("onnxruntime's CUDA provider did not start (CUDA or cuDNN libraries missing or not "
+                          "matching onnxruntime-gpu's build); run the .onnx on the CPU (drop --device cuda)")
+    return sess
 
 
 def _short(e: BaseException) -> str:

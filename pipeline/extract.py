@@ -473,10 +473,17 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
-    # The inference form is built (BatchNorm folded: ~0.1-0.2 s) while the first frames decode.
-    builder = ThreadPoolExecutor(1, thread_name_prefix="fold")
-    frozen = builder.submit(FrozenBackbone, bb.net.to(device).eval(), spec, channels_last=cfg.channels_last, copy=False)
-    builder.shutdown(wait=False)
+    # On CPU the inference form is built (BatchNorm folded: ~0.1-0.2 s) while the first frames
+    # decode in threads. Not on CUDA: DataLoader workers fork, and a fork while another thread is
+    # inside torch can leave a lock held in the child.
+    net = bb.net.to(device).eval()
+    if device.type == "cpu":
+        builder = ThreadPoolExecutor(1, thread_name_prefix="fold")
+        frozen: FrozenBackbone | Future = builder.submit(FrozenBackbone, net, spec, channels_last=cfg.channels_last,
+                                                        copy=False)
+        builder.shutdown(wait=False)
+    else:
+        frozen = FrozenBackbone(net, spec, channels_last=cfg.channels_last, copy=False)
     del bb
     runner = FeatureRunner(frozen, device, amp_dtype, cfg.batch_size)
     loader = frame_loader([(i, v.path, v.kind) for i, (_, v) in enumerate(jobs)], spec,

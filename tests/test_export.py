@@ -247,6 +247,12 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU-only package
         cases.append((["--runtime", "onnx", str(r.out), "--device", "cuda"],
                       "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu"))
+        # a package that lists the provider, but whose CUDA libraries do not load, must not run on the CPU
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                            "CPUExecutionProvider"])
+        with pytest.raises(ExportError, match="CUDA provider did not start"):
+            ort_session(r.out, device="cuda")
+        monkeypatch.undo()
     for args, msg in cases:
         res = CliRunner().invoke(main, ["predict", *args, str(inputs[0]), "--no-progress"])
         assert res.exit_code == 1 and "Traceback" not in res.stderr, (args, res.stderr)

@@ -218,6 +218,43 @@ def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
             frozen(normalize_frames(frames, spec))
 
 
+class _SameConv(torch.nn.Conv2d):
+    """Pads inside its forward, as timm's Conv2dSame does: its padding attribute says 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class _Untraceable(torch.nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1:  # data-dependent control flow: fx cannot trace it, the fallbacks run
+            return super().forward(x)
+        return x
+
+
+@pytest.mark.parametrize("first", ["identity", "conv_subclass_traced", "conv_subclass_untraceable"])
+def test_frozen_backbone_whose_input_is_not_a_plain_conv(first):
+    """The normalisation stays outside the network (in the right order), and a conv or BatchNorm
+    subclass with its own forward is never folded as if it were the plain module."""
+    from pipeline.preprocess import normalize_frames
+
+    torch.manual_seed(0)
+    spec = FrameSpec(size=32, mean=(0.2, 0.7, 0.5), std=(0.1, 0.4, 0.9))
+    head = torch.nn.Identity() if first == "identity" else _SameConv(3, 8, 3, padding=0)
+    layers = [head] + ([torch.nn.Conv2d(3, 8, 3, padding=1)] if first == "identity" else []) + [
+        torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+    net = (_Untraceable if first == "conv_subclass_untraceable" else torch.nn.Sequential)(*layers).eval()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    frames = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = net(normalize_frames(frames, spec))
+        frozen = FrozenBackbone(net, spec)
+        torch.testing.assert_close(frozen(frames), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == (0 if first == "identity" else 1)
+
+
 def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file):
     from pipeline.preprocess import normalize_frames
 

@@ -272,3 +272,22 @@ def test_open_splits_for_any_caller(tmp_path):
         src = opened["train"].source
         x = src.gather(np.array([0, 1]), np.zeros((2, 3), dtype=np.int64))
         assert x.shape == (2, 3, 32) and opened["train"].data.feature_dim == 32
+
+
+def test_part_torn_inside_its_features_is_redone(tmp_path):
+    """Parts are written without fsync: a power cut can leave one whose zip structure is intact but
+    whose feature bytes are not. done() must not count it (the CRC shows it), and drops it."""
+    prov = provenance(["c0", "c1"], 8)
+    recs = _records("train", 3)
+    w = CacheWriter(tmp_path / "c.h5", prov)
+    for r in recs:
+        w.add("train", r)
+    torn = sorted((tmp_path / "c.h5.partial" / "train").glob("*.npz"))[0]
+    with np.load(torn) as z:
+        rel, feats = str(z["rel"]), z["features"].tobytes()
+    data = bytearray(torn.read_bytes())
+    mid = bytes(data).index(feats) + len(feats) // 2  # stored uncompressed: the bytes sit in the file as they are
+    data[mid:mid + 8] = bytes(255 - b for b in data[mid:mid + 8])
+    torn.write_bytes(bytes(data))
+    assert CacheWriter(tmp_path / "c.h5", prov).done("train") == {r.rel for r in recs} - {rel}
+    assert not torn.exists()
