@@ -312,16 +312,18 @@ class ExtractResult:
     frame_spec: FrameSpec | None = None
 
 
-def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> Path:
+def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> tuple[Path, str]:
     """Save a recalibrated backbone next to the cache, named by its content hash, so replacing a
-    cache never overwrites the backbone that checkpoints trained on the old one still need."""
+    cache never overwrites the backbone that checkpoints trained on the old one still need.
+    → (path, the file's sha256)."""
     buf = io.BytesIO()
     torch.save({"schema_version": BACKBONE_FILE_SCHEMA, "kind": "backbone", "backbone": bb.name,
                 "backbone_state": bb.net.state_dict(), "meta": meta}, buf)
     data = buf.getvalue()
-    path = output.with_name(f"{output.stem}.backbone-{hashlib.sha256(data).hexdigest()[:12]}.pt")
+    digest = hashlib.sha256(data).hexdigest()
+    path = output.with_name(f"{output.stem}.backbone-{digest[:12]}.pt")
     atomic_write_bytes(path, data, hint="nothing was extracted yet")
-    return path
+    return path, digest
 
 
 def _recorded_backbone(output: Path, overwrite: bool) -> WeightsIdentity | None:
@@ -393,7 +395,7 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
     recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite)
     if recorded is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the backbone %s", recorded.path)
-        path, source = Path(str(recorded.path)), recorded.source
+        path, source, digest = Path(str(recorded.path)), recorded.source, recorded.sha256  # hash just checked
         bb = create_backbone(cfg.backbone, str(path), input_size=spec.size)
     else:
         torch.manual_seed(cfg.seed)
@@ -414,8 +416,8 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
             log.warning("--weights none: %s is randomly initialised and has no BatchNorm to calibrate; its "
                         "features are only good for testing (use --weights imagenet)", bb.name)
             source = "random_init"
-        path = _save_backbone(bb, Path(cfg.output), meta)
-    bb.weights = WeightsIdentity(source=source, sha256=sha256_file(path), path=str(path.resolve()))
+        path, digest = _save_backbone(bb, Path(cfg.output), meta)
+    bb.weights = WeightsIdentity(source=source, sha256=digest, path=str(path.resolve()))
     return bb, path
 
 
