@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import INTERPOLATIONS, DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection
+from pipeline.config import HEAD_ARCHS, INTERPOLATIONS, DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection
 from pipeline.errors import PipelineError
 from pipeline.runtime import tune_cpu_allocator
 
@@ -131,7 +131,7 @@ def _describe_spec(spec) -> str:
 
 
 HEAD_OPTIONS = _options(
-    click.option("--head", type=click.Choice(["lstm", "gru", "transformer", "attention", "mean"]), default="lstm",
+    click.option("--head", type=click.Choice(HEAD_ARCHS), default="lstm",
                  show_default=True, help="Temporal head: lstm/gru (recurrent), transformer (pre-norm encoder), "
                                          "attention (learned-query pooling), mean (order-blind baseline)."),
     click.option("--hidden", type=click.IntRange(1), default=512, show_default=True,
@@ -354,7 +354,7 @@ def _list_of(kind):
     return parse
 
 
-SWEEP_AXES = [("head", ("lstm", "gru", "transformer", "attention", "mean")), ("hidden", int), ("layers", int),
+SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int),
               ("bidirectional", bool), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
               ("sampler", ("segment", "random")), ("eval_clips", int)]
 

@@ -13,6 +13,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ResizeMode = Literal["crop", "squash"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+HEAD_ARCHS = ("lstm", "gru", "transformer", "attention", "mean")  # pipeline.heads.HEADS, without importing torch
 
 
 @dataclass(frozen=True)

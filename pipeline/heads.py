@@ -74,6 +74,11 @@ def build_head(cfg: HeadConfig) -> nn.Module:
     return HEADS[cfg.arch](cfg)
 
 
+def unused_fields(arch: str) -> tuple[str, ...]:
+    """The config fields head ``arch`` does not read (its class's ``unused``)."""
+    return getattr(HEADS.get(arch), "unused", ())
+
+
 @register("lstm")
 class LSTMHead(nn.Module):
     """LSTM over a clip of frame features → class logits.
@@ -84,6 +89,8 @@ class LSTMHead(nn.Module):
     backward direction after only one frame.) ``pool="mean"`` averages the outputs over real steps.
     Padded steps never change the result: sequences are packed when lengths differ.
     """
+
+    unused = ("num_heads",)  # config fields this head does not read (the sweep collapses them)
 
     rnn_type: type[nn.RNNBase] = nn.LSTM
 
@@ -159,6 +166,8 @@ class _Positions(nn.Module):
 class TransformerHead(nn.Module):
     """Pre-norm Transformer encoder over the frames; real outputs averaged, then a linear layer."""
 
+    unused = ("bidirectional", "pool")
+
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -182,6 +191,8 @@ class TransformerHead(nn.Module):
 @register("attention")
 class AttentionPoolHead(nn.Module):
     """A learned query attends over the projected frames (with learned positions); then an MLP."""
+
+    unused = ("layers", "bidirectional", "pool")
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
@@ -210,6 +221,8 @@ class AttentionPoolHead(nn.Module):
 @register("mean")
 class MeanHead(nn.Module):
     """The average of the real frames' features, dropout, a linear layer (order-blind)."""
+
+    unused = ("hidden", "layers", "bidirectional", "pool", "num_heads")
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()

@@ -44,7 +44,7 @@ from .config import TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir
-from .heads import build_head
+from .heads import HEADS, build_head, unused_fields
 from .metrics import classification_metrics
 from .report import write_csv
 from .run import summary
@@ -55,13 +55,8 @@ log = logging.getLogger(__name__)
 
 AXES = ("head", "hidden", "layers", "bidirectional", "dropout", "lr", "weight_decay", "seq_len", "sampler",
         "eval_clips")
-DEFAULT_GRID: dict[str, tuple] = {"head": ("lstm", "gru", "transformer", "attention", "mean"),
-                                  "hidden": (256, 512), "bidirectional": (False, True), "lr": (1e-3, 3e-3)}
-# Fields a head does not read: a grid point that differs only in them is the same trial.
-UNUSED = {"mean": ("hidden", "layers", "bidirectional", "pool", "num_heads"),
-          "attention": ("layers", "bidirectional", "pool"),
-          "transformer": ("bidirectional", "pool"),
-          "lstm": ("num_heads",), "gru": ("num_heads",)}
+DEFAULT_GRID: dict[str, tuple] = {"head": tuple(HEADS), "hidden": (256, 512), "bidirectional": (False, True),
+                                  "lr": (1e-3, 3e-3)}
 STATE_VERSION = 2  # 2: trainings shared by trials saved once
 SNAPSHOT_SECONDS = 60.0
 
@@ -132,7 +127,7 @@ class SweepResult:
 
 def varying_axes(trials: Sequence[Trial]) -> list[str]:
     """The axes whose value differs between the trials that use them."""
-    return [a for a in AXES if len({getattr(t.cfg, a) for t in trials if a not in UNUSED.get(t.cfg.head, ())}) > 1]
+    return [a for a in AXES if len({getattr(t.cfg, a) for t in trials if a not in unused_fields(t.cfg.head)}) > 1]
 
 
 def expand_grid(cfg: SweepConfig) -> list[Trial]:
@@ -140,11 +135,11 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
     dropped, in grid order."""
     base = dataclasses.replace(cfg.base, resume=False, overwrite=False)
     seen: dict[str, Trial] = {}
+    defaults = TemporalConfig(cache="", out="")
     points = [dict(zip([a for a, _ in g], values)) for g in cfg.grids for values in itertools.product(*(v for _, v in g))]
     for point in points:
         t = dataclasses.replace(base, **point)
-        defaults = TemporalConfig(cache="", out="")
-        t = dataclasses.replace(t, **{f: getattr(defaults, f) for f in UNUSED.get(t.head, ()) if f not in ("out",)})
+        t = dataclasses.replace(t, **{f: getattr(defaults, f) for f in unused_fields(t.head)})
         settings = {a: getattr(t, a) for a in (*AXES, "pool", "num_heads")}
         key = json.dumps(settings, sort_keys=True)
         if key not in seen:
@@ -162,7 +157,7 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
 def _label(t: TemporalConfig, axes: Sequence[str]) -> str:
     parts = [t.head]
     for a in axes:
-        if a == "head" or a in UNUSED.get(t.head, ()):
+        if a == "head" or a in unused_fields(t.head):
             continue
         v = getattr(t, a)
         parts.append({"bidirectional": "bi" if v else "uni"}.get(a, f"{a.replace('_', '-')} {v:g}"

@@ -210,6 +210,13 @@ def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
 HEAD_ARCHS = ["lstm", "gru", "transformer", "attention", "mean"]
 
 
+def test_the_clis_head_names_are_the_registry():
+    from pipeline.config import HEAD_ARCHS
+    from pipeline.heads import HEADS
+
+    assert tuple(HEADS) == HEAD_ARCHS  # the CLI lists them without importing torch
+
+
 @pytest.mark.parametrize("arch, pool, bidirectional", [
     ("lstm", "last", False), ("lstm", "last", True), ("lstm", "mean", True), ("gru", "last", True),
     ("gru", "mean", False), ("transformer", "last", False), ("attention", "last", False), ("mean", "last", False)])
