@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -266,8 +266,8 @@ class HeadTrainer:
 
 
 def train_heads_one_epoch(heads: list[HeadTrainer], source: ClipSource, *, seq_len: int, sampler: Sampler,
-                          batch_size: int, rng: np.random.Generator, epoch: int, amp_dtype: torch.dtype | None = None,
-                          on_batch: Callable[[], None] | None = None) -> list[dict[str, float]]:
+                          batch_size: int, rng: np.random.Generator, epoch: int,
+                          amp_dtype: torch.dtype | None = None) -> list[dict[str, float]]:
     """One pass over every training video for several heads at once: each batch of clips is
     sampled and gathered once and fed to every head; their losses are summed for one backward
     pass (their parameters are disjoint, so each gets exactly its own gradient). Dropout draws
@@ -316,8 +316,6 @@ def train_heads_one_epoch(heads: list[HeadTrainer], source: ClipSource, *, seq_l
                 h.optimizer.step()
                 if h.scheduler is not None:
                     h.scheduler.step()
-            if on_batch is not None:
-                on_batch()
     return [{"loss": sums[id(h)][0] / max(sums[id(h)][2], 1) if h.failed is None else float("nan"),
              "top1": sums[id(h)][1] / max(sums[id(h)][2], 1) if h.failed is None else float("nan")} for h in heads]
 

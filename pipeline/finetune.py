@@ -38,7 +38,7 @@ from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir
-from .train import TrainingError, TrainResult, cosine_with_warmup, default_val_split
+from .train import TrainingError, TrainResult, cosine_with_warmup, resolve_splits
 from .run import summary
 
 log = logging.getLogger(__name__)
@@ -252,15 +252,10 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         on_start(run)
 
     index = index_dataset(cfg.dataset)
-    val_split = cfg.val_split or default_val_split(index.splits)
-    test_split = cfg.test_split or ("test" if "test" in index.splits and val_split != "test" else None)
-    for s in (cfg.train_split, val_split, test_split):
-        if s is not None and s not in index.splits:
-            raise DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
-                            "check --train-split/--val-split/--test-split")
-    if val_split is not None and val_split == test_split:
-        raise ConfigError(f"--val-split and --test-split are both {val_split!r}: the split a model is picked on "
-                          "cannot also be the one it is reported on")
+    val_split, test_split = resolve_splits(
+        index.splits, cfg.train_split, cfg.val_split, cfg.test_split or None,
+        lambda s: DataError(f"split {s!r} not found under {cfg.dataset.root} (found: {', '.join(index.splits)}); "
+                            "check --train-split/--val-split/--test-split"))
     if val_split == "test":
         log.warning("picking the best epoch on the test split and reporting its score overstates accuracy")
     train_videos = index.videos(cfg.train_split)
@@ -381,9 +376,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         D.broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
         probs, labels = _evaluate(model, val_videos, spec, sel, cfg, device, amp, info, loader_kw)
         if info.is_main:
-            vloss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                                                       torch.from_numpy(labels)))
-            m = classification_metrics(probs, labels, vloss)
+            m = classification_metrics(probs, labels, _nll(probs, labels))
             states = {"backbone_state": model.backbone.state_dict(), "model_state": model.head.state_dict()}
             record, best, improved = run.record_epoch(
                 common, epoch=epoch, metrics=m, train_loss=loss_sum / max(count, 1),
@@ -401,9 +394,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
         model.head.load_state_dict(ck["model_state"])
         probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, amp, info, loader_kw)
         if info.is_main:
-            loss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                                                      torch.from_numpy(labels)))
-            m = classification_metrics(probs, labels, loss)
+            m = classification_metrics(probs, labels, _nll(probs, labels))
             test = {"split": test_split, "epoch": ck["epoch"], **summary(m)}
             run.write_json("test.json", {**test, "picked_on": val_name, "per_class_acc": m["per_class_acc"]})
     D.cleanup(info)
@@ -411,6 +402,12 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
                        val_split=val_name, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,
                        stopped_early=False, test=test, test_split=test_split)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean negative log-likelihood of averaged clip probabilities."""
+    return float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                              torch.from_numpy(labels)))
 
 
 @torch.no_grad()

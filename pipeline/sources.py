@@ -53,11 +53,6 @@ class OpenSplit:
 class OpenSplits(dict[str, OpenSplit]):
     """split -> ``OpenSplit``; ``close()`` (or ``with``) releases the lazy ones' file handles."""
 
-    def __init__(self, budget: int | None = None, budget_source: str = "") -> None:
-        super().__init__()
-        self.budget = budget  # bytes ``auto`` could hold in memory (None: unknown or not auto)
-        self.budget_source = budget_source
-
     def close(self) -> None:
         for o in self.values():
             o.close()
@@ -120,7 +115,7 @@ def open_splits(cache: FeatureCache, splits: list[str], device: torch.device, *,
     sizes = {s: cache.feature_bytes(s) for s in names}
     budget, how = memory_budget(device, memory_budget_gb) if load == "auto" else (None, "")
     plan = plan_load(sizes, load, budget)
-    out = OpenSplits(budget=budget, budget_source=how)
+    out = OpenSplits()
     for s in names:
         t0 = time.perf_counter()
         if plan[s] == "memory":

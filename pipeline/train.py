@@ -63,6 +63,23 @@ def default_val_split(splits) -> str | None:
     return "val" if "val" in splits else None
 
 
+def resolve_splits(splits, train_split: str, val_split: str | None, test_split: str | None,
+                   missing: Callable[[str], Exception]) -> tuple[str | None, str | None]:
+    """(val, test) split names: the named ones, else ``val`` / ``test`` where present (None: val
+    is carved from train, there is no test). ``missing(name)`` is the error for a split that is not
+    there; picking on the split that is reported is refused."""
+    val_split = val_split or default_val_split(splits)
+    if test_split is None and "test" in splits and val_split != "test":
+        test_split = "test"
+    for s in (train_split, val_split, test_split):
+        if s is not None and s not in splits:
+            raise missing(s)
+    if val_split is not None and val_split == test_split:
+        raise ConfigError(f"--val-split and --test-split are both {val_split!r}: the split a model is picked "
+                          "on cannot also be the one it is reported on")
+    return val_split, test_split
+
+
 @dataclass
 class StageTwoData:
     """The splits stage two (and the sweep) train, pick and report on, held as ClipSources (in
@@ -76,7 +93,6 @@ class StageTwoData:
     val_name: str  # what the best epoch is picked on, as said in reports
     test_split: str | None
     validation: dict[str, Any]  # how val was made; a carve lists its videos (saved in checkpoints)
-    test_videos: list[str]
     load_seconds: float
     load_mb: float  # features held in memory
     opened: OpenSplits
@@ -97,15 +113,9 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
     device = torch.device(device)
     t0 = time.perf_counter()
     with FeatureCache(cache_path) as cache:
-        val_name = val_split or ("val" if "val" in cache.splits else None)
-        if test_split is None and "test" in cache.splits and val_name != "test":
-            test_split = "test"
-        for s in (train_split, val_name, test_split):
-            if s is not None and s not in cache.splits:
-                raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
-        if val_name is not None and val_name == test_split:
-            raise ConfigError(f"--val-split and --test-split are both {val_name!r}: the split a model is picked "
-                              "on cannot also be the one it is reported on")
+        val_name, test_split = resolve_splits(
+            cache.splits, train_split, val_split, test_split,
+            lambda s: CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})"))
         opened = open_splits(cache, [s for s in (train_split, val_name, test_split) if s is not None], device,
                              load=load, memory_budget_gb=memory_budget)
         classes, provenance = list(cache.classes), cache.provenance
@@ -131,10 +141,9 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         validation = {"kind": "split", "split": val_name}
         val_desc = f"split {val_name!r}"
     test = opened[test_split].source if test_split is not None else None
-    test_videos = list(opened[test_split].data.videos) if test_split is not None else []
     load_mb = sum(o.data.feature_bytes for o in opened.values() if o.mode == "memory") / 1e6
     return StageTwoData(train=train, val=val, test=test, classes=classes, provenance=provenance, val_name=val_desc,
-                        test_split=test_split, validation=validation, test_videos=test_videos,
+                        test_split=test_split, validation=validation,
                         load_seconds=time.perf_counter() - t0, load_mb=load_mb, opened=opened,
                         load=opened.describe())
 
