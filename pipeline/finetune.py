@@ -38,7 +38,7 @@ from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir
-from .train import TrainingError, TrainResult, cosine_with_warmup, resolve_splits
+from .train import TrainingError, TrainResult, cosine_schedule, resolve_splits
 from .run import summary
 
 log = logging.getLogger(__name__)
@@ -312,9 +312,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     train_sampler = _ShardSampler(len(train_ds), info, cfg.seed, shuffle=True)
     loader_kw = {"num_workers": workers, "collate_fn": collate_clips, "pin_memory": device.type == "cuda",
                  "persistent_workers": False}
-    steps = math.ceil(len(train_sampler) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
+    scheduler = cosine_schedule(optimizer, cfg.epochs, math.ceil(len(train_sampler) / cfg.batch_size),
+                                cfg.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     provenance = Provenance(backbone=backbone.name, weights=WeightsIdentity(source="end_to_end"), frame_spec=spec,

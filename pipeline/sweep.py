@@ -49,7 +49,7 @@ from .metrics import classification_metrics
 from .report import write_csv
 from .run import summary
 from .runtime import resolve_device, resolve_precision
-from .train import StageTwoData, cosine_with_warmup, head_config, load_stage_two
+from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +335,7 @@ def _build_trainer(t: Trial, data: StageTwoData, device: torch.device) -> HeadTr
     torch.manual_seed(seed)
     model = build_head(head_config(c, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    steps = math.ceil(len(data.train) / c.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(c.epochs * steps, max(1, round(c.warmup_epochs
-                                                                                                      * steps))))
+    sched = cosine_schedule(opt, c.epochs, math.ceil(len(data.train) / c.batch_size), c.warmup_epochs)
     return HeadTrainer(model=model, optimizer=opt, scheduler=sched, seed=seed, clip_grad=c.clip_grad,
                        label_smoothing=c.label_smoothing)
 

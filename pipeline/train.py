@@ -57,6 +57,14 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_epochs`` (at least one step), then cosine decay to zero at the
+    end of ``epochs``; stepped once per batch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        epochs * steps_per_epoch, max(1, round(warmup_epochs * steps_per_epoch))))
+
+
 def default_val_split(splits) -> str | None:
     """The validation split of a dataset when none is named: ``val`` if present, else None
     (stage two then carves one from train; stage three, which decodes frames, needs a split)."""
@@ -197,9 +205,7 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     head_cfg = head_config(cfg, num_classes=len(classes), input_dim=provenance.feature_dim)
     model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = math.ceil(len(train_bank) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.epochs * steps, max(1, round(cfg.warmup_epochs * steps))))
+    scheduler = cosine_schedule(optimizer, cfg.epochs, math.ceil(len(train_bank) / cfg.batch_size), cfg.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     history: list[dict[str, Any]] = []
