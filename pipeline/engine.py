@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -321,6 +321,31 @@ def train_heads_one_epoch(heads: list[HeadTrainer], source: ClipSource, *, seq_l
 
 
 @torch.no_grad()
+def averaged_probs(fns: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], source: ClipSource, *,
+                   seq_len: int, num_clips: int = 1, batch_size: int = 256) -> list[torch.Tensor]:
+    """For each ``fn`` ((B, S, D) clips, (B,) lengths → (B, C) probabilities): its probabilities
+    averaged over ``num_clips`` uniform clips of every video of ``source``, each clip gathered
+    once for all of them. → (N, C) per fn, on the source's device."""
+    n = len(source)
+    clips = [sample("uniform", source.lengths, seq_len, clip=k, num_clips=num_clips) for k in range(num_clips)]
+    starts = range(0, n, batch_size)
+    xs = source.gather_batches((np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
+                               for pos, _ in clips for s in starts)
+    probs: list[torch.Tensor | None] = [None] * len(fns)
+    with contextlib.closing(xs):
+        for _, clip_len in clips:
+            chunks: list[list[torch.Tensor]] = [[] for _ in fns]
+            for s, x in zip(starts, xs):
+                lengths = torch.from_numpy(clip_len[s:s + batch_size])
+                for i, fn in enumerate(fns):
+                    chunks[i].append(fn(x, lengths))
+            for i in range(len(fns)):
+                p = torch.cat(chunks[i])
+                probs[i] = p if probs[i] is None else probs[i] + p
+    return [p / num_clips for p in probs]
+
+
+@torch.no_grad()
 def evaluate_heads(models: list[nn.Module], source: ClipSource, *, seq_len: int, num_clips: int = 1,
                    batch_size: int = 256, amp_dtype: torch.dtype | None = None) -> list[tuple[np.ndarray, float]]:
     """Deterministic evaluation of several heads on the same clips, each clip gathered once: the
@@ -328,26 +353,16 @@ def evaluate_heads(models: list[nn.Module], source: ClipSource, *, seq_len: int,
     and the mean cross-entropy of the averaged prediction."""
     for m in models:
         m.eval()
-    n = len(source)
-    device = source.device
-    clips = [sample("uniform", source.lengths, seq_len, clip=k, num_clips=num_clips) for k in range(num_clips)]
-    starts = range(0, n, batch_size)
-    xs = source.gather_batches((np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
-                               for pos, _ in clips for s in starts)
-    probs: list[torch.Tensor | None] = [None] * len(models)
-    with contextlib.closing(xs):
-        for _, clip_len in clips:
-            chunks: list[list[torch.Tensor]] = [[] for _ in models]
-            for s, x in zip(starts, xs):
-                lengths = torch.from_numpy(clip_len[s:s + batch_size])
-                for i, m in enumerate(models):
-                    with autocast_ctx(device, amp_dtype):
-                        chunks[i].append(torch.softmax(m(x, lengths).float(), 1))
-            for i in range(len(models)):
-                p = torch.cat(chunks[i])
-                probs[i] = p if probs[i] is None else probs[i] + p
+
+    def softmax_of(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            with autocast_ctx(source.device, amp_dtype):
+                return torch.softmax(m(x, lengths).float(), 1)
+        return fn
+
+    probs = averaged_probs([softmax_of(m) for m in models], source, seq_len=seq_len, num_clips=num_clips,
+                           batch_size=batch_size)
     out = []
     for p in probs:
-        p = p / num_clips
         out.append((p.cpu().numpy(), F.nll_loss(torch.log(p.clamp_min(1e-12)), source.labels).item()))
     return out

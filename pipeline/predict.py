@@ -29,13 +29,12 @@ from tqdm import tqdm
 from .backbones import FrozenBackbone
 from .config import FrameSelection, FrameSpec
 from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
-from .engine import FeatureBank
+from .engine import FeatureBank, averaged_probs
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
 from .model import load_model
 from .preprocess import resize_frames, stack_frames
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision
-from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -273,18 +272,12 @@ def window_probs(clf: Classifier, feats: np.ndarray, bounds: list[tuple[int, int
     """(W, C) probabilities of the windows ``bounds`` of ``feats`` (T, D), in batches; each window
     is classified exactly as ``evaluate`` classifies a video of those rows (softmax averaged over
     ``eval_clips`` uniform clips of ``seq_len``)."""
-    starts = np.array([a for a, _ in bounds], dtype=np.int64)
-    lengths = np.array([b - a for a, b in bounds])
-    bank = FeatureBank(torch.from_numpy(feats).to(clf.device), torch.from_numpy(starts).to(clf.device), lengths,
-                       torch.zeros(len(bounds), dtype=torch.long, device=clf.device))
-    n, probs = len(bounds), None
-    for k in range(clf.eval_clips):
-        pos, clip_len = sample("uniform", lengths, clf.seq_len, clip=k, num_clips=clf.eval_clips)
-        chunks = [clf.clip_probs(bank.gather(np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size]),
-                                 torch.from_numpy(clip_len[s:s + batch_size])) for s in range(0, n, batch_size)]
-        p = torch.cat(chunks)
-        probs = p if probs is None else probs + p
-    return (probs / clf.eval_clips).cpu().numpy()
+    dev = clf.device
+    starts = torch.tensor([a for a, _ in bounds], dtype=torch.int64, device=dev)
+    bank = FeatureBank(torch.from_numpy(feats).to(dev), starts, np.array([b - a for a, b in bounds]),
+                       torch.zeros(len(bounds), dtype=torch.long, device=dev))
+    return averaged_probs([clf.clip_probs], bank, seq_len=clf.seq_len, num_clips=clf.eval_clips,
+                          batch_size=batch_size)[0].cpu().numpy()
 
 
 class Predictor:
