@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import HEAD_ARCHS, INTERPOLATIONS, DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection
+from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides,
+                             FrameSelection)
 from pipeline.errors import PipelineError
 from pipeline.runtime import tune_cpu_allocator
 
@@ -250,7 +251,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @VALIDATION_OPTIONS
 @HEAD_OPTIONS
 @click.option("--seq-len", type=click.IntRange(1), default=16, show_default=True, help="Frames per clip.")
-@click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True,
+@click.option("--sampler", type=click.Choice(TRAIN_SAMPLERS), default="segment", show_default=True,
               help="Training clips: segment = TSN (one random frame per equal segment); random = random window.")
 @click.option("--eval-clips", type=click.IntRange(1), default=4, show_default=True,
               help="Uniform clips per video averaged at evaluation.")
@@ -356,7 +357,7 @@ def _list_of(kind):
 
 SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int),
               ("bidirectional", bool), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
-              ("sampler", ("segment", "random")), ("eval_clips", int)]
+              ("sampler", TRAIN_SAMPLERS), ("eval_clips", int)]
 
 
 @main.command("sweep")
@@ -698,7 +699,7 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
 @HEAD_OPTIONS
 @click.option("--seq-len", type=click.IntRange(1), default=None, help="[default: --init's, else 8]")
-@click.option("--sampler", type=click.Choice(["segment", "random"]), default="segment", show_default=True)
+@click.option("--sampler", type=click.Choice(TRAIN_SAMPLERS), default="segment", show_default=True)
 @click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Clips per batch (per process).")

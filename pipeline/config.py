@@ -14,6 +14,7 @@ ResizeMode = Literal["crop", "squash"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 HEAD_ARCHS = ("lstm", "gru", "transformer", "attention", "mean")  # pipeline.heads.HEADS, without importing torch
+TRAIN_SAMPLERS = ("segment", "random")  # how training clips are drawn (pipeline.sampling)
 
 
 @dataclass(frozen=True)

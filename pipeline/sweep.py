@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TemporalConfig
+from .config import TRAIN_SAMPLERS, TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir
@@ -264,7 +264,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
                 break
             t0 = time.perf_counter()
             for (seq_len, sampler), group in _groups(running, lambda c: (c.seq_len, c.sampler)).items():
-                rng = np.random.default_rng([base.seed, epoch, seq_len, ("segment", "random").index(sampler)])
+                rng = np.random.default_rng([base.seed, epoch, seq_len, TRAIN_SAMPLERS.index(sampler)])
                 shared = list({id(t.trainer): t.trainer for t in group}.values())
                 stats = dict(zip(map(id, shared), train_heads_one_epoch(
                     shared, data.train, seq_len=seq_len, sampler=sampler, batch_size=base.batch_size, rng=rng,
