@@ -35,7 +35,7 @@ from .backbones import Backbone, FrozenBackbone, create_backbone, default_frame_
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
-from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision
+from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError
 from .files import atomic_write_bytes, ensure_dir, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
@@ -149,10 +149,9 @@ class InlineFrameLoader:
 
         # One intra-op thread per decoder: the threads already use every core, and an OpenMP team
         # per decoder would only spin-wait between frames on the cores the other decoders need.
-        # With OpenMP the setting is per thread (it only also becomes the default for threads
-        # started later, so the caller's count is restored); other backends share one pool.
+        # (``runtime.threads_per_thread``: with OpenMP only, and the caller's count is restored.)
         model_threads = torch.get_num_threads()
-        own_pool = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        own_pool = threads_per_thread()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode",
                                   initializer=torch.set_num_threads if own_pool else None,
                                   initargs=(1,) if own_pool else ())

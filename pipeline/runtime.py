@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -127,3 +128,13 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def threads_per_thread() -> bool:
+    """Whether torch's intra-op thread count is per thread (OpenMP): a helper thread can then set
+    its own to 1 without touching the model's, though threads started later inherit the last
+    value, so the caller's count must be restored afterwards. Other backends share one pool."""
+    import torch
+
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()

@@ -32,6 +32,7 @@ import torch
 
 from .config import FrameSelection
 from .errors import StreamError
+from .runtime import threads_per_thread
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,10 @@ class LiveStream:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._first: Any = None
-        # With OpenMP a thread's count is its own, but also the default of threads started later:
-        # close() restores the caller's (as extract's decoder threads do).
+        # The reader thread runs with one intra-op thread; close() restores the caller's count
+        # (``runtime.threads_per_thread``).
         self._threads = torch.get_num_threads()
-        self._omp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        self._omp = threads_per_thread()
         self._t_start: float | None = None  # wall clock of the stream's first frame
         self._last_time: float | None = None  # time of the last kept frame
         if not reconnect:
