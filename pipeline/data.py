@@ -452,21 +452,29 @@ def select_indices(n: int, stride: int = 1, max_frames: int | None = None) -> li
     return kept
 
 
-def select_by_rate(times: Sequence[float], fps: float) -> list[int]:
-    """Indices of frames (times in seconds, ascending) that resample the video to at most ``fps``.
+class RateSampler:
+    """Resampling to at most ``fps``, one frame at a time: a frame (its time in seconds from the
+    first, ascending) is kept when it is the first at or after the next sampling instant k/fps.
+    A source slower than ``fps`` keeps every frame: nothing is duplicated."""
 
-    A frame is kept when it is the first at or after the next sampling instant k/fps (measured from
-    the first frame). A source slower than ``fps`` keeps every frame: nothing is duplicated.
-    """
+    def __init__(self, fps: float) -> None:
+        self.period, self.k = 1.0 / fps, 0
+
+    def keep(self, t: float) -> bool:
+        eps = 1e-6
+        if t + eps < self.k * self.period:
+            return False
+        self.k = math.floor((t + eps) / self.period) + 1
+        return True
+
+
+def select_by_rate(times: Sequence[float], fps: float) -> list[int]:
+    """Indices of frames (times in seconds, ascending) that resample the video to at most ``fps``
+    (``RateSampler``, times measured from the first frame)."""
     if not len(times):
         return []
-    t0, period, eps = times[0], 1.0 / fps, 1e-6
-    kept, k = [], 0
-    for i, t in enumerate(times):
-        if t - t0 + eps >= k * period:
-            kept.append(i)
-            k = math.floor((t - t0 + eps) / period) + 1
-    return kept
+    rate, t0 = RateSampler(fps), times[0]
+    return [i for i, t in enumerate(times) if rate.keep(t - t0)]
 
 
 def apply_selection(times: Sequence[float] | None, n: int, sel: FrameSelection) -> list[int]:

@@ -17,7 +17,6 @@ connection starts at the wall-clock time since the first frame, never before the
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import FrameSelection
+from .data import RateSampler
 from .errors import StreamError
 from .runtime import threads_per_thread
 
@@ -109,21 +109,17 @@ def _seek_hint(source: str, kind: SourceKind) -> str:
 
 
 class _Selector:
-    """Frame selection on a stream, one frame at a time: rate resampling, then every K-th (the
-    same rule as ``data.select_by_rate`` and ``select_indices``; ``max_frames`` needs the length)."""
+    """Frame selection on a stream, one frame at a time: rate resampling (``data.RateSampler``, as
+    files are resampled), then every K-th (as ``select_indices``; ``max_frames`` needs the length)."""
 
     def __init__(self, sel: FrameSelection) -> None:
-        self.period = 1.0 / sel.fps if sel.fps else None
+        self.rate = RateSampler(sel.fps) if sel.fps else None
         self.stride = sel.stride
-        self.k = 0
         self.n = 0
 
     def keep(self, t: float) -> bool:
-        eps = 1e-6
-        if self.period is not None:
-            if t + eps < self.k * self.period:
-                return False
-            self.k = math.floor((t + eps) / self.period) + 1
+        if self.rate is not None and not self.rate.keep(t):
+            return False
         i, self.n = self.n, self.n + 1
         return i % self.stride == 0
 
