@@ -215,26 +215,36 @@ def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]],
     return {"loss_sum": total_loss, "correct": correct, "count": seen}
 
 
+def epoch_batches(source: ClipSource, *, seq_len: int, sampler: Sampler, batch_size: int,
+                  rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One training epoch's batches, (x (B, S, D), lengths (B,), labels (B,)): every video once in
+    a random order, one clip each. ``rng`` is drawn from now, not when iteration starts; close the
+    iterator (or exhaust it) to release the source's reads."""
+    n = len(source)
+    order = rng.permutation(n)
+    pos, clip_len = sample(sampler, source.lengths[order], seq_len, rng)
+    starts = range(0, n, batch_size)
+    xs = source.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        with contextlib.closing(xs):
+            for s, x in zip(starts, xs):
+                vids = torch.from_numpy(order[s:s + batch_size]).to(source.device)
+                yield x, torch.from_numpy(clip_len[s:s + batch_size]), source.labels[vids]
+
+    return batches()
+
+
 def train_one_epoch(model: nn.Module, bank: ClipSource, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, sampler: Sampler,
                     batch_size: int, rng: np.random.Generator, desc: str = "train", progress: bool = True,
                     **kw) -> dict[str, float]:
     """One pass over every training video of ``bank`` (one clip each); mean loss and top-1."""
-    n = len(bank)
-    order = rng.permutation(n)
-    pos, clip_len = sample(sampler, bank.lengths[order], seq_len, rng)
-    device = bank.device
-    starts = range(0, n, batch_size)
-    xs = bank.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
-
-    def batches():
-        for s, x in zip(starts, xs):  # x: (B, S, D)
-            vids = order[s:s + batch_size]
-            yield (x, torch.from_numpy(clip_len[s:s + batch_size])), bank.labels[torch.from_numpy(vids).to(device)]
-
-    with contextlib.closing(xs):
-        r = train_steps(model, batches(), optimizer, scheduler, device=device, total=math.ceil(n / batch_size),
-                        desc=desc, progress=progress, **kw)
+    batches = epoch_batches(bank, seq_len=seq_len, sampler=sampler, batch_size=batch_size, rng=rng)
+    with contextlib.closing(batches):
+        r = train_steps(model, (((x, lengths), y) for x, lengths, y in batches), optimizer, scheduler,
+                        device=bank.device, total=math.ceil(len(bank) / batch_size), desc=desc, progress=progress,
+                        **kw)
     return {"loss": r["loss_sum"] / max(r["count"], 1), "top1": r["correct"] / max(r["count"], 1)}
 
 
@@ -273,21 +283,14 @@ def train_heads_one_epoch(heads: list[HeadTrainer], source: ClipSource, *, seq_l
     pass (their parameters are disjoint, so each gets exactly its own gradient). Dropout draws
     are seeded per (head, epoch, batch), so a head's result does not depend on which other heads
     share its batches. → per head: mean loss and top-1 (NaN for a head that failed)."""
-    n = len(source)
-    order = rng.permutation(n)
-    pos, clip_len = sample(sampler, source.lengths[order], seq_len, rng)
+    batches = epoch_batches(source, seq_len=seq_len, sampler=sampler, batch_size=batch_size, rng=rng)
     device = source.device
     live = [h for h in heads if h.failed is None]
     for h in live:
         h.model.train()
     sums = {id(h): [0.0, 0, 0] for h in heads}
-    starts = range(0, n, batch_size)
-    xs = source.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
-    with contextlib.closing(xs):
-        for step, (s, x) in enumerate(zip(starts, xs)):  # x: (B, S, D), gathered once for every head
-            vids = order[s:s + batch_size]
-            lengths = torch.from_numpy(clip_len[s:s + batch_size])
-            y = source.labels[torch.from_numpy(vids).to(device)]
+    with contextlib.closing(batches):
+        for step, (x, lengths, y) in enumerate(batches):  # x: (B, S, D), gathered once for every head
             total = None
             for h in live:
                 if h.failed is not None:
