@@ -522,6 +522,17 @@ def _nonfinite_row(rows: np.ndarray) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+def check_finite(block: np.ndarray, rows: np.ndarray, offsets: np.ndarray, videos: list[str], split: str,
+                 path: Path | str) -> None:
+    """A ``CacheError`` naming the video of the first NaN/Inf in ``block``, the features of the
+    split's ``rows``."""
+    bad = _nonfinite_row(block)
+    if bad is not None:
+        vid = int(np.searchsorted(offsets, rows[bad], side="right")) - 1
+        raise CacheError(f"NaN/Inf in the features of {videos[vid]} (split {split!r}) in {path}; "
+                         "re-extract that cache with --overwrite")
+
+
 class LazySplit:
     """A split read on demand, for caches larger than RAM: everything but ``features`` is held in
     memory (a few bytes per video); feature rows are read from the file when asked.
@@ -597,11 +608,7 @@ class LazySplit:
             self._read_mapped(rows, out)
         else:
             self._read_chunks(rows, out)
-        bad = _nonfinite_row(out)
-        if bad is not None:
-            vid = int(np.searchsorted(self.offsets, rows[bad], side="right")) - 1
-            raise CacheError(f"NaN/Inf in the features of {self.videos[vid]} (split {self.split!r}) in {self.path}; "
-                             "re-extract that cache with --overwrite")
+        check_finite(out, rows, self.offsets, self.videos, self.split, self.path)
         return out
 
     def _read_mapped(self, rows: np.ndarray, out: np.ndarray) -> None:

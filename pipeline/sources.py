@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .cache import FeatureCache, LazySplit, SplitData
+from .cache import FeatureCache, LazySplit, SplitData, check_finite
 from .engine import ClipSource, FeatureBank, LazyBank
 from .errors import CacheError, ConfigError
 from .runtime import available_memory
@@ -141,12 +141,8 @@ def load_bank(cache: FeatureCache, split: str, device: torch.device) -> tuple[Sp
         raise CacheError(f"split {split!r} of {cache.path} has no videos; extract it first")
     step = 1 << 20
     for a in range(0, len(data.features), step):
-        bad = ~np.isfinite(data.features[a:a + step]).all(1)
-        if bad.any():
-            row = a + int(np.argmax(bad))
-            vid = int(np.searchsorted(data.offsets, row, side="right")) - 1
-            raise CacheError(f"NaN/Inf in the features of {data.videos[vid]} (split {split!r}) in {cache.path}; "
-                             "re-extract that cache with --overwrite")
+        block = data.features[a:a + step]
+        check_finite(block, np.arange(a, a + len(block)), data.offsets, data.videos, split, cache.path)
     return data, FeatureBank.from_arrays(data.features, data.offsets, data.labels, device)
 
 
