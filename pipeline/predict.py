@@ -280,6 +280,11 @@ def window_probs(clf: Classifier, feats: np.ndarray, bounds: list[tuple[int, int
                           batch_size=batch_size)[0].cpu().numpy()
 
 
+def _check_window(window: int | None, stride: int | None) -> None:
+    if window is not None and window < 1 or stride is not None and stride < 1:
+        raise ConfigError("--window and --stride must be >= 1")
+
+
 class Predictor:
     """A checkpoint or an exported .onnx; call ``predict`` with paths, or ``live`` with a source."""
 
@@ -330,8 +335,7 @@ class Predictor:
 
     def predict(self, inputs: Sequence[str | Path], *, top_k: int = 5, window: int | None = None,
                 stride: int | None = None, progress: bool = True) -> list[Prediction]:
-        if window is not None and window < 1 or stride is not None and stride < 1:
-            raise ConfigError("--window and --stride must be >= 1")
+        _check_window(window, stride)
         videos, errors = find_inputs(inputs)
         results: dict[int, Prediction] = {}
         k = min(top_k, len(self.classes))
@@ -431,8 +435,7 @@ class LiveRun:
                  timeout: float = 10.0, retries: int | None = None, drop: bool | None = None) -> None:
         from .stream import LiveStream
 
-        if window is not None and window < 1 or stride is not None and stride < 1:
-            raise ConfigError("--window and --stride must be >= 1")
+        _check_window(window, stride)
         self.clf = classifier
         self.window = window or classifier.seq_len
         self.stride = stride or max(1, self.window // 2)
@@ -452,9 +455,7 @@ class LiveRun:
         since = 0  # frames since the last window
         self._warm_up()
         for batch in self.stream.batches():
-            x = stack_frames([f.image for f in batch]).to(self.clf.device)  # (n, 3, S, S) uint8
-            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
-                feats = self.clf.features(x).float().cpu().numpy().astype(self.clf.dtype)  # (n, D)
+            feats = self._features(stack_frames([f.image for f in batch]))  # (n, D)
             for f, row in zip(batch, feats):
                 rows.append(row)
                 frames.append(f)
@@ -476,9 +477,13 @@ class LiveRun:
         s = self.clf.spec.size
         for n in range(1, self.queue_size + 1):
             x = torch.zeros(n, 3, s, s, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
-                f = self.clf.features(x.to(self.clf.device)).float().cpu().numpy().astype(self.clf.dtype)
+            f = self._features(x)
         window_probs(self.clf, np.repeat(f[:1], self.window, axis=0), [(0, self.window)])
+
+    def _features(self, frames: torch.Tensor) -> np.ndarray:
+        """(n, 3, S, S) uint8 frames → (n, D) features in the cache's dtype, as predict stores them."""
+        with torch.inference_mode(), autocast_ctx(self.clf.device, self.clf.amp):
+            return self.clf.features(frames.to(self.clf.device)).float().cpu().numpy().astype(self.clf.dtype)
 
     def close(self, *, interrupted: bool = False) -> None:
         """Stop the source; ``interrupted``: the user stopped it (Ctrl-C), which is no error."""
