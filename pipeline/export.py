@@ -208,14 +208,13 @@ def ort_session(model: Any, threads: int | None = None, device: str = "cpu"):
     so.log_severity_level = 3  # errors only: no warnings on stderr for unused initializers
     if device == "cuda" and hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA/cuDNN from the torch wheels
         ort.preload_dlls()
-    data = model if isinstance(model, str | Path) else model.SerializeToString()
+    path = str(model) if isinstance(model, str | Path) else None
     try:
         with warnings.catch_warnings():  # a provider that cannot start is a warning there; an error below
             warnings.simplefilter("ignore")
-            sess = ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
+            sess = ort.InferenceSession(path or model.SerializeToString(), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types, not RuntimeError
-        raise ExportError(f"onnxruntime cannot load {data if isinstance(data, str | Path) else 'the model'}: "
-                          f"{_short(e)}") from e
+        raise ExportError(f"onnxruntime cannot load {path or 'the model'}: {_short(e)}") from e
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         # the package has the provider, but CUDA or cuDNN did not load: it would run on the CPU
         raise ExportError("onnxruntime's CUDA provider did not start (CUDA or cuDNN libraries missing or not "
@@ -255,6 +254,7 @@ def _clear_rnn_dispatch_cache() -> None:
 def _export_once(module: nn.Module, example: torch.Tensor, name: str, out: str, axes: dict[int, str],
                  kind: str, max_time: int) -> Any:
     onnx = _onnx()
+    out_axes = {0: "batch", 1: "time"} if out == "features" else {0: "batch"}
     with _quiet(), torch.no_grad():
         if kind == "dynamo":
             dims = {a: torch.export.Dim(n, min=1, max=max_time) if n == "time" else torch.export.Dim(n, min=1)
@@ -269,7 +269,6 @@ def _export_once(module: nn.Module, example: torch.Tensor, name: str, out: str, 
             model = prog.model_proto
         else:
             buf = io.BytesIO()
-            out_axes = {0: "batch", 1: "time"} if out == "features" else {0: "batch"}
             torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[name], output_names=[out],
                               dynamic_axes={name: axes, out: out_axes}, opset_version=OPSET,
                               do_constant_folding=True)
@@ -283,7 +282,7 @@ def _export_once(module: nn.Module, example: torch.Tensor, name: str, out: str, 
     for o in model.graph.output:
         for a, dim in enumerate(o.type.tensor_type.shape.dim):
             if dim.dim_param:
-                dim.dim_param = {0: "batch", 1: "time" if out == "features" else dim.dim_param}.get(a, dim.dim_param)
+                dim.dim_param = out_axes.get(a, dim.dim_param)
     return model
 
 
