@@ -253,24 +253,26 @@ class LiveStream:
                     continue
                 self.fps = self.fps or _rate(stream)
                 read_before = self.stats.read
+                failed, hint = False, ""
                 try:
                     self._read(container, stream)
                     why = "end of file" if self.kind == "file" else "end of stream"
                 except Exception as e:  # noqa: BLE001 - decoders and networks fail in many ways; bound to the source
-                    why = f"lost after {self.stats.read} frames ({_reason(e)})"
-                    if self.stats.read == read_before:
-                        why += _seek_hint(self.source, self.kind)
+                    failed = True
                     if self.kind == "file":
                         why = f"decoding failed after {self.stats.read} frames ({_reason(e)})"
+                    else:
+                        hint = _seek_hint(self.source, self.kind) if self.stats.read == read_before else ""
+                        why = f"lost after {self.stats.read} frames ({_reason(e)}){hint}"
                 finally:
                     container.close()
                 if self._stop.is_set():
                     return
                 if self.kind == "file" or not self.reconnect:
-                    if why.startswith("end of"):
+                    if not failed:
                         self.ended = why
                     else:
-                        retry = "; --reconnect retries" if self.kind != "file" and "Range" not in why else ""
+                        retry = "; --reconnect retries" if self.kind != "file" and not hint else ""
                         self.ended, self.error = "lost", f"live source {self.source}: {why}{retry}"
                     return
                 attempt = 0 if self.stats.read > read_before else attempt  # frames came: a fresh backoff
