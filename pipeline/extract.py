@@ -34,7 +34,7 @@ from . import distributed as D
 from .backbones import Backbone, FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frames, source_fps
+from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError
 from .files import atomic_write_bytes, ensure_dir, sha256_file
@@ -78,21 +78,25 @@ class VideoFrameStream(IterableDataset):
     def video(self, pos: int, path: Path, kind: str) -> Iterator[Chunk]:
         s = self.spec.size
         empty = (torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
-        frames: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []  # resized frames not yet in a chunk (views)
         indices: list[int] = []
         try:
             fps = source_fps(path, kind, self.sel)
             fps = float("nan") if fps is None else fps
-            for f in iter_frames(path, kind, self.sel):
-                if f.frame is None:
-                    yield Chunk(pos, *empty, fps, False, f.error, False, f.skipped)
+            for b in iter_frame_batches(path, kind, self.sel, self.chunk_frames - len(indices)):
+                if b.frames is None:
+                    yield Chunk(pos, *empty, fps, False, b.error, False, b.skipped)
                     continue
-                frames.append(resize_frames(f.frame, self.spec))
-                indices.append(f.index)
-                if len(frames) == self.chunk_frames:
-                    yield Chunk(pos, stack_frames(frames), torch.tensor(indices), fps, False, None, False)
-                    frames, indices = [], []
-            last = (stack_frames(frames), torch.tensor(indices)) if frames else empty
+                frames, at = resize_frames(b.frames, self.spec), 0
+                while at < len(b.indices):  # a batch may straddle two chunks
+                    take = min(self.chunk_frames - len(indices), len(b.indices) - at)
+                    parts.append(frames[at:at + take])
+                    indices += b.indices[at:at + take]
+                    at += take
+                    if len(indices) == self.chunk_frames:
+                        yield Chunk(pos, stack_frames(parts), torch.tensor(indices), fps, False, None, False)
+                        parts, indices = [], []
+            last = (stack_frames(parts), torch.tensor(indices)) if parts else empty
         except VideoDecodeError as e:
             yield Chunk(pos, *empty, float("nan"), True, str(e), True)
             return

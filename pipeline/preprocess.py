@@ -42,46 +42,57 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
 
 
-def _interpolate_one(frame: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear") -> torch.Tensor:
-    """The call torchvision's resize makes for one (3, H, W) uint8 frame in (H, W, 3) memory."""
-    c, h, w = frame.shape
-    # Batch stride numel, not 1: with a size-1 batch interpolate cannot tell channels_last from
-    # contiguous and would write a contiguous output, then repack it (torchvision does the same).
-    x = frame.as_strided((1, c, h, w), (frame.numel(), 1, w * c, c))
+def _nhwc(frames: torch.Tensor) -> torch.Tensor | None:
+    """(3, H, W) or (N, 3, H, W) frames whose memory is (…, H, W, 3) (decoders write that), as a
+    4-d tensor interpolate reads as channels_last; None for any other layout."""
+    c, h, w = frames.shape[-3:]
+    if frames.stride()[-3:] != (1, w * c, c):
+        return None
+    if frames.ndim == 3 or frames.shape[0] == 1:
+        # Batch stride numel, not 1 or 3: with a size-1 batch interpolate could not tell
+        # channels_last from contiguous and would write a contiguous output, then repack it.
+        return frames.as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
+    return frames if frames.ndim == 4 and frames.stride(0) >= h * w * c else None
+
+
+def _interpolate(x: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear") -> torch.Tensor:
+    """The call torchvision's resize makes, on (N, 3, H, W) uint8."""
     if mode == "nearest":
-        return F.interpolate(x, size=(new_h, new_w), mode="nearest")[0]
-    return F.interpolate(x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)[0]
+        return F.interpolate(x, size=(new_h, new_w), mode="nearest")
+    return F.interpolate(x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)
 
 
 @functools.cache
 def _direct_is_torchvision(mode: str = "bilinear") -> bool:
-    """Whether the direct call gives torchvision's own bits here. torchvision resizes uint8
-    natively only on the CPUs it lists (a list that changed between releases) and through float32
-    elsewhere, so one probe per mode, against the installed version, decides."""
+    """Whether the direct call gives torchvision's own bits here, for one frame and a batch.
+    torchvision resizes uint8 natively only on the CPUs it lists (a list that changed between
+    releases) and through float32 elsewhere, so one probe per mode, against the installed version,
+    decides."""
     g = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+    probe = torch.randint(0, 256, (2, 37, 53, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
     want = TF.resize(probe, [16, 23], interpolation=TF.InterpolationMode(mode), antialias=True)
-    return torch.equal(_interpolate_one(probe, 16, 23, mode), want)
+    return (torch.equal(_interpolate(_nhwc(probe[0]), 16, 23, mode)[0], want[0])
+            and torch.equal(_interpolate(probe, 16, 23, mode), want))
 
 
 def _resize(frames: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear") -> torch.Tensor:
-    """Antialiased resize, torchvision's. Decoders hand over one (3, H, W) frame at a time in
-    (H, W, 3) memory; that case, the hot one, skips torchvision's per-call dispatch (~20 us of
-    Python per frame, on the threads that decode) when the result is the same."""
-    c, h, w = frames.shape[-3:]
-    one_hwc = frames.ndim == 3 and frames.device.type == "cpu" and frames.stride() == (1, w * c, c)
-    if one_hwc and _direct_is_torchvision(mode):
-        return _interpolate_one(frames, new_h, new_w, mode)
+    """Antialiased resize, torchvision's. Decoders hand over frames in (H, W, 3) memory, one or a
+    batch at a time; those, the hot case, skip torchvision's per-call dispatch (~20 us of Python
+    per call, on the threads that decode) when the result is the same."""
+    x = _nhwc(frames) if frames.device.type == "cpu" else None
+    if x is not None and _direct_is_torchvision(mode):
+        out = _interpolate(x, new_h, new_w, mode)
+        return out[0] if frames.ndim == 3 else out
     return TF.resize(frames, [new_h, new_w], interpolation=TF.InterpolationMode(mode), antialias=True)
 
 
 def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:
-    """(3, S, S) uint8 frames → (N, 3, S, S) in channels_last memory, with one copy.
+    """(3, S, S) frames or (k, 3, S, S) batches → (N, 3, S, S) in channels_last memory, one copy.
 
     Decoded and resized frames are (H, W, 3) in memory, so this copies whole pixel rows; the result
     feeds a channels_last network as it is.
     """
-    return torch.stack([f.permute(1, 2, 0) for f in frames]).permute(0, 3, 1, 2)
+    return torch.cat([f.permute(1, 2, 0)[None] if f.ndim == 3 else f.permute(0, 2, 3, 1) for f in frames]).permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=16)

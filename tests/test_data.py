@@ -235,25 +235,35 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     hwc = [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in chw]  # a decoder's memory layout
     hwc.append(hwc[-2][:, 7:20])  # a row slice: (H, W, 3) memory at a storage offset
     spec, squash = FrameSpec(size=16), FrameSpec(size=16, resize="squash")
-    tv_resize, calls, out, direct = TF.resize, [], {}, P._direct_is_torchvision()  # probe before patching
+    tv_resize, calls, out, direct = TF.resize, [], {}, P._direct_is_torchvision("bilinear")  # probe before patching
     monkeypatch.setattr(P.TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
     for name, frames in (("chw", chw), ("hwc", hwc)):
         calls.clear()
         out[name] = [resize_frames(f, spec) for f in frames], [resize_frames(f, squash) for f in frames]
     # decoded frames skip torchvision's dispatch wherever the direct call gives torchvision's bits
-    assert not calls if direct else calls
+    assert not calls if direct else calls, calls
     for f, x in zip(chw, hwc):  # the direct call is ATen's uint8 kernel, whatever torchvision does here
         ref = torch.nn.functional.interpolate(f[None], size=(16, 23), mode="bilinear", antialias=True)[0]
-        got_direct = P._interpolate_one(x, 16, 23)
+        got_direct = P._interpolate(P._nhwc(x), 16, 23)[0]
         assert torch.equal(got_direct, ref) and got_direct.stride()[0] == 1  # (H, W, 3) memory out
     monkeypatch.undo()
     for name, frames in (("chw", chw), ("hwc", hwc)):
         for f, x, y in zip(frames, *out[name]):
             assert torch.equal(x, TF.center_crop(TF.resize(f, 16, antialias=True), [16, 16])), (name, f.shape)
             assert torch.equal(y, TF.resize(f, [16, 16], antialias=True)), (name, f.shape)
-    video = torch.stack(hwc[:1] * 3)  # a batch of frames goes through torchvision itself
+    video = torch.stack(chw[:1] * 3)  # a (N, 3, H, W) batch goes through torchvision itself
     ref = TF.center_crop(TF.resize(video, 16, antialias=True), [16, 16])
     assert torch.equal(resize_frames(video, spec), ref)
+    # a decoder's batch, (N, H, W, 3) memory (frame folders decode into one buffer), takes the
+    # direct call, batched or alone, with torchvision's bits
+    for n in (1, 3):
+        nhwc = torch.randint(0, 256, (n, 240, 320, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+        calls.clear()
+        monkeypatch.setattr(P.TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
+        got = resize_frames(nhwc, spec)
+        monkeypatch.undo()
+        assert (not calls) == direct and got.shape == (n, 3, 16, 16)
+        assert torch.equal(got, TF.center_crop(TF.resize(nhwc.contiguous(), 16, antialias=True), [16, 16]))
     got = out["hwc"][0]
     batch = stack_frames(got)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(got))
@@ -512,3 +522,60 @@ def test_damaged_jpeg_is_named(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
     with pytest.raises(FrameDecodeError, match="bad.jpg"):
         decode_image_file(tmp_path / "bad.jpg")
+
+
+def test_folder_batches_are_the_frames_one_by_one(tmp_path):
+    """Frame folders decode in batches (JPEGs of one size into one buffer, ``iter_frame_batches``):
+    the same pixels, indices and errors, in the same order, as decoding each file alone, whatever
+    breaks a run: another size, a PNG, a CMYK JPEG, a grey one, a damaged or an empty file."""
+    import io
+
+    from pipeline.data import iter_frame_batches
+
+    pytest.importorskip("simplejpeg")
+    rng = np.random.default_rng(7)
+
+    def jpeg(h: int, w: int, mode: str = "RGB") -> bytes:
+        img = np.kron(rng.integers(0, 256, (h // 4, w // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).convert(mode).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    d = tmp_path / "v"
+    d.mkdir()
+    files = [jpeg(24, 32) for _ in range(4)] + [jpeg(32, 24), jpeg(24, 32, "CMYK"), jpeg(24, 32, "L"),
+                                               b"\xff\xd8\xff\xe0" + b"\x00" * 40, b""]
+    files += [jpeg(24, 32) for _ in range(5)]
+    for i, data in enumerate(files):
+        (d / f"{i + 1}.jpg").write_bytes(data)
+    Image.fromarray(rand_frames(rng, 1, 24, 32)[0]).save(d / "20.png")
+    files.append(b"png")
+    for sel in (FrameSelection(), FrameSelection(stride=2), FrameSelection(max_frames=5)):
+        want = list(iter_frame_folder(d, sel))
+        for n in (1, 3, 64):
+            got = list(iter_frame_batches(d, "frames", sel, n))
+            assert all(len(b.indices) <= n and (b.frames is None) == (b.error is not None) for b in got)
+            flat = [(i, None if b.frames is None else b.frames[k], b.error)
+                    for b in got for k, i in enumerate(b.indices)]
+            assert [(i, e) for i, _, e in flat] == [(w.index, w.error) for w in want]
+            assert all(f is None and w.frame is None or torch.equal(f, w.frame) for (_, f, _), w in zip(flat, want))
+            for b in got:  # (k, H, W, 3) memory, as resize_frames takes it without a copy
+                if b.frames is not None:
+                    k, c, h, w = b.frames.shape
+                    assert b.frames.stride()[1:] == (1, w * c, c)
+            if n == 64 and sel == FrameSelection():  # runs of JPEGs really were batched: 1-4, then 10-14
+                assert [len(b.indices) for b in got] == [4, 1, 1, 1, 1, 1, 5, 1]
+                assert sum(b.error is not None for b in got) == 2
+    # and the extraction's chunks of them: every good frame once, resized as alone, in order
+    from pipeline.extract import VideoFrameStream
+
+    spec = FrameSpec(size=16, resize_size=20)
+    want = list(iter_frame_folder(d, FrameSelection()))
+    for chunk_frames in (1, 3, 4, 64):
+        chunks = list(VideoFrameStream([], spec, FrameSelection(), chunk_frames).video(0, d, "frames"))
+        assert all(c.frames.shape[0] <= chunk_frames for c in chunks) and chunks[-1].last
+        assert all(c.frames.is_contiguous(memory_format=torch.channels_last) for c in chunks if len(c.frames))
+        assert [e for c in chunks if (e := c.error)] == [w.error for w in want if w.error]
+        assert torch.cat([c.indices for c in chunks]).tolist() == [w.index for w in want if w.frame is not None]
+        assert torch.equal(torch.cat([c.frames for c in chunks]),
+                           torch.stack([resize_frames(w.frame, spec) for w in want if w.frame is not None]))
