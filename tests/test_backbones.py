@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from conftest import rand_frames, write_frames
 
 from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_spec
@@ -324,3 +325,33 @@ def test_schema1_cache_and_checkpoint_still_load(tmp_path, weights_file, videos)
     with pytest.raises(CacheError, match=r"FrameSpec .*--overwrite"):
         extract_features(ExtractConfig(dataset=DatasetSpec(str(videos)), output=str(old_cache),
                                        weights=str(weights_file), batch_size=8, workers=0), progress=False)
+
+
+def test_shapes_only_build_skips_init_in_this_thread_only():
+    """A model whose weights a file gives is built without initialising them (``_SkipInit``), and
+    that holds for the building thread alone: a model built meanwhile in another thread is
+    initialised as usual. The file's weights then load exactly, RegNet (widths computed from
+    tensor values, so not on the meta device) included."""
+    import threading
+
+    from pipeline.backbones import _build_torchvision, _SkipInit
+
+    t = torch.zeros(3, 3)
+    other: dict[str, torch.Tensor] = {}
+
+    def build_elsewhere() -> None:
+        torch.manual_seed(0)
+        other["w"] = nn.Linear(8, 8).weight.detach().clone()
+
+    with _SkipInit():
+        assert nn.init.normal_(t) is t and t.uniform_() is t and not t.any()
+        th = threading.Thread(target=build_elsewhere)
+        th.start()
+        th.join()
+    torch.manual_seed(0)
+    assert other["w"].abs().sum() > 0 and torch.equal(other["w"], nn.Linear(8, 8).weight)
+    for name in ("mobilenet_v3_small", "regnet_y_400mf"):
+        real = _build_torchvision(name, None)
+        shell = _build_torchvision(name, None, shapes_only=True)
+        shell.load_state_dict(real.state_dict(), assign=True)
+        assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), shell.state_dict().values()))
