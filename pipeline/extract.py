@@ -184,13 +184,14 @@ def frame_loader(jobs: Sequence[tuple[int, Path, str]], spec: FrameSpec, sel: Fr
     if inline is None:
         inline = device.type == "cpu"
     if inline:
-        # Rounds of up to four batches (fewer where that passes 64 MiB of frames, never less than
-        # one batch): after each forward pass libgomp's threads spin-wait for about 10 ms
+        # Rounds of up to eight batches (fewer where that passes 128 MiB of frames, never less
+        # than one batch): after each forward pass libgomp's threads spin-wait for about 10 ms
         # (measured) before they sleep, on the cores the decoders need, so fewer rounds pay that
         # less often (decode wait per 2,048 frames, 1 → 2 → 4 batches a round: 0.95 → 0.82 →
-        # 0.77 s). Chunks of at most 8 frames, so the threads of a round finish close together.
+        # 0.77 s; 4 → 8 batches, MobileNetV3-Large, 4 runs each: 0.307 → 0.286 ms a frame).
+        # Chunks of at most 8 frames, so the threads of a round finish close together.
         small = max(1, min(chunk_frames, 8))
-        round_frames = max(batch_size, min(4 * batch_size, (64 << 20) // (3 * spec.size ** 2)))
+        round_frames = max(batch_size, min(8 * batch_size, (128 << 20) // (3 * spec.size ** 2)))
         return InlineFrameLoader(VideoFrameStream(jobs, spec, sel, small), workers, round_frames)
     kw: dict[str, Any] = {}
     if workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:
