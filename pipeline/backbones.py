@@ -524,7 +524,8 @@ class _SkipInit(TorchFunctionMode):
     thread building a model at the same time still initialises it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", None) in _RANDOM_FILLS:
+        init = getattr(func, "__module__", None) == "torch.nn.init"
+        if init or getattr(func, "__name__", None) in _RANDOM_FILLS:
             return args[0] if args else kwargs["tensor"]
         return func(*args, **(kwargs or {}))
 

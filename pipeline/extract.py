@@ -83,7 +83,7 @@ class VideoFrameStream(IterableDataset):
         try:
             fps = source_fps(path, kind, self.sel)
             fps = float("nan") if fps is None else fps
-            for b in iter_frame_batches(path, kind, self.sel, self.chunk_frames - len(indices)):
+            for b in iter_frame_batches(path, kind, self.sel, self.chunk_frames):
                 if b.frames is None:
                     yield Chunk(pos, *empty, fps, False, b.error, False, b.skipped)
                     continue

@@ -92,7 +92,8 @@ def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:
     Decoded and resized frames are (H, W, 3) in memory, so this copies whole pixel rows; the result
     feeds a channels_last network as it is.
     """
-    return torch.cat([f.permute(1, 2, 0)[None] if f.ndim == 3 else f.permute(0, 2, 3, 1) for f in frames]).permute(0, 3, 1, 2)
+    rows = [f.permute(1, 2, 0)[None] if f.ndim == 3 else f.permute(0, 2, 3, 1) for f in frames]  # (k, S, S, 3)
+    return torch.cat(rows).permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=16)
