@@ -832,18 +832,18 @@ def _folder_batches(files: Sequence[Path], chosen: Sequence[int], n: int) -> Ite
     as its error, in its place."""
     run: list[int] = []
     buf: np.ndarray | None = None
+
+    def ended() -> DecodedBatch:  # the run so far, as a batch
+        return DecodedBatch(run, torch.from_numpy(buf[:len(run)]).permute(0, 3, 1, 2), None)
+
     for left, i in zip(range(len(chosen), 0, -1), chosen):
         try:
-            data = _read_frame(files[i])
+            data, error = _read_frame(files[i]), None
         except FrameDecodeError as e:
-            if run:
-                yield DecodedBatch(run, torch.from_numpy(buf[:len(run)]).permute(0, 3, 1, 2), None)
-                run = []
-            yield DecodedBatch([i], None, str(e))
-            continue
-        size = _turbo_size(data)
-        if run and size != buf.shape[1:3]:  # another size: this run ends here
-            yield DecodedBatch(run, torch.from_numpy(buf[:len(run)]).permute(0, 3, 1, 2), None)
+            data, error = None, str(e)
+        size = None if data is None else _turbo_size(data)
+        if run and size != buf.shape[1:3]:  # another size, or a frame that comes alone
+            yield ended()
             run = []
         if size is not None:
             if not run:
@@ -851,39 +851,27 @@ def _folder_batches(files: Sequence[Path], chosen: Sequence[int], n: int) -> Ite
             if _turbo_into(data, buf[len(run)]):
                 run.append(i)
                 if len(run) == len(buf):
-                    yield DecodedBatch(run, torch.from_numpy(buf).permute(0, 3, 1, 2), None)
+                    yield ended()
                     run = []
                 continue
-        if run:
-            yield DecodedBatch(run, torch.from_numpy(buf[:len(run)]).permute(0, 3, 1, 2), None)
-            run = []
+            if run:  # damaged: the run ends before it
+                yield ended()
+                run = []
+        if data is None:
+            yield DecodedBatch([i], None, error)
+            continue
         try:
             yield DecodedBatch([i], _decode_frame(data, files[i], turbo=False)[None], None)
         except FrameDecodeError as e:
             yield DecodedBatch([i], None, str(e))
     if run:
-        yield DecodedBatch(run, torch.from_numpy(buf[:len(run)]).permute(0, 3, 1, 2), None)
-
-
-def iter_frame_folder(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
-    """Decode the selected frames of a frame folder; a broken frame yields an error, not a stop."""
-    files, chosen = _folder_selection(path, sel)
-    for i in chosen:
-        try:
-            yield DecodedFrame(i, decode_image_file(files[i]), None)
-        except FrameDecodeError as e:
-            yield DecodedFrame(i, None, str(e))
-
-
-def iter_frames(video_path: Path, kind: str, sel: FrameSelection) -> Iterator[DecodedFrame]:
-    if kind == "frames":
-        return iter_frame_folder(video_path, sel)
-    return iter_video_file(video_path, sel)
+        yield ended()
 
 
 def iter_frame_batches(video_path: Path, kind: str, sel: FrameSelection, n: int) -> Iterator[DecodedBatch]:
-    """The frames of ``iter_frames`` in batches of up to ``n`` (``_folder_batches``); a video
-    file's frames come one at a time, as PyAV decodes each into its own array."""
+    """The selected frames of a video, decoded, in batches of up to ``n``: a frame folder's in runs
+    (``_folder_batches``), a video file's one at a time, as PyAV decodes each into its own array.
+    A broken frame comes as its error, not a stop."""
     if kind == "frames":
         files, chosen = _folder_selection(video_path, sel)
         yield from _folder_batches(files, chosen, n)

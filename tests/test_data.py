@@ -11,12 +11,30 @@ from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
-from pipeline.data import (apply_selection, index_dataset, iter_frame_folder, iter_video_file,
-                           list_frames, natural_key, select_by_rate, select_indices)
+from pipeline.data import (DecodedFrame, FrameDecodeError, apply_selection, decode_image_file, index_dataset,
+                           iter_frame_batches, iter_video_file, list_frames, natural_key, select_by_rate,
+                           select_indices, selected_positions)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
 
+
+
+def iter_frame_folder(d: Path, sel: FrameSelection, n: int = 64) -> list[DecodedFrame]:
+    """The extraction's decoding of a frame folder, frame by frame."""
+    return [DecodedFrame(i, None if b.frames is None else b.frames[k], b.error)
+            for b in iter_frame_batches(d, "frames", sel, n) for k, i in enumerate(b.indices)]
+
+
+def one_by_one(d: Path, sel: FrameSelection) -> list[DecodedFrame]:
+    """The oracle: each selected file decoded alone, as predict reads frames."""
+    files, out = list_frames(d), []
+    for i in selected_positions(d, "frames", sel):
+        try:
+            out.append(DecodedFrame(i, decode_image_file(files[i]), None))
+        except FrameDecodeError as e:
+            out.append(DecodedFrame(i, None, str(e)))
+    return out
 
 def test_natural_order():
     names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg", "Frame_3.jpg", "frame_100.jpg", "frame_20.jpg"]
@@ -167,7 +185,7 @@ def test_folder_grey_rgba_mixed_sizes(tmp_path):
     Image.fromarray(rgb[..., 0]).save(d / "2.png")  # grey
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(d / "3.png")  # RGBA
     Image.fromarray(rand_frames(rng, 1, 40, 20)[0]).save(d / "10.png")  # other size, portrait
-    got = list(iter_frame_folder(d, FrameSelection()))
+    got = iter_frame_folder(d, FrameSelection())
     assert [g.index for g in got] == [0, 1, 2, 3]
     assert all(g.frame.shape[0] == 3 and g.frame.dtype == torch.uint8 for g in got)
     assert torch.equal(got[1].frame, torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
@@ -181,7 +199,7 @@ def test_broken_frames_are_reported_not_fatal(tmp_path):
     paths = write_frames(tmp_path / "v", rand_frames(rng, 4), ".jpg")
     paths[1].write_bytes(b"")
     paths[2].write_bytes(b"not a jpeg at all")
-    got = list(iter_frame_folder(tmp_path / "v", FrameSelection()))
+    got = iter_frame_folder(tmp_path / "v", FrameSelection())
     assert [(g.index, g.frame is None) for g in got] == [(0, False), (1, True), (2, True), (3, False)]
     assert "empty file" in got[1].error and str(paths[2]) in got[2].error
 
@@ -500,7 +518,7 @@ def test_jpeg_frames_decode_to_torchvisions_pixels(tmp_path, mode, kw):
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
 
-    from pipeline.data import _decode_jpeg_turbo, decode_image_file
+    from pipeline.data import _decode_jpeg_turbo
 
     pytest.importorskip("simplejpeg")
     rng = np.random.default_rng(0)
@@ -517,8 +535,6 @@ def test_jpeg_frames_decode_to_torchvisions_pixels(tmp_path, mode, kw):
 
 
 def test_damaged_jpeg_is_named(tmp_path):
-    from pipeline.data import FrameDecodeError, decode_image_file
-
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
     with pytest.raises(FrameDecodeError, match="bad.jpg"):
         decode_image_file(tmp_path / "bad.jpg")
@@ -529,8 +545,6 @@ def test_folder_batches_are_the_frames_one_by_one(tmp_path):
     the same pixels, indices and errors, in the same order, as decoding each file alone, whatever
     breaks a run: another size, a PNG, a CMYK JPEG, a grey one, a damaged or an empty file."""
     import io
-
-    from pipeline.data import iter_frame_batches
 
     pytest.importorskip("simplejpeg")
     rng = np.random.default_rng(7)
@@ -551,7 +565,7 @@ def test_folder_batches_are_the_frames_one_by_one(tmp_path):
     Image.fromarray(rand_frames(rng, 1, 24, 32)[0]).save(d / "20.png")
     files.append(b"png")
     for sel in (FrameSelection(), FrameSelection(stride=2), FrameSelection(max_frames=5)):
-        want = list(iter_frame_folder(d, sel))
+        want = one_by_one(d, sel)
         for n in (1, 3, 64):
             got = list(iter_frame_batches(d, "frames", sel, n))
             assert all(len(b.indices) <= n and (b.frames is None) == (b.error is not None) for b in got)
@@ -570,7 +584,7 @@ def test_folder_batches_are_the_frames_one_by_one(tmp_path):
     from pipeline.extract import VideoFrameStream
 
     spec = FrameSpec(size=16, resize_size=20)
-    want = list(iter_frame_folder(d, FrameSelection()))
+    want = one_by_one(d, FrameSelection())
     for chunk_frames in (1, 3, 4, 64):
         chunks = list(VideoFrameStream([], spec, FrameSelection(), chunk_frames).video(0, d, "frames"))
         assert all(c.frames.shape[0] <= chunk_frames for c in chunks) and chunks[-1].last

@@ -21,7 +21,7 @@ from pipeline.backbones import FrozenBackbone, create_backbone
 from pipeline.files import sha256_file
 from pipeline.cache import FeatureCache
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
-from pipeline.data import decode_image_file, index_dataset, iter_frames, list_frames
+from pipeline.data import decode_image_file, index_dataset, list_frames, read_frames, selected_positions
 from pipeline.errors import CacheError, ConfigError, WeightsError
 from pipeline.extract import extract_features, frame_loader
 from pipeline.preprocess import preprocess, resize_frames
@@ -417,7 +417,8 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
     assert finished == set(range(len(videos)))
     assert torch.get_num_threads() == threads  # the decoders' one-thread setting did not leak
     for i, v in enumerate(videos):
-        ref = [resize_frames(f.frame, spec) for f in iter_frames(v.path, v.kind, FrameSelection())]
+        ref = [resize_frames(f, spec) for f in read_frames(v.path, v.kind,
+                                                           selected_positions(v.path, v.kind, FrameSelection()))]
         assert torch.equal(torch.cat(frames[i]), torch.stack(ref)), v.rel
         assert torch.cat(indices[i]).tolist() == list(range(len(ref)))
 
