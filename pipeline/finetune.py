@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -396,6 +397,12 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             m = classification_metrics(probs, labels, _nll(probs, labels))
             test = {"split": test_split, "epoch": ck["epoch"], **summary(m)}
             run.write_json("test.json", {**test, "picked_on": val_name, "per_class_acc": m["per_class_acc"]})
+    # The DDP wrapper goes before the process group. Its Reducer holds a reference to the group; as
+    # the last one, the group would be destroyed inside the Reducer's deallocation, which holds the
+    # GIL while it joins gloo's threads, and a gloo thread still freeing a finished broadcast waits
+    # for the GIL: a hang at exit (seen under torch 2.11 on a loaded machine; pytorch#56297).
+    del ddp
+    gc.collect()
     D.cleanup(info)
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
