@@ -31,21 +31,58 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-@pytest.mark.parametrize("precision,min_cos", [("fp32", 0.999), ("bf16", 0.99), ("fp16", 0.995)])
-def test_extract_on_cuda_matches_cpu(tiny_dataset, tmp_path, weights_file, precision, min_cos):
-    def run(device: str, prec: str, out: Path) -> dict[str, np.ndarray]:
-        extract_features(ExtractConfig(dataset=DatasetSpec(str(tiny_dataset)), output=str(out),
-                                       weights=str(weights_file), frame_spec=FrameSpec(size=SIZE), batch_size=8,
-                                       device=device, precision=prec, dtype="float32", workers=2), progress=False)
-        with FeatureCache(out) as c:
-            return {s: c.load_split(s).features for s in c.splits}
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory) -> Path:
+    """A random-init ResNet-18, BatchNorm recalibrated on noise, as ``weights_file`` is for MobileNetV2."""
+    from pipeline.backbones import create_backbone, recalibrate_batchnorm
 
-    cpu = run("cpu", "fp32", tmp_path / "cpu.h5")
-    gpu = run("cuda", precision, tmp_path / "gpu.h5")
-    for split in cpu:
-        assert cpu[split].shape == gpu[split].shape
-        assert np.isfinite(gpu[split]).all()
-        assert _cosine(cpu[split], gpu[split]).min() > min_cos, split
+    torch.manual_seed(0)
+    net = create_backbone("resnet18", "none").net
+    g = torch.Generator().manual_seed(0)
+    recalibrate_batchnorm(net, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
+    path = tmp_path_factory.mktemp("resnet18") / "backbone.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _extract(dataset: Path, out: Path, backbone: str, weights: Path, device: str, precision: str) -> np.ndarray:
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(dataset)), output=str(out), backbone=backbone,
+                                   weights=str(weights), frame_spec=FrameSpec(size=SIZE), batch_size=8,
+                                   device=device, precision=precision, dtype="float32", workers=2), progress=False)
+    with FeatureCache(out) as c:
+        return np.concatenate([c.load_split(s).features for s in sorted(c.splits)])
+
+
+# How far half precision moves features depends on the network, not on the CUDA path: a random-init
+# network amplifies rounding, and how much varies by family. bf16 against fp32, both on this CPU
+# (autocast), 40 frames of these: ResNet-18 min cosine 0.9989, MobileNetV2 0.920, EfficientNet-B0
+# 0.766; fp16: 1.0000, 0.997, 0.995. On the H200, MobileNetV2 in bf16 gave 0.911 against the CPU's
+# fp32. So the strict check uses ResNet-18, and MobileNetV2's half precision is held to the error
+# the same precision makes on the CPU.
+@pytest.mark.parametrize("backbone,precision,min_cos", [("mobilenet_v2", "fp32", 0.999), ("resnet18", "bf16", 0.995),
+                                                        ("resnet18", "fp16", 0.9995)])
+def test_extract_on_cuda_matches_cpu(tiny_dataset, tmp_path, weights_file, resnet18_weights, backbone, precision,
+                                     min_cos):
+    weights = weights_file if backbone == "mobilenet_v2" else resnet18_weights
+    cpu = _extract(tiny_dataset, tmp_path / "cpu.h5", backbone, weights, "cpu", "fp32")
+    gpu = _extract(tiny_dataset, tmp_path / "gpu.h5", backbone, weights, "cuda", precision)
+    assert cpu.shape == gpu.shape and np.isfinite(gpu).all()
+    assert _cosine(cpu, gpu).min() > min_cos
+
+
+def test_extract_on_cuda_in_bf16_errs_as_bf16_does_on_cpu(tiny_dataset, tmp_path, weights_file):
+    """MobileNetV2 in bf16 on the GPU is as far from fp32 as bf16 on the CPU is (within 2x), and
+    every frame's features are still nearest to that frame's fp32 features."""
+    ref = _extract(tiny_dataset, tmp_path / "cpu.h5", "mobilenet_v2", weights_file, "cpu", "fp32")
+    emulated = _extract(tiny_dataset, tmp_path / "cpu16.h5", "mobilenet_v2", weights_file, "cpu", "bf16")
+    gpu = _extract(tiny_dataset, tmp_path / "gpu.h5", "mobilenet_v2", weights_file, "cuda", "bf16")
+
+    def rel_err(x: np.ndarray) -> float:
+        return float((np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)).mean())
+
+    assert rel_err(gpu) <= 2 * rel_err(emulated) + 1e-3, (rel_err(gpu), rel_err(emulated))
+    dist = np.linalg.norm(gpu[:, None] - ref[None], axis=2)
+    assert (dist.argmin(1) == np.arange(len(ref))).all()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -53,9 +90,12 @@ def test_train_temporal_on_cuda_learns(tmp_path, precision):
     cache = separable_cache(tmp_path / "c.h5", classes=4, per_class={"train": 24, "test": 10})
     r = train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "run"), hidden=32, epochs=8,
                                       seq_len=8, device="cuda", precision=precision), progress=False)
-    assert r.best["top1"] >= 0.8  # chance 0.25
+    assert r.best["top1"] >= 0.8  # on the validation set carved from train; chance 0.25
+    assert r.test is not None and r.test["top1"] >= 0.8
+    # the checkpoint alone, evaluated again on the test split, gives what training reported for it
+    # (fp32 here, the run's own precision there: a clip of 40 may flip)
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", cache, "test", device="cuda")
-    assert ev.metrics["top1"] == pytest.approx(r.best["top1"], abs=0.05)
+    assert ev.metrics["top1"] == pytest.approx(r.test["top1"], abs=0.03 if precision != "fp32" else 1e-9)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
