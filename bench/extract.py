@@ -26,10 +26,13 @@ speed does not bias the ratio. On a CUDA machine the same script reports the GPU
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +53,32 @@ from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 from _report import record  # noqa: E402
 
 
+def _write_video(d: Path, coarse: np.ndarray, n: int) -> None:
+    d.mkdir(parents=True)
+    base = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None].float(), size=(240 + 40, 320 + 40),
+                                           mode="bilinear", align_corners=False)[0]
+    for i in range(n):
+        dy, dx = i % 40, (2 * i) % 40  # the camera pans: every frame differs
+        img = base[:, dy:dy + 240, dx:dx + 320].clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(img).save(d / f"frame_{i + 1}.jpg", quality=90)
+
+
 def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int = 0) -> int:
+    """``frames`` 320x240 JPEGs in videos of ``per_video``. The textures are drawn here, in order, so
+    the videos are the same whatever the number of processes that write them (a pixel can differ
+    by one: the float upsampling rounds differently with another thread count)."""
     rng = np.random.default_rng(seed)
     n_videos = -(-frames // per_video)
-    for v in range(n_videos):
-        d = root / "train" / f"class{v % 4}" / f"video{v}"
-        d.mkdir(parents=True)
-        coarse = rng.integers(0, 256, (3, 24 + 1, 32 + 1), dtype=np.uint8)
-        base = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None].float(), size=(240 + 40, 320 + 40),
-                                               mode="bilinear", align_corners=False)[0]
-        for i in range(min(per_video, frames - v * per_video)):
-            dy, dx = i % 40, (2 * i) % 40  # the camera pans: every frame differs
-            img = base[:, dy:dy + 240, dx:dx + 320].clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            Image.fromarray(img).save(d / f"frame_{i + 1}.jpg", quality=90)
+    jobs = [(root / "train" / f"class{v % 4}" / f"video{v}", rng.integers(0, 256, (3, 24 + 1, 32 + 1), dtype=np.uint8),
+             min(per_video, frames - v * per_video)) for v in range(n_videos)]
+    procs = min(len(jobs), os.cpu_count() or 1)
+    if procs <= 2:
+        for job in jobs:
+            _write_video(*job)
+    else:  # a GPU box's many cores: 30k frames in seconds instead of a minute
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(_write_video, *zip(*jobs)))
     return n_videos
 
 
