@@ -13,7 +13,8 @@
 #      train-temporal, finetune-end-to-end with AMP, predict;
 #   4. the other benches with --device cuda: end-to-end fine-tuning, stage two with the split in GPU
 #      memory and read lazily, the sweep, predict, and onnxruntime (its CUDA provider when
-#      installed: onnxruntime-gpu; else the CPU one); extraction again with more decoders;
+#      installed: onnxruntime-gpu; else the CPU one); extraction again with more decoders; the
+#      host's CPU per frame on the way to the GPU (bench/host_cost.py);
 #   5. the rest of the test suite with the GPU visible, on what budget is left;
 # then prints one table: frames/s and ratios, epoch seconds, peak GPU memory, and each step's status.
 # The table, the bench records and logs.tar.gz (one log per step) go to $GPU_OUT (default $OUT when
@@ -119,6 +120,7 @@ if [ "$DEVICE" != cuda ]; then  # dry run of the plumbing on a CPU: small sizes,
   step bench_sweep 120 "$PY" bench/sweep.py --device "$DEVICE" --train 96 --val 48 --frames 30 --epochs 2
   step bench_predict 120 "$PY" bench/predict.py --device "$DEVICE" --seconds 4
   step bench_finetune 120 "$PY" bench/finetune.py --device "$DEVICE" --videos 8 --frames 8 --size 64
+  step bench_host_cost 60 "$PY" bench/host_cost.py --frames 256 --repeats 1
 else
   # Most important first: a step that finds its budget spent is listed as skipped.
   step tests_cuda 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
@@ -142,6 +144,7 @@ else
   # is decoding the limit? the same extraction with every core but one decoding (default: at most 8)
   step bench_extract_mobilenet_v2_workers 50 "$PY" bench/extract.py --device cuda --precision bf16 --frames 24576 \
     --batch-size 256 --repeats 3 --keep "$WORK/extract_data" --workers $(( $(nproc) - 1 ))
+  step bench_host_cost 40 "$PY" bench/host_cost.py  # the main process's CPU per frame on this host
   # the rest of the suite with the GPU visible, on what budget is left (several processes where
   # pytest-xdist is installed)
   XDIST=(); "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
