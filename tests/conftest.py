@@ -49,16 +49,22 @@ def cut_file(path: Path, keep: int) -> None:
     path.write_bytes(data[:keep])
 
 
+def calibrated_backbone_file(name: str, folder: Path) -> Path:
+    """``folder``/backbone.pt: a random-init ``name`` with BatchNorm recalibrated on noise (seed 0),
+    which gives non-degenerate features."""
+    torch.manual_seed(0)
+    model = create_backbone(name, "none").net
+    g = torch.Generator().manual_seed(0)
+    recalibrate_batchnorm(model, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
+    path = folder / "backbone.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     """A random-init MobileNetV2 with BatchNorm recalibrated on noise: non-degenerate features."""
-    torch.manual_seed(0)
-    model = create_backbone("mobilenet_v2", "none").net
-    g = torch.Generator().manual_seed(0)
-    recalibrate_batchnorm(model, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
-    path = tmp_path_factory.mktemp("weights") / "backbone.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return calibrated_backbone_file("mobilenet_v2", tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE
+from conftest import SIZE, calibrated_backbone_file
 from synthetic import separable_cache
 from test_finetune import colour_data, ft_cfg  # noqa: F401 - a fixture
 
@@ -34,15 +34,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def resnet18_weights(tmp_path_factory) -> Path:
     """A random-init ResNet-18, BatchNorm recalibrated on noise, as ``weights_file`` is for MobileNetV2."""
-    from pipeline.backbones import create_backbone, recalibrate_batchnorm
-
-    torch.manual_seed(0)
-    net = create_backbone("resnet18", "none").net
-    g = torch.Generator().manual_seed(0)
-    recalibrate_batchnorm(net, [torch.randn(16, 3, SIZE, SIZE, generator=g) for _ in range(4)])
-    path = tmp_path_factory.mktemp("resnet18") / "backbone.pt"
-    torch.save(net.state_dict(), path)
-    return path
+    return calibrated_backbone_file("resnet18", tmp_path_factory.mktemp("resnet18"))
 
 
 def _extract(dataset: Path, out: Path, backbone: str, weights: Path, device: str, precision: str) -> np.ndarray:
