@@ -15,6 +15,7 @@ import gc
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -238,9 +239,27 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
              on_epoch: Callable[[dict[str, Any]], None] | None = None,
              on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
-    t_start = time.perf_counter()
     base_device = resolve_device(cfg.device)
     info = D.init(base_device)
+    try:
+        return _finetune(cfg, base_device, info, progress, on_epoch, on_start)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # the failed run's locals, the DDP wrapper among them
+        raise
+    finally:
+        # The DDP wrapper goes before the process group. Its Reducer holds a reference to the
+        # group; as the last one, the group would be destroyed inside the Reducer's deallocation,
+        # which holds the GIL while it joins gloo's threads, and a gloo thread still freeing a
+        # finished broadcast waits for the GIL: a hang at exit (seen under torch 2.11 on a loaded
+        # machine; pytorch#56297). On success the wrapper died with _finetune's frame.
+        gc.collect()
+        D.cleanup(info)
+
+
+def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, progress: bool,
+              on_epoch: Callable[[dict[str, Any]], None] | None,
+              on_start: Callable[[RunDir], None] | None) -> TrainResult:
+    t_start = time.perf_counter()
     device = D.local_device(base_device, info)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
@@ -397,13 +416,6 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
             m = classification_metrics(probs, labels, _nll(probs, labels))
             test = {"split": test_split, "epoch": ck["epoch"], **summary(m)}
             run.write_json("test.json", {**test, "picked_on": val_name, "per_class_acc": m["per_class_acc"]})
-    # The DDP wrapper goes before the process group. Its Reducer holds a reference to the group; as
-    # the last one, the group would be destroyed inside the Reducer's deallocation, which holds the
-    # GIL while it joins gloo's threads, and a gloo thread still freeing a finished broadcast waits
-    # for the GIL: a hang at exit (seen under torch 2.11 on a loaded machine; pytorch#56297).
-    del ddp
-    gc.collect()
-    D.cleanup(info)
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
                        val_split=val_name, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,19 +158,50 @@ def test_grad_checkpoint_same_step_and_batchnorm_statistics(weights_file):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """torchrun with two processes; on a hang, the launcher and its ranks are killed (a process
-    group of their own), not left running after the test fails."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(REPO / "cli.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=cwd, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"torchrun {args[0]} hung for 300 s; stderr: {err[-3000:]}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; Linux)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, p in parent.items() if p == pid]
+        out += kids
+        todo += kids
+    return out
+
+
+def _torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """torchrun with two processes. Output goes to files, which a hung rank cannot hold open the way
+    it holds a pipe. On a hang, torchrun is asked to stop its ranks (SIGTERM), then it and every
+    process under it are killed (each rank has a session of its own, so no process group covers
+    them): nothing is left running after the test fails."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(REPO / "cli.py"), *args], stdout=out, stderr=err, text=True, cwd=cwd)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            left = _descendants(p.pid)
+            p.terminate()
+            try:
+                p.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in [p.pid, *left]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+            err.seek(0)
+            pytest.fail(f"torchrun {args[0]} hung for {timeout:.0f} s; stderr: {err.read()[-3000:]}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
 
 
 @pytest.mark.slow
