@@ -71,7 +71,7 @@ def make_jpeg_dataset(root: Path, frames: int, per_video: int = 100, seed: int =
     n_videos = -(-frames // per_video)
     jobs = [(root / "train" / f"class{v % 4}" / f"video{v}", rng.integers(0, 256, (3, 24 + 1, 32 + 1), dtype=np.uint8),
              min(per_video, frames - v * per_video)) for v in range(n_videos)]
-    procs = min(len(jobs), os.cpu_count() or 1)
+    procs = min(len(jobs), len(os.sched_getaffinity(0)), 16)  # the cores this process may use
     if procs <= 2:
         for job in jobs:
             _write_video(*job)

@@ -23,6 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+START=$(date +%s)   # the budget counts from here, the wheels' install and the checks included
 BUDGET=${GPU_BUDGET_S:-540}
 DEVICE=${GPU_SH_DEVICE:-cuda}   # GPU_SH_DEVICE=cpu runs the same plumbing on a CPU (a dry run, small sizes)
 
@@ -68,8 +69,8 @@ STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
 WORK=$(mktemp -d /tmp/gpu_sh.XXXXXX)
 LOGS="$WORK/logs"; mkdir -p "$LOGS"
-trap 'rm -rf "$WORK"' EXIT
-START=$(date +%s)
+# the logs come back in one archive also when the run is cut short (a kill from outside)
+trap 'tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" logs 2>/dev/null; rm -rf "$WORK"' EXIT
 
 # step NAME LIMIT_S COMMAND...: run under a time limit that also fits the remaining budget.
 step() {
@@ -148,10 +149,9 @@ else
   # the rest of the suite with the GPU visible, on what budget is left (several processes where
   # pytest-xdist is installed)
   XDIST=(); "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
-  OMP_NUM_THREADS=2 step tests_all 300 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" "${XDIST[@]}"
+  OMP_NUM_THREADS=2 step tests_all 300 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" ${XDIST[@]+"${XDIST[@]}"}
 fi
 
-tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" logs
 "$PY" bench/gpu_table.py "$STEPS" "$BENCH_JSON" "$(cat "$OUTDIR/device.txt")" "$(( $(date +%s) - START ))" \
   | tee "$OUTDIR/table.md"
 ! grep -qv $'\tok\t' "$STEPS"   # exit 0 only when every step passed

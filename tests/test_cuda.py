@@ -50,7 +50,7 @@ def _extract(dataset: Path, out: Path, backbone: str, weights: Path, device: str
 # (autocast), 40 frames of these: ResNet-18 min cosine 0.9989, MobileNetV2 0.920, EfficientNet-B0
 # 0.766; fp16: 1.0000, 0.997, 0.995. On the H200, MobileNetV2 in bf16 gave 0.911 against the CPU's
 # fp32. So the strict check uses ResNet-18, and MobileNetV2's half precision is held to the error
-# the same precision makes on the CPU.
+# bf16 makes on the CPU (fp16 on CUDA, with 3 more mantissa bits, to under that error).
 @pytest.mark.parametrize("backbone,precision,min_cos", [("mobilenet_v2", "fp32", 0.999), ("resnet18", "bf16", 0.995),
                                                         ("resnet18", "fp16", 0.9995)])
 def test_extract_on_cuda_matches_cpu(tiny_dataset, tmp_path, weights_file, resnet18_weights, backbone, precision,
@@ -62,17 +62,19 @@ def test_extract_on_cuda_matches_cpu(tiny_dataset, tmp_path, weights_file, resne
     assert _cosine(cpu, gpu).min() > min_cos
 
 
-def test_extract_on_cuda_in_bf16_errs_as_bf16_does_on_cpu(tiny_dataset, tmp_path, weights_file):
-    """MobileNetV2 in bf16 on the GPU is as far from fp32 as bf16 on the CPU is (within 2x), and
-    every frame's features are still nearest to that frame's fp32 features."""
+@pytest.mark.parametrize("precision,bound", [("bf16", 2.0), ("fp16", 1.0)])
+def test_extract_on_cuda_in_half_errs_as_bf16_does_on_cpu(tiny_dataset, tmp_path, weights_file, precision, bound):
+    """MobileNetV2 in bf16 on the GPU is as far from fp32 as bf16 on the CPU is (within 2x), fp16
+    nearer than that (on the CPU, with autocast, fp16's mean relative error was 0.047 against bf16's
+    0.285), and every frame's features are still nearest to that frame's fp32 features."""
     ref = _extract(tiny_dataset, tmp_path / "cpu.h5", "mobilenet_v2", weights_file, "cpu", "fp32")
     emulated = _extract(tiny_dataset, tmp_path / "cpu16.h5", "mobilenet_v2", weights_file, "cpu", "bf16")
-    gpu = _extract(tiny_dataset, tmp_path / "gpu.h5", "mobilenet_v2", weights_file, "cuda", "bf16")
+    gpu = _extract(tiny_dataset, tmp_path / "gpu.h5", "mobilenet_v2", weights_file, "cuda", precision)
 
     def rel_err(x: np.ndarray) -> float:
         return float((np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)).mean())
 
-    assert rel_err(gpu) <= 2 * rel_err(emulated) + 1e-3, (rel_err(gpu), rel_err(emulated))
+    assert rel_err(gpu) <= bound * rel_err(emulated) + 1e-3, (rel_err(gpu), rel_err(emulated))
     dist = np.linalg.norm(gpu[:, None] - ref[None], axis=2)
     assert (dist.argmin(1) == np.arange(len(ref))).all()
 
