@@ -169,8 +169,8 @@ def _descendants(pid: int) -> list[int]:
         parent[int(stat.parent.name)] = int(fields[1])
     out, todo = [], [pid]
     while todo:
-        pid = todo.pop()
-        kids = [c for c, p in parent.items() if p == pid]
+        here = todo.pop()
+        kids = [c for c, p in parent.items() if p == here]
         out += kids
         todo += kids
     return out
