@@ -27,6 +27,7 @@ except ImportError:  # an optional speed-up; torchvision decodes the same pixels
 
 from .config import DatasetSpec, FrameSelection
 from .errors import ConfigError, DataError
+from .preprocess import nhwc_view
 
 log = logging.getLogger(__name__)
 
@@ -883,10 +884,8 @@ def iter_frame_batches(video_path: Path, kind: str, sel: FrameSelection, n: int)
 def _as_batch(frame: torch.Tensor) -> torch.Tensor:
     """(3, H, W) → (1, 3, H, W), keeping (H, W, 3) memory recognisable as channels_last: a plain
     ``frame[None]`` would give the batch a stride of 3."""
-    c, h, w = frame.shape
-    if frame.stride() == (1, w * c, c):
-        return frame.as_strided((1, c, h, w), (frame.numel(), 1, w * c, c))
-    return frame[None]
+    x = nhwc_view(frame)
+    return frame[None] if x is None else x
 
 
 def source_fps(video_path: Path, kind: str, sel: FrameSelection) -> float | None:

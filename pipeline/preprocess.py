@@ -42,9 +42,9 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
     return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
 
 
-def _nhwc(frames: torch.Tensor) -> torch.Tensor | None:
+def nhwc_view(frames: torch.Tensor) -> torch.Tensor | None:
     """(3, H, W) or (N, 3, H, W) frames whose memory is (…, H, W, 3) (decoders write that), as a
-    4-d tensor interpolate reads as channels_last; None for any other layout."""
+    4-d view that interpolate and the network read as channels_last; None for any other layout."""
     c, h, w = frames.shape[-3:]
     if frames.stride()[-3:] != (1, w * c, c):
         return None
@@ -71,7 +71,7 @@ def _direct_is_torchvision(mode: str = "bilinear") -> bool:
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 256, (2, 37, 53, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
     want = TF.resize(probe, [16, 23], interpolation=TF.InterpolationMode(mode), antialias=True)
-    return (torch.equal(_interpolate(_nhwc(probe[0]), 16, 23, mode)[0], want[0])
+    return (torch.equal(_interpolate(nhwc_view(probe[0]), 16, 23, mode)[0], want[0])
             and torch.equal(_interpolate(probe, 16, 23, mode), want))
 
 
@@ -79,7 +79,7 @@ def _resize(frames: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear"
     """Antialiased resize, torchvision's. Decoders hand over frames in (H, W, 3) memory, one or a
     batch at a time; those, the hot case, skip torchvision's per-call dispatch (~20 us of Python
     per call, on the threads that decode) when the result is the same."""
-    x = _nhwc(frames) if frames.device.type == "cpu" else None
+    x = nhwc_view(frames) if frames.device.type == "cpu" else None
     if x is not None and _direct_is_torchvision(mode):
         out = _interpolate(x, new_h, new_w, mode)
         return out[0] if frames.ndim == 3 else out

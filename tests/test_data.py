@@ -19,11 +19,15 @@ from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
 
 
+def frames_of(batches) -> list[DecodedFrame]:
+    """Decoded batches, frame by frame."""
+    return [DecodedFrame(i, None if b.frames is None else b.frames[k], b.error)
+            for b in batches for k, i in enumerate(b.indices)]
+
 
 def iter_frame_folder(d: Path, sel: FrameSelection, n: int = 64) -> list[DecodedFrame]:
     """The extraction's decoding of a frame folder, frame by frame."""
-    return [DecodedFrame(i, None if b.frames is None else b.frames[k], b.error)
-            for b in iter_frame_batches(d, "frames", sel, n) for k, i in enumerate(b.indices)]
+    return frames_of(iter_frame_batches(d, "frames", sel, n))
 
 
 def one_by_one(d: Path, sel: FrameSelection) -> list[DecodedFrame]:
@@ -35,6 +39,7 @@ def one_by_one(d: Path, sel: FrameSelection) -> list[DecodedFrame]:
         except FrameDecodeError as e:
             out.append(DecodedFrame(i, None, str(e)))
     return out
+
 
 def test_natural_order():
     names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg", "Frame_3.jpg", "frame_100.jpg", "frame_20.jpg"]
@@ -262,7 +267,7 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     assert not calls if direct else calls, calls
     for f, x in zip(chw, hwc):  # the direct call is ATen's uint8 kernel, whatever torchvision does here
         ref = torch.nn.functional.interpolate(f[None], size=(16, 23), mode="bilinear", antialias=True)[0]
-        got_direct = P._interpolate(P._nhwc(x), 16, 23)[0]
+        got_direct = P._interpolate(P.nhwc_view(x), 16, 23)[0]
         assert torch.equal(got_direct, ref) and got_direct.stride()[0] == 1  # (H, W, 3) memory out
     monkeypatch.undo()
     for name, frames in (("chw", chw), ("hwc", hwc)):
@@ -569,10 +574,9 @@ def test_folder_batches_are_the_frames_one_by_one(tmp_path):
         for n in (1, 3, 64):
             got = list(iter_frame_batches(d, "frames", sel, n))
             assert all(len(b.indices) <= n and (b.frames is None) == (b.error is not None) for b in got)
-            flat = [(i, None if b.frames is None else b.frames[k], b.error)
-                    for b in got for k, i in enumerate(b.indices)]
-            assert [(i, e) for i, _, e in flat] == [(w.index, w.error) for w in want]
-            assert all(f is None and w.frame is None or torch.equal(f, w.frame) for (_, f, _), w in zip(flat, want))
+            flat = frames_of(got)
+            assert [(f.index, f.error) for f in flat] == [(w.index, w.error) for w in want]
+            assert all(f.frame is None and w.frame is None or torch.equal(f.frame, w.frame) for f, w in zip(flat, want))
             for b in got:  # (k, H, W, 3) memory, as resize_frames takes it without a copy
                 if b.frames is not None:
                     k, c, h, w = b.frames.shape
