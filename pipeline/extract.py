@@ -296,6 +296,47 @@ class FeatureRunner:
         return self.videos.pop(pos)
 
 
+class HostCopies:
+    """Finished videos' features, copied to the host without waiting for the device.
+
+    On CUDA ``cat(rows).to("cpu")`` blocks until the GPU has run every batch queued so far, so
+    the host, which decodes and packs the next batches, would sit idle for a forward pass at each
+    finished video. Instead each copy goes into pinned memory behind a CUDA event, and ``ready``
+    hands the videos on in the order they were ``put``, as their copies complete. On CPU the
+    features already are on the host and pass straight through. Holds at most ``limit`` videos:
+    the oldest is waited for past that.
+    """
+
+    def __init__(self, device: torch.device, limit: int = 64) -> None:
+        self.device, self.limit = device, limit
+        self.pending: deque[tuple[Any, torch.Tensor, Any]] = deque()
+
+    def put(self, item: Any, rows: list[torch.Tensor]) -> None:
+        feats = torch.cat(rows)
+        event = None
+        if feats.device.type == "cuda":
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            host.copy_(feats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            feats = host
+        else:
+            feats = feats.cpu()
+        self.pending.append((item, feats, event))
+
+    def ready(self, *, wait: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
+        """(item, (T, D) host features) of every video whose copy is done, oldest first; ``wait``:
+        of every video, waiting for the device."""
+        while self.pending:
+            item, feats, event = self.pending[0]
+            if event is not None and not event.query():
+                if not wait and len(self.pending) <= self.limit:
+                    return
+                event.synchronize()
+            self.pending.popleft()
+            yield item, feats
+
+
 # ------------------------------------------------------------------------------------ the stage
 
 
@@ -502,8 +543,9 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                disable=not progress or not info.is_main or None, dynamic_ncols=True)
     t_run = time.perf_counter()
 
+    copies = HostCopies(device)
+
     def finish(pos: int) -> None:
-        nonlocal extracted, checked
         split, video = jobs[pos]
         v = runner.pop(pos)
         for skipped, err in v.frame_errors:
@@ -512,22 +554,28 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
             _fail(failures, split, video, v.error or f"{video.path}: no decodable frames", cfg.strict)
             bar.update(1)
             return
-        feats = torch.cat(v.rows).to("cpu")  # (T, D)
-        if not checked:
-            _check_not_degenerate(feats, identity)
-            checked = True
-        writer.add(split, VideoRecord(video.rel, video.label, feats.numpy().astype(cfg.dtype),
-                                      torch.cat(v.indices).numpy(), v.fps, broken_frames=len(v.frame_errors)))
-        extracted += 1
-        bar.update(1)
-        bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")
+        copies.put((split, video, v.indices, v.fps, len(v.frame_errors)), v.rows)
+
+    def store(wait: bool = False) -> None:
+        nonlocal extracted, checked
+        for (split, video, indices, fps, broken), feats in copies.ready(wait=wait):  # feats: (T, D) on the host
+            if not checked:
+                _check_not_degenerate(feats, identity)
+                checked = True
+            writer.add(split, VideoRecord(video.rel, video.label, feats.numpy().astype(cfg.dtype, copy=False),
+                                          torch.cat(indices).numpy(), fps, broken_frames=broken))
+            extracted += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")
 
     try:
         for chunk in loader:
             for pos in runner.feed(chunk):
                 finish(pos)
+            store()
         for pos in runner.flush():
             finish(pos)
+        store(wait=True)
     finally:
         bar.close()
 

@@ -45,6 +45,25 @@ def _extract(dataset: Path, out: Path, backbone: str, weights: Path, device: str
         return np.concatenate([c.load_split(s).features for s in sorted(c.splits)])
 
 
+def test_host_copies_hand_on_each_video_once_its_copy_is_done():
+    """Extraction copies features back behind CUDA events instead of a blocking ``.to("cpu")``:
+    videos come out in order, with their values, whether waited for or past the limit."""
+    from pipeline.extract import HostCopies
+
+    a = torch.randn(4096, 4096, device="cuda")
+    for limit, wait in ((64, True), (0, False)):
+        copies, rows = HostCopies(torch.device("cuda"), limit=limit), []
+        for i in range(3):
+            slow = (a @ a)[:5] * 0 + i  # a kernel still running when the copy is queued
+            rows.append([slow, torch.full((2, 4096), float(i), device="cuda")])
+            copies.put(i, rows[-1])
+        got = list(copies.ready(wait=wait))
+        assert [i for i, _ in got] == [0, 1, 2] and not copies.pending
+        for i, feats in got:
+            assert feats.device.type == "cpu" and feats.is_pinned()
+            assert torch.equal(feats, torch.cat(rows[i]).cpu())
+
+
 # How far half precision moves features depends on the network, not on the CUDA path: a random-init
 # network amplifies rounding, and how much varies by family. bf16 against fp32, both on this CPU
 # (autocast), 40 frames of these: ResNet-18 min cosine 0.9989, MobileNetV2 0.920, EfficientNet-B0
