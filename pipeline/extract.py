@@ -307,8 +307,8 @@ class HostCopies:
     the oldest is waited for past that.
     """
 
-    def __init__(self, device: torch.device, limit: int = 64) -> None:
-        self.device, self.limit = device, limit
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
         self.pending: deque[tuple[Any, torch.Tensor, Any]] = deque()
 
     def put(self, item: Any, rows: list[torch.Tensor]) -> None:
@@ -543,7 +543,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
                disable=not progress or not info.is_main or None, dynamic_ncols=True)
     t_run = time.perf_counter()
 
-    copies = HostCopies(device)
+    copies = HostCopies()
 
     def finish(pos: int) -> None:
         split, video = jobs[pos]

@@ -52,7 +52,7 @@ def test_host_copies_hand_on_each_video_once_its_copy_is_done():
 
     a = torch.randn(4096, 4096, device="cuda")
     for limit, wait in ((64, True), (0, False)):
-        copies, rows = HostCopies(torch.device("cuda"), limit=limit), []
+        copies, rows = HostCopies(limit=limit), []
         for i in range(3):
             slow = (a @ a)[:5] * 0 + i  # a kernel still running when the copy is queued
             rows.append([slow, torch.full((2, 4096), float(i), device="cuda")])
