@@ -318,7 +318,7 @@ class HostCopies:
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
             host.copy_(feats, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(feats.device))  # the copy runs on its source's stream
             feats = host
         else:
             feats = feats.cpu()
