@@ -40,6 +40,8 @@ def assert_lstm_exporter(r) -> None:
         assert r.exporters["head"] == "dynamo", r.fallbacks
     else:
         assert r.exporters["head"] == "dynamo" or "time axis" in r.fallbacks.get("head", ""), r.fallbacks
+
+
 HEAD_CASES = [{"arch": a} for a in HEADS] + [
     {"arch": "lstm", "bidirectional": True, "layers": 2, "pool": "mean"},
     {"arch": "lstm", "bidirectional": True, "pool": "last"},
