@@ -19,8 +19,12 @@ Both run with glibc's malloc thresholds tuned as the CLI tunes them (``pipeline/
 ``--no-tune-allocator`` shows the difference.
 
 It prints frames/s of each and their ratio (pipeline / bare; 1.0 = decoding and writing fully
-hidden). The bare rate is measured before and after the pipeline and averaged, so drift in machine
-speed does not bias the ratio. On a CUDA machine the same script reports the GPU figures.
+hidden). On CPU it also prints the ceiling that decoding alone puts on that ratio: the model and
+the decoders share the cores there, so a frame costs at least the forward plus its decoding split
+over the decoder threads, F / (F + D / threads), with D the decode time of a frame on one core
+(the pipeline's own decoder, measured here on the dataset's first frames) and F the bare model's.
+The bare rate is measured before and after the pipeline and averaged, so drift in machine speed
+does not bias the ratio. On a CUDA machine the same script reports the GPU figures.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm  # noqa: E402
-from pipeline.config import DatasetSpec, ExtractConfig, FrameOverrides, FrameSpec  # noqa: E402
-from pipeline.extract import extract_features  # noqa: E402
-from pipeline.runtime import autocast_ctx, resolve_device, resolve_precision  # noqa: E402
+from pipeline.config import DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection, FrameSpec  # noqa: E402
+from pipeline.extract import VideoFrameStream, extract_features  # noqa: E402
+from pipeline.runtime import autocast_ctx, default_workers, resolve_device, resolve_precision  # noqa: E402
 from pipeline.data import decode_image_file  # noqa: E402
 from pipeline.preprocess import normalize_frames, resize_frames  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
@@ -86,6 +90,27 @@ def decoded_batch(data: Path, batch: int, spec: FrameSpec) -> torch.Tensor:
     """The dataset's first ``batch`` frames, decoded and resized as the pipeline does: (B, 3, S, S) uint8."""
     files = sorted(data.rglob("*.jpg"), key=lambda f: (f.parent, int(f.stem.split("_")[1])))[:batch]
     return torch.stack([resize_frames(decode_image_file(f), spec) for f in files])
+
+
+def decode_ms(data: Path, spec: FrameSpec, frames: int) -> float:
+    """Milliseconds of one core per frame to read, decode and resize the dataset's first videos
+    (about ``frames`` frames) with the pipeline's own decoder, in this thread with one intra-op
+    thread: what decoding costs, whatever the pipeline overlaps it with."""
+    videos = sorted({f.parent for f in data.rglob("*.jpg")}, key=lambda d: int(d.name.removeprefix("video")))
+    jobs = [(i, v, "frames") for i, v in enumerate(videos)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in VideoFrameStream(jobs[:1], spec, FrameSelection(), 8):
+            pass  # warm-up: first calls, page cache
+        n, t = 0, time.perf_counter()
+        for chunk in VideoFrameStream(jobs, spec, FrameSelection(), 8):
+            n += chunk.frames.shape[0]
+            if n >= frames and chunk.last:
+                break
+        return (time.perf_counter() - t) / n * 1e3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bare_rate(model: torch.nn.Module, frames: int, batch: int, spec: FrameSpec, device: torch.device,
@@ -185,6 +210,12 @@ def main() -> None:
             frames = r.frames
             bares.append(bare_rate(model, args.frames, args.batch_size, spec, device, amp, x8))
         ratios = [p / ((a + b) / 2) for p, a, b in zip(pipes, bares, bares[1:])]
+        ceiling = None
+        if device.type == "cpu":  # decoders take turns with the model on the same cores
+            decoders = default_workers(device) if args.workers is None else args.workers
+            dec = decode_ms(work / "data", spec, 8 * args.batch_size)
+            fwd = 1e3 / float(np.mean(bares))
+            ceiling = fwd / (fwd + dec / max(1, decoders))
         unfused_rate = bare_rate(unfused, args.frames // 2, args.batch_size, spec, device, amp, x8)
         print(f"bare backbone : {np.mean(bares):8.1f} frames/s  (runs: {', '.join(f'{b:.1f}' for b in bares)})")
         print(f"full pipeline : {np.mean(pipes):8.1f} frames/s  (runs: {', '.join(f'{p:.1f}' for p in pipes)}; "
@@ -192,9 +223,12 @@ def main() -> None:
         print(f"unfused {args.backbone}: {unfused_rate:.1f} frames/s "
               f"(BatchNorm folding: {np.mean(bares) / unfused_rate:.2f}x)")
         print(f"ratio pipeline/bare: {float(np.median(ratios)):.3f}  (per run: {', '.join(f'{x:.3f}' for x in ratios)})")
+        if ceiling is not None:
+            print(f"decoding alone caps it at {ceiling:.3f}: {dec:.3f} ms of one core per frame to read, decode and "
+                  f"resize, over {decoders} decoder threads, against {fwd:.2f} ms per frame for the model")
         record("extract", backbone=args.backbone, device=str(device), precision=str(amp or torch.float32).removeprefix("torch."),
                pipeline_fps=float(np.mean(pipes)), bare_fps=float(np.mean(bares)),
-               ratio=float(np.median(ratios)))
+               ratio=float(np.median(ratios)), decode_ceiling=ceiling)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
