@@ -73,9 +73,10 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, A
 
 
 def _migrate_v1(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """Schema 1 (MobileNetV2 and the LSTM were the only choices, so nothing named them): the
-    LSTM's layer was ``lstm`` (now ``rnn``), the provenance had no backbone, FrameSpecs no
-    resize size; end-to-end checkpoints kept the head twice (``head_state``)."""
+    """Schema 1 (MobileNetV2 and the LSTM were the only choices): the head config had no ``arch``,
+    the LSTM's layer was ``lstm`` (now ``rnn``), FrameSpecs had no resize size; end-to-end
+    checkpoints kept the head twice (``head_state``). Their provenance named the backbone and
+    its dimension; the defaults below only cover one that does not."""
     ckpt = dict(ckpt)
     for key in ("model_state", "head_state"):
         if isinstance(ckpt.get(key), dict):

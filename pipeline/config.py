@@ -121,7 +121,7 @@ def _show(v: Any) -> str:
                       sort_keys=True)
 
 
-LEGACY_BACKBONE = "mobilenet_v2"  # what schema-1 caches and checkpoints hold (they did not record it)
+LEGACY_BACKBONE = "mobilenet_v2"  # the only backbone schema 1 had (its files name it; this covers one that does not)
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,8 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Provenance:
-        """Also reads schema-1 dicts: they were all MobileNetV2 (1280-d), and did not say so."""
+        """Also reads schema-1 dicts (MobileNetV2, 1280-d: they name it too, and FrameSpecs there have
+        no resize size or filter)."""
         return cls(backbone=d.get("backbone") or LEGACY_BACKBONE, weights=WeightsIdentity.from_dict(d["weights"]),
                    frame_spec=FrameSpec.from_dict(d["frame_spec"]), selection=FrameSelection.from_dict(d["selection"]),
                    feature_dim=int(d.get("feature_dim") or 1280), classes=tuple(d.get("classes", ())),
