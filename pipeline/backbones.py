@@ -157,7 +157,7 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
     check_name(name)
     path = _path_of(weights)
     if path is not None:
-        ours = _our_file(path)
+        ours = _our_file(path, metadata_only=True)  # create_backbone reads the weights themselves
         recorded = ((ours or {}).get("cache") or {}).get("frame_spec") or ((ours or {}).get("meta") or {}).get(
             "frame_spec")
         if recorded:
@@ -206,12 +206,13 @@ def _path_of(weights: str) -> Path | None:
     return None  # a tag
 
 
-def _our_file(path: Path) -> dict[str, Any] | None:
+def _our_file(path: Path, *, metadata_only: bool = False) -> dict[str, Any] | None:
     """The backbone state of a file this tool wrote (a recalibrated backbone or an end-to-end
-    checkpoint), checked against ``name`` by the caller; None for other files."""
+    checkpoint), checked against ``name`` by the caller; None for other files. ``metadata_only``:
+    the tensors are mapped from the file, not read; for a caller that drops them."""
     if path.suffix in (".safetensors", ".npz"):
         return None
-    obj = safe_load(path, WeightsError, "weights file")
+    obj = safe_load(path, WeightsError, "weights file", mmap=metadata_only)
     if isinstance(obj, dict) and "backbone_state" in obj:
         return obj
     if isinstance(obj, dict) and "model_state" in obj and "schema_version" in obj:

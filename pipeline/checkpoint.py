@@ -43,10 +43,19 @@ def _what_is(path: Path, e: BaseException) -> str:
     return "not a torch.save file"
 
 
-def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what: str = "checkpoint") -> Any:
+def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what: str = "checkpoint", *,
+              mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, or ``error`` with one line saying what the
-    file is. Never suggests ``weights_only=False``: code in a pickle would run on load."""
+    file is. Never suggests ``weights_only=False``: code in a pickle would run on load.
+
+    ``mmap``: tensors map the file instead of being read (torch.save's zip format; others are read),
+    for a caller that only looks at the metadata: a ResNet-50 file opens in 27 ms instead of 86-127."""
     path = Path(path)
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001, S110 - not a zip file, or damaged: the plain load below says which
+            pass
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a foreign file fails in many ways (struct.error, EOFError, ...)

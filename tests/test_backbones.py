@@ -211,6 +211,8 @@ def test_cached_features_equal_backbone_and_predict_from_checkpoint(name, videos
         data = c.load_split("train")
     assert prov.backbone == name and prov.feature_dim == data.features.shape[1] and prov.dtype == "float16"
     assert prov.frame_spec == r.frame_spec  # the backbone's own mean, std and filter; the sizes asked for
+    if prov.weights.path:  # the recalibrated backbone's file gives the FrameSpec it was made with
+        assert default_frame_spec(name, prov.weights.path) == prov.frame_spec != default_frame_spec(name)
     # the same network, rebuilt from what the cache records, on the same decoded frames
     bb = create_backbone(name, prov.weights.path or "none", input_size=S) if prov.weights.path else None
     if bb is None:  # no BatchNorm: nothing was calibrated, the random init is the seed's
