@@ -228,7 +228,7 @@ def main() -> None:
                   f"resize, over {decoders} decoder threads, against {fwd:.2f} ms per frame for the model")
         record("extract", backbone=args.backbone, device=str(device), precision=str(amp or torch.float32).removeprefix("torch."),
                pipeline_fps=float(np.mean(pipes)), bare_fps=float(np.mean(bares)),
-               ratio=float(np.median(ratios)), decode_ceiling=ceiling)
+               ratio=float(np.median(ratios)), **({} if ceiling is None else {"decode_ceiling": ceiling}))
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
