@@ -454,3 +454,28 @@ def test_shapes_only_build_skips_init_in_this_thread_only():
         shell = _build_torchvision(name, None, shapes_only=True)
         shell.load_state_dict(real.state_dict(), assign=True)
         assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), shell.state_dict().values()))
+
+
+def test_provenance_mismatch_names_every_field():
+    """Features from any other source are never mixed or evaluated together: each field that
+    differs is named, class lists in order (a reordered list relabels every video)."""
+    from pipeline.config import FrameSelection, Provenance, WeightsIdentity
+
+    base = Provenance(backbone="resnet18", weights=WeightsIdentity(source="file", sha256="a" * 64, path="/x/w.pt"),
+                      frame_spec=default_frame_spec("resnet18"), selection=FrameSelection(), feature_dim=512,
+                      classes=("c0", "c1", "c2"))
+    assert base.mismatch(base.replace()) is None
+    assert base.mismatch(base.replace(weights=WeightsIdentity(source="file", sha256="a" * 64, path="/moved/w.pt"))) \
+        is None  # a moved file with the same bytes is the same backbone
+    changes = {"backbone": {"backbone": "resnet34"},
+               "weights": {"weights": WeightsIdentity(source="file", sha256="b" * 64, path="/x/w.pt")},
+               "FrameSpec": {"frame_spec": default_frame_spec("resnet18").override(FrameOverrides(size=160))},
+               "frame selection": {"selection": FrameSelection(stride=2)},
+               "feature dimension": {"feature_dim": 256},
+               "compute precision": {"precision": "bfloat16"},
+               "feature dtype": {"dtype": "float32"},
+               "class list": {"classes": ("c1", "c0", "c2")}}
+    for what, kw in changes.items():
+        got = base.mismatch(base.replace(**kw))
+        assert got is not None and got.startswith(what), (what, got)
+        assert base.mismatch(base.replace(**kw), ignore=(next(iter(kw)),)) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SIZE, write_frames
+from conftest import REPO, SIZE, calibrated_backbone_file, write_frames
 from test_extract import assert_same_cache
 
 from pipeline.checkpoint import load_checkpoint
@@ -22,6 +22,7 @@ from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpe
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_features
 from pipeline.finetune import finetune
+from pipeline.model import load_model
 from pipeline.predict import Predictor
 from pipeline.train import train_temporal
 
@@ -55,10 +56,11 @@ def test_finetune_learns(colour_data, tmp_path, weights_file):
     assert r.best["top1"] >= 0.66  # chance 1/3
     ck = load_checkpoint(tmp_path / "run" / "best.pt", kind="end_to_end")
     assert {"backbone_state", "model_state", "frame_spec", "classes", "cache"} <= set(ck)
-    # predict and extract-features take the fine-tuned checkpoint
-    preds = Predictor(tmp_path / "run" / "best.pt", device="cpu", workers=0).predict(
-        [colour_data / "val" / "red" / "red_val_0"], progress=False)
-    assert preds[0].error is None and preds[0].top_k
+    # the model rebuilt from it has the fine-tuned backbone, not the one it started from
+    rebuilt = load_model(tmp_path / "run" / "best.pt").backbone().net.state_dict()
+    assert rebuilt.keys() == ck["backbone_state"].keys()
+    assert all(torch.equal(rebuilt[k], ck["backbone_state"][k]) for k in rebuilt)
+    assert any(not torch.equal(rebuilt[k], v) for k, v in _backbone(weights_file).items())
     res = extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "re.h5"),
                                          weights=str(tmp_path / "run" / "best.pt"), frame_spec=FrameSpec(size=SIZE),
                                          workers=0, batch_size=8), progress=False)
@@ -67,6 +69,19 @@ def test_finetune_learns(colour_data, tmp_path, weights_file):
 
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "re.h5", "val", device="cpu")
     assert ev.metrics["top1"] >= 0.66  # the head on its own backbone's cached features
+    # predict takes the checkpoint alone: evaluate's probabilities, up to the cache's float16
+    # rounding of the features (the checkpoint's own are float32)
+    preds = Predictor(tmp_path / "run" / "best.pt", device="cpu", workers=0).predict(
+        [colour_data / v for v in ev.videos], progress=False)
+    for p, want in zip(preds, ev.probs):
+        assert p.error is None
+        np.testing.assert_allclose(p.probs, want, rtol=0, atol=1e-3)
+
+
+def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-8) -> None:
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=k)
 
 
 def _backbone(path: Path) -> dict[str, torch.Tensor]:
@@ -96,11 +111,21 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
                                    frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8), progress=False)
     train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "s2"), hidden=16, epochs=2, seq_len=4,
                                   device="cpu"), progress=False)
+    # a frozen backbone and a learning rate too small to move the head: what --init started from shows
+    still = dict(epochs=1, batch_size=6, workers=0, device="cpu", freeze_cnn=True, lr=1e-12)
     r = finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "e2e"),
-                                init=str(tmp_path / "s2" / "best.pt"), epochs=1, batch_size=6, workers=0,
-                                device="cpu"), progress=False)
+                                init=str(tmp_path / "s2" / "best.pt"), **still), progress=False)
     ck = load_checkpoint(tmp_path / "e2e" / "best.pt")
     assert ck["train_config"]["seq_len"] == 4 and ck["frame_spec"]["size"] == SIZE and r.best_epoch == 1
+    s2 = load_checkpoint(tmp_path / "s2" / "best.pt")
+    assert_states_close(ck["model_state"], s2["model_state"])  # the stage-two head
+    assert_states_close(ck["backbone_state"], _backbone(weights_file), atol=0)  # the backbone its features came from
+    # and from an end-to-end checkpoint: its backbone and head
+    finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "e2e2"),
+                            init=str(tmp_path / "e2e" / "best.pt"), **still), progress=False)
+    ck2 = load_checkpoint(tmp_path / "e2e2" / "best.pt")
+    assert_states_close(ck2["model_state"], ck["model_state"])
+    assert_states_close(ck2["backbone_state"], ck["backbone_state"], atol=0)
     with pytest.raises(ConfigError, match="FrameSpec"):
         finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "x"),
                                 init=str(tmp_path / "s2" / "best.pt"), frame_spec=FrameSpec(size=48), workers=0,
@@ -112,6 +137,21 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     with pytest.raises(ConfigError, match="other classes"):
         finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "y"),
                                 init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
+
+
+def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
+    """--backbone reaches the model and the checkpoint; the backbone learns at a tenth of --lr
+    unless --backbone-lr says otherwise; random BatchNorm statistics are not frozen in."""
+    r18 = calibrated_backbone_file("resnet18", tmp_path)
+    finetune(ft_cfg(colour_data, tmp_path / "run", r18, backbone="resnet18", epochs=1, trainable_blocks=1,
+                    backbone_lr=None), progress=False)
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["cache"]["backbone"] == "resnet18" and ck["cache"]["feature_dim"] == 512
+    assert ck["backbone_state"].keys() == torch.load(r18, weights_only=True).keys()
+    lrs = sorted(g["initial_lr"] for g in ck["optimizer_state"]["param_groups"])
+    assert lrs == pytest.approx([3e-4, 3e-3])  # the last block at --lr / 10, the head at --lr
+    with pytest.raises(ConfigError, match="BatchNorm statistics are untrained"):
+        finetune(ft_cfg(colour_data, tmp_path / "x", "none", backbone="resnet18", trainable_blocks=1), progress=False)
 
 
 def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
