@@ -407,3 +407,25 @@ def test_truncated_video_is_kept_listed_retried_and_strict_refuses(tiny_dataset,
     code, _, err = extract(tiny_dataset, tmp_path / "g.h5", weights_file, "--strict")
     one_error_line(code, err, "cut.mp4: truncated: decoded", "--strict")
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_backbone_by_name_and_list_backbones(tiny_dataset, tmp_path):
+    """--backbone reaches the cache through the CLI; list-backbones shows each model's dimension,
+    its default weights' input and its tags, default first."""
+    out = tmp_path / "r18.h5"
+    r = CliRunner().invoke(main, ["extract-features", "--data-dir", str(tiny_dataset), "--output", str(out),
+                                  "--backbone", "resnet18", "--weights", "none", "--size", str(SIZE),
+                                  "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        prov = json.loads(f.attrs["provenance"])
+        assert (prov["backbone"], prov["feature_dim"], f["train/features"].shape[1]) == ("resnet18", 512, 512)
+    r = CliRunner().invoke(main, ["list-backbones"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split(None, 4) for line in r.output.splitlines()[1:]}
+    assert rows["resnet50"][1:] == ["2048", "232->224", "bilinear", "IMAGENET1K_V2, IMAGENET1K_V1"]
+    assert rows["efficientnet_b0"][1:] == ["1280", "256->224", "bicubic", "IMAGENET1K_V1"]
+    assert rows["mobilenet_v3_small"][1] == "1024" and len(rows) > 50
+    r = CliRunner().invoke(main, ["list-backbones", "--blocks", "resnet18"])
+    assert r.exit_code == 0 and r.output.startswith("resnet18: 5 blocks, 512-d features")
+    assert [line.split()[1] for line in r.output.splitlines()[1:]] == ["conv1,", "layer1", "layer2", "layer3", "layer4"]
