@@ -299,3 +299,28 @@ def test_picking_on_test_needs_the_option_and_warns(tmp_path):
                                   "1", "--hidden", "8", "--val-split", "test", "--no-progress"])
     assert r.exit_code == 0, r.stderr
     assert "overstates accuracy" in r.stderr and "picked on split 'test'" in r.stdout
+
+
+def test_best_pt_is_the_best_validation_epoch_ties_to_the_lower_loss(tmp_path):
+    """best.pt holds the epoch with the best val top-1, the lower val loss among equals; last.pt
+    the last epoch, with that choice recorded for --resume."""
+    from pipeline.metrics import classification_metrics
+    from pipeline.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    labels = np.arange(10) % 2
+    history, best = [], None
+    for epoch, (correct, loss) in enumerate([(5, 1.0), (9, 0.6), (9, 0.4), (7, 0.3), (9, 0.45)], 1):
+        probs = np.eye(2)[np.where(np.arange(10) < correct, labels, 1 - labels)]  # `correct` of 10 right
+        metrics = classification_metrics(probs.astype(np.float32), labels, loss)
+        _, best, improved = run.record_epoch(
+            {"kind": "temporal", "classes": ["a", "b"]}, epoch=epoch, metrics=metrics, train_loss=1.0,
+            train_top1=0.5, clips=10, seconds=1.0, optimizer=opt, scheduler=sched, scaler=None, history=history,
+            best=best, states={"model_state": {"w": torch.tensor([float(epoch)])}}, val_split="val")
+        assert improved == (epoch in (1, 2, 3)), epoch
+    picked, last = load_checkpoint(run.best), load_checkpoint(run.last)
+    assert picked["epoch"] == 3 and picked["model_state"]["w"].item() == 3.0
+    assert last["epoch"] == 5 and last["best"]["epoch"] == 3 and last["best"]["top1"] == pytest.approx(0.9)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
