@@ -154,6 +154,10 @@ def test_evaluate_refuses_other_cache(tmp_path):
     train_temporal(cfg(a, tmp_path / "run", epochs=1), progress=False)
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run" / "best.pt"), "--cache", str(b), "--split", "test"])
     assert r.exit_code == 1 and "class list" in r.stderr and "Traceback" not in r.stderr
+    # the same features stored as float32: a head trained on float16 ones is not evaluated on them
+    c = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, dtype="float32")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run" / "best.pt"), "--cache", str(c), "--split", "test"])
+    assert r.exit_code == 1 and "feature dtype" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bad_inputs(tmp_path):
