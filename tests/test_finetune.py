@@ -172,6 +172,12 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
                  progress=False)
     r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
+    # the same as a run that was never interrupted: optimizer, scheduler and sampling state all resumed
+    whole = finetune(ft_cfg(colour_data, tmp_path / "whole", weights_file, epochs=2), progress=False)
+    assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in whole.history]
+    a, b = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
+    for key in ("backbone_state", "model_state"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
 
 
 def test_grad_checkpoint_same_step_and_batchnorm_statistics(weights_file):
