@@ -328,3 +328,17 @@ def test_best_pt_is_the_best_validation_epoch_ties_to_the_lower_loss(tmp_path):
     assert picked["epoch"] == 3 and picked["model_state"]["w"].item() == 3.0
     assert last["epoch"] == 5 and last["best"]["epoch"] == 3 and last["best"]["top1"] == pytest.approx(0.9)
     assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
+    """--resume continues the same experiment or none: a validation set carved another way, or
+    another cache, would make the earlier epochs' choice of best.pt meaningless."""
+    a = separable_cache(tmp_path / "a.h5", classes=3, per_class={"train": 10, "test": 3})
+    b = separable_cache(tmp_path / "b.h5", classes=3, per_class={"train": 10, "test": 3}, dtype="float32")
+    train_temporal(cfg(a, tmp_path / "run", epochs=1, val_fraction=0.2), progress=False)
+    with pytest.raises(CheckpointError, match="validated on other videos"):
+        train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.4, resume=True), progress=False)
+    with pytest.raises(CheckpointError, match="trained on another cache .feature dtype"):
+        train_temporal(cfg(b, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
+    r = train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
+    assert [h["epoch"] for h in r.history] == [1, 2]
