@@ -491,3 +491,32 @@ def test_truncated_video_reaches_the_runner_as_skipped_frames(tmp_path, inline, 
     errors = [(c.skipped, c.error) for c in chunks if c.error is not None]
     assert len(errors) == 1 and errors[0][0] == "frames" and "truncated: decoded" in errors[0][1]
     assert not any(c.fatal for c in chunks) and sum(c.frames.shape[0] for c in chunks) > 10
+
+
+def test_interrupted_run_redoes_a_stored_video_whose_frame_broke(tiny_dataset, tmp_path, weights_file, monkeypatch):
+    """A video stored with a broken frame is done again on the next run, also when that run
+    resumes from the parts of one killed before the cache file was written: a repaired frame
+    must reach the cache."""
+    from pipeline.cache import CacheWriter
+
+    frame = tiny_dataset / "train" / "walk" / "w1" / "frame_4.png"
+    good = frame.read_bytes()
+    frame.write_bytes(b"")
+    out = tmp_path / "f.h5"
+
+    def killed(self, *args, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # every video stored as a part, killed before the file is written
+        m.setattr(CacheWriter, "finalize", killed)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    frame.write_bytes(good)
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert (r.extracted, r.failures) == (1, [])  # w1 again, the other videos from their parts
+    with FeatureCache(out) as c:
+        data = c.load_split("train")
+        i = data.videos.index("train/walk/w1")
+        assert list(data.frame_indices[data.offsets[i]:data.offsets[i + 1]]) == list(range(12))
+    extract_features(config(tiny_dataset, tmp_path / "fresh.h5", weights_file), progress=False)
+    assert_same_cache(out, tmp_path / "fresh.h5")  # as if nothing had happened
