@@ -94,8 +94,10 @@ def test_blocks_partition_the_parameters_and_frozen_matches_net(name):
         assert bb.net.eval()(x).shape == (2, bb.num_features)
     # The blocks run in their order: --trainable-blocks n must train the n nearest the output.
     first_call = _first_calls(bb.net, x)
-    owner = {f"{m}.{p}".lstrip("."): m for m, mod in bb.net.named_modules() for p, _ in mod.named_parameters(recurse=False)}
-    spans = [(min(first_call[owner[p]] for p in b.params), max(first_call[owner[p]] for p in b.params)) for b in bb.blocks]
+    owner = {f"{m}.{p}".lstrip("."): m for m, mod in bb.net.named_modules()
+             for p, _ in mod.named_parameters(recurse=False)}  # parameter → the module that holds it
+    calls = [[first_call[owner[p]] for p in b.params] for b in bb.blocks]
+    spans = [(min(c), max(c)) for c in calls]
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     spec = FrameSpec(size=S, mean=bb.frame_spec.mean, std=bb.frame_spec.std)
     frames = torch.randint(0, 256, (3, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -181,7 +183,8 @@ def test_one_trainable_block_changes_exactly_that_block(name):
     assert changed <= last, sorted(changed - last)[:5]  # nothing outside it moved: weights, BN statistics
     # and all of it trains (a BatchNorm scale near 1 may move less than a float32 step: its gradient is checked)
     assert changed & set(bb.blocks[-1].params), "no parameter of the last block moved"
-    still = [n for n, p in bb.net.named_parameters() if n in bb.blocks[-1].params and (p.grad is None or not p.grad.any())]
+    still = [n for n, p in bb.net.named_parameters()
+             if n in bb.blocks[-1].params and (p.grad is None or not p.grad.any())]
     assert not still, still[:5]
 
 

@@ -327,7 +327,8 @@ def test_best_pt_is_the_best_validation_epoch_ties_to_the_lower_loss(tmp_path):
     picked, last = load_checkpoint(run.best), load_checkpoint(run.last)
     assert picked["epoch"] == 3 and picked["model_state"]["w"].item() == 3.0
     assert last["epoch"] == 5 and last["best"]["epoch"] == 3 and last["best"]["top1"] == pytest.approx(0.9)
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in rows] == [1, 2, 3, 4, 5]
 
 
 def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
