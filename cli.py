@@ -733,7 +733,7 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
 @click.option("--timm", "timm_pattern", default=None, metavar="PATTERN",
               help="List timm's pretrained models matching PATTERN (e.g. 'vit_small*', '*dinov2*') instead.")
 @click.option("--blocks", "blocks_of", default=None, metavar="NAME",
-              help="Show the blocks of one backbone, as --trainable-blocks counts them (last first).")
+              help="Show the blocks of one backbone, input side first; --trainable-blocks N trains the last N.")
 def list_backbones_cmd(timm_pattern: str | None, blocks_of: str | None) -> None:
     """Backbones by name: feature dimension, default input (the weights' transform), weight tags."""
     from pipeline.backbones import create_backbone, describe_timm, describe_torchvision, torchvision_names
