@@ -50,7 +50,7 @@ from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_sp
 from pipeline.config import DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection, FrameSpec  # noqa: E402
 from pipeline.extract import VideoFrameStream, extract_features  # noqa: E402
 from pipeline.runtime import autocast_ctx, default_workers, resolve_device, resolve_precision  # noqa: E402
-from pipeline.data import decode_image_file  # noqa: E402
+from pipeline.data import decode_image_file, index_dataset  # noqa: E402
 from pipeline.preprocess import normalize_frames, resize_frames  # noqa: E402
 from pipeline.runtime import tune_cpu_allocator  # noqa: E402
 
@@ -96,8 +96,8 @@ def decode_ms(data: Path, spec: FrameSpec, frames: int) -> float:
     """Milliseconds of one core per frame to read, decode and resize the dataset's first videos
     (about ``frames`` frames) with the pipeline's own decoder, in this thread with one intra-op
     thread: what decoding costs, whatever the pipeline overlaps it with."""
-    videos = sorted({f.parent for f in data.rglob("*.jpg")}, key=lambda d: int(d.name.removeprefix("video")))
-    jobs = [(i, v, "frames") for i, v in enumerate(videos)]
+    videos = [v for vs in index_dataset(DatasetSpec(str(data))).splits.values() for v in vs]  # as extract-features
+    jobs = [(i, v.path, v.kind) for i, v in enumerate(videos)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
