@@ -58,8 +58,7 @@ def test_finetune_learns(colour_data, tmp_path, weights_file):
     assert {"backbone_state", "model_state", "frame_spec", "classes", "cache"} <= set(ck)
     # the model rebuilt from it has the fine-tuned backbone, not the one it started from
     rebuilt = load_model(tmp_path / "run" / "best.pt").backbone().net.state_dict()
-    assert rebuilt.keys() == ck["backbone_state"].keys()
-    assert all(torch.equal(rebuilt[k], ck["backbone_state"][k]) for k in rebuilt)
+    assert_states_close(rebuilt, ck["backbone_state"], atol=0)
     assert any(not torch.equal(rebuilt[k], v) for k, v in _backbone(weights_file).items())
     res = extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "re.h5"),
                                          weights=str(tmp_path / "run" / "best.pt"), frame_spec=FrameSpec(size=SIZE),
@@ -93,9 +92,7 @@ def _backbone(path: Path) -> dict[str, torch.Tensor]:
 def test_freeze_cnn_keeps_every_backbone_tensor(colour_data, tmp_path, weights_file):
     finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, freeze_cnn=True, epochs=1), progress=False)
     before, after = _backbone(weights_file), _backbone(tmp_path / "run" / "last.pt")
-    assert set(before) == set(after)
-    for k in before:  # weights and BatchNorm running statistics alike
-        assert torch.equal(before[k], after[k]), k
+    assert_states_close(after, before, atol=0)  # weights and BatchNorm running statistics alike
 
 
 def test_trainable_blocks_change_only_those(colour_data, tmp_path, weights_file):
@@ -177,7 +174,7 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
     assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in whole.history]
     a, b = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
     for key in ("backbone_state", "model_state"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
+        assert_states_close(a[key], b[key], atol=0)
 
 
 def test_grad_checkpoint_same_step_and_batchnorm_statistics(weights_file):
