@@ -133,6 +133,8 @@ def check_name(name: str) -> str:
     if is_timm(name):
         timm = _timm()
         arch = name[len(TIMM):].split(".")[0]
+        if not arch:
+            raise ConfigError("timm: needs a model name, e.g. timm:vit_small_patch16_224; see `list-backbones --timm PATTERN`")
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0]}*")[:6]
             raise ConfigError(f"unknown timm model {arch!r}" + (f" (similar: {', '.join(close)})" if close else "")
@@ -145,6 +147,20 @@ def check_name(name: str) -> str:
         raise ConfigError(f"unknown backbone {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                           + "; use a torchvision classification model (`list-backbones`) or timm:<model name>")
     return name
+
+
+def check_input_size(bb: Backbone, size: int) -> None:
+    """One line if ``bb`` cannot take size×size frames, found by running one blank frame through it
+    before any work: a torchvision ViT is built for its weights' input size, and a small input
+    can shrink a CNN's feature map to nothing before its last layers."""
+    try:
+        with torch.inference_mode():
+            bb.net(torch.zeros(1, 3, size, size, device=next(bb.net.parameters()).device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        tip = "" if not hasattr(bb.net, "image_size") else " (timm's ViTs are built for the --size given)"
+        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {bb.frame_spec.size}, "
+                          f"its weights' own{tip}") from e
 
 
 # ---------------------------------------------------------------------------------- creation

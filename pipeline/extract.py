@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed as D
-from .backbones import Backbone, FrozenBackbone, create_backbone, default_frame_spec, recalibrate_batchnorm
+from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backbone, default_frame_spec,
+                        recalibrate_batchnorm)
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
@@ -436,7 +437,9 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
     recalibrated on the dataset's frames where it has any, is saved next to the cache so that
     later stages reproduce the features (or the one an earlier run of this cache saved is reused)."""
     if cfg.weights.lower() != "none":
-        return create_backbone(cfg.backbone, cfg.weights, input_size=spec.size), None
+        bb = create_backbone(cfg.backbone, cfg.weights, input_size=spec.size)
+        check_input_size(bb, spec.size)
+        return bb, None
     recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite)
     if recorded is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the backbone %s", recorded.path)
@@ -445,6 +448,7 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
     else:
         torch.manual_seed(cfg.seed)
         bb = create_backbone(cfg.backbone, "none", input_size=spec.size)
+        check_input_size(bb, spec.size)  # before calibrating on it and saving it
         meta: dict[str, Any] = {"seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict()}
         if bb.has_batchnorm:
             bb.net.to(device)

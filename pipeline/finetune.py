@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, default_frame_spec
+from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import Video, carve_validation, index_dataset, read_frames, selected_positions
@@ -299,6 +299,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     else:
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(backbone_name, cfg.weights, input_size=spec.size)
+        check_input_size(backbone, spec.size)
     n_blocks = len(backbone.blocks)
     trainable = 0 if cfg.freeze_cnn else (n_blocks if cfg.trainable_blocks is None else cfg.trainable_blocks)
     if not 0 <= trainable <= n_blocks:

@@ -338,6 +338,13 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     assert (r2.extracted, r2.reused) == (0, 6)
 
 
+def test_backbone_that_cannot_take_the_size_is_refused_before_any_work(tiny_dataset, tmp_path):
+    out = tmp_path / "out" / "f.h5"
+    with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 224"):
+        extract_features(config(tiny_dataset, out, "none", backbone="vit_b_16"), progress=False)
+    assert list(out.parent.iterdir()) == []  # no backbone file, no unfinished run
+
+
 def test_recalibration_does_not_depend_on_decoder_threads(tiny_dataset, tmp_path):
     # 4 train videos x 3 frames decoded, 10 kept, in batches of 4: which frames are kept and how they
     # are batched must not depend on which decoder thread finished first.

@@ -149,6 +149,9 @@ def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
     assert lrs == pytest.approx([3e-4, 3e-3])  # the last block at --lr / 10, the head at --lr
     with pytest.raises(ConfigError, match="BatchNorm statistics are untrained"):
         finetune(ft_cfg(colour_data, tmp_path / "x", "none", backbone="resnet18", trainable_blocks=1), progress=False)
+    with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 224"):
+        finetune(ft_cfg(colour_data, tmp_path / "vit", "none", backbone="vit_b_16"), progress=False)
+    assert not list((tmp_path / "vit").glob("*.pt"))
 
 
 def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
