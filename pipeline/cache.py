@@ -113,29 +113,34 @@ class CacheWriter:
         self.partial = Path(f"{self.path}.partial")
         self.provenance = provenance
         self._made: set[str] = set()  # splits whose part folder exists
+        self.check(self.path, provenance, replace=replace)
         partial = read_partial(self.path)
-        if partial is not None and partial["provenance"].mismatch(provenance):
-            if not replace:
-                self._check_compatible(self.partial, partial["provenance"])
+        if partial is not None and partial["provenance"].mismatch(provenance):  # only with replace (checked)
             shutil.rmtree(self.partial)  # unfinished work with other settings, being replaced
             partial = None
         self.replace = replace or bool(partial and partial["replace"])
-        if not self.replace:
-            self._check_compatible(self.path, read_provenance(self.path) if self.path.exists() else None)
         if partial is None or partial["replace"] != self.replace:
             self.partial.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.partial / "meta.json",
                                _json({"provenance": provenance.to_dict(), "replace": self.replace}).encode())
 
-    def _check_compatible(self, where: Path, old: Provenance | None) -> None:
-        if old is None:
+    @staticmethod
+    def check(path: str | Path, provenance: Provenance, *, replace: bool = False, ignore: tuple[str, ...] = ()) -> None:
+        """Raise the CacheError that ``CacheWriter(path, provenance, replace=replace)`` would raise,
+        without writing anything. ``ignore``: provenance fields not known yet (the weights of a
+        backbone still to be calibrated), so that a caller can refuse before its costly work."""
+        if replace:
             return
-        diff = old.mismatch(self.provenance)
-        if diff:
-            raise CacheError(
-                f"{where} was made with different settings ({diff}); use another --output, "
-                "or --overwrite to replace it"
-            )
+        path = Path(path)
+        partial = read_partial(path)
+        olds = [] if partial is None else [(Path(f"{path}.partial"), partial["provenance"])]
+        if not (partial and partial["replace"]) and path.exists():  # a replacing run ignores the file
+            olds.append((path, read_provenance(path)))
+        for where, old in olds:
+            diff = old.mismatch(provenance, ignore=ignore)
+            if diff:
+                raise CacheError(f"{where} was made with different settings ({diff}); use another --output, "
+                                 "or --overwrite to replace it")
 
     # -- parts ---------------------------------------------------------------------------------
 

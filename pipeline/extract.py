@@ -372,9 +372,10 @@ def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> tuple[Pa
     return path, digest
 
 
-def _recorded_backbone(output: Path, overwrite: bool) -> WeightsIdentity | None:
+def _recorded_backbone(output: Path, overwrite: bool, backbone: str, spec: FrameSpec) -> WeightsIdentity | None:
     """The backbone file that ``--weights none`` saved for an unfinished run or (unless replacing)
-    the existing cache, if it is still there unchanged."""
+    the existing cache of this backbone at this FrameSpec (calibrated on such frames), if it is
+    still there unchanged."""
     provs = []
     partial = read_partial(output)
     if partial is not None:
@@ -383,8 +384,8 @@ def _recorded_backbone(output: Path, overwrite: bool) -> WeightsIdentity | None:
         provs.append(read_provenance(output))
     for prov in provs:
         ident = prov.weights
-        if ident.source in GENERATED and ident.path and Path(ident.path).is_file() \
-                and sha256_file(ident.path) == ident.sha256:
+        if prov.backbone == backbone and prov.frame_spec == spec and ident.source in GENERATED and ident.path \
+                and Path(ident.path).is_file() and sha256_file(ident.path) == ident.sha256:
             return ident
     return None
 
@@ -440,7 +441,7 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
         bb = create_backbone(cfg.backbone, cfg.weights, input_size=spec.size)
         check_input_size(bb, spec.size)
         return bb, None
-    recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite)
+    recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite, cfg.backbone, spec)
     if recorded is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the backbone %s", recorded.path)
         path, source, digest = Path(str(recorded.path)), recorded.source, recorded.sha256  # hash just checked
@@ -499,7 +500,13 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     # folder; the other ranks then load the same weights and join. The job list is fixed between
     # two barriers, before anyone writes, so every rank sees the same one.
     spec = resolve_frame_spec(cfg)
+    # Settings that clash with the existing cache or unfinished run are refused now, not after the
+    # backbone is built and calibrated; its weights and feature size are checked once known.
+    planned = Provenance(backbone=cfg.backbone, weights=WeightsIdentity(source="random"), frame_spec=spec,
+                         selection=cfg.selection, feature_dim=0, classes=tuple(index.classes),
+                         precision=str(amp_dtype or torch.float32).removeprefix("torch."), dtype=cfg.dtype)
     if info.is_main:
+        CacheWriter.check(output, planned, replace=cfg.overwrite, ignore=("weights", "feature_dim"))
         bb, weights_file = _resolve_backbone(cfg, spec, index, device, workers)
     shared = D.broadcast_object(str(weights_file or "") if info.is_main else None, info)
     if not info.is_main:  # the same weights as rank 0 (the seed makes a random init the same too)
@@ -507,9 +514,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         torch.manual_seed(cfg.seed)
         bb = create_backbone(cfg.backbone, str(weights_file) if weights_file else cfg.weights, input_size=spec.size)
     identity = bb.weights
-    provenance = Provenance(backbone=bb.name, weights=identity, frame_spec=spec, selection=cfg.selection,
-                            feature_dim=bb.num_features, classes=tuple(index.classes),
-                            precision=str(amp_dtype or torch.float32).removeprefix("torch."), dtype=cfg.dtype)
+    provenance = planned.replace(backbone=bb.name, weights=identity, feature_dim=bb.num_features)
     writer = CacheWriter(output, provenance, replace=cfg.overwrite) if info.is_main else None
     D.barrier(info)
     if writer is None:

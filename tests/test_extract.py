@@ -338,6 +338,49 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     assert (r2.extracted, r2.reused) == (0, 6)
 
 
+def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tiny_dataset, tmp_path, monkeypatch):
+    """A cache or an unfinished run of another backbone (or FrameSpec) in --output: refused before
+    any calibration, nothing written; with --overwrite, the new backbone is calibrated afresh, never
+    the one the old run saved."""
+    import pipeline.extract as E
+    from pipeline.cache import CacheWriter
+
+    calibrations = []
+    calibrate = E._calibrate
+    monkeypatch.setattr(E, "_calibrate", lambda net, *a: calibrations.append(type(net).__name__) or calibrate(net, *a))
+
+    def run(out: Path, **kw):
+        return extract_features(config(tiny_dataset, out, "none", calibration_frames=8, **kw), progress=False)
+
+    def killed_run(out: Path, **kw) -> Path:  # every video stored as a part, killed before the file is written
+        with monkeypatch.context() as m:
+            m.setattr(CacheWriter, "finalize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                run(out, **kw)
+        return Path(E.read_partial(out)["provenance"].weights.path)
+
+    done = tmp_path / "done.h5"
+    run(done)
+    files, before, calibrations[:] = sorted(tmp_path.iterdir()), sha256_file(done), []
+    with pytest.raises(CacheError, match=r'done\.h5 was made with different settings \(backbone "mobilenet_v2" vs '
+                                         r'"resnet18"\).*--overwrite'):
+        run(done, backbone="resnet18")
+    assert (calibrations, sorted(tmp_path.iterdir()), sha256_file(done)) == ([], files, before)
+
+    for kw in ({"backbone": "resnet18"}, {"frame_spec": FrameSpec(size=48)}):
+        out = tmp_path / f"killed-{len(calibrations)}.h5"
+        old = killed_run(out)
+        with pytest.raises(CacheError, match=r"killed-\d\.h5\.partial was made with different settings"):
+            run(out, **kw)
+        calibrations[:] = []
+        r = run(out, overwrite=True, **kw)
+        assert calibrations == ["ResNet" if "backbone" in kw else "MobileNetV2"]
+        assert r.weights.source == "recalibrated" and r.weights_file != old and old.is_file()
+        saved = torch.load(r.weights_file, weights_only=True)
+        assert (saved["backbone"], saved["meta"]["frame_spec"]) == (r.backbone, r.frame_spec.to_dict())
+        assert r.backbone == kw.get("backbone", "mobilenet_v2")
+
+
 def test_backbone_that_cannot_take_the_size_is_refused_before_any_work(tiny_dataset, tmp_path):
     out = tmp_path / "out" / "f.h5"
     with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 224"):
