@@ -152,15 +152,26 @@ def check_name(name: str) -> str:
 def check_input_size(bb: Backbone, size: int) -> None:
     """One line if ``bb`` cannot take size×size frames, found by running one blank frame through it
     before any work: a torchvision ViT is built for its weights' input size, and a small input
-    can shrink a CNN's feature map to nothing before its last layers."""
-    try:
-        with torch.inference_mode():
-            bb.net(torch.zeros(1, 3, size, size, device=next(bb.net.parameters()).device))
-    except (RuntimeError, AssertionError, ValueError) as e:
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    can shrink a CNN's feature map to nothing before its last layers. A network that fails at its
+    weights' own size too is not told to change ``--size``."""
+
+    def failure(s: int) -> Exception | None:
+        try:
+            with torch.inference_mode():
+                bb.net(torch.zeros(1, 3, s, s, device=next(bb.net.parameters()).device))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            return e
+        return None
+
+    e = failure(size)
+    if e is None:
+        return
+    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    own = bb.frame_spec.size
+    if size != own and failure(own) is None:
         tip = "" if not hasattr(bb.net, "image_size") else " (timm's ViTs are built for the --size given)"
-        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {bb.frame_spec.size}, "
-                          f"its weights' own{tip}") from e
+        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {own}, its weights' own{tip}")
+    raise ConfigError(f"{bb.name} fails on a blank {size}x{size} frame ({why}); check --weights") from e
 
 
 # ---------------------------------------------------------------------------------- creation
@@ -357,6 +368,9 @@ def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix:
     own = model.state_dict()
     if name == "mobilenet_v2" and not any(k in own for k in state):  # a features-only dict, no prefix
         state = {f"features.{k}": v for k, v in state.items()}
+    # assign keeps the file's tensors as they are: a half-precision file would make a half model
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v
+             for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)  # assign: the model may be on meta
     except RuntimeError as e:

@@ -482,3 +482,20 @@ def test_provenance_mismatch_names_every_field():
         got = base.mismatch(base.replace(**kw))
         assert got is not None and got.startswith(what), (what, got)
         assert base.mismatch(base.replace(**kw), ignore=(next(iter(kw)),)) is None
+
+
+def test_check_input_size_blames_the_size_only_when_the_weights_own_size_works():
+    from pipeline.backbones import Backbone, check_input_size
+    from pipeline.config import WeightsIdentity
+
+    def backbone(net: nn.Module) -> Backbone:
+        return Backbone(name="probe", net=net.eval(), num_features=8, frame_spec=FrameSpec(size=32),
+                        weights=WeightsIdentity(source="random"), block_params=[])
+
+    shrinks = backbone(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 7), nn.Flatten()))
+    check_input_size(shrinks, 32)
+    with pytest.raises(ConfigError, match=r"^probe cannot take 8x8 frames \(.*\); use --size 32, its weights' own$"):
+        check_input_size(shrinks, 8)  # 8 → 3 → nothing: a 7x7 kernel does not fit
+    four_channels = backbone(nn.Conv2d(4, 8, 3))  # fails at every size: not the size's fault
+    with pytest.raises(ConfigError, match=r"^probe fails on a blank 8x8 frame \(.*\); check --weights$"):
+        check_input_size(four_channels, 8)

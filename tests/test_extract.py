@@ -285,6 +285,7 @@ def test_weights_state_dict_variants(tmp_path, weights_file):
         "features_only_no_prefix.pt": base.features.state_dict(),
         "ddp.pt": {f"module.{k}": v for k, v in full.state_dict().items()},
         "project_ckpt.pt": {"schema_version": 1, "backbone_state": base.state_dict()},
+        "half.pt": {k: v.half() if v.is_floating_point() else v for k, v in full.state_dict().items()},
     }
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
@@ -292,6 +293,13 @@ def test_weights_state_dict_variants(tmp_path, weights_file):
         for name, sd in variants.items():
             torch.save(sd, tmp_path / name)
             bb = create_backbone("mobilenet_v2", str(tmp_path / name))
+            if name == "half.pt":  # read as float32: the model runs in float32, on fp16-rounded weights
+                assert {p.dtype for p in bb.net.state_dict().values() if p.is_floating_point()} == {torch.float32}
+                rounded = create_backbone("mobilenet_v2", str(weights_file)).net
+                rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                                         for k, v in base.state_dict().items()})
+                assert torch.equal(bb.net.eval()(x), rounded(x))
+                continue
             assert torch.equal(bb.net.eval()(x), want), name
             assert bb.weights.source == "file" and bb.weights.sha256 == sha256_file(tmp_path / name)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
