@@ -53,8 +53,8 @@ import numpy as np
 
 from . import __version__
 from .config import FrameSpec, Provenance
-from .errors import CacheError
-from .files import atomic_path, atomic_write_bytes
+from .errors import CacheError, ConfigError
+from .files import atomic_path, atomic_write_bytes, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,9 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     dst = Path(output) if output is not None else src
     if not src.is_file():
         raise CacheError(f"feature cache not found: {src}")
+    if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()):  # only ever replace the input
+        raise ConfigError(f"--output {dst} exists; give a new file name (without --output, {src} is rewritten in place)")
+    ensure_dir(dst.parent, "--output folder")
     t0 = time.perf_counter()
     with _open(src) as f:
         _check_schema(f, src)

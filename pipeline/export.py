@@ -366,6 +366,9 @@ def export_model(cfg: ExportConfig) -> ExportResult:
     out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out}/model.onnx")
+    if out.suffix.lower() != ".onnx":  # predict tells an export from a checkpoint by the name, and
+        # an existing checkpoint or cache given by mistake must not be replaced
+        raise ConfigError(f"--out {out}: give a file name ending in .onnx, such as {out.with_suffix('.onnx')}")
     ensure_dir(out.parent, "--out folder")
     model = load_model(cfg.checkpoint)
     seq_len, d = model.seq_len, model.head_config.input_dim

@@ -243,6 +243,11 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
     assert out.exit_code == 0, out.stderr
     assert "features (batch, time, 1280) float32 -> probs (batch, 3)" in out.stdout
     assert "exporters: head legacy" in out.stdout
+    before = ckpt.read_bytes()
+    for bad in (ckpt, tmp_path / "model.txt"):  # the checkpoint itself, a name predict would not read as ONNX
+        res = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(bad), "--head-only"])
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "give a file name ending in .onnx" in res.stderr
+    assert ckpt.read_bytes() == before and not (tmp_path / "model.txt").exists()
 
     foreign = tmp_path / "foreign.onnx"
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",

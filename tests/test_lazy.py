@@ -168,6 +168,10 @@ def test_old_chunked_cache_still_loads_and_rewrite_cache_makes_it_contiguous(tmp
     assert r.exit_code == 0 and "nothing to do" in r.stdout
     r = run(main, ["rewrite-cache", str(tmp_path / "nope.h5")])
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
+    before = new.read_bytes()
+    r = run(main, ["rewrite-cache", str(old), "-o", str(new)])  # an existing file is never replaced
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and f"--output {new} exists" in r.stderr
+    assert new.read_bytes() == before
 
 
 def _records(split: str, n: int, dim: int = 8, seed: int = 0) -> list[VideoRecord]:
