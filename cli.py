@@ -333,8 +333,10 @@ def _list_of(kind):
     """A click callback for comma-separated (or repeated) values of one type; None if not given."""
     def parse(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
         items = [x.strip() for v in value for x in v.split(",") if x.strip()]
-        if not items:
+        if not value:
             return None
+        if not items:
+            raise click.BadParameter("no values given (V[,V...])")
         out = []
         for x in items:
             try:
@@ -412,7 +414,10 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
                 if a not in kinds:
                     raise click.BadParameter(f"{spec}: unknown axis {a!r} (axes: {', '.join(kinds)})",
                                              param_hint="--spec")
-                grid[a] = _list_of(kinds[a])(None, None, tuple(str(x) for x in (v if isinstance(v, list) else [v])))
+                try:
+                    grid[a] = _list_of(kinds[a])(None, None, tuple(str(x) for x in (v if isinstance(v, list) else [v])))
+                except click.BadParameter as e:
+                    raise click.BadParameter(f"{spec}: axis {a!r}: {e.message}", param_hint="--spec") from None
             grids.append(grid)
     given = {a: v for a, v in axes.items() if v}
     grids = [{**g, **given} for g in grids] if grids else [given or dict(DEFAULT_GRID)]

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -41,14 +43,18 @@ class HeadConfig:
     max_len: int = 64  # longest clip the learned positions cover (transformer, attention)
 
     def __post_init__(self) -> None:
+        # ConfigError (one line from the CLI), worded with the options that set these fields
         if self.arch not in HEADS:
-            raise ValueError(f"unknown head {self.arch!r}: use one of {', '.join(HEADS)}")
+            raise ConfigError(f"unknown head {self.arch!r}: use one of {', '.join(HEADS)}")
         for name in ("num_classes", "input_dim", "hidden", "layers", "num_heads", "max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                what = {"hidden": "--hidden", "layers": "--layers", "num_heads": "--num-heads"}.get(name, f"the head's {name}")
+                raise ConfigError(f"{what} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.arch in ("transformer", "attention") and self.hidden % self.num_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads}) "
-                             f"for the {self.arch} head")
+            raise ConfigError(f"--hidden ({self.hidden}) must be divisible by --num-heads ({self.num_heads}) "
+                              f"for the {self.arch} head")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,6 +61,11 @@ STATE_VERSION = 2  # 2: trainings shared by trials saved once
 SNAPSHOT_SECONDS = 60.0
 
 
+AXIS_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {  # the ranges train-temporal's options take
+    **{a: ("at least 1", lambda v: v >= 1) for a in ("hidden", "layers", "seq_len", "eval_clips")},
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "lr": ("above 0", lambda v: v > 0),
+    "weight_decay": ("at least 0", lambda v: v >= 0)}
+
 Grid = tuple[tuple[str, tuple], ...]  # (axis, values) pairs: their cartesian product
 
 
@@ -84,6 +89,10 @@ class SweepConfig:
                     raise ConfigError(f"cannot sweep over {axis!r}: the axes are {', '.join(AXES)}")
                 if not values:
                     raise ConfigError(f"the sweep axis {axis!r} has no values")
+                rule, ok = AXIS_RULES.get(axis, ("", lambda v: True))
+                bad = [v for v in values if not ok(v)]
+                if bad:
+                    raise ConfigError(f"the sweep's {axis} must be {rule}, got {bad[0]}")
         if self.eta < 2:
             raise ConfigError(f"--eta must be at least 2, got {self.eta}")
         if self.min_epochs < 1:
@@ -219,6 +228,8 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
     spec = _spec_hash(cfg, data.validation)
     state_path = out / "sweep_state.pt"
+    for t in trials:  # every trial's head is checked before --overwrite removes anything
+        t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:
         for p in (state_path, out / "trials", out / "best.pt"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -235,7 +246,6 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
         if t.train_key not in trainers:
             trainers[t.train_key] = _build_trainer(t, data, device)
         t.trainer = trainers[t.train_key]
-        t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     start = 1
     if state is not None:
         start = state["epoch"] + 1

@@ -80,6 +80,22 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                           min_epochs=1), progress=False)
     r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "x"), "--hidden", "8,abc"])
     assert r.exit_code == 2 and "'abc' is not a valid value (int)" in r.stderr
+    # A grid that cannot run is refused before --overwrite removes the sweep that is there.
+    kept = {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    assert tmp_path / "sw" / "best.pt" in kept and tmp_path / "sw" / "sweep_state.pt" in kept
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"hidden": [8, 8.5]}')
+    bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "--hidden (10) must be divisible by --num-heads (4)"),
+                 (["--hidden", "-3"], "the sweep's hidden must be at least 1, got -3"),
+                 (["--dropout", "1.5"], "the sweep's dropout must be in [0, 1), got 1.5"),
+                 (["--lr", "0"], "the sweep's lr must be above 0, got 0.0"),
+                 (["--hidden", ""], "no values given"),
+                 (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)")]
+    for args, msg in bad_grids:
+        r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sw"), "--epochs", "2",
+                                      "--min-epochs", "1", "--overwrite", *args])
+        assert r.exit_code in (1, 2) and "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == kept
 
 
 def _sweep_cmd(cache: Path, out: Path) -> list[str]:
