@@ -687,7 +687,9 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Stage-two (or end-to-end) checkpoint: head, backbone, FrameSpec and frame selection come from it.")
-@click.option("--weights", default="imagenet", show_default=True, help="Backbone without --init (none/imagenet/PATH).")
+@click.option("--weights", default=None,
+              help="Backbone without --init: none, imagenet, a weight tag or PATH  [default: imagenet]. With --init: "
+                   "where the backbone file the checkpoint recorded is now, if it has moved.")
 @click.option("--split-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--split-id", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--train-split", default="train", show_default=True)

@@ -279,6 +279,19 @@ def _torchvision_weights(name: str, tag: str):
                            f"{', '.join(w.name for w in enum)} or a path to a state dict / checkpoint") from None
 
 
+def published_sha256_prefix(name: str, tag: str | None) -> str | None:
+    """The start of the sha256 that torchvision's file of ``name``'s weights ``tag`` has: the hash
+    in its file name (``resnet18-f37072fd.pth``), which torch.hub checks on download too."""
+    import re
+
+    try:
+        url = _torchvision_weights(name, tag or "imagenet").url
+    except (WeightsError, ValueError, KeyError):
+        return None
+    m = re.search(r"-([0-9a-f]{6,})\.[a-z]+$", url)
+    return m.group(1) if m else None
+
+
 def _build_torchvision(name: str, w, *, shapes_only: bool = False) -> nn.Module:
     """The torchvision model; ``shapes_only``: parameters left uninitialised (on the meta device
     where the model allows it), for weights that a state dict will then give."""

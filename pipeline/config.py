@@ -340,7 +340,8 @@ class FinetuneConfig:
     dataset: DatasetSpec
     out: str
     init: str | None = None  # a stage-two (or end-to-end) checkpoint: head, backbone, FrameSpec, classes
-    weights: str = "imagenet"  # backbone weights when there is no --init
+    weights: str | None = None  # without --init: the backbone weights (None: imagenet); with --init: where the
+    # backbone file its checkpoint recorded is now, if it has moved (None: where it was)
     backbone: str | None = None  # None: the --init checkpoint's, else mobilenet_v2
     frame_spec: FrameSpec | None = None  # None: the --init checkpoint's, else the backbone's default
     frame_overrides: FrameOverrides = field(default_factory=FrameOverrides)

@@ -214,7 +214,7 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     FrameSpec and frame selection; without --init, those of the options."""
     if cfg.init is None:
         name = cfg.backbone or DEFAULT_BACKBONE
-        spec = cfg.frame_spec or default_frame_spec(name, cfg.weights).override(cfg.frame_overrides)
+        spec = cfg.frame_spec or default_frame_spec(name, cfg.weights or "imagenet").override(cfg.frame_overrides)
         return None, name, spec, cfg.selection or FrameSelection()
     init = load_model(cfg.init)
     if init.classes != classes:
@@ -295,10 +295,10 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
     if init is not None:
-        backbone = init.backbone()
+        backbone = init.backbone(cfg.weights)
     else:
         torch.manual_seed(cfg.seed)
-        backbone = create_backbone(backbone_name, cfg.weights, input_size=spec.size)
+        backbone = create_backbone(backbone_name, cfg.weights or "imagenet", input_size=spec.size)
         check_input_size(backbone, spec.size)
     n_blocks = len(backbone.blocks)
     trainable = 0 if cfg.freeze_cnn else (n_blocks if cfg.trainable_blocks is None else cfg.trainable_blocks)

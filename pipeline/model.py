@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, published_sha256_prefix
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .errors import CacheError, WeightsError
+from .errors import CacheError, ConfigError, WeightsError
 from .files import sha256_file
 from .heads import HeadConfig, build_head
 
@@ -67,6 +67,8 @@ class Model:
         points at that file if it has moved; its sha256 must match."""
         prov = self.provenance
         if self.kind == "end_to_end":
+            if weights is not None:
+                raise ConfigError(f"{self.path} holds its own fine-tuned backbone; drop --weights")
             bb = create_backbone(prov.backbone, "none", input_size=prov.frame_spec.size)
             try:
                 bb.net.load_state_dict(self.ckpt["backbone_state"])
@@ -87,9 +89,12 @@ class Model:
         if not path.is_file():
             raise WeightsError(f"weights file not found: {path}")
         got = sha256_file(path)
-        if ident.sha256 and got != ident.sha256:
+        want = ident.sha256  # published torchvision weights: the hash their file name carries
+        if want is None and ident.source == "torchvision":
+            want = published_sha256_prefix(prov.backbone, ident.name)
+        if want and not got.startswith(want):
             raise WeightsError(f"{path} is not the backbone this model was trained with (sha256 {got[:12]}... != "
-                               f"{ident.sha256[:12]}...)")
+                               f"{want[:12]}...)")
         return create_backbone(prov.backbone, str(path), input_size=prov.frame_spec.size)
 
 

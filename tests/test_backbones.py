@@ -338,6 +338,11 @@ def test_checkpoint_rebuilds_named_weights_at_the_recorded_size(name, tag, tmp_p
     assert model.backbone().num_features == dim and asked == [(name, tag, S)]
     with pytest.raises(WeightsError, match="weights file not found"):  # a file given instead is checked as one
         model.backbone(tmp_path / "missing.pt")
+    if name == "resnet18":  # a local copy of torchvision's file must carry the hash of its published name
+        torch.save(create_backbone(name, "none").net.state_dict(), tmp_path / "r18.pt")
+        with pytest.raises(WeightsError, match=r"r18\.pt is not the backbone this model was trained with "
+                                               r"\(sha256 [0-9a-f]{12}\.\.\. != f37072fd\.\.\.\)"):
+            model.backbone(tmp_path / "r18.pt")
 
 
 # ------------------------------------------------------------------- files of the last schema

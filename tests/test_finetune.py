@@ -19,7 +19,7 @@ from test_extract import assert_same_cache
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpec, TemporalConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.extract import extract_features
 from pipeline.finetune import finetune
 from pipeline.model import load_model
@@ -123,6 +123,21 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     ck2 = load_checkpoint(tmp_path / "e2e2" / "best.pt")
     assert_states_close(ck2["model_state"], ck["model_state"])
     assert_states_close(ck2["backbone_state"], ck["backbone_state"], atol=0)
+    # the backbone file the stage-two checkpoint recorded has moved: --weights says where it is now
+    moved = tmp_path / "moved.pt"
+    shutil.copy(weights_file, moved)
+    s2 = torch.load(tmp_path / "s2" / "best.pt", weights_only=True)
+    s2["cache"]["weights"]["path"] = str(tmp_path / "gone.pt")
+    torch.save(s2, tmp_path / "s2-moved.pt")
+    with pytest.raises(WeightsError, match="pass --weights PATH"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "m0"),
+                                init=str(tmp_path / "s2-moved.pt"), **still), progress=False)
+    finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "m1"),
+                            init=str(tmp_path / "s2-moved.pt"), weights=str(moved), **still), progress=False)
+    assert_states_close(load_checkpoint(tmp_path / "m1" / "best.pt")["backbone_state"], _backbone(weights_file), atol=0)
+    with pytest.raises(ConfigError, match="holds its own fine-tuned backbone; drop --weights"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "m2"),
+                                init=str(tmp_path / "e2e" / "best.pt"), weights=str(moved), **still), progress=False)
     with pytest.raises(ConfigError, match="FrameSpec"):
         finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "x"),
                                 init=str(tmp_path / "s2" / "best.pt"), frame_spec=FrameSpec(size=48), workers=0,
