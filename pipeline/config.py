@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -64,6 +66,11 @@ class FrameSpec:
         """This spec with the options a user gave. A new crop ``size`` without a ``resize_size``
         keeps the weights' crop ratio (torchvision 232/224, timm 1/crop_pct)."""
         size = o.size or self.size
+        if o.resize_size is not None and (o.resize or self.resize) == "squash":
+            raise ConfigError("--resize-size is for --resize crop; squash resizes both sides to --size")
+        if o.resize_size is not None and o.resize_size < size:
+            raise ConfigError(f"--resize-size {o.resize_size} is smaller than the crop, --size {size}: give at least "
+                              f"{size}, or leave it out for the weights' ratio")
         resize_size = o.resize_size or (round(size * self.resize_size / self.size) if o.size else self.resize_size)
         return dataclasses.replace(self, size=size, resize_size=max(size, resize_size),
                                    resize=o.resize or self.resize, interpolation=o.interpolation or self.interpolation)

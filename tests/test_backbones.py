@@ -159,6 +159,12 @@ def test_frame_overrides_keep_the_crop_ratio():
     assert spec.override(FrameOverrides(size=112, resize_size=140)).resize_size == 140
     assert spec.override(FrameOverrides(interpolation="bicubic")).interpolation == "bicubic"
     assert spec.override(FrameOverrides()) == spec
+    with pytest.raises(ConfigError, match="--resize-size 16 is smaller than the crop, --size 32"):
+        spec.override(FrameOverrides(size=32, resize_size=16))
+    with pytest.raises(ConfigError, match="--resize-size 40 is smaller than the crop, --size 224"):
+        spec.override(FrameOverrides(resize_size=40))
+    with pytest.raises(ConfigError, match="--resize-size is for --resize crop"):
+        spec.override(FrameOverrides(resize="squash", resize_size=240))
     old = FrameSpec.from_dict({"size": 224, "resize": "crop", "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225]})  # schema 1
     assert old.resize_size == 224 and old.interpolation == "bilinear" and old != spec
