@@ -139,6 +139,11 @@ def check_name(name: str) -> str:
             close = timm.list_models(f"*{arch.split('_')[0]}*")[:6]
             raise ConfigError(f"unknown timm model {arch!r}" + (f" (similar: {', '.join(close)})" if close else "")
                               + "; see `list-backbones --timm PATTERN`")
+        full = name[len(TIMM):]
+        if "." in full and _timm_cfg(full) is None:
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+            raise ConfigError(f"timm has no pretrained tag {full.split('.', 1)[1]!r} for {arch}: use "
+                              + (", ".join(f"timm:{arch}.{t}" for t in tags[:6]) or f"timm:{arch}") + " (or no tag)")
         return name
     if name not in torchvision_names():
         import difflib

@@ -303,6 +303,10 @@ def test_unknown_and_mismatched_backbones_are_one_line(tmp_path):
         create_backbone("resnet19")
     with pytest.raises(ConfigError, match="unknown timm model"):
         create_backbone("timm:no_such_model_xyz")
+    with pytest.raises(ConfigError, match=r"^timm has no pretrained tag 'bogus' for resnet18: use timm:resnet18\.a1_in1k"):
+        create_backbone("timm:resnet18.bogus")
+    with pytest.raises(ConfigError, match="^timm: needs a model name"):
+        create_backbone("timm:")
     with pytest.raises(ConfigError, match="no linear classifier"):
         create_backbone("squeezenet1_0")
     bb = create_backbone("resnet18", "none")
