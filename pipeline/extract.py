@@ -37,7 +37,7 @@ from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
-from .errors import ConfigError, DataError, PipelineError
+from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .files import atomic_write_bytes, ensure_dir, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
@@ -633,7 +633,13 @@ def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str,
 
 
 def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:
-    """Warn when features carry no signal (e.g. a state dict with untrained BatchNorm statistics)."""
+    """Refuse features that are not finite; warn when they carry no signal (e.g. a state dict with
+    untrained BatchNorm statistics)."""
+    bad = int((~torch.isfinite(feats)).sum())
+    if bad:
+        raise WeightsError(f"features of the first video are not finite ({bad} of {feats.numel()} values NaN or inf) "
+                           f"with weights {identity.describe()}: the weights hold NaN/inf, or fp16 overflows in this "
+                           "backbone (use --precision bf16 or fp32); no cache was written")
     if feats.abs().max() < 1e-4 or (feats == 0).float().mean() > 0.99:
         log.warning(
             "features of the first video are degenerate (max |x| %.2g, %.1f%% zeros) with weights %s: "

@@ -274,7 +274,7 @@ def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file)
     assert meta.offset.device.type == "meta" and all(p.device.type == "meta" for p in meta.net.parameters())
 
 
-def test_weights_state_dict_variants(tmp_path, weights_file):
+def test_weights_state_dict_variants(tiny_dataset, tmp_path, weights_file):
     import torchvision
 
     base = create_backbone("mobilenet_v2", str(weights_file)).net
@@ -302,6 +302,13 @@ def test_weights_state_dict_variants(tmp_path, weights_file):
                 continue
             assert torch.equal(bb.net.eval()(x), want), name
             assert bb.weights.source == "file" and bb.weights.sha256 == sha256_file(tmp_path / name)
+    sd = base.state_dict()
+    sd["features.18.0.weight"] = torch.full_like(sd["features.18.0.weight"], float("nan"))
+    torch.save(sd, tmp_path / "nan.pt")
+    out = tmp_path / "nan" / "f.h5"
+    with pytest.raises(WeightsError, match=r"^features of the first video are not finite \(\d+ of \d+ values NaN"):
+        extract_features(config(tiny_dataset, out, tmp_path / "nan.pt"), progress=False)
+    assert not out.exists()
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(WeightsError, match="not a mobilenet_v2 state dict"):
         create_backbone("mobilenet_v2", str(tmp_path / "wrong.pt"))
