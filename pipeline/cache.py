@@ -679,6 +679,8 @@ class FeatureCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CacheError(f"{self.path} is a folder; give the feature cache file (.h5) that extract-features wrote")
         if not self.path.is_file():
             raise CacheError(f"feature cache not found: {self.path}; run extract-features first")
         self._f = _open(self.path)

@@ -65,6 +65,9 @@ def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
     """A checkpoint of this tool, migrated in memory to the current schema."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"pass {path / 'best.pt'}" if (path / "best.pt").is_file() else "pass the checkpoint file in it"
+        raise CheckpointError(f"{path} is a folder; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     ckpt = safe_load(path, CheckpointError)

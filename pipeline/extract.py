@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -491,6 +492,9 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     output = Path(cfg.output)
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
+    if output.is_file() and not h5py.is_hdf5(output):  # not even --overwrite replaces a checkpoint given by mistake
+        raise ConfigError(f"--output {output} exists and is not an HDF5 feature cache; choose another --output "
+                          "(or delete it first if it is a damaged cache)")
     if output.resolve().is_relative_to(index.root.resolve()):
         raise ConfigError(f"--output {output} is inside the dataset folder {index.root}; write the cache elsewhere "
                           "(e.g. features/)")

@@ -83,6 +83,8 @@ class Model:
         if ident.source == "random":
             raise WeightsError(f"{self.path} was trained on features of an uncalibrated random backbone")
         path = Path(weights) if weights is not None else Path(ident.path or "")
+        if weights is not None and path.is_dir():
+            raise WeightsError(f"--weights {path} is a folder; give the backbone weights file")
         if weights is None and not path.is_file():
             raise WeightsError(f"the backbone weights this model was trained with are not at {ident.path}; "
                                f"pass --weights PATH (a file with sha256 {str(ident.sha256)[:12]}...)")

@@ -138,6 +138,12 @@ def test_provenance_mismatch_refused_and_overwrite(tiny_dataset, tmp_path, weigh
     extract_features(config(tiny_dataset, out, other, overwrite=True), progress=False)
     with FeatureCache(out) as c:
         assert c.provenance.weights.sha256 == sha256_file(other)
+    # a file that is no cache at all (a checkpoint given as --output by mistake): not even --overwrite replaces it
+    with pytest.raises(ConfigError, match=r"--output .*other\.pt exists and is not an HDF5 feature cache"):
+        extract_features(config(tiny_dataset, other, weights_file, overwrite=True), progress=False)
+    assert sha256_file(other) == c.provenance.weights.sha256
+    with pytest.raises(CacheError, match="is a folder; give the feature cache file"):
+        FeatureCache(tmp_path)
 
 
 def test_rerun_skips_and_extending_splits_equals_one_run(tiny_dataset, tmp_path, weights_file):

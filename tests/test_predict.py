@@ -17,6 +17,7 @@ from conftest import REPO, SIZE, rand_frames, write_frames
 from cli import main
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec, TemporalConfig
 from pipeline.demo import write_video
+from pipeline.errors import WeightsError
 from pipeline.extract import extract_features
 from pipeline.predict import Predictor, window_bounds
 from pipeline.train import evaluate_checkpoint, train_temporal
@@ -121,7 +122,8 @@ def test_bad_checkpoints(trained, tmp_path):
     ck["schema_version"] = 99
     torch.save(ck, tmp_path / "future.pt")
     for f, msg in (("missing.pt", "checkpoint not found"), ("corrupt.pt", "a damaged or incomplete torch.save file"),
-                   ("foreign.pt", "not a checkpoint written by"), ("future.pt", "schema 99")):
+                   ("foreign.pt", "not a checkpoint written by"), ("future.pt", "schema 99"),
+                   (str(ckpt.parent), f"{ckpt.parent} is a folder; pass {ckpt.parent / 'best.pt'}")):
         r = CliRunner().invoke(main, ["predict", str(tmp_path / f), str(root / "test")])
         assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.stderr, (f, r.stderr)
 
@@ -141,6 +143,8 @@ def test_moved_weights_need_matching_sha(trained, tmp_path, weights_file):
     torch.save(sd, tmp_path / "other.pt")
     with pytest.raises(Exception, match="is not the backbone this model was trained with"):
         Predictor(tmp_path / "ckpt.pt", device="cpu", weights=tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match=f"--weights {tmp_path} is a folder"):
+        Predictor(tmp_path / "ckpt.pt", device="cpu", weights=tmp_path)
 
 
 def _peak_rss_mb(args: list[str]) -> float:
