@@ -669,6 +669,27 @@ def _close_handles(mapped: mmap.mmap | None, h5: Any) -> None:
             h5.close()
 
 
+def _inconsistency(g: Any, dim: int, n_classes: int) -> str | None:
+    """What disagrees between a split's datasets (sizes, offsets, labels), or None. Reads only the
+    per-video arrays: a cache this tool wrote always passes; one edited or damaged may not."""
+    names = ("features", "offsets", "labels", "videos", "frame_indices", "fps")
+    missing = [n for n in names if n not in g]
+    if missing:
+        return f"no {', '.join(missing)}"
+    feats, offsets, labels = g["features"], g["offsets"][()], g["labels"][()]
+    n = len(labels)
+    if feats.ndim != 2 or feats.shape[1] != dim:
+        return f"features of shape {feats.shape}, not (frames, {dim})"
+    if len(offsets) != n + 1 or len(g["videos"]) != n or len(g["fps"]) != n:
+        return f"{n} labels, {len(g['videos'])} videos, {len(g['fps'])} fps and {len(offsets)} offsets"
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != feats.shape[0] \
+            or len(g["frame_indices"]) != feats.shape[0]:
+        return f"offsets do not cut its {feats.shape[0]} feature rows ({len(g['frame_indices'])} frame indices) into videos"
+    if n and (labels.min() < 0 or labels.max() >= n_classes):
+        return f"labels outside 0..{n_classes - 1}"
+    return None
+
+
 class FeatureCache:
     """Read a feature cache: ``load_split`` for a whole split in RAM, ``video`` for lazy access.
 
@@ -690,6 +711,7 @@ class FeatureCache:
         self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
         self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
         self._offsets: dict[str, np.ndarray] = {}
+        self._checked: set[str] = set()  # splits whose datasets agree with each other
 
     @property
     def splits(self) -> list[str]:
@@ -704,7 +726,14 @@ class FeatureCache:
             raise CacheError(
                 f"split {split!r} is not in {self.path} (has: {', '.join(self.splits) or 'none'})"
             )
-        return self._f[split]
+        g = self._f[split]
+        if split not in self._checked:
+            problem = _inconsistency(g, self.provenance.feature_dim, len(self.classes))
+            if problem:
+                raise CacheError(f"{self.path}: split {split!r} is inconsistent ({problem}); re-extract it with "
+                                 "extract-features --overwrite")
+            self._checked.add(split)
+        return g
 
     def load_split(self, split: str) -> SplitData:
         g = self._group(split)

@@ -295,3 +295,41 @@ def test_part_torn_inside_its_features_is_redone(tmp_path):
     torn.write_bytes(bytes(data))
     assert CacheWriter(tmp_path / "c.h5", prov).done("train") == {r.rel for r in recs} - {rel}
     assert not torn.exists()
+
+
+def test_a_cache_whose_datasets_disagree_is_refused_in_one_line(tmp_path):
+    """Edited or damaged caches: sizes, offsets or labels that disagree are named when the split is
+    opened, before any training reads past the end of a dataset or indexes a missing class."""
+    import shutil
+
+    from pipeline.errors import CacheError
+
+    good = separable_cache(tmp_path / "good.h5", classes=3, per_class={"train": 4, "test": 2})
+
+    def narrow(g):
+        feats = g["features"][()][:, :4]
+        del g["features"]
+        g["features"] = feats
+
+    def long_offsets(g):
+        g["offsets"][-1] = g["offsets"][-1] + 5
+
+    def bad_label(g):
+        g["labels"][0] = 99
+
+    def no_fps(g):
+        del g["fps"]
+
+    edits = {"narrow": (narrow, r"features of shape \(\d+, 4\), not \(frames, \d+\)"),
+             "long_offsets": (long_offsets, "offsets do not cut its"),
+             "bad_label": (bad_label, r"labels outside 0\.\.2"), "no_fps": (no_fps, "no fps")}
+    for name, (edit, msg) in edits.items():
+        bad = tmp_path / f"{name}.h5"
+        shutil.copy(good, bad)
+        with h5py.File(bad, "r+") as f:
+            edit(f["test"])
+        with FeatureCache(bad) as c:
+            c.load_split("train")  # the other split is fine
+            for read in (c.load_split, c.open_lazy, c.num_videos):
+                with pytest.raises(CacheError, match=rf"split 'test' is inconsistent \({msg}.*\); re-extract"):
+                    read("test")
