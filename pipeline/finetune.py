@@ -313,6 +313,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     if init is not None and init.head_config != head_cfg:
         head_cfg = init.head_config
         log.info("head architecture taken from --init: %s", head_cfg.to_dict())
+        cfg = dataclasses.replace(cfg, head=head_cfg.arch, hidden=head_cfg.hidden, layers=head_cfg.layers,  # recorded
+                                  bidirectional=head_cfg.bidirectional, dropout=head_cfg.dropout, pool=head_cfg.pool,
+                                  num_heads=head_cfg.num_heads)  # as what ran, not as the options that lost
     head = init.head if init is not None else build_head(head_cfg)
     model = EndToEnd(backbone, head, spec, trainable_blocks=trainable, grad_checkpoint=cfg.grad_checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)

@@ -114,6 +114,7 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
                                 init=str(tmp_path / "s2" / "best.pt"), **still), progress=False)
     ck = load_checkpoint(tmp_path / "e2e" / "best.pt")
     assert ck["train_config"]["seq_len"] == 4 and ck["frame_spec"]["size"] == SIZE and r.best_epoch == 1
+    assert ck["train_config"]["hidden"] == 16 == ck["model_config"]["hidden"]  # the --init head's, not the default
     s2 = load_checkpoint(tmp_path / "s2" / "best.pt")
     assert_states_close(ck["model_state"], s2["model_state"])  # the stage-two head
     assert_states_close(ck["backbone_state"], _backbone(weights_file), atol=0)  # the backbone its features came from
