@@ -156,9 +156,12 @@ def check_name(name: str) -> str:
 
 def check_input_size(bb: Backbone, size: int) -> None:
     """One line if ``bb`` cannot take size×size frames, found by running one blank frame through it
-    before any work: a torchvision ViT is built for its weights' input size, and a small input
-    can shrink a CNN's feature map to nothing before its last layers. A network that fails at its
-    weights' own size too is not told to change ``--size``."""
+    before any work: a torchvision ViT is built for one input size, and a small input can shrink a
+    CNN's feature map to nothing before its last layers. A network that fails at the sizes it was
+    made for too is not told to change ``--size``. A CNN at its weights' own size is not run."""
+    fixed = getattr(bb.net, "image_size", None)  # torchvision ViTs: the size they were built for
+    if size == bb.frame_spec.size and not isinstance(fixed, int):
+        return
 
     def failure(s: int) -> Exception | None:
         try:
@@ -172,10 +175,11 @@ def check_input_size(bb: Backbone, size: int) -> None:
     if e is None:
         return
     why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    own = bb.frame_spec.size
-    if size != own and failure(own) is None:
-        tip = "" if not hasattr(bb.net, "image_size") else " (timm's ViTs are built for the --size given)"
-        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {own}, its weights' own{tip}")
+    works = next((s for s in dict.fromkeys([fixed, bb.frame_spec.size]) if isinstance(s, int) and s != size
+                  and failure(s) is None), None)
+    if works is not None:
+        tip = "" if fixed is None else " (timm's ViTs are built for the --size given)"
+        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {works}{tip}")
     raise ConfigError(f"{bb.name} fails on a blank {size}x{size} frame ({why}); check --weights") from e
 
 

@@ -67,7 +67,8 @@ class FrameSpec:
         keeps the weights' crop ratio (torchvision 232/224, timm 1/crop_pct)."""
         size = o.size or self.size
         if o.resize_size is not None and (o.resize or self.resize) == "squash":
-            raise ConfigError("--resize-size is for --resize crop; squash resizes both sides to --size")
+            raise ConfigError("--resize-size is for --resize crop; squash resizes both sides to --size" + (
+                "" if o.resize else " (the weights' own default here): add --resize crop to use --resize-size"))
         if o.resize_size is not None and o.resize_size < size:
             raise ConfigError(f"--resize-size {o.resize_size} is smaller than the crop, --size {size}: give at least "
                               f"{size}, or leave it out for the weights' ratio")
@@ -323,18 +324,22 @@ class TemporalConfig:
     load: Literal["auto", "memory", "lazy"] = "auto"
     memory_budget: float | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # ConfigError: the sweep builds these from its grid, not from click's ranges
         for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size", "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.load not in ("auto", "memory", "lazy"):
-            raise ValueError(f"load must be auto, memory or lazy, got {self.load!r}")
+            raise ConfigError(f"load must be auto, memory or lazy, got {self.load!r}")
         if self.memory_budget is not None and self.memory_budget <= 0:
-            raise ValueError(f"memory_budget must be > 0 GB, got {self.memory_budget}")
+            raise ConfigError(f"memory_budget must be > 0 GB, got {self.memory_budget}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

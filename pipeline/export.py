@@ -112,7 +112,7 @@ class OnnxMeta:
                        package_version=d.get("package_version", ""), format_version=int(d["format_version"]))
         except ExportError:
             raise
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, ConfigError) as e:  # ConfigError: a head config out of range
             raise ExportError(f"{where}: its action-pipeline metadata is damaged ({type(e).__name__}: {e}); "
                               "export the checkpoint again") from e
 

@@ -64,7 +64,8 @@ class Model:
     def backbone(self, weights: str | Path | None = None) -> Backbone:
         """The backbone that made the features: from the checkpoint itself (end-to-end), by its
         weight name (torchvision/timm, downloaded if needed), or from the recorded file. ``weights``
-        points at that file if it has moved; its sha256 must match."""
+        points at that file if it has moved; its sha256 must match the recorded one, or for named
+        torchvision weights the hash in their published file name (timm publishes none)."""
         prov = self.provenance
         if self.kind == "end_to_end":
             if weights is not None:
@@ -82,6 +83,9 @@ class Model:
             return create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
         if ident.source == "random":
             raise WeightsError(f"{self.path} was trained on features of an uncalibrated random backbone")
+        if weights is not None and str(weights).lower() in ("none", "imagenet", "default"):
+            raise ConfigError(f"{self.path} records its backbone weights ({ident.describe()}); --weights with it is "
+                              f"only the PATH of that file if it has moved: drop --weights {weights}")
         path = Path(weights) if weights is not None else Path(ident.path or "")
         if weights is not None and path.is_dir():
             raise WeightsError(f"--weights {path} is a folder; give the backbone weights file")
@@ -107,7 +111,10 @@ def load_model(path: str | Path) -> Model:
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") not in TRAINED_KINDS:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
-    cfg = HeadConfig.from_dict(ckpt["model_config"])
+    try:
+        cfg = HeadConfig.from_dict(ckpt["model_config"])
+    except ConfigError as e:  # the checkpoint's, not an option the user gave
+        raise CheckpointError(f"{path}: its head config is damaged ({e})") from e
     head = build_head(cfg)
     try:
         head.load_state_dict(ckpt["model_state"])

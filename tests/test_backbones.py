@@ -163,8 +163,12 @@ def test_frame_overrides_keep_the_crop_ratio():
         spec.override(FrameOverrides(size=32, resize_size=16))
     with pytest.raises(ConfigError, match="--resize-size 40 is smaller than the crop, --size 224"):
         spec.override(FrameOverrides(resize_size=40))
-    with pytest.raises(ConfigError, match="--resize-size is for --resize crop"):
+    with pytest.raises(ConfigError, match="--resize-size is for --resize crop; squash resizes both sides to --size$"):
         spec.override(FrameOverrides(resize="squash", resize_size=240))
+    squashed = FrameSpec(size=224, resize="squash")  # some timm weights' own default
+    with pytest.raises(ConfigError, match=r"weights' own default here\): add --resize crop"):
+        squashed.override(FrameOverrides(resize_size=240))
+    assert squashed.override(FrameOverrides(resize="crop", resize_size=240)).resize_size == 240
     old = FrameSpec.from_dict({"size": 224, "resize": "crop", "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225]})  # schema 1
     assert old.resize_size == 224 and old.interpolation == "bilinear" and old != spec
@@ -353,6 +357,13 @@ def test_checkpoint_rebuilds_named_weights_at_the_recorded_size(name, tag, tmp_p
         with pytest.raises(WeightsError, match=r"r18\.pt is not the backbone this model was trained with "
                                                r"\(sha256 [0-9a-f]{12}\.\.\. != f37072fd\.\.\.\)"):
             model.backbone(tmp_path / "r18.pt")
+        from pipeline.files import sha256_file  # a file whose hash starts as published is taken (a real one is 45 MB)
+
+        monkeypatch.setattr(M, "published_sha256_prefix", lambda n, t: sha256_file(tmp_path / "r18.pt")[:8])
+        model.backbone(tmp_path / "r18.pt")
+        assert asked[-1] == (name, str(tmp_path / "r18.pt"), S)
+    with pytest.raises(ConfigError, match=r"records its backbone weights .*: drop --weights imagenet"):
+        model.backbone("imagenet")
 
 
 # ------------------------------------------------------------------- files of the last schema
@@ -509,8 +520,21 @@ def test_check_input_size_blames_the_size_only_when_the_weights_own_size_works()
 
     shrinks = backbone(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 7), nn.Flatten()))
     check_input_size(shrinks, 32)
-    with pytest.raises(ConfigError, match=r"^probe cannot take 8x8 frames \(.*\); use --size 32, its weights' own$"):
+    with pytest.raises(ConfigError, match=r"^probe cannot take 8x8 frames \(.*\); use --size 32$"):
         check_input_size(shrinks, 8)  # 8 → 3 → nothing: a 7x7 kernel does not fit
+
+    class Fixed(nn.Module):  # as a torchvision ViT: built for one size, which its weights' spec may not be
+        def __init__(self) -> None:
+            super().__init__()
+            self.image_size, self.conv = 16, nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch._assert(x.shape[-1] == self.image_size, f"Wrong image width! Expected {self.image_size}")
+            return self.conv(x).mean((2, 3))
+
+    with pytest.raises(ConfigError, match=r"^probe cannot take 32x32 frames \(Wrong image width! Expected 16\); "
+                                          r"use --size 16 \(timm's ViTs"):
+        check_input_size(backbone(Fixed()), 32)  # at the spec's own size, built for another
     four_channels = backbone(nn.Conv2d(4, 8, 3))  # fails at every size: not the size's fault
     with pytest.raises(ConfigError, match=r"^probe fails on a blank 8x8 frame \(.*\); check --weights$"):
         check_input_size(four_channels, 8)

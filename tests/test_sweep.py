@@ -86,9 +86,9 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text('{"hidden": [8, 8.5]}')
     bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "--hidden (10) must be divisible by --num-heads (4)"),
-                 (["--hidden", "-3"], "the sweep's hidden must be at least 1, got -3"),
-                 (["--dropout", "1.5"], "the sweep's dropout must be in [0, 1), got 1.5"),
-                 (["--lr", "0"], "the sweep's lr must be above 0, got 0.0"),
+                 (["--hidden", "-3"], "hidden must be >= 1, got -3"),
+                 (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+                 (["--lr", "0"], "lr must be > 0, got 0.0"),
                  (["--hidden", ""], "no values given"),
                  (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)")]
     for args, msg in bad_grids:
