@@ -480,7 +480,8 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Write the rewritten cache here.  [default: replace CACHE, atomically]")
-@click.option("--force", is_flag=True, help="Rewrite even a cache that is contiguous already.")
+@click.option("--force", is_flag=True, help="Rewrite even a cache that is contiguous already; replace an existing "
+              "--output (an HDF5 file only).")
 def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
     """Rewrite a cache's features contiguously (older caches store them chunked), for fast --load lazy."""
     from pipeline.cache import rewrite_cache

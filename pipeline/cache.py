@@ -70,6 +70,11 @@ def _h5py():
     return h5py
 
 
+def is_hdf5(path: str | Path) -> bool:
+    """Whether ``path`` is an HDF5 file (a cache, or a damaged one); False for a checkpoint or text."""
+    return bool(_h5py().is_hdf5(str(path)))
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
@@ -317,8 +322,8 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     dst = Path(output) if output is not None else src
     if not src.is_file():
         raise CacheError(f"feature cache not found: {src}")
-    if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()):  # only ever replace the input
-        raise ConfigError(f"--output {dst} exists; give a new file name (without --output, {src} is rewritten in place)")
+    if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
+        raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
     t0 = time.perf_counter()
     with _open(src) as f:

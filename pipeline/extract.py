@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backbone, default_frame_spec,
                         recalibrate_batchnorm)
-from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, read_partial, read_provenance
+from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
@@ -492,7 +491,7 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     output = Path(cfg.output)
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
-    if output.is_file() and not h5py.is_hdf5(output):  # not even --overwrite replaces a checkpoint given by mistake
+    if output.is_file() and not is_hdf5(output):  # not even --overwrite replaces a checkpoint given by mistake
         raise ConfigError(f"--output {output} exists and is not an HDF5 feature cache; choose another --output "
                           "(or delete it first if it is a damaged cache)")
     if output.resolve().is_relative_to(index.root.resolve()):
@@ -575,8 +574,11 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
             if not checked:
                 _check_not_degenerate(feats, identity)
                 checked = True
-            writer.add(split, VideoRecord(video.rel, video.label, feats.numpy().astype(cfg.dtype, copy=False),
-                                          torch.cat(indices).numpy(), fps, broken_frames=broken))
+            with np.errstate(over="ignore"):  # past float16's range: inf, refused just below
+                stored = feats.numpy().astype(cfg.dtype, copy=False)
+            _check_finite(stored, video, identity, cfg.dtype)
+            writer.add(split, VideoRecord(video.rel, video.label, stored, torch.cat(indices).numpy(), fps,
+                                          broken_frames=broken))
             extracted += 1
             bar.update(1)
             bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")
@@ -589,6 +591,10 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         for pos in runner.flush():
             finish(pos)
         store(wait=True)
+    except NonFiniteFeatures:
+        if not info.enabled and not writer.pending():  # the unfinished run holds nothing: it must not
+            writer.close_unchanged()  # refuse the rerun with other weights, precision or dtype
+        raise
     finally:
         bar.close()
 
@@ -636,14 +642,22 @@ def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str,
     failures.append({"split": split, "video": video.rel, "reason": reason, "skipped": skipped})
 
 
-def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:
-    """Refuse features that are not finite; warn when they carry no signal (e.g. a state dict with
-    untrained BatchNorm statistics)."""
-    bad = int((~torch.isfinite(feats)).sum())
+class NonFiniteFeatures(WeightsError):
+    """A video's features hold NaN or inf."""
+
+
+def _check_finite(stored: np.ndarray, video: Video, identity: WeightsIdentity, dtype: str) -> None:
+    """Every video's features as they would be stored: NaN/inf never reach the cache."""
+    bad = int((~np.isfinite(stored)).sum())
     if bad:
-        raise WeightsError(f"features of the first video are not finite ({bad} of {feats.numel()} values NaN or inf) "
-                           f"with weights {identity.describe()}: the weights hold NaN/inf, or fp16 overflows in this "
-                           "backbone (use --precision bf16 or fp32); no cache was written")
+        raise NonFiniteFeatures(
+            f"features of {video.path} are not finite ({bad} of {stored.size} values NaN or inf, stored as {dtype}) "
+            f"with weights {identity.describe()}: the weights hold NaN/inf, the compute overflows (--precision fp32), "
+            "or the values pass float16's range (--dtype float32); nothing of it was cached")
+
+
+def _check_not_degenerate(feats: torch.Tensor, identity: WeightsIdentity) -> None:
+    """Warn when features carry no signal (e.g. a state dict with untrained BatchNorm statistics)."""
     if feats.abs().max() < 1e-4 or (feats == 0).float().mean() > 0.99:
         log.warning(
             "features of the first video are degenerate (max |x| %.2g, %.1f%% zeros) with weights %s: "

@@ -312,9 +312,22 @@ def test_weights_state_dict_variants(tiny_dataset, tmp_path, weights_file):
     sd["features.18.0.weight"] = torch.full_like(sd["features.18.0.weight"], float("nan"))
     torch.save(sd, tmp_path / "nan.pt")
     out = tmp_path / "nan" / "f.h5"
-    with pytest.raises(WeightsError, match=r"^features of the first video are not finite \(\d+ of \d+ values NaN"):
+    with pytest.raises(WeightsError, match=r"^features of .* are not finite \(\d+ of \d+ values NaN or inf, stored "
+                                           r"as float16\) with weights file .*nan\.pt"):
         extract_features(config(tiny_dataset, out, tmp_path / "nan.pt"), progress=False)
-    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no cache, and no unfinished run to refuse the rerun below
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    # features past float16's range (a ResNet's last ReLU is not capped): inf as stored, refused; float32 keeps them
+    r18 = create_backbone("resnet18", "none").net.state_dict()
+    r18["layer4.1.bn2.bias"] = torch.full_like(r18["layer4.1.bn2.bias"], 1e5)
+    torch.save(r18, tmp_path / "big.pt")
+    with pytest.raises(WeightsError, match=r"not finite \(\d+ of \d+ values NaN or inf, stored as float16\)"):
+        extract_features(config(tiny_dataset, tmp_path / "big16.h5", tmp_path / "big.pt", backbone="resnet18"),
+                         progress=False)
+    r = extract_features(config(tiny_dataset, tmp_path / "big32.h5", tmp_path / "big.pt", backbone="resnet18",
+                                dtype="float32"), progress=False)
+    with FeatureCache(r.output) as c:
+        assert np.abs(c.load_split("train").features).max() > 65504
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(WeightsError, match="not a mobilenet_v2 state dict"):
         create_backbone("mobilenet_v2", str(tmp_path / "wrong.pt"))

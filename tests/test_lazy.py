@@ -169,9 +169,15 @@ def test_old_chunked_cache_still_loads_and_rewrite_cache_makes_it_contiguous(tmp
     r = run(main, ["rewrite-cache", str(tmp_path / "nope.h5")])
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
     before = new.read_bytes()
-    r = run(main, ["rewrite-cache", str(old), "-o", str(new)])  # an existing file is never replaced
+    r = run(main, ["rewrite-cache", str(old), "-o", str(new)])  # an existing file is not replaced by default
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and f"--output {new} exists" in r.stderr
     assert new.read_bytes() == before
+    ckpt = tmp_path / "best.pt"
+    torch.save({"x": torch.zeros(1)}, ckpt)
+    r = run(main, ["rewrite-cache", str(old), "-o", str(ckpt), "--force"])  # nor, even with --force, a non-HDF5 one
+    assert r.exit_code == 1 and "--force to replace it (an HDF5 file only)" in r.stderr
+    r = run(main, ["rewrite-cache", str(old), "-o", str(tmp_path / "copy.h5"), "--force"])  # its own earlier output
+    assert r.exit_code == 0, r.stderr
 
 
 def _records(split: str, n: int, dim: int = 8, seed: int = 0) -> list[VideoRecord]:
