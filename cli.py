@@ -6,6 +6,7 @@ returns. Errors in the input become one line on stderr and a non-zero exit code,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,9 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
+            with contextlib.suppress(OSError):  # refused before anything was written: no empty run folder
+                for folder in ctx.meta.get("new_folders", ()):  # is left, nor the parents made for it
+                    folder.rmdir()  # only while empty
             click.echo(f"error: {e}", err=True)
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
@@ -283,9 +287,17 @@ def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: 
 
     cfg = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
                          clip_grad=clip_grad or None, **kw)
+    _new_folder(out)
     r = train_temporal(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs),
                        on_start=_hint_from(ctx))
     _print_train_summary(r)
+
+
+def _new_folder(out: Path) -> None:
+    """This command is about to create the folder ``out``: if it is refused before writing anything
+    there, ``Group.invoke`` removes it again, with the parents it had to make."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    click.get_current_context().meta["new_folders"] = missing  # deepest first
 
 
 def _hint_from(ctx: click.Context):
@@ -427,6 +439,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
                           load=load, memory_budget=memory_budget)
     cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
                       overwrite=overwrite)
+    _new_folder(out)
     r = sweep(cfg, progress=not no_progress)
     _print_leaderboard(r)
 
@@ -732,6 +745,7 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
                          init=str(init) if init else None, weights=weights,
                          frame_overrides=FrameOverrides(size=size, resize_size=resize_size, interpolation=interpolation,
                                                         resize=resize), augment=not no_augment, **kw)
+    _new_folder(out)
     r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs), on_start=_hint_from(ctx))
     if _is_main_rank():
         _print_train_summary(r)

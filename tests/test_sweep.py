@@ -96,6 +96,17 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                                       "--min-epochs", "1", "--overwrite", *args])
         assert r.exit_code in (1, 2) and "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
     assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == kept
+    # refused before writing anything: the --out folder the command would have made is not left behind
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "sw", tmp_path / "empty"):
+        r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(out), "--head", "transformer",
+                                      "--hidden", "10"])
+        assert r.exit_code == 1 and "must be divisible by --num-heads" in r.stderr
+    assert not (tmp_path / "new").exists() and (tmp_path / "empty").is_dir()  # a folder that was there stays
+    for cmd in (["train-temporal", "--cache", str(cache)], ["finetune-end-to-end", "--data-dir", str(tmp_path / "nope")]):
+        r = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "run"), "--head", "transformer", "--hidden", "10",
+                                      "--num-heads", "3", "--weights" if "finetune" in cmd[0] else "--epochs", "1"])
+        assert r.exit_code == 1 and "Traceback" not in r.stderr and not (tmp_path / "run").exists(), (cmd, r.stderr)
 
 
 def _sweep_cmd(cache: Path, out: Path) -> list[str]:
