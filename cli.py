@@ -760,6 +760,12 @@ def list_backbones_cmd(timm_pattern: str | None, blocks_of: str | None) -> None:
     """Backbones by name: feature dimension, default input (the weights' transform), weight tags."""
     from pipeline.backbones import create_backbone, describe_timm, describe_torchvision, torchvision_names
 
+    if blocks_of is not None and timm_pattern is not None:
+        raise click.UsageError("--blocks and --timm list different things; give one of them")
+    for value, hint in ((blocks_of, "--blocks"), (timm_pattern, "--timm")):
+        if value is not None and not value.strip():
+            raise click.BadParameter("is empty; give a backbone name" if hint == "--blocks" else "is empty; give a "
+                                     "pattern such as 'vit_small*'", param_hint=hint)
     if blocks_of:
         bb = create_backbone(blocks_of, "none")
         click.echo(f"{bb.name}: {len(bb.blocks)} blocks, {bb.num_features}-d features; --trainable-blocks N "

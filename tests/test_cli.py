@@ -429,3 +429,7 @@ def test_backbone_by_name_and_list_backbones(tiny_dataset, tmp_path):
     r = CliRunner().invoke(main, ["list-backbones", "--blocks", "resnet18"])
     assert r.exit_code == 0 and r.output.startswith("resnet18: 5 blocks, 512-d features")
     assert [line.split()[1] for line in r.output.splitlines()[1:]] == ["conv1,", "layer1", "layer2", "layer3", "layer4"]
+    for args, msg in ((["--blocks", ""], "--blocks: is empty"), (["--timm", " "], "--timm: is empty"),
+                      (["--blocks", "resnet18", "--timm", "vit*"], "--blocks and --timm list different things")):
+        r = CliRunner().invoke(main, ["list-backbones", *args])  # not silently the full list
+        assert r.exit_code == 2 and msg in r.stderr, (args, r.stderr)
