@@ -819,16 +819,32 @@ def make_demo_data_cmd(root: Path, per_class_train: int, per_class_test: int, se
 @click.pass_context
 def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size: int, epochs: int, device: str) -> None:
     """The whole story on built-in synthetic data: data, extract, train, evaluate, predict."""
+    import json
     import time
 
     from pipeline.config import TemporalConfig
-    from pipeline.demo import existing_demo, make_demo_data
+    from pipeline.demo import MARKER, existing_demo, make_demo_data
+    from pipeline.errors import ConfigError, DataError
     from pipeline.extract import extract_features
     from pipeline.predict import Predictor
     from pipeline.report import format_table
     from pipeline.train import evaluate_checkpoint, train_temporal
 
     t0 = time.perf_counter()
+    # The demo replaces only what it wrote itself: its data (marked) and a run on its own cache.
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / MARKER).is_file():
+        raise DataError(f"--data-dir {data_dir} is not empty and holds no demo data; give another --data-dir "
+                        "(the demo writes its own dataset there)")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file; give a folder for the demo dataset")
+    if (out / "best.pt").exists() or (out / "last.pt").exists():
+        try:
+            made_on = json.loads((out / "config.json").read_text())["train"]["cache"]
+        except (OSError, ValueError, KeyError, TypeError):
+            made_on = None
+        if made_on != str(features):
+            raise ConfigError(f"--out {out} holds a run that is not the demo's (on {made_on or 'an unknown cache'}); "
+                              "give another --out")
     click.echo(f"[1/5] demo data -> {data_dir}")
     info = existing_demo(data_dir, per_class_train=12, per_class_test=4, seed=0)
     if info is None:

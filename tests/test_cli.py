@@ -433,3 +433,21 @@ def test_backbone_by_name_and_list_backbones(tiny_dataset, tmp_path):
                       (["--blocks", "resnet18", "--timm", "vit*"], "--blocks and --timm list different things")):
         r = CliRunner().invoke(main, ["list-backbones", *args])  # not silently the full list
         assert r.exit_code == 2 and msg in r.stderr, (args, r.stderr)
+
+
+def test_demo_replaces_only_what_it_wrote(tmp_path):
+    """The demo rewrites its own dataset and run, never a folder of the user's given by mistake."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep")
+    args = ["demo", "--features", str(tmp_path / "f.h5"), "--epochs", "1"]
+    r = CliRunner().invoke(main, [*args, "--data-dir", str(mine), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "--data-dir" in r.stderr and "holds no demo data" in r.stderr
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"] and (mine / "keep.txt").read_text() == "keep"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"a run of the user's")
+    (run / "config.json").write_text('{"train": {"cache": "features/mine.h5"}}')
+    r = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path / "new"), "--out", str(run)])
+    assert r.exit_code == 1 and "holds a run that is not the demo's (on features/mine.h5)" in r.stderr
+    assert not (tmp_path / "new").exists() and (run / "best.pt").read_bytes() == b"a run of the user's"
