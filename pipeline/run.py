@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 from .files import atomic_write_text, ensure_dir
 from .report import plot_confusion, plot_curves, write_per_class
@@ -50,8 +50,20 @@ class RunDir:
             raise ConfigError(f"{self.path} already holds a run; use --resume to continue it, --overwrite "
                               "to start over, or another --out")
         self.resume = resume and self.last.exists()
+        if main and resume and not self.resume and self.best.exists() and self._past_first_epoch():
+            # last.pt was deleted (a kill between epoch 1's best.pt and last.pt is the one way to
+            # lack it): never start over on top of a run that got further
+            raise ConfigError(f"{self.path} holds a run (best.pt) but no last.pt to resume from; use --overwrite to "
+                              "start over, or another --out")
         if resume and not self.resume:
             log.warning("%s has no last.pt (no epoch of a run there finished): starting at epoch 1", self.path)
+
+    def _past_first_epoch(self) -> bool:
+        try:
+            epochs = sum(1 for line in (self.path / "metrics.jsonl").read_text().splitlines() if line.strip())
+        except OSError:
+            epochs = 0
+        return epochs > 1 or (self.path / "test.json").exists()
 
     @property
     def best(self) -> Path:
@@ -76,6 +88,10 @@ class RunDir:
         if not self.resume:
             return None
         ckpt = load_checkpoint(self.last, kind=kind)
+        missing = [k for k in ("history", "best", "optimizer_state", "scheduler_state") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{self.last} is not a last.pt that --resume can continue (no {', '.join(missing)}; "
+                                  "a copy of best.pt?); use --overwrite to start over, or another --out")
         if self.main:
             self.write_metrics(ckpt["history"])
         log.info("resuming %s after epoch %d", self.last, ckpt["epoch"])

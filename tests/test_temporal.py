@@ -343,3 +343,13 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
         train_temporal(cfg(b, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     r = train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
+    # a run whose last.pt is gone, or is a copy of best.pt: refused, never restarted over best.pt
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
+    (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"last\.pt is not a last\.pt that --resume can continue \(no history"):
+        train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, resume=True), progress=False)
+    (run / "last.pt").unlink()
+    with pytest.raises(ConfigError, match="holds a run .best.pt. but no last.pt to resume from; use --overwrite"):
+        train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, resume=True), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
