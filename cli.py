@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -122,6 +124,7 @@ LOAD_OPTIONS_LIST = [
                       "(caches larger than RAM; same results); auto: lazy for splits that do not fit the "
                       "memory budget."),
     click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
+                 callback=lambda ctx, param, v: _finite(v, param),
                  help="Features --load auto may hold in memory.  [default: half the available memory]"),
 ]
 
@@ -157,7 +160,7 @@ VALIDATION_OPTIONS = _options(
     click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
                  show_default=True, help="Without a val split: the share of each class carved from train for "
                                          "validation, as whole source videos."),
-    click.option("--group-pattern", default=None, metavar="REGEX",
+    click.option("--group-pattern", default=None, metavar="REGEX", callback=lambda ctx, param, v: _regex(v),
                  help="Regex naming a clip's source video in its file name (its first group), so the carve never "
                       "splits one.  [default: UCF101 v_X_gNN / HMDB51 names, else each video alone]"),
     click.option("--test-split", default=None,
@@ -339,6 +342,22 @@ def _print_train_summary(r) -> None:
     click.echo(format_table(rows + [("total time", f"{r.seconds:.1f} s")]))
     click.echo(f"outputs in {r.out}/: best.pt last.pt config.json metrics.jsonl curves.png confusion.png per_class.csv"
                + (" test.json confusion_test.png" if r.test is not None else ""))
+
+
+def _finite(value: float | None, param: click.Parameter) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
+def _regex(value: str | None) -> str | None:
+    """A --group-pattern that compiles; one line naming the fault if not."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a valid regular expression ({e})") from None
+    return value
 
 
 def _list_of(kind):

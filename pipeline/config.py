@@ -338,7 +338,7 @@ class TemporalConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.load not in ("auto", "memory", "lazy"):
             raise ConfigError(f"load must be auto, memory or lazy, got {self.load!r}")
-        if self.memory_budget is not None and self.memory_budget <= 0:
+        if self.memory_budget is not None and not 0 < self.memory_budget < float("inf"):
             raise ConfigError(f"memory_budget must be > 0 GB, got {self.memory_budget}")
 
     def to_dict(self) -> dict[str, Any]:

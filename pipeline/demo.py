@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .files import ensure_dir
 
 WIDTH, HEIGHT = 80, 60
 PAIRS = (("grow", "shrink"), ("fade_in", "fade_out"), ("red_to_blue", "blue_to_red"),
@@ -147,6 +148,9 @@ def make_demo_data(root: str | Path, *, per_class_train: int = 12, per_class_tes
     """Write ``<root>/{train,test}/<class>/<video>``; built in a temporary folder, then renamed."""
     root = Path(root)
     params = {"per_class_train": per_class_train, "per_class_test": per_class_test, "seed": seed}
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder; give a folder for the demo dataset")
+    ensure_dir(root.parent, "dataset folder")  # one line if it cannot be written
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise DataError(f"{root} already exists and is not empty; use --overwrite or another folder")

@@ -85,6 +85,12 @@ def resolve_splits(splits, train_split: str, val_split: str | None, test_split: 
     if val_split is not None and val_split == test_split:
         raise ConfigError(f"--val-split and --test-split are both {val_split!r}: the split a model is picked "
                           "on cannot also be the one it is reported on")
+    if val_split is not None and val_split == train_split:
+        raise ConfigError(f"--val-split and --train-split are both {val_split!r}: a model picked on its own training "
+                          "videos is picked on nothing; leave --val-split out to carve one from them")
+    if test_split is not None and test_split == train_split:
+        raise ConfigError(f"--test-split and --train-split are both {test_split!r}: accuracy on training videos "
+                          "says nothing; name a held-out split")
     return val_split, test_split
 
 

@@ -451,3 +451,9 @@ def test_demo_replaces_only_what_it_wrote(tmp_path):
     r = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path / "new"), "--out", str(run)])
     assert r.exit_code == 1 and "holds a run that is not the demo's (on features/mine.h5)" in r.stderr
     assert not (tmp_path / "new").exists() and (run / "best.pt").read_bytes() == b"a run of the user's"
+    (tmp_path / "notes.txt").write_text("x")
+    for root, msg in ((tmp_path / "notes.txt", "is a file, not a folder"), (tmp_path / "notes.txt" / "sub", "is a file"),
+                      (Path("/proc/demo"), "cannot write to dataset folder /proc")):
+        r = CliRunner().invoke(main, ["make-demo-data", str(root), "--train", "1", "--test", "1"])
+        assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.stderr, (root, r.stderr)
+    assert (tmp_path / "notes.txt").read_text() == "x"

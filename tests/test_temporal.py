@@ -303,6 +303,15 @@ def test_picking_on_test_needs_the_option_and_warns(tmp_path):
                                   "1", "--hidden", "8", "--val-split", "test", "--no-progress"])
     assert r.exit_code == 0, r.stderr
     assert "overstates accuracy" in r.stderr and "picked on split 'test'" in r.stdout
+    base = ["train-temporal", "--cache", str(cache), "--epochs", "1", "--hidden", "8", "--no-progress"]
+    cases = [(["--val-split", "train"], "--val-split and --train-split are both 'train'"),
+             (["--test-split", "train"], "--test-split and --train-split are both 'train'"),
+             (["--group-pattern", "(["], "'([' is not a valid regular expression"),
+             (["--memory-budget", "nan"], "nan is not a finite number")]
+    for args, msg in cases:  # refused before anything is written
+        r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "x").exists()
 
 
 def test_best_pt_is_the_best_validation_epoch_ties_to_the_lower_loss(tmp_path):
