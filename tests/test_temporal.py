@@ -303,6 +303,9 @@ def test_picking_on_test_needs_the_option_and_warns(tmp_path):
                                   "1", "--hidden", "8", "--val-split", "test", "--no-progress"])
     assert r.exit_code == 0, r.stderr
     assert "overstates accuracy" in r.stderr and "picked on split 'test'" in r.stdout
+    listed = next(ln for ln in r.stdout.splitlines() if ln.startswith("outputs in")).split(": ", 1)[1].split()
+    assert "best.pt" in listed and "test.json" not in listed  # no test split: only what is there is listed
+    assert all((tmp_path / "run" / n).is_file() for n in listed)
     base = ["train-temporal", "--cache", str(cache), "--epochs", "1", "--hidden", "8", "--no-progress"]
     cases = [(["--val-split", "train"], "--val-split and --train-split are both 'train'"),
              (["--test-split", "train"], "--test-split and --train-split are both 'train'"),
