@@ -470,6 +470,12 @@ class LiveRun:
                 yield LiveWindow(len(self.latencies) - 1, frames[0].index, frames[-1].index, frames[0].time,
                                  frames[-1].time, self.clf.classes[int(p.argmax())], float(p.max()), latency,
                                  self.stream.stats.dropped, p.tolist())
+        if rows and not self.latencies and not self.interrupted:  # a source shorter than the window: its
+            p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]  # frames as one window, as a file's
+            self.latencies.append(time.perf_counter() - frames[-1].arrival)
+            yield LiveWindow(0, frames[0].index, frames[-1].index, frames[0].time, frames[-1].time,
+                             self.clf.classes[int(p.argmax())], float(p.max()), self.latencies[-1],
+                             self.stream.stats.dropped, p.tolist())
 
     def _warm_up(self) -> None:
         """One pass of each batch shape before the source starts: first calls are slow (kernel

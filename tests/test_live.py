@@ -128,6 +128,17 @@ def test_file_in_real_time_gives_the_file_timeline(onnx_predictor, exported, med
     assert [(w.start_frame, w.end_frame, w.label) for w in torch_windows] == \
            [(w.start_frame, w.end_frame, w.label) for w in ref]
     np.testing.assert_allclose([w.probs for w in torch_windows], [w.probs for w in ref], atol=1e-4, rtol=0)
+    # a window longer than the whole source: its frames are one window, as the file path labels it
+    run = torch_predictor.live(str(media / "short.mkv"), window=500)
+    try:
+        whole = list(run)
+    finally:
+        run.close()
+    ref = torch_predictor.predict([media / "short.mkv"], window=500, progress=False)[0].windows
+    assert run.summary().windows == len(whole) == len(ref) == 1
+    assert (whole[0].start_frame, whole[0].end_frame, whole[0].label) == (ref[0].start_frame, ref[0].end_frame,
+                                                                          ref[0].label)
+    np.testing.assert_allclose(whole[0].probs, ref[0].probs, atol=1e-4, rtol=0)
 
 
 class _Slow:
