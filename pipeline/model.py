@@ -58,8 +58,9 @@ class Model:
         ignore = ("precision", "dtype") if self.kind == "end_to_end" else ()
         diff = self.features_provenance().mismatch(cache, ignore=ignore)
         if diff:
-            raise CacheError(f"{cache_path} does not match {self.path}: {diff}; evaluate on a cache extracted "
-                             "with the checkpoint's backbone and settings")
+            how = (f"extract-features --weights {self.path}, its own fine-tuned backbone" if self.kind == "end_to_end"
+                   else "the checkpoint's backbone and settings")
+            raise CacheError(f"{cache_path} does not match {self.path}: {diff}; evaluate on a cache extracted with {how}")
 
     def backbone(self, weights: str | Path | None = None) -> Backbone:
         """The backbone that made the features: from the checkpoint itself (end-to-end), by its

@@ -78,6 +78,9 @@ def _open(source: str, kind: SourceKind, timeout: float):
             container = av.open(source, options=options, timeout=timeout)
         else:
             path = Path(source.removeprefix("file://"))
+            if path.is_dir():
+                raise StreamError(f"live source {source} is a folder: --live reads a video file, a URL or a camera "
+                                  "device; predict a frame folder without --live")
             if not path.is_file():
                 raise StreamError(f"live source {source}: no such file")
             container = av.open(str(path))

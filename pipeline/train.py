@@ -226,8 +226,9 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
         if ckpt.get("validation", data.validation) != data.validation:
-            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split or "
-                                  "--val-fraction/--group-pattern changed); resume with the same data and options")
+            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
+                                  "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
+                                  "the same data and options")
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])

@@ -118,6 +118,11 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     s2 = load_checkpoint(tmp_path / "s2" / "best.pt")
     assert_states_close(ck["model_state"], s2["model_state"])  # the stage-two head
     assert_states_close(ck["backbone_state"], _backbone(weights_file), atol=0)  # the backbone its features came from
+    from pipeline.errors import CacheError
+    from pipeline.train import evaluate_checkpoint
+
+    with pytest.raises(CacheError, match=r"evaluate on a cache extracted with extract-features --weights .*e2e/best\.pt"):
+        evaluate_checkpoint(tmp_path / "e2e" / "best.pt", cache, "val", device="cpu")  # names its own backbone
     # and from an end-to-end checkpoint: its backbone and head
     finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "e2e2"),
                             init=str(tmp_path / "e2e" / "best.pt"), **still), progress=False)

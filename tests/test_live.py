@@ -288,6 +288,7 @@ def test_live_option_combinations_are_checked_first(exported, media):
                       ([str(media / "clip.mkv"), "--reconnect"], "--reconnect needs --live SOURCE"),
                       (["--live", str(media / "clip.mkv"), "--plot", "t.png"], "--plot is for INPUTs"),
                       ([], "give at least one INPUT"),
-                      (["--live", str(media / "nothing.mkv")], "live source " + str(media / "nothing.mkv") + ": no such file")):
+                      (["--live", str(media / "nothing.mkv")], "live source " + str(media / "nothing.mkv") + ": no such file"),
+                      (["--live", str(media)], f"live source {media} is a folder: --live reads a video file")):
         r = CliRunner().invoke(main, ["predict", model, *args])
         assert r.exit_code in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
