@@ -39,7 +39,7 @@ from .heads import HeadConfig, build_head
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import RunDir
+from .run import RunDir, check_resume_epochs
 from .train import TrainingError, TrainResult, cosine_schedule, resolve_splits
 from .run import summary
 
@@ -360,6 +360,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
             if was != now:
                 raise CheckpointError(f"{out / 'last.pt'} was trained with --{key.replace('_', '-')} {was}, "
                                       f"this run asks for {now}; resume with the same options")
+        check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs)
         if scaler is not None and ck.get("scaler_state"):
             scaler.load_state_dict(ck["scaler_state"])
         model.backbone.load_state_dict(ck["backbone_state"])

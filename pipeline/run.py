@@ -33,6 +33,13 @@ def summary(m: dict[str, Any]) -> dict[str, float]:
     return {k: m[k] for k in ("loss", "top1", "top5", "mean_class_acc")}
 
 
+def check_resume_epochs(last: Path, done: int, epochs: int) -> None:
+    """A resumed run continues up to ``epochs``; one already past it would only rewrite its record."""
+    if done > epochs:
+        raise CheckpointError(f"{last} is at epoch {done}, past --epochs {epochs}: give --epochs {done} or more to "
+                              "continue, or --overwrite to start over")
+
+
 class RunDir:
     """The folder ``path`` of one run. ``resume``: continue from ``last.pt`` (a folder without one
     starts at epoch 1: an interrupt before the first epoch ended leaves nothing to resume, and

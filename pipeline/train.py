@@ -27,7 +27,7 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import RunDir
+from .run import RunDir, check_resume_epochs
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,17 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
+        for key in ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
+                    "clip_grad", "seed"):  # what the epochs so far were trained with (config.json is rewritten)
+            was, now = ckpt["train_config"].get(key, getattr(cfg, key)), getattr(cfg, key)
+            if was != now:
+                raise CheckpointError(f"{out / 'last.pt'} was trained with --{key.replace('_', '-')} {was}, "
+                                      f"this run asks for {now}; resume with the same options")
         if ckpt.get("validation", data.validation) != data.validation:
             raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
                                   "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
                                   "the same data and options")
+        check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])

@@ -355,9 +355,15 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
         train_temporal(cfg(b, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     r = train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
-    # a run whose last.pt is gone, or is a copy of best.pt: refused, never restarted over best.pt
+    # a run whose last.pt is gone, or is a copy of best.pt: refused, never restarted over best.pt;
+    # so are fewer --epochs than done and other training options (none of it rewrites the record)
     run = tmp_path / "run"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
+    with pytest.raises(CheckpointError, match=r"is at epoch 2, past --epochs 1: give --epochs 2 or more"):
+        train_temporal(cfg(a, run, epochs=1, val_fraction=0.2, resume=True), progress=False)
+    with pytest.raises(CheckpointError, match=r"was trained with --lr 0\.\d+, this run asks for 0\.5"):
+        train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, lr=0.5, resume=True), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"} == before
     (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
     with pytest.raises(CheckpointError, match=r"last\.pt is not a last\.pt that --resume can continue \(no history"):
         train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, resume=True), progress=False)
