@@ -580,10 +580,14 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
             raise click.BadParameter("give INPUTs or --live SOURCE, not both", param_hint="--live")
         if plot is not None:
             raise click.BadParameter("--plot is for INPUTs, not --live", param_hint="--plot")
+        if ctx.get_parameter_source("top_k") == click.core.ParameterSource.COMMANDLINE:
+            raise click.BadParameter("--top-k is for INPUTs: a live window reports its top label and probability",
+                                     param_hint="--top-k")
     else:
         if not inputs:
             raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them) or --live SOURCE")
-        for flag, on in (("--realtime", realtime), ("--reconnect", reconnect)):
+        timeout_given = ctx.get_parameter_source("timeout") == click.core.ParameterSource.COMMANDLINE
+        for flag, on in (("--realtime", realtime), ("--reconnect", reconnect), ("--timeout", timeout_given)):
             if on:
                 raise click.BadParameter(f"{flag} needs --live SOURCE", param_hint=flag)
     if plot is not None and window is None:

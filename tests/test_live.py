@@ -286,6 +286,8 @@ def test_live_option_combinations_are_checked_first(exported, media):
     for args, msg in ((["--live", str(media / "clip.mkv"), str(media / "clip.mkv")], "not both"),
                       ([str(media / "clip.mkv"), "--realtime"], "--realtime needs --live SOURCE"),
                       ([str(media / "clip.mkv"), "--reconnect"], "--reconnect needs --live SOURCE"),
+                      ([str(media / "clip.mkv"), "--timeout", "3"], "--timeout needs --live SOURCE"),
+                      (["--live", str(media / "clip.mkv"), "--top-k", "3"], "--top-k is for INPUTs"),
                       (["--live", str(media / "clip.mkv"), "--plot", "t.png"], "--plot is for INPUTs"),
                       ([], "give at least one INPUT"),
                       (["--live", str(media / "nothing.mkv")], "live source " + str(media / "nothing.mkv") + ": no such file"),
