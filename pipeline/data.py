@@ -938,12 +938,17 @@ _UCF_NAME = re.compile(r"^(?P<group>v_.+_g\d+)_c\d+$")
 _HMDB_NAME = re.compile(r"^(?P<group>.+_[a-z]_(?:nm|cm)_np\d+_(?:fr|ba|le|ri)_(?:goo|med|bad))_\d+$")
 
 
+def _clip_name(rel: str) -> str:
+    """A clip's name as group patterns see it: the file name without a video extension."""
+    name = Path(rel).name
+    return Path(name).stem if Path(name).suffix.lower() in VIDEO_EXTS else name
+
+
 def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
     """The source video a clip comes from, from its name: ``pattern`` (a regex searched in the file
     name without its extension; its first group, else the whole match), else the UCF101 or HMDB51
     naming, else the clip itself (one group per video)."""
-    name = Path(rel).name
-    stem = Path(name).stem if Path(name).suffix.lower() in VIDEO_EXTS else name
+    stem = _clip_name(rel)
     if pattern is not None:
         m = re.search(pattern, stem)
         if m:
@@ -964,6 +969,9 @@ def carve_validation(videos: Sequence[str], labels: Sequence[int], fraction: flo
     groups: dict[str, list[int]] = defaultdict(list)
     for i, v in enumerate(videos):
         groups[source_group(v, pattern)].append(i)
+    if pattern is not None and videos and not any(re.search(pattern, _clip_name(v)) for v in videos):
+        log.warning("--group-pattern '%s' matches none of the %d video names: each video is its own source group",
+                    pattern, len(videos))
     # A group goes with the class most of its clips have (UCF101's groups are per class; an
     # HMDB51 source can hold several actions).
     by_class: dict[int, list[str]] = defaultdict(list)

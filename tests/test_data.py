@@ -514,6 +514,17 @@ def test_source_group_names_and_pattern():
     assert not one[:2].any()
 
 
+def test_a_group_pattern_that_matches_no_name_is_warned_about(caplog):
+    from pipeline.data import carve_validation
+
+    names = [f"c{c}/sub{s:02d}_clip{k}.avi" for c in range(2) for s in range(4) for k in range(2)]
+    labels = [int(n[1]) for n in names]
+    carve_validation(names, labels, 0.3, pattern=r"^(sub\d+)_")
+    assert "matches none" not in caplog.text
+    carve_validation(names, labels, 0.3, pattern=r"^(subject\d+)_")
+    assert "--group-pattern '^(subject\\d+)_' matches none of the 16 video names" in caplog.text
+
+
 @pytest.mark.parametrize("mode, kw", [("RGB", {}), ("RGB", {"subsampling": 0, "quality": 60}), ("L", {}),
                                       ("RGB", {"progressive": True}), ("CMYK", {})])
 def test_jpeg_frames_decode_to_torchvisions_pixels(tmp_path, mode, kw):
