@@ -453,6 +453,14 @@ class LiveRun:
         rows: deque[np.ndarray] = deque(maxlen=self.window)  # (D,) features of the last frames
         frames: deque = deque(maxlen=self.window)
         since = 0  # frames since the last window
+
+        def window() -> LiveWindow:  # the frames held now, classified as one window
+            p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]
+            self.latencies.append(time.perf_counter() - frames[-1].arrival)
+            return LiveWindow(len(self.latencies) - 1, frames[0].index, frames[-1].index, frames[0].time,
+                              frames[-1].time, self.clf.classes[int(p.argmax())], float(p.max()), self.latencies[-1],
+                              self.stream.stats.dropped, p.tolist())
+
         self._warm_up()
         for batch in self.stream.batches():
             feats = self._features(stack_frames([f.image for f in batch]))  # (n, D)
@@ -464,18 +472,9 @@ class LiveRun:
                 if len(rows) < self.window or (since < self.stride and self.latencies):
                     continue
                 since = 0
-                p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]
-                latency = time.perf_counter() - frames[-1].arrival
-                self.latencies.append(latency)
-                yield LiveWindow(len(self.latencies) - 1, frames[0].index, frames[-1].index, frames[0].time,
-                                 frames[-1].time, self.clf.classes[int(p.argmax())], float(p.max()), latency,
-                                 self.stream.stats.dropped, p.tolist())
-        if rows and not self.latencies and not self.interrupted:  # a source shorter than the window: its
-            p = window_probs(self.clf, np.stack(rows), [(0, len(rows))])[0]  # frames as one window, as a file's
-            self.latencies.append(time.perf_counter() - frames[-1].arrival)
-            yield LiveWindow(0, frames[0].index, frames[-1].index, frames[0].time, frames[-1].time,
-                             self.clf.classes[int(p.argmax())], float(p.max()), self.latencies[-1],
-                             self.stream.stats.dropped, p.tolist())
+                yield window()
+        if rows and not self.latencies and not self.interrupted:  # a source shorter than the window:
+            yield window()  # its frames as one window, as a file's
 
     def _warm_up(self) -> None:
         """One pass of each batch shape before the source starts: first calls are slow (kernel
