@@ -39,7 +39,7 @@ from .heads import HeadConfig, build_head
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import RunDir, check_resume_epochs
+from .run import RunDir, check_resume_epochs, check_resume_options
 from .train import TrainingError, TrainResult, cosine_schedule, resolve_splits
 from .run import summary
 
@@ -355,11 +355,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         if ck["model_config"] != head_cfg.to_dict():
             raise CheckpointError(f"{out / 'last.pt'} has head {ck['model_config']}, this run asks for "
                                   f"{head_cfg.to_dict()}; resume with the same options")
-        for key in ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed", "augment"):
-            was, now = ck["train_config"].get(key), {**cfg.to_dict(), "trainable_blocks": trainable}[key]
-            if was != now:
-                raise CheckpointError(f"{out / 'last.pt'} was trained with --{key.replace('_', '-')} {was}, "
-                                      f"this run asks for {now}; resume with the same options")
+        check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
+                             ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
+                              "augment"))
         check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs)
         if scaler is not None and ck.get("scaler_state"):
             scaler.load_state_dict(ck["scaler_state"])

@@ -33,6 +33,14 @@ def summary(m: dict[str, Any]) -> dict[str, float]:
     return {k: m[k] for k in ("loss", "top1", "top5", "mean_class_acc")}
 
 
+def check_resume_options(last: Path, recorded: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """The options the epochs in ``last`` were trained with (``recorded``) must be this run's."""
+    for key in keys:
+        if recorded.get(key) != now[key]:
+            raise CheckpointError(f"{last} was trained with --{key.replace('_', '-')} {recorded.get(key)}, this run "
+                                  f"asks for {now[key]}; resume with the same options")
+
+
 def check_resume_epochs(last: Path, done: int, epochs: int) -> None:
     """A resumed run continues up to ``epochs``; one already past it would only rewrite its record."""
     if done > epochs:

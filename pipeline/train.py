@@ -27,7 +27,7 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import RunDir, check_resume_epochs
+from .run import RunDir, check_resume_epochs, check_resume_options
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,10 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
         diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
-        for key in ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
-                    "clip_grad", "seed"):  # what the epochs so far were trained with (config.json is rewritten)
-            was, now = ckpt["train_config"].get(key, getattr(cfg, key)), getattr(cfg, key)
-            if was != now:
-                raise CheckpointError(f"{out / 'last.pt'} was trained with --{key.replace('_', '-')} {was}, "
-                                      f"this run asks for {now}; resume with the same options")
+        now = cfg.to_dict()  # an option an older last.pt does not record is not compared
+        check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,
+                             ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                              "label_smoothing", "clip_grad", "seed"))
         if ckpt.get("validation", data.validation) != data.validation:
             raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
                                   "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
