@@ -674,14 +674,15 @@ def _close_handles(mapped: mmap.mmap | None, h5: Any) -> None:
             h5.close()
 
 
-def _inconsistency(g: Any, dim: int, n_classes: int) -> str | None:
-    """What disagrees between a split's datasets (sizes, offsets, labels), or None. Reads only the
-    per-video arrays: a cache this tool wrote always passes; one edited or damaged may not."""
+def _inconsistency(g: Any, offsets: np.ndarray | None, dim: int, n_classes: int) -> str | None:
+    """What disagrees between a split's datasets (sizes, ``offsets`` as read from it, labels), or
+    None. Reads only the per-video arrays: a cache this tool wrote always passes; one edited or
+    damaged may not."""
     names = ("features", "offsets", "labels", "videos", "frame_indices", "fps")
     missing = [n for n in names if n not in g]
     if missing:
         return f"no {', '.join(missing)}"
-    feats, offsets, labels = g["features"], g["offsets"][()], g["labels"][()]
+    feats, labels = g["features"], g["labels"][()]
     n = len(labels)
     if feats.ndim != 2 or feats.shape[1] != dim:
         return f"features of shape {feats.shape}, not (frames, {dim})"
@@ -715,8 +716,7 @@ class FeatureCache:
         self.provenance = Provenance.from_dict(json.loads(self._f.attrs["provenance"]))
         self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
         self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
-        self._offsets: dict[str, np.ndarray] = {}
-        self._checked: set[str] = set()  # splits whose datasets agree with each other
+        self._offsets: dict[str, np.ndarray] = {}  # of the splits opened so far, checked (``_group``)
 
     @property
     def splits(self) -> list[str]:
@@ -732,12 +732,13 @@ class FeatureCache:
                 f"split {split!r} is not in {self.path} (has: {', '.join(self.splits) or 'none'})"
             )
         g = self._f[split]
-        if split not in self._checked:
-            problem = _inconsistency(g, self.provenance.feature_dim, len(self.classes))
+        if split not in self._offsets:
+            offsets = g["offsets"][()] if "offsets" in g else None
+            problem = _inconsistency(g, offsets, self.provenance.feature_dim, len(self.classes))
             if problem:
                 raise CacheError(f"{self.path}: split {split!r} is inconsistent ({problem}); re-extract it with "
                                  "extract-features --overwrite")
-            self._checked.add(split)
+            self._offsets[split] = offsets
         return g
 
     def load_split(self, split: str) -> SplitData:
@@ -771,8 +772,6 @@ class FeatureCache:
     def video(self, split: str, i: int) -> tuple[np.ndarray, int]:
         """(T, D) features and the label of video ``i``, read on demand (caches larger than RAM)."""
         g = self._group(split)
-        if split not in self._offsets:
-            self._offsets[split] = g["offsets"][()]
         offs = self._offsets[split]
         return g["features"][offs[i]:offs[i + 1]], int(g["labels"][i])
 
