@@ -118,13 +118,30 @@ FRAME_OPTIONS_LIST = [
 FRAME_OPTIONS = _options(*FRAME_OPTIONS_LIST)  # each left out keeps the backbone's default
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback: a float option that must be a finite number (click's ranges let nan and inf by)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
+def _regex(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: a regular expression that compiles; one line naming the fault if not."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a valid regular expression ({e})") from None
+    return value
+
+
 LOAD_OPTIONS_LIST = [
     click.option("--load", type=click.Choice(["auto", "memory", "lazy"]), default="auto", show_default=True,
                  help="memory: hold each split in RAM; lazy: read the rows each batch samples from the cache "
                       "(caches larger than RAM; same results); auto: lazy for splits that do not fit the "
                       "memory budget."),
     click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
-                 callback=lambda ctx, param, v: _finite(v, param),
+                 callback=_finite,
                  help="Features --load auto may hold in memory.  [default: half the available memory]"),
 ]
 
@@ -160,7 +177,7 @@ VALIDATION_OPTIONS = _options(
     click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
                  show_default=True, help="Without a val split: the share of each class carved from train for "
                                          "validation, as whole source videos."),
-    click.option("--group-pattern", default=None, metavar="REGEX", callback=lambda ctx, param, v: _regex(v),
+    click.option("--group-pattern", default=None, metavar="REGEX", callback=_regex,
                  help="Regex naming a clip's source video in its file name (its first group), so the carve never "
                       "splits one.  [default: UCF101 v_X_gNN / HMDB51 names, else each video alone]"),
     click.option("--test-split", default=None,
@@ -343,22 +360,6 @@ def _print_train_summary(r) -> None:
     names = ("best.pt", "last.pt", "config.json", "metrics.jsonl", "curves.png", "confusion.png", "per_class.csv",
              "test.json", "confusion_test.png", "per_class_test.csv")  # the ones this run wrote (e2e has fewer)
     click.echo(f"outputs in {r.out}/: " + " ".join(n for n in names if (Path(r.out) / n).exists()))
-
-
-def _finite(value: float | None, param: click.Parameter) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", param=param)
-    return value
-
-
-def _regex(value: str | None) -> str | None:
-    """A --group-pattern that compiles; one line naming the fault if not."""
-    if value is not None:
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise click.BadParameter(f"{value!r} is not a valid regular expression ({e})") from None
-    return value
 
 
 def _list_of(kind):
