@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,24 @@ def read_partial(path: str | Path) -> dict[str, Any] | None:
         raise CacheError(f"unreadable {meta} ({e}); delete {meta.parent} to start over") from e
 
 
+def _stored_videos(path: Path) -> dict[str, list[str]]:
+    """Relative paths of the videos, per split, that assembling ``path`` would start from: the cache
+    file's (unless an unfinished run replaces it) and the unfinished run's finished parts."""
+    out: dict[str, list[str]] = {}
+    partial = read_partial(path)
+    if path.is_file() and not (partial and partial["replace"]):
+        with _open(path) as f:
+            for split in f:
+                out[split] = _strings(f[split]["videos"][()])
+    for p in sorted(Path(f"{path}.partial").glob("*/*.npz")) if partial else ():
+        try:
+            with np.load(p) as z:
+                out.setdefault(p.parent.name, []).append(str(z["rel"]))
+        except Exception:  # noqa: BLE001 - a torn part: the writer discards and redoes it
+            continue
+    return out
+
+
 class CacheWriter:
     """Collect finished videos crash-safely and assemble them into the cache file.
 
@@ -146,6 +164,27 @@ class CacheWriter:
             if diff:
                 raise CacheError(f"{where} was made with different settings ({diff}); use another --output, "
                                  "or --overwrite to replace it")
+
+    @staticmethod
+    def check_kept(path: str | Path, selected: Collection[str], keep: dict[str, Collection[str]], *,
+                   replace: bool = False) -> None:
+        """Refuse a run that writes only the ``selected`` splits (``--splits``) when a split it would
+        keep as it is holds a video the dataset no longer has there: moved to another split,
+        deleted, or another split definition. The cache would mix two versions of the dataset, at
+        worst one video in both train and test. ``keep``: every split left out that is on disk,
+        with the relative paths of its videos now. Checks the cache file and an unfinished run."""
+        if replace:
+            return
+        for split, held in _stored_videos(Path(path)).items():
+            if split in selected:
+                continue
+            now = keep.get(split, ())
+            stale = [r for r in held if r not in now]
+            if stale:
+                raise CacheError(
+                    f"{path}: split {split!r}, which --splits leaves as it is, holds {len(stale)} video(s) the "
+                    f"dataset no longer has in it (e.g. {stale[0]!r}: moved, deleted, or another split "
+                    "definition); rerun without --splits to bring every split up to date, or use --overwrite")
 
     # -- parts ---------------------------------------------------------------------------------
 
@@ -207,13 +246,24 @@ class CacheWriter:
         """Finished parts not yet in the cache file."""
         return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))
 
-    def failures_unchanged(self, failures: list[dict[str, Any]], order: dict[str, Sequence[str]]) -> bool:
-        """The cache file already lists exactly the failures ``finalize`` would store."""
-        if self.replace or not self.path.exists():
+    def unchanged(self, failures: list[dict[str, Any]], order: dict[str, Sequence[str]],
+                  keep: Collection[str] = ()) -> bool:
+        """``finalize(order, ..., keep=keep)`` would write the cache file as it is: no new parts,
+        no video or split to drop or reorder, and the same failures."""
+        if self.replace or not self.path.exists() or self.pending():
             return False
         with _open(self.path) as f:
+            for split in set(f.keys()) | set(order):
+                if split in keep:
+                    continue
+                if split not in order or split not in f:
+                    return False  # a split to drop, or one to write (empty: all its videos failed)
+                cached = _strings(f[split]["videos"][()])
+                held = set(cached)
+                if cached != [r for r in order[split] if r in held]:  # a stale video, or another order
+                    return False
             old = json.loads(f.attrs.get("failures", "[]"))
-        return _merge_failures(old, failures, order) == old
+        return _merge_failures(old, failures, keep) == old
 
     def close_unchanged(self) -> None:
         """Nothing new to write: drop the work folder, keep the cache file as it is."""
@@ -230,9 +280,10 @@ class CacheWriter:
 
     # -- assembly ------------------------------------------------------------------------------
 
-    def finalize(self, order: dict[str, Sequence[str]], attrs: dict[str, Any]) -> Path:
-        """Write the cache: existing videos + finished parts, each split in ``order`` (dataset
-        order; videos not in it keep their previous order after those that are)."""
+    def finalize(self, order: dict[str, Sequence[str]], attrs: dict[str, Any], keep: Collection[str] = ()) -> Path:
+        """Write the cache: existing videos + finished parts. Each split in ``order`` holds exactly
+        its videos there that are stored, in that order (the dataset's); the splits in ``keep``
+        stay as they are (their failures too); any other split is dropped, with a warning."""
         old = _open(self.path) if self.path.exists() and not self.replace else None
         hint = self._kept_hint()
         try:
@@ -242,7 +293,7 @@ class CacheWriter:
             old_splits = set(old.keys()) if old is not None else set()
             part_splits = {p.name for p in self.partial.iterdir() if p.is_dir()} if self.partial.exists() else set()
             failures = _merge_failures(json.loads(old.attrs.get("failures", "[]")) if old else [],
-                                       attrs.pop("failures", []), order)
+                                       attrs.pop("failures", []), keep)
             with atomic_path(self.path, hint=hint) as tmp, _h5_errors(), _h5_reserved(tmp, need) as out:
                 for split in sorted(old_splits | part_splits | set(order)):
                     sources: dict[str, Any] = {}  # rel -> (kind, ..., rows)
@@ -253,8 +304,12 @@ class CacheWriter:
                             sources[rel] = ("old", g, i, offs, int(offs[i + 1] - offs[i]))
                     for rel, (p, rows) in self._parts(split).items():
                         sources[rel] = ("part", p, rows)
+                    if split not in order and split not in keep:
+                        log.warning("dropped split %r of the cache (%d video(s)): the dataset has no such split now",
+                                    split, len(sources))
+                        continue
                     if split in order:  # the split as indexed now: stale videos must not leak in
-                        ranked = [r for r in order[split] if r in sources]
+                        ranked = list(dict.fromkeys(r for r in order[split] if r in sources))
                         stale = len(sources) - len(ranked)
                         if stale:
                             log.warning("dropped %d cached video(s) of split %r that are no longer in it "
@@ -428,10 +483,10 @@ def _write_root_attrs(out: Any, provenance: Provenance, attrs: dict[str, Any]) -
     out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _merge_failures(old: list[dict], new: list[dict], order: dict[str, Sequence[str]]) -> list[dict]:
-    """Failures of this run replace those of earlier runs for the splits it covered; those found
-    by indexing replace all earlier ones (every run indexes every split)."""
-    return [f for f in old if f.get("split") not in order and f.get("skipped") not in INDEX_FAILURES] + new
+def _merge_failures(old: list[dict], new: list[dict], keep: Collection[str]) -> list[dict]:
+    """This run's failures, plus the earlier runs' failures in the splits it keeps as they are
+    (``keep``), except those found by indexing (every run indexes every split afresh)."""
+    return [f for f in old if f.get("split") in keep and f.get("skipped") not in INDEX_FAILURES] + new
 
 
 def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int, dtype: str, dim: int) -> None:

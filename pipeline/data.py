@@ -121,6 +121,9 @@ class DatasetIndex:
     warnings: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     layout: str = "<root>/<split>/<class>/<video>"  # what was looked for, for "no videos found"
+    # Splits on disk that ``DatasetSpec.splits`` left out: a run that writes only some splits
+    # keeps the others from an earlier run, and must know whether they still match the dataset.
+    unselected: dict[str, list[Video]] = field(default_factory=dict)
 
     def videos(self, split: str) -> list[Video]:
         return self.splits[split]
@@ -186,6 +189,7 @@ def index_dataset(spec: DatasetSpec) -> DatasetIndex:
                 f"split {missing[0]!r} not found under {root} "
                 f"(found: {', '.join(sorted(index.splits)) or 'none'}); check --splits"
             )
+        index.unselected = {s: vs for s, vs in index.splits.items() if s not in spec.splits}
         index.splits = {s: index.splits[s] for s in spec.splits}
     if index.num_videos == 0:
         raise DataError(
@@ -392,8 +396,10 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     class_names = sorted(on_disk)
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
-    missing = 0
-    for split, cls, name, _ in entries:
+    missing = repeated = 0
+    listed: dict[Path, _Entry] = {}  # each video on disk → the first line that lists it
+    for e in entries:
+        split, cls, name, where = e
         stem = Path(name).stem
         path = on_disk[cls].get(stem)
         if path is None and cls in unreadable:
@@ -403,10 +409,22 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
             if missing <= 3:
                 warnings.append(f"{root / cls / name} is listed in the split files but not on disk")
             continue
+        if path in listed:  # a repeated line, or 'x.avi' and 'x.mp4' naming one video
+            first = listed[path]
+            if first.split != split:
+                raise DataError(f"{where}: {path} is listed for split {split!r}, but {first.where} lists it "
+                                f"for {first.split!r}; a video can be in one split only, fix the split files")
+            repeated += 1
+            if repeated <= 3:
+                warnings.append(f"{where}: {path} is listed again (first at {first.where}); it is used once")
+            continue
+        listed[path] = e
         splits[split].append(Video(path=path, rel=path.relative_to(root).as_posix(), label=label[cls],
                                    split=split, kind=video_kind(path)))  # type: ignore[arg-type]
     if missing > 3:
         warnings.append(f"... {missing} videos listed in the split files are missing on disk in all")
+    if repeated > 3:
+        warnings.append(f"... {repeated} lines of the split files repeat a video listed before, in all")
     ordered = {
         s: sorted(vs, key=lambda v: (v.label, natural_key(v.rel))) for s, vs in sorted(splits.items())
     }

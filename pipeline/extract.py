@@ -508,8 +508,16 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     planned = Provenance(backbone=cfg.backbone, weights=WeightsIdentity(source="random"), frame_spec=spec,
                          selection=cfg.selection, feature_dim=0, classes=tuple(index.classes),
                          precision=str(amp_dtype or torch.float32).removeprefix("torch."), dtype=cfg.dtype)
+    # The splits this run leaves as they are: those --splits leaves out, and one whose folder could
+    # not be read this time (its cached videos are not dropped for that).
+    unreadable = {s.split for s in index.skipped if s.kind == "folder" and s.split is not None} - set(index.splits)
+    keep = set(index.unselected) | unreadable
     if info.is_main:
         CacheWriter.check(output, planned, replace=cfg.overwrite, ignore=("weights", "feature_dim"))
+        if cfg.dataset.splits is not None:
+            CacheWriter.check_kept(output, set(index.splits) | unreadable,
+                                   {s: {v.rel for v in vs} for s, vs in index.unselected.items()},
+                                   replace=cfg.overwrite)
         bb, weights_file = _resolve_backbone(cfg, spec, index, device, workers)
     shared = D.broadcast_object(str(weights_file or "") if info.is_main else None, info)
     if not info.is_main:  # the same weights as rank 0 (the seed makes a random init the same too)
@@ -616,10 +624,10 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
     order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
-        if not writer.pending() and writer.failures_unchanged(failures, order):
+        if writer.unchanged(failures, order, keep):
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:
-            writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures})
+            writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures}, keep)
     D.barrier(info)
     D.cleanup(info)
     with FeatureCache(output) as c:

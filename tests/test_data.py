@@ -11,9 +11,9 @@ from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
-from pipeline.data import (DecodedFrame, FrameDecodeError, apply_selection, decode_image_file, index_dataset,
-                           iter_frame_batches, iter_video_file, list_frames, natural_key, select_by_rate,
-                           select_indices, selected_positions)
+from pipeline.data import (DecodedFrame, FrameDecodeError, apply_selection, decode_image_file,
+                           index_dataset, iter_frame_batches, iter_video_file, list_frames, natural_key,
+                           select_by_rate, select_indices, selected_positions)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
@@ -139,6 +139,21 @@ def test_split_file_listing_missing_video_warns(tmp_path):
     idx = index_dataset(DatasetSpec(str(root), split_files=(str(tmp_path / "testlist01.txt"),)))
     assert len(idx.videos("test")) == 1
     assert any("nope.avi is listed in the split files but not on disk" in w for w in idx.warnings)
+
+
+def test_split_file_repeats_are_used_once_and_a_video_in_two_splits_refused(tmp_path):
+    # Listed twice, and once more under another extension (the same video, found by its stem).
+    spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\ncartwheel/cartwheel_v1.avi 2\n"
+                          "brush_hair/brush_hair_v0.avi 1\nbrush_hair/brush_hair_v0.mp4 1\n")
+    idx = index_dataset(spec)
+    assert [v.rel for v in idx.videos("train")] == ["brush_hair/brush_hair_v0", "cartwheel/cartwheel_v1"]
+    train = tmp_path / "trainlist01.txt"
+    assert [w.split(": ", 1)[0] for w in idx.warnings] == [f"{train}:3", f"{train}:4"]
+    assert all(w.endswith(f"is listed again (first at {train}:1); it is used once") for w in idx.warnings)
+    spec = _ucf(tmp_path, "brush_hair/brush_hair_v0.avi 1\n", "cartwheel/cartwheel_v1.avi\nbrush_hair/brush_hair_v0.avi\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'testlist01.txt'}:2: .*brush_hair_v0 is listed for split 'test', "
+                                        rf"but {train}:1 lists it for 'train'; a video can be in one split only"):
+        index_dataset(spec)
 
 
 def test_select_indices():

@@ -450,6 +450,45 @@ def test_switching_split_definition_does_not_leak(tmp_path, weights_file):
     with FeatureCache(out) as cache:
         assert cache.load_split("train").videos == ["a/a1", "b/b1"]
         assert cache.load_split("test").videos == ["a/a0", "b/b0"]
+    # Only the test split of split 1 now: the train split it would keep is split 2's, whose videos
+    # are split 1's test videos. Refused before any work, the cache untouched.
+    before = sha256_file(out)
+    c = config(root, out, weights_file)
+    only_test = ExtractConfig(**{**c.__dict__, "dataset": DatasetSpec(str(root), split_dir=str(sd), split_id=1,
+                                                                      splits=("test",))})
+    with pytest.raises(CacheError, match=r"split 'train', which --splits leaves as it is, holds 2 video\(s\) the "
+                                         r"dataset no longer has in it \(e\.g\. 'a/a1'.*rerun without --splits"):
+        extract_features(only_test, progress=False)
+    assert sha256_file(out) == before and not Path(f"{out}.partial").exists()
+    # Only the test split of split 2, whose train split is the one cached: nothing to do, and the
+    # file is left as it is.
+    extract_features(ExtractConfig(**{**only_test.__dict__, "dataset": DatasetSpec(
+        str(root), split_dir=str(sd), split_id=2, splits=("test",))}), progress=False)
+    assert sha256_file(out) == before
+
+
+def test_rerun_drops_deleted_videos_and_splits(tiny_dataset, tmp_path, weights_file, caplog):
+    """A rerun with nothing new to extract still brings the cache in line with the dataset."""
+    import shutil
+
+    (tiny_dataset / "val" / "walk").mkdir(parents=True)
+    shutil.copytree(tiny_dataset / "train" / "walk" / "w2", tiny_dataset / "val" / "walk" / "w9")
+    out = tmp_path / "f.h5"
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    shutil.rmtree(tiny_dataset / "train" / "walk" / "w1")
+    shutil.rmtree(tiny_dataset / "val")
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 5) and r.videos == {"train": 3, "test": 2}
+    assert "dropped 1 cached video(s) of split 'train'" in caplog.text
+    assert "dropped split 'val' of the cache (1 video(s))" in caplog.text
+    with FeatureCache(out) as c:
+        assert c.load_split("train").videos == ["train/run/r1", "train/run/r2.mkv", "train/walk/w2"]
+    fresh = tmp_path / "fresh.h5"
+    extract_features(config(tiny_dataset, fresh, weights_file), progress=False)
+    assert_same_cache(out, fresh)
+    before = sha256_file(out)  # in line now: the next rerun leaves the file as it is
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert sha256_file(out) == before
 
 
 def test_16bit_png_and_worker_failures_bounded(tiny_dataset, tmp_path, weights_file):
