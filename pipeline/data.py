@@ -146,11 +146,37 @@ def _is_frame(p: Path) -> bool:
     return _visible(p) and p.suffix.lower() in IMAGE_EXTS and p.is_file()
 
 
+# mmaction2's rawframes (tools/data/build_rawframes.py, denseflow) put each video's RGB frames,
+# img_00001.jpg ..., in one folder with its optical flow, flow_x_/flow_y_ (x_/y_ in older versions).
+_RGB_FRAMES, _FLOW_FRAMES = "img_#", frozenset({"flow_x_#", "flow_y_#", "x_#", "y_#"})
+
+
+def _sequence(name: str) -> str | None:
+    """The numbered sequence a frame name belongs to: its stem with each digit run as '#'
+    (``img_00001.jpg`` → ``img_#``, ``clip2_frame7.png`` → ``clip#_frame#``); None without digits."""
+    stem = Path(name).stem
+    key = _DIGITS.sub("#", stem).lower()
+    return None if key == stem.lower() else key
+
+
 def list_frames(folder: Path) -> list[Path]:
     """Image files of a frame folder in natural order; hidden files, other files and names that are
-    not valid UTF-8 (see ``bad_frame_names``, which indexing reports) are left out."""
-    frames = [p for p in folder.iterdir() if _utf8(p) and _is_frame(p)]
-    return sorted(frames, key=lambda p: natural_key(p.name))
+    not valid UTF-8 (see ``bad_frame_names``, which indexing reports) are left out.
+
+    Names that form two or more numbered sequences are no single video read in natural order (it
+    would put every frame of one before the other): mmaction2's rawframes folders give their
+    ``img_`` frames, and any other mix is a ``VideoDecodeError`` that names the sequences."""
+    frames = sorted((p for p in folder.iterdir() if _utf8(p) and _is_frame(p)), key=lambda p: natural_key(p.name))
+    count: dict[str | None, int] = defaultdict(int)
+    for p in frames:
+        count[_sequence(p.name)] += 1
+    runs = sorted(k for k, n in count.items() if k is not None and n > 1)
+    if len(runs) < 2:
+        return frames
+    if _RGB_FRAMES in runs and set(runs) - {_RGB_FRAMES} <= _FLOW_FRAMES:
+        return [p for p in frames if _sequence(p.name) == _RGB_FRAMES]
+    raise VideoDecodeError(f"{folder}: frames of {len(runs)} numbered sequences in one folder "
+                           f"({', '.join(runs)}, # a number); keep one sequence per video folder")
 
 
 def bad_frame_names(folder: Path) -> list[Path]:

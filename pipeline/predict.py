@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from .backbones import FrozenBackbone
 from .config import FrameSelection, FrameSpec
-from .data import IMAGE_EXTS, VIDEO_EXTS, bad_frame_names, list_frames, natural_key, printable, video_kind
+from .data import (IMAGE_EXTS, VIDEO_EXTS, VideoDecodeError, bad_frame_names, list_frames, natural_key, printable,
+                   video_kind)
 from .engine import FeatureBank, averaged_probs
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
@@ -86,7 +87,7 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
             else:
                 errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
                                          f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
-        elif list_frames(p):
+        elif _frame_folder(p):
             videos.append((p, "frames"))
         else:
             found = list(_walk(p))
@@ -97,6 +98,13 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
         for f in bad_frame_names(p) if kind == "frames" else ():
             log.warning("ignored '%s': its name is not valid UTF-8; rename it", printable(f))
     return videos, errors
+
+
+def _frame_folder(p: Path) -> bool:
+    try:
+        return bool(list_frames(p))
+    except VideoDecodeError:  # frames, of several sequences: decoding reports it as this input's error
+        return True
 
 
 def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[Path, str]]:

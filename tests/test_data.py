@@ -11,7 +11,7 @@ from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
-from pipeline.data import (DecodedFrame, FrameDecodeError, apply_selection, decode_image_file,
+from pipeline.data import (DecodedFrame, FrameDecodeError, VideoDecodeError, apply_selection, decode_image_file,
                            index_dataset, iter_frame_batches, iter_video_file, list_frames, natural_key,
                            select_by_rate, select_indices, selected_positions)
 from pipeline.demo import write_video
@@ -57,6 +57,38 @@ def test_list_frames_natural_and_filters(tmp_path):
     (tmp_path / "v" / "frame_13.JPEG").write_bytes((tmp_path / "v" / "frame_1.jpg").read_bytes())
     assert [p.name for p in list_frames(tmp_path / "v")] == [f"frame_{i}.jpg" for i in range(1, 13)] + [
         "frame_13.JPEG"]
+
+
+def test_list_frames_of_several_sequences(tmp_path):
+    """mmaction2's rawframes keep each video's RGB frames and its optical flow in one folder:
+    natural order would read flow_x, flow_y, then the RGB frames as one long video."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "raw"
+    write_frames(raw, rand_frames(rng, 4), ".jpg", name="img_{:05d}")
+    for axis in ("x", "y"):
+        write_frames(raw, rand_frames(rng, 3), ".jpg", name=f"flow_{axis}_{{:05d}}")
+    assert [p.name for p in list_frames(raw)] == [f"img_{i:05d}.jpg" for i in range(1, 5)]
+    (raw / "flow_y_00001.jpg").rename(raw / "y_00001.jpg")  # older mmaction2 names; a single one is no sequence
+    assert len(list_frames(raw)) == 4
+    # One sequence, however its numbers are padded, with a stray image; clips numbered inside one sequence.
+    one = tmp_path / "one"
+    write_frames(one, rand_frames(rng, 3), ".jpg", name="clip1_frame{}")
+    write_frames(one, rand_frames(rng, 2), ".jpg", name="clip2_frame{:03d}")
+    Image.fromarray(rand_frames(rng, 1)[0]).save(one / "cover.jpg")
+    assert [p.name for p in list_frames(one)] == ["clip1_frame1.jpg", "clip1_frame2.jpg", "clip1_frame3.jpg",
+                                                  "clip2_frame001.jpg", "clip2_frame002.jpg", "cover.jpg"]
+    # Two cameras in one folder: no order to read them in. The video fails, naming both sequences.
+    cams = tmp_path / "cams"
+    write_frames(cams, rand_frames(rng, 2), ".png", name="left_{}")
+    write_frames(cams, rand_frames(rng, 2), ".png", name="right_{}")
+    with pytest.raises(VideoDecodeError, match=r"cams: frames of 2 numbered sequences in one folder \(left_#, right_#, "
+                                                r"# a number\); keep one sequence per video folder"):
+        list_frames(cams)
+    with pytest.raises(VideoDecodeError, match="numbered sequences"):
+        list(iter_frame_batches(cams, "frames", FrameSelection(), 8))
+    from pipeline.predict import find_inputs
+
+    assert find_inputs([cams]) == ([(cams, "frames")], [])  # predict then reports the decoding error for it
 
 
 def test_index_classes_stable_across_splits(tiny_dataset):
