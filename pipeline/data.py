@@ -288,6 +288,13 @@ def _index_split_tree(root: Path) -> DatasetIndex:
             warnings.append(f"split folder {split_dir} has no videos")
         per_split[split] = classes
     class_names = sorted({c for cls in per_split.values() for c in cls})
+    _warn_class_names(class_names, warnings)
+    if "train" in per_split:
+        untrained = [c for c in class_names if not per_split["train"].get(c)]
+        if untrained and len(untrained) < len(class_names):
+            warnings.append(f"{len(untrained)} class(es) have no videos in {root / 'train'} "
+                            f"({', '.join(untrained[:5])}{', ...' if len(untrained) > 5 else ''}): "
+                            "a model trained on it cannot learn them")
     label = {c: i for i, c in enumerate(class_names)}
     splits = {
         split: [
@@ -420,6 +427,13 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
                     continue
             on_disk[cls][stem] = v
     class_names = sorted(on_disk)
+    _warn_class_names(class_names, warnings)
+    unlisted = [p.name for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
+                if _visible(p) and p.is_dir() and p.name not in on_disk and _has_videos(p)]
+    if unlisted:
+        warnings.append(f"{len(unlisted)} class folder(s) of {root} are in no split file "
+                        f"({', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}): their videos are not used; "
+                        "check that every class has its split file")
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
     missing = repeated = 0
@@ -458,6 +472,24 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     layout = f"<root>/<class>/<video> as the split files list them ({example}a flat tree, no split folders)"
     return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings,
                         skipped=report.skipped, layout=layout)
+
+
+def _warn_class_names(classes: Sequence[str], warnings: list[str]) -> None:
+    """Class folders whose names differ only in case are two classes: say so."""
+    by_lower: dict[str, list[str]] = defaultdict(list)
+    for c in classes:
+        by_lower[c.lower()].append(c)
+    for names in by_lower.values():
+        if len(names) > 1:
+            warnings.append(f"class folders {' and '.join(repr(n) for n in names)} differ only in case: they are "
+                            f"{len(names)} classes; rename them to one name if they are one")
+
+
+def _has_videos(folder: Path) -> bool:
+    try:
+        return any(_visible(v) and video_kind(v) is not None for v in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _check_duplicates(index: DatasetIndex) -> None:

@@ -40,7 +40,7 @@ from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir, check_resume_epochs, check_resume_options
-from .train import TrainingError, TrainResult, cosine_schedule, resolve_splits
+from .train import TrainingError, TrainResult, check_classes, cosine_schedule, resolve_splits
 from .run import summary
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                             "check --train-split/--val-split/--test-split"))
     if val_split == "test":
         log.warning("picking the best epoch on the test split and reporting its score overstates accuracy")
+    check_classes(index.classes, cfg.train_split,
+                  {s: [v.label for v in index.videos(s)] for s in (cfg.train_split, val_split, test_split) if s},
+                  f"{cfg.dataset.root}", DataError)
     train_videos = index.videos(cfg.train_split)
     if val_split is None:  # carved from train by whole source videos, as stage two does
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,

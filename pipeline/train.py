@@ -7,7 +7,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,25 @@ def resolve_splits(splits, train_split: str, val_split: str | None, test_split: 
     return val_split, test_split
 
 
+def check_classes(classes: Sequence[str], train_split: str, labels: dict[str, Sequence[int]], where: str,
+                  error: Callable[[str], Exception]) -> None:
+    """Refuse to train on fewer than two classes; warn about the videos of the other splits in
+    ``labels`` whose class has no training video (a test folder ``walk`` next to a train folder
+    ``Walk`` is one): the model cannot get those right."""
+    trained = {int(c) for c in np.asarray(labels[train_split])}
+    if len(trained) < 2:
+        raise error(f"split {train_split!r} of {where} has videos of {len(trained)} class(es) "
+                    f"({', '.join(classes[c] for c in sorted(trained)) or 'none'}); a classifier needs two or more: "
+                    "check the class folders or the split files")
+    for split, got in labels.items():
+        unseen = [int(c) for c in np.asarray(got) if int(c) not in trained]
+        if unseen:
+            names = sorted({classes[c] for c in unseen})
+            log.warning("%d video(s) of split %r are of classes with no video in %r (%s): the model cannot get them "
+                        "right; check the class folder names of each split", len(unseen), split, train_split,
+                        ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+
+
 @dataclass
 class StageTwoData:
     """The splits stage two (and the sweep) train, pick and report on, held as ClipSources (in
@@ -134,6 +153,11 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
                              load=load, memory_budget_gb=memory_budget)
         classes, provenance = list(cache.classes), cache.provenance
     train_data, train = opened[train_split].data, opened[train_split].source
+    try:
+        check_classes(classes, train_split, {s: opened[s].data.labels for s in opened}, f"{cache_path}", CacheError)
+    except CacheError:
+        opened.close()
+        raise
     if val_name is None:
         mask = carve_validation(train_data.videos, train_data.labels, val_fraction, seed=seed, pattern=group_pattern)
         if not mask.any() or mask.all():

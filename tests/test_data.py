@@ -188,6 +188,26 @@ def test_split_file_repeats_are_used_once_and_a_video_in_two_splits_refused(tmp_
         index_dataset(spec)
 
 
+def test_index_warns_of_classes_a_model_cannot_learn(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    for split, cls in (("train", "Walk"), ("train", "run"), ("test", "walk"), ("test", "run")):
+        write_frames(root / split / cls / f"{split}_{cls}", rand_frames(rng, 2))
+    idx = index_dataset(DatasetSpec(str(root)))
+    assert idx.classes == ["Walk", "run", "walk"]
+    assert idx.warnings == [
+        "class folders 'Walk' and 'walk' differ only in case: they are 2 classes; rename them to one name if they are one",
+        f"1 class(es) have no videos in {root / 'train'} (walk): a model trained on it cannot learn them"]
+    # HMDB51 with one class's split file missing: that class folder is in no split.
+    flat = tmp_path / "hmdb"
+    _flat_tree(flat)
+    (tmp_path / "brush_hair_test_split1.txt").write_text("brush_hair_v0.avi 1\nbrush_hair_v1.avi 2\n")
+    idx = index_dataset(DatasetSpec(str(flat), split_files=(str(tmp_path / "brush_hair_test_split1.txt"),)))
+    assert idx.classes == ["brush_hair"]
+    assert idx.warnings == [f"1 class folder(s) of {flat} are in no split file (cartwheel): their videos are not "
+                            "used; check that every class has its split file"]
+
+
 def test_select_indices():
     assert select_indices(10) == list(range(10))
     assert select_indices(10, stride=3) == [0, 3, 6, 9]

@@ -19,7 +19,7 @@ from test_extract import assert_same_cache
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DatasetSpec, ExtractConfig, FinetuneConfig, FrameSpec, TemporalConfig
-from pipeline.errors import ConfigError, WeightsError
+from pipeline.errors import ConfigError, DataError, WeightsError
 from pipeline.extract import extract_features
 from pipeline.finetune import finetune
 from pipeline.model import load_model
@@ -173,6 +173,11 @@ def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 224"):
         finetune(ft_cfg(colour_data, tmp_path / "vit", "none", backbone="vit_b_16"), progress=False)
     assert not list((tmp_path / "vit").glob("*.pt"))
+    one = tmp_path / "one"  # a training split of one class: refused, as stage two refuses it
+    for split in ("train", "val"):
+        shutil.copytree(colour_data / split / "red", one / split / "red")
+    with pytest.raises(DataError, match=r"^split 'train' of .*one has videos of 1 class\(es\) \(red\); a classifier"):
+        finetune(ft_cfg(one, tmp_path / "one_run", r18, backbone="resnet18"), progress=False)
 
 
 def test_interrupt_then_resume(colour_data, tmp_path, weights_file):

@@ -371,3 +371,34 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
     with pytest.raises(ConfigError, match="holds a run .best.pt. but no last.pt to resume from; use --overwrite"):
         train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, resume=True), progress=False)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_training_needs_two_classes_and_names_classes_it_never_saw(tmp_path, caplog):
+    """A class folder only one split has (``walk`` in test next to ``Walk`` in train) is a class the
+    model never sees: a warning. A training split of one class (a split file lost) is refused."""
+    from synthetic import provenance
+
+    from pipeline.cache import VideoRecord, write_cache
+    from pipeline.errors import CacheError
+    from pipeline.train import load_stage_two
+
+    rng = np.random.default_rng(0)
+
+    def videos(split, labels):
+        return iter([VideoRecord(f"{split}/v{i}", c, rng.normal(size=(8, 4)).astype("float16"), np.arange(8), 30.0)
+                     for i, c in enumerate(labels)])
+
+    one = write_cache(tmp_path / "one.h5", provenance(["a", "b", "c"], 4),
+                      {"train": videos("train", [0] * 6), "test": videos("test", [0, 1])})
+    with pytest.raises(CacheError, match=r"^split 'train' of .*one\.h5 has videos of 1 class\(es\) \(a\); "
+                                         r"a classifier needs two or more"):
+        load_stage_two(one)
+    three = write_cache(tmp_path / "three.h5", provenance(["a", "b", "c"], 4),
+                        {"train": videos("train", [0, 1] * 6), "val": videos("val", [0, 1, 2]),
+                         "test": videos("test", [0, 1, 2, 2])})
+    load_stage_two(three).close()
+    assert "1 video(s) of split 'val' are of classes with no video in 'train' (c)" in caplog.text
+    assert "2 video(s) of split 'test' are of classes with no video in 'train' (c)" in caplog.text
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(one), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and r.output.splitlines()[-1].startswith("error: split 'train' of")
+    assert not (tmp_path / "run").exists()
