@@ -29,7 +29,8 @@ def classification_metrics(probs: np.ndarray, target: np.ndarray, loss: float) -
         "top1": topk_accuracy(probs, target, 1),
         "top5": topk_accuracy(probs, target, 5),
         "mean_class_acc": float(np.nanmean(per_class)) if (support > 0).any() else float("nan"),
-        "per_class_acc": per_class.tolist(),
+        # None (JSON null, not the NaN no JSON parser must accept) for a class with no video here
+        "per_class_acc": [float(a) if n else None for a, n in zip(per_class, support)],
         "support": support.tolist(),
         "confusion": cm.tolist(),
     }

@@ -402,3 +402,15 @@ def test_training_needs_two_classes_and_names_classes_it_never_saw(tmp_path, cap
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(one), "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and r.output.splitlines()[-1].startswith("error: split 'train' of")
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_of_a_class_without_videos_are_valid_json():
+    """per-class accuracy of a class the split has no video of is null: test.json stays JSON that
+    strict parsers (JavaScript's, Go's) read; NaN is not JSON."""
+    from pipeline.metrics import classification_metrics
+
+    probs = np.eye(3, dtype=np.float32)[[0, 1, 1]]
+    m = classification_metrics(probs, np.array([0, 1, 0]), 0.5)
+    assert m["per_class_acc"] == [0.5, 1.0, None] and m["support"] == [2, 1, 0]
+    assert m["mean_class_acc"] == pytest.approx(0.75)
+    json.dumps(m, allow_nan=False)
