@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -390,6 +391,17 @@ def _recorded_backbone(output: Path, overwrite: bool, backbone: str, spec: Frame
     return None
 
 
+_HELD_OUT = re.compile(r"^(test|val|valid|validation|eval|evaluation|holdout)", re.IGNORECASE)
+
+
+def _calibration_split(splits: Iterable[str]) -> str | None:
+    """The split to calibrate BatchNorm on: ``train`` in any case, else a split not named as a
+    held-out one (test*, val*, eval*); None if there is none."""
+    names = list(splits)
+    train = [n for n in names if n.lower() in ("train", "training")]
+    return (train or [n for n in names if not _HELD_OUT.match(n)] or [None])[0]
+
+
 def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, spec: FrameSpec,
                device: torch.device, workers: int) -> int:
     """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the train split.
@@ -397,12 +409,15 @@ def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, sp
     The frames are shuffled across videos and split into equal batches (at least 2 frames each), so
     every batch is a fair sample of the dataset and the averaged statistics are not skewed.
     """
-    if "train" not in index.splits:  # --splits chose others: still calibrate on train, never on test
+    split = _calibration_split(index.splits)
+    if split is None and cfg.dataset.splits is not None:  # --splits chose others: still calibrate on train
         full = index_dataset(DatasetSpec(**{**cfg.dataset.__dict__, "splits": None}))
-        index = full if "train" in full.splits else index
-    split = "train" if "train" in index.splits else next(iter(index.splits))
-    if split != "train":
-        log.warning("no 'train' split: calibrating BatchNorm on split %r", split)
+        if (split := _calibration_split(full.splits)) is not None:
+            index = full
+    if split is None:
+        split = next(iter(index.splits))
+        log.warning("no training split (%s): calibrating BatchNorm on split %r, so the features are fit to its "
+                    "videos; extract a training split with it to calibrate on that", ", ".join(index.splits), split)
     videos = index.videos(split)
     n_videos = min(len(videos), 256)
     pick = [videos[int(i)] for i in np.linspace(0, len(videos) - 1, n_videos).round().astype(int)]

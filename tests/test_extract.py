@@ -508,6 +508,15 @@ def test_precision_is_part_of_provenance(tiny_dataset, tmp_path, weights_file):
         extract_features(config(tiny_dataset, out, weights_file, precision="bf16"), progress=False)
 
 
+def test_calibration_split_is_never_a_held_out_one():
+    from pipeline.extract import _calibration_split
+
+    assert _calibration_split(["Test", "Train"]) == "Train"  # folders named on Windows: sorted, Test came first
+    assert _calibration_split(["test", "TRAINING", "val"]) == "TRAINING"
+    assert _calibration_split(["Testing", "Validation", "clips"]) == "clips"
+    assert _calibration_split(["test", "val1"]) is None  # the caller warns that it calibrates on a held-out split
+
+
 def test_calibration_with_one_frame_and_only_test_split(tiny_dataset, tmp_path):
     out = tmp_path / "f.h5"
     c = config(tiny_dataset, out, "none", calibration_frames=1)
