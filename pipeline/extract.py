@@ -376,18 +376,24 @@ def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> tuple[Pa
 def _recorded_backbone(output: Path, overwrite: bool, backbone: str, spec: FrameSpec) -> WeightsIdentity | None:
     """The backbone file that ``--weights none`` saved for an unfinished run or (unless replacing)
     the existing cache of this backbone at this FrameSpec (calibrated on such frames), if it is
-    still there unchanged."""
+    still there unchanged; a ConfigError if it is missing or changed and the run would extend them."""
     provs = []
     partial = read_partial(output)
     if partial is not None:
-        provs.append(partial["provenance"])
+        provs.append((partial["provenance"], f"unfinished run {output}.partial"))
     if output.is_file() and not overwrite:
-        provs.append(read_provenance(output))
-    for prov in provs:
+        provs.append((read_provenance(output), f"cache {output}"))
+    for prov, where in provs:
         ident = prov.weights
-        if prov.backbone == backbone and prov.frame_spec == spec and ident.source in GENERATED and ident.path \
-                and Path(ident.path).is_file() and sha256_file(ident.path) == ident.sha256:
+        if not (prov.backbone == backbone and prov.frame_spec == spec and ident.source in GENERATED and ident.path):
+            continue
+        if Path(ident.path).is_file() and sha256_file(ident.path) == ident.sha256:
             return ident
+        if not overwrite:  # a new calibration's features cannot join these: say why now, before calibrating
+            state = "changed (another sha256)" if Path(ident.path).exists() else "missing"
+            raise ConfigError(f"the {where} was made with the {ident.source} backbone {ident.path} (sha256 "
+                              f"{ident.sha256[:12]}), which is {state}: restore that file to extend it, or use "
+                              "--overwrite to start over")
     return None
 
 

@@ -370,6 +370,17 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     # the saved backbone is accepted as --weights PATH for the same cache (same identity)
     r2 = extract_features(config(tiny_dataset, out, r.weights_file), progress=False)
     assert (r2.extracted, r2.reused) == (0, 6)
+    # The saved backbone deleted: an extended run would need another calibration, whose features
+    # cannot join these. Refused before calibrating, naming the file; nothing new written.
+    moved = r.weights_file.rename(tmp_path / "elsewhere.pt")
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=rf"^the cache {out} was made with the recalibrated backbone "
+                                          rf"{r.weights_file} \(sha256 {r.weights.sha256[:12]}\), which is missing: "
+                                          "restore that file to extend it, or use --overwrite to start over"):
+        extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False)
+    assert sorted(tmp_path.iterdir()) == before
+    moved.rename(r.weights_file)
+    assert extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False).reused == 6
 
 
 def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tiny_dataset, tmp_path, monkeypatch):
