@@ -363,7 +363,7 @@ def _parse_split_files(files: Sequence[Path], report: _Report) -> list[_Entry]:
             report.skip(None, f, _bad_name(f), "name")
         elif m := _HMDB_FILE.match(f.name):
             for n, ln in _read_lines(f):
-                parts = ln.split()
+                parts = ln.rsplit(None, 1)  # '<video> <0|1|2>': a video name may hold spaces
                 if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                     raise DataError(f"{f}:{n}: expected '<video>.avi 0|1|2', got {ln!r}")
                 if not _plain(m["cls"]):
@@ -377,7 +377,8 @@ def _parse_split_files(files: Sequence[Path], report: _Report) -> list[_Entry]:
         elif m := _UCF_FILE.match(f.name):
             split = m["split"].lower()
             for n, ln in _read_lines(f):
-                parts = ln.split()[0].replace("\\", "/").split("/")
+                listed = re.sub(r"\s+\d+$", "", ln)  # '<class>/<video> [label]': names may hold spaces
+                parts = listed.replace("\\", "/").split("/")
                 if len(parts) != 2 or not all(_plain(p) for p in parts):
                     raise DataError(f"{f}:{n}: expected '<class>/<video>.avi [label]' (a class folder of the "
                                     f"dataset and a video name, no absolute path, '.' or '..'), got {ln!r}")
@@ -421,10 +422,11 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
                 report.skip(None, v, _bad_name(v), "name")
                 continue
             stem = v.stem if v.is_file() else v.name
-            if stem in on_disk[cls]:
-                warnings.append(f"{v} and {on_disk[cls][stem]} are the same video; using the frame folder")
-                if v.is_file():
-                    continue
+            if stem in on_disk[cls]:  # one name in the split files ('c1.avi'): c1/ and c1.avi, or c1.avi and c1.mp4
+                first = on_disk[cls][stem]
+                keep = v if v.is_dir() and not first.is_dir() else first  # a frame folder, else the first in order
+                warnings.append(f"{v} and {first} are one video to the split files; using {keep}")
+                v = keep
             on_disk[cls][stem] = v
     class_names = sorted(on_disk)
     _warn_class_names(class_names, warnings)

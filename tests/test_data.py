@@ -164,6 +164,25 @@ def test_ucf101_split_files(tmp_path):
     assert [v.rel for v in by_dir.videos("test")] == [v.rel for v in idx.videos("test")]
 
 
+def test_split_files_with_spaces_in_names_and_one_name_for_two_files(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    write_frames(root / "My Class" / "clip 1", rand_frames(rng, 2))
+    (root / "other").mkdir(parents=True)
+    write_video(root / "other" / "c1.avi", rand_frames(rng, 3))
+    write_video(root / "other" / "c1.mp4", rand_frames(rng, 3))
+    (tmp_path / "trainlist01.txt").write_text("My Class/clip 1.avi 1\nother/c1.avi 2\n")
+    idx = index_dataset(DatasetSpec(str(root), split_files=(str(tmp_path / "trainlist01.txt"),)))
+    assert [v.rel for v in idx.videos("train")] == ["My Class/clip 1", "other/c1.avi"]
+    assert idx.warnings == [f"{root / 'other' / 'c1.mp4'} and {root / 'other' / 'c1.avi'} are one video to the split "
+                            f"files; using {root / 'other' / 'c1.avi'}"]
+    hmdb = tmp_path / "hmdb"
+    hmdb.mkdir()
+    (hmdb / "My Class_test_split1.txt").write_text("clip 1.avi 2\n")
+    idx = index_dataset(DatasetSpec(str(root), split_files=(str(hmdb / "My Class_test_split1.txt"),)))
+    assert [v.rel for v in idx.videos("test")] == ["My Class/clip 1"]
+
+
 def test_split_file_listing_missing_video_warns(tmp_path):
     root = tmp_path / "ucf"
     _flat_tree(root)
