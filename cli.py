@@ -21,6 +21,7 @@ from pipeline import __version__
 from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides,
                              FrameSelection)
 from pipeline.errors import PipelineError
+from pipeline.files import DiskFullError, OutputInUseError
 from pipeline.runtime import tune_cpu_allocator
 
 log = logging.getLogger("pipeline")
@@ -37,9 +38,13 @@ class Group(click.Group):
             return super().invoke(ctx)
         except PipelineError as e:
             with contextlib.suppress(OSError):  # refused before anything was written: no empty run folder
-                for folder in ctx.meta.get("new_folders", ()):  # is left, nor the parents made for it
-                    folder.rmdir()  # only while empty
-            click.echo(f"error: {e}", err=True)
+                for folder in () if isinstance(e, OutputInUseError) else ctx.meta.get("new_folders", ()):
+                    folder.rmdir()  # only while empty, and never one that another run is using
+            message = str(e)
+            rerun = ctx.meta.get("rerun_hint")  # a run folder's, where a plain rerun would be refused
+            if isinstance(e, DiskFullError) and rerun is not None and message.endswith("free space and rerun"):
+                message = message.removesuffix("rerun") + f"then: {rerun()}"
+            click.echo(f"error: {message}", err=True)
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             hint = ctx.meta.get("resume_hint", "")
@@ -247,10 +252,12 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype,
         overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
     )
-    ctx.meta["resume_hint"] = (
-        f"finished videos are kept in {output}.partial; rerun the same command"
-        + (" without --overwrite" if overwrite else "") + " to resume"
-    )
+    def hint() -> str:  # true when it is asked: after an interrupt
+        done = sum(1 for _ in Path(f"{output}.partial").glob("*/*.npz"))
+        if not done:
+            return "no video was finished yet; rerun the same command to start again"
+        return f"{done} finished video(s) are kept in {output}.partial; rerun the same command to resume"
+    ctx.meta["resume_hint"] = hint
     r = extract_features(cfg, progress=not no_progress)
     if not _is_main_rank():
         return
@@ -323,7 +330,7 @@ def _new_folder(out: Path) -> None:
 def _hint_from(ctx: click.Context):
     """An ``on_start`` callback: after an interrupt, the run folder says what to do."""
     def start(run) -> None:
-        ctx.meta["resume_hint"] = run.resume_hint
+        ctx.meta["resume_hint"] = ctx.meta["rerun_hint"] = run.resume_hint
     return start
 
 
@@ -461,6 +468,22 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
     cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
                       overwrite=overwrite)
     _new_folder(out)
+
+    state = out / "sweep_state.pt"
+
+    def written() -> tuple[int, int] | None:  # written anew: atomically replaced, so another inode
+        with contextlib.suppress(OSError):
+            st = state.stat()
+            return st.st_ino, st.st_mtime_ns
+        return None
+
+    def hint() -> str:  # true when it is asked: after an interrupt
+        if state.exists() and (written() != before or not overwrite):
+            return (f"the sweep's progress is kept in {state}; rerun the command"
+                    f"{' without --overwrite' if overwrite else ''} to resume it")
+        return "no epoch of this sweep finished yet; rerun the same command to start " + ("over" if overwrite else "it")
+    click.get_current_context().meta["resume_hint"] = hint
+    before = written()
     r = sweep(cfg, progress=not no_progress)
     _print_leaderboard(r)
 

@@ -10,6 +10,7 @@ chunks, so a long video never has to fit in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
@@ -39,7 +40,7 @@ from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Prove
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
-from .files import atomic_write_bytes, ensure_dir, sha256_file
+from .files import atomic_write_bytes, ensure_dir, exclusive, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
@@ -494,6 +495,11 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
 
 def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     """Run stage one; resumes from whatever an interrupted run with the same settings left."""
+    with contextlib.ExitStack() as held:  # the output, for as long as this run writes it
+        return _extract_features(cfg, progress, held)
+
+
+def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitStack) -> ExtractResult:
     t0 = time.perf_counter()
     index = index_dataset(cfg.dataset)
     for w in index.warnings:
@@ -519,6 +525,8 @@ def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractRes
         raise ConfigError(f"--output {output} is inside the dataset folder {index.root}; write the cache elsewhere "
                           "(e.g. features/)")
     ensure_dir(output.parent, "--output folder")
+    if info.is_main:  # one job per cache: the other ranks of this one write their parts under its lock
+        held.enter_context(exclusive(output, "--output"))
 
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between

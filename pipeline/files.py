@@ -28,6 +28,10 @@ class NotWritableError(PipelineError):
     """An output path that cannot be written (its parent is a file, no permission, ...)."""
 
 
+class OutputInUseError(PipelineError):
+    """Another process is writing the same output."""
+
+
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = ("No space left on device", "Disk quota exceeded", "errno = 28", "errno = 122")
 
@@ -119,3 +123,54 @@ def ensure_dir(path: str | Path, what: str) -> Path:
             raise disk_full(path) from None
         raise NotWritableError(f"cannot write to {what} {path} ({e.strerror or e}); choose another path") from e
     return path
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold ``path`` for this process while it writes there: a run folder by locking the folder
+    itself, a file (a feature cache) by ``<path>.lock`` beside it, with this process's pid, removed
+    afterwards. A second process on the same output gets one line instead of a race over the same
+    temporary files (whose loser crashed, and whose winner could be left with the other's files).
+
+    An advisory ``flock``: released by the kernel however the holder ends (a kill included), so a
+    lock is never left stale. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    folder = path.is_dir()
+    lock = path if folder else path.with_name(path.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise NotWritableError(f"cannot use {what} {path}: {lock}: {e.strerror or e}; choose another path") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = "" if folder else os.pread(fd, 16, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputInUseError(f"{what} {path} is in use by another process{f' (pid {pid})' if pid.isdigit() else ''}: "
+                                   f"wait for it to finish, or choose another {what}") from None
+        if folder or _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder removed this lock file as it finished: take the one there now
+    try:
+        if not folder:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        if not folder:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # still held: a process that opened it meanwhile sees it gone and retries
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False

@@ -242,7 +242,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
     base_device = resolve_device(cfg.device)
     info = D.init(base_device)
     try:
-        return _finetune(cfg, base_device, info, progress, on_epoch, on_start)
+        with contextlib.ExitStack() as held:  # the run folder, for as long as this run writes it
+            return _finetune(cfg, base_device, info, progress, on_epoch, on_start, held)
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # the failed run's locals, the DDP wrapper among them
         raise
@@ -258,12 +259,13 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True,
 
 def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, progress: bool,
               on_epoch: Callable[[dict[str, Any]], None] | None,
-              on_start: Callable[[RunDir], None] | None) -> TrainResult:
+              on_start: Callable[[RunDir], None] | None, held: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     device = D.local_device(base_device, info)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True) if info.is_main else None
+    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True)) \
+        if info.is_main else None
     D.barrier(info)
     if run is None:
         run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=False)
@@ -361,7 +363,12 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
                               "augment"))
-        check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs)
+        check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs, ck["train_config"].get("epochs"))
+        world = ck["train_config"].get("world_size", info.world)  # not recorded before: not compared
+        if world != info.world:
+            raise CheckpointError(f"{out / 'last.pt'} was trained by {world} process(es), this run has {info.world}: "
+                                  "--batch-size is per process, so the batch would change; resume with "
+                                  f"{world} process(es) (torchrun --nproc-per-node)")
         if scaler is not None and ck.get("scaler_state"):
             scaler.load_state_dict(ck["scaler_state"])
         model.backbone.load_state_dict(ck["backbone_state"])
@@ -372,9 +379,10 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
 
     common = {"kind": "end_to_end", "model_config": head_cfg.to_dict(),
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
-                               "trainable_blocks": trainable},
+                               "trainable_blocks": trainable, "world_size": info.world},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
               "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation}
+    run.start()
     run.write_json("config.json", common["train_config"])
 
     for epoch in range(start, cfg.epochs + 1):

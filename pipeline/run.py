@@ -13,8 +13,10 @@ the epoch (identically: seeds derive from the epoch) and rewrites ``metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import ConfigError
-from .files import atomic_write_text, ensure_dir
+from .files import atomic_write_text, ensure_dir, exclusive
 from .report import plot_confusion, plot_curves, write_per_class
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,31 @@ def check_resume_options(last: Path, recorded: dict[str, Any], now: dict[str, An
                                   f"asks for {now[key]}; resume with the same options")
 
 
-def check_resume_epochs(last: Path, done: int, epochs: int) -> None:
-    """A resumed run continues up to ``epochs``; one already past it would only rewrite its record."""
+def check_resume_epochs(last: Path, done: int, epochs: int, planned: int | None = None) -> None:
+    """A resumed run continues up to ``epochs``; one already past it would only rewrite its record.
+    ``planned``: the --epochs the run started with, whose learning-rate schedule it followed."""
     if done > epochs:
         raise CheckpointError(f"{last} is at epoch {done}, past --epochs {epochs}: give --epochs {done} or more to "
                               "continue, or --overwrite to start over")
+    if planned is not None and planned != epochs and done < epochs:
+        log.warning("%s was started for %d epochs: from epoch %d on, its learning-rate schedule is that of a "
+                    "%d-epoch run, so the result is neither run's as it would be uninterrupted", last, planned,
+                    done + 1, epochs)
+
+
+# Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting
+# over (--overwrite) removes all of them before the new run's first write, so an interrupted
+# --overwrite never leaves the old run's results (test.json, plots, a leaderboard whose trials
+# are gone) beside the new run's files. Other files in the folder are never touched.
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png", "confusion.png", "per_class.csv",
+             "test.json", "confusion_test.png", "per_class_test.csv", "tensorboard",
+             "sweep_state.pt", "trials", "leaderboard.csv", "leaderboard.png", "sweep.json")
+
+
+def remove_run_files(folder: Path) -> None:
+    for name in RUN_FILES:
+        p = folder / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -59,8 +81,31 @@ class RunDir:
                  main: bool = True) -> None:
         self.path = Path(path)
         self.main = main
+        self.overwrite, self.started = overwrite, False
+        self._held = contextlib.ExitStack()
         if main:
             ensure_dir(self.path, "--out")
+            self._held.enter_context(exclusive(self.path, "--out"))  # until close(): one run writes here
+        try:
+            self._check(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let other runs use the folder."""
+        self._held.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, resume: bool, overwrite: bool) -> None:
+        main = self.main
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
         if main and not resume and not overwrite and (self.best.exists() or self.last.exists()):
             raise ConfigError(f"{self.path} already holds a run; use --resume to continue it, --overwrite "
                               "to start over, or another --out")
@@ -72,6 +117,13 @@ class RunDir:
                               "start over, or another --out")
         if resume and not self.resume:
             log.warning("%s has no last.pt (no epoch of a run there finished): starting at epoch 1", self.path)
+
+    def start(self) -> None:
+        """The run's first write comes next, every check has passed: starting over, the earlier
+        run's files go now (not sooner: a run refused on a bad option keeps the old one whole)."""
+        if self.main and self.overwrite and not self.started:
+            remove_run_files(self.path)
+        self.started = True
 
     def _past_first_epoch(self) -> bool:
         try:
@@ -90,6 +142,8 @@ class RunDir:
 
     def resume_hint(self) -> str:
         """What to do after an interrupt, true at the moment it is asked."""
+        if self.overwrite and not self.started:
+            return f"the run in {self.path} was left as it was; rerun the same command to start over"
         try:
             epoch = load_checkpoint(self.last)["epoch"] if self.last.exists() else None
         except Exception:  # noqa: BLE001 - a hint must never raise

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,11 +42,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TRAIN_SAMPLERS, TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
-from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir
+from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir, exclusive
 from .heads import HEADS, build_head, unused_fields
 from .metrics import classification_metrics
 from .report import write_csv
-from .run import summary
+from .run import remove_run_files, summary
 from .runtime import resolve_device, resolve_precision
 from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
@@ -196,6 +195,13 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     t_start = time.perf_counter()
     base = cfg.base
     ensure_dir(base.out, "--out")
+    with exclusive(base.out, "--out"):  # one sweep writes here at a time
+        return _locked_sweep(cfg, progress, on_epoch, t_start)
+
+
+def _locked_sweep(cfg: SweepConfig, progress: bool, on_epoch: Callable[[int, list[Trial]], None] | None,
+                  t_start: float) -> SweepResult:
+    base = cfg.base
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
     if amp == torch.float16:
@@ -221,9 +227,8 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     state_path = out / "sweep_state.pt"
     for t in trials:  # every trial's head is checked before --overwrite removes anything
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
-    if cfg.overwrite:
-        for p in (state_path, out / "trials", out / "best.pt"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
+        remove_run_files(out)
     state = _load_state(state_path, spec) if state_path.exists() else None
     if state is None and (out / "best.pt").exists():
         raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -208,11 +209,17 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
                    on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
     """Run stage two. ``on_start`` gets the run folder once it is checked (the CLI takes its
     resume hint from it); ``on_epoch`` every epoch's record."""
+    with contextlib.ExitStack() as held:  # the run folder, for as long as this run writes it
+        return _train_temporal(cfg, progress, on_epoch, on_start, held)
+
+
+def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+                    on_start: Callable[[RunDir], None] | None, held: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     seed_everything(cfg.seed, cfg.deterministic)
-    run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite))
     out = run.path
     if on_start is not None:
         on_start(run)
@@ -222,7 +229,6 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-        tb = SummaryWriter(str(out / "tensorboard"))
 
     data = load_stage_two(cfg.cache, train_split=cfg.train_split, val_split=cfg.val_split,
                           val_fraction=cfg.val_fraction, group_pattern=cfg.group_pattern, test_split=cfg.test_split,
@@ -257,7 +263,7 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
             raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
                                   "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
                                   "the same data and options")
-        check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs)
+        check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs, ckpt["train_config"].get("epochs"))
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -268,8 +274,11 @@ def train_temporal(cfg: TemporalConfig, *, progress: bool = True,
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
               "val_split": data.val_name, "validation": data.validation}
+    run.start()
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
                                    "cache": provenance.to_dict()})
+    if cfg.tensorboard:
+        tb = SummaryWriter(str(out / "tensorboard"))
     stopped_early = False
     for epoch in range(start, cfg.epochs + 1):
         if best is not None and cfg.patience and epoch - best["epoch"] > cfg.patience:

@@ -457,3 +457,56 @@ def test_demo_replaces_only_what_it_wrote(tmp_path):
         r = CliRunner().invoke(main, ["make-demo-data", str(root), "--train", "1", "--test", "1"])
         assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.stderr, (root, r.stderr)
     assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+def test_interrupt_and_disk_full_hints_are_true_when_printed(tmp_path, monkeypatch, tiny_dataset, weights_file):
+    """The hint after Ctrl-C (or a full disk) says what a rerun will do, as things are then."""
+    import pipeline.extract
+    import pipeline.sweep
+    import pipeline.train
+    from pipeline.files import disk_full
+
+    out = tmp_path / "f.h5"
+    parts = Path(f"{out}.partial") / "train"
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extract, "extract_features", interrupted)
+    code, _, err = extract(tiny_dataset, out, weights_file, "--overwrite")
+    assert code == 130 and err.strip() == "interrupted: no video was finished yet; rerun the same command to start again"
+    parts.mkdir(parents=True)
+    (parts / "a.npz").write_bytes(b"")
+    code, _, err = extract(tiny_dataset, out, weights_file)
+    assert err.strip() == (f"interrupted: 1 finished video(s) are kept in {out}.partial; rerun the same command "
+                           "to resume")
+
+    sweep_out = tmp_path / "sweep"
+    monkeypatch.setattr(pipeline.sweep, "sweep", interrupted)
+    code, _, err = run("sweep", "--cache", str(out), "--out", str(sweep_out), "--overwrite")
+    assert code == 130 and err.strip().endswith("no epoch of this sweep finished yet; rerun the same command to start over")
+
+    def sweep_one_epoch(cfg, **_):
+        sweep_out.mkdir(exist_ok=True)
+        (sweep_out / "sweep_state.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.sweep, "sweep", sweep_one_epoch)
+    code, _, err = run("sweep", "--cache", str(out), "--out", str(sweep_out), "--overwrite")
+    assert err.strip().endswith(f"the sweep's progress is kept in {sweep_out / 'sweep_state.pt'}; rerun the command "
+                                "without --overwrite to resume it")
+
+    def full_after_first_epoch(cfg, on_start, **_):  # as RunDir reports it after epoch 1
+        from pipeline.run import RunDir
+
+        run_dir = RunDir(cfg.out)
+        on_start(run_dir)
+        run_dir.close()
+        (Path(cfg.out) / "last.pt").write_bytes(b"")
+        raise disk_full(Path(cfg.out) / "last.pt")
+
+    monkeypatch.setattr(pipeline.train, "train_temporal", full_after_first_epoch)
+    run_out = tmp_path / "run"
+    code, _, err = run("train-temporal", "--cache", str(out), "--out", str(run_out))
+    one_error_line(code, err, f"no space left on device while writing {run_out / 'last.pt'}; free space and then: "
+                              "no epoch finished yet; rerun with --resume to start again in")

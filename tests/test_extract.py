@@ -663,3 +663,18 @@ def test_interrupted_run_redoes_a_stored_video_whose_frame_broke(tiny_dataset, t
         assert list(data.frame_indices[data.offsets[i]:data.offsets[i + 1]]) == list(range(12))
     extract_features(config(tiny_dataset, tmp_path / "fresh.h5", weights_file), progress=False)
     assert_same_cache(out, tmp_path / "fresh.h5")  # as if nothing had happened
+
+
+def test_one_extraction_per_cache(tiny_dataset, tmp_path, weights_file):
+    """A second extraction into a cache that one is writing is refused with the writer's pid; the
+    lock file goes when the writer is done."""
+    from pipeline.files import OutputInUseError, exclusive
+
+    out = tmp_path / "f.h5"
+    with exclusive(out, "--output"):
+        with pytest.raises(OutputInUseError, match=rf"^--output {out} is in use by another process \(pid {os.getpid()}\)"):
+            extract_features(config(tiny_dataset, out, weights_file), progress=False)
+        assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not Path(f"{out}.lock").exists()
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "f.h5"]  # no lock file, no partial run left

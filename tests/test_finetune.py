@@ -196,6 +196,17 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
     with pytest.raises(CheckpointError, match="--trainable-blocks"):
         finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, trainable_blocks=3),
                  progress=False)
+    # last.pt as two torchrun processes would have written it: --batch-size is per process
+    last = tmp_path / "run" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    assert ck["train_config"]["world_size"] == 1
+    torch.save({**ck, "train_config": {**ck["train_config"], "world_size": 2}}, tmp_path / "two.pt")
+    last.rename(tmp_path / "one.pt")
+    (tmp_path / "two.pt").rename(last)
+    with pytest.raises(CheckpointError, match=r"last\.pt was trained by 2 process\(es\), this run has 1: --batch-size is "
+                                              r"per process"):
+        finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
+    (tmp_path / "one.pt").replace(last)
     r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
     # the same as a run that was never interrupted: optimizer, scheduler and sampling state all resumed

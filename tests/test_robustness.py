@@ -114,7 +114,7 @@ def test_full_disk_while_training_keeps_last_good_checkpoint(tmp_path, small_dis
     disk = small_disk("2m")  # room for a few checkpoints of a 512-wide LSTM, not for every file of 30 epochs
     code, _, err = cli("train-temporal", "--cache", str(cache), "--out", str(disk / "run"), "--epochs", "30",
                        "--hidden", "96", "--device", "cpu", "--no-progress")
-    one_line(code, err, "no space left on device while writing", "free space and rerun")
+    one_line(code, err, "no space left on device while writing", "free space and then: ", "--resume")  # a plain rerun is refused
     assert not list(disk.rglob("*.tmp"))
     for name in ("best.pt", "last.pt"):
         if (disk / "run" / name).exists():

@@ -107,6 +107,19 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
         r = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "run"), "--head", "transformer", "--hidden", "10",
                                       "--num-heads", "3", "--weights" if "finetune" in cmd[0] else "--epochs", "1"])
         assert r.exit_code == 1 and "Traceback" not in r.stderr and not (tmp_path / "run").exists(), (cmd, r.stderr)
+    # A valid --overwrite removes every file of the sweep there before its first epoch: interrupted
+    # then, it leaves no leaderboard or test.json that describes trials that are gone.
+    sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8,)),),), min_epochs=1),
+          progress=False)
+    assert {"leaderboard.csv", "leaderboard.png", "sweep.json", "test.json"} <= {p.name for p in (tmp_path / "sw").iterdir()}
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),), min_epochs=1,
+                          overwrite=True), progress=False, on_epoch=stop)
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["sweep_state.pt", "trials"]
 
 
 def _sweep_cmd(cache: Path, out: Path) -> list[str]:

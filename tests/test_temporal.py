@@ -414,3 +414,49 @@ def test_metrics_of_a_class_without_videos_are_valid_json():
     assert m["per_class_acc"] == [0.5, 1.0, None] and m["support"] == [2, 1, 0]
     assert m["mean_class_acc"] == pytest.approx(0.75)
     json.dumps(m, allow_nan=False)
+
+
+def test_one_run_per_folder_and_overwrite_replaces_the_whole_run(tmp_path):
+    """A second process on the same --out is refused before it touches anything; --overwrite
+    removes every file of the earlier run at its first write, so an interrupted one never leaves
+    the old run's test.json beside its own checkpoints; interrupted sooner, the old run is whole."""
+    from pipeline.files import OutputInUseError, exclusive
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=1), progress=False)
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"test.json", "confusion_test.png", "per_class_test.csv"} <= set(old)
+    with exclusive(out, "--out"):  # as another process holds it
+        with pytest.raises(OutputInUseError, match=rf"^--out {out} is in use by another process: wait for it"):
+            train_temporal(cfg(cache, out, epochs=1, overwrite=True), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    runs = []
+    with pytest.raises(Stop):  # interrupted before its first write
+        train_temporal(cfg(cache, out, epochs=3, hidden=16, overwrite=True), progress=False,
+                       on_start=lambda run: (runs.append(run), stop()))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+    assert runs[0].resume_hint() == f"the run in {out} was left as it was; rerun the same command to start over"
+    with pytest.raises(Stop):  # interrupted after its first epoch
+        train_temporal(cfg(cache, out, epochs=3, hidden=16, overwrite=True), progress=False, on_epoch=stop)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "confusion.png", "curves.png", "last.pt",
+                                                     "metrics.jsonl", "per_class.csv"]
+    assert load_checkpoint(out / "best.pt")["model_config"]["hidden"] == 16
+    with pytest.raises(ConfigError, match="--resume continues the run in --out and --overwrite starts it over"):
+        train_temporal(cfg(cache, out, epochs=3, hidden=16, overwrite=True, resume=True), progress=False)
+
+
+def test_resume_for_more_epochs_warns_that_the_schedule_changes(tmp_path, caplog):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=2), progress=False)
+    train_temporal(cfg(cache, out, epochs=3, resume=True), progress=False)
+    assert f"{out / 'last.pt'} was started for 2 epochs: from epoch 3 on, its learning-rate schedule is that of a " \
+           "3-epoch run" in caplog.text
