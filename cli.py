@@ -481,7 +481,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
         if state.exists() and (written() != before or not overwrite):
             return (f"the sweep's progress is kept in {state}; rerun the command"
                     f"{' without --overwrite' if overwrite else ''} to resume it")
-        return "no epoch of this sweep finished yet; rerun the same command to start " + ("over" if overwrite else "it")
+        return "no progress of this sweep was saved yet; rerun the same command to start " + ("over" if overwrite else "it")
     click.get_current_context().meta["resume_hint"] = hint
     before = written()
     r = sweep(cfg, progress=not no_progress)

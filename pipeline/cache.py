@@ -176,9 +176,9 @@ class CacheWriter:
         if replace:
             return
         for split, held in _stored_videos(Path(path)).items():
-            if split in selected:
+            if split in selected or split not in keep:  # written, or no longer on disk: dropped
                 continue
-            now = keep.get(split, ())
+            now = keep[split]
             stale = [r for r in held if r not in now]
             if stale:
                 raise CacheError(

@@ -148,7 +148,8 @@ def _is_frame(p: Path) -> bool:
 
 # mmaction2's rawframes (tools/data/build_rawframes.py, denseflow) put each video's RGB frames,
 # img_00001.jpg ..., in one folder with its optical flow, flow_x_/flow_y_ (x_/y_ in older versions).
-_RGB_FRAMES, _FLOW_FRAMES = "img_#", frozenset({"flow_x_#", "flow_y_#", "x_#", "y_#"})
+# Its RGB template is img_{:05}.jpg by default, {:05}.jpg or image_{:05}.jpg in some configs.
+_RGB_FRAMES, _FLOW_FRAMES = frozenset({"img_#", "image_#", "#"}), frozenset({"flow_x_#", "flow_y_#", "x_#", "y_#"})
 
 
 def _sequence(name: str) -> str | None:
@@ -165,7 +166,7 @@ def list_frames(folder: Path) -> list[Path]:
 
     Names that form two or more numbered sequences are no single video read in natural order (it
     would put every frame of one before the other): mmaction2's rawframes folders give their
-    ``img_`` frames, and any other mix is a ``VideoDecodeError`` that names the sequences."""
+    RGB frames (``img_``), and any other mix is a ``VideoDecodeError`` that names the sequences."""
     frames = sorted((p for p in folder.iterdir() if _utf8(p) and _is_frame(p)), key=lambda p: natural_key(p.name))
     count: dict[str | None, int] = defaultdict(int)
     for p in frames:
@@ -173,8 +174,9 @@ def list_frames(folder: Path) -> list[Path]:
     runs = sorted(k for k, n in count.items() if k is not None and n > 1)
     if len(runs) < 2:
         return frames
-    if _RGB_FRAMES in runs and set(runs) - {_RGB_FRAMES} <= _FLOW_FRAMES:
-        return [p for p in frames if _sequence(p.name) == _RGB_FRAMES]
+    rgb = [r for r in runs if r in _RGB_FRAMES]
+    if len(rgb) == 1 and set(runs) - set(rgb) <= _FLOW_FRAMES:
+        return [p for p in frames if _sequence(p.name) == rgb[0]]
     raise VideoDecodeError(f"{folder}: frames of {len(runs)} numbered sequences in one folder "
                            f"({', '.join(runs)}, # a number); keep one sequence per video folder")
 
@@ -423,15 +425,18 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
                 continue
             stem = v.stem if v.is_file() else v.name
             if stem in on_disk[cls]:  # one name in the split files ('c1.avi'): c1/ and c1.avi, or c1.avi and c1.mp4
-                first = on_disk[cls][stem]
-                keep = v if v.is_dir() and not first.is_dir() else first  # a frame folder, else the first in order
-                warnings.append(f"{v} and {first} are one video to the split files; using {keep}")
+                seen = on_disk[cls][stem]
+                keep = v if v.is_dir() and not seen.is_dir() else seen  # a frame folder, else the first in order
+                warnings.append(f"{v} and {seen} are one video to the split files; using {keep}")
                 v = keep
             on_disk[cls][stem] = v
     class_names = sorted(on_disk)
     _warn_class_names(class_names, warnings)
-    unlisted = [p.name for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
-                if _visible(p) and p.is_dir() and p.name not in on_disk and _has_videos(p)]
+    try:
+        unlisted = [p.name for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name))
+                    if _visible(p) and p.is_dir() and p.name not in on_disk and _has_videos(p)]
+    except OSError:  # a root one may enter but not list: the split files name every folder used
+        unlisted = []
     if unlisted:
         warnings.append(f"{len(unlisted)} class folder(s) of {root} are in no split file "
                         f"({', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}): their videos are not used; "
@@ -452,13 +457,13 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
                 warnings.append(f"{root / cls / name} is listed in the split files but not on disk")
             continue
         if path in listed:  # a repeated line, or 'x.avi' and 'x.mp4' naming one video
-            first = listed[path]
-            if first.split != split:
-                raise DataError(f"{where}: {path} is listed for split {split!r}, but {first.where} lists it "
-                                f"for {first.split!r}; a video can be in one split only, fix the split files")
+            earlier = listed[path]
+            if earlier.split != split:
+                raise DataError(f"{where}: {path} is listed for split {split!r}, but {earlier.where} lists it "
+                                f"for {earlier.split!r}; a video can be in one split only, fix the split files")
             repeated += 1
             if repeated <= 3:
-                warnings.append(f"{where}: {path} is listed again (first at {first.where}); it is used once")
+                warnings.append(f"{where}: {path} is listed again (first at {earlier.where}); it is used once")
             continue
         listed[path] = e
         splits[split].append(Video(path=path, rel=path.relative_to(root).as_posix(), label=label[cls],

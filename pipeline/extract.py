@@ -398,15 +398,15 @@ def _recorded_backbone(output: Path, overwrite: bool, backbone: str, spec: Frame
     return None
 
 
-_HELD_OUT = re.compile(r"^(test|val|valid|validation|eval|evaluation|holdout)", re.IGNORECASE)
+_HELD_OUT = re.compile(r"^(test|val|valid|validation|eval|evaluation|holdout|dev)", re.IGNORECASE)
 
 
-def _calibration_split(splits: Iterable[str]) -> str | None:
-    """The split to calibrate BatchNorm on: ``train`` in any case, else a split not named as a
-    held-out one (test*, val*, eval*); None if there is none."""
+def _calibration_split(splits: Iterable[str], *, train_only: bool = False) -> str | None:
+    """The split to calibrate BatchNorm on: ``train`` in any case, else (unless ``train_only``) a
+    split not named as a held-out one (test*, val*, eval*, dev*); None if there is none."""
     names = list(splits)
     train = [n for n in names if n.lower() in ("train", "training")]
-    return (train or [n for n in names if not _HELD_OUT.match(n)] or [None])[0]
+    return (train or ([] if train_only else [n for n in names if not _HELD_OUT.match(n)]) or [None])[0]
 
 
 def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, spec: FrameSpec,
@@ -416,11 +416,12 @@ def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, sp
     The frames are shuffled across videos and split into equal batches (at least 2 frames each), so
     every batch is a fair sample of the dataset and the averaged statistics are not skewed.
     """
-    split = _calibration_split(index.splits)
+    split = _calibration_split(index.splits, train_only=True)
     if split is None and cfg.dataset.splits is not None:  # --splits chose others: still calibrate on train
         full = index_dataset(DatasetSpec(**{**cfg.dataset.__dict__, "splits": None}))
-        if (split := _calibration_split(full.splits)) is not None:
+        if (split := _calibration_split(full.splits, train_only=True)) is not None:
             index = full
+    split = split or _calibration_split(index.splits)
     if split is None:
         split = next(iter(index.splits))
         log.warning("no training split (%s): calibrating BatchNorm on split %r, so the features are fit to its "

@@ -12,12 +12,15 @@ import contextlib
 import errno
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 class DiskFullError(PipelineError):
@@ -149,11 +152,20 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
             raise NotWritableError(f"cannot use {what} {path}: {lock}: {e.strerror or e}; choose another path") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: held
             pid = "" if folder else os.pread(fd, 16, 0).decode(errors="replace").strip()
             os.close(fd)
             raise OutputInUseError(f"{what} {path} is in use by another process{f' (pid {pid})' if pid.isdigit() else ''}: "
                                    f"wait for it to finish, or choose another {what}") from None
+        except OSError as e:  # no flock here (Lustre without -o flock, some FUSE and NFS mounts): run unlocked
+            os.close(fd)
+            if not folder:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+            log.warning("cannot lock %s %s on this filesystem (%s): another run on it is not prevented",
+                        what, path, e.strerror or e)
+            yield
+            return
         if folder or _same_file(fd, lock):
             break
         os.close(fd)  # the holder removed this lock file as it finished: take the one there now

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +64,31 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png",
 
 
 def remove_run_files(folder: Path) -> None:
+    """Remove the files a run or sweep wrote in ``folder``, if it holds one: in ``tensorboard/``
+    only the event files, in ``trials/`` only the trials' own files; a folder left empty goes."""
+    if not any((folder / name).exists() for name in ("best.pt", "last.pt", "sweep_state.pt", "metrics.jsonl")):
+        return
     for name in RUN_FILES:
         p = folder / name
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if name == "tensorboard" and p.is_dir() and not p.is_symlink():
+            for events in p.glob("events.out.tfevents.*"):
+                events.unlink()
+            _rmdir_if_empty(p)
+        elif name == "trials" and p.is_dir() and not p.is_symlink():
+            for trial in p.iterdir():
+                if trial.is_dir() and not trial.is_symlink():
+                    for f in RUN_FILES:
+                        if (trial / f).is_file():
+                            (trial / f).unlink()
+                    _rmdir_if_empty(trial)
+            _rmdir_if_empty(p)
+        elif not p.is_dir():
+            p.unlink(missing_ok=True)
+
+
+def _rmdir_if_empty(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        p.rmdir()
 
 
 class RunDir:
@@ -81,7 +102,8 @@ class RunDir:
                  main: bool = True) -> None:
         self.path = Path(path)
         self.main = main
-        self.overwrite, self.started = overwrite, False
+        self.overwrite = overwrite
+        self.started = False
         self._held = contextlib.ExitStack()
         if main:
             ensure_dir(self.path, "--out")
@@ -148,9 +170,10 @@ class RunDir:
             epoch = load_checkpoint(self.last)["epoch"] if self.last.exists() else None
         except Exception:  # noqa: BLE001 - a hint must never raise
             epoch = None
+        resume = "rerun with --resume instead of --overwrite" if self.overwrite else "rerun with --resume"
         if epoch is None:
-            return f"no epoch finished yet; rerun with --resume to start again in {self.path}"
-        return f"{self.last} holds epoch {epoch}; add --resume to continue"
+            return f"no epoch finished yet; {resume} to start again in {self.path}"
+        return f"{self.last} holds epoch {epoch}; {resume if self.overwrite else 'add --resume'} to continue"
 
     def load_last(self, kind: str) -> dict[str, Any] | None:
         """``last.pt`` when resuming (its history also rewrites ``metrics.jsonl``), else None."""

@@ -484,7 +484,7 @@ def test_interrupt_and_disk_full_hints_are_true_when_printed(tmp_path, monkeypat
     sweep_out = tmp_path / "sweep"
     monkeypatch.setattr(pipeline.sweep, "sweep", interrupted)
     code, _, err = run("sweep", "--cache", str(out), "--out", str(sweep_out), "--overwrite")
-    assert code == 130 and err.strip().endswith("no epoch of this sweep finished yet; rerun the same command to start over")
+    assert code == 130 and err.strip().endswith("no progress of this sweep was saved yet; rerun the same command to start over")
 
     def sweep_one_epoch(cfg, **_):
         sweep_out.mkdir(exist_ok=True)

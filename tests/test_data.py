@@ -70,6 +70,11 @@ def test_list_frames_of_several_sequences(tmp_path):
     assert [p.name for p in list_frames(raw)] == [f"img_{i:05d}.jpg" for i in range(1, 5)]
     (raw / "flow_y_00001.jpg").rename(raw / "y_00001.jpg")  # older mmaction2 names; a single one is no sequence
     assert len(list_frames(raw)) == 4
+    bare = tmp_path / "bare"  # mmaction2 with filename_tmpl '{:05}.jpg' and x_/y_ flow
+    write_frames(bare, rand_frames(rng, 3), ".jpg", name="{:05d}")
+    for axis in ("x", "y"):
+        write_frames(bare, rand_frames(rng, 2), ".jpg", name=f"{axis}_{{:05d}}")
+    assert [p.name for p in list_frames(bare)] == ["00001.jpg", "00002.jpg", "00003.jpg"]
     # One sequence, however its numbers are padded, with a stray image; clips numbered inside one sequence.
     one = tmp_path / "one"
     write_frames(one, rand_frames(rng, 3), ".jpg", name="clip1_frame{}")

@@ -471,6 +471,16 @@ def test_switching_split_definition_does_not_leak(tmp_path, weights_file):
                                          r"dataset no longer has in it \(e\.g\. 'a/a1'.*rerun without --splits"):
         extract_features(only_test, progress=False)
     assert sha256_file(out) == before and not Path(f"{out}.partial").exists()
+    # A split no longer on disk is not one --splits keeps: the run drops it, with a warning.
+    with h5py.File(out, "r") as f, h5py.File(tmp_path / "extra.h5", "w") as g:
+        for k in f:
+            f.copy(f[k], g, name=k)
+        f.copy(f["test"], g, name="gone")
+        g.attrs.update(dict(f.attrs))
+    extract_features(ExtractConfig(**{**only_test.__dict__, "output": str(tmp_path / "extra.h5"), "dataset": DatasetSpec(
+        str(root), split_dir=str(sd), split_id=2, splits=("test",))}), progress=False)
+    with FeatureCache(tmp_path / "extra.h5") as cache:
+        assert sorted(cache.splits) == ["test", "train"]
     # Only the test split of split 2, whose train split is the one cached: nothing to do, and the
     # file is left as it is.
     extract_features(ExtractConfig(**{**only_test.__dict__, "dataset": DatasetSpec(
@@ -525,7 +535,9 @@ def test_calibration_split_is_never_a_held_out_one():
     assert _calibration_split(["Test", "Train"]) == "Train"  # folders named on Windows: sorted, Test came first
     assert _calibration_split(["test", "TRAINING", "val"]) == "TRAINING"
     assert _calibration_split(["Testing", "Validation", "clips"]) == "clips"
-    assert _calibration_split(["test", "val1"]) is None  # the caller warns that it calibrates on a held-out split
+    assert _calibration_split(["test", "val1", "dev"]) is None  # the caller warns: it calibrates on a held-out split
+    assert _calibration_split(["clips", "train"], train_only=True) == "train"
+    assert _calibration_split(["clips"], train_only=True) is None  # --splits clips: train is looked for first
 
 
 def test_calibration_with_one_frame_and_only_test_split(tiny_dataset, tmp_path):

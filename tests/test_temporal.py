@@ -445,7 +445,10 @@ def test_one_run_per_folder_and_overwrite_replaces_the_whole_run(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
     assert runs[0].resume_hint() == f"the run in {out} was left as it was; rerun the same command to start over"
     with pytest.raises(Stop):  # interrupted after its first epoch
-        train_temporal(cfg(cache, out, epochs=3, hidden=16, overwrite=True), progress=False, on_epoch=stop)
+        train_temporal(cfg(cache, out, epochs=3, hidden=16, overwrite=True), progress=False, on_epoch=stop,
+                       on_start=runs.append)
+    assert runs[1].resume_hint() == f"{out / 'last.pt'} holds epoch 1; rerun with --resume instead of --overwrite " \
+                                    "to continue"
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "confusion.png", "curves.png", "last.pt",
                                                      "metrics.jsonl", "per_class.csv"]
     assert load_checkpoint(out / "best.pt")["model_config"]["hidden"] == 16
@@ -460,3 +463,42 @@ def test_resume_for_more_epochs_warns_that_the_schedule_changes(tmp_path, caplog
     train_temporal(cfg(cache, out, epochs=3, resume=True), progress=False)
     assert f"{out / 'last.pt'} was started for 2 epochs: from epoch 3 on, its learning-rate schedule is that of a " \
            "3-epoch run" in caplog.text
+
+
+def test_overwrite_removes_only_a_runs_own_files(tmp_path):
+    from pipeline.run import RunDir, remove_run_files
+
+    out = tmp_path / "runs"
+    (out / "tensorboard" / "old_experiment").mkdir(parents=True)  # a user's shared log folder
+    (out / "tensorboard" / "old_experiment" / "events.out.tfevents.1").write_bytes(b"x")
+    (out / "trials").mkdir()
+    (out / "trials" / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with RunDir(out, overwrite=True) as run:  # the folder holds no run: nothing is removed
+        run.start()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    for name in ("best.pt", "last.pt", "test.json", "tensorboard/events.out.tfevents.2", "trials/t00/best.pt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    remove_run_files(out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "tensorboard", "tensorboard/old_experiment", "tensorboard/old_experiment/events.out.tfevents.1", "trials",
+        "trials/notes.txt"]
+
+
+def test_lock_falls_back_to_a_warning_where_the_filesystem_has_no_flock(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from pipeline.files import exclusive
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with exclusive(tmp_path / "f.h5", "--output"):
+        pass
+    assert f"cannot lock --output {tmp_path / 'f.h5'} on this filesystem (No locks available)" in caplog.text
+    assert not (tmp_path / "f.h5.lock").exists()
+
