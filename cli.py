@@ -252,11 +252,13 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype,
         overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
     )
+
     def hint() -> str:  # true when it is asked: after an interrupt
         done = sum(1 for _ in Path(f"{output}.partial").glob("*/*.npz"))
         if not done:
             return "no video was finished yet; rerun the same command to start again"
         return f"{done} finished video(s) are kept in {output}.partial; rerun the same command to resume"
+
     ctx.meta["resume_hint"] = hint
     r = extract_features(cfg, progress=not no_progress)
     if not _is_main_rank():
@@ -482,6 +484,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
             return (f"the sweep's progress is kept in {state}; rerun the command"
                     f"{' without --overwrite' if overwrite else ''} to resume it")
         return "no progress of this sweep was saved yet; rerun the same command to start " + ("over" if overwrite else "it")
+
     click.get_current_context().meta["resume_hint"] = hint
     before = written()
     r = sweep(cfg, progress=not no_progress)
