@@ -235,9 +235,12 @@ def test_stream_cut_half_way_ends_with_one_line(exported, server, media):
 
 
 def test_ctrl_c_stops_cleanly_with_a_summary(exported, media):
+    # Ctrl-C as in a terminal: a shell's background job (a CI runner's, `cmd &`) passes SIGINT on as
+    # ignored, and Python then never raises KeyboardInterrupt; the child starts with it restored.
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "predict", str(exported[1].out), "--live",
                              str(media / "long.mkv"), "--realtime", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         got = [proc.stdout.readline() for _ in range(2)]  # two windows: it is running
         assert all(json.loads(ln)["window"] in (0, 1) for ln in got), got
