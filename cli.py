@@ -21,7 +21,7 @@ from pipeline import __version__
 from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides,
                              FrameSelection)
 from pipeline.errors import PipelineError
-from pipeline.files import DiskFullError, OutputInUseError
+from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
 
 log = logging.getLogger("pipeline")
@@ -39,7 +39,8 @@ class Group(click.Group):
         except PipelineError as e:
             with contextlib.suppress(OSError):  # refused before anything was written: no empty run folder
                 for folder in () if isinstance(e, OutputInUseError) else ctx.meta.get("new_folders", ()):
-                    folder.rmdir()  # only while empty, and never one that another run is using
+                    if not in_use(folder):  # another run made it meanwhile, and is writing there
+                        folder.rmdir()  # only while empty
             message = str(e)
             rerun = ctx.meta.get("rerun_hint")  # a run folder's, where a plain rerun would be refused
             if isinstance(e, DiskFullError) and rerun is not None and message.endswith("free space and rerun"):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,8 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
     temporary files (whose loser crashed, and whose winner could be left with the other's files).
 
     An advisory ``flock``: released by the kernel however the holder ends (a kill included), so a
-    lock is never left stale. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    lock is never left stale; a lock file a killed run left is taken over, another user's too.
+    Where ``fcntl`` is missing (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
@@ -146,16 +148,24 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
     folder = path.is_dir()
     lock = path if folder else path.with_name(path.name + ".lock")
     while True:
+        theirs = False  # a lock file another user's run left (killed): ours to read and lock, not to write
         try:
-            fd = os.open(lock, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                if folder:
+                    raise
+                fd, theirs = os.open(lock, os.O_RDONLY), True
         except OSError as e:
             raise NotWritableError(f"cannot use {what} {path}: {lock}: {e.strerror or e}; choose another path") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # EWOULDBLOCK: held
-            pid = "" if folder else os.pread(fd, 16, 0).decode(errors="replace").strip()
+            holder = "" if folder else os.pread(fd, 256, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise OutputInUseError(f"{what} {path} is in use by another process{f' (pid {pid})' if pid.isdigit() else ''}: "
+            pid, _, host = holder.partition("@")
+            who = f" (pid {pid}{' on ' + host if host else ''})" if pid.isdigit() else ""
+            raise OutputInUseError(f"{what} {path} is in use by another process{who}: "
                                    f"wait for it to finish, or choose another {what}") from None
         except OSError as e:  # no flock here (Lustre without -o flock, some FUSE and NFS mounts): run unlocked
             os.close(fd)
@@ -166,19 +176,41 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
                         what, path, e.strerror or e)
             yield
             return
+        if theirs:  # locked it: no run holds it, a stale file; make our own in its place
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
+            continue
         if folder or _same_file(fd, lock):
             break
         os.close(fd)  # the holder removed this lock file as it finished: take the one there now
     try:
         if not folder:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}".encode(), 0)  # a shared filesystem: which host
         yield
     finally:
         if not folder:
             with contextlib.suppress(OSError):
                 os.unlink(lock)  # still held: a process that opened it meanwhile sees it gone and retries
         os.close(fd)
+
+
+def in_use(folder: str | Path) -> bool:
+    """Whether a run holds ``folder`` (see ``exclusive``) right now."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return isinstance(e, BlockingIOError)
+    finally:
+        os.close(fd)  # also releases the probe's lock
 
 
 def _same_file(fd: int, path: Path) -> bool:

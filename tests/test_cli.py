@@ -510,3 +510,32 @@ def test_interrupt_and_disk_full_hints_are_true_when_printed(tmp_path, monkeypat
     code, _, err = run("train-temporal", "--cache", str(out), "--out", str(run_out))
     one_error_line(code, err, f"no space left on device while writing {run_out / 'last.pt'}; free space and then: "
                               "no epoch finished yet; rerun with --resume to start again in")
+
+
+def test_a_refused_command_leaves_a_new_folder_another_run_is_using(tmp_path, monkeypatch):
+    """A command refused before it wrote removes the --out it would have made, unless another
+    run made that folder meanwhile and holds it."""
+    import contextlib
+
+    import pipeline.train
+    from pipeline.errors import ConfigError
+    from pipeline.files import exclusive
+
+    out = tmp_path / "new" / "run"
+    held = contextlib.ExitStack()
+
+    def other_run_starts_then_refused(cfg, **_):
+        out.mkdir(parents=True)
+        held.enter_context(exclusive(out, "--out"))  # as another process would
+        raise ConfigError("refused")
+
+    monkeypatch.setattr(pipeline.train, "train_temporal", other_run_starts_then_refused)
+    with held:
+        code, _, err = run("train-temporal", "--cache", str(tmp_path / "c.h5"), "--out", str(out))
+        assert code == 1 and err.strip() == "error: refused" and out.is_dir()
+    out.rmdir()
+    out.parent.rmdir()
+    monkeypatch.setattr(pipeline.train, "train_temporal", lambda cfg, **_: (out.mkdir(parents=True),
+                                                                              (_ for _ in ()).throw(ConfigError("x"))))
+    code, _, _ = run("train-temporal", "--cache", str(tmp_path / "c.h5"), "--out", str(out))
+    assert code == 1 and not (tmp_path / "new").exists()  # nobody else there: removed, with the parent it made

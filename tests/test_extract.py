@@ -684,7 +684,8 @@ def test_one_extraction_per_cache(tiny_dataset, tmp_path, weights_file):
 
     out = tmp_path / "f.h5"
     with exclusive(out, "--output"):
-        with pytest.raises(OutputInUseError, match=rf"^--output {out} is in use by another process \(pid {os.getpid()}\)"):
+        with pytest.raises(OutputInUseError,
+                           match=rf"^--output {out} is in use by another process \(pid {os.getpid()} on "):
             extract_features(config(tiny_dataset, out, weights_file), progress=False)
         assert not out.exists() and not Path(f"{out}.partial").exists()
     assert not Path(f"{out}.lock").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,7 +429,11 @@ def test_one_run_per_folder_and_overwrite_replaces_the_whole_run(tmp_path):
     train_temporal(cfg(cache, out, epochs=1), progress=False)
     old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert {"test.json", "confusion_test.png", "per_class_test.csv"} <= set(old)
+    from pipeline.files import in_use
+
+    assert not in_use(out)
     with exclusive(out, "--out"):  # as another process holds it
+        assert in_use(out)
         with pytest.raises(OutputInUseError, match=rf"^--out {out} is in use by another process: wait for it"):
             train_temporal(cfg(cache, out, epochs=1, overwrite=True), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
@@ -501,4 +507,25 @@ def test_lock_falls_back_to_a_warning_where_the_filesystem_has_no_flock(tmp_path
         pass
     assert f"cannot lock --output {tmp_path / 'f.h5'} on this filesystem (No locks available)" in caplog.text
     assert not (tmp_path / "f.h5.lock").exists()
+
+
+def test_a_lock_file_left_by_another_users_killed_run_is_taken_over(tmp_path, monkeypatch):
+    """Killed, a run leaves its unlocked <cache>.lock behind, owned by its user: another user
+    cannot open it to write (simulated: this test runs as root), only to read and lock it."""
+    import pipeline.files
+    from pipeline.files import exclusive
+
+    lock = tmp_path / "f.h5.lock"
+    lock.write_text("4242@otherhost")
+    real_open = os.open
+
+    def foreign(path, flags, *a):
+        if Path(path) == lock and flags & os.O_RDWR and lock.exists() and lock.read_text() == "4242@otherhost":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(pipeline.files.os, "open", foreign)
+    with exclusive(tmp_path / "f.h5", "--output"):
+        assert lock.read_text().startswith(f"{os.getpid()}@")
+    assert not lock.exists()
 
