@@ -259,8 +259,7 @@ class CacheWriter:
                 if split not in order or split not in f:
                     return False  # a split to drop, or one to write (empty: all its videos failed)
                 cached = _strings(f[split]["videos"][()])
-                held = set(cached)
-                if cached != [r for r in order[split] if r in held]:  # a stale video, or another order
+                if cached != _ranked(order[split], set(cached)):  # a stale video, or another order
                     return False
             old = json.loads(f.attrs.get("failures", "[]"))
         return _merge_failures(old, failures, keep) == old
@@ -309,7 +308,7 @@ class CacheWriter:
                                     split, len(sources))
                         continue
                     if split in order:  # the split as indexed now: stale videos must not leak in
-                        ranked = list(dict.fromkeys(r for r in order[split] if r in sources))
+                        ranked = _ranked(order[split], sources)
                         stale = len(sources) - len(ranked)
                         if stale:
                             log.warning("dropped %d cached video(s) of split %r that are no longer in it "
@@ -481,6 +480,12 @@ def _write_root_attrs(out: Any, provenance: Provenance, attrs: dict[str, Any]) -
     out.attrs["provenance"] = _json(provenance.to_dict())
     out.attrs["package_version"] = __version__
     out.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _ranked(listed: Sequence[str], stored: Collection[str]) -> list[str]:
+    """A split as ``finalize`` writes it: its stored videos that the dataset lists now, in the
+    dataset's order, each once."""
+    return list(dict.fromkeys(r for r in listed if r in stored))
 
 
 def _merge_failures(old: list[dict], new: list[dict], keep: Collection[str]) -> list[dict]:

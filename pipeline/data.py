@@ -295,7 +295,7 @@ def _index_split_tree(root: Path) -> DatasetIndex:
         untrained = [c for c in class_names if not per_split["train"].get(c)]
         if untrained and len(untrained) < len(class_names):
             warnings.append(f"{len(untrained)} class(es) have no videos in {root / 'train'} "
-                            f"({', '.join(untrained[:5])}{', ...' if len(untrained) > 5 else ''}): "
+                            f"({some(untrained)}): "
                             "a model trained on it cannot learn them")
     label = {c: i for i, c in enumerate(class_names)}
     splits = {
@@ -439,7 +439,7 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
         unlisted = []
     if unlisted:
         warnings.append(f"{len(unlisted)} class folder(s) of {root} are in no split file "
-                        f"({', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}): their videos are not used; "
+                        f"({some(unlisted)}): their videos are not used; "
                         "check that every class has its split file")
     label = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[Video]] = defaultdict(list)
@@ -479,6 +479,11 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     layout = f"<root>/<class>/<video> as the split files list them ({example}a flat tree, no split folders)"
     return DatasetIndex(root=root, classes=class_names, splits=ordered, warnings=warnings,
                         skipped=report.skipped, layout=layout)
+
+
+def some(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` of ``names`` for a message, with ', ...' when there are more."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def _warn_class_names(classes: Sequence[str], warnings: list[str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from .cache import FeatureCache
 from .checkpoint import CheckpointError
 from .config import Provenance, TemporalConfig
-from .data import carve_validation
+from .data import carve_validation, some
 from .engine import ClipSource, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .runtime import resolve_device, resolve_precision
@@ -111,7 +111,7 @@ def check_classes(classes: Sequence[str], train_split: str, labels: dict[str, Se
             names = sorted({classes[c] for c in unseen})
             log.warning("%d video(s) of split %r are of classes with no video in %r (%s): the model cannot get them "
                         "right; check the class folder names of each split", len(unseen), split, train_split,
-                        ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+                        some(names))
 
 
 @dataclass
