@@ -859,9 +859,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     model.train()
     n = 0
     try:
-        for x in batches:
-            model(x.to(device))
-            n += x.shape[0]
+        with torch.no_grad():  # the statistics update in the forward; no graph to keep
+            for x in batches:
+                model(x.to(device))
+                n += x.shape[0]
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

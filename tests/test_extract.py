@@ -383,6 +383,20 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     assert extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False).reused == 6
 
 
+def test_weights_none_features_do_not_depend_on_the_batch_size(tiny_dataset, tmp_path):
+    """--batch-size sets decoding and the forward only: BatchNorm is calibrated in batches of its own
+    fixed size (a batch's variance leaves out the variance between batches), so two runs that differ
+    only in --batch-size save the same backbone and cache the same features."""
+    runs = [extract_features(config(tiny_dataset, tmp_path / f"b{b}.h5", "none", calibration_frames=32,
+                                    batch_size=b, chunk_frames=b), progress=False) for b in (4, 16)]
+    assert runs[0].weights.sha256 == runs[1].weights.sha256
+    a, b = (torch.load(r.weights_file, map_location="cpu", weights_only=True) for r in runs)
+    assert all(torch.equal(a["backbone_state"][k], b["backbone_state"][k]) for k in a["backbone_state"])
+    with FeatureCache(runs[0].output) as c0, FeatureCache(runs[1].output) as c1:
+        np.testing.assert_allclose(c0.load_split("train").features.astype(np.float32),
+                                   c1.load_split("train").features.astype(np.float32), rtol=1e-4, atol=1e-5)
+
+
 def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tiny_dataset, tmp_path, monkeypatch):
     """A cache or an unfinished run of another backbone (or FrameSpec) in --output: refused before
     any calibration, nothing written; with --overwrite, the new backbone is calibrated afresh, never
