@@ -240,6 +240,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
                          batch_size, workers, device, precision, dtype, calibration_frames, seed,
                          overwrite, strict, no_progress) -> None:
     """Cache backbone features of every frame of every video in one HDF5 file (resumable)."""
+    from pipeline.cache import extraction_hint
     from pipeline.extract import extract_features
 
     if output is None:
@@ -254,13 +255,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         overwrite=overwrite, strict=strict, calibration_frames=calibration_frames, seed=seed,
     )
 
-    def hint() -> str:  # true when it is asked: after an interrupt
-        done = sum(1 for _ in Path(f"{output}.partial").glob("*/*.npz"))
-        if not done:
-            return "no video was finished yet; rerun the same command to start again"
-        return f"{done} finished video(s) are kept in {output}.partial; rerun the same command to resume"
-
-    ctx.meta["resume_hint"] = hint
+    ctx.meta["resume_hint"] = functools.partial(extraction_hint, output)  # true when asked: after an interrupt
     r = extract_features(cfg, progress=not no_progress)
     if not _is_main_rank():
         return
@@ -439,7 +434,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
     import json
 
     from pipeline.config import TemporalConfig
-    from pipeline.sweep import DEFAULT_GRID, SweepConfig, sweep
+    from pipeline.sweep import DEFAULT_GRID, SweepConfig, sweep, sweep_hint
 
     grids: list[dict[str, tuple]] = []
     if spec is not None:
@@ -471,23 +466,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
     cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
                       overwrite=overwrite)
     _new_folder(out)
-
-    state = out / "sweep_state.pt"
-
-    def written() -> tuple[int, int] | None:  # written anew: atomically replaced, so another inode
-        with contextlib.suppress(OSError):
-            st = state.stat()
-            return st.st_ino, st.st_mtime_ns
-        return None
-
-    def hint() -> str:  # true when it is asked: after an interrupt
-        if state.exists() and (written() != before or not overwrite):
-            return (f"the sweep's progress is kept in {state}; rerun the command"
-                    f"{' without --overwrite' if overwrite else ''} to resume it")
-        return "no progress of this sweep was saved yet; rerun the same command to start " + ("over" if overwrite else "it")
-
-    click.get_current_context().meta["resume_hint"] = hint
-    before = written()
+    click.get_current_context().meta["resume_hint"] = sweep_hint(out, overwrite)  # taken before the sweep writes
     r = sweep(cfg, progress=not no_progress)
     _print_leaderboard(r)
 

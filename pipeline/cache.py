@@ -103,6 +103,19 @@ def read_partial(path: str | Path) -> dict[str, Any] | None:
         raise CacheError(f"unreadable {meta} ({e}); delete {meta.parent} to start over") from e
 
 
+def _finished_parts(partial: Path) -> int:
+    """Finished videos an unfinished extraction keeps in its ``partial`` folder."""
+    return sum(1 for _ in partial.glob("*/*.npz")) if partial.is_dir() else 0
+
+
+def extraction_hint(path: str | Path) -> str:
+    """What an interrupted extraction into ``path`` kept and how to go on, as it is now."""
+    done = _finished_parts(Path(f"{path}.partial"))
+    if not done:
+        return "no video was finished yet; rerun the same command to start again"
+    return f"{done} finished video(s) are kept in {path}.partial; rerun the same command to resume"
+
+
 def _stored_videos(path: Path) -> dict[str, list[str]]:
     """Relative paths of the videos, per split, that assembling ``path`` would start from: the cache
     file's (unless an unfinished run replaces it) and the unfinished run's finished parts."""
@@ -239,8 +252,7 @@ class CacheWriter:
             f.write(buf.getbuffer())
 
     def _kept_hint(self) -> str:
-        n = sum(1 for _ in self.partial.glob("*/*.npz")) if self.partial.is_dir() else 0
-        return f"{n} finished video(s) are kept in {self.partial}"
+        return f"{_finished_parts(self.partial)} finished video(s) are kept in {self.partial}"
 
     def pending(self) -> bool:
         """Finished parts not yet in the cache file."""

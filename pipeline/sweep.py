@@ -189,6 +189,33 @@ def _spec_hash(cfg: SweepConfig, data_validation: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+STATE_FILE = "sweep_state.pt"
+
+
+def sweep_hint(out: Path, overwrite: bool) -> Callable[[], str]:
+    """Taken before a sweep into ``out`` starts: after an interrupt, it says what the sweep kept
+    and how to go on. With ``--overwrite`` a state file counts only if this sweep wrote it (saved
+    atomically, so a new one is another inode), as the earlier sweep's is removed at its first write."""
+    state = out / STATE_FILE
+
+    def written() -> tuple[int, int] | None:
+        try:
+            st = state.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    before = written()
+
+    def hint() -> str:
+        if state.exists() and (written() != before or not overwrite):
+            return (f"the sweep's progress is kept in {state}; rerun the command"
+                    f"{' without --overwrite' if overwrite else ''} to resume it")
+        return "no progress of this sweep was saved yet; rerun the same command to start " + ("over" if overwrite else "it")
+
+    return hint
+
+
 def sweep(cfg: SweepConfig, *, progress: bool = True,
           on_epoch: Callable[[int, list[Trial]], None] | None = None) -> SweepResult:
     """Run the sweep in ``cfg.base.out``; resumes a killed sweep of the same spec there."""
@@ -224,7 +251,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     trials = expand_grid(cfg)
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
     spec = _spec_hash(cfg, data.validation)
-    state_path = out / "sweep_state.pt"
+    state_path = out / STATE_FILE
     for t in trials:  # every trial's head is checked before --overwrite removes anything
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
