@@ -499,7 +499,10 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
             model = timm.create_model(full, pretrained=True, **kw)
         except Exception as e:  # noqa: BLE001 - hub errors come in many types (offline, auth, missing)
             raise WeightsError(f"could not download the timm weights {full} ({type(e).__name__}): {hint}") from e
-        ident = WeightsIdentity(source="timm", name=getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or full)
+        pcfg = getattr(model, "pretrained_cfg", None) or {}
+        file = _timm_weights_file(pcfg)  # its hash lets a later --weights PATH be checked
+        ident = WeightsIdentity(source="timm", name=pcfg.get("tag") or full.split(".", 1)[1],
+                                sha256=sha256_file(file) if file is not None else None)
     cfg = dict(getattr(model, "pretrained_cfg", None) or base_cfg)
     spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
     return Backbone(name=name, net=model.eval(), num_features=int(model.num_features), frame_spec=spec,
@@ -512,6 +515,33 @@ def _timm_cfg(full: str) -> Any:
         return _timm().models.get_pretrained_cfg(full)
     except RuntimeError:  # "Invalid pretrained tag"
         return None
+
+
+def _timm_weights_file(cfg: dict[str, Any]) -> Path | None:
+    """The local file timm just loaded a model's pretrained weights from: the Hugging Face cache's
+    (safetensors first, as timm prefers them), else torch.hub's download of its URL; None if
+    neither is found (a custom cache folder)."""
+    import os
+
+    repo = cfg.get("hf_hub_id")
+    if repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        f = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+        safe = {"pytorch_model.bin": "model.safetensors",
+                "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(f, f.removesuffix(".bin") + ".safetensors")
+        for name in dict.fromkeys((safe, f)):  # timm's order (timm.models._hub.load_state_dict_from_hf)
+            hit = try_to_load_from_cache(repo.partition("@")[0], name, revision=repo.partition("@")[2] or None)
+            if isinstance(hit, str):
+                return Path(hit)
+    url = cfg.get("url")
+    if url:
+        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+        if p.is_file():
+            return p
+    return None
 
 
 def _hub_cached(cfg: Any) -> bool:

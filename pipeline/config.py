@@ -90,15 +90,18 @@ class FrameOverrides:
         return dataclasses.asdict(self)
 
 
+PUBLISHED = ("torchvision", "timm")  # weights sources that name published weights by their tag
+
+
 @dataclass(frozen=True)
 class WeightsIdentity:
     """What a backbone's weights are, stored with every cache and checkpoint.
 
     ``source``: ``torchvision`` (``name`` = the weight enum, e.g. ``IMAGENET1K_V2``), ``timm``
-    (``name`` = the pretrained tag), ``file`` / ``recalibrated`` / ``random_init`` (``sha256`` of
-    the file; the last two saved by ``--weights none``), ``random``,
-    ``end_to_end``. Two identities match when their file hashes match (a file that moved is still
-    the same weights), or else their source and name.
+    (``name`` = the pretrained tag, e.g. ``a1_in1k``, ``sha256`` of the file timm loaded), ``file`` /
+    ``recalibrated`` / ``random_init`` (``sha256`` of the file; the last two saved by ``--weights
+    none``), ``random``, ``end_to_end``. Two identities match when their file hashes match (a file
+    that moved is still the same weights), or else, where one has no hash, their source and name.
     """
 
     source: str
@@ -107,8 +110,12 @@ class WeightsIdentity:
     path: str | None = None
 
     def matches(self, other: WeightsIdentity) -> bool:
-        if self.sha256 or other.sha256:
+        if self.sha256 and other.sha256:
             return self.sha256 == other.sha256
+        if self.source in PUBLISHED and self.name:  # published weights by tag: one side may not have hashed its file
+            return (self.source, self.name) == (other.source, other.name)
+        if self.sha256 or other.sha256:
+            return False
         return (self.source, self.name) == (other.source, other.name)
 
     def describe(self) -> str:
@@ -121,7 +128,12 @@ class WeightsIdentity:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeightsIdentity:
-        return cls(source=d["source"], name=d.get("name"), sha256=d.get("sha256"), path=d.get("path"))
+        name = d.get("name")
+        if d["source"] == "timm" and name and ("/" in name or "." in name):
+            # Written before 1 Dec 2026: the hub id ("timm/resnet18.a1_in1k") or "<arch>.<tag>"; the tag is
+            # what the weights are asked for by (timm tags hold no dot).
+            name = name.rsplit("/", 1)[-1].split(".", 1)[-1]
+        return cls(source=d["source"], name=name, sha256=d.get("sha256"), path=d.get("path"))
 
 
 def _show(v: Any) -> str:

@@ -8,6 +8,7 @@ sampling (seq-len, eval clips). ``evaluate``, ``predict``, ``finetune-end-to-end
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from .config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .errors import CacheError, ConfigError, WeightsError
 from .files import sha256_file
 from .heads import HeadConfig, build_head
+
+log = logging.getLogger(__name__)
 
 TRAINED_KINDS = ("temporal", "end_to_end")
 
@@ -81,7 +84,12 @@ class Model:
             return bb
         ident = prov.weights
         if ident.source in ("torchvision", "timm") and weights is None:
-            return create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
+            bb = create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
+            if ident.sha256 and bb.weights.sha256 and bb.weights.sha256 != ident.sha256:
+                raise WeightsError(f"{prov.backbone} weights {ident.name} are another file now (sha256 "
+                                   f"{bb.weights.sha256[:12]}... != {ident.sha256[:12]}...) than the features of "
+                                   f"{self.path} were made with; pass that file as --weights PATH")
+            return bb
         if ident.source == "random":
             raise WeightsError(f"{self.path} was trained on features of an uncalibrated random backbone")
         if weights is not None and str(weights).lower() in ("none", "imagenet", "default"):
@@ -102,6 +110,9 @@ class Model:
         if want and not got.startswith(want):
             raise WeightsError(f"{path} is not the backbone this model was trained with (sha256 {got[:12]}... != "
                                f"{want[:12]}...)")
+        if not want:  # timm weights recorded before their file was hashed
+            log.warning("cannot check that %s holds the %s weights %s this model was trained with (no hash recorded): "
+                        "make sure it does", path, prov.backbone, ident.describe())
         return create_backbone(prov.backbone, str(path), input_size=prov.frame_spec.size)
 
 
@@ -122,6 +133,9 @@ def load_model(path: str | Path) -> Model:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: its weights do not fit its {cfg.arch} head "
                               f"({str(e).splitlines()[0][:120]})") from e
+    if len(ckpt["classes"]) != cfg.num_classes:
+        raise CheckpointError(f"{path} is damaged: it lists {len(ckpt['classes'])} classes for a head of "
+                              f"{cfg.num_classes} outputs")
     tc = ckpt.get("train_config", {})
     return Model(path=path, kind=ckpt["kind"], head=head.eval(), head_config=cfg, classes=list(ckpt["classes"]),
                  provenance=Provenance.from_dict({**ckpt["cache"], "classes": ckpt["cache"].get("classes",

@@ -277,6 +277,81 @@ def test_timm_local_file_loads_offline(tmp_path):
     assert bb.weights.source == "file" and bb.weights.sha256
 
 
+def _hub_cache(monkeypatch, root: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
+    """``state`` as the Hugging Face cache under ``root`` holds a download of ``repo``, used offline
+    (as after an earlier online run): timm loads it through its own hub code, nothing is mocked."""
+    import huggingface_hub.constants as C
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "snapshots" / commit / "model.safetensors"))
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return folder / "snapshots" / commit / "model.safetensors"
+
+
+def test_timm_pretrained_weights_round_trip_from_the_hub_cache(videos, tmp_path, monkeypatch):
+    """Published timm weights, as a user online gets them: the cache records the tag and the hash
+    of the file timm loaded; a head trained on it predicts from its checkpoint alone; a moved copy
+    passed as --weights PATH is checked against that hash; files that recorded the hub id (before
+    1 Dec 2026) still rebuild."""
+    import timm
+
+    from pipeline.config import WeightsIdentity
+    from pipeline.files import sha256_file
+    from pipeline.model import load_model
+
+    arch = TIMM_VIT.split(":")[1]
+    tag = "augreg_in21k_ft_in1k"
+    torch.manual_seed(3)
+    full = timm.create_model(arch, pretrained=False)  # the published file's layout: 224 px, with its classifier
+    file = _hub_cache(monkeypatch, tmp_path / "hub", f"timm/{arch}.{tag}", full.state_dict())
+
+    out = tmp_path / "f.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm resamples the position embedding to 32 px
+        r = extract_features(ExtractConfig(dataset=DatasetSpec(str(videos)), output=str(out), backbone=TIMM_VIT,
+                                           weights="imagenet", frame_overrides=FrameOverrides(size=S), batch_size=8,
+                                           workers=0), progress=False)
+    assert r.weights == WeightsIdentity(source="timm", name=tag, sha256=sha256_file(file))
+    train_temporal(TemporalConfig(cache=str(out), out=str(tmp_path / "run"), hidden=8, epochs=1, seq_len=4,
+                                  device="cpu"), progress=False)
+    ckpt = tmp_path / "run" / "best.pt"
+    ev = evaluate_checkpoint(ckpt, out, "test", device="cpu")
+    preds = Predictor(ckpt, device="cpu", batch_size=8, workers=0).predict([videos / v for v in ev.videos],
+                                                                          progress=False)
+    for p, want in zip(preds, ev.probs):
+        assert p.error is None
+        np.testing.assert_allclose(p.probs, want, rtol=0, atol=1e-6)
+
+    model = load_model(ckpt)
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model(arch, pretrained=False).state_dict(), str(other))
+    with pytest.raises(WeightsError, match=r"other\.safetensors is not the backbone this model was trained with"):
+        model.backbone(other)
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(file.read_bytes())
+    assert model.backbone(moved).weights.sha256 == r.weights.sha256
+
+    # The published file changed since: rebuilding by its tag is refused, naming the way out.
+    save_file(timm.create_model(arch, pretrained=False).state_dict(), str(file))
+    with pytest.raises(WeightsError, match=rf"weights {tag} are another file now .* pass that file as --weights PATH"):
+        model.backbone()
+    file.write_bytes(moved.read_bytes())
+
+    # Written before: the hub id as the name, no hash. Read as the tag; it matches today's identity.
+    old = WeightsIdentity.from_dict({"source": "timm", "name": f"timm/{arch}.{tag}", "sha256": None, "path": None})
+    assert old.name == tag and old.matches(r.weights) and r.weights.matches(old)
+    assert not WeightsIdentity(source="timm", name="other_tag").matches(r.weights)
+
+
 def test_offline_downloads_name_the_file(monkeypatch, tmp_path):
     """No network (this machine has none; the test makes sure of it): one line naming the file."""
     import urllib.error
@@ -364,6 +439,24 @@ def test_checkpoint_rebuilds_named_weights_at_the_recorded_size(name, tag, tmp_p
         assert asked[-1] == (name, str(tmp_path / "r18.pt"), S)
     with pytest.raises(ConfigError, match=r"records its backbone weights .*: drop --weights imagenet"):
         model.backbone("imagenet")
+
+
+def test_checkpoint_with_more_classes_than_head_outputs_is_refused(tmp_path):
+    """A damaged checkpoint whose class list does not fit its head would mislabel every video."""
+    from pipeline.checkpoint import CheckpointError, save_checkpoint
+    from pipeline.config import FrameSelection, Provenance, WeightsIdentity
+    from pipeline.model import load_model
+
+    spec = FrameSpec(size=S)
+    prov = Provenance(backbone="resnet18", weights=WeightsIdentity(source="torchvision", name="IMAGENET1K_V1"),
+                      frame_spec=spec, selection=FrameSelection(), feature_dim=512, classes=("a", "b", "c"))
+    head_cfg = HeadConfig(num_classes=2, input_dim=512, hidden=8)
+    save_checkpoint(tmp_path / "best.pt", {"kind": "temporal", "model_config": head_cfg.to_dict(),
+                                           "model_state": build_head(head_cfg).state_dict(), "train_config": {},
+                                           "frame_spec": spec.to_dict(), "classes": ["a", "b", "c"],
+                                           "cache": prov.to_dict(), "epoch": 1, "metrics": {}})
+    with pytest.raises(CheckpointError, match=r"best\.pt is damaged: it lists 3 classes for a head of 2 outputs"):
+        load_model(tmp_path / "best.pt")
 
 
 # ------------------------------------------------------------------- files of the last schema
