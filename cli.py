@@ -560,6 +560,9 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
               help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="With --live: seconds a network source may stall before it counts as lost.")
+@click.option("--folder-fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Frame rate of frame-folder INPUTs (the rate they were extracted at): their timeline's seconds, "
+                   "and needed where the model keeps a set frame rate.  [default: the one the model was trained with]")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if the one recorded in the checkpoint has moved (sha256 must match).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -572,8 +575,8 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
 @click.pass_context
 def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runtime: str, top_k: int, as_json: bool,
                 window: int | None, stride: int | None, plot: Path | None, live_source: str | None, realtime: bool,
-                reconnect: bool, timeout: float, weights: Path | None, batch_size: int, workers: int | None,
-                threads: int | None, device: str, no_progress: bool) -> None:
+                reconnect: bool, timeout: float, folder_fps: float | None, weights: Path | None, batch_size: int,
+                workers: int | None, threads: int | None, device: str, no_progress: bool) -> None:
     """Label videos (files, frame folders, or folders of them) or a live source with a trained model:
     a checkpoint (torch) or an exported .onnx (onnxruntime)."""
     import json
@@ -590,6 +593,8 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
         if ctx.get_parameter_source("top_k") == click.core.ParameterSource.COMMANDLINE:
             raise click.BadParameter("--top-k is for INPUTs: a live window reports its top label and probability",
                                      param_hint="--top-k")
+        if folder_fps is not None:
+            raise click.BadParameter("--folder-fps is for frame-folder INPUTs, not --live", param_hint="--folder-fps")
     else:
         if not inputs:
             raise click.UsageError("give at least one INPUT (a video, a frame folder, a folder of them) or --live SOURCE")
@@ -609,7 +614,7 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
         ctx.call_on_close(functools.partial(torch.set_num_threads, torch.get_num_threads()))  # back as it was
         torch.set_num_threads(threads)  # onnxruntime's sessions take the same count
     predictor = Predictor(model, runtime=runtime, weights=weights, device=device, batch_size=batch_size,
-                          workers=workers, threads=threads)
+                          workers=workers, threads=threads, folder_fps=folder_fps)
     if live_source is not None:
         _predict_live(ctx, predictor, live_source, as_json=as_json, window=window, stride=stride, realtime=realtime,
                       reconnect=reconnect, timeout=timeout)

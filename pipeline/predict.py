@@ -14,6 +14,7 @@ timeline and JSON are shared. ``LiveRun`` labels a live source window by window 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -194,7 +195,12 @@ class TorchClassifier(Classifier):
         self.spec, self.selection = prov.frame_spec, prov.selection
         self.seq_len, self.eval_clips, self.dtype = self.model.seq_len, self.model.eval_clips, prov.dtype
         self.device = resolve_device(device)
-        self.amp = resolve_precision(_precision_name(prov.precision), self.device)
+        precision = _precision_name(prov.precision)
+        if precision == "fp16" and self.device.type != "cuda":  # extracted on a GPU, predicted on a CPU
+            log.warning("the features %s was trained on were computed in float16 on a GPU; on the CPU the backbone "
+                        "runs in float32 (results differ by float16 rounding)", Path(checkpoint).name)
+            precision = "fp32"
+        self.amp = resolve_precision(precision, self.device)
         self.backbone = FrozenBackbone(self.model.backbone(weights).net.to(self.device).eval(), self.spec, copy=False)
         self.head = self.model.head.to(self.device).eval()
 
@@ -298,12 +304,14 @@ class Predictor:
 
     def __init__(self, model: str | Path, *, runtime: str = "auto", weights: str | Path | None = None,
                  device: str = "auto", batch_size: int = 64, workers: int | None = None,
-                 chunk_frames: int = 64, threads: int | None = None) -> None:
+                 chunk_frames: int = 64, threads: int | None = None, folder_fps: float | None = None) -> None:
         self.classifier = open_classifier(model, runtime=runtime, weights=weights, device=device, threads=threads)
         c = self.classifier
         self.classes: list[str] = c.classes
         self.spec, self.selection, self.seq_len, self.eval_clips, self.dtype = (
             c.spec, c.selection, c.seq_len, c.eval_clips, c.dtype)
+        if folder_fps is not None:  # the rate of the frame folders given to predict, not those trained on
+            self.selection = dataclasses.replace(self.selection, folder_fps=folder_fps)
         self.device, self.amp = c.device, c.amp
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.workers = default_workers(self.device) if workers is None else workers
@@ -345,6 +353,11 @@ class Predictor:
                 stride: int | None = None, progress: bool = True) -> list[Prediction]:
         _check_window(window, stride)
         videos, errors = find_inputs(inputs)
+        folder = next((p for p, kind in videos if kind == "frames"), None)
+        if folder is not None and self.selection.fps is not None and self.selection.folder_fps is None:
+            raise ConfigError(f"this model keeps {self.selection.fps:g} frames/s, so frame folders such as {folder} "
+                              "need their frame rate: add --folder-fps (the rate they were extracted at, e.g. 30 "
+                              "for HMDB51, 25 for UCF101)")
         results: dict[int, Prediction] = {}
         k = min(top_k, len(self.classes))
         for pos, feats, idx, fps, err in self.features(videos, progress=progress):

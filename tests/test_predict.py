@@ -147,6 +147,47 @@ def test_moved_weights_need_matching_sha(trained, tmp_path, weights_file):
         Predictor(tmp_path / "ckpt.pt", device="cpu", weights=tmp_path)
 
 
+def test_float16_features_predict_on_cpu_in_float32(trained, tmp_path, caplog):
+    """A cache extracted in float16 on a GPU: its head still labels videos on a CPU (float16 autocast
+    is for CUDA), with the backbone in float32 and a warning saying so."""
+    root, _, ckpt = trained
+    ck = torch.load(ckpt, weights_only=True)
+    ck["cache"]["precision"] = "float16"
+    torch.save(ck, tmp_path / "fp16.pt")
+    videos = [root / "test" / "a" / "atest0", root / "test" / "b" / "btest1.mkv"]
+    want = Predictor(ckpt, device="cpu", workers=0).predict(videos, progress=False)
+    got = Predictor(tmp_path / "fp16.pt", device="cpu", workers=0).predict(videos, progress=False)
+    assert "computed in float16 on a GPU; on the CPU the backbone runs in float32" in caplog.text
+    for g, w in zip(got, want):
+        assert g.error is None and np.array_equal(g.probs, w.probs)
+
+
+def test_frame_folders_for_a_model_that_keeps_a_frame_rate(trained, tmp_path):
+    """A model trained with --fps on video files keeps a set frame rate: a frame folder given to
+    predict needs its own rate, asked for up front in one line (before any work, so no result is
+    lost); --folder-fps gives it, and the timeline's seconds follow it."""
+    root, _, ckpt = trained
+    ck = torch.load(ckpt, weights_only=True)
+    ck["cache"]["selection"]["fps"] = 5.0
+    torch.save(ck, tmp_path / "fps.pt")
+    folder, video = root / "test" / "a" / "atest0", root / "test" / "b" / "btest1.mkv"  # 13 frames; 20 at 10 fps
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "fps.pt"), str(video), str(folder), "--workers", "0",
+                                  "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip() == (f"error: this model keeps 5 frames/s, so frame folders such as {folder} need their "
+                                "frame rate: add --folder-fps (the rate they were extracted at, e.g. 30 for HMDB51, "
+                                "25 for UCF101)")
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "fps.pt"), str(video), str(folder), "--folder-fps", "10",
+                                  "--window", "2", "--json", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.stderr
+    out = {Path(p["input"]).name: p for p in json.loads(r.stdout)}
+    f, v = out[folder.name], out[video.name]
+    assert f["fps"] == 10 and (f["frames"], v["frames"]) == (7, 10)  # every other frame of 13 and 20 at 10 fps
+    assert [(w["start_frame"], w["start_time"]) for w in f["windows"]][:2] == [(0, 0.0), (4, 0.4)]
+    r = CliRunner().invoke(main, ["predict", str(ckpt), "--live", str(video), "--folder-fps", "10"])
+    assert r.exit_code == 2 and "--folder-fps is for frame-folder INPUTs, not --live" in r.stderr
+
+
 def _peak_rss_mb(args: list[str]) -> float:
     code = ("import resource, runpy, sys; sys.argv = ['cli.py'] + sys.argv[1:]\n"
             "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
