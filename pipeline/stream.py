@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SourceKind = Literal["device", "url", "file"]
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _NEEDS_SEEK = (".mp4", ".mov", ".m4v", ".3gp")
+MAX_GAP = 60.0  # seconds: a longer step ahead in a source's timestamps is a jump of its clock, not a pause
 
 
 class StreamFrame(NamedTuple):
@@ -54,6 +55,7 @@ class StreamStats:
     kept: int = 0  # frames the selection kept (queued)
     dropped: int = 0  # kept frames evicted from a full queue before the consumer took them
     reconnects: int = 0
+    jumps: int = 0  # jumps of the source's timestamps, bridged (see ``LiveStream._read``)
 
 
 def source_kind(source: str) -> SourceKind:
@@ -197,7 +199,7 @@ class LiveStream:
         self._omp = threads_per_thread()
         self._t_start: float | None = None  # wall clock of the stream's first frame
         self._last_time: float | None = None  # time of the last kept frame
-        if not reconnect:
+        if not reconnect or self.kind == "file":  # a missing file does not come back by retrying
             self._first = _open(source, self.kind, timeout)  # fail at once, in the caller's thread
             self.fps = _rate(self._first[1])
 
@@ -282,6 +284,9 @@ class LiveStream:
                 if not self._retry(attempt, why):
                     return
                 attempt += 1
+        except Exception as e:  # noqa: BLE001 - a bug here must end the run as an error, not as "stopped"
+            log.debug("live reader failed", exc_info=True)
+            self.ended, self.error = "lost", f"live source {self.source}: the reader failed ({type(e).__name__}: {e})"
         finally:
             self._queue.finish()
 
@@ -300,16 +305,21 @@ class LiveStream:
 
     def _read(self, container, stream) -> None:
         """Decode until the end of the source or a stop. Times continue over reconnections: a new
-        connection starts at the wall-clock time since the stream's first frame."""
+        connection starts at the wall-clock time since the stream's first frame. Within one, a jump
+        of the source's timestamps (back, or more than ``MAX_GAP`` ahead: joined recordings, a
+        camera that restarts its clock, a wrapped MPEG-TS clock) is taken as one frame period, so
+        times keep going forward and the frame selection keeps its rate."""
         stream.thread_type = "AUTO"
         selector = _Selector(self.selection)
+        period = 1.0 / (self.fps or 30.0)
         t0: float | None = None  # source time of this connection's first frame
         wall0 = offset = 0.0
+        shift, prev = 0.0, None  # added to t_src - t0 after jumps; the previous frame's time in this connection
         for frame in container.decode(stream):
             if self._stop.is_set():
                 return
             now = time.perf_counter()
-            t_src = float(frame.time) if frame.time is not None else self.stats.read / (self.fps or 30.0)
+            t_src = float(frame.time) if frame.time is not None else self.stats.read * period
             if t0 is None:
                 t0, wall0 = t_src, now
                 if self._t_start is None:
@@ -317,20 +327,29 @@ class LiveStream:
                 # after a reconnection: the time since the first frame, and never before the last one
                 offset = now - self._t_start
                 if self._last_time is not None:
-                    offset = max(offset, self._last_time + 1.0 / (self.fps or 30.0))
+                    offset = max(offset, self._last_time + period)
+            local = t_src - t0 + shift
+            if prev is not None and not prev - period / 2 <= local <= prev + MAX_GAP:
+                (log.warning if not self.stats.jumps else log.debug)(
+                    "live source %s: its timestamps jumped from %.2f s to %.2f s (joined recordings or a restarted "
+                    "clock?); times go on from the last frame", self.source, prev + t0 - shift, t_src)
+                self.stats.jumps += 1
+                shift += prev + period - local
+                local = prev + period
+            prev = local
             if self.realtime:  # release the frame when its time has come
-                due = wall0 + (t_src - t0)
+                due = wall0 + local
                 if due > now and self._stop.wait(due - now):
                     return
             released = time.perf_counter()
             index = self.stats.read
             self.stats.read += 1
-            if not selector.keep(t_src - t0):
+            if not selector.keep(local):
                 continue
             rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
             image = self.transform(rgb) if self.transform is not None else rgb
             self.stats.kept += 1
-            self._last_time = t = offset + max(0.0, t_src - t0)
+            self._last_time = t = offset + max(0.0, local)
             self._queue.put(StreamFrame(image, t, index, released), self._stop)
 
 

@@ -23,6 +23,7 @@ from pipeline.config import FrameSelection
 from pipeline.data import apply_selection
 from pipeline.demo import write_video
 from pipeline.predict import Predictor
+from pipeline.errors import StreamError
 from pipeline.stream import LiveStream, _Selector
 
 pytest.importorskip("onnxruntime")
@@ -274,6 +275,47 @@ def test_reconnect_with_backoff(server):
     assert [f.index for f in frames] == sorted({f.index for f in frames})
     times = [f.time for f in frames]
     assert all(b > a for a, b in zip(times, times[1:]))
+
+
+def test_joined_recordings_keep_time_going_forward(tmp_path, caplog):
+    """Two MPEG-TS recordings joined into one file (as `cat a.ts b.ts` or a camera that restarts
+    its clock gives): the second one's timestamps start over. Times go on forward, one frame
+    period across the seam, with one warning, and --fps keeps its rate over both halves (the
+    second half was lost before: 25 of 50 frames kept at 5 frames/s)."""
+    rng = np.random.default_rng(3)
+    a = write_ts(tmp_path / "a.ts", rand_frames(rng, 50), fps=10).read_bytes()
+    b = write_ts(tmp_path / "b.ts", rand_frames(rng, 50), fps=10).read_bytes()
+    (tmp_path / "ab.ts").write_bytes(a + b)
+    for sel, kept in ((FrameSelection(), 100), (FrameSelection(fps=5.0), 50)):
+        stream = LiveStream(str(tmp_path / "ab.ts"), selection=sel, transform=lambda f: f[:, :2, :2])
+        with stream:
+            frames = list(stream)
+        times = np.array([f.time for f in frames])
+        assert stream.stats.read == 100 and len(frames) == kept and stream.stats.jumps == 1, sel
+        np.testing.assert_allclose(np.diff(times), 10 / kept, atol=1e-6)  # evenly spaced, across the seam too
+    assert caplog.text.count("its timestamps jumped from") == 2  # once per stream
+
+
+def test_reconnect_does_not_retry_a_missing_file(tmp_path):
+    with pytest.raises(StreamError, match=f"live source {tmp_path / 'none.ts'}: no such file"):
+        LiveStream(str(tmp_path / "none.ts"), reconnect=True, backoff=0.01)
+
+
+def test_a_failing_reader_ends_the_stream_as_an_error(monkeypatch):
+    """An unexpected error in the reader thread (here: opening raises what no source error is)
+    ends the run as lost with that error, not as a quiet stop (exit 0)."""
+    import pipeline.stream as S
+
+    def broken(*a):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(S, "_open", broken)
+    source = f"http://127.0.0.1:{_free_port()}/clip.ts"
+    stream = LiveStream(source, reconnect=True, backoff=0.01)
+    with stream:
+        assert list(stream) == []
+    assert stream.ended == "lost"
+    assert stream.error == f"live source {source}: the reader failed (ZeroDivisionError: division by zero)"
 
 
 def test_stream_selection_is_the_file_selection():
