@@ -286,6 +286,9 @@ def _export_once(module: nn.Module, example: torch.Tensor, name: str, out: str, 
     return model
 
 
+MERGED_TOL = 1e-2  # the whole graph against the model, in probability: its parts were each checked closer
+
+
 def _check(model: Any, module: nn.Module, name: str, probes: list[torch.Tensor], tol: float) -> float:
     """Max |onnxruntime − torch| over ``probes``; raises on a wrong shape or a relative error
     (‖got − want‖ / ‖want‖) above ``tol``. The check is for wrong graphs (a fixed axis, a lost
@@ -407,6 +410,9 @@ def export_model(cfg: ExportConfig) -> ExportResult:
         want = full(probe).numpy()
     got = ort_session(proto).run(None, {name: probe.numpy()})[0]
     max_diff = float(np.abs(got - want).max())
+    if not max_diff <= MERGED_TOL:  # each part passed its check: this would be a wrong join of the two
+        raise ExportError(f"the exported graph's probabilities differ from the model's by {max_diff:.3g} "
+                          f"(more than {MERGED_TOL:g}); nothing was written to {out}")
 
     meta = OnnxMeta(
         graph="head" if cfg.head_only else "full", classes=tuple(model.classes), frame_spec=spec,

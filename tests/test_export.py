@@ -180,6 +180,30 @@ def test_unexportable_head_names_the_part(monkeypatch, tmp_path):
     assert "legacy exporter:" in line and not (tmp_path / "svd.onnx").exists()
 
 
+def test_a_wrong_join_of_the_parts_is_refused(resnet_checkpoint, tmp_path, monkeypatch):
+    """Each part passes its own check; the joined graph is checked against the model too, so a join
+    that wires them wrong (here: the head's weights altered on the way) writes nothing."""
+    import onnx.numpy_helper as nh
+
+    import pipeline.export as E
+
+    join = E._merge
+
+    def wrong_join(backbone, head):
+        merged = join(backbone, head)
+        for t in merged.graph.initializer:
+            if t.name.startswith("head/") and t.data_type == 1 and len(t.dims) == 2:  # float matrices
+                t.CopyFrom(nh.from_array(nh.to_array(t) * 50 + 1, t.name))
+        return merged
+
+    monkeypatch.setattr(E, "_merge", wrong_join)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=rf"^the exported graph's probabilities differ from the model's by .* "
+                                          rf"\(more than 0\.01\); nothing was written to {out}$"):
+        export_model(ExportConfig(checkpoint=str(resnet_checkpoint), out=str(out), exporter="legacy"))
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- predict --runtime onnx
 
 
