@@ -286,7 +286,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
               help="Uniform clips per video averaged at evaluation.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
@@ -751,7 +751,7 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--trainable-blocks", type=click.IntRange(0), default=None,
               help="Train only the last N blocks of the backbone (list-backbones --blocks NAME shows them).  "
                    "[default: all]")
-@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[default: --lr / 10]")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="[default: --lr / 10]")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute trainable blocks in backward: less memory.")
 @click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
 @HEAD_OPTIONS
@@ -760,7 +760,7 @@ def _check_plot_path(plot: Path) -> None:
 @click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Clips per batch (per process).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="DataLoader worker processes.  [default: CPU cores - 1, at most 8]")
 @click.option("--seed", type=int, default=0, show_default=True)

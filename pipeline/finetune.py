@@ -40,7 +40,7 @@ from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import RunDir, check_resume_epochs, check_resume_options
-from .train import TrainingError, TrainResult, check_classes, cosine_schedule, resolve_splits
+from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
 from .run import summary
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                             desc=f"epoch {epoch}/{cfg.epochs}", progress=progress and info.is_main)
         except FloatingPointError as e:
             raise TrainingError(f"epoch {epoch}: {e}; likely cause: learning rate too high (--lr {cfg.lr}, "
-                                f"--backbone-lr {cfg.backbone_lr}); best.pt is kept as it was") from None
+                                f"--backbone-lr {cfg.backbone_lr}); {best_kept_note(out)}") from None
         loss_sum, correct, count = D.all_reduce_sum([r["loss_sum"], r["correct"], r["count"]], info)
         train_s = time.perf_counter() - t0
         D.broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics

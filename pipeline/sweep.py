@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TRAIN_SAMPLERS, TemporalConfig
+from .config import TRAIN_SAMPLERS, Provenance, TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_dir, exclusive
@@ -181,12 +181,16 @@ def planned_trial_epochs(n: int, ends: list[int], eta: int) -> int:
     return total
 
 
-def _spec_hash(cfg: SweepConfig, data_validation: dict[str, Any]) -> str:
+def _spec_hashes(cfg: SweepConfig, data_validation: dict[str, Any]) -> tuple[str, str]:
+    """The hash of what a sweep's results depend on, and the one sweeps before 1 Dec 2026 saved
+    (which also hashed the --out path, so a copied sweep folder could not resume)."""
     spec = {**cfg.to_dict(), "validation": data_validation}
-    # Where the splits live (memory or lazy) and on which device do not change a trial's result.
-    spec["base"] = {k: v for k, v in spec["base"].items()
-                    if k not in ("resume", "overwrite", "device", "load", "memory_budget")}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # Where the splits live (memory or lazy), on which device and in which folder do not change a
+    # trial's result. What the cache holds is checked on its own (``_load_state``).
+    base = {k: v for k, v in spec["base"].items() if k not in ("resume", "overwrite", "device", "load", "memory_budget")}
+    digest = lambda d: hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]  # noqa: E731
+    return (digest({**spec, "base": {k: v for k, v in base.items() if k != "out"}}),
+            digest({**spec, "base": base}))
 
 
 STATE_FILE = "sweep_state.pt"
@@ -250,13 +254,13 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     out = Path(base.out)
     trials = expand_grid(cfg)
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
-    spec = _spec_hash(cfg, data.validation)
+    spec, legacy_spec = _spec_hashes(cfg, data.validation)
     state_path = out / STATE_FILE
     for t in trials:  # every trial's head is checked before --overwrite removes anything
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
-    state = _load_state(state_path, spec) if state_path.exists() else None
+    state = _load_state(state_path, (spec, legacy_spec), data.provenance) if state_path.exists() else None
     if state is None and (out / "best.pt").exists():
         raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "
                           "or another --out")
@@ -311,6 +315,9 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
                 results = evaluate_heads([t.trainer.model for t in group], data.val, seq_len=seq_len, num_clips=clips,
                                          amp_dtype=amp)
                 for t, (probs, loss) in zip(group, results):
+                    if not math.isfinite(loss):  # weights gone non-finite in the last step: not a model to pick
+                        t.trainer.failed = t.trainer.failed or f"validation loss became {loss} in epoch {epoch}"
+                        continue
                     _record(t, epoch, classification_metrics(probs, val_labels, loss), data, train_s / len(running))
             for t in running:
                 if t.trainer.failed is not None and t.status == "running":
@@ -322,7 +329,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             # (every running head with its optimiser), and a resumed sweep replays the epochs since
             # the last one exactly (batches and dropout are seeded per epoch).
             if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
-                _save_state(state_path, spec, epoch, trials)
+                _save_state(state_path, spec, data.provenance, epoch, trials)
                 last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
@@ -415,10 +422,11 @@ def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, A
     return rows
 
 
-def _save_state(path: Path, spec: str, epoch: int, trials: list[Trial]) -> None:
+def _save_state(path: Path, spec: str, provenance: Provenance, epoch: int, trials: list[Trial]) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
-    schedule, the others with their records only."""
-    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "epoch": epoch, "trials": {}, "trainers": {}}
+    schedule, the others with their records only; and what the cache held."""
+    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": provenance.to_dict(), "epoch": epoch,
+                             "trials": {}, "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
                                  "stopped_at": t.stopped_at, "failed": t.failed}
@@ -429,13 +437,19 @@ def _save_state(path: Path, spec: str, epoch: int, trials: list[Trial]) -> None:
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
 
 
-def _load_state(path: Path, spec: str) -> dict[str, Any] | None:
+def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance) -> dict[str, Any] | None:
+    """The saved sweep, if it is this one: the same spec, run on a cache that holds the same
+    features (a cache file replaced under the same name would mix two kinds of features)."""
     from .checkpoint import safe_load
 
     state = safe_load(path, ConfigError, "sweep state")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ConfigError(f"{path} is not a sweep state this version can resume; use --overwrite to start over")
-    if state["spec"] != spec:
+    diff = Provenance.from_dict(state["cache"]).mismatch(provenance) if "cache" in state else None
+    if diff:
+        raise ConfigError(f"{path.parent} holds a sweep on other features than the cache has now ({diff}); "
+                          "resume it on the cache it ran on, or use --overwrite to start over")
+    if state["spec"] not in specs:
         raise ConfigError(f"{path.parent} holds a sweep of another grid, cache or options; rerun with the same "
                           "options to resume it, or --overwrite to start over")
     return state

@@ -58,6 +58,11 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
+def best_kept_note(out: Path) -> str:
+    """The end of a message for a run stopped by a non-finite loss: what it leaves as its model."""
+    return "best.pt is kept as it was" if (out / "best.pt").is_file() else "no epoch finished, so there is no best.pt"
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_epochs`` (at least one step), then cosine decay to zero at the
@@ -249,12 +254,12 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     start = 1
     ckpt = run.load_last("temporal")
     if ckpt is not None:
+        diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)  # first: it changes the model's input too
+        if diff:
+            raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
         if ckpt["model_config"] != head_cfg.to_dict():
             raise CheckpointError(f"{out / 'last.pt'} has model {ckpt['model_config']}, this run asks for "
                                   f"{head_cfg.to_dict()}; resume with the same options")
-        diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)
-        if diff:
-            raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
         now = cfg.to_dict()  # an option an older last.pt does not record is not compared
         check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,
                              ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",
@@ -295,12 +300,12 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
                                  desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
         except FloatingPointError as e:
             raise TrainingError(f"epoch {epoch}: {e}; likely cause: learning rate too high (--lr {cfg.lr}); "
-                                "best.pt is kept as it was") from None
+                                f"{best_kept_note(out)}") from None
         train_s = time.perf_counter() - t0
         probs, vloss = evaluate(model, val_bank, seq_len=cfg.seq_len, num_clips=cfg.eval_clips, amp_dtype=amp)
         m = classification_metrics(probs, val_labels, vloss)
         if not math.isfinite(vloss):
-            raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; best.pt is kept as it was")
+            raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; {best_kept_note(out)}")
         record, best, improved = run.record_epoch(
             common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train_bank),
             seconds=train_s, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history, best=best,

@@ -88,7 +88,9 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "--hidden (10) must be divisible by --num-heads (4)"),
                  (["--hidden", "-3"], "hidden must be >= 1, got -3"),
                  (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
-                 (["--lr", "0"], "lr must be > 0, got 0.0"),
+                 (["--lr", "0"], "lr must be > 0 and at most 1, got 0.0"),
+                 (["--lr", "inf"], "lr must be > 0 and at most 1, got inf"),
+                 (["--lr", "1e38"], "lr must be > 0 and at most 1, got 1e+38"),
                  (["--hidden", ""], "no values given"),
                  (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)")]
     for args, msg in bad_grids:
@@ -120,6 +122,58 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
         sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),), min_epochs=1,
                           overwrite=True), progress=False, on_epoch=stop)
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["sweep_state.pt", "trials"]
+
+
+def test_sweep_on_a_replaced_cache_is_refused_and_a_moved_folder_resumes(tmp_path):
+    """A sweep rerun (or resumed) after its cache file was replaced by one of other features would
+    report the new features' test numbers for trials trained on the old ones: refused, naming the
+    difference, with its files as they were. A sweep folder moved elsewhere resumes as it was."""
+    import shutil
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
+    cfg = SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),), min_epochs=1)
+    first = sweep(cfg, progress=False)
+    shutil.copytree(tmp_path / "sw", tmp_path / "moved")
+    kept = {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    separable_cache(cache, classes=3, per_class={"train": 8, "test": 3}, seed=1, dtype="float32")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'sw'} holds a sweep on other features than the cache has "
+                                          r'now \(feature dtype "float16" vs "float32"\); resume it on the cache it ran on'):
+        sweep(cfg, progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == kept
+    separable_cache(cache, classes=3, per_class={"train": 8, "test": 3})  # the same cache again
+    moved = sweep(SweepConfig(base=base(cache, tmp_path / "moved", epochs=2), grids=cfg.grids, min_epochs=1),
+                  progress=False)
+    assert moved.leaderboard == first.leaderboard and moved.test == first.test
+
+
+def test_a_trial_whose_weights_blow_up_in_its_last_step_fails(tmp_path, monkeypatch):
+    """Weights that went non-finite in an epoch's last step give a NaN validation loss (every
+    training loss was finite): that trial fails and is never picked or saved as the winner."""
+    import math
+
+    import pipeline.sweep as S
+
+    train = S.train_heads_one_epoch
+
+    victim = []
+
+    def last_step_blows_up(heads, *a, **k):
+        stats = train(heads, *a, **k)
+        victim[:] = victim or [max(heads, key=lambda h: sum(p.numel() for p in h.model.parameters()))]  # hidden 16
+        with torch.no_grad():
+            for p in victim[0].model.parameters():
+                p.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(S, "train_heads_one_epoch", last_step_blows_up)
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
+    r = sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),), min_epochs=2),
+              progress=False)
+    rows = {row["hidden"]: row for row in r.leaderboard}
+    assert rows[16]["status"] == "failed" and rows[16]["failed"] == "validation loss became nan in epoch 1"
+    assert r.winner["hidden"] == 8 and math.isfinite(r.winner["best_val_loss"])
+    assert all(torch.isfinite(v).all() for v in load_model(tmp_path / "sw" / "best.pt").head.state_dict().values()
+               if v.is_floating_point())
 
 
 def _sweep_cmd(cache: Path, out: Path) -> list[str]:

@@ -202,6 +202,8 @@ def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
     with pytest.raises(TrainingError, match=r"epoch 2: loss became nan .*learning rate too high .*best.pt is kept"):
         train_temporal(cfg(cache, out, epochs=3, resume=True), progress=False)
+    with pytest.raises(TrainingError, match=r"epoch 1: loss became nan .*; no epoch finished, so there is no best.pt$"):
+        train_temporal(cfg(cache, tmp_path / "new", epochs=1), progress=False)  # not "kept": there is none
     monkeypatch.undo()
     with h5py.File(cache, "r+") as f:
         f["train/features"][5, 3] = np.nan
@@ -355,6 +357,9 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
         train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.4, resume=True), progress=False)
     with pytest.raises(CheckpointError, match="trained on another cache .feature dtype"):
         train_temporal(cfg(b, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
+    c = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3}, dim=16)
+    with pytest.raises(CheckpointError, match="trained on another cache .feature dim"):  # not "the same options"
+        train_temporal(cfg(c, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     r = train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
     # a run whose last.pt is gone, or is a copy of best.pt: refused, never restarted over best.pt;
