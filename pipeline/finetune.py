@@ -30,7 +30,7 @@ from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import Video, carve_validation, index_dataset, read_frames, selected_positions
+from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some
 from .engine import train_steps
 from .errors import ConfigError, DataError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
@@ -236,6 +236,30 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection
 
 
+def _init_carve_seed(cfg: FinetuneConfig, init: Model) -> int:
+    """The seed of this run's validation carve when it starts from ``--init``: the one the --init
+    run carved with, so both hold out the same videos (its --seed may differ: it seeds training).
+    A carve that would hold out videos the --init head was trained on is refused: the best epoch
+    would be picked on videos the model has seen."""
+    iv = init.ckpt.get("validation")
+    if iv is None:  # not recorded by older checkpoints: nothing to compare
+        return cfg.seed
+    if iv.get("kind") == "split":
+        raise ConfigError(f"--init {cfg.init} was validated on split {iv.get('split')!r}, so its head was trained on "
+                          f"every video of {cfg.train_split!r}: a validation set carved from it would pick the best "
+                          "epoch on videos the model has seen; name a validation split with --val-split")
+    ours = (cfg.train_split, cfg.val_fraction, cfg.group_pattern)
+    theirs = (iv.get("from"), iv.get("fraction"), iv.get("group_pattern"))
+    if ours != theirs:
+        pattern = f" --group-pattern {theirs[2]!r}" if theirs[2] else ""
+        raise ConfigError(f"--init {cfg.init} was validated on videos carved from {theirs[0]!r} with --val-fraction "
+                          f"{theirs[1]}{pattern}; this run's carve would hold out videos its head was trained on, "
+                          f"and pick the best epoch on them: use --val-fraction {theirs[1]}{pattern}"
+                          f"{'' if theirs[0] == cfg.train_split else f' --train-split {theirs[0]}'}, or name a "
+                          "validation split with --val-split")
+    return int(iv.get("seed", cfg.seed))
+
+
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
              on_epoch: Callable[[dict[str, Any]], None] | None = None,
              on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
@@ -284,19 +308,24 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                   {s: [v.label for v in index.videos(s)] for s in (cfg.train_split, val_split, test_split) if s},
                   f"{cfg.dataset.root}", DataError)
     train_videos = index.videos(cfg.train_split)
+    init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     if val_split is None:  # carved from train by whole source videos, as stage two does
+        seed = _init_carve_seed(cfg, init) if init is not None else cfg.seed
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
-                                seed=cfg.seed, pattern=cfg.group_pattern)
+                                seed=seed, pattern=cfg.group_pattern)
         val_videos = [v for v, m in zip(train_videos, mask) if m]
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
-        validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": cfg.seed,
+        validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
         val_name = f"{len(val_videos)} videos carved from {cfg.train_split!r}"
+        theirs = set((init.ckpt.get("validation") or {}).get("videos", ())) if init is not None else set()
+        if seen := [v.rel for v in val_videos if theirs and v.rel not in theirs]:  # its cache lacked some videos
+            log.warning("%d of the %d validation videos (%s) were not in the --init run's validation set: its head may "
+                        "have been trained on them", len(seen), len(val_videos), some(seen))
     else:
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
-    init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
     if init is not None:
@@ -363,6 +392,10 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
                               "augment"))
+        if ck.get("validation", validation) != validation:
+            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
+                                  "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
+                                  "the same data and options")
         check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs, ck["train_config"].get("epochs"))
         world = ck["train_config"].get("world_size", info.world)  # not recorded before: not compared
         if world != info.world:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -155,6 +156,49 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     with pytest.raises(ConfigError, match="other classes"):
         finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "y"),
                                 init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
+
+
+def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data, tmp_path, weights_file):
+    """Without a val split, finetune carves its validation set from train. Started from --init, it
+    must hold out the same videos the --init run held out: other ones were trained on by its head,
+    and the best epoch would be picked on them. The same carve with another --seed (which seeds the
+    training) holds out the same videos; another --val-fraction, or an --init validated on a split
+    (trained on all of train), is refused. --resume with another carve is refused too."""
+    only_train = DatasetSpec(str(colour_data), splits=("train",))
+    cache = tmp_path / "f.h5"
+    extract_features(ExtractConfig(dataset=only_train, output=str(cache), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8), progress=False)
+    train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "s2"), hidden=16, epochs=1, seq_len=4,
+                                  val_fraction=0.3, device="cpu"), progress=False)
+    s2_val = load_checkpoint(tmp_path / "s2" / "best.pt")["validation"]
+    assert s2_val["kind"] == "carved" and len(s2_val["videos"]) >= 3
+    still = dict(epochs=1, batch_size=6, workers=0, device="cpu", freeze_cnn=True, init=str(tmp_path / "s2" / "best.pt"))
+    finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "e2e"), val_fraction=0.3, seed=5, **still),
+             progress=False)
+    assert load_checkpoint(tmp_path / "e2e" / "best.pt")["validation"] == s2_val  # the same videos, seed and all
+    with pytest.raises(ConfigError, match=r"validated on videos carved from 'train' with --val-fraction 0\.3; this "
+                                          r"run's carve would hold out videos its head was trained on.*use "
+                                          r"--val-fraction 0\.3, or name a validation split with --val-split$"):
+        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "x"), val_fraction=0.5, **still), progress=False)
+    # an --init validated on the val split was trained on all of train: no carve of train is clean
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "full.h5"),
+                                   weights=str(weights_file), frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8),
+                     progress=False)
+    train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "s2v"), hidden=16, epochs=1,
+                                  seq_len=4, device="cpu"), progress=False)
+    with pytest.raises(ConfigError, match=r"was validated on split 'val', so its head was trained on every video of "
+                                          r"'train'.*name a validation split with --val-split$"):
+        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"),
+                                **{**still, "init": str(tmp_path / "s2v" / "best.pt")}), progress=False)
+    # --resume with another carve: the epochs so far were picked on other videos
+    from pipeline.checkpoint import CheckpointError
+
+    def carved(**kw) -> FinetuneConfig:
+        return dataclasses.replace(ft_cfg(colour_data, tmp_path / "run", weights_file, **kw), dataset=only_train)
+
+    finetune(carved(epochs=1), progress=False)
+    with pytest.raises(CheckpointError, match="was validated on other videos"):
+        finetune(carved(epochs=2, val_fraction=0.3, resume=True), progress=False)
 
 
 def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
