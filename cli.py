@@ -605,7 +605,7 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
-        _check_plot_path(plot)
+        _check_plot_path(plot, inputs)
     if threads is None and live_source is not None:
         # Files decode between batches (pipeline/extract.py); live frames must be decoded while the
         # model runs, and an OpenMP team that shares its cores with the reader stalls at every barrier.
@@ -714,10 +714,18 @@ def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | Non
         click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO  (or --live SOURCE)")
 
 
-def _check_plot_path(plot: Path) -> None:
-    """A plot path that can be written, in a format matplotlib knows; its folder is created."""
+def _check_plot_path(plot: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """A plot path that can be written, in a format matplotlib knows, and outside the ``inputs``
+    (a plot saved in a frame folder would replace a frame or add one); its folder is created."""
     from pipeline.files import ensure_dir
     from pipeline.report import _plt
+
+    where = plot.resolve()
+    for p in inputs:
+        if where == p.resolve() or p.resolve() in where.parents:
+            raise click.BadParameter(f"{plot} is {'in ' if where != p.resolve() else ''}the input {p}: the plot would "
+                                     f"{'add to or overwrite its frames' if p.is_dir() else 'overwrite it'}; save it "
+                                     "elsewhere", param_hint="--plot")
 
     fmt = plot.suffix.lstrip(".").lower()
     fig = _plt().figure()

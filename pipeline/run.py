@@ -63,10 +63,15 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png",
              "sweep_state.pt", "trials", "leaderboard.csv", "leaderboard.png", "sweep.json")
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run or sweep (train-temporal, finetune-end-to-end, sweep)."""
+    return any((folder / name).exists() for name in ("best.pt", "last.pt", "sweep_state.pt", "metrics.jsonl"))
+
+
 def remove_run_files(folder: Path) -> None:
     """Remove the files a run or sweep wrote in ``folder``, if it holds one: in ``tensorboard/``
     only the event files, in ``trials/`` only the trials' own files; a folder left empty goes."""
-    if not any((folder / name).exists() for name in ("best.pt", "last.pt", "sweep_state.pt", "metrics.jsonl")):
+    if not holds_run(folder):
         return
     for name in RUN_FILES:
         p = folder / name

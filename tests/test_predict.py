@@ -97,6 +97,24 @@ def test_windows_count_and_timestamps_json(trained, tmp_path):
     assert plot.stat().st_size > 1000
 
 
+def test_plot_path_inside_an_input_is_refused(trained, tmp_path):
+    """--plot into a frame folder would replace one of its frames (or add one): refused before any
+    work, the folder as it was."""
+    root, _, ckpt = trained
+    video = tmp_path / "vid"
+    shutil.copytree(root / "test" / "a" / "atest0", video)
+    before = {p.name: p.read_bytes() for p in video.iterdir()}
+    first = sorted(before)[0]
+    for plot, msg in ((video / first, f"is in the input {video}: the plot would add to or overwrite its frames"),
+                      (video / "timeline.png", f"is in the input {video}"),
+                      (root / "test" / "b" / "btest1.mkv", "is the input")):
+        inputs = [str(video), str(root / "test" / "b" / "btest1.mkv")]
+        r = CliRunner().invoke(main, ["predict", str(ckpt), *inputs, "--window", "4", "--plot", str(plot),
+                                      "--workers", "0", "--no-progress"])
+        assert r.exit_code == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in video.iterdir()} == before
+
+
 def test_bad_inputs_continue_and_exit_nonzero(trained, tmp_path):
     root, _, ckpt = trained
     (tmp_path / "notes.txt").write_text("x")

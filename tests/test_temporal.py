@@ -160,6 +160,19 @@ def test_evaluate_refuses_other_cache(tmp_path):
     c = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, dtype="float32")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run" / "best.pt"), "--cache", str(c), "--split", "test"])
     assert r.exit_code == 1 and "feature dtype" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # --out the run folder: its per-class CSV and confusion matrix go with its test.json, not replaced
+    run = tmp_path / "run"
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert "per_class_test.csv" in kept
+    r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run),
+                                  "--eval-clips", "3"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"error: --out {run} holds a run, whose confusion_test.png and per_class_test.csv go with its own results "
+        "(test.json); write this evaluation to another --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+    r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run), "--split",
+                                  "train"])  # files of its own name: written beside the run's
+    assert r.exit_code == 0 and (run / "per_class_train.csv").is_file()
 
 
 def test_bad_inputs(tmp_path):
