@@ -37,10 +37,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
-            with contextlib.suppress(OSError):  # refused before anything was written: no empty run folder
-                for folder in () if isinstance(e, OutputInUseError) else ctx.meta.get("new_folders", ()):
-                    if not in_use(folder):  # another run made it meanwhile, and is writing there
-                        folder.rmdir()  # only while empty
+            if not isinstance(e, OutputInUseError):
+                _remove_new_folders(ctx)
             message = str(e)
             rerun = ctx.meta.get("rerun_hint")  # a run folder's, where a plain rerun would be refused
             if isinstance(e, DiskFullError) and rerun is not None and message.endswith("free space and rerun"):
@@ -52,12 +50,40 @@ class Group(click.Group):
             hint = hint() if callable(hint) else hint  # e.g. a run folder's: true when asked
             click.echo(f"\ninterrupted{': ' + hint if hint else ''}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
+            if _out_of_memory(e):  # files are written atomically: nothing half-written is left
+                _remove_new_folders(ctx)
+                click.echo(f"error: out of memory ({_first_line(e)}); use a smaller --batch-size or model (--hidden, "
+                           "--backbone), or free memory", err=True)
+                ctx.exit(EXIT_ERROR)
             if not _peer_failed(e):
                 raise
             click.echo(f"error: rank {os.environ.get('RANK')} stopped because another rank failed "
                        "(that rank's error is printed above)", err=True)
             ctx.exit(EXIT_ERROR)
+
+
+def _remove_new_folders(ctx: click.Context) -> None:
+    """A command that failed before writing anything leaves no empty output folder it made."""
+    with contextlib.suppress(OSError):
+        for folder in ctx.meta.get("new_folders", ()):
+            if not in_use(folder):  # another run made it meanwhile, and is writing there
+                folder.rmdir()  # only while empty
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, the CPU allocator's, or Python's MemoryError."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def _peer_failed(e: BaseException) -> bool:

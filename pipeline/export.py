@@ -455,7 +455,36 @@ def read_metadata(model: str | Path | Any) -> OnnxMeta:
     where = str(model) if isinstance(model, str | Path) else "the ONNX model"
     if isinstance(model, str | Path):
         model = load_onnx(model)
-    return OnnxMeta.from_props({p.key: p.value for p in model.metadata_props}, where)
+    meta = OnnxMeta.from_props({p.key: p.value for p in model.metadata_props}, where)
+    _check_against_graph(meta, model, where)
+    return meta
+
+
+def _check_against_graph(meta: OnnxMeta, model: Any, where: str) -> None:
+    """The metadata fits the graph it describes: as many classes as probabilities, the frame size
+    or feature size of its input, clip lengths of at least one step. An edited file is refused
+    here, in one line, not in onnxruntime's shape errors."""
+    def dims(values: Any, name: str) -> list[int | None] | None:
+        v = next((v for v in values if v.name == name), None)
+        return None if v is None else [d.dim_value if d.HasField("dim_value") else None
+                                       for d in v.type.tensor_type.shape.dim]
+
+    g = model.graph
+    wrong = []
+    if meta.seq_len < 1 or meta.eval_clips < 1:
+        wrong.append(f"seq_len {meta.seq_len} and eval_clips {meta.eval_clips} must be at least 1")
+    probs = dims(g.output, "probs")
+    if probs is not None and len(probs) == 2 and probs[1] not in (None, len(meta.classes)):
+        wrong.append(f"{len(meta.classes)} classes for {probs[1]} probabilities")
+    if meta.graph == "full" and (frames := dims(g.input, "frames")) is not None and len(frames) == 5:
+        if any(d not in (None, meta.frame_spec.size) for d in frames[2:4]):
+            wrong.append(f"frame size {meta.frame_spec.size} for an input of {frames[2]}x{frames[3]}")
+    if meta.graph == "head" and (feats := dims(g.input, "features")) is not None and len(feats) == 3:
+        if feats[2] not in (None, meta.feature_dim):
+            wrong.append(f"feature size {meta.feature_dim} for an input of {feats[2]}")
+    if wrong:
+        raise ExportError(f"{where}: its action-pipeline metadata does not fit its graph ({'; '.join(wrong)}); "
+                          "export the checkpoint again")
 
 
 def load_onnx(path: str | Path) -> Any:

@@ -35,7 +35,7 @@ from .engine import train_steps
 from .errors import ConfigError, DataError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
-from .heads import HeadConfig, build_head
+from .heads import HeadConfig, build_head, max_clip_len
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
@@ -351,6 +351,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                                   bidirectional=head_cfg.bidirectional, dropout=head_cfg.dropout, pool=head_cfg.pool,
                                   num_heads=head_cfg.num_heads)  # as what ran, not as the options that lost
     head = init.head if init is not None else build_head(head_cfg)
+    if (longest := max_clip_len(head)) is not None and cfg.seq_len > longest:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the {head_cfg.arch} head of --init {cfg.init} "
+                          f"takes ({longest} learned positions): use --seq-len {longest} or less")
     model = EndToEnd(backbone, head, spec, trainable_blocks=trainable, grad_checkpoint=cfg.grad_checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
 

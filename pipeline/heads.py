@@ -152,6 +152,11 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1)
 
 
+def max_clip_len(head: nn.Module) -> int | None:
+    """The longest clip ``head`` takes: the steps its learned positions cover; None if unbounded."""
+    return min((m.max_len for m in head.modules() if isinstance(m, _Positions)), default=None)
+
+
 class _Positions(nn.Module):
     """Learned position embeddings for up to ``max_len`` steps."""
 

@@ -287,6 +287,17 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
         (["--runtime", "onnx", str(ckpt)], "is a torch checkpoint, not an ONNX file: export it first"),
         (["--runtime", "torch", str(r.out)], "is an ONNX file: use --runtime onnx"),
     ]
+    # metadata edited by hand so that it no longer fits the graph: one line, not onnxruntime's errors
+    import json
+
+    for key, edit, msg in (("classes", lambda v: v[:2], "2 classes for 3 probabilities"),
+                           ("seq_len", lambda v: 0, "seq_len 0 and eval_clips 2 must be at least 1"),
+                           ("frame_spec", lambda v: {**v, "size": 48, "resize_size": 48}, "frame size 48 for an input of")):
+        m = onnx.load(str(r.out))
+        prop = next(p for p in m.metadata_props if p.key == key)
+        prop.value = json.dumps(edit(json.loads(prop.value)))
+        onnx.save(m, str(tmp_path / f"edited_{key}.onnx"))
+        cases.append(([str(tmp_path / f"edited_{key}.onnx")], f"its action-pipeline metadata does not fit its graph ({msg}"))
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU-only package

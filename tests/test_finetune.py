@@ -190,6 +190,14 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
                                           r"'train'.*name a validation split with --val-split$"):
         finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"),
                                 **{**still, "init": str(tmp_path / "s2v" / "best.pt")}), progress=False)
+    # a transformer head has learned positions for the clips it was trained on, no more
+    train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "tr"), head="transformer",
+                                  hidden=16, num_heads=2, epochs=1, seq_len=4, device="cpu"), progress=False)
+    with pytest.raises(ConfigError, match=r"--seq-len 6 is longer than the transformer head of --init .* takes "
+                                          r"\(4 learned positions\): use --seq-len 4 or less$"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "z"), seq_len=6,
+                                **{**still, "init": str(tmp_path / "tr" / "best.pt")}), progress=False)
+    assert not (tmp_path / "z" / "config.json").exists()
     # --resume with another carve: the epochs so far were picked on other videos
     from pipeline.checkpoint import CheckpointError
 

@@ -175,6 +175,19 @@ def test_evaluate_refuses_other_cache(tmp_path):
     assert r.exit_code == 0 and (run / "per_class_train.csv").is_file()
 
 
+def test_out_of_memory_is_one_line(tmp_path):
+    """A head too large for the machine (the allocation fails at once, nothing is used): one line
+    that says what to lower, no traceback."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                                  "--hidden", "400000000", "--epochs", "1", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO:")]
+    assert line.startswith("error: out of memory (") and "can't allocate memory" in line
+    assert line.endswith("use a smaller --batch-size or model (--hidden, --backbone), or free memory")
+    assert not (tmp_path / "run").exists()  # the folder it made for the run is not left behind, empty
+
+
 def test_bad_inputs(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
     run = CliRunner().invoke
