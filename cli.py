@@ -464,14 +464,23 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
 
     grids: list[dict[str, tuple]] = []
     if spec is not None:
+        def unique(pairs: list[tuple[str, object]]) -> dict:  # JSON keeps the last of two equal keys, silently
+            keys = [k for k, _ in pairs]
+            if twice := sorted({k for k in keys if keys.count(k) > 1}):
+                raise click.BadParameter(f"{spec}: axis {twice[0]!r} is given twice in one grid", param_hint="--spec")
+            return dict(pairs)
+
         try:
-            raw = json.loads(spec.read_text())
+            raw = json.loads(spec.read_text(), object_pairs_hook=unique)
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{spec}: not JSON ({e})", param_hint="--spec")
         kinds = dict(SWEEP_AXES)
         for g in raw if isinstance(raw, list) else [raw]:
             if not isinstance(g, dict):
                 raise click.BadParameter(f"{spec}: expected an object of axis -> list of values, or a list of them",
+                                         param_hint="--spec")
+            if not g:
+                raise click.BadParameter(f"{spec}: an empty grid {{}}; give axes such as {{\"hidden\": [128, 256]}}",
                                          param_hint="--spec")
             grid = {}
             for a, v in g.items():
@@ -483,6 +492,9 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
                 except click.BadParameter as e:
                     raise click.BadParameter(f"{spec}: axis {a!r}: {e.message}", param_hint="--spec") from None
             grids.append(grid)
+        if not grids:
+            raise click.BadParameter(f"{spec}: an empty list of grids; give at least one object of axis -> values",
+                                     param_hint="--spec")
     given = {a: v for a, v in axes.items() if v}
     grids = [{**g, **given} for g in grids] if grids else [given or dict(DEFAULT_GRID)]
     base = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
@@ -630,6 +642,8 @@ def predict_cmd(ctx: click.Context, model: Path, inputs: tuple[Path, ...], runti
                 raise click.BadParameter(f"{flag} needs --live SOURCE", param_hint=flag)
     if plot is not None and window is None:
         raise click.BadParameter("--plot needs --window", param_hint="--plot")
+    if stride is not None and window is None and live_source is None:
+        raise click.BadParameter("--stride needs --window", param_hint="--stride")
     if plot is not None:  # checked before the work, so the predictions are never lost to a bad path
         _check_plot_path(plot, inputs)
     if threads is None and live_source is not None:

@@ -547,6 +547,8 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as e:
+        if path.is_file() and not is_hdf5(path):  # a checkpoint or another file given by mistake
+            raise CacheError(f"{path} is not an HDF5 feature cache; give the .h5 file extract-features wrote") from e
         raise CacheError(f"cannot read feature cache {path}: {e}; re-extract it with --overwrite") from e
 
 

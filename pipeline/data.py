@@ -1046,6 +1046,14 @@ def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
     return m["group"] if m else stem
 
 
+def uncarvable(where: str) -> str:
+    """Why ``carve_validation`` held nothing out of ``where``: a class keeps its last source group
+    for training, so only classes of one source video each leave nothing to hold out."""
+    return (f"cannot carve a validation set from {where}: each class's videos come from one source video (as "
+            "--group-pattern, or else the UCF101/HMDB51 names, group them), and a source is held out whole; give a "
+            "split with --val-split, or a --group-pattern that tells the sources apart")
+
+
 def carve_validation(videos: Sequence[str], labels: Sequence[int], fraction: float, *, seed: int = 0,
                      pattern: str | None = None) -> np.ndarray:
     """A boolean mask of the videos to hold out for validation: about ``fraction`` of each class,

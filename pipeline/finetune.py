@@ -30,7 +30,7 @@ from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some
+from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some, uncarvable
 from .engine import train_steps
 from .errors import ConfigError, DataError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
@@ -288,8 +288,8 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     device = D.local_device(base_device, info)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
-    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True)) \
-        if info.is_main else None
+    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True,
+                                    kind="end_to_end")) if info.is_main else None
     D.barrier(info)
     if run is None:
         run = RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=False)
@@ -313,6 +313,8 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         seed = _init_carve_seed(cfg, init) if init is not None else cfg.seed
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
                                 seed=seed, pattern=cfg.group_pattern)
+        if not mask.any():
+            raise DataError(uncarvable(f"{cfg.train_split!r} of {cfg.dataset.root} ({len(mask)} videos)"))
         val_videos = [v for v, m in zip(train_videos, mask) if m]
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,

@@ -259,11 +259,12 @@ def open_classifier(model: str | Path, *, runtime: str = "auto", weights: str | 
     ``threads``: intra-op threads of onnxruntime's sessions (torch's count is process-wide: set it
     with ``torch.set_num_threads``); None: torch's count, one per core."""
     path = Path(model)
-    onnx_file = path.suffix.lower() == ".onnx"
+    checkpoint = path.is_file() and _head(path) in (b"PK", b"\x80\x02")  # by its bytes, whatever its name
+    onnx_file = path.suffix.lower() == ".onnx" and not checkpoint
     if runtime == "auto":
         runtime = "onnx" if onnx_file else "torch"
     if runtime == "onnx":
-        if not onnx_file and path.is_file() and _head(path) in (b"PK", b"\x80\x02"):
+        if checkpoint:
             raise ConfigError(f"{path} is a torch checkpoint, not an ONNX file: export it first "
                               f"(`python cli.py export {path} --out model.onnx`) or use --runtime torch")
         if weights is not None:

@@ -104,9 +104,10 @@ class RunDir:
     ``main=False`` (other torchrun ranks) only reads."""
 
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 main: bool = True) -> None:
+                 main: bool = True, kind: str | None = None) -> None:
         self.path = Path(path)
         self.main = main
+        self.kind = kind  # of checkpoint this run writes: "temporal" or "end_to_end"
         self.overwrite = overwrite
         self.started = False
         self._held = contextlib.ExitStack()
@@ -134,8 +135,12 @@ class RunDir:
         if resume and overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
         if main and not resume and not overwrite and (self.best.exists() or self.last.exists()):
-            raise ConfigError(f"{self.path} already holds a run; use --resume to continue it, --overwrite "
-                              "to start over, or another --out")
+            held = self._other_holder()
+            if held is not None:  # another kind of run: --resume could not continue it
+                raise ConfigError(f"{self.path} holds {held}; use --overwrite to replace it, or another --out")
+            resumable = "use --resume to continue it, " if self.last.exists() else ""
+            raise ConfigError(f"{self.path} already holds a run; {resumable}--overwrite to start over, or another "
+                              "--out")
         self.resume = resume and self.last.exists()
         if main and resume and not self.resume and self.best.exists() and self._past_first_epoch():
             # last.pt was deleted (a kill between epoch 1's best.pt and last.pt is the one way to
@@ -144,6 +149,18 @@ class RunDir:
                               "start over, or another --out")
         if resume and not self.resume:
             log.warning("%s has no last.pt (no epoch of a run there finished): starting at epoch 1", self.path)
+
+    def _other_holder(self) -> str | None:
+        """What the folder holds where it is not a run of this kind (a sweep, the other command's
+        run), for a message; None if it is one (or cannot be told)."""
+        if (self.path / "sweep_state.pt").exists():
+            return "a sweep"
+        try:
+            kind = load_checkpoint(self.last if self.last.exists() else self.best).get("kind")
+        except Exception:  # noqa: BLE001 - only for a message
+            return None
+        names = {"temporal": "train-temporal", "end_to_end": "finetune-end-to-end"}
+        return f"a {names[kind]} run" if self.kind is not None and kind != self.kind and kind in names else None
 
     def start(self) -> None:
         """The run's first write comes next, every check has passed: starting over, the earlier

@@ -19,7 +19,7 @@ import torch
 from .cache import FeatureCache
 from .checkpoint import CheckpointError
 from .config import Provenance, TemporalConfig
-from .data import carve_validation, some
+from .data import carve_validation, some, uncarvable
 from .engine import ClipSource, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
 from .runtime import resolve_device, resolve_precision
@@ -168,9 +168,8 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         mask = carve_validation(train_data.videos, train_data.labels, val_fraction, seed=seed, pattern=group_pattern)
         if not mask.any() or mask.all():
             opened.close()
-            raise CacheError(f"cannot carve a validation set from {train_split!r} of {cache_path} "
-                             f"({len(mask)} videos in {len(set(np.asarray(train_data.labels).tolist()))} classes); "
-                             "give a split with --val-split or raise --val-fraction")
+            raise CacheError(uncarvable(f"{train_split!r} of {cache_path} ({len(mask)} videos in "
+                                        f"{len(set(np.asarray(train_data.labels).tolist()))} classes)"))
         val = train.subset(np.flatnonzero(mask))
         train = train.subset(np.flatnonzero(~mask))
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
@@ -224,7 +223,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
     seed_everything(cfg.seed, cfg.deterministic)
-    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite))
+    run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, kind="temporal"))
     out = run.path
     if on_start is not None:
         on_start(run)

@@ -309,10 +309,17 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
         with pytest.raises(ExportError, match="CUDA provider did not start"):
             ort_session(r.out, device="cuda")
         monkeypatch.undo()
+    named_onnx = tmp_path / "ck.onnx"  # a checkpoint under an .onnx name: read by its bytes, not its name
+    named_onnx.write_bytes(ckpt.read_bytes())
+    cases.append((["--runtime", "onnx", str(named_onnx)], "is a torch checkpoint, not an ONNX file"))
     for args, msg in cases:
         res = CliRunner().invoke(main, ["predict", *args, str(inputs[0]), "--no-progress"])
         assert res.exit_code == 1 and "Traceback" not in res.stderr, (args, res.stderr)
         assert res.stderr.count("\n") == 1 and msg in res.stderr, (args, res.stderr)
+    for runtime in ("torch", "auto"):
+        res = CliRunner().invoke(main, ["predict", "--runtime", runtime, str(named_onnx), str(inputs[0]), "--no-progress",
+                                        "--workers", "0"])
+        assert res.exit_code == 0, res.stderr
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
     with pytest.raises(ConfigError, match=r"pip install 'action-pipeline\[onnx\]'"):

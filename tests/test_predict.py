@@ -130,6 +130,8 @@ def test_bad_inputs_continue_and_exit_nonzero(trained, tmp_path):
     assert any("unsupported file type .txt" in e for e in errors)
     assert any("broken.mp4" in e for e in errors)
     assert "3 of 4 input(s) failed" in r.stderr
+    r = CliRunner().invoke(main, ["predict", str(ckpt), str(good), "--stride", "4"])  # no windows to step: refused
+    assert r.exit_code == 2 and "--stride needs --window" in r.stderr
 
 
 def test_bad_checkpoints(trained, tmp_path):

@@ -85,6 +85,10 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     assert tmp_path / "sw" / "best.pt" in kept and tmp_path / "sw" / "sweep_state.pt" in kept
     spec = tmp_path / "spec.json"
     spec.write_text('{"hidden": [8, 8.5]}')
+    specs = {name: tmp_path / f"{name}.json" for name in ("empty_list", "empty_grid", "twice")}
+    specs["empty_list"].write_text("[]")
+    specs["empty_grid"].write_text("{}")
+    specs["twice"].write_text('{"head": ["lstm"], "head": ["gru"]}')
     bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "--hidden (10) must be divisible by --num-heads (4)"),
                  (["--hidden", "-3"], "hidden must be >= 1, got -3"),
                  (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
@@ -92,7 +96,10 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                  (["--lr", "inf"], "lr must be > 0 and at most 1, got inf"),
                  (["--lr", "1e38"], "lr must be > 0 and at most 1, got 1e+38"),
                  (["--hidden", ""], "no values given"),
-                 (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)")]
+                 (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)"),
+                 (["--spec", str(specs["empty_list"])], "empty_list.json: an empty list of grids"),
+                 (["--spec", str(specs["empty_grid"])], "empty_grid.json: an empty grid {}"),
+                 (["--spec", str(specs["twice"])], "twice.json: axis 'head' is given twice in one grid")]
     for args, msg in bad_grids:
         r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sw"), "--epochs", "2",
                                       "--min-epochs", "1", "--overwrite", *args])

@@ -197,6 +197,9 @@ def test_bad_inputs(tmp_path):
     assert r.exit_code == 1 and "split 'val' is not in" in r.stderr
     r = run(main, base + ["--seq-len", "0"])
     assert r.exit_code == 2 and "--seq-len" in r.stderr
+    r = run(main, base + ["--group-pattern", "(v)", "--val-fraction", "0.9"])  # one source: no fraction helps
+    assert r.exit_code == 1 and "each class's videos come from one source video" in r.stderr
+    assert "--val-fraction" not in r.stderr and "Traceback" not in r.stderr
     r = run(main, ["train-temporal", "--cache", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
     (tmp_path / "file").write_text("x")
@@ -205,6 +208,10 @@ def test_bad_inputs(tmp_path):
     empty = separable_cache(tmp_path / "e.h5", classes=2, per_class={"train": 0, "test": 2})
     r = run(main, ["train-temporal", "--cache", str(empty), "--out", str(tmp_path / "r2")])
     assert r.exit_code == 1 and "has no videos" in r.stderr
+    torch.save({"model": 1}, tmp_path / "model.pt")  # a checkpoint given as the cache
+    r = run(main, ["train-temporal", "--cache", str(tmp_path / "model.pt"), "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 1 and r.stderr.strip() == (f"error: {tmp_path / 'model.pt'} is not an HDF5 feature "
+                                                     "cache; give the .h5 file extract-features wrote")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     r = run(main, ["evaluate", str(tmp_path / "junk.pt"), "--cache", str(cache)])
     assert r.exit_code == 1 and "junk.pt is not a checkpoint this tool can load safely" in r.stderr
@@ -223,6 +230,17 @@ def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
     best_before = (out / "best.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run; use --resume"):
         train_temporal(cfg(cache, out, epochs=1), progress=False)
+    # another command's run, or a sweep, there: --resume could not continue it, so it is not offered
+    from pipeline.run import RunDir
+    from pipeline.sweep import SweepConfig, sweep
+
+    with pytest.raises(ConfigError, match=rf"^{out} holds a train-temporal run; use --overwrite to replace it, or "
+                                          "another --out$"):
+        RunDir(out, kind="end_to_end")
+    sweep(SweepConfig(base=cfg(cache, tmp_path / "sw", epochs=1), grids=((("hidden", (8,)),),), min_epochs=1),
+          progress=False)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'sw'} holds a sweep; use --overwrite to replace it"):
+        RunDir(tmp_path / "sw", kind="temporal")
     # Fault injection: the loss turns NaN when the run is resumed for more epochs.
     real_ce = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
