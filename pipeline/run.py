@@ -138,9 +138,10 @@ class RunDir:
             held = self._other_holder()
             if held is not None:  # another kind of run: --resume could not continue it
                 raise ConfigError(f"{self.path} holds {held}; use --overwrite to replace it, or another --out")
-            resumable = "use --resume to continue it, " if self.last.exists() else ""
-            raise ConfigError(f"{self.path} already holds a run; {resumable}--overwrite to start over, or another "
-                              "--out")
+            # --resume works where a last.pt is, or where only epoch 1's best.pt is (see below)
+            resumable = self.last.exists() or not self._past_first_epoch()
+            raise ConfigError(f"{self.path} already holds a run; use {'--resume to continue it, ' if resumable else ''}"
+                              "--overwrite to start over, or another --out")
         self.resume = resume and self.last.exists()
         if main and resume and not self.resume and self.best.exists() and self._past_first_epoch():
             # last.pt was deleted (a kill between epoch 1's best.pt and last.pt is the one way to
