@@ -53,8 +53,7 @@ class Group(click.Group):
         except (RuntimeError, MemoryError) as e:
             if _out_of_memory(e):  # files are written atomically: nothing half-written is left
                 _remove_new_folders(ctx)
-                click.echo(f"error: out of memory ({_first_line(e)}); use a smaller --batch-size or model (--hidden, "
-                           "--backbone), or free memory", err=True)
+                click.echo(f"error: out of memory ({_first_line(e)}); {_memory_hint(ctx)}", err=True)
                 ctx.exit(EXIT_ERROR)
             if not _peer_failed(e):
                 raise
@@ -78,7 +77,17 @@ def _out_of_memory(e: BaseException) -> bool:
     import torch
 
     text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.4
+    return isinstance(e, oom) or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _memory_hint(ctx: click.Context) -> str:
+    """What to lower, among the options of the command that ran out of memory."""
+    sub = ctx.command.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    names = {o for p in (sub.params if sub else ()) for o in p.opts}
+    lower = [o for o in ("--batch-size", "--hidden") if o in names]
+    ways = ([f"lower {' or '.join(lower)}"] if lower else []) + (["use --load lazy"] if "--load" in names else [])
+    return ", ".join([*ways, "or free memory"]) if ways else "free memory, or use a machine with more"
 
 
 def _first_line(e: BaseException) -> str:

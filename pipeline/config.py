@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -93,6 +94,31 @@ class FrameOverrides:
 PUBLISHED = ("torchvision", "timm")  # weights sources that name published weights by their tag
 
 
+@functools.lru_cache(maxsize=64)
+def legacy_timm_tag(arch: str, name: str) -> str:
+    """The pretrained tag of timm weights recorded under ``name`` before 1 Dec 2026, which stored
+    the hub id (``timm/resnet18.a1_in1k``, ``apple/mobileclip_s0_timm``) or, for weights without
+    one, ``arch`` or ``arch.tag``; a tag (today's record) is returned as it is."""
+    try:
+        import timm
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # timm is needed to use these weights at all; without it, keep the name
+        return name
+    base = arch.split(".")[0]
+    known = {full.split(".", 1)[1]: get_pretrained_cfg(full) for full in timm.list_pretrained(f"{base}.*")}
+    if name in known:
+        return name
+    for tag, cfg in known.items():
+        if cfg is not None and name in (getattr(cfg, "hf_hub_id", None), f"{base}.{tag}"):
+            return tag
+    if name in (base, arch):  # asked for as "imagenet": the default tag, or the one the name carried
+        try:
+            return getattr(get_pretrained_cfg(arch), "tag", None) or name
+        except RuntimeError:  # an unknown tag
+            return name
+    return name
+
+
 @dataclass(frozen=True)
 class WeightsIdentity:
     """What a backbone's weights are, stored with every cache and checkpoint.
@@ -128,12 +154,7 @@ class WeightsIdentity:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeightsIdentity:
-        name = d.get("name")
-        if d["source"] == "timm" and name and ("/" in name or "." in name):
-            # Written before 1 Dec 2026: the hub id ("timm/resnet18.a1_in1k") or "<arch>.<tag>"; the tag is
-            # what the weights are asked for by (timm tags hold no dot).
-            name = name.rsplit("/", 1)[-1].split(".", 1)[-1]
-        return cls(source=d["source"], name=name, sha256=d.get("sha256"), path=d.get("path"))
+        return cls(source=d["source"], name=d.get("name"), sha256=d.get("sha256"), path=d.get("path"))
 
 
 def _show(v: Any) -> str:
@@ -187,8 +208,11 @@ class Provenance:
     def from_dict(cls, d: dict[str, Any]) -> Provenance:
         """Also reads schema-1 dicts (MobileNetV2, 1280-d: they name it too, and FrameSpecs there have
         no resize size or filter)."""
-        return cls(backbone=d.get("backbone") or LEGACY_BACKBONE, weights=WeightsIdentity.from_dict(d["weights"]),
-                   frame_spec=FrameSpec.from_dict(d["frame_spec"]), selection=FrameSelection.from_dict(d["selection"]),
+        backbone = d.get("backbone") or LEGACY_BACKBONE
+        weights = WeightsIdentity.from_dict(d["weights"])
+        if weights.source == "timm" and weights.name and backbone.startswith("timm:"):
+            weights = dataclasses.replace(weights, name=legacy_timm_tag(backbone.removeprefix("timm:"), weights.name))
+        return cls(backbone=backbone, weights=weights, frame_spec=FrameSpec.from_dict(d["frame_spec"]), selection=FrameSelection.from_dict(d["selection"]),
                    feature_dim=int(d.get("feature_dim") or 1280), classes=tuple(d.get("classes", ())),
                    precision=d.get("precision", "float32"), dtype=d.get("dtype", "float16"))
 
@@ -403,6 +427,14 @@ class FinetuneConfig:
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def __post_init__(self) -> None:  # click's float ranges let nan and inf through
+        for name in ("lr", "backbone_lr"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:  # AdamW: a larger step only diverges
+                raise ConfigError(f"{name} must be > 0 and at most 1, got {v}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -416,9 +416,9 @@ def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, sp
                device: torch.device, workers: int) -> int:
     """Recalibrate BatchNorm on up to ``cfg.calibration_frames`` frames spread over the train split.
 
-    The frames are shuffled across videos and split into equal batches of ``CALIBRATION_BATCH``
-    (fewer, at least 2, where there are fewer frames), so every batch is a fair sample of the
-    dataset and the averaged statistics are not skewed; ``--batch-size`` only sets the decoding.
+    The frames are shuffled across videos and split into near-equal batches of at most
+    ``CALIBRATION_BATCH`` (and at least 2), so every batch is a fair sample of the dataset and the
+    averaged statistics are not skewed; ``--batch-size`` only sets the decoding.
     """
     split = _calibration_split(index.splits, train_only=True)
     if split is None and cfg.dataset.splits is not None:  # --splits chose others: still calibrate on train
@@ -448,7 +448,7 @@ def _calibrate(net: torch.nn.Module, index: DatasetIndex, cfg: ExtractConfig, sp
     if pool is None or len(pool) < 2:
         return 0  # BatchNorm statistics need at least two frames
     pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))]
-    n_batches = max(1, len(pool) // CALIBRATION_BATCH)
+    n_batches = -(-len(pool) // CALIBRATION_BATCH)  # near-equal batches of at most CALIBRATION_BATCH
     batches = (normalize_frames(b.to(device), spec) for b in torch.tensor_split(pool, n_batches))
     return recalibrate_batchnorm(net, batches, device=device)
 

@@ -236,27 +236,31 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection
 
 
-def _init_carve_seed(cfg: FinetuneConfig, init: Model) -> int:
-    """The seed of this run's validation carve when it starts from ``--init``: the one the --init
-    run carved with, so both hold out the same videos (its --seed may differ: it seeds training).
-    A carve that would hold out videos the --init head was trained on is refused: the best epoch
-    would be picked on videos the model has seen."""
+def _init_carve_seed(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> int:
+    """The seed of this run's validation carve when it starts from ``--init``: where the --init run
+    carved its validation set from this same training split (its held-out videos are among ours),
+    its carve seed, so both hold out the same videos (this run's --seed still seeds training), and
+    a carve with other settings is refused, because it would hold out videos the --init head was
+    trained on and pick the best epoch on them. An --init from another dataset leaves the carve
+    free; one validated on a split cannot be checked, and gets a warning."""
     iv = init.ckpt.get("validation")
     if iv is None:  # not recorded by older checkpoints: nothing to compare
         return cfg.seed
     if iv.get("kind") == "split":
-        raise ConfigError(f"--init {cfg.init} was validated on split {iv.get('split')!r}, so its head was trained on "
-                          f"every video of {cfg.train_split!r}: a validation set carved from it would pick the best "
-                          "epoch on videos the model has seen; name a validation split with --val-split")
-    ours = (cfg.train_split, cfg.val_fraction, cfg.group_pattern)
-    theirs = (iv.get("from"), iv.get("fraction"), iv.get("group_pattern"))
-    if ours != theirs:
-        pattern = f" --group-pattern {theirs[2]!r}" if theirs[2] else ""
-        raise ConfigError(f"--init {cfg.init} was validated on videos carved from {theirs[0]!r} with --val-fraction "
-                          f"{theirs[1]}{pattern}; this run's carve would hold out videos its head was trained on, "
-                          f"and pick the best epoch on them: use --val-fraction {theirs[1]}{pattern}"
-                          f"{'' if theirs[0] == cfg.train_split else f' --train-split {theirs[0]}'}, or name a "
-                          "validation split with --val-split")
+        log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
+                    "dataset's %r, the videos carved from it for validation were seen by its head; name a "
+                    "validation split with --val-split to be sure", cfg.init, iv.get("split"), cfg.train_split)
+        return cfg.seed
+    if not set(iv.get("videos", ())) & {v.rel for v in train_videos}:  # another dataset: its carve says nothing here
+        return cfg.seed
+    theirs = {"--train-split": iv.get("from"), "--val-fraction": iv.get("fraction"),
+              "--group-pattern": iv.get("group_pattern")}
+    ours = {"--train-split": cfg.train_split, "--val-fraction": cfg.val_fraction, "--group-pattern": cfg.group_pattern}
+    if diff := [k for k in theirs if theirs[k] != ours[k]]:
+        raise ConfigError(f"--init {cfg.init} was validated on videos carved from this training split with other "
+                          f"settings ({'; '.join(f'{k} {theirs[k]!r}, here {ours[k]!r}' for k in diff)}): this run's "
+                          "carve would hold out videos its head was trained on, and pick the best epoch on them; use "
+                          "the --init run's settings, or name a validation split with --val-split")
     return int(iv.get("seed", cfg.seed))
 
 
@@ -310,7 +314,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     train_videos = index.videos(cfg.train_split)
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     if val_split is None:  # carved from train by whole source videos, as stage two does
-        seed = _init_carve_seed(cfg, init) if init is not None else cfg.seed
+        seed = _init_carve_seed(cfg, init, train_videos) if init is not None else cfg.seed
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
                                 seed=seed, pattern=cfg.group_pattern)
         if not mask.any():
@@ -397,7 +401,14 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
                               "augment"))
-        if ck.get("validation", validation) != validation:
+        old = ck.get("validation", validation)
+        if (old != validation and init is not None and old.get("kind") == "carved"
+                and old.get("seed") == cfg.seed != validation.get("seed")):
+            raise CheckpointError(f"{out / 'last.pt'} carved its validation set with its own --seed {cfg.seed}, as runs "
+                                  "from --init did before 1 Dec 2026; they now carve as the --init run did (seed "
+                                  f"{validation.get('seed')}), so this run cannot be resumed: start it over with "
+                                  "--overwrite")
+        if old != validation:
             raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
                                   "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
                                   "the same data and options")

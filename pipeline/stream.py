@@ -306,12 +306,15 @@ class LiveStream:
     def _read(self, container, stream) -> None:
         """Decode until the end of the source or a stop. Times continue over reconnections: a new
         connection starts at the wall-clock time since the stream's first frame. Within one, a jump
-        of the source's timestamps (back, or more than ``MAX_GAP`` ahead: joined recordings, a
-        camera that restarts its clock, a wrapped MPEG-TS clock) is taken as one frame period, so
-        times keep going forward and the frame selection keeps its rate."""
+        of the source's timestamps is taken as one frame period, so times keep going forward and
+        the frame selection keeps its rate: back by more than a second (or two frame periods;
+        joined recordings, a camera that restarts its clock), or, on a live source, ahead by more
+        than ``MAX_GAP`` (or ten frame periods; a wrapped MPEG-TS clock: a real stall that long
+        hits ``timeout`` first). A file's gap ahead is real time (a recording that paused) and kept."""
         stream.thread_type = "AUTO"
         selector = _Selector(self.selection)
         period = 1.0 / (self.fps or 30.0)
+        back, ahead = max(2 * period, 1.0), max(MAX_GAP, 10 * period)  # what counts as a jump (see above)
         t0: float | None = None  # source time of this connection's first frame
         wall0 = offset = 0.0
         shift, prev = 0.0, None  # added to t_src - t0 after jumps; the previous frame's time in this connection
@@ -329,7 +332,7 @@ class LiveStream:
                 if self._last_time is not None:
                     offset = max(offset, self._last_time + period)
             local = t_src - t0 + shift
-            if prev is not None and not prev - period / 2 <= local <= prev + MAX_GAP:
+            if prev is not None and (local < prev - back or (self.kind != "file" and local > prev + ahead)):
                 (log.warning if not self.stats.jumps else log.debug)(
                     "live source %s: its timestamps jumped from %.2f s to %.2f s (joined recordings or a restarted "
                     "clock?); times go on from the last frame", self.source, prev + t0 - shift, t_src)

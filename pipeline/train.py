@@ -28,7 +28,7 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import RunDir, check_resume_epochs, check_resume_options, holds_run
+from .run import RUN_FILES, RunDir, check_resume_epochs, check_resume_options, holds_run
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for.
     ``load``/``memory_budget`` (GB): as for ``TemporalConfig`` (see ``sources.open_splits``)."""
     files = [Path(out) / f"confusion_{split}.png", Path(out) / f"per_class_{split}.csv"] if out is not None else []
-    if out is not None and holds_run(Path(out)) and (clash := [f.name for f in files if f.exists()]):
+    if out is not None and holds_run(Path(out)) and (clash := [f.name for f in files if f.name in RUN_FILES
+                                                              and f.exists()]):
         raise ConfigError(f"--out {out} holds a run, whose {' and '.join(clash)} go with its own results "
                           "(test.json); write this evaluation to another --out")
     model = load_model(checkpoint)

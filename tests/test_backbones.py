@@ -346,9 +346,20 @@ def test_timm_pretrained_weights_round_trip_from_the_hub_cache(videos, tmp_path,
         model.backbone()
     file.write_bytes(moved.read_bytes())
 
-    # Written before: the hub id as the name, no hash. Read as the tag; it matches today's identity.
-    old = WeightsIdentity.from_dict({"source": "timm", "name": f"timm/{arch}.{tag}", "sha256": None, "path": None})
-    assert old.name == tag and old.matches(r.weights) and r.weights.matches(old)
+    # Written before: the hub id as the name (or, for weights without one, the model name), no hash.
+    # Read as the tag; it matches today's identity.
+    from pipeline.config import Provenance
+
+    def recorded(backbone: str, name: str) -> str:
+        d = {**r_prov.to_dict(), "backbone": backbone, "weights": {"source": "timm", "name": name}}
+        return Provenance.from_dict(d).weights.name
+
+    r_prov = model.provenance
+    assert recorded(TIMM_VIT, f"timm/{arch}.{tag}") == tag == recorded(TIMM_VIT, tag)
+    assert recorded("timm:davit_base_fl", "microsoft/Florence-2-base") == "msft_florence2"  # not a timm/ hub id
+    assert recorded("timm:gcvit_base", "gcvit_base") == "in1k"  # no hub id: the model name, its default tag
+    old = Provenance.from_dict({**r_prov.to_dict(), "weights": {"source": "timm", "name": f"timm/{arch}.{tag}"}})
+    assert old.weights.matches(r.weights) and r.weights.matches(old.weights)
     assert not WeightsIdentity(source="timm", name="other_tag").matches(r.weights)
 
 

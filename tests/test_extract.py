@@ -387,10 +387,12 @@ def test_weights_none_features_do_not_depend_on_the_batch_size(tiny_dataset, tmp
     """--batch-size sets decoding and the forward only: BatchNorm is calibrated in batches of its own
     fixed size (a batch's variance leaves out the variance between batches), so two runs that differ
     only in --batch-size save the same backbone and cache the same features."""
-    runs = [extract_features(config(tiny_dataset, tmp_path / f"b{b}.h5", "none", calibration_frames=32,
+    write_frames(tiny_dataset / "train" / "run" / "r_long", rand_frames(np.random.default_rng(5), 60), ".png")
+    runs = [extract_features(config(tiny_dataset, tmp_path / f"b{b}.h5", "none", calibration_frames=200,
                                     batch_size=b, chunk_frames=b), progress=False) for b in (4, 16)]
     assert runs[0].weights.sha256 == runs[1].weights.sha256
     a, b = (torch.load(r.weights_file, map_location="cpu", weights_only=True) for r in runs)
+    assert a["meta"]["calibration_frames"] > 64  # more than one calibration batch
     assert all(torch.equal(a["backbone_state"][k], b["backbone_state"][k]) for k in a["backbone_state"])
     with FeatureCache(runs[0].output) as c0, FeatureCache(runs[1].output) as c1:
         np.testing.assert_allclose(c0.load_split("train").features.astype(np.float32),

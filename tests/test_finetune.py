@@ -158,12 +158,13 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
                                 init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
 
 
-def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data, tmp_path, weights_file):
+def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data, tmp_path, weights_file, caplog):
     """Without a val split, finetune carves its validation set from train. Started from --init, it
     must hold out the same videos the --init run held out: other ones were trained on by its head,
     and the best epoch would be picked on them. The same carve with another --seed (which seeds the
-    training) holds out the same videos; another --val-fraction, or an --init validated on a split
-    (trained on all of train), is refused. --resume with another carve is refused too."""
+    training) holds out the same videos; another --val-fraction is refused. An --init validated on
+    a split gets a warning; one from another dataset leaves the carve free. --resume with another
+    carve is refused too."""
     only_train = DatasetSpec(str(colour_data), splits=("train",))
     cache = tmp_path / "f.h5"
     extract_features(ExtractConfig(dataset=only_train, output=str(cache), weights=str(weights_file),
@@ -176,20 +177,34 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
     finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "e2e"), val_fraction=0.3, seed=5, **still),
              progress=False)
     assert load_checkpoint(tmp_path / "e2e" / "best.pt")["validation"] == s2_val  # the same videos, seed and all
-    with pytest.raises(ConfigError, match=r"validated on videos carved from 'train' with --val-fraction 0\.3; this "
-                                          r"run's carve would hold out videos its head was trained on.*use "
-                                          r"--val-fraction 0\.3, or name a validation split with --val-split$"):
-        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "x"), val_fraction=0.5, **still), progress=False)
+    with pytest.raises(ConfigError, match=r"validated on videos carved from this training split with other settings "
+                                          r"\(--val-fraction 0\.3, here 0\.5; --group-pattern None, here '\(\.\*\)_'\): "
+                                          r"this run's carve would hold out videos its head was trained on"):
+        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "x"), val_fraction=0.5, group_pattern="(.*)_",
+                                **still), progress=False)
     # an --init validated on the val split was trained on all of train: no carve of train is clean
     extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "full.h5"),
                                    weights=str(weights_file), frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8),
                      progress=False)
     train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "s2v"), hidden=16, epochs=1,
                                   seq_len=4, device="cpu"), progress=False)
-    with pytest.raises(ConfigError, match=r"was validated on split 'val', so its head was trained on every video of "
-                                          r"'train'.*name a validation split with --val-split$"):
+    # an --init validated on a val split was trained on its whole train split, which may be this one or
+    # another dataset's: it cannot be told, so a warning says what to do
+    import logging
+
+    with caplog.at_level(logging.WARNING):
         finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"),
                                 **{**still, "init": str(tmp_path / "s2v" / "best.pt")}), progress=False)
+    assert "validated on split 'val' and trained on its whole training split: if that is this dataset's 'train'" \
+        in caplog.text
+    # an --init carved from another dataset (none of its held-out videos is here) leaves the carve free
+    other = tmp_path / "other_ds"
+    shutil.copytree(colour_data / "train", other / "train")
+    for d in (other / "train").glob("*/*"):
+        d.rename(d.with_name("x" + d.name))
+    finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "o"), val_fraction=0.5, seed=3,
+                            **still), progress=False)
+    assert load_checkpoint(tmp_path / "o" / "best.pt")["validation"]["seed"] == 3
     # a transformer head has learned positions for the clips it was trained on, no more
     train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "tr"), head="transformer",
                                   hidden=16, num_heads=2, epochs=1, seq_len=4, device="cpu"), progress=False)
@@ -207,6 +222,16 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
     finetune(carved(epochs=1), progress=False)
     with pytest.raises(CheckpointError, match="was validated on other videos"):
         finetune(carved(epochs=2, val_fraction=0.3, resume=True), progress=False)
+
+
+def test_learning_rates_and_weight_decay_are_checked(colour_data):
+    """click's float ranges let nan and inf through, and the Python API has no click at all."""
+    for kw, msg in (({"lr": float("nan")}, "lr must be > 0 and at most 1, got nan"),
+                    ({"backbone_lr": float("inf")}, "backbone_lr must be > 0 and at most 1, got inf"),
+                    ({"lr": 2.0}, "lr must be > 0 and at most 1, got 2.0"),
+                    ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf")):
+        with pytest.raises(ConfigError, match=msg):
+            FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out="x", **kw)
 
 
 def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):

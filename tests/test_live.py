@@ -296,6 +296,34 @@ def test_joined_recordings_keep_time_going_forward(tmp_path, caplog):
     assert caplog.text.count("its timestamps jumped from") == 2  # once per stream
 
 
+def test_a_file_keeps_its_pauses_and_a_stream_bridges_a_clock_jump(media, server):
+    """100 s of nothing between two frames: in a file that is a pause in the recording, kept; on a
+    stream (a real stall that long would hit --timeout first) it is a jump of the source's clock,
+    bridged by one frame period, with a warning."""
+    import av
+    from fractions import Fraction
+
+    path = media / "gap.ts"
+    with av.open(str(path), "w", format="mpegts") as c:
+        s = c.add_stream("mpeg2video", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for i in range(40):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 6 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = i + (1000 if i >= 20 else 0), Fraction(1, 10)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    for source, step, jumps in ((str(path), 100.1, 0), (f"{server}/gap.ts", 0.1, 1)):
+        stream = LiveStream(source, transform=lambda f: f[:, :2, :2])
+        with stream:
+            times = [f.time for f in stream]
+        assert len(times) == 40 and stream.stats.jumps == jumps, source
+        assert times[20] - times[19] == pytest.approx(step, abs=1e-3), source
+        assert np.diff(times[:20]) == pytest.approx(0.1, abs=1e-3) and np.diff(times[20:]) == pytest.approx(0.1, abs=1e-3)
+
+
 def test_reconnect_does_not_retry_a_missing_file(tmp_path):
     with pytest.raises(StreamError, match=f"live source {tmp_path / 'none.ts'}: no such file"):
         LiveStream(str(tmp_path / "none.ts"), reconnect=True, backoff=0.01)

@@ -173,6 +173,9 @@ def test_evaluate_refuses_other_cache(tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run), "--split",
                                   "train"])  # files of its own name: written beside the run's
     assert r.exit_code == 0 and (run / "per_class_train.csv").is_file()
+    r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run), "--split",
+                                  "train"])  # and again: those are evaluate's own files, not the run's
+    assert r.exit_code == 0, r.stderr
 
 
 def test_out_of_memory_is_one_line(tmp_path):
@@ -184,7 +187,7 @@ def test_out_of_memory_is_one_line(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO:")]
     assert line.startswith("error: out of memory (") and "can't allocate memory" in line
-    assert line.endswith("use a smaller --batch-size or model (--hidden, --backbone), or free memory")
+    assert line.endswith("; lower --batch-size or --hidden, use --load lazy, or free memory")  # train-temporal's
     assert not (tmp_path / "run").exists()  # the folder it made for the run is not left behind, empty
 
 
