@@ -212,9 +212,10 @@ class Provenance:
         weights = WeightsIdentity.from_dict(d["weights"])
         if weights.source == "timm" and weights.name and backbone.startswith("timm:"):
             weights = dataclasses.replace(weights, name=legacy_timm_tag(backbone.removeprefix("timm:"), weights.name))
-        return cls(backbone=backbone, weights=weights, frame_spec=FrameSpec.from_dict(d["frame_spec"]), selection=FrameSelection.from_dict(d["selection"]),
-                   feature_dim=int(d.get("feature_dim") or 1280), classes=tuple(d.get("classes", ())),
-                   precision=d.get("precision", "float32"), dtype=d.get("dtype", "float16"))
+        return cls(backbone=backbone, weights=weights, frame_spec=FrameSpec.from_dict(d["frame_spec"]),
+                   selection=FrameSelection.from_dict(d["selection"]), feature_dim=int(d.get("feature_dim") or 1280),
+                   classes=tuple(d.get("classes", ())), precision=d.get("precision", "float32"),
+                   dtype=d.get("dtype", "float16"))
 
 
 @dataclass(frozen=True)
