@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import json
 import math
 import os
 import random
@@ -350,16 +351,32 @@ class EvalResult:
     load: str = ""  # memory or lazy, as for TrainResult
 
 
+def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
+    """Refuse to write an evaluation over a run's own test files (``confusion_test.png``,
+    ``per_class_test.csv``) where its numbers differ from the run's ``test.json``, which they go
+    with: the folder would contradict itself. The same numbers again (its best.pt, its settings)
+    are written as they are."""
+    files = [f for f in (f"confusion_{split}.png", f"per_class_{split}.csv") if f in RUN_FILES and (out / f).exists()]
+    if not files or not holds_run(out):
+        return
+    try:
+        run = json.loads((out / "test.json").read_text())
+    except (OSError, ValueError):
+        return  # no results there for these files to contradict
+    same = run.get("split") == split and all(
+        isinstance(run.get(k), (int, float)) and math.isclose(run[k], m[k], rel_tol=1e-5, abs_tol=1e-7)
+        for k in ("top1", "top5", "mean_class_acc", "loss"))
+    if not same:
+        raise ConfigError(f"--out {out} holds a run whose test results (test.json: top-1 {run.get('top1')}) are not "
+                          f"this evaluation's (top-1 {m['top1']:.4g}): its {' and '.join(files)} would no longer match "
+                          "them; write this evaluation to another --out")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,
                         eval_clips: int | None = None, device: str = "auto", out: str | Path | None = None,
                         load: str = "auto", memory_budget: float | None = None) -> EvalResult:
     """Metrics of a trained checkpoint on a cache split; refuses a cache it was not trained for.
     ``load``/``memory_budget`` (GB): as for ``TemporalConfig`` (see ``sources.open_splits``)."""
-    files = [Path(out) / f"confusion_{split}.png", Path(out) / f"per_class_{split}.csv"] if out is not None else []
-    if out is not None and holds_run(Path(out)) and (clash := [f.name for f in files if f.name in RUN_FILES
-                                                              and f.exists()]):
-        raise ConfigError(f"--out {out} holds a run, whose {' and '.join(clash)} go with its own results "
-                          "(test.json); write this evaluation to another --out")
     model = load_model(checkpoint)
     dev = resolve_device(device)
     with FeatureCache(cache_path) as cache:
@@ -371,6 +388,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
         probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
     if out is not None:
+        _check_run_results(Path(out), split, m)
         out = ensure_dir(out, "--out")
         plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
                        title=f"{split}: top-1 {m['top1']:.3f}")

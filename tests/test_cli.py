@@ -435,6 +435,19 @@ def test_backbone_by_name_and_list_backbones(tiny_dataset, tmp_path):
         assert r.exit_code == 2 and msg in r.stderr, (args, r.stderr)
 
 
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo`'s job, shortened to 2 epochs: every step runs, twice (the rerun replaces its own
+    run), and ends with its summary. Nothing else in the suite runs the demo whole."""
+    args = ["demo", "--data-dir", str(tmp_path / "data"), "--features", str(tmp_path / "f.h5"),
+            "--out", str(tmp_path / "run"), "--epochs", "2"]
+    for _ in range(2):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.stderr
+        assert all(f"[{i}/5]" in r.output for i in range(1, 6)) and "correct" in r.output
+        assert "done in" in r.output and "(model picked on validation, not on test)" in r.output
+    assert {"best.pt", "test.json", "confusion_test.png", "per_class_test.csv"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
 def test_demo_replaces_only_what_it_wrote(tmp_path):
     """The demo rewrites its own dataset and run, never a folder of the user's given by mistake."""
     mine = tmp_path / "mine"

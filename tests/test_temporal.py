@@ -160,16 +160,22 @@ def test_evaluate_refuses_other_cache(tmp_path):
     c = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, dtype="float32")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run" / "best.pt"), "--cache", str(c), "--split", "test"])
     assert r.exit_code == 1 and "feature dtype" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    # --out the run folder: its per-class CSV and confusion matrix go with its test.json, not replaced
+    # --out the run folder: its per-class CSV and confusion matrix go with its test.json; other numbers
+    # (here: more eval clips) are not written over them. The run's own numbers again are (the demo does that).
     run = tmp_path / "run"
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert "per_class_test.csv" in kept
     r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run),
                                   "--eval-clips", "3"])
-    assert r.exit_code == 1 and r.stderr.strip() == (
-        f"error: --out {run} holds a run, whose confusion_test.png and per_class_test.csv go with its own results "
-        "(test.json); write this evaluation to another --out")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO:")]
+    assert line.startswith(f"error: --out {run} holds a run whose test results (test.json: top-1 ")
+    assert line.endswith("its confusion_test.png and per_class_test.csv would no longer match them; "
+                                     "write this evaluation to another --out")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+    r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run)])
+    assert r.exit_code == 0, r.stderr
+    assert (run / "per_class_test.csv").read_bytes() == kept["per_class_test.csv"]
     r = CliRunner().invoke(main, ["evaluate", str(run / "best.pt"), "--cache", str(a), "--out", str(run), "--split",
                                   "train"])  # files of its own name: written beside the run's
     assert r.exit_code == 0 and (run / "per_class_train.csv").is_file()
