@@ -965,7 +965,7 @@ def demo_cmd(ctx: click.Context, data_dir: Path, features: Path, out: Path, size
                f"{sum(h['epoch_seconds'] for h in tr.history):.1f} s of training in all")
 
     click.echo(f"[4/5] evaluate {out}/best.pt on the test split (held out: evaluated once, never used to pick)")
-    ev = evaluate_checkpoint(out / "best.pt", features, "test", device=device, out=out)
+    ev = evaluate_checkpoint(out / "best.pt", features, "test", device=device)  # the run wrote its test files
     m = ev.metrics
     click.echo(format_table([("top-1", f"{m['top1']:.3f}"), ("top-5", f"{m['top5']:.3f}"),
                              ("mean class acc", f"{m['mean_class_acc']:.3f}"),

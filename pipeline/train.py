@@ -363,8 +363,8 @@ def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
         run = json.loads((out / "test.json").read_text())
     except (OSError, ValueError):
         return  # no results there for these files to contradict
-    same = run.get("split") == split and all(
-        isinstance(run.get(k), (int, float)) and math.isclose(run[k], m[k], rel_tol=1e-5, abs_tol=1e-7)
+    same = run.get("split") == split and all(  # the loss within autocast's rounding (the run's test pass uses it)
+        isinstance(run.get(k), (int, float)) and math.isclose(run[k], m[k], rel_tol=1e-3 if k == "loss" else 1e-9)
         for k in ("top1", "top5", "mean_class_acc", "loss"))
     if not same:
         raise ConfigError(f"--out {out} holds a run whose test results (test.json: top-1 {run.get('top1')}) are not "
