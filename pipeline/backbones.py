@@ -517,25 +517,37 @@ def _timm_cfg(full: str) -> Any:
         return None
 
 
+def _hub_weights_file(cfg: dict[str, Any]) -> Path | None:
+    """The file of a timm pretrained config's weights in the local Hugging Face cache, as timm
+    picks it (``timm.models._hub.load_state_dict_from_hf``: the safetensors form first); None if
+    none is there or the config has no hub id. ImportError without huggingface_hub."""
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    f = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+    safe = {"pytorch_model.bin": "model.safetensors",
+            "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(f, f.removesuffix(".bin") + ".safetensors")
+    repo_id, _, revision = repo.partition("@")
+    for name in (f,) if f.endswith(".safetensors") else (safe, f):
+        hit = try_to_load_from_cache(repo_id, name, revision=revision or None)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
 def _timm_weights_file(cfg: dict[str, Any]) -> Path | None:
-    """The local file timm just loaded a model's pretrained weights from: the Hugging Face cache's
-    (safetensors first, as timm prefers them), else torch.hub's download of its URL; None if
-    neither is found (a custom cache folder)."""
+    """The local file timm just loaded a model's pretrained weights from: the Hugging Face cache's,
+    else torch.hub's download of its URL; None if neither is found (a custom cache folder)."""
     import os
 
-    repo = cfg.get("hf_hub_id")
-    if repo:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        f = cfg.get("hf_hub_filename") or "pytorch_model.bin"
-        safe = {"pytorch_model.bin": "model.safetensors",
-                "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(f, f.removesuffix(".bin") + ".safetensors")
-        for name in dict.fromkeys((safe, f)):  # timm's order (timm.models._hub.load_state_dict_from_hf)
-            hit = try_to_load_from_cache(repo.partition("@")[0], name, revision=repo.partition("@")[2] or None)
-            if isinstance(hit, str):
-                return Path(hit)
+    try:
+        hit = _hub_weights_file(cfg)
+    except ImportError:
+        hit = None
+    if hit is not None:
+        return hit
     url = cfg.get("url")
     if url:
         p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
@@ -546,14 +558,8 @@ def _timm_weights_file(cfg: dict[str, Any]) -> Path | None:
 
 def _hub_cached(cfg: Any) -> bool:
     """Whether the weights of a timm pretrained config are already in the local Hugging Face cache."""
-    repo = getattr(cfg, "hf_hub_id", None)
-    if not repo:
-        return False
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return any(isinstance(try_to_load_from_cache(repo, f), str)
-                   for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+        return _hub_weights_file(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)) is not None
     except Exception:  # noqa: BLE001 - an old hub client: let the download itself decide
         return True
 
