@@ -39,7 +39,7 @@ from .heads import HeadConfig, build_head, max_clip_len
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import RunDir, check_resume_epochs, check_resume_options
+from .run import RunDir, check_resume_epochs, check_resume_options, check_resume_validation
 from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
 from .run import summary
 
@@ -408,10 +408,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                                   "from --init did before 1 Dec 2026; they now carve as the --init run did (seed "
                                   f"{validation.get('seed')}), so this run cannot be resumed: start it over with "
                                   "--overwrite")
-        if old != validation:
-            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
-                                  "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
-                                  "the same data and options")
+        check_resume_validation(out / "last.pt", old, validation)
         check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs, ck["train_config"].get("epochs"))
         world = ck["train_config"].get("world_size", info.world)  # not recorded before: not compared
         if world != info.world:

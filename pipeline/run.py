@@ -54,6 +54,15 @@ def check_resume_epochs(last: Path, done: int, epochs: int, planned: int | None 
                     done + 1, epochs)
 
 
+def check_resume_validation(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resumed run validates on the videos it validated on so far (``validation`` of its
+    last.pt; not recorded by older ones): otherwise its earlier epochs' best would be another set's."""
+    if recorded is not None and recorded != now:
+        raise CheckpointError(f"{last} was validated on other videos (the training split, --val-fraction, "
+                              "--group-pattern or the --seed of the carve changed); resume with the same data and "
+                              "options")
+
+
 # Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting
 # over (--overwrite) removes all of them before the new run's first write, so an interrupted
 # --overwrite never leaves the old run's results (test.json, plots, a leaderboard whose trials

@@ -29,7 +29,8 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import RUN_FILES, RunDir, check_resume_epochs, check_resume_options, holds_run
+from .run import (RUN_FILES, RunDir, check_resume_epochs, check_resume_options, check_resume_validation,
+                  holds_run)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -264,10 +265,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
         check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,
                              ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",
                               "label_smoothing", "clip_grad", "seed"))
-        if ckpt.get("validation", data.validation) != data.validation:
-            raise CheckpointError(f"{out / 'last.pt'} was validated on other videos (the training split, "
-                                  "--val-fraction, --group-pattern or the --seed of the carve changed); resume with "
-                                  "the same data and options")
+        check_resume_validation(out / "last.pt", ckpt.get("validation"), data.validation)
         check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs, ckpt["train_config"].get("epochs"))
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
