@@ -236,23 +236,25 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection
 
 
-def _init_carve_seed(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> int:
-    """The seed of this run's validation carve when it starts from ``--init``: where the --init run
-    carved its validation set from this same training split (its held-out videos are among ours),
-    its carve seed, so both hold out the same videos (this run's --seed still seeds training), and
-    a carve with other settings is refused, because it would hold out videos the --init head was
-    trained on and pick the best epoch on them. An --init from another dataset leaves the carve
-    free; one validated on a split cannot be checked, and gets a warning."""
+def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str]]:
+    """The seed of this run's validation carve when it starts from ``--init``, and the videos the
+    --init run held out where its carve applies here (else none). Where the --init run carved its
+    validation set from this same training split (its held-out videos are among ours): its carve
+    seed, so both hold out the same videos (this run's --seed still seeds training), and a carve
+    with other settings is refused, because it would hold out videos the --init head was trained
+    on and pick the best epoch on them. An --init from another dataset leaves the carve free; one
+    validated on a split cannot be checked, and gets a warning."""
     iv = init.ckpt.get("validation")
     if iv is None:  # not recorded by older checkpoints: nothing to compare
-        return cfg.seed
+        return cfg.seed, set()
     if iv.get("kind") == "split":
         log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
                     "dataset's %r, the videos carved from it for validation were seen by its head; name a "
                     "validation split with --val-split to be sure", cfg.init, iv.get("split"), cfg.train_split)
-        return cfg.seed
-    if not set(iv.get("videos", ())) & {v.rel for v in train_videos}:  # another dataset: its carve says nothing here
-        return cfg.seed
+        return cfg.seed, set()
+    held_out = set(iv.get("videos", ()))
+    if not held_out & {v.rel for v in train_videos}:  # another dataset: its carve says nothing here
+        return cfg.seed, set()
     theirs = {"--train-split": iv.get("from"), "--val-fraction": iv.get("fraction"),
               "--group-pattern": iv.get("group_pattern")}
     ours = {"--train-split": cfg.train_split, "--val-fraction": cfg.val_fraction, "--group-pattern": cfg.group_pattern}
@@ -261,7 +263,7 @@ def _init_carve_seed(cfg: FinetuneConfig, init: Model, train_videos: list[Video]
                           f"settings ({'; '.join(f'{k} {theirs[k]!r}, here {ours[k]!r}' for k in diff)}): this run's "
                           "carve would hold out videos its head was trained on, and pick the best epoch on them; use "
                           "the --init run's settings, or name a validation split with --val-split")
-    return int(iv.get("seed", cfg.seed))
+    return int(iv.get("seed", cfg.seed)), held_out
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
@@ -314,7 +316,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     train_videos = index.videos(cfg.train_split)
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     if val_split is None:  # carved from train by whole source videos, as stage two does
-        seed = _init_carve_seed(cfg, init, train_videos) if init is not None else cfg.seed
+        seed, theirs = _init_carve(cfg, init, train_videos) if init is not None else (cfg.seed, set())
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
                                 seed=seed, pattern=cfg.group_pattern)
         if not mask.any():
@@ -324,7 +326,6 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
         val_name = f"{len(val_videos)} videos carved from {cfg.train_split!r}"
-        theirs = set((init.ckpt.get("validation") or {}).get("videos", ())) if init is not None else set()
         if seen := [v.rel for v in val_videos if theirs and v.rel not in theirs]:  # its cache lacked some videos
             log.warning("%d of the %d validation videos (%s) were not in the --init run's validation set: its head may "
                         "have been trained on them", len(seen), len(val_videos), some(seen))

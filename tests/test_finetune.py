@@ -202,9 +202,11 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
     shutil.copytree(colour_data / "train", other / "train")
     for d in (other / "train").glob("*/*"):
         d.rename(d.with_name("x" + d.name))
+    caplog.clear()
     finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "o"), val_fraction=0.5, seed=3,
                             **still), progress=False)
     assert load_checkpoint(tmp_path / "o" / "best.pt")["validation"]["seed"] == 3
+    assert "not in the --init run's validation set" not in caplog.text  # its held-out videos are another dataset's
     # a transformer head has learned positions for the clips it was trained on, no more
     train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "tr"), head="transformer",
                                   hidden=16, num_heads=2, epochs=1, seq_len=4, device="cpu"), progress=False)
