@@ -254,6 +254,11 @@ class CacheWriter:
     def _kept_hint(self) -> str:
         return f"{_finished_parts(self.partial)} finished video(s) are kept in {self.partial}"
 
+    def stored(self) -> dict[str, list[str]]:
+        """Relative paths of the videos, per split, that ``finalize`` starts from (the cache file's
+        unless this run replaces it, and the finished parts)."""
+        return _stored_videos(self.path)
+
     def pending(self) -> bool:
         """Finished parts not yet in the cache file."""
         return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import inspect
 import io
 import json
@@ -21,7 +22,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backb
                         recalibrate_batchnorm)
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, source_fps
+from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .files import atomic_write_bytes, ensure_dir, exclusive, sha256_file
@@ -401,6 +402,32 @@ def _recorded_backbone(output: Path, overwrite: bool, backbone: str, spec: Frame
     return None
 
 
+def _dataset_order(index: DatasetIndex, stored: Callable[[], dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Each split's videos as the cache is to hold them, in dataset order (class, then natural order
+    of the path): the videos indexed now and, in their place, the ones ``stored()`` (by an earlier
+    run: the cache file and finished parts) under a class folder that could not be read this time. Those
+    are kept as they are, with a warning, where dropping them would lose finished work for a
+    permission that may be put right; a later run checks them again."""
+    order = {}
+    held: dict[str, list[str]] | None = None  # read only where a folder could not be
+    for split, videos in index.splits.items():
+        listed = [((v.label, natural_key(v.rel)), v.rel) for v in videos]
+        now = {v.rel for v in videos}
+        kept = []
+        for folder in (s.path for s in index.skipped if s.kind == "folder" and s.split in (split, None)):
+            name = folder.rsplit("/", 1)[-1]
+            if name not in index.classes:  # not a class folder (a split folder is never in index.splits)
+                continue
+            held = stored() if held is None else held
+            under = [r for r in held.get(split, []) if r.startswith(folder + "/") and r not in now]
+            if under:
+                log.warning("kept the %d cached video(s) under %s, which could not be read this run, as they were",
+                            len(under), folder)
+                kept += [((index.classes.index(name), natural_key(r)), r) for r in under]
+        order[split] = [rel for _, rel in heapq.merge(listed, sorted(kept))] if kept else [r for _, r in listed]
+    return order
+
+
 _HELD_OUT = re.compile(r"^(test|val|valid|validation|eval|evaluation|holdout|dev)", re.IGNORECASE)
 
 
@@ -655,9 +682,9 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         first = next((f["reason"] for f in failures if f["skipped"] not in INDEX_FAILURES), "no videos")
         raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
-    order = {split: [v.rel for v in videos] for split, videos in index.splits.items()}
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
+        order = _dataset_order(index, writer.stored)
         if writer.unchanged(failures, order, keep):
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:

@@ -326,27 +326,47 @@ def test_unreadable_split_and_class_folders_are_skipped(tiny_dataset, tmp_path, 
             shutil.rmtree(tiny_dataset / split)
         locked = [tiny_dataset / "run"]
         extra = ["--split-file", str(tmp_path / "trainlist01.txt")]
-    out = tmp_path / "f.h5"
-    args = [sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(tiny_dataset), "--output",
-            str(out), "--weights", str(weights_file), "--size", str(SIZE), "--workers", "0", "--no-progress", *extra]
-    for d in locked:
-        d.chmod(0)
-    try:
-        cmd = _without_dac(args, locked[0])
-        if cmd is None:
-            pytest.skip("cannot make a folder unreadable here (root without capsh)")
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
-    finally:
+    def extract_locked(out: Path) -> subprocess.CompletedProcess:
+        args = [sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(tiny_dataset), "--output",
+                str(out), "--weights", str(weights_file), "--size", str(SIZE), "--workers", "0", "--no-progress",
+                *extra]
         for d in locked:
-            d.chmod(0o755)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    for d in locked:
-        assert f"cannot read {'split' if d.name == 'val' else 'class'} folder {d}" in r.stderr
+            d.chmod(0)
+        try:
+            cmd = _without_dac(args, locked[0])
+            if cmd is None:
+                pytest.skip("cannot make a folder unreadable here (root without capsh)")
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
+        finally:
+            for d in locked:
+                d.chmod(0o755)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        for d in locked:
+            assert f"cannot read {'split' if d.name == 'val' else 'class'} folder {d}" in r.stderr
+        return r
+
+    out = tmp_path / "f.h5"
+    extract_locked(out)
     with h5py.File(out) as f:
         assert json.loads(f.attrs["classes"]) == ["jump", "run", "walk"]  # labels do not move
         videos = [v.decode() for v in f["train/videos"][()]]
         assert not [v for v in videos if "run" in v] and videos
         assert "val" not in f
+
+    # A folder that cannot be read this time keeps what an earlier run cached of it, in its place.
+    full = tmp_path / "full.h5"
+    code, _, err = extract(tiny_dataset, full, weights_file, *extra)
+    assert code == 0, err
+    with h5py.File(full) as f:
+        before = {s: (list(f[s]["videos"][()]), f[s]["features"][()]) for s in f}
+    r = extract_locked(full)
+    run_dir = locked[0].relative_to(tiny_dataset).as_posix()
+    with h5py.File(full) as f:
+        assert set(f) == set(before)
+        for s, (videos, feats) in before.items():
+            assert list(f[s]["videos"][()]) == videos and np.array_equal(f[s]["features"][()], feats), s
+        kept = sum(v.decode().startswith(run_dir + "/") for v in f["train/videos"][()])
+    assert kept > 0 and f"kept the {kept} cached video(s) under {run_dir}" in r.stderr, r.stderr
 
 
 def test_ignored_names_are_listed_warned_once_and_not_retried(tiny_dataset, tmp_path):
