@@ -724,7 +724,8 @@ def _predict_live(ctx: click.Context, predictor, source: str, *, as_json: bool, 
         lat = (f"; latency mean {1000 * s.latency_mean:.1f} ms, p95 {1000 * s.latency_p95:.1f} ms"
                if s.latency_mean is not None else "")
         click.echo(f"{s.ended}: {s.windows} windows, {s.frames_read} frames read, {s.frames_classified} classified, "
-                   f"{s.dropped} dropped{', ' + str(s.reconnects) + ' reconnects' if s.reconnects else ''}{lat}")
+                   f"{s.dropped} dropped{', ' + str(s.reconnects) + ' reconnects' if s.reconnects else ''}"
+                   f"{', ' + str(s.damaged) + ' damaged packets skipped' if s.damaged else ''}{lat}")
     if s.error:
         click.echo(f"error: {s.error}", err=True)
         ctx.exit(EXIT_ERROR)

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -873,28 +873,65 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     container, stream = _open_video(path)
     n = 0
     stopped = None
+    damaged: list[av.FFmpegError] = []  # packets the decoder refused
+    decoded: set[int] = set()
     try:
         stream.thread_type = "AUTO"
-        for count, frame in enumerate(container.decode(stream)):
-            n += 1
-            i = position.get(frame.pts, count) if position else count
-            if (i not in keep) if keep is not None else (i % sel.stride):
+        # Packet by packet, as ffmpeg does: a damaged packet costs its frame (and, until the next
+        # key frame, the look of the frames that refer to it), not the rest of the video.
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                damaged.append(e)
                 continue
-            # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
-            rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
-            yield DecodedFrame(i, rgb, None)
-    except av.FFmpegError as e:
+            for frame in frames:
+                i = position.get(frame.pts, n) if position else n
+                n += 1
+                decoded.add(i)
+                if (i not in keep) if keep is not None else (i % sel.stride):
+                    continue
+                # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
+                rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
+                yield DecodedFrame(i, rgb, None)
+    except av.FFmpegError as e:  # the file itself could not be read on
         if n == 0:
             raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
         stopped = f"{path}: decoding stopped after {n} frames ({e})"  # keep the frames before it
     finally:
         container.close()
     if n == 0:
-        raise VideoDecodeError(f"{path}: no decodable frames")
+        why = f"decoding failed ({damaged[0]})" if damaged else "no decodable frames"
+        raise VideoDecodeError(f"{path}: {why}")
     # A file cut short decodes without an error up to where it ends: keep those frames, but say so.
     problem = stopped or _truncation(path, demuxed, n)
+    lost = _lost_frames(damaged, decoded, keep if keep is not None else range(len(pts or [])), pts is not None)
     if problem is not None:
-        yield DecodedFrame(-1, None, problem, "frames")
+        yield DecodedFrame(-1, None, problem + (f"; {lost}" if lost else ""), "frames")
+    elif lost:
+        yield DecodedFrame(-1, None, f"{path}: damaged: {lost}", "frame")
+
+
+def _av_reason(e: Exception) -> str:
+    """An FFmpeg error as its reason alone ('Invalid data found when processing input'), without
+    the errno and the C function PyAV adds."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _lost_frames(damaged: Sequence[Exception], decoded: Collection[int], wanted: Iterable[int], known: bool) -> str:
+    """What the ``damaged`` packets cost: the ``wanted`` frames not ``decoded`` (frame threading
+    reports an error a packet or two late, so they are told by what is missing, not by the error);
+    '' if nothing. ``known``: frame numbers are known (every packet has a timestamp)."""
+    if not damaged:
+        return ""
+    if not known:
+        return f"{len(damaged)} packet(s) could not be decoded ({_av_reason(damaged[0])}); the other frames are kept"
+    lost = sorted(set(wanted) - set(decoded))
+    if not lost:
+        return ""
+    shown = ", ".join(map(str, lost[:5])) + (", ..." if len(lost) > 5 else "")
+    return (f"{len(lost)} frame(s) could not be decoded ({shown}: {len(damaged)} damaged packet(s), "
+            f"{_av_reason(damaged[0])}); the others are kept")
 
 
 def _folder_selection(path: Path, sel: FrameSelection) -> tuple[list[Path], list[int]]:

@@ -55,7 +55,7 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 25, codec
     ext = path.suffix.lower()
     codec = codec or {".avi": "mpeg4", ".mp4": "libx264", ".mkv": "ffv1", ".webm": "libvpx-vp9",
                       ".mov": "png", ".ts": "mpeg4"}[ext]
-    pix_fmt = {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
+    pix_fmt = {"ffv1": "bgr0", "png": "rgb24", "mjpeg": "yuvj420p"}.get(codec, "yuv420p")
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w", container_options=options or {}) as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))

@@ -430,12 +430,13 @@ class LiveSummary:
     seconds: float
     ended: str  # "end of file", "end of stream", "interrupted", "lost", "stopped"
     error: str | None = None
+    damaged: int = 0  # packets the decoder refused, skipped with their frames
 
     def to_json(self) -> dict[str, Any]:
         ms = lambda v: None if v is None else round(1000 * v, 3)  # noqa: E731
         return {"summary": {"source": self.source, "windows": self.windows, "frames_read": self.frames_read,
                             "frames_kept": self.frames_kept, "frames_classified": self.frames_classified,
-                            "dropped": self.dropped, "reconnects": self.reconnects,
+                            "dropped": self.dropped, "reconnects": self.reconnects, "damaged_packets": self.damaged,
                             "latency_ms_mean": ms(self.latency_mean), "latency_ms_p50": ms(self.latency_p50),
                             "latency_ms_p95": ms(self.latency_p95), "seconds": round(self.seconds, 3),
                             "ended": self.ended, "error": self.error}}
@@ -527,7 +528,8 @@ class LiveRun:
             latency_mean=float(lat.mean()) if len(lat) else None,
             latency_p50=float(np.percentile(lat, 50)) if len(lat) else None,
             latency_p95=float(np.percentile(lat, 95)) if len(lat) else None,
-            seconds=time.perf_counter() - self._t0, ended=ended, error=None if self.interrupted else self.stream.error)
+            seconds=time.perf_counter() - self._t0, ended=ended, error=None if self.interrupted else self.stream.error,
+            damaged=st.damaged)
 
 
 def _precision_name(p: str) -> str:

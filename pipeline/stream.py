@@ -40,6 +40,7 @@ SourceKind = Literal["device", "url", "file"]
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _NEEDS_SEEK = (".mp4", ".mov", ".m4v", ".3gp")
 MAX_GAP = 60.0  # seconds: a longer step ahead in a source's timestamps is a jump of its clock, not a pause
+MAX_DAMAGED = 100  # damaged packets in a row that end a connection (a stream that decodes to nothing)
 
 
 class StreamFrame(NamedTuple):
@@ -56,6 +57,7 @@ class StreamStats:
     dropped: int = 0  # kept frames evicted from a full queue before the consumer took them
     reconnects: int = 0
     jumps: int = 0  # jumps of the source's timestamps, bridged (see ``LiveStream._read``)
+    damaged: int = 0  # packets the decoder refused, skipped (see ``LiveStream._decoded``)
 
 
 def source_kind(source: str) -> SourceKind:
@@ -318,7 +320,7 @@ class LiveStream:
         t0: float | None = None  # source time of this connection's first frame
         wall0 = offset = 0.0
         shift, prev = 0.0, None  # added to t_src - t0 after jumps; the previous frame's time in this connection
-        for frame in container.decode(stream):
+        for frame in self._decoded(container, stream):
             if self._stop.is_set():
                 return
             now = time.perf_counter()
@@ -354,6 +356,28 @@ class LiveStream:
             self.stats.kept += 1
             self._last_time = t = offset + max(0.0, local)
             self._queue.put(StreamFrame(image, t, index, released), self._stop)
+
+
+    def _decoded(self, container, stream) -> Iterator[Any]:
+        """The source's frames, decoded packet by packet, as ffmpeg does: a damaged packet (a lost
+        datagram, a bad sector) costs its frame, not the connection. ``MAX_DAMAGED`` in a row end
+        it as an error (a source that decodes to nothing)."""
+        import av
+
+        run = 0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                self.stats.damaged += 1
+                run += 1
+                if run >= MAX_DAMAGED:
+                    raise
+                (log.warning if self.stats.damaged == 1 else log.debug)(
+                    "live source %s: skipped a damaged packet (%s)", self.source, _reason(e))
+                continue
+            run = 0
+            yield from frames
 
 
 def _rate(stream) -> float | None:

@@ -43,6 +43,20 @@ def write_faststart_mp4(path: Path, frames: list[np.ndarray], fps: int = 25) -> 
     write_video(path, frames, fps, options={"movflags": "faststart"})
 
 
+def damage_packet(path: Path, k: int) -> None:
+    """Overwrite the data of video packet ``k`` of ``path`` with noise, its size and the file's
+    length kept (as a bad sector or a lost datagram leaves a frame): the demuxer reads it whole and
+    the decoder refuses it."""
+    import av
+
+    with av.open(str(path)) as c:
+        packet = [p for p in c.demux(c.streams.video[0]) if p.size][k]
+        pos, size = packet.pos, packet.size
+    data = bytearray(path.read_bytes())
+    data[pos + 8:pos + size - 8] = np.random.default_rng(k).integers(0, 256, size - 16, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
 def cut_file(path: Path, keep: int) -> None:
     """Keep the first ``keep`` bytes of ``path`` (as an interrupted copy or download does)."""
     data = path.read_bytes()

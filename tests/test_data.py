@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cut_file, rand_frames, write_faststart_mp4, write_frames
+from conftest import cut_file, damage_packet, rand_frames, write_faststart_mp4, write_frames
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
@@ -498,6 +498,27 @@ def test_truncated_video_keeps_its_frames_and_says_so(tmp_path, ext, declares):
         assert all(torch.equal(g.frame, torch.from_numpy(frames[g.index]).permute(2, 0, 1)) for g in decoded)
     # a selection decodes every frame all the same and reports the same
     assert list(iter_video_file(path, FrameSelection(max_frames=4)))[-1].error == last.error
+
+
+@pytest.mark.parametrize("name, codec", [("v.avi", "mjpeg"), ("v.mp4", "libx264")])
+def test_a_damaged_packet_costs_its_frame_not_the_rest(tmp_path, name, codec):
+    """One damaged packet early in a video: its frame is skipped and reported, the 24 after it are
+    kept (decoding used to stop there, losing them). Intra-only MJPEG decodes them to the same
+    pixels; in H.264 the decoder conceals what refers to the lost frame, as ffmpeg does."""
+    path = tmp_path / name
+    write_video(path, rand_frames(np.random.default_rng(0), 30), codec=codec)
+    clean = {g.index: g.frame for g in iter_video_file(path, FrameSelection())}
+    assert len(clean) == 30
+    damage_packet(path, 5)
+    got = list(iter_video_file(path, FrameSelection()))
+    frames, (report,) = got[:-1], got[-1:]
+    assert [g.index for g in frames] == [i for i in range(30) if i != 5]
+    assert report.frame is None and report.skipped == "frame"
+    assert report.error.startswith(f"{path}: damaged: 1 frame(s) could not be decoded (5: 1 damaged packet(s), ")
+    if codec == "mjpeg":
+        assert all(torch.equal(g.frame, clean[g.index]) for g in frames)
+    # a selection that leaves the damaged frame out has nothing to report
+    assert all(g.error is None for g in iter_video_file(path, FrameSelection(stride=2)))
 
 
 def test_video_with_a_wrong_header_count_but_complete_passes(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, rand_frames
+from conftest import REPO, damage_packet, rand_frames
 
 from cli import main
 from pipeline.config import FrameSelection
@@ -322,6 +322,20 @@ def test_a_file_keeps_its_pauses_and_a_stream_bridges_a_clock_jump(media, server
         assert len(times) == 40 and stream.stats.jumps == jumps, source
         assert times[20] - times[19] == pytest.approx(step, abs=1e-3), source
         assert np.diff(times[:20]) == pytest.approx(0.1, abs=1e-3) and np.diff(times[20:]) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_a_damaged_packet_is_skipped_not_the_end_of_the_source(tmp_path, caplog):
+    """A damaged packet (a bad sector, a lost datagram) costs its frame; the source goes on to its
+    end, with one warning and the count in the stats (it used to end as 'lost' there)."""
+    path = tmp_path / "v.avi"
+    write_video(path, rand_frames(np.random.default_rng(0), 30), codec="mjpeg")
+    damage_packet(path, 5)
+    stream = LiveStream(str(path), transform=lambda f: f[:, :2, :2])
+    with stream:
+        frames = list(stream)
+    assert len(frames) == 29 and stream.stats.damaged == 1
+    assert stream.ended == "end of file" and stream.error is None
+    assert caplog.text.count("skipped a damaged packet") == 1
 
 
 def test_reconnect_does_not_retry_a_missing_file(tmp_path):
