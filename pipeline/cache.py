@@ -563,6 +563,13 @@ def read_provenance(path: str | Path) -> Provenance:
         return Provenance.from_dict(json.loads(f.attrs["provenance"]))
 
 
+def cached_videos(path: str | Path, split: str) -> list[str]:
+    """Relative paths of the videos of ``split`` in the cache file ``path`` ([] if it has no such split)."""
+    with _open(Path(path)) as f:
+        _check_schema(f, Path(path))
+        return _strings(f[split]["videos"][()]) if split in f else []
+
+
 def _check_schema(f: Any, path: Path) -> None:
     v = f.attrs.get("schema_version")
     if v is None or "provenance" not in f.attrs:

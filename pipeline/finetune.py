@@ -17,6 +17,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
+from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some, uncarvable
 from .engine import train_steps
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, PipelineError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .heads import HeadConfig, build_head, max_clip_len
@@ -236,34 +238,56 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection
 
 
-def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str]]:
-    """The seed of this run's validation carve when it starts from ``--init``, and the videos the
-    --init run held out where its carve applies here (else none). Where the --init run carved its
+def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str], set[str]]:
+    """How this run's validation carve must go when it starts from ``--init``: (its seed, the
+    videos the --init run held out where its carve applies here, the videos its head was trained
+    on where they are known and come from this training split). Where the --init run carved its
     validation set from this same training split (its held-out videos are among ours): its carve
     seed, so both hold out the same videos (this run's --seed still seeds training), and a carve
     with other settings is refused, because it would hold out videos the --init head was trained
-    on and pick the best epoch on them. An --init from another dataset leaves the carve free; one
-    validated on a split cannot be checked, and gets a warning."""
+    on and pick the best epoch on them. Where it was validated on a split, it was trained on the
+    whole training split of its cache: read from that cache, a carve here that holds out any of
+    those videos is refused by the caller; without the cache, a warning. An --init from another
+    dataset leaves the carve free."""
     iv = init.ckpt.get("validation")
+    ours = {v.rel for v in train_videos}
     if iv is None:  # not recorded by older checkpoints: nothing to compare
-        return cfg.seed, set()
+        return cfg.seed, set(), set()
     if iv.get("kind") == "split":
-        log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
-                    "dataset's %r, the videos carved from it for validation were seen by its head; name a "
-                    "validation split with --val-split to be sure", cfg.init, iv.get("split"), cfg.train_split)
-        return cfg.seed, set()
+        trained = _init_trained(init)
+        if trained is None:
+            log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
+                        "dataset's %r, the videos carved from it for validation were seen by its head; name a "
+                        "validation split with --val-split to be sure", cfg.init, iv.get("split"), cfg.train_split)
+            return cfg.seed, set(), set()
+        return cfg.seed, set(), trained & ours  # empty: another dataset
     held_out = set(iv.get("videos", ()))
-    if not held_out & {v.rel for v in train_videos}:  # another dataset: its carve says nothing here
-        return cfg.seed, set()
+    if not held_out & ours:  # another dataset: its carve says nothing here
+        return cfg.seed, set(), set()
     theirs = {"--train-split": iv.get("from"), "--val-fraction": iv.get("fraction"),
               "--group-pattern": iv.get("group_pattern")}
-    ours = {"--train-split": cfg.train_split, "--val-fraction": cfg.val_fraction, "--group-pattern": cfg.group_pattern}
-    if diff := [k for k in theirs if theirs[k] != ours[k]]:
+    now = {"--train-split": cfg.train_split, "--val-fraction": cfg.val_fraction, "--group-pattern": cfg.group_pattern}
+    if diff := [k for k in theirs if theirs[k] != now[k]]:
         raise ConfigError(f"--init {cfg.init} was validated on videos carved from this training split with other "
-                          f"settings ({'; '.join(f'{k} {theirs[k]!r}, here {ours[k]!r}' for k in diff)}): this run's "
+                          f"settings ({'; '.join(f'{k} {theirs[k]!r}, here {now[k]!r}' for k in diff)}): this run's "
                           "carve would hold out videos its head was trained on, and pick the best epoch on them; use "
                           "the --init run's settings, or name a validation split with --val-split")
-    return int(iv.get("seed", cfg.seed)), held_out
+    return int(iv.get("seed", cfg.seed)), held_out, set()
+
+
+def _init_trained(init: Model) -> set[str] | None:
+    """The videos a train-temporal --init validated on a split was trained on: its cache's training
+    split, read where that file is still there with the features it trained on; None otherwise."""
+    tc = init.ckpt.get("train_config") or {}
+    path, split = tc.get("cache"), tc.get("train_split")
+    if init.ckpt.get("kind") != "temporal" or not path or not split or not Path(path).is_file():
+        return None
+    try:
+        if read_provenance(path).mismatch(Provenance.from_dict(init.ckpt["cache"])):
+            return None  # re-extracted since with other settings: its list proves nothing
+        return set(cached_videos(path, split))
+    except (PipelineError, OSError, KeyError, ValueError):  # not a readable cache of this kind now
+        return None
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
@@ -316,12 +340,19 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     train_videos = index.videos(cfg.train_split)
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     if val_split is None:  # carved from train by whole source videos, as stage two does
-        seed, theirs = _init_carve(cfg, init, train_videos) if init is not None else (cfg.seed, set())
+        seed, theirs, trained = _init_carve(cfg, init, train_videos) if init is not None else (cfg.seed, set(), set())
         mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
                                 seed=seed, pattern=cfg.group_pattern)
         if not mask.any():
             raise DataError(uncarvable(f"{cfg.train_split!r} of {cfg.dataset.root} ({len(mask)} videos)"))
         val_videos = [v for v, m in zip(train_videos, mask) if m]
+        if seen := [v.rel for v in val_videos if v.rel in trained]:
+            tc = init.ckpt["train_config"]
+            raise ConfigError(
+                f"--init {cfg.init} was trained on the whole of split {tc['train_split']!r} of {tc['cache']}, and "
+                f"{len(seen)} of the {len(val_videos)} videos carved here for validation are among them ({some(seen)}): "
+                "the best epoch would be picked on videos its head has seen; name a validation split with --val-split, "
+                "or start from a train-temporal run that carved its validation set from this split (--val-fraction)")
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}

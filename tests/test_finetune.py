@@ -188,13 +188,19 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
                      progress=False)
     train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "s2v"), hidden=16, epochs=1,
                                   seq_len=4, device="cpu"), progress=False)
-    # an --init validated on a val split was trained on its whole train split, which may be this one or
-    # another dataset's: it cannot be told, so a warning says what to do
+    # an --init validated on a val split was trained on its whole train split: read from its cache, a
+    # carve of that split here holds out videos its head has seen, and is refused
+    s2v = {**still, "init": str(tmp_path / "s2v" / "best.pt")}
+    with pytest.raises(ConfigError, match=rf"--init .* was trained on the whole of split 'train' of .*full\.h5, and "
+                                          r"\d+ of the \d+ videos carved here for validation are among them "):
+        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"), **s2v), progress=False)
+    # without that cache it cannot be told whether this is that split: a warning says what to do
     import logging
 
+    (tmp_path / "full.h5").rename(tmp_path / "gone.h5")
     with caplog.at_level(logging.WARNING):
-        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"),
-                                **{**still, "init": str(tmp_path / "s2v" / "best.pt")}), progress=False)
+        finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"), **s2v), progress=False)
+    (tmp_path / "gone.h5").rename(tmp_path / "full.h5")
     assert "validated on split 'val' and trained on its whole training split: if that is this dataset's 'train'" \
         in caplog.text
     # an --init carved from another dataset (none of its held-out videos is here) leaves the carve free
@@ -207,6 +213,10 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
                             **still), progress=False)
     assert load_checkpoint(tmp_path / "o" / "best.pt")["validation"]["seed"] == 3
     assert "not in the --init run's validation set" not in caplog.text  # its held-out videos are another dataset's
+    # nor does one validated on a split, whose training videos (read from its cache) are another dataset's
+    finetune(FinetuneConfig(dataset=DatasetSpec(str(other)), out=str(tmp_path / "o2"), val_fraction=0.5, **s2v),
+             progress=False)
+    assert "validated on split" not in caplog.text
     # a transformer head has learned positions for the clips it was trained on, no more
     train_temporal(TemporalConfig(cache=str(tmp_path / "full.h5"), out=str(tmp_path / "tr"), head="transformer",
                                   hidden=16, num_heads=2, epochs=1, seq_len=4, device="cpu"), progress=False)
