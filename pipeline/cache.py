@@ -54,7 +54,7 @@ import numpy as np
 from . import __version__
 from .config import FrameSpec, Provenance
 from .errors import CacheError, ConfigError
-from .files import atomic_path, atomic_write_bytes, ensure_dir
+from .files import atomic_path, atomic_write_bytes, ensure_dir, not_regular
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def _h5py():
 
 
 def is_hdf5(path: str | Path) -> bool:
-    """Whether ``path`` is an HDF5 file (a cache, or a damaged one); False for a checkpoint or text."""
-    return bool(_h5py().is_hdf5(str(path)))
+    """Whether ``path`` is an HDF5 file (a cache, or a damaged one); False for a checkpoint, text, or
+    anything that is not a regular file (a FIFO would block the read)."""
+    return Path(path).is_file() and bool(_h5py().is_hdf5(str(path)))
 
 
 def _json(obj: Any) -> str:
@@ -392,7 +393,8 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     src = Path(path)
     dst = Path(output) if output is not None else src
     if not src.is_file():
-        raise CacheError(f"feature cache not found: {src}")
+        raise CacheError(f"{src} is {not_regular(src)}, not a feature cache file" if not_regular(src)
+                         else f"feature cache not found: {src}")
     if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
@@ -794,6 +796,8 @@ class FeatureCache:
         self.path = Path(path)
         if self.path.is_dir():
             raise CacheError(f"{self.path} is a folder; give the feature cache file (.h5) that extract-features wrote")
+        if what := not_regular(self.path):
+            raise CacheError(f"{self.path} is {what}, not a feature cache file; give the .h5 file extract-features wrote")
         if not self.path.is_file():
             raise CacheError(f"feature cache not found: {self.path}; run extract-features first")
         self._f = _open(self.path)

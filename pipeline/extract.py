@@ -41,7 +41,7 @@ from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Prove
 from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
-from .files import atomic_write_bytes, ensure_dir, exclusive, sha256_file
+from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
@@ -550,6 +550,8 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     output = Path(cfg.output)
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output}/features.h5")
+    if what := not_regular(output):  # not even --overwrite replaces it (and reading a FIFO would block)
+        raise ConfigError(f"--output {output} is {what}, not a file; give a file name such as features/x.h5")
     if output.is_file() and not is_hdf5(output):  # not even --overwrite replaces a checkpoint given by mistake
         raise ConfigError(f"--output {output} exists and is not an HDF5 feature cache; choose another --output "
                           "(or delete it first if it is a damaged cache)")

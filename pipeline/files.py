@@ -56,6 +56,21 @@ def disk_full(path: str | Path, hint: str = "") -> DiskFullError:
                          "free space and rerun")
 
 
+def not_regular(path: str | Path) -> str:
+    """What ``path`` is where it exists and is neither a regular file nor a folder (following
+    symlinks): 'a device', 'a FIFO', 'a socket'; '' otherwise. Opening one to read could block (a
+    FIFO) or read another thing than a file; writing one would replace it."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else ""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it is fsynced and
@@ -64,6 +79,8 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
     files whose reader checks them anyway (a part torn by a power cut is redone): the rename
     still makes them all-or-nothing for a killed process."""
     path = Path(path)
+    if not_regular(path):  # a rename would replace a device or FIFO (as root, /dev/null) with a file
+        raise NotWritableError(f"{path} exists and is not a regular file ({not_regular(path)}); give a file name")
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp

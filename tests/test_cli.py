@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -572,3 +573,33 @@ def test_a_refused_command_leaves_a_new_folder_another_run_is_using(tmp_path, mo
                                                                               (_ for _ in ()).throw(ConfigError("x"))))
     code, _, _ = run("train-temporal", "--cache", str(tmp_path / "c.h5"), "--out", str(out))
     assert code == 1 and not (tmp_path / "new").exists()  # nobody else there: removed, with the parent it made
+
+
+def test_paths_that_are_not_files_are_refused_not_read_or_replaced(tiny_dataset, tmp_path, weights_file):
+    """A FIFO or a device as --output or --cache: one line, and the node stays what it was. Reading the
+    FIFO blocked extract-features forever; --overwrite replaced a device (as root: /dev/null) with a cache."""
+    import stat
+
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    nodes = [fifo]
+    with contextlib.suppress(OSError):  # a device node needs root (CAP_MKNOD)
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        nodes.append(tmp_path / "null")
+    base = [sys.executable, str(REPO / "cli.py"), "extract-features", "--data-dir", str(tiny_dataset), "--weights",
+            str(weights_file), "--size", str(SIZE), "--workers", "0", "--no-progress"]
+    for node in nodes:
+        what = "a FIFO" if node == fifo else "a device"
+        for extra in ([], ["--overwrite"]):
+            r = subprocess.run([*base, "--output", str(node), *extra], capture_output=True, text=True, timeout=120,
+                               check=False)
+            one_error_line(r.returncode, r.stderr, f"--output {node} is {what}, not a file")
+        assert stat.S_ISFIFO(node.stat().st_mode) if node == fifo else stat.S_ISCHR(node.stat().st_mode)
+        assert not Path(f"{node}.lock").exists() and not Path(f"{node}.partial").exists()
+    code, _, err = run("train-temporal", "--cache", str(fifo), "--out", str(tmp_path / "run"))
+    one_error_line(code, err, f"{fifo} is a FIFO, not a feature cache file")
+    from pipeline.files import NotWritableError, atomic_write_bytes
+
+    with pytest.raises(NotWritableError, match="is not a regular file"):  # every atomic write: export, plots, ...
+        atomic_write_bytes(fifo, b"x")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
