@@ -191,7 +191,7 @@ def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data,
     # an --init validated on a val split was trained on its whole train split: read from its cache, a
     # carve of that split here holds out videos its head has seen, and is refused
     s2v = {**still, "init": str(tmp_path / "s2v" / "best.pt")}
-    with pytest.raises(ConfigError, match=rf"--init .* was trained on the whole of split 'train' of .*full\.h5, and "
+    with pytest.raises(ConfigError, match=r"--init .* was trained on the whole of split 'train' of .*full\.h5, and "
                                           r"\d+ of the \d+ videos carved here for validation are among them "):
         finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "y"), **s2v), progress=False)
     # without that cache it cannot be told whether this is that split: a warning says what to do
