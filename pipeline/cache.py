@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import io
 import itertools
@@ -53,7 +54,7 @@ import numpy as np
 
 from . import __version__
 from .config import FrameSpec, Provenance
-from .errors import CacheError, ConfigError
+from .errors import CacheError, ConfigError, PipelineError
 from .files import atomic_path, atomic_write_bytes, ensure_dir, not_regular
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,40 @@ def is_hdf5(path: str | Path) -> bool:
     """Whether ``path`` is an HDF5 file (a cache, or a damaged one); False for a checkpoint, text, or
     anything that is not a regular file (a FIFO would block the read)."""
     return Path(path).is_file() and bool(_h5py().is_hdf5(str(path)))
+
+
+def _raised_in_h5py(e: BaseException) -> bool:
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and "h5py" in last.tb_frame.f_code.co_filename
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """An error h5py raises while reading ``path`` as one CacheError line: a cache damaged inside (its
+    metadata or index overwritten; a truncated one is told on opening) fails every command that
+    reads it, and deep in HDF5, with a traceback otherwise."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        # h5py's errors, and the JSON of an attribute whose bytes were overwritten
+        if not (_raised_in_h5py(e) or isinstance(e, (json.JSONDecodeError, UnicodeDecodeError))):
+            raise
+        why = (str(e).splitlines() or [type(e).__name__])[0].strip("\"' ")
+        raise CacheError(f"cannot read feature cache {path} ({why}): the file is damaged; re-extract it with "
+                         "--overwrite") from e
+
+
+def _reads(method):
+    """``_reading(self.path)`` around a method of an object that reads a cache file."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _reading(getattr(self, "path", None) or (args[0] if args else "?")):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def _json(obj: Any) -> str:
@@ -123,7 +158,7 @@ def _stored_videos(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     partial = read_partial(path)
     if path.is_file() and not (partial and partial["replace"]):
-        with _open(path) as f:
+        with _open(path) as f, _reading(path):
             for split in f:
                 out[split] = _strings(f[split]["videos"][()])
     for p in sorted(Path(f"{path}.partial").glob("*/*.npz")) if partial else ():
@@ -205,6 +240,7 @@ class CacheWriter:
     def _part_path(self, split: str, rel: str) -> Path:
         return self.partial / split / (hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".npz")
 
+    @_reads
     def done(self, split: str) -> set[str]:
         """Relative paths of videos already stored, in the cache file or as finished parts.
 
@@ -264,6 +300,7 @@ class CacheWriter:
         """Finished parts not yet in the cache file."""
         return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))
 
+    @_reads
     def unchanged(self, failures: list[dict[str, Any]], order: dict[str, Sequence[str]],
                   keep: Collection[str] = ()) -> bool:
         """``finalize(order, ..., keep=keep)`` would write the cache file as it is: no new parts,
@@ -399,7 +436,7 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
     t0 = time.perf_counter()
-    with _open(src) as f:
+    with _open(src) as f, _reading(src):
         _check_schema(f, src)
         layouts = {split: _layout(f[split]["features"]) for split in f}
     if not force and dst == src and all(v == "contiguous" for v in layouts.values()):
@@ -560,14 +597,14 @@ def _open(path: Path):
 
 
 def read_provenance(path: str | Path) -> Provenance:
-    with _open(Path(path)) as f:
+    with _open(Path(path)) as f, _reading(path):
         _check_schema(f, Path(path))
         return Provenance.from_dict(json.loads(f.attrs["provenance"]))
 
 
 def cached_videos(path: str | Path, split: str) -> list[str]:
     """Relative paths of the videos of ``split`` in the cache file ``path`` ([] if it has no such split)."""
-    with _open(Path(path)) as f:
+    with _open(Path(path)) as f, _reading(path):
         _check_schema(f, Path(path))
         return _strings(f[split]["videos"][()]) if split in f else []
 
@@ -662,6 +699,7 @@ class LazySplit:
     It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
     readable after that is closed, until ``close()`` (or garbage collection)."""
 
+    @_reads
     def __init__(self, path: Path, split: str, group: Any, classes: list[str], provenance: Provenance) -> None:
         ds = group["features"]
         self.path, self.split = path, split
@@ -709,6 +747,7 @@ class LazySplit:
     def feature_bytes(self) -> int:
         return self.shape[0] * self._row_bytes
 
+    @_reads
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), D) features of ``rows`` (sorted ascending, no repeats), in the stored dtype.
         A NaN/Inf among them is a ``CacheError`` naming the video."""
@@ -801,14 +840,21 @@ class FeatureCache:
         if not self.path.is_file():
             raise CacheError(f"feature cache not found: {self.path}; run extract-features first")
         self._f = _open(self.path)
-        _check_schema(self._f, self.path)
-        self.classes: list[str] = json.loads(self._f.attrs["classes"])
-        self.provenance = Provenance.from_dict(json.loads(self._f.attrs["provenance"]))
-        self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
-        self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
+        try:
+            with _reading(self.path):
+                _check_schema(self._f, self.path)
+                self.classes: list[str] = json.loads(self._f.attrs["classes"])
+                self.provenance = Provenance.from_dict(json.loads(self._f.attrs["provenance"]))
+                self.config: dict[str, Any] = json.loads(self._f.attrs.get("config", "{}"))
+                self.failures: list[dict[str, Any]] = json.loads(self._f.attrs.get("failures", "[]"))
+                list(self._f)  # the root group's index: damage there shows now, not in the first read
+        except BaseException:
+            self._f.close()
+            raise
         self._offsets: dict[str, np.ndarray] = {}  # of the splits opened so far, checked (``_group``)
 
     @property
+    @_reads
     def splits(self) -> list[str]:
         return sorted(self._f.keys())
 
@@ -816,6 +862,7 @@ class FeatureCache:
     def frame_spec(self) -> FrameSpec:
         return self.provenance.frame_spec
 
+    @_reads
     def _group(self, split: str):
         if split not in self._f:
             raise CacheError(
@@ -831,6 +878,7 @@ class FeatureCache:
             self._offsets[split] = offsets
         return g
 
+    @_reads
     def load_split(self, split: str) -> SplitData:
         g = self._group(split)
         ds = g["features"]
@@ -856,9 +904,11 @@ class FeatureCache:
         ds = self._group(split)["features"]
         return int(ds.size) * ds.dtype.itemsize
 
+    @_reads
     def num_videos(self, split: str) -> int:
         return len(self._group(split)["labels"])
 
+    @_reads
     def video(self, split: str, i: int) -> tuple[np.ndarray, int]:
         """(T, D) features and the label of video ``i``, read on demand (caches larger than RAM)."""
         g = self._group(split)

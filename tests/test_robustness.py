@@ -322,3 +322,45 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     with F.atomic_path(tmp_path / "part.npz", fsync=False) as tmp:
         tmp.write_bytes(b"x")
     assert events == [("replace", str(tmp_path / "part.npz.tmp"))]
+
+
+def test_a_cache_damaged_inside_is_one_line_in_every_reader(tmp_path):
+    """64 random bytes over a cache's HDF5 metadata (a root group index, an object header, its
+    attributes) or its data: whatever breaks is the one CacheError line that names the file, for
+    every reader; it was a 40-line h5py traceback from train-temporal, evaluate, extract-features and
+    rewrite-cache. The CLI shows it once (train-temporal)."""
+    from pipeline.cache import FeatureCache, read_provenance, rewrite_cache
+    from pipeline.errors import CacheError
+
+    clean = separable_cache(tmp_path / "clean.h5", per_class={"train": 6, "test": 3}, length=(4, 9))
+    size = clean.stat().st_size
+    rng = np.random.default_rng(0)
+    broken = 0
+    for off in sorted({*range(0, min(size, 4096), 128), *rng.integers(0, size - 64, 16).tolist()}):
+        path = tmp_path / "damaged.h5"
+        data = bytearray(clean.read_bytes())
+        data[off:off + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+        try:
+            read_provenance(path)
+            with FeatureCache(path) as c:
+                for split in c.splits:
+                    c.load_split(split)
+                    lazy = c.open_lazy(split)
+                    lazy.read_rows(np.arange(lazy.shape[0]))
+                    lazy.close()
+            rewrite_cache(path, tmp_path / "rewritten.h5", force=True)
+        except CacheError as e:
+            broken += 1
+            assert str(path) in str(e) and "\n" not in str(e), (off, str(e))
+    assert broken >= 10  # the metadata offsets do break it
+    for off in range(0, 4096, 128):
+        data = bytearray(clean.read_bytes())
+        data[off:off + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+        r = CliRunner().invoke(main, ["train-temporal", "--cache", str(path), "--out", str(tmp_path / "run"),
+                                      "--epochs", "1", "--no-progress"])
+        if r.exit_code and "cannot read feature cache" in r.stderr:
+            assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+            return
+    pytest.fail("no offset in the first 4 KB broke the cache for train-temporal")
