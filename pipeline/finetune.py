@@ -41,7 +41,8 @@ from .heads import HeadConfig, build_head, max_clip_len
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import RunDir, check_resume_epochs, check_resume_options, check_resume_validation
+from .run import (RunDir, check_resume_data, check_resume_epochs, check_resume_options, check_resume_validation,
+                  data_identity)
 from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
 from .run import summary
 
@@ -364,6 +365,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
+    data = data_identity([v.rel for v in train_videos], [v.rel for v in val_videos])
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
     if init is not None:
@@ -441,6 +443,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                                   f"{validation.get('seed')}), so this run cannot be resumed: start it over with "
                                   "--overwrite")
         check_resume_validation(out / "last.pt", old, validation)
+        check_resume_data(out / "last.pt", ck.get("data"), data)
         check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs, ck["train_config"].get("epochs"))
         world = ck["train_config"].get("world_size", info.world)  # not recorded before: not compared
         if world != info.world:
@@ -459,7 +462,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
                                "trainable_blocks": trainable, "world_size": info.world},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
-              "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation}
+              "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data}
     run.start()
     run.write_json("config.json", common["train_config"])
 

@@ -14,8 +14,10 @@ the epoch (identically: seeds derive from the epoch) and rewrites ``metrics.json
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,28 @@ def check_resume_validation(last: Path, recorded: dict[str, Any] | None, now: di
         raise CheckpointError(f"{last} was validated on other videos (the training split, --val-fraction, "
                               "--group-pattern or the --seed of the carve changed); resume with the same data and "
                               "options")
+
+
+def data_identity(train: Sequence[str], val: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """What a run trains and validates on, as the number and a hash of the videos of each (in
+    order): saved with its state, so that a resume on data changed since (a video added to or
+    dropped from a split, and the cache re-extracted) is told apart."""
+    return {name: {"videos": len(videos), "sha256": hashlib.sha256("\n".join(videos).encode()).hexdigest()[:16]}
+            for name, videos in (("train", train), ("val", val))}
+
+
+def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: dict[str, Any], error: type = CheckpointError,
+                      action: str = "resume it on the data it ran on, or use --overwrite to start over") -> None:
+    """A resume trains and validates on the videos the run did so far (``data_identity``; not
+    recorded by older runs): otherwise its epochs would mix two datasets, and its best epoch be
+    picked across two validation sets."""
+    for part, what in (("train", "trained"), ("val", "validated")):
+        old, new = (recorded or {}).get(part), now.get(part)
+        if old is not None and old != new:
+            counts = (f"{old['videos']} then, {new['videos']} now" if old["videos"] != new["videos"]
+                      else f"{new['videos']}, but other ones")
+            raise error(f"{where} was {what} on other videos than the data has now ({counts}: the dataset or its "
+                        f"cache changed since); {action}")
 
 
 # Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting

@@ -46,7 +46,7 @@ from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ens
 from .heads import HEADS, build_head, unused_fields
 from .metrics import classification_metrics
 from .report import write_csv
-from .run import remove_run_files, summary
+from .run import check_resume_data, remove_run_files, summary
 from .runtime import resolve_device, resolve_precision
 from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
@@ -260,7 +260,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
-    state = _load_state(state_path, (spec, legacy_spec), data.provenance) if state_path.exists() else None
+    state = _load_state(state_path, (spec, legacy_spec), data.provenance, data.data) if state_path.exists() else None
     if state is None and (out / "best.pt").exists():
         raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "
                           "or another --out")
@@ -329,7 +329,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             # (every running head with its optimiser), and a resumed sweep replays the epochs since
             # the last one exactly (batches and dropout are seeded per epoch).
             if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
-                _save_state(state_path, spec, data.provenance, epoch, trials)
+                _save_state(state_path, spec, data.provenance, data.data, epoch, trials)
                 last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
@@ -422,11 +422,12 @@ def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, A
     return rows
 
 
-def _save_state(path: Path, spec: str, provenance: Provenance, epoch: int, trials: list[Trial]) -> None:
+def _save_state(path: Path, spec: str, provenance: Provenance, data: dict[str, Any], epoch: int,
+                trials: list[Trial]) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
     schedule, the others with their records only; and what the cache held."""
-    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": provenance.to_dict(), "epoch": epoch,
-                             "trials": {}, "trainers": {}}
+    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": provenance.to_dict(), "data": data,
+                             "epoch": epoch, "trials": {}, "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
                                  "stopped_at": t.stopped_at, "failed": t.failed}
@@ -437,9 +438,10 @@ def _save_state(path: Path, spec: str, provenance: Provenance, epoch: int, trial
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
 
 
-def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance) -> dict[str, Any] | None:
+def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance, data: dict[str, Any]) -> dict[str, Any] | None:
     """The saved sweep, if it is this one: the same spec, run on a cache that holds the same
-    features (a cache file replaced under the same name would mix two kinds of features)."""
+    features (a cache file replaced under the same name would mix two kinds of features) of the
+    same videos (``run.data_identity``; a split changed since would mix two datasets)."""
     from .checkpoint import safe_load
 
     state = safe_load(path, ConfigError, "sweep state")
@@ -449,7 +451,8 @@ def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance) -> d
     if diff:
         raise ConfigError(f"{path.parent} holds a sweep on other features than the cache has now ({diff}); "
                           "resume it on the cache it ran on, or use --overwrite to start over")
-    if state["spec"] not in specs:
+    check_resume_data(f"the sweep in {path.parent}", state.get("data"), data, ConfigError)  # before the spec,
+    if state["spec"] not in specs:  # which holds a carve's videos: the more precise reason first
         raise ConfigError(f"{path.parent} holds a sweep of another grid, cache or options; rerun with the same "
                           "options to resume it, or --overwrite to start over")
     return state

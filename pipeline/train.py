@@ -29,8 +29,8 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import (RUN_FILES, RunDir, check_resume_epochs, check_resume_options, check_resume_validation,
-                  holds_run)
+from .run import (RUN_FILES, RunDir, check_resume_data, check_resume_epochs, check_resume_options,
+                  check_resume_validation, data_identity, holds_run)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class StageTwoData:
     val_name: str  # what the best epoch is picked on, as said in reports
     test_split: str | None
     validation: dict[str, Any]  # how val was made; a carve lists its videos (saved in checkpoints)
+    data: dict[str, Any]  # the videos trained and validated on (``run.data_identity``), checked on resume
     load_seconds: float
     load_mb: float  # features held in memory
     opened: OpenSplits
@@ -174,6 +175,8 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
                                         f"{len(set(np.asarray(train_data.labels).tolist()))} classes)"))
         val = train.subset(np.flatnonzero(mask))
         train = train.subset(np.flatnonzero(~mask))
+        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m],
+                             [v for v, m in zip(train_data.videos, mask) if m])
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
                       "group_pattern": group_pattern, "videos": [v for v, m in zip(train_data.videos, mask) if m]}
         val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
@@ -183,12 +186,13 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
             log.warning("picking the best epoch on the test split and reporting its score overstates "
                         "accuracy; without --val-split, a validation set is carved from train instead")
         val = opened[val_name].source
+        data = data_identity(train_data.videos, opened[val_name].data.videos)
         validation = {"kind": "split", "split": val_name}
         val_desc = f"split {val_name!r}"
     test = opened[test_split].source if test_split is not None else None
     load_mb = sum(o.data.feature_bytes for o in opened.values() if o.mode == "memory") / 1e6
     return StageTwoData(train=train, val=val, test=test, classes=classes, provenance=provenance, val_name=val_desc,
-                        test_split=test_split, validation=validation,
+                        test_split=test_split, validation=validation, data=data,
                         load_seconds=time.perf_counter() - t0, load_mb=load_mb, opened=opened,
                         load=opened.describe())
 
@@ -266,6 +270,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
                              ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",
                               "label_smoothing", "clip_grad", "seed"))
         check_resume_validation(out / "last.pt", ckpt.get("validation"), data.validation)
+        check_resume_data(out / "last.pt", ckpt.get("data"), data.data)
         check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs, ckpt["train_config"].get("epochs"))
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -276,7 +281,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
 
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
-              "val_split": data.val_name, "validation": data.validation}
+              "val_split": data.val_name, "validation": data.validation, "data": data.data}
     run.start()
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
                                    "cache": provenance.to_dict()})

@@ -296,6 +296,15 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
                                               r"per process"):
         finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     (tmp_path / "one.pt").replace(last)
+    # a val video gone since (the dataset changed): the best epoch would be picked across two val sets
+    gone = colour_data / "val" / "red" / "red_val_0"
+    gone.rename(tmp_path / "away")
+    try:
+        with pytest.raises(CheckpointError, match=r"last\.pt was validated on other videos than the data has now "
+                                                  r"\(9 then, 8 now: the dataset or its cache changed since\)"):
+            finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
+    finally:
+        (tmp_path / "away").rename(gone)
     r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
     # the same as a run that was never interrupted: optimizer, scheduler and sampling state all resumed

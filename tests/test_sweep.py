@@ -147,6 +147,12 @@ def test_sweep_on_a_replaced_cache_is_refused_and_a_moved_folder_resumes(tmp_pat
                                           r'now \(feature dtype "float16" vs "float32"\); resume it on the cache it ran on'):
         sweep(cfg, progress=False)
     assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == kept
+    # the same features, but a training split with a video more (the dataset changed, re-extracted)
+    separable_cache(cache, classes=3, per_class={"train": 9, "test": 3})
+    with pytest.raises(ConfigError, match=rf"^the sweep in {tmp_path / 'sw'} was trained on other videos than the data "
+                                          r"has now \(\d+ then, \d+ now: the dataset or its cache changed since\)"):
+        sweep(cfg, progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == kept
     separable_cache(cache, classes=3, per_class={"train": 8, "test": 3})  # the same cache again
     moved = sweep(SweepConfig(base=base(cache, tmp_path / "moved", epochs=2), grids=cfg.grids, min_epochs=1),
                   progress=False)

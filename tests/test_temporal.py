@@ -400,6 +400,26 @@ def test_best_pt_is_the_best_validation_epoch_ties_to_the_lower_loss(tmp_path):
     assert [json.loads(x)["epoch"] for x in rows] == [1, 2, 3, 4, 5]
 
 
+def test_resume_refuses_a_split_whose_videos_changed(tmp_path):
+    """A val or train split with other videos than the run had (a video deleted or added, the
+    cache re-extracted under the same name and settings): --resume would pick its best epoch across
+    two validation sets, or train on two datasets; it went on silently before."""
+    def cache(train: int, val: int) -> Path:
+        return separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": train, "val": val, "test": 2})
+
+    train_temporal(cfg(cache(8, 4), tmp_path / "run", epochs=1), progress=False)
+    cache(8, 3)
+    with pytest.raises(CheckpointError, match=r"last\.pt was validated on other videos than the data has now \(12 "
+                                              r"then, 9 now: the dataset or its cache changed since\)"):
+        train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
+    cache(9, 4)
+    with pytest.raises(CheckpointError, match=r"was trained on other videos than the data has now \(24 then, 27 now"):
+        train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
+    cache(8, 4)  # the data it ran on again
+    r = train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+
+
 def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
     """--resume continues the same experiment or none: a validation set carved another way, or
     another cache, would make the earlier epochs' choice of best.pt meaningless."""
