@@ -125,6 +125,7 @@ class VideoRecord:
     frame_indices: np.ndarray  # (T,)
     fps: float
     broken_frames: int = 0  # frames that failed to decode; such a video is retried on a rerun
+    source: str = ""  # ``data.source_signature`` of the video when extracted ('' unknown): a changed one is redone
 
 
 def read_partial(path: str | Path) -> dict[str, Any] | None:
@@ -241,18 +242,22 @@ class CacheWriter:
         return self.partial / split / (hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".npz")
 
     @_reads
-    def done(self, split: str) -> set[str]:
-        """Relative paths of videos already stored, in the cache file or as finished parts.
+    def done(self, split: str) -> dict[str, str]:
+        """Videos already stored, in the cache file or as finished parts: relative path → the
+        source signature they were extracted from ('' where not recorded: older caches).
 
         Videos stored with broken frames are not counted: a rerun retries them, so a repaired
         frame gets in."""
-        done: set[str] = set()
+        done: dict[str, str] = {}
         if self.path.exists() and not self.replace:
             with _open(self.path) as f:
                 if split in f:
+                    g = f[split]
                     retry = {x["video"] for x in json.loads(f.attrs.get("failures", "[]"))
                              if x.get("split") == split and x.get("skipped") not in INDEX_FAILURES}
-                    done.update(v for v in _strings(f[split]["videos"][()]) if v not in retry)
+                    videos = _strings(g["videos"][()])
+                    sources = _strings(g["sources"][()]) if "sources" in g else [""] * len(videos)
+                    done.update((v, src) for v, src in zip(videos, sources) if v not in retry)
         d = self.partial / split
         if d.is_dir():
             for p in d.glob("*.npz"):
@@ -261,7 +266,7 @@ class CacheWriter:
                         for k in z.files:  # every member read whole: zipfile checks its CRC, so torn bytes show
                             z[k]
                         if int(z["broken"]) == 0:
-                            done.add(str(z["rel"]))
+                            done[str(z["rel"])] = str(z["source"]) if "source" in z.files else ""
                 except Exception:  # noqa: BLE001 - a part torn by a power cut: redo that video
                     log.warning("discarding unreadable part %s", p)
                     p.unlink(missing_ok=True)
@@ -281,7 +286,7 @@ class CacheWriter:
         buf = io.BytesIO()
         np.savez(buf, rel=np.array(rec.rel), label=np.int64(rec.label), features=rec.features,
                  frame_indices=rec.frame_indices.astype(np.int64), fps=np.float32(rec.fps),
-                 broken=np.int64(rec.broken_frames))
+                 broken=np.int64(rec.broken_frames), source=np.array(rec.source))
         # No fsync: done() checks every part it finds, and a part torn by a power cut is redone.
         # A buffered file: its write() goes on after a short write and raises on a full disk, where
         # a raw one would return a count and leave a torn part to be renamed into place.
@@ -386,10 +391,12 @@ class CacheWriter:
         if src[0] == "old":
             _, g, i, offs, _ = src
             a, b = int(offs[i]), int(offs[i + 1])
+            source = _strings(g["sources"][i:i + 1])[0] if "sources" in g else ""
             return VideoRecord(rel, int(g["labels"][i]), g["features"][a:b], g["frame_indices"][a:b],
-                               float(g["fps"][i]))
+                               float(g["fps"][i]), source=source)
         with np.load(src[1]) as z:
-            return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]))
+            return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]),
+                               source=str(z["source"]) if "source" in z.files else "")
 
 
 def write_cache(path: str | Path, provenance: Provenance, splits: dict[str, Iterable[VideoRecord]],
@@ -561,7 +568,7 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
     # Created at full size with no fill: each byte is written once, by the records below.
     feats = g.create_dataset("features", shape=(rows, dim), dtype=dtype, fill_time="never")
     frames = g.create_dataset("frame_indices", shape=(rows,), dtype="int64", fill_time="never")
-    offsets, labels, videos, fps = [0], [], [], []
+    offsets, labels, videos, fps, sources = [0], [], [], [], []
     for rec in itertools.chain([first], records) if first is not None else ():
         n, t = offsets[-1], rec.features.shape[0]
         if n + t > rows:
@@ -573,6 +580,7 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
         labels.append(rec.label)
         videos.append(rec.rel)
         fps.append(rec.fps)
+        sources.append(rec.source)
     if offsets[-1] != rows:
         raise CacheError(f"split {split!r}: the videos hold {offsets[-1]} frames, {rows} were counted")
     h5py = _h5py()
@@ -580,6 +588,7 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
     g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     g.create_dataset("videos", data=np.asarray(videos, dtype=object), dtype=h5py.string_dtype())
     g.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
+    g.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=h5py.string_dtype())
 
 
 def _strings(arr: np.ndarray) -> list[str]:

@@ -6,6 +6,7 @@ webm, mov) decoded with PyAV. Frames are returned as uint8 RGB tensors of shape 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ except ImportError:  # an optional speed-up; torchvision decodes the same pixels
     _simplejpeg = None
 
 from .config import DatasetSpec, FrameSelection
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, PipelineError
 from .preprocess import nhwc_view
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,22 @@ def _sequence(name: str) -> str | None:
     stem = Path(name).stem
     key = _DIGITS.sub("#", stem).lower()
     return None if key == stem.lower() else key
+
+
+def source_signature(path: Path, kind: str) -> str:
+    """What a video's source is, read without decoding: a frame folder's frame names and sizes, a
+    file's size; '' where it cannot be read. Stored with its features, so that a rerun redoes a
+    video whose frames were added, removed or replaced (a same-size edit goes unseen; a copy or a
+    touch of the dataset does not count as a change)."""
+    try:
+        if kind == "frames":
+            h = hashlib.sha1()
+            for f in list_frames(path):
+                h.update(f"{f.name}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
+            return f"frames:{h.hexdigest()[:16]}"
+        return f"bytes:{path.stat().st_size}"
+    except (OSError, PipelineError):
+        return ""
 
 
 def list_frames(folder: Path) -> list[Path]:

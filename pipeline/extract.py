@@ -38,7 +38,8 @@ from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backb
                         recalibrate_batchnorm)
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
-from .data import DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps
+from .data import (DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps,
+                   source_signature)
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
@@ -596,10 +597,23 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
 
     jobs: list[tuple[str, Video]] = []
     reused = 0
+    sources: dict[tuple[str, str], str] = {}  # (split, rel) → what the video's files are now
+    changed: list[str] = []
     for split, videos in index.splits.items():
         done = writer.done(split)
-        reused += sum(v.rel in done for v in videos)
-        jobs += [(split, v) for v in videos if v.rel not in done]
+        for v in videos:
+            sources[split, v.rel] = now = source_signature(v.path, v.kind)
+            was = done.get(v.rel)
+            if was is not None and was and now and was != now:
+                changed.append(v.rel)  # cached from other frames, or another file, under the same name
+                was = None
+            if was is None:
+                jobs.append((split, v))
+            else:
+                reused += 1
+    if changed and info.is_main:
+        log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
+                    "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
@@ -649,7 +663,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                 stored = feats.numpy().astype(cfg.dtype, copy=False)
             _check_finite(stored, video, identity, cfg.dtype)
             writer.add(split, VideoRecord(video.rel, video.label, stored, torch.cat(indices).numpy(), fps,
-                                          broken_frames=broken))
+                                          broken_frames=broken, source=sources[split, video.rel]))
             extracted += 1
             bar.update(1)
             bar.set_postfix_str(f"{runner.frames_done / max(time.perf_counter() - t_run, 1e-9):.0f} frames/s")

@@ -25,6 +25,7 @@ from pipeline.data import decode_image_file, index_dataset, list_frames, read_fr
 from pipeline.errors import CacheError, ConfigError, WeightsError
 from pipeline.extract import extract_features, frame_loader
 from pipeline.preprocess import preprocess, resize_frames
+from pipeline.demo import write_video
 
 
 def config(root: Path, out: Path, weights: Path | str, **kw) -> ExtractConfig:
@@ -526,6 +527,37 @@ def test_rerun_drops_deleted_videos_and_splits(tiny_dataset, tmp_path, weights_f
     before = sha256_file(out)  # in line now: the next rerun leaves the file as it is
     extract_features(config(tiny_dataset, out, weights_file), progress=False)
     assert sha256_file(out) == before
+
+
+def test_rerun_redoes_a_video_whose_source_changed(tiny_dataset, tmp_path, weights_file, caplog):
+    """A frame deleted from a cached video, or a video file replaced under its name: the rerun
+    extracts it again (it kept the old rows, exit 0, no word), and the cache equals a fresh one. A
+    touch changes nothing; a cache that predates the record is trusted as before."""
+    import os
+
+    import h5py
+
+    out = tmp_path / "f.h5"
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    for f in tiny_dataset.rglob("*"):  # a copy or a touch of the dataset is no change
+        os.utime(f)
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 6)
+    (tiny_dataset / "train" / "walk" / "w1" / "frame_5.png").unlink()
+    clip = tiny_dataset / "train" / "run" / "r2.mkv"
+    write_video(clip, rand_frames(np.random.default_rng(7), 5))
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (2, 4)
+    assert "2 cached video(s) changed on disk since they were extracted" in caplog.text
+    fresh = tmp_path / "fresh.h5"
+    extract_features(config(tiny_dataset, fresh, weights_file), progress=False)
+    assert_same_cache(out, fresh)
+    with h5py.File(out, "a") as f:  # as a cache written before sources were recorded
+        for split in f:
+            del f[split]["sources"]
+    (tiny_dataset / "train" / "walk" / "w1" / "frame_6.png").unlink()
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 6)
 
 
 def test_16bit_png_and_worker_failures_bounded(tiny_dataset, tmp_path, weights_file):
