@@ -357,7 +357,6 @@ class LiveStream:
             self._last_time = t = offset + max(0.0, local)
             self._queue.put(StreamFrame(image, t, index, released), self._stop)
 
-
     def _decoded(self, container, stream) -> Iterator[Any]:
         """The source's frames, decoded packet by packet, as ffmpeg does: a damaged packet (a lost
         datagram, a bad sector) costs its frame, not the connection. ``MAX_DAMAGED`` in a row end
