@@ -55,7 +55,7 @@ import numpy as np
 from . import __version__
 from .config import FrameSpec, Provenance
 from .errors import CacheError, ConfigError, PipelineError
-from .files import atomic_path, atomic_write_bytes, ensure_dir, not_regular
+from .files import atomic_path, atomic_write_bytes, ensure_dir, is_disk_full, not_regular
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _reading(path: str | Path) -> Iterator[None]:
         raise
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
         # h5py's errors, and the JSON of an attribute whose bytes were overwritten
-        if not (_raised_in_h5py(e) or isinstance(e, (json.JSONDecodeError, UnicodeDecodeError))):
+        if not (_raised_in_h5py(e) or isinstance(e, (json.JSONDecodeError, UnicodeDecodeError))) or is_disk_full(e):
             raise
         why = (str(e).splitlines() or [type(e).__name__])[0].strip("\"' ")
         raise CacheError(f"cannot read feature cache {path} ({why}): the file is damaged; re-extract it with "
@@ -450,7 +450,7 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
         return RewriteResult(dst, layouts, False, 0, time.perf_counter() - t0)
     hint = f"{src} is unchanged"
     with atomic_path(dst, hint=hint) as tmp, _h5_errors():
-        with _open(src) as old, _h5_reserved(tmp, src.stat().st_size) as out:
+        with _open(src) as old, _h5_reserved(tmp, src.stat().st_size) as out, _reading(src):
             for split in old:
                 g, h = old[split], out.create_group(split)
                 h.attrs.update(g.attrs)

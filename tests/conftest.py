@@ -52,8 +52,8 @@ def damage_packet(path: Path, k: int) -> None:
     with av.open(str(path)) as c:
         packet = [p for p in c.demux(c.streams.video[0]) if p.size][k]
         pos, size = packet.pos, packet.size
-    data = bytearray(path.read_bytes())
-    data[pos + 8:pos + size - 8] = np.random.default_rng(k).integers(0, 256, size - 16, dtype=np.uint8).tobytes()
+    data = bytearray(path.read_bytes())  # all of it, its headers too: garbage that decodes to a frame is concealed
+    data[pos:pos + size] = np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
 
 
