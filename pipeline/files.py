@@ -79,8 +79,8 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
     files whose reader checks them anyway (a part torn by a power cut is redone): the rename
     still makes them all-or-nothing for a killed process."""
     path = Path(path)
-    if not_regular(path):  # a rename would replace a device or FIFO (as root, /dev/null) with a file
-        raise NotWritableError(f"{path} exists and is not a regular file ({not_regular(path)}); give a file name")
+    if what := not_regular(path):  # a rename would replace a device or FIFO (as root, /dev/null) with a file
+        raise NotWritableError(f"{path} exists and is not a regular file ({what}); give a file name")
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp

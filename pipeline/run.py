@@ -69,11 +69,14 @@ def data_identity(train: Sequence[str], val: Sequence[str]) -> dict[str, dict[st
     """What a run trains and validates on, as the number and a hash of the videos of each (in
     order): saved with its state, so that a resume on data changed since (a video added to or
     dropped from a split, and the cache re-extracted) is told apart."""
-    return {name: {"videos": len(videos), "sha256": hashlib.sha256("\n".join(videos).encode()).hexdigest()[:16]}
-            for name, videos in (("train", train), ("val", val))}
+    def digest(videos: Sequence[str]) -> str:
+        return hashlib.sha256("\n".join(videos).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+    return {name: {"videos": len(videos), "sha256": digest(videos)} for name, videos in (("train", train), ("val", val))}
 
 
-def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: dict[str, Any], error: type = CheckpointError,
+def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: dict[str, Any],
+                      error: type = CheckpointError,
                       action: str = "resume it on the data it ran on, or use --overwrite to start over") -> None:
     """A resume trains and validates on the videos the run did so far (``data_identity``; not
     recorded by older runs): otherwise its epochs would mix two datasets, and its best epoch be
