@@ -315,6 +315,18 @@ class ExtractConfig:
         return d
 
 
+def check_optimizer(cfg: Any) -> None:
+    """The AdamW settings of a training config (``lr``, ``backbone_lr`` where it has one,
+    ``weight_decay``), as ConfigError: click's float ranges let nan and inf through, and the sweep
+    builds configs from its grid. A step above 1 only diverges (an infinite one overflows inside)."""
+    for name in ("lr", "backbone_lr"):
+        v = getattr(cfg, name, None)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{name} must be > 0 and at most 1, got {v}")
+    if not 0 <= cfg.weight_decay < float("inf"):
+        raise ConfigError(f"weight_decay must be >= 0 and finite, got {cfg.weight_decay}")
+
+
 @dataclass(frozen=True)
 class TemporalConfig:
     """Stage two: a temporal head on cached feature sequences.
@@ -367,10 +379,7 @@ class TemporalConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.lr <= 1:  # AdamW: a larger step only diverges (an infinite one overflows inside it)
-            raise ConfigError(f"lr must be > 0 and at most 1, got {self.lr}")
-        if not 0 <= self.weight_decay < float("inf"):
-            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        check_optimizer(self)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.load not in ("auto", "memory", "lazy"):
@@ -429,13 +438,8 @@ class FinetuneConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
-    def __post_init__(self) -> None:  # click's float ranges let nan and inf through
-        for name in ("lr", "backbone_lr"):
-            v = getattr(self, name)
-            if v is not None and not 0 < v <= 1:  # AdamW: a larger step only diverges
-                raise ConfigError(f"{name} must be > 0 and at most 1, got {v}")
-        if not 0 <= self.weight_decay < float("inf"):
-            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+    def __post_init__(self) -> None:
+        check_optimizer(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
