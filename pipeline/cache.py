@@ -437,8 +437,8 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     src = Path(path)
     dst = Path(output) if output is not None else src
     if not src.is_file():
-        raise CacheError(f"{src} is {not_regular(src)}, not a feature cache file" if not_regular(src)
-                         else f"feature cache not found: {src}")
+        what = not_regular(src)
+        raise CacheError(f"{src} is {what}, not a feature cache file" if what else f"feature cache not found: {src}")
     if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -922,7 +922,7 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
         raise VideoDecodeError(f"{path}: {why}")
     # A file cut short decodes without an error up to where it ends: keep those frames, but say so.
     problem = stopped or _truncation(path, demuxed, n)
-    lost = _lost_frames(damaged, decoded, keep if keep is not None else range(len(pts or [])), pts is not None)
+    lost = _lost_frames(damaged, decoded, keep)
     if problem is not None:
         yield DecodedFrame(-1, None, problem + (f"; {lost}" if lost else ""), "frames")
     elif lost:
@@ -935,13 +935,13 @@ def _av_reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e)
 
 
-def _lost_frames(damaged: Sequence[Exception], decoded: Collection[int], wanted: Iterable[int], known: bool) -> str:
+def _lost_frames(damaged: Sequence[Exception], decoded: Collection[int], wanted: Collection[int] | None) -> str:
     """What the ``damaged`` packets cost: the ``wanted`` frames not ``decoded`` (frame threading
     reports an error a packet or two late, so they are told by what is missing, not by the error);
-    '' if nothing. ``known``: frame numbers are known (every packet has a timestamp)."""
+    '' if nothing. ``wanted`` None: frame numbers are not known (packets without timestamps)."""
     if not damaged:
         return ""
-    if not known:
+    if wanted is None:
         return f"{len(damaged)} packet(s) could not be decoded ({_av_reason(damaged[0])}); the other frames are kept"
     lost = sorted(set(wanted) - set(decoded))
     if not lost:

@@ -603,14 +603,13 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         done = writer.done(split)
         for v in videos:
             sources[split, v.rel] = now = source_signature(v.path, v.kind)
-            was = done.get(v.rel)
-            if was is not None and was and now and was != now:
+            was = done.get(v.rel)  # None: not cached; '': cached by a version that did not record it
+            if was and now and was != now:
                 changed.append(v.rel)  # cached from other frames, or another file, under the same name
-                was = None
-            if was is None:
-                jobs.append((split, v))
-            else:
+            elif was is not None:
                 reused += 1
+                continue
+            jobs.append((split, v))
     if changed and info.is_main:
         log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
                     "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])

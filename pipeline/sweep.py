@@ -260,7 +260,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
-    state = _load_state(state_path, (spec, legacy_spec), data.provenance, data.data) if state_path.exists() else None
+    state = _load_state(state_path, (spec, legacy_spec), data) if state_path.exists() else None
     if state is None and (out / "best.pt").exists():
         raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "
                           "or another --out")
@@ -329,7 +329,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             # (every running head with its optimiser), and a resumed sweep replays the epochs since
             # the last one exactly (batches and dropout are seeded per epoch).
             if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
-                _save_state(state_path, spec, data.provenance, data.data, epoch, trials)
+                _save_state(state_path, spec, data, epoch, trials)
                 last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
@@ -422,12 +422,11 @@ def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, A
     return rows
 
 
-def _save_state(path: Path, spec: str, provenance: Provenance, data: dict[str, Any], epoch: int,
-                trials: list[Trial]) -> None:
+def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: list[Trial]) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
     schedule, the others with their records only; and what the cache held."""
-    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": provenance.to_dict(), "data": data,
-                             "epoch": epoch, "trials": {}, "trainers": {}}
+    state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": data.provenance.to_dict(),
+                             "data": data.data, "epoch": epoch, "trials": {}, "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
                                  "stopped_at": t.stopped_at, "failed": t.failed}
@@ -438,7 +437,7 @@ def _save_state(path: Path, spec: str, provenance: Provenance, data: dict[str, A
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
 
 
-def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance, data: dict[str, Any]) -> dict[str, Any] | None:
+def _load_state(path: Path, specs: tuple[str, ...], data: StageTwoData) -> dict[str, Any] | None:
     """The saved sweep, if it is this one: the same spec, run on a cache that holds the same
     features (a cache file replaced under the same name would mix two kinds of features) of the
     same videos (``run.data_identity``; a split changed since would mix two datasets)."""
@@ -447,11 +446,11 @@ def _load_state(path: Path, specs: tuple[str, ...], provenance: Provenance, data
     state = safe_load(path, ConfigError, "sweep state")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ConfigError(f"{path} is not a sweep state this version can resume; use --overwrite to start over")
-    diff = Provenance.from_dict(state["cache"]).mismatch(provenance) if "cache" in state else None
+    diff = Provenance.from_dict(state["cache"]).mismatch(data.provenance) if "cache" in state else None
     if diff:
         raise ConfigError(f"{path.parent} holds a sweep on other features than the cache has now ({diff}); "
                           "resume it on the cache it ran on, or use --overwrite to start over")
-    check_resume_data(f"the sweep in {path.parent}", state.get("data"), data, ConfigError)  # before the spec,
+    check_resume_data(f"the sweep in {path.parent}", state.get("data"), data.data, ConfigError)  # before the spec,
     if state["spec"] not in specs:  # which holds a carve's videos: the more precise reason first
         raise ConfigError(f"{path.parent} holds a sweep of another grid, cache or options; rerun with the same "
                           "options to resume it, or --overwrite to start over")

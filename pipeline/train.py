@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
+import logging
 import math
 import os
 import random
@@ -175,10 +175,10 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
                                         f"{len(set(np.asarray(train_data.labels).tolist()))} classes)"))
         val = train.subset(np.flatnonzero(mask))
         train = train.subset(np.flatnonzero(~mask))
-        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m],
-                             [v for v, m in zip(train_data.videos, mask) if m])
+        held_out = [v for v, m in zip(train_data.videos, mask) if m]
+        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m], held_out)
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
-                      "group_pattern": group_pattern, "videos": [v for v, m in zip(train_data.videos, mask) if m]}
+                      "group_pattern": group_pattern, "videos": held_out}
         val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
                     "whole source videos)")
     else:
