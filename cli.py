@@ -604,7 +604,8 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
 @click.option("--realtime", is_flag=True,
               help="With --live: play the source at its own frame rate (a file, or a file behind a URL).")
 @click.option("--reconnect", is_flag=True,
-              help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping.")
+              help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping; "
+                   "no window spans the gap.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="With --live: seconds a network source may stall before it counts as lost.")
 @click.option("--folder-fps", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -449,8 +449,10 @@ class LiveRun:
     Each frame goes through the backbone once, when it arrives (all frames waiting in the queue
     together); a window is classified like a file's window (``window_probs``). When the model is
     slower than the source, the stream drops the oldest waiting frames (``queue_size`` at most
-    wait), so the windows stay current and memory stays flat; ``summary()`` counts them. Call
-    ``close()`` when done (also after Ctrl-C).
+    wait), so the windows stay current and memory stays flat; ``summary()`` counts them. A window
+    never spans a reconnection (``--reconnect``): the frames before the gap are dropped and the
+    window fills again from the new connection's, so it never mixes two stretches of video that
+    may be minutes apart. Call ``close()`` when done (also after Ctrl-C).
     """
 
     def __init__(self, classifier: Classifier, source: str, *, window: int | None = None,
@@ -488,6 +490,10 @@ class LiveRun:
         for batch in self.stream.batches():
             feats = self._features(stack_frames([f.image for f in batch]))  # (n, D)
             for f, row in zip(batch, feats):
+                if frames and f.connection != frames[-1].connection:  # a reconnection: start afresh
+                    rows.clear()
+                    frames.clear()
+                    since = 0
                 rows.append(row)
                 frames.append(f)
                 self.classified += 1

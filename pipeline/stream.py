@@ -11,7 +11,9 @@ is dropped, and the result does not depend on the consumer's speed).
 
 A source that fails or ends mid-stream ends the iteration, with ``error`` saying why; with
 ``reconnect`` it is reopened with exponential backoff, and frame numbers and times continue (a new
-connection starts at the wall-clock time since the first frame, never before the last frame).
+connection starts at the wall-clock time since the first frame, never before the last frame). Each
+frame says which connection it came from, so a consumer can tell frames that follow each other
+from frames on either side of a gap.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class StreamFrame(NamedTuple):
     time: float  # seconds since the first frame of the stream (source timestamps)
     index: int  # frame number in the source, counted over every decoded frame (and reconnects)
     arrival: float  # time.perf_counter() when the source delivered it (for latency)
+    connection: int = 0  # 0 for the first opening of the source, then one more after each reconnection
 
 
 @dataclass
@@ -201,6 +204,7 @@ class LiveStream:
         self._omp = threads_per_thread()
         self._t_start: float | None = None  # wall clock of the stream's first frame
         self._last_time: float | None = None  # time of the last kept frame
+        self._connection = -1  # the connection being read (``StreamFrame.connection``)
         if not reconnect or self.kind == "file":  # a missing file does not come back by retrying
             self._first = _open(source, self.kind, timeout)  # fail at once, in the caller's thread
             self.fps = _rate(self._first[1])
@@ -259,6 +263,7 @@ class LiveStream:
                     attempt += 1
                     continue
                 self.fps = self.fps or _rate(stream)
+                self._connection += 1
                 read_before = self.stats.read
                 failed, hint = False, ""
                 try:
@@ -355,7 +360,7 @@ class LiveStream:
             image = self.transform(rgb) if self.transform is not None else rgb
             self.stats.kept += 1
             self._last_time = t = offset + max(0.0, local)
-            self._queue.put(StreamFrame(image, t, index, released), self._stop)
+            self._queue.put(StreamFrame(image, t, index, released, self._connection), self._stop)
 
     def _decoded(self, container, stream) -> Iterator[Any]:
         """The source's frames, decoded packet by packet, as ffmpeg does: a damaged packet (a lost

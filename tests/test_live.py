@@ -277,6 +277,31 @@ def test_reconnect_with_backoff(server):
     assert all(b > a for a, b in zip(times, times[1:]))
 
 
+def test_a_window_never_spans_a_reconnection(onnx_predictor, server):
+    """clip.ts (60 frames) ends and is reopened: frames 0-59 come from the first connection, 60-119
+    from the second, after a gap of the backoff (it could be minutes). No window mixes the two:
+    the window fills again from frame 60, and the frames after it come in the same windows as
+    from a fresh start."""
+    run = onnx_predictor.live(f"{server}/clip.ts", reconnect=True, stride=S)
+    windows = []
+    try:
+        for w in run:
+            windows.append(w)
+            if w.end_frame >= 100:
+                break
+    finally:
+        run.close()
+    s = run.summary()
+    assert s.reconnects >= 1 and s.frames_read >= 101, s
+    assert not [(w.start_frame, w.end_frame) for w in windows if w.start_frame < 60 <= w.end_frame]
+    after = [w for w in windows if w.start_frame >= 60]
+    assert after and all(w.end_frame - w.start_frame >= W - 1 for w in windows)
+    if s.dropped == 0:  # a busy machine may drop frames (a live source): they would shift the windows
+        assert (after[0].start_frame, after[0].end_frame) == (60, 65)
+        assert [(w.start_frame, w.end_frame) for w in windows] == \
+               [(a, a + W - 1) for a in range(0, 60 - W + 1, S)] + [(a, a + W - 1) for a in range(60, 97, S)]
+
+
 def test_joined_recordings_keep_time_going_forward(tmp_path, caplog):
     """Two MPEG-TS recordings joined into one file (as `cat a.ts b.ts` or a camera that restarts
     its clock gives): the second one's timestamps start over. Times go on forward, one frame
