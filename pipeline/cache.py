@@ -10,6 +10,8 @@ Layout of ``<name>.h5`` (schema version 2), readable with plain h5py::
     /<split>/labels         (N,) int64                      index into classes
     /<split>/videos         (N,) str                        path relative to the dataset root
     /<split>/fps            (N,) float32                    source frame rate (NaN if unknown)
+    /<split>/sources        (N,) str                        what each video was extracted from
+    /<split>/checksums      (N,) uint32                     CRC-32 of each video's rows, then its frame indices
 
 ``features`` and ``frame_indices`` are stored contiguously (no chunking, no compression): row r of
 ``features`` is at byte ``dset.id.get_offset() + r * D * itemsize`` of the file, so a lazy reader
@@ -23,6 +25,12 @@ While extracting, every finished video is saved as its own small file in ``<name
 videos in flight. When all videos are done, the cache is assembled into ``<name>.h5.tmp`` (the
 existing cache's videos plus the new ones, in dataset order) and atomically renamed over
 ``<name>.h5``. So a rerun resumes exactly, and the result is identical to an uninterrupted run.
+
+Damage. HDF5 checks nothing in raw data, so a changed byte in ``features`` (a bad sector, a
+stray write) would read as a slightly different number. Each video's rows carry a CRC-32,
+checked wherever a whole video is read: loading a split into memory, ``FeatureCache.video``, and
+carrying a video into a rebuilt cache. Lazy reads fetch a few rows at a time and check only for NaN/Inf. Caches written
+before the checksums lack the dataset and are read unchecked, as before.
 
 Schema 1 (before backbones were a choice) is read as it is: its provenance is MobileNetV2 with a
 FrameSpec whose short side equals its crop (``config.Provenance.from_dict`` migrates it).
@@ -45,6 +53,7 @@ import sys
 import tempfile
 import time
 import weakref
+import zlib
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +118,18 @@ def _reads(method):
         with _reading(getattr(self, "path", None) or (args[0] if args else "?")):
             return method(self, *args, **kwargs)
     return wrapper
+
+
+def video_checksum(features: np.ndarray, frame_indices: np.ndarray) -> int:
+    """CRC-32 of a video's stored feature rows (in the cache's dtype) and then its int64 frame
+    indices: what ``/<split>/checksums`` holds."""
+    crc = zlib.crc32(np.ascontiguousarray(features))
+    return zlib.crc32(np.ascontiguousarray(frame_indices, dtype=np.int64), crc)
+
+
+def _damaged_video(path: str | Path, split: str, rel: str) -> CacheError:
+    return CacheError(f"{path}: the features of {rel} (split {split!r}) do not match their checksum: the file is "
+                      "damaged; re-extract it with --overwrite")
 
 
 def _json(obj: Any) -> str:
@@ -386,14 +407,15 @@ class CacheWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
-    @staticmethod
-    def _record(src: tuple, rel: str) -> VideoRecord:
-        if src[0] == "old":
+    def _record(self, src: tuple, rel: str) -> VideoRecord:
+        if src[0] == "old":  # a video of the cache file, carried into the new one: checked first
             _, g, i, offs, _ = src
             a, b = int(offs[i]), int(offs[i + 1])
             source = _strings(g["sources"][i:i + 1])[0] if "sources" in g else ""
-            return VideoRecord(rel, int(g["labels"][i]), g["features"][a:b], g["frame_indices"][a:b],
-                               float(g["fps"][i]), source=source)
+            feats, frames = g["features"][a:b], g["frame_indices"][a:b]
+            if "checksums" in g and video_checksum(feats, frames) != int(g["checksums"][i]):
+                raise _damaged_video(self.path, g.name.strip("/"), rel)
+            return VideoRecord(rel, int(g["labels"][i]), feats, frames, float(g["fps"][i]), source=source)
         with np.load(src[1]) as z:
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]),
                                source=str(z["source"]) if "source" in z.files else "")
@@ -568,14 +590,16 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
     # Created at full size with no fill: each byte is written once, by the records below.
     feats = g.create_dataset("features", shape=(rows, dim), dtype=dtype, fill_time="never")
     frames = g.create_dataset("frame_indices", shape=(rows,), dtype="int64", fill_time="never")
-    offsets, labels, videos, fps, sources = [0], [], [], [], []
+    offsets, labels, videos, fps, sources, sums = [0], [], [], [], [], []
     for rec in itertools.chain([first], records) if first is not None else ():
         n, t = offsets[-1], rec.features.shape[0]
         if n + t > rows:
             raise CacheError(f"split {split!r}: the videos hold more than the {rows} frames counted")
+        stored, stored_frames = np.asarray(rec.features, dtype=dtype), np.asarray(rec.frame_indices, dtype=np.int64)
         if t:
-            feats[n:n + t] = np.asarray(rec.features, dtype=dtype)
-            frames[n:n + t] = rec.frame_indices
+            feats[n:n + t] = stored
+            frames[n:n + t] = stored_frames
+        sums.append(video_checksum(stored, stored_frames))  # of the bytes written, as a reader will find them
         offsets.append(n + t)
         labels.append(rec.label)
         videos.append(rec.rel)
@@ -589,6 +613,7 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
     g.create_dataset("videos", data=np.asarray(videos, dtype=object), dtype=h5py.string_dtype())
     g.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
     g.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=h5py.string_dtype())
+    g.create_dataset("checksums", data=np.asarray(sums, dtype=np.uint32))
 
 
 def _strings(arr: np.ndarray) -> list[str]:
@@ -703,7 +728,8 @@ class LazySplit:
     from the mapping (``MADV_DONTNEED``; they stay in the page cache): a mapped page counts as
     resident memory of the process, and an epoch touches most of the file. So resident memory
     stays at about one batch whatever the cache's size. Chunked (older) caches are read through
-    h5py, one whole chunk per chunk touched.
+    h5py, one whole chunk per chunk touched. Rows are checked for NaN/Inf, not against the
+    videos' checksums: those cover whole videos, and a batch reads a few rows of each.
 
     It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
     readable after that is closed, until ``close()`` (or garbage collection)."""
@@ -829,6 +855,8 @@ def _inconsistency(g: Any, offsets: np.ndarray | None, dim: int, n_classes: int)
         return f"offsets do not cut its {feats.shape[0]} feature rows ({len(g['frame_indices'])} frame indices) into videos"
     if n and (labels.min() < 0 or labels.max() >= n_classes):
         return f"labels outside 0..{n_classes - 1}"
+    if "checksums" in g and len(g["checksums"]) != n:
+        return f"{len(g['checksums'])} checksums for {n} videos"
     return None
 
 
@@ -894,11 +922,17 @@ class FeatureCache:
         features = np.empty(ds.shape, dtype=ds.dtype)
         if features.size:
             ds.read_direct(features)
-        return SplitData(
+        data = SplitData(
             features=features, offsets=g["offsets"][()], labels=g["labels"][()],
             videos=_strings(g["videos"][()]), frame_indices=g["frame_indices"][()], fps=g["fps"][()],
             classes=list(self.classes), provenance=self.provenance,
         )
+        if "checksums" in g:  # about 0.5 s a GB here
+            for i, want in enumerate(g["checksums"][()].tolist()):
+                a, b = data.offsets[i], data.offsets[i + 1]
+                if video_checksum(features[a:b], data.frame_indices[a:b]) != want:
+                    raise _damaged_video(self.path, split, data.videos[i])
+        return data
 
     def open_lazy(self, split: str) -> LazySplit:
         """``split`` for on-demand reading (``LazySplit.read_rows``): for caches larger than RAM."""
@@ -922,7 +956,10 @@ class FeatureCache:
         """(T, D) features and the label of video ``i``, read on demand (caches larger than RAM)."""
         g = self._group(split)
         offs = self._offsets[split]
-        return g["features"][offs[i]:offs[i + 1]], int(g["labels"][i])
+        feats = g["features"][offs[i]:offs[i + 1]]
+        if "checksums" in g and video_checksum(feats, g["frame_indices"][offs[i]:offs[i + 1]]) != int(g["checksums"][i]):
+            raise _damaged_video(self.path, split, _strings(g["videos"][i:i + 1])[0])
+        return feats, int(g["labels"][i])
 
     def close(self) -> None:
         self._f.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -322,6 +323,65 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     with F.atomic_path(tmp_path / "part.npz", fsync=False) as tmp:
         tmp.write_bytes(b"x")
     assert events == [("replace", str(tmp_path / "part.npz.tmp"))]
+
+
+def _flip_feature_bit(cache: Path, split: str, video: int) -> str:
+    """Flip the lowest bit of one feature value of ``video`` in place (a bad sector's damage, still a
+    finite number); → the video's relative path."""
+    with h5py.File(cache, "r") as f:
+        g = f[split]
+        ds = g["features"]
+        at = ds.id.get_offset() + int(g["offsets"][video]) * ds.shape[1] * ds.dtype.itemsize + 3 * ds.dtype.itemsize
+        rel = g["videos"][video].decode()
+    with open(cache, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ 1]))
+    return rel
+
+
+def test_a_changed_byte_in_the_features_is_found_by_its_checksum(tiny_dataset, tmp_path, weights_file):
+    """HDF5 checks nothing in raw data: one bit flipped in a video's features read as a slightly
+    different number, silently, in training, evaluation, and each rerun of the extraction that
+    carried the video into its rebuilt cache. Each video's rows now carry a CRC-32: a whole-split
+    read and a rebuild say which video is damaged, in one line, and change nothing."""
+    from pipeline.cache import FeatureCache
+    from pipeline.errors import CacheError
+
+    cache = separable_cache(tmp_path / "c.h5", per_class={"train": 6, "test": 3}, length=(4, 9))
+    with FeatureCache(cache) as c:
+        clean = c.load_split("train").features.copy()
+    rel = _flip_feature_bit(cache, "train", 4)
+    with FeatureCache(cache) as c:
+        c.load_split("test")  # the other split is intact
+        with pytest.raises(CacheError, match="do not match their checksum") as e:
+            c.load_split("train")
+    assert f"{rel} (split 'train')" in str(e.value) and str(cache) in str(e.value)
+    code, _, err = cli("train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+                       "--no-progress")
+    one_line(code, err, str(cache), rel, "checksum", "--overwrite")
+    # A cache written before the checksums is read as before, unchecked: the flipped bit shows.
+    with h5py.File(cache, "r+") as f:
+        del f["train"]["checksums"]
+    with FeatureCache(cache) as c:
+        got = c.load_split("train").features
+    assert (got != clean).sum() == 1
+
+    # Extraction: a rerun that rebuilds the cache (a new video) carries the cached videos over.
+    root = tiny_dataset
+    out = tmp_path / "f.h5"
+    assert cli(*_extract_args(root, out, str(weights_file)))[0] == 0
+    rel = _flip_feature_bit(out, "train", 1)
+    before = out.read_bytes()
+    shutil.copytree(root / "train" / "walk" / "w2", root / "train" / "walk" / "w9")
+    code, _, err = cli(*_extract_args(root, out, str(weights_file)))
+    one_line(code, err, str(out), rel, "checksum", "--overwrite")
+    assert out.read_bytes() == before  # nothing replaced; the new video's features are kept in the parts
+    assert len(list(Path(f"{out}.partial").glob("*/*.npz"))) == 1
+    assert cli(*_extract_args(root, out, str(weights_file)), "--overwrite")[0] == 0
+    with FeatureCache(out) as c:
+        assert len(c.load_split("train")) == 5
 
 
 def test_a_cache_damaged_inside_is_one_line_in_every_reader(tmp_path):
