@@ -1089,15 +1089,16 @@ def _clip_name(rel: str) -> str:
 def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
     """The source video a clip comes from, from its name: ``pattern`` (a regex searched in the file
     name without its extension; its first group, else the whole match), else the UCF101 or HMDB51
-    naming, else the clip itself (one group per video)."""
+    naming, else the clip itself (one group per video: its whole relative path, since the same
+    file name in several class folders, ``walk/0001.mp4`` and ``run/0001.mp4``, is several videos)."""
     stem = _clip_name(rel)
     if pattern is not None:
         m = re.search(pattern, stem)
         if m:
             return m.group(1) if m.groups() else m.group(0)
-        return stem
+        return rel
     m = _UCF_NAME.match(stem) or _HMDB_NAME.match(stem)
-    return m["group"] if m else stem
+    return m["group"] if m else rel
 
 
 def uncarvable(where: str) -> str:

@@ -612,7 +612,7 @@ def test_source_group_names_and_pattern():
 
     assert source_group("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "v_ApplyEyeMakeup_g08"
     assert source_group("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi") == "April_09_brush_hair_u_nm_np1_ba_goo"
-    assert source_group("walk/video_12") == "video_12"  # unknown naming: one group per video
+    assert source_group("walk/video_12") == "walk/video_12"  # unknown naming: one group per video
     assert source_group("a/sub03_take2_clip7.mp4", r"^(sub\d+)") == "sub03"
     names = [f"c{c}/sub{s:02d}_clip{k}" for c in range(2) for s in range(6) for k in range(3)]
     labels = [int(n[1]) for n in names]
@@ -624,6 +624,21 @@ def test_source_group_names_and_pattern():
     # A class with a single source stays in training rather than being carved away.
     one = carve_validation(["a/x_1", "a/x_2", "b/y_1", "b/z_1"], [0, 0, 1, 1], 0.5, pattern=r"^([a-z])_")
     assert not one[:2].any()
+
+
+def test_the_same_file_name_in_several_classes_is_several_videos():
+    """``class0/0000.mp4``, ``class1/0000.mp4``, ... were one source group (the file name alone),
+    given to the class most of its clips have: the only video of a class could be held out, leaving
+    the class nothing to train on (9 seeds in 100 here), with no word."""
+    from pipeline.data import carve_validation
+
+    counts = (20, 20, 1)
+    names = [f"class{c}/{k:04d}.mp4" for c, n in enumerate(counts) for k in range(n)]
+    labels = np.array([c for c, n in enumerate(counts) for _ in range(n)])
+    for seed in range(100):
+        val = carve_validation(names, labels, 0.1, seed=seed)
+        assert all((~val[labels == c]).any() for c in range(3)), seed  # every class keeps training videos
+        assert [int(val[labels == c].sum()) for c in range(3)] == [2, 2, 0], seed  # the fraction of each class
 
 
 def test_a_group_pattern_that_matches_no_name_is_warned_about(caplog):
