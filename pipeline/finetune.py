@@ -434,7 +434,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                                   f"{head_cfg.to_dict()}; resume with the same options")
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
-                              "augment"))
+                              "augment", "eval_clips"))
         old = ck.get("validation", validation)
         if (old != validation and init is not None and old.get("kind") == "carved"
                 and old.get("seed") == cfg.seed != validation.get("seed")):

@@ -268,7 +268,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
         now = cfg.to_dict()  # an option an older last.pt does not record is not compared
         check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,
                              ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                              "label_smoothing", "clip_grad", "seed"))
+                              "label_smoothing", "clip_grad", "seed", "eval_clips"))
         check_resume_validation(out / "last.pt", ckpt.get("validation"), data.validation)
         check_resume_data(out / "last.pt", ckpt.get("data"), data.data)
         check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs, ckpt["train_config"].get("epochs"))

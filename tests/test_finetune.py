@@ -285,6 +285,10 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
     with pytest.raises(CheckpointError, match="--trainable-blocks"):
         finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, trainable_blocks=3),
                  progress=False)
+    clips = load_checkpoint(tmp_path / "run" / "last.pt")["train_config"]["eval_clips"]
+    with pytest.raises(CheckpointError, match=rf"--eval-clips {clips}, this run asks for {clips + 1};"):
+        finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, eval_clips=clips + 1),
+                 progress=False)
     # last.pt as two torchrun processes would have written it: --batch-size is per process
     last = tmp_path / "run" / "last.pt"
     ck = torch.load(last, weights_only=False)

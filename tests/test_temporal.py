@@ -443,6 +443,10 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
         train_temporal(cfg(a, run, epochs=1, val_fraction=0.2, resume=True), progress=False)
     with pytest.raises(CheckpointError, match=r"was trained with --lr 0\.\d+, this run asks for 0\.5"):
         train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, lr=0.5, resume=True), progress=False)
+    # other eval clips: best.pt would be picked across epochs scored two ways (accepted before)
+    clips = load_checkpoint(run / "last.pt")["train_config"]["eval_clips"]
+    with pytest.raises(CheckpointError, match=rf"was trained with --eval-clips {clips}, this run asks for {clips + 1};"):
+        train_temporal(cfg(a, run, epochs=3, val_fraction=0.2, eval_clips=clips + 1, resume=True), progress=False)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"} == before
     (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
     with pytest.raises(CheckpointError, match=r"last\.pt is not a last\.pt that --resume can continue \(no history"):
