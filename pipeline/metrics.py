@@ -14,6 +14,8 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> 
 
 def topk_accuracy(probs: np.ndarray, target: np.ndarray, k: int) -> float:
     k = min(k, probs.shape[1])
+    if k == 1:  # argmax, as the confusion matrix and predict take it (the first of tied classes)
+        return float((probs.argmax(1) == target).mean())
     topk = np.argpartition(-probs, k - 1, axis=1)[:, :k]
     return float((topk == target[:, None]).any(1).mean())
 

@@ -488,6 +488,21 @@ def test_training_needs_two_classes_and_names_classes_it_never_saw(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top1_agrees_with_the_confusion_matrix_on_tied_probabilities(dtype):
+    """Tied probabilities (a uniform head, a saturated fp16 softmax): top-1 took any of the tied
+    classes (argpartition) while the confusion matrix took the first (argmax), so the two could
+    disagree in one test.json (0.096 against 0.087 in a reviewer's example)."""
+    from pipeline.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 3, (1000, 10)).astype(dtype)  # many ties
+    target = rng.integers(0, 10, 1000)
+    m = classification_metrics(probs, target, 0.0)
+    assert m["top1"] == pytest.approx(np.trace(np.array(m["confusion"])) / 1000)
+    assert m["top1"] == pytest.approx(np.mean(probs.argmax(1) == target))
+
+
 def test_metrics_of_a_class_without_videos_are_valid_json():
     """per-class accuracy of a class the split has no video of is null: test.json stays JSON that
     strict parsers (JavaScript's, Go's) read; NaN is not JSON."""
