@@ -326,7 +326,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--clip-grad", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 = off.")
-@click.option("--patience", type=click.IntRange(1), default=None, help="Stop after this many epochs without a better val top-1.")
+@click.option("--patience", type=click.IntRange(1), default=None, help="Stop after this many epochs without a new best epoch (higher val top-1; ties: lower val loss).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms (slower on GPU).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
