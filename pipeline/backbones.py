@@ -24,6 +24,7 @@ scale folded into the convolutions). This module writes no files.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import warnings
@@ -38,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .checkpoint import safe_load
-from .config import IMAGENET_MEAN, IMAGENET_STD, FrameSpec, WeightsIdentity
+from .config import IMAGENET_MEAN, IMAGENET_STD, FrameOverrides, FrameSpec, WeightsIdentity
 from .errors import ConfigError, WeightsError
 from .files import sha256_file
 from .preprocess import per_channel_
@@ -178,7 +179,7 @@ def check_input_size(bb: Backbone, size: int) -> None:
     works = next((s for s in dict.fromkeys([fixed, bb.frame_spec.size]) if isinstance(s, int) and s != size
                   and failure(s) is None), None)
     if works is not None:
-        tip = "" if fixed is None else " (timm's ViTs are built for the --size given)"
+        tip = "" if fixed is None else " (its weights fix the input size of this ViT)"
         raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {works}{tip}")
     raise ConfigError(f"{bb.name} fails on a blank {size}x{size} frame ({why}); check --weights") from e
 
@@ -211,6 +212,13 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
 
     tag = weights if path is None and weights.lower() != "none" else "imagenet"
     w = _torchvision_weights(name, tag) if tag != "imagenet" else torchvision.models.get_model_weights(name).DEFAULT
+    if path is not None and name.startswith("vit_"):  # a ViT file fixes its input size: the tag made for it
+        size = _vit_image_size(path, name)
+        made_for = next((x for x in torchvision.models.get_model_weights(name) if _torchvision_frame_spec(x).size == size),
+                        None)
+        if made_for is None and size:  # weights of its own: the default transform at their size
+            return _torchvision_frame_spec(w).override(FrameOverrides(size=size))
+        w = made_for or w
     return _torchvision_frame_spec(w)
 
 
@@ -223,7 +231,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "none", *,
     check_name(name)
     if is_timm(name):
         return _create_timm(name[len(TIMM):], weights, input_size)
-    return _create_torchvision(name, weights)
+    return _create_torchvision(name, weights, input_size)
 
 
 def _path_of(weights: str) -> Path | None:
@@ -301,27 +309,34 @@ def published_sha256_prefix(name: str, tag: str | None) -> str | None:
     return m.group(1) if m else None
 
 
-def _build_torchvision(name: str, w, *, shapes_only: bool = False) -> nn.Module:
+_AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")  # GoogLeNet's and Inception-v3's auxiliary classifiers
+
+
+def _build_torchvision(name: str, w, *, shapes_only: bool = False, image_size: int | None = None) -> nn.Module:
     """The torchvision model; ``shapes_only``: parameters left uninitialised (on the meta device
-    where the model allows it), for weights that a state dict will then give."""
+    where the model allows it), for weights that a state dict will then give. ``image_size``: the
+    input size a ViT without named weights is built for (named weights fix their own)."""
     import torchvision
 
     if shapes_only:
         try:
             with torch.device("meta"), _SkipInit():
-                return _build_torchvision(name, w)
+                return _build_torchvision(name, w, image_size=image_size)
         except Exception:  # noqa: BLE001 - RegNet computes its widths from tensor values
             with _SkipInit():
-                return _build_torchvision(name, w)
+                return _build_torchvision(name, w, image_size=image_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # googlenet/inception init notes
         kwargs: dict[str, Any] = {}
-        if w is None and name in ("googlenet", "inception_v3"):
-            kwargs = {"aux_logits": False, "init_weights": True}
+        if name in RENORMALISED:  # the input step goes into the FrameSpec (``_torchvision_frame_spec``)
+            kwargs = {"transform_input": False} if w is not None else \
+                {"aux_logits": False, "init_weights": True, "transform_input": False}
+        if image_size and w is None and name.startswith("vit_"):
+            kwargs["image_size"] = image_size
         model = torchvision.models.get_model(name, weights=w, **kwargs)
     if getattr(model, "aux_logits", False):  # the auxiliary classifiers only matter for ImageNet training
         model.aux_logits = False
-        for attr in ("AuxLogits", "aux1", "aux2"):
+        for attr in (p.rstrip(".") for p in _AUX_PREFIXES):
             if hasattr(model, attr):
                 setattr(model, attr, None)
     return model
@@ -340,28 +355,63 @@ def _remove_classifier(model: nn.Module, name: str) -> tuple[int, str]:
 
 
 def _torchvision_frame_spec(w) -> FrameSpec:
+    """The eval transform of weights ``w``. GoogLeNet's and Inception-v3's (``RENORMALISED``) map
+    their ImageNet-normalised input to (x - 0.5) / 0.5 inside the model (``transform_input``); this
+    tool builds them without that step and normalises so in the FrameSpec instead, the same numbers
+    whichever way the weights come (tag, file, checkpoint)."""
     t = w.transforms()
     crop = t.crop_size[0] if isinstance(t.crop_size, list | tuple) else t.crop_size
     resize = t.resize_size[0] if isinstance(t.resize_size, list | tuple) else t.resize_size
     interp = getattr(t.interpolation, "value", str(t.interpolation)).lower()
+    mean, std = (tuple(t.mean), tuple(t.std)) if not _renormalised(w) else ((0.5,) * 3, (0.5,) * 3)
     return FrameSpec(size=int(crop), resize_size=int(resize), interpolation=interp if interp in
-                     ("bilinear", "bicubic", "nearest") else "bilinear", mean=tuple(t.mean), std=tuple(t.std))
+                     ("bilinear", "bicubic", "nearest") else "bilinear", mean=mean, std=std)
 
 
-def _create_torchvision(name: str, weights: str) -> Backbone:
+RENORMALISED = ("googlenet", "inception_v3")  # torchvision sets transform_input=True with their weights
+
+
+def _renormalised(w) -> bool:
+    return type(w).__name__ in ("GoogLeNet_Weights", "Inception_V3_Weights")
+
+
+def _vit_image_size(path: Path, name: str) -> int | None:
+    """The input size the ViT weights in ``path`` were trained at, from their position embedding
+    (patches + 1 class token): torchvision's SWAG weights are 384 or 518, not 224."""
+    import math
+
+    obj = _our_file(path, metadata_only=True) or {}
+    state = obj.get("backbone_state", obj.get("raw"))
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    pos = next((v for k, v in (state or {}).items() if k.removeprefix("module.") == "encoder.pos_embedding"), None) \
+        if isinstance(state, dict) else None
+    patch = int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else None
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or patch is None:
+        return None
+    side = math.isqrt(pos.shape[1] - 1)
+    return side * patch if side * side == pos.shape[1] - 1 else None
+
+
+def _create_torchvision(name: str, weights: str, input_size: int | None = None) -> Backbone:
     path = _path_of(weights)
     w = None if path is not None or weights.lower() == "none" else _torchvision_weights(name, weights)
+    import torchvision
+
+    spec = default_frame_spec(name, weights) if path is not None and name.startswith("vit_") else \
+        _torchvision_frame_spec(w or torchvision.models.get_model_weights(name).DEFAULT)
+    # a ViT is built for one input size: a file's own, else the one asked for (random weights)
+    size = (_vit_image_size(path, name) if path is not None else input_size or spec.size) \
+        if name.startswith("vit_") else None
     try:
-        model = _build_torchvision(name, w, shapes_only=path is not None)  # a file gives every value
+        model = _build_torchvision(name, w, shapes_only=path is not None, image_size=size)  # a file gives every value
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
         file = w.url.rsplit("/", 1)[-1]
         raise WeightsError(
             f"could not download the {name} weights {w.name} ({str(e).splitlines()[0][:120]}): offline? fetch "
             f"{w.url} on a machine with network and pass --weights PATH/TO/{file}") from e
     dim, head_prefix = _remove_classifier(model, name)
-    import torchvision
-
-    spec = _torchvision_frame_spec(w or torchvision.models.get_model_weights(name).DEFAULT)
     if w is not None:
         ident = WeightsIdentity(source="torchvision", name=w.name)
     elif path is not None:
@@ -369,6 +419,13 @@ def _create_torchvision(name: str, weights: str) -> Backbone:
         ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     else:
         ident = WeightsIdentity(source="random")
+    bad = next((k for k, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # vgg16's IMAGENET1K_FEATURES: torchvision's file has no classifier values
+        others = [x.name for x in torchvision.models.get_model_weights(name) if w is None or x != w]
+        what = f"the {name} weights {w.name} hold" if w is not None else f"{path} holds"
+        raise WeightsError(f"{what} NaN/Inf in {bad}, which the features go through"
+                           + (f"; use other weights ({', '.join(others)})" if others else ""))
     return Backbone(name=name, net=model.eval(), num_features=dim, frame_spec=spec, weights=ident,
                     block_params=_torchvision_blocks(model, name))
 
@@ -385,23 +442,31 @@ def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix:
                 state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    # Module versions travel in the state dict's ``_metadata`` (MNASNet refuses to load without
+    # its version): the model's own, overlaid with the file's where it has them.
     own = model.state_dict()
+    metadata = dict(getattr(own, "_metadata", None) or {})
+    metadata.update({k.removeprefix("module."): v for k, v in (getattr(state, "_metadata", None) or {}).items()})
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # the final classifier, and the auxiliary ImageNet-training heads torchvision's GoogLeNet and
+    # Inception-v3 files hold (this tool builds them without)
+    state = {k: v for k, v in state.items() if not k.startswith((head_prefix, *_AUX_PREFIXES))}
     if name == "mobilenet_v2" and not any(k in own for k in state):  # a features-only dict, no prefix
         state = {f"features.{k}": v for k, v in state.items()}
     # assign keeps the file's tensors as they are: a half-precision file would make a half model
-    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v
-             for k, v in state.items()}
+    state = collections.OrderedDict(
+        (k, v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v)
+        for k, v in state.items())
+    state._metadata = metadata  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True, assign=True)  # assign: the model may be on meta
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: a module's own check (MNASNet's version)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise WeightsError(f"{path} is not a {name} state dict ({detail[:160]}...)") from e
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a tensor the state dict does not hold (a non-persistent buffer): build it for real
-        real = _build_torchvision(name, None)
+        real = _build_torchvision(name, None, image_size=getattr(model, "image_size", None))
         _remove_classifier(real, name)
         real.load_state_dict(model.state_dict(), strict=True)
         model = real

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import Backbone, create_backbone, published_sha256_prefix
+from .backbones import RENORMALISED, Backbone, create_backbone, published_sha256_prefix
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
+from .config import IMAGENET_MEAN, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .errors import CacheError, ConfigError, WeightsError
 from .files import sha256_file
 from .heads import HeadConfig, build_head
@@ -85,6 +85,8 @@ class Model:
         ident = prov.weights
         if ident.source in ("torchvision", "timm") and weights is None:
             bb = create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
+            if prov.backbone in RENORMALISED and tuple(prov.frame_spec.mean) == IMAGENET_MEAN:
+                bb.net.transform_input = True  # features made before 1 Dec 2026: the model re-normalised its input
             if ident.sha256 and bb.weights.sha256 and bb.weights.sha256 != ident.sha256:
                 raise WeightsError(f"{prov.backbone} weights {ident.name} are another file now (sha256 "
                                    f"{bb.weights.sha256[:12]}... != {ident.sha256[:12]}...) than the features of "

@@ -637,8 +637,68 @@ def test_check_input_size_blames_the_size_only_when_the_weights_own_size_works()
             return self.conv(x).mean((2, 3))
 
     with pytest.raises(ConfigError, match=r"^probe cannot take 32x32 frames \(Wrong image width! Expected 16\); "
-                                          r"use --size 16 \(timm's ViTs"):
+                                          r"use --size 16 \(its weights fix the input size"):
         check_input_size(backbone(Fixed()), 32)  # at the spec's own size, built for another
     four_channels = backbone(nn.Conv2d(4, 8, 3))  # fails at every size: not the size's fault
     with pytest.raises(ConfigError, match=r"^probe fails on a blank 8x8 frame \(.*\); check --weights$"):
         check_input_size(four_channels, 8)
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_googlenet_and_inception_give_torchvisions_features_by_tag_and_by_file(name, tmp_path, monkeypatch):
+    """torchvision's file of these weights holds the auxiliary ImageNet-training heads (a file was
+    refused for them), and with weights torchvision builds the model to re-normalise its input
+    (``transform_input``), which a file did not: the same weights gave features 120 % apart by tag
+    and by file. Both now equal torchvision's own model on its own normalisation, with that step
+    moved into the FrameSpec (mean = std = 0.5)."""
+    import torchvision
+
+    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    state = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=True).state_dict()
+    torch.save(state, tmp_path / "published.pth")  # the keys of torchvision's published file
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
+    w = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    theirs = torchvision.models.get_model(name, weights=w).eval()  # as torchvision builds it: transform_input
+    theirs.fc = nn.Identity()
+    by_tag, by_file = create_backbone(name, "IMAGENET1K_V1"), create_backbone(name, str(tmp_path / "published.pth"))
+    spec = by_tag.frame_spec
+    assert spec == by_file.frame_spec == default_frame_spec(name, "IMAGENET1K_V1")
+    assert (spec.mean, spec.std) == ((0.5,) * 3, (0.5,) * 3) and spec.size == w.transforms().crop_size[0]
+    crop = resize_frames(_image(), spec)[None]  # the same uint8 pixels for both
+    with torch.no_grad():
+        want = theirs(normalize_frames(crop, FrameSpec(size=spec.size, mean=IMAGENET_MEAN, std=IMAGENET_STD)))
+        got_tag, got_file = by_tag.net(normalize_frames(crop, spec)), by_file.net(normalize_frames(crop, spec))
+    torch.testing.assert_close(got_tag, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(got_file, got_tag, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+def test_weights_files_keep_module_versions_fix_a_vits_size_and_refuse_nan(tmp_path):
+    """MNASNet loads only with its module version, which travels in the state dict's metadata (a
+    file of its weights was a ValueError traceback, so was predict after extract). A ViT file made at
+    another size than 224 (torchvision's SWAG weights: 384, 518) was refused for its position
+    embedding. Weights with NaN where the features pass (vgg16's IMAGENET1K_FEATURES has no
+    classifier values) made every feature NaN."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    ref = create_backbone("mnasnet0_5", "none").net
+    torch.save(ref.state_dict(), tmp_path / "m.pt")
+    torch.save(dict(ref.state_dict()), tmp_path / "plain.pt")  # no metadata at all: the model's own versions
+    with torch.no_grad():
+        for f in ("m.pt", "plain.pt"):
+            assert torch.equal(create_backbone("mnasnet0_5", str(tmp_path / f)).net(x), ref(x)), f
+
+    import torchvision
+
+    torch.save(torchvision.models.vit_b_16(image_size=32).state_dict(), tmp_path / "vit32.pt")
+    vit = create_backbone("vit_b_16", str(tmp_path / "vit32.pt"))
+    assert vit.net.image_size == vit.frame_spec.size == default_frame_spec("vit_b_16", str(tmp_path / "vit32.pt")).size == 32
+    assert create_backbone("vit_b_16", "none", input_size=48).net.image_size == 48  # random weights: the size asked
+
+    state = torchvision.models.alexnet().state_dict()
+    state["classifier.1.weight"][:] = float("nan")  # fc6, which the 4096-d features go through
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(WeightsError, match=r"nan\.pt holds NaN/Inf in classifier\.1\.weight, which the features go "
+                                           r"through; use other weights \(IMAGENET1K_V1\)$"):
+        create_backbone("alexnet", str(tmp_path / "nan.pt"))
