@@ -7,7 +7,8 @@ model with its final classifier removed, so it maps a normalised (B, 3, H, W) ba
 * ``num_features`` (D), and the default ``FrameSpec`` of its weights (torchvision's
   ``weights.transforms()``, timm's ``resolve_model_data_config``);
 * its ordered ``blocks`` (for ``--trainable-blocks``): per family for torchvision (MobileNet,
-  EfficientNet, ResNet/ResNeXt, ConvNeXt, RegNet, ViT; other models by top-level children), and
+  EfficientNet, MNASNet, ResNet/ResNeXt, ConvNeXt, RegNet, ViT, Swin, MaxViT, DenseNet, VGG/AlexNet;
+  other models by top-level children), and
   timm's own parameter grouping (``group_matcher``);
 * the identity of its weights, stored with caches and checkpoints.
 
@@ -483,9 +484,26 @@ def _torchvision_blocks(model: nn.Module, name: str) -> list[list[str]]:
     def children(path: str) -> list[str]:
         return [f"{path}.{c}" for c, m in model.get_submodule(path).named_children() if any(True for _ in m.parameters())]
 
-    if name.startswith(("mobilenet", "efficientnet", "mnasnet", "convnext")):
-        seq = "layers" if name.startswith("mnasnet") else "features"
-        groups = [under(c) for c in children(seq)]
+    def stages(path: str) -> list[list[str]]:
+        """The parameterised children of ``path`` in order, a bare norm layer joined to the layer it
+        follows (MNASNet and DenseNet list BatchNorm beside its conv)."""
+        out: list[list[str]] = []
+        for c, m in model.get_submodule(path).named_children():
+            ps = under(f"{path}.{c}")
+            if ps and out and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                out[-1] += ps
+            elif ps:
+                out.append(ps)
+        return out
+
+    if name.startswith(("mobilenet", "efficientnet", "convnext")):
+        groups = [under(c) for c in children("features")]
+    elif name.startswith(("mnasnet", "densenet", "swin")):  # swin: patch embedding, stages, patch merging
+        groups = stages("layers" if name.startswith("mnasnet") else "features")
+    elif name.startswith(("vgg", "alexnet")):  # each conv, then fc6 and fc7 (fc8 is the classifier removed)
+        groups = stages("features") + stages("classifier")
+    elif name.startswith("maxvit"):
+        groups = [under("stem")] + [under(c) for c in children("blocks")] + [under("classifier")]
     elif name.startswith(("resnet", "resnext", "wide_resnet")):
         groups = [under("conv1", "bn1")] + [under(f"layer{i}") for i in range(1, 5)]
     elif name.startswith("regnet"):
