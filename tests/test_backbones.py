@@ -727,3 +727,24 @@ def test_more_families_have_blocks_worth_training_one_of(name, count):
     spans = [(min(first_call[owner[p]] for p in b.params), max(first_call[owner[p]] for p in b.params))
              for b in bb.blocks]
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_googlenet_features_cached_with_imagenet_normalisation_are_rebuilt_so(monkeypatch):
+    """A checkpoint on GoogLeNet features cached before the FrameSpec carried the model's own
+    re-normalisation (ImageNet mean/std, transform_input inside the model): its backbone is rebuilt
+    with that step, so predict computes the features it was trained on."""
+    import torchvision
+
+    from pipeline.config import FrameSelection, Provenance, WeightsIdentity
+    from pipeline.model import Model
+
+    state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).state_dict()
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
+
+    def rebuilt(spec: FrameSpec) -> bool:
+        prov = Provenance(backbone="googlenet", weights=WeightsIdentity(source="torchvision", name="IMAGENET1K_V1"),
+                          frame_spec=spec, selection=FrameSelection(), feature_dim=1024, classes=("a", "b"))
+        return Model(Path("x.pt"), "temporal", nn.Identity(), None, ["a", "b"], prov, 8, 1, {}).backbone().net.transform_input
+
+    assert rebuilt(FrameSpec(size=224, resize_size=256)) is True  # ImageNet mean/std: made the old way
+    assert rebuilt(default_frame_spec("googlenet", "IMAGENET1K_V1")) is False
