@@ -259,8 +259,11 @@ def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
     assert lrs == pytest.approx([3e-4, 3e-3])  # the last block at --lr / 10, the head at --lr
     with pytest.raises(ConfigError, match="BatchNorm statistics are untrained"):
         finetune(ft_cfg(colour_data, tmp_path / "x", "none", backbone="resnet18", trainable_blocks=1), progress=False)
-    with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 224"):
-        finetune(ft_cfg(colour_data, tmp_path / "vit", "none", backbone="vit_b_16"), progress=False)
+    import torchvision
+
+    torch.save(torchvision.models.vit_b_16(image_size=48).state_dict(), tmp_path / "vit48.pt")  # weights fix the size
+    with pytest.raises(ConfigError, match=r"^vit_b_16 cannot take 32x32 frames \(.*\); use --size 48"):
+        finetune(ft_cfg(colour_data, tmp_path / "vit", str(tmp_path / "vit48.pt"), backbone="vit_b_16"), progress=False)
     assert not list((tmp_path / "vit").glob("*.pt"))
     one = tmp_path / "one"  # a training split of one class: refused, as stage two refuses it
     for split in ("train", "val"):

@@ -258,8 +258,12 @@ def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"epoch 1: loss became nan .*; no epoch finished, so there is no best.pt$"):
         train_temporal(cfg(cache, tmp_path / "new", epochs=1), progress=False)  # not "kept": there is none
     monkeypatch.undo()
-    with h5py.File(cache, "r+") as f:
+    from pipeline.cache import video_checksum
+
+    with h5py.File(cache, "r+") as f:  # a NaN the extraction wrote (checksummed with it), not a damaged byte
         f["train/features"][5, 3] = np.nan
+        end = int(f["train/offsets"][1])
+        f["train/checksums"][0] = video_checksum(f["train/features"][:end], f["train/frame_indices"][:end])
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(out), "--overwrite"])
     assert r.exit_code == 1 and "NaN/Inf in the features of train/c0/v" in r.stderr
     assert (out / "best.pt").read_bytes() == best_before
