@@ -86,7 +86,7 @@ class Model:
         if ident.source in ("torchvision", "timm") and weights is None:
             bb = create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
             if prov.backbone in RENORMALISED and tuple(prov.frame_spec.mean) == IMAGENET_MEAN:
-                bb.net.transform_input = True  # features made before 1 Dec 2026: the model re-normalised its input
+                bb.net.transform_input = True  # cached the old way: the model re-normalised its input itself
             if ident.sha256 and bb.weights.sha256 and bb.weights.sha256 != ident.sha256:
                 raise WeightsError(f"{prov.backbone} weights {ident.name} are another file now (sha256 "
                                    f"{bb.weights.sha256[:12]}... != {ident.sha256[:12]}...) than the features of "
