@@ -373,7 +373,9 @@ RENORMALISED = ("googlenet", "inception_v3")  # torchvision sets transform_input
 
 
 def _renormalised(w) -> bool:
-    return type(w).__name__ in ("GoogLeNet_Weights", "Inception_V3_Weights")
+    import torchvision
+
+    return any(type(w) is torchvision.models.get_model_weights(n) for n in RENORMALISED)
 
 
 def _vit_image_size(path: Path, name: str) -> int | None:
@@ -400,11 +402,12 @@ def _create_torchvision(name: str, weights: str, input_size: int | None = None) 
     w = None if path is not None or weights.lower() == "none" else _torchvision_weights(name, weights)
     import torchvision
 
-    spec = default_frame_spec(name, weights) if path is not None and name.startswith("vit_") else \
+    vit = name.startswith("vit_")
+    spec = default_frame_spec(name, weights) if path is not None and vit else \
         _torchvision_frame_spec(w or torchvision.models.get_model_weights(name).DEFAULT)
-    # a ViT is built for one input size: a file's own, else the one asked for (random weights)
-    size = (_vit_image_size(path, name) if path is not None else input_size or spec.size) \
-        if name.startswith("vit_") else None
+    # a ViT is built for one input size: a file's own (its FrameSpec's, from its position
+    # embedding), else the one asked for (random weights); named weights fix theirs
+    size = (input_size if path is None and input_size else spec.size) if vit else None
     try:
         model = _build_torchvision(name, w, shapes_only=path is not None, image_size=size)  # a file gives every value
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
