@@ -29,8 +29,8 @@ existing cache's videos plus the new ones, in dataset order) and atomically rena
 Damage. HDF5 checks nothing in raw data, so a changed byte in ``features`` (a bad sector, a
 stray write) would read as a slightly different number. Each video's rows carry a CRC-32,
 checked wherever a whole video is read: loading a split into memory, ``FeatureCache.video``, and
-carrying a video into a rebuilt cache. Lazy reads fetch a few rows at a time and check only for NaN/Inf. Caches written
-before the checksums lack the dataset and are read unchecked, as before.
+carrying a video into a rebuilt cache. Lazy reads fetch a few rows at a time and check only for
+NaN/Inf. Caches written before the checksums lack the dataset and are read unchecked, as before.
 
 Schema 1 (before backbones were a choice) is read as it is: its provenance is MobileNetV2 with a
 FrameSpec whose short side equals its crop (``config.Provenance.from_dict`` migrates it).
@@ -130,6 +130,15 @@ def video_checksum(features: np.ndarray, frame_indices: np.ndarray) -> int:
 def _damaged_video(path: str | Path, split: str, rel: str) -> CacheError:
     return CacheError(f"{path}: the features of {rel} (split {split!r}) do not match their checksum: the file is "
                       "damaged; re-extract it with --overwrite")
+
+
+def _video_rows(path: str | Path, g: Any, i: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features and frame indices of video ``i`` (rows ``a:b``) of the split group ``g``, checked
+    against its checksum where the cache has them."""
+    feats, frames = g["features"][a:b], g["frame_indices"][a:b]
+    if "checksums" in g and video_checksum(feats, frames) != int(g["checksums"][i]):
+        raise _damaged_video(path, g.name.strip("/"), _strings(g["videos"][i:i + 1])[0])
+    return feats, frames
 
 
 def _json(obj: Any) -> str:
@@ -412,9 +421,7 @@ class CacheWriter:
             _, g, i, offs, _ = src
             a, b = int(offs[i]), int(offs[i + 1])
             source = _strings(g["sources"][i:i + 1])[0] if "sources" in g else ""
-            feats, frames = g["features"][a:b], g["frame_indices"][a:b]
-            if "checksums" in g and video_checksum(feats, frames) != int(g["checksums"][i]):
-                raise _damaged_video(self.path, g.name.strip("/"), rel)
+            feats, frames = _video_rows(self.path, g, i, a, b)
             return VideoRecord(rel, int(g["labels"][i]), feats, frames, float(g["fps"][i]), source=source)
         with np.load(src[1]) as z:
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]),
@@ -956,9 +963,7 @@ class FeatureCache:
         """(T, D) features and the label of video ``i``, read on demand (caches larger than RAM)."""
         g = self._group(split)
         offs = self._offsets[split]
-        feats = g["features"][offs[i]:offs[i + 1]]
-        if "checksums" in g and video_checksum(feats, g["frame_indices"][offs[i]:offs[i + 1]]) != int(g["checksums"][i]):
-            raise _damaged_video(self.path, split, _strings(g["videos"][i:i + 1])[0])
+        feats, _ = _video_rows(self.path, g, i, int(offs[i]), int(offs[i + 1]))
         return feats, int(g["labels"][i])
 
     def close(self) -> None:
