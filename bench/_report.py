@@ -8,8 +8,9 @@ one table. Without it, ``record`` does nothing: every bench prints its own resul
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 
 def record(bench: str, **values: Any) -> None:
@@ -22,3 +23,20 @@ def record(bench: str, **values: Any) -> None:
         values.setdefault("peak_gpu_mib", round(torch.cuda.max_memory_allocated() / 2**20))
     with open(path, "a") as f:
         f.write(json.dumps({"bench": bench, **values}, default=float) + "\n")
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """Distribution-free interval for the median of the population ``values`` were drawn from:
+    order statistics k and n+1-k, k the largest whose coverage 1 - 2·P(Binomial(n, ½) < k) is at
+    least ``confidence``. Returns (low, high, coverage); None when there are too few values (n < 6
+    for 95 %). It assumes independent runs: slow drift within one bench widens the spread, not the
+    assumption."""
+    xs, n = sorted(values), len(values)
+    tail, best = 0.0, None
+    for k in range(1, n // 2 + 1):
+        tail += math.comb(n, k - 1) / 2**n  # P(Binomial(n, 1/2) <= k - 1)
+        coverage = 1 - 2 * tail
+        if coverage < confidence:
+            break
+        best = (xs[k - 1], xs[n - k], coverage)
+    return best
