@@ -161,20 +161,45 @@ def _sequence(name: str) -> str | None:
     return None if key == stem.lower() else key
 
 
+UPRIGHT = " upright"  # a video file's signature since frames are decoded upright (``frame_rgb``)
+# Containers that carry a display rotation (phones write MP4/MOV): what an older cache may hold sideways.
+ROTATABLE = frozenset({".mp4", ".mov", ".m4v", ".3gp"})
+
+
 def source_signature(path: Path, kind: str) -> str:
     """What a video's source is, read without decoding: a frame folder's frame names and sizes, a
-    file's size; '' where it cannot be read. Stored with its features, so that a rerun redoes a
-    video whose frames were added, removed or replaced (a same-size edit goes unseen; a copy or a
-    touch of the dataset does not count as a change)."""
+    file's size (and that its frames are read upright); '' where it cannot be read. Stored with its
+    features, so that a rerun redoes a video whose frames were added, removed or replaced (a
+    same-size edit goes unseen; a copy or a touch of the dataset does not count as a change)."""
     try:
         if kind == "frames":
             h = hashlib.sha1()
             for f in list_frames(path):
                 h.update(f"{f.name}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
             return f"frames:{h.hexdigest()[:16]}"
-        return f"bytes:{path.stat().st_size}"
+        return f"bytes:{path.stat().st_size}{UPRIGHT}"
     except (OSError, PipelineError):
         return ""
+
+
+def stored_sideways(path: Path, was: str, now: str) -> bool | None:
+    """For a video file cached under signature ``was`` and now ``now``: None if ``was`` was not
+    written before frames were read upright (the signatures simply differ or agree), else whether
+    its features were taken from frames stored sideways: an MP4/MOV whose first frame carries a
+    display rotation (read by decoding it). Other containers are taken as never rotated."""
+    if not now.endswith(UPRIGHT) or was != now.removesuffix(UPRIGHT):
+        return None
+    if path.suffix.lower() not in ROTATABLE:
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = video_stream(container)
+            frame = next(container.decode(stream), None) if stream is not None else None
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return False  # unreadable now: extraction reports it when it decodes the file
+    return frame is not None and quarter_turns(frame) != 0
 
 
 def list_frames(folder: Path) -> list[Path]:
@@ -561,33 +586,39 @@ def select_indices(n: int, stride: int = 1, max_frames: int | None = None) -> li
 class RateSampler:
     """Resampling to at most ``fps``, one frame at a time: a frame (its time in seconds from the
     first, ascending) is kept when it is the first at or after the next sampling instant k/fps.
-    A source slower than ``fps`` keeps every frame: nothing is duplicated."""
+    A source slower than ``fps`` keeps every frame: nothing is duplicated.
 
-    def __init__(self, fps: float) -> None:
-        self.period, self.k = 1.0 / fps, 0
+    ``tick``: the resolution of the times (a stream's time base). A frame up to one tick before an
+    instant counts as at it: Matroska and WebM store times in milliseconds, so a 30 fps frame at
+    133.33 ms reads as 133 ms, and without the slack --fps 7.5 kept frames 0, 5, 8, 12, 17, ...
+    there against 0, 4, 8, 12, 16, ... from the same video in an MP4 or a frame folder."""
+
+    def __init__(self, fps: float, tick: float = 0.0) -> None:
+        self.period, self.k, self.eps = 1.0 / fps, 0, 1e-6 + tick
 
     def keep(self, t: float) -> bool:
-        eps = 1e-6
+        eps = self.eps
         if t + eps < self.k * self.period:
             return False
         self.k = math.floor((t + eps) / self.period) + 1
         return True
 
 
-def select_by_rate(times: Sequence[float], fps: float) -> list[int]:
+def select_by_rate(times: Sequence[float], fps: float, tick: float = 0.0) -> list[int]:
     """Indices of frames (times in seconds, ascending) that resample the video to at most ``fps``
     (``RateSampler``, times measured from the first frame)."""
     if not len(times):
         return []
-    rate, t0 = RateSampler(fps), times[0]
+    rate, t0 = RateSampler(fps, tick), times[0]
     return [i for i, t in enumerate(times) if rate.keep(t - t0)]
 
 
-def apply_selection(times: Sequence[float] | None, n: int, sel: FrameSelection) -> list[int]:
-    """Source frame indices kept from a video of ``n`` frames (``times`` known if rate-resampling)."""
+def apply_selection(times: Sequence[float] | None, n: int, sel: FrameSelection, tick: float = 0.0) -> list[int]:
+    """Source frame indices kept from a video of ``n`` frames (``times`` known if rate-resampling,
+    to ``tick`` seconds)."""
     base = list(range(n))
     if sel.fps is not None and times is not None:
-        base = select_by_rate(times, sel.fps)
+        base = select_by_rate(times, sel.fps, tick)
     return [base[i] for i in select_indices(len(base), sel.stride, sel.max_frames)]
 
 
@@ -691,27 +722,54 @@ class DecodedBatch(NamedTuple):
     skipped: Literal["frame", "frames"] = "frame"
 
 
+def quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show a decoded PyAV frame upright (0 to 3; a display
+    rotation that is not a multiple of 90° goes to the nearest, as torchcodec rounds it)."""
+    return round(frame.rotation / 90) % 4
+
+
+def frame_rgb(frame) -> torch.Tensor:
+    """A decoded PyAV frame → (3, H, W) uint8 RGB in (H, W, 3) memory (channels_last downstream),
+    upright as a player shows it: a phone's portrait recording is stored landscape with a display
+    matrix (``frame.rotation``, degrees counter-clockwise), which ffmpeg's command line applies
+    too, so frame folders it extracts from the file look the same."""
+    rgb = frame.to_ndarray(format="rgb24")
+    k = quarter_turns(frame)
+    return torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, k) if k else rgb)).permute(2, 0, 1)
+
+
+def video_stream(container):
+    """The video stream of an opened container to read (also for live sources): not a cover-art
+    picture, the one with the most frames, then the largest; None if there is none."""
+    import av
+
+    streams = [s for s in container.streams.video
+               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
+    return max(streams, key=lambda s: (s.frames or 0, (s.width or 0) * (s.height or 0)), default=None)
+
+
 def _open_video(path: Path):
-    """→ (container, the video stream to read): skips cover-art streams, prefers the longest."""
+    """→ (container, the video stream ``video_stream`` picks); one line if there is none."""
     import av
 
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise VideoDecodeError(f"{path}: cannot open video ({e})") from e
-    streams = [s for s in container.streams.video
-               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
-    if not streams:
+        empty = path.is_file() and path.stat().st_size == 0
+        raise VideoDecodeError(f"{path}: {'empty file (0 bytes)' if empty else f'cannot open video ({_av_reason(e)})'}"
+                               ) from e
+    stream = video_stream(container)
+    if stream is None:
         container.close()
         raise VideoDecodeError(f"{path}: no video stream")
-    stream = max(streams, key=lambda s: (s.frames or 0, (s.width or 0) * (s.height or 0)))
     return container, stream
 
 
 class _Demuxed(NamedTuple):
     """What one demuxing pass (no decoding) learns about a video file."""
 
-    pts: list[int]  # presentation timestamps of the packets with data, in file order (may hold None)
+    pts: list[int]  # presentation timestamps of the frames shown (see _demux), in file order (may hold None)
+    packets: int  # packets with data, shown or not
     time_base: float
     corrupt: int  # packets the demuxer flagged incomplete (a file cut inside a frame)
     last_corrupt: bool
@@ -721,17 +779,28 @@ class _Demuxed(NamedTuple):
 
 
 def _demux(path: Path) -> _Demuxed:
+    """One pass over the packets. The frames of the video are those a player shows, numbered from
+    0 at the first: not a packet the container marks discarded (the frames an MP4 edit list hides,
+    as ``ffmpeg -ss … -c copy`` writes them), nor one before the first key frame (a stream-copied
+    cut that starts between key frames: they refer to frames the file no longer holds). Frame
+    folders that ffmpeg extracts from such files start at the same frame."""
     import av
 
     container, stream = _open_video(path)
     try:
-        pts, corrupt, last = [], 0, False
+        pts, leading, packets, corrupt, last, key = [], [], 0, 0, False, False
         for p in container.demux(stream):
             if p.size:
-                pts.append(p.pts)
+                packets += 1
                 last = p.is_corrupt
                 corrupt += last
-        return _Demuxed(pts, float(stream.time_base) if stream.time_base else 0.0, corrupt, last,
+                key = key or p.is_keyframe  # a hidden key frame still starts what follows
+                if getattr(p, "is_discard", False):
+                    continue
+                (pts if key else leading).append(p.pts)
+        # No packet marked key at all (a container that does not flag them): every frame counts.
+        return _Demuxed(pts if key else leading, packets, float(stream.time_base) if stream.time_base else 0.0,
+                        corrupt, last,
                         stream.frames or 0, _declared_seconds(container, stream),
                         float(stream.average_rate) if stream.average_rate else None)
     except av.FFmpegError as e:
@@ -841,7 +910,7 @@ def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
     what, expected, present = f"decoded {decoded} frames", 0.0, 0.0
     if d.declared_frames:
         what = f"decoded {decoded} of {d.declared_frames} frames the header declares"
-        expected, present = d.declared_frames, len(d.pts)
+        expected, present = d.declared_frames, d.packets
     elif d.declared_seconds and d.fps and (pts := _sorted_pts(d)):
         span = (pts[-1] - pts[0]) * d.time_base + 1 / d.fps  # the last frame lasts one period
         what = f"decoded {decoded} frames, {span:.2f} s of the {d.declared_seconds:.2f} s the header declares"
@@ -860,6 +929,13 @@ def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
     return f"{path}: {'truncated' if cut or d.last_corrupt else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
+def frame_times(path: Path) -> list[float] | None:
+    """Seconds from the first shown frame to each frame of a video file, by frame number (a
+    variable-rate recording's pauses included), read by demuxing only; None without timestamps."""
+    pts, tb = _video_pts(path)
+    return None if pts is None else [(p - pts[0]) * tb for p in pts]
+
+
 def video_fps(path: Path) -> float | None:
     container, stream = _open_video(path)
     try:
@@ -871,9 +947,11 @@ def video_fps(path: Path) -> float | None:
 def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     """Decode the selected frames of a video file, in order, each decoded exactly once.
 
-    A frame's index is the position of its timestamp among all packets' timestamps, so it stays
-    the true source frame number even when the decoder drops frames (a clip cut on a non-key
-    frame drops its leading frames). Without timestamps, decoded frames are counted.
+    A frame's index is the position of its timestamp among the timestamps of the frames shown
+    (``_demux``), so it stays the true frame number even when the decoder drops a frame (a damaged
+    packet). A frame the decoder gives for a packet that is not shown (hidden by an edit list, or
+    reconstructed without its key frame) is passed over. Without timestamps, decoded frames are
+    counted.
     """
     import av
 
@@ -881,7 +959,7 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     pts, tb = _sorted_pts(demuxed), demuxed.time_base
     if pts is not None:
         position = {p: i for i, p in enumerate(pts)}
-        keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel))
+        keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel, tb))
     else:
         position = {}
         if sel.fps is not None or sel.max_frames is not None:
@@ -903,14 +981,14 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
                 damaged.append(e)
                 continue
             for frame in frames:
+                if position and frame.pts is not None and frame.pts not in position:
+                    continue  # not a frame of the video (see the docstring)
                 i = position.get(frame.pts, n) if position else n
                 n += 1
                 decoded.add(i)
                 if (i not in keep) if keep is not None else (i % sel.stride):
                     continue
-                # (3, H, W) in (H, W, 3) memory, as image decoders give it: channels_last downstream
-                rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
-                yield DecodedFrame(i, rgb, None)
+                yield DecodedFrame(i, frame_rgb(frame), None)
     except av.FFmpegError as e:  # the file itself could not be read on
         if n == 0:
             raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
@@ -1046,7 +1124,7 @@ def selected_positions(video_path: Path, kind: str, sel: FrameSelection) -> list
     pts, tb = _video_pts(video_path)
     if pts is None:
         raise VideoDecodeError(f"{video_path}: no frame timestamps")
-    return apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel)
+    return apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel, tb)
 
 
 def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backb
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import (DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps,
-                   source_signature)
+                   source_signature, stored_sideways)
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
@@ -599,13 +599,16 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     reused = 0
     sources: dict[tuple[str, str], str] = {}  # (split, rel) → what the video's files are now
     changed: list[str] = []
+    turned: list[str] = []
     for split, videos in index.splits.items():
         done = writer.done(split)
         for v in videos:
             sources[split, v.rel] = now = source_signature(v.path, v.kind)
             was = done.get(v.rel)  # None: not cached; '': cached by a version that did not record it
-            if was and now and was != now:
-                changed.append(v.rel)  # cached from other frames, or another file, under the same name
+            if was and now and was != now and (sideways := stored_sideways(v.path, was, now)) is not False:
+                # cached from other frames, or another file, under the same name; or a phone video
+                # cached sideways by a version that did not read frames upright
+                (turned if sideways else changed).append(v.rel)
             elif was is not None:
                 reused += 1
                 continue
@@ -613,6 +616,9 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     if changed and info.is_main:
         log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
                     "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])
+    if turned and info.is_main:
+        log.warning("%d cached video file(s) carry a display rotation (phone recordings) and were extracted sideways "
+                    "by an earlier version, e.g. %s: extracting them again, upright", len(turned), turned[0])
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from .backbones import FrozenBackbone
 from .config import FrameSelection, FrameSpec
-from .data import (IMAGE_EXTS, VIDEO_EXTS, VideoDecodeError, bad_frame_names, list_frames, natural_key, printable,
-                   video_kind)
+from .data import (IMAGE_EXTS, VIDEO_EXTS, VideoDecodeError, bad_frame_names, frame_times, list_frames, natural_key,
+                   printable, video_kind)
 from .engine import FeatureBank, averaged_probs
 from .errors import ConfigError
 from .extract import FeatureRunner, frame_loader
@@ -300,6 +300,15 @@ def _check_window(window: int | None, stride: int | None) -> None:
         raise ConfigError("--window and --stride must be >= 1")
 
 
+def _file_times(path: Path) -> list[float] | None:
+    """``data.frame_times``, or None where the file cannot be demuxed again (its frames decoded:
+    the windows then keep the stream's average rate)."""
+    try:
+        return frame_times(path)
+    except VideoDecodeError:
+        return None
+
+
 class Predictor:
     """A checkpoint or an exported .onnx; call ``predict`` with paths, or ``live`` with a source."""
 
@@ -377,10 +386,16 @@ class Predictor:
             else:
                 wins = []
                 bounds = window_bounds(len(feats), window, stride or window)
+                # A file's frames at their own timestamps (a variable-rate recording's pauses are
+                # real time, as --live reports them); frame folders at their constant rate.
+                times = _file_times(path) if kind == "file" else None
+
+                def at(i: int) -> float | None:
+                    return times[i] if times is not None and i < len(times) else i / fps if fps else None
+
                 for (a, b), p in zip(bounds, self.classify_windows(feats, bounds)):
                     s, e = int(idx[a]), int(idx[b - 1])
-                    wins.append(Window(s, e, s / fps if fps else None, e / fps if fps else None,
-                                       self.classes[int(p.argmax())], float(p.max()), p.tolist()))
+                    wins.append(Window(s, e, at(s), at(e), self.classes[int(p.argmax())], float(p.max()), p.tolist()))
                 pred.windows = wins
                 probs = np.mean([w.probs for w in wins], axis=0)
             pred.probs = probs

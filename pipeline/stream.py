@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 
 from .config import FrameSelection
-from .data import RateSampler
+from .data import RateSampler, frame_rgb, video_stream
 from .errors import StreamError
 from .runtime import threads_per_thread
 
@@ -98,11 +97,11 @@ def _open(source: str, kind: SourceKind, timeout: float):
         if kind == "device":
             hint = "; is the camera connected, and free (not used by another program)?"
         raise StreamError(f"live source {source}: cannot open it ({_reason(e)}){hint}") from e
-    videos = list(container.streams.video)
-    if not videos:
+    stream = video_stream(container)  # the one extract-features and predict read from a file
+    if stream is None:
         container.close()
         raise StreamError(f"live source {source}: no video stream")
-    return container, videos[0]
+    return container, stream
 
 
 def _reason(e: BaseException) -> str:
@@ -122,8 +121,8 @@ class _Selector:
     """Frame selection on a stream, one frame at a time: rate resampling (``data.RateSampler``, as
     files are resampled), then every K-th (as ``select_indices``; ``max_frames`` needs the length)."""
 
-    def __init__(self, sel: FrameSelection) -> None:
-        self.rate = RateSampler(sel.fps) if sel.fps else None
+    def __init__(self, sel: FrameSelection, tick: float = 0.0) -> None:
+        self.rate = RateSampler(sel.fps, tick) if sel.fps else None
         self.stride = sel.stride
         self.n = 0
 
@@ -319,7 +318,7 @@ class LiveStream:
         than ``MAX_GAP`` (or ten frame periods; a wrapped MPEG-TS clock: a real stall that long
         hits ``timeout`` first). A file's gap ahead is real time (a recording that paused) and kept."""
         stream.thread_type = "AUTO"
-        selector = _Selector(self.selection)
+        selector = _Selector(self.selection, float(stream.time_base or 0))  # the times' resolution
         period = 1.0 / (self.fps or 30.0)
         back, ahead = max(2 * period, 1.0), max(MAX_GAP, 10 * period)  # what counts as a jump (see above)
         t0: float | None = None  # source time of this connection's first frame
@@ -356,7 +355,7 @@ class LiveStream:
             self.stats.read += 1
             if not selector.keep(local):
                 continue
-            rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)
+            rgb = frame_rgb(frame)
             image = self.transform(rgb) if self.transform is not None else rgb
             self.stats.kept += 1
             self._last_time = t = offset + max(0.0, local)

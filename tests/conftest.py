@@ -43,6 +43,24 @@ def write_faststart_mp4(path: Path, frames: list[np.ndarray], fps: int = 25) -> 
     write_video(path, frames, fps, options={"movflags": "faststart"})
 
 
+def write_rotated_mp4(path: Path, frames: list[np.ndarray], degrees: int, fps: int = 25) -> None:
+    """An h264 .mp4 whose track header carries a display matrix, as a phone writes a portrait
+    recording: ``degrees`` -90 shows the stored frames turned 90° clockwise (ffprobe: "rotation of
+    -90.00 degrees"), 180 upside down."""
+    import struct
+
+    from pipeline.demo import write_video
+
+    write_video(path, frames, fps)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd") - 4  # the box: size, type, version and flags, times, ..., then the matrix
+    matrix = at + 8 + 4 + (20 if data[at + 8] == 0 else 32) + 16
+    one = 0x10000
+    a, b, c, d = {-90: (0, one, -one, 0), 90: (0, -one, one, 0), 180: (-one, 0, 0, -one)}[degrees]
+    struct.pack_into(">9i", data, matrix, a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+
 def damage_packet(path: Path, k: int) -> None:
     """Overwrite the data of video packet ``k`` of ``path`` with noise, its size and the file's
     length kept (as a bad sector or a lost datagram leaves a frame): the demuxer reads it whole and

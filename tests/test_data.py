@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cut_file, damage_packet, rand_frames, write_faststart_mp4, write_frames
+from conftest import cut_file, damage_packet, rand_frames, write_faststart_mp4, write_frames, write_rotated_mp4
 from PIL import Image
 
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
 from pipeline.data import (DecodedFrame, FrameDecodeError, VideoDecodeError, apply_selection, decode_image_file,
                            index_dataset, iter_frame_batches, iter_video_file, list_frames, natural_key,
-                           select_by_rate, select_indices, selected_positions)
+                           read_frames, select_by_rate, select_indices, selected_positions)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
@@ -300,15 +300,21 @@ def test_broken_frames_are_reported_not_fatal(tmp_path):
     assert "empty file" in got[1].error and str(paths[2]) in got[2].error
 
 
-def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
-    """A stream-copied cut that starts 3 packets after a key frame (as `ffmpeg -ss -c copy`
-    makes): the decoder drops the frames it cannot reconstruct; stored indices must still be the
-    true positions in the stream, and each row the frame it claims to be."""
+@pytest.mark.parametrize("cut", ["between_keys", "edit_list"])
+def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
+    """Two ways `ffmpeg -ss … -c copy` cuts a clip. ``between_keys`` (Matroska): the cut starts 3
+    packets after a key frame, so the decoder cannot rebuild the 7 frames before the next one;
+    ``edit_list`` (MP4): every packet from the key frame on is kept and an edit list hides the
+    first 3, which a player never shows. Either way frame 0 is the first frame shown, at 0 s,
+    as in a frame folder ffmpeg extracts from the file; each row is the frame it claims to be,
+    and the positions finetune reads (``selected_positions`` → ``read_frames``) are the frames
+    extraction stores, whatever the selection."""
     import av
     from fractions import Fraction
 
     frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
-    src, cut = tmp_path / "src.mkv", tmp_path / "cut.mkv"
+    ext = ".mkv" if cut == "between_keys" else ".mp4"
+    src, out = tmp_path / f"src{ext}", tmp_path / f"cut{ext}"
     with av.open(str(src), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(25))
         s.width = s.height = 64
@@ -319,21 +325,63 @@ def test_indices_follow_timestamps_when_decoder_drops_frames(tmp_path):
                 c.mux(q)
         for q in s.encode():
             c.mux(q)
-    with av.open(str(src)) as i, av.open(str(cut), "w") as o:
+    with av.open(str(src)) as i, av.open(str(out), "w") as o:
         ist = i.streams.video[0]
         ost = o.add_stream_from_template(ist)
+        shift = round(3 / (25 * ist.time_base))  # three frames
         for n, pkt in enumerate(i.demux(ist)):
-            if pkt.dts is None or n < 3:
+            if pkt.dts is None or cut == "between_keys" and n < 3:
                 continue
+            if cut == "edit_list":  # negative timestamps: the MP4 muxer writes an edit list hiding them
+                pkt.pts, pkt.dts = pkt.pts - shift, pkt.dts - shift
             pkt.stream = ost
             o.mux(pkt)
-    for sel in (FrameSelection(), FrameSelection(max_frames=4), FrameSelection(fps=5)):
-        got = list(iter_video_file(cut, sel))
-        assert got, sel
-        for g in got:  # content 8·k identifies source frame k; the cut starts at source frame 3
-            assert round(g.frame.float().mean().item() / 8) - 3 == g.index, (sel, g.index)
-    # 27 packets, 4 uniformly spaced → positions 3, 10, 16, 23; frame 3 cannot be decoded
-    assert [g.index for g in iter_video_file(cut, FrameSelection(max_frames=4))] == [10, 16, 23]
+    first, n_shown = (10, 20) if cut == "between_keys" else (3, 27)  # source frame shown first; frames shown
+    with av.open(str(out)) as c:  # what a player shows: the reference
+        shown = [f for f in c.decode(video=0) if f.pts is None or f.pts >= 0]
+    assert len(shown) == n_shown
+    for sel in (FrameSelection(), FrameSelection(max_frames=4), FrameSelection(fps=5), FrameSelection(stride=3)):
+        got = [g for g in iter_video_file(out, sel) if g.frame is not None]
+        want = apply_selection([k / 25 for k in range(n_shown)], n_shown, sel)
+        assert [g.index for g in got] == want, sel  # as many frames as asked for, none unreachable
+        for g in got:  # content 8·k identifies source frame k
+            assert round(g.frame.float().mean().item() / 8) - first == g.index, (sel, g.index)
+        positions = selected_positions(out, "file", sel)
+        assert positions == want, sel
+        assert all(torch.equal(a, b.frame) for a, b in zip(read_frames(out, "file", positions), got)), sel
+
+
+def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
+    """One 30 fps video as an MP4 (fine time base), a Matroska and a WebM (milliseconds: frame 4
+    at 133.33 ms is stored as 133 ms) and a frame folder: --fps keeps the same frames from each,
+    in extraction, in finetune's positions and in a live reading of the file."""
+    import av
+    from fractions import Fraction
+
+    from pipeline.stream import LiveStream
+
+    frames = rand_frames(np.random.default_rng(7), 30, 32, 32)
+    write_frames(tmp_path / "folder", frames, ".png")
+    for ext, codec in ((".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9")):
+        with av.open(str(tmp_path / f"v{ext}"), "w") as c:
+            s = c.add_stream(codec, rate=Fraction(30))
+            s.width = s.height = 32
+            s.pix_fmt = "yuv420p"
+            for f in frames:
+                for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    c.mux(q)
+            for q in s.encode():
+                c.mux(q)
+    for fps in (15.0, 10.0, 7.5):
+        sel = FrameSelection(fps=fps, folder_fps=30.0)
+        want = list(range(0, 30, round(30 / fps)))
+        assert selected_positions(tmp_path / "folder", "frames", sel) == want
+        for ext in (".mp4", ".mkv", ".webm"):
+            video = tmp_path / f"v{ext}"
+            assert [f.index for f in iter_video_file(video, sel)] == want, (fps, ext)
+            assert selected_positions(video, "file", sel) == want, (fps, ext)
+            with LiveStream(str(video), selection=sel, transform=lambda f: f[:, :2, :2]) as live:
+                assert [f.index for f in live] == want, (fps, ext)
 
 
 def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
@@ -735,3 +783,65 @@ def test_folder_batches_are_the_frames_one_by_one(tmp_path):
         assert torch.cat([c.indices for c in chunks]).tolist() == [w.index for w in want if w.frame is not None]
         assert torch.equal(torch.cat([c.frames for c in chunks]),
                            torch.stack([resize_frames(w.frame, spec) for w in want if w.frame is not None]))
+
+
+def test_a_file_of_several_video_streams_is_read_from_the_same_stream_live(tmp_path):
+    """A Matroska file whose first video stream is a 5-frame thumbnail and whose second is the
+    video: extract-features, predict and --live read the second (they read the first live before)."""
+    import av
+
+    from pipeline.stream import LiveStream
+
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as c:
+        small, big = c.add_stream("ffv1", rate=25), c.add_stream("ffv1", rate=25)
+        (small.width, small.height), (big.width, big.height) = (16, 16), (64, 48)
+        for k in range(20):
+            for s, shade in ((small, 0), (big, 200))[(k >= 5):]:
+                f = av.VideoFrame.from_ndarray(np.full((s.height, s.width, 3), shade, np.uint8), format="rgb24")
+                f.pts = k
+                for p in s.encode(f):
+                    c.mux(p)
+        for s in (small, big):
+            for p in s.encode():
+                c.mux(p)
+    read = [f.frame for f in iter_video_file(path, FrameSelection())]
+    with LiveStream(str(path)) as live:
+        shown = [f.image for f in live]
+    assert len(read) == len(shown) == 20 and tuple(read[0].shape) == (3, 48, 64)
+    assert all(torch.equal(a, b) for a, b in zip(read, shown))
+
+
+def test_a_video_file_that_cannot_be_opened_is_one_plain_line(tmp_path):
+    (tmp_path / "empty.mkv").write_bytes(b"")
+    (tmp_path / "garbage.webm").write_bytes(b"\x00" * 5000)
+    with pytest.raises(VideoDecodeError) as e:
+        list(iter_video_file(tmp_path / "empty.mkv", FrameSelection()))
+    assert str(e.value) == f"{tmp_path / 'empty.mkv'}: empty file (0 bytes)"
+    with pytest.raises(VideoDecodeError) as e:
+        list(iter_video_file(tmp_path / "garbage.webm", FrameSelection()))
+    # FFmpeg's reason alone: not its error number, nor the path a second time
+    assert str(e.value) == f"{tmp_path / 'garbage.webm'}: cannot open video (Invalid data found when processing input)"
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180])
+def test_a_phone_video_is_read_upright(tmp_path, degrees):
+    """A recording stored landscape (left half red, right half blue) with a display rotation, as
+    phones write portrait video: extraction, finetune's reads and --live all get the frames a
+    player shows (and ffmpeg extracts), not the stored ones turned on their side."""
+    from pipeline.stream import LiveStream
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32, 0] = stored[:, 32:, 2] = 255
+    path = tmp_path / "phone.mp4"
+    write_rotated_mp4(path, [stored] * 4, degrees)
+    # what is shown: -90 turns the frame clockwise (left → top), 90 counter-clockwise, 180 over
+    shown = np.rot90(stored, {-90: -1, 90: 1, 180: 2}[degrees])
+    frames = [f.frame for f in iter_video_file(path, FrameSelection())]
+    with LiveStream(str(path)) as live:
+        frames += [f.image for f in live]
+    frames += read_frames(path, "file", [0, 3])
+    assert len(frames) == 10
+    for f in frames:
+        assert tuple(f.shape) == (3, *shown.shape[:2])
+        assert (f.permute(1, 2, 0).int() - torch.from_numpy(shown.copy()).int()).abs().float().mean() < 8  # h264 rounding

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SIZE, rand_frames, write_frames
+from conftest import REPO, SIZE, rand_frames, write_frames, write_rotated_mp4
 from PIL import Image
 
 from pipeline.backbones import FrozenBackbone, create_backbone
@@ -530,6 +530,35 @@ def test_rerun_drops_deleted_videos_and_splits(tiny_dataset, tmp_path, weights_f
     before = sha256_file(out)  # in line now: the next rerun leaves the file as it is
     extract_features(config(tiny_dataset, out, weights_file), progress=False)
     assert sha256_file(out) == before
+
+
+def test_rerun_redoes_only_the_phone_videos_an_older_version_cached_sideways(tmp_path, weights_file, caplog):
+    """A cache written before frames were read upright holds a phone video's features from its
+    frames on their side. A rerun extracts exactly those again: the MP4s whose display rotation
+    is not 0 (found by decoding their first frame, once per rerun); the other videos are kept."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+    write_rotated_mp4(root / "train" / "a" / "phone.mp4", rand_frames(rng, 6, 32, 64), -90)
+    write_video(root / "train" / "a" / "flat.mp4", rand_frames(rng, 6))
+    write_video(root / "train" / "b" / "clip.mkv", rand_frames(rng, 6))
+    write_frames(root / "train" / "b" / "folder", rand_frames(rng, 6))
+    out = tmp_path / "f.h5"
+    extract_features(config(root, out, weights_file), progress=False)
+    with h5py.File(out, "a") as f:  # as the older version recorded them
+        sources = [s.decode() for s in f["train"]["sources"][()]]
+        f["train"]["sources"][...] = np.asarray([s.removesuffix(" upright") for s in sources], dtype=object)
+    assert sum(s.endswith(" upright") for s in sources) == 3  # the three files, not the folder
+    r = extract_features(config(root, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (1, 3)
+    assert "1 cached video file(s) carry a display rotation (phone recordings) and were extracted sideways" in caplog.text
+    assert "changed on disk" not in caplog.text
+    r = extract_features(config(root, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (0, 4)
+    fresh = tmp_path / "fresh.h5"
+    extract_features(config(root, fresh, weights_file), progress=False)
+    assert_same_cache(out, fresh)
 
 
 def test_rerun_redoes_a_video_whose_source_changed(tiny_dataset, tmp_path, weights_file, caplog):

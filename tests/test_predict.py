@@ -97,6 +97,39 @@ def test_windows_count_and_timestamps_json(trained, tmp_path):
     assert plot.stat().st_size > 1000
 
 
+def test_window_times_of_a_variable_rate_file_are_its_timestamps(trained, tmp_path):
+    """A recording that paused 3 s after frame 11 (a phone's variable frame rate): a window's
+    times are its frames' own timestamps, as --live reports them, not frame number / average rate."""
+    import av
+    from fractions import Fraction
+
+    _, _, ckpt = trained
+    video = tmp_path / "vfr.mp4"
+    ms = [40 * k for k in range(12)] + [3440 + 40 * k for k in range(12)]
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(25))
+        s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"bf": "0", "crf": "0"}
+        for t, f in zip(ms, rand_frames(np.random.default_rng(2), 24)):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            for q in s.encode(frame):
+                c.mux(q)
+        for q in s.encode():
+            c.mux(q)
+    predictor = Predictor(ckpt, device="cpu", workers=0)
+    windows = predictor.predict([video], window=4, stride=4, progress=False)[0].windows
+    got = [(w.start_frame, w.end_frame, w.start_time, w.end_time) for w in windows]
+    assert got == [(k, k + 3, pytest.approx(ms[k] / 1000), pytest.approx(ms[k + 3] / 1000)) for k in range(0, 24, 4)]
+    run = predictor.live(str(video), window=4, stride=4)
+    try:
+        live = [(w.start_frame, w.end_frame, w.start_time, w.end_time) for w in run]
+    finally:
+        run.close()
+    assert live == [(a, b, pytest.approx(c), pytest.approx(d)) for a, b, c, d in got]
+
+
 def test_plot_path_inside_an_input_is_refused(trained, tmp_path):
     """--plot into a frame folder would replace one of its frames (or add one): refused before any
     work, the folder as it was."""
