@@ -192,6 +192,8 @@ class Provenance:
             if key == "weights":
                 if not a.matches(b):
                     return f"weights {a.describe()} vs {b.describe()}"
+            elif key == "selection" and a.kept_as() == b.kept_as():
+                continue
             elif a != b:
                 return f"{what} {_show(a)} vs {_show(b)}"
         return None
@@ -241,6 +243,11 @@ class FrameSelection:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.folder_fps is not None and self.folder_fps <= 0:
             raise ValueError(f"folder_fps must be > 0, got {self.folder_fps}")
+
+    def kept_as(self) -> FrameSelection:
+        """What decides the frames kept: without ``fps``, ``folder_fps`` only dates them (a
+        timeline's seconds), so two selections that differ in it alone keep the same frames."""
+        return self if self.fps is not None else dataclasses.replace(self, folder_fps=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

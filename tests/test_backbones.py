@@ -612,6 +612,11 @@ def test_provenance_mismatch_names_every_field():
         got = base.mismatch(base.replace(**kw))
         assert got is not None and got.startswith(what), (what, got)
         assert base.mismatch(base.replace(**kw), ignore=(next(iter(kw)),)) is None
+    # --folder-fps without --fps only dates frame folders' frames: the same features
+    assert base.mismatch(base.replace(selection=FrameSelection(folder_fps=30.0))) is None
+    got = base.replace(selection=FrameSelection(fps=10.0, folder_fps=25.0)).mismatch(
+        base.replace(selection=FrameSelection(fps=10.0, folder_fps=30.0)))
+    assert got is not None and got.startswith("frame selection"), got
 
 
 def test_check_input_size_blames_the_size_only_when_the_weights_own_size_works():
