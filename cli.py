@@ -761,6 +761,9 @@ def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | Non
     for part, why in r.fallbacks.items():
         click.echo(f"    {part}: {why}")
     click.echo(f"  onnxruntime vs torch on a random batch: max |difference| {r.max_abs_diff:.2g}")
+    if r.precision_gap is not None:
+        click.echo(f"  vs torch under the features' {m.provenance.precision} autocast: max |difference| "
+                   f"{r.precision_gap:.2g} (the graph computes in float32; see the warning above)")
     if not head_only:
         click.echo(f"  run it: python cli.py predict --runtime onnx {r.out} VIDEO  (or --live SOURCE)")
 

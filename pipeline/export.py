@@ -45,6 +45,7 @@ from .errors import ConfigError, ExportError
 from .files import atomic_write_bytes, ensure_dir, sha256_file
 from .heads import HeadConfig
 from .model import Model, load_model
+from .runtime import autocast_ctx
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class ExportResult:
     bytes: int
     seconds: float
     inputs: list[str] = field(default_factory=list)
+    precision_gap: float | None = None  # vs torch under the features' reduced-precision autocast (predict's)
 
 
 # ----------------------------------------------------------------------------- the two parts
@@ -414,6 +416,13 @@ def export_model(cfg: ExportConfig) -> ExportResult:
         raise ExportError(f"the exported graph's probabilities differ from the model's by {max_diff:.3g} "
                           f"(more than {MERGED_TOL:g}); nothing was written to {out}")
 
+    gap = None if cfg.head_only else _precision_gap(part, head, probe, got, model.provenance.precision)
+    if gap is not None:
+        log.warning("the features were computed under %s autocast; the ONNX graph computes the backbone in float32, "
+                    "so its probabilities differ from the checkpoint's under that autocast (predict's on a device "
+                    "that runs it) by up to %.2g on a random batch, and borderline labels can differ. For the same "
+                    "numbers in both, extract the features with --precision fp32", model.provenance.precision, gap)
+
     meta = OnnxMeta(
         graph="head" if cfg.head_only else "full", classes=tuple(model.classes), frame_spec=spec,
         selection=model.selection, seq_len=seq_len, eval_clips=model.eval_clips, head_config=model.head_config,
@@ -427,7 +436,26 @@ def export_model(cfg: ExportConfig) -> ExportResult:
     data = proto.SerializeToString()
     atomic_write_bytes(out, data)
     return ExportResult(out=out, meta=meta, exporters=exporters, fallbacks=fallbacks, max_abs_diff=max_diff,
-                        bytes=len(data), seconds=time.perf_counter() - t0, inputs=[name])
+                        bytes=len(data), seconds=time.perf_counter() - t0, inputs=[name], precision_gap=gap)
+
+
+def _precision_gap(part: nn.Module, head: nn.Module, probe: torch.Tensor, got: np.ndarray, precision: str
+                   ) -> float | None:
+    """For features computed under bfloat16/float16 autocast: the largest difference between the
+    exported graph's probabilities ``got`` on ``probe`` and torch's with the backbone under that
+    autocast on the CPU, as predict runs a checkpoint (onnxruntime has no such mode); None for
+    float32 features, or where the CPU cannot autocast to that dtype."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    if dtype is None:
+        return None
+    try:
+        with torch.no_grad():
+            with autocast_ctx(torch.device("cpu"), dtype):
+                feats = part(probe)
+            want = head(feats.float()).numpy()
+    except RuntimeError:  # an autocast this CPU build does not run
+        return None
+    return float(np.abs(got - want).max())
 
 
 def _checkpoint_info(model: Model) -> dict[str, Any]:

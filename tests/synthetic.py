@@ -58,8 +58,8 @@ def reversal_cache(path: Path, *, per_class: dict[str, int] | None = None, dim: 
 
 def write_checkpoint(path: Path, *, weights: Path | None, backbone: str = "mobilenet_v2", size: int = 32,
                      head: dict | None = None, classes: tuple[str, ...] = ("a", "b", "c"), seq_len: int = 6,
-                     eval_clips: int = 2, feature_dim: int | None = None, seed: int = 0, scale: float = 1.0
-                     ) -> Path:
+                     eval_clips: int = 2, feature_dim: int | None = None, seed: int = 0, scale: float = 1.0,
+                     precision: str = "float32") -> Path:
     """A stage-two checkpoint as train-temporal writes it, without training: a random head (its
     weights times ``scale``) over ``backbone`` features from ``weights``."""
     import torch
@@ -76,7 +76,7 @@ def write_checkpoint(path: Path, *, weights: Path | None, backbone: str = "mobil
     ident = (WeightsIdentity(source="file", sha256=sha256_file(weights), path=str(weights)) if weights
              else WeightsIdentity(source="file", sha256="0" * 64, path="/nonexistent/backbone.pt"))
     prov = Provenance(backbone=backbone, weights=ident, frame_spec=spec, selection=FrameSelection(), feature_dim=dim,
-                      classes=tuple(classes))
+                      classes=tuple(classes), precision=precision)
     cfg = HeadConfig(**{"num_classes": len(classes), "input_dim": dim, "hidden": 16, "dropout": 0.0, **(head or {})})
     torch.manual_seed(seed)
     model = build_head(cfg)

@@ -162,6 +162,30 @@ def test_full_graph_matches_torch_and_metadata_round_trips(backbone, exported, r
     assert {"format", "format_version", "selection", "eval_clips", "provenance", "head_config"} <= set(props)
 
 
+def test_export_of_bfloat16_features_reports_what_float32_changes(weights_file, tmp_path, caplog):
+    """Features extracted under bfloat16 autocast (a GPU's default): predict with the checkpoint
+    computes them so again, the ONNX graph in float32. Export says so, with the gap it measured,
+    and that gap is the real one."""
+    ckpt = write_checkpoint(tmp_path / "bf16.pt", weights=weights_file, seq_len=4, eval_clips=1, scale=20.0,
+                            precision="bfloat16")
+    r = export_model(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "m.onnx"), exporter="legacy"))
+    torch_path = _TorchPath(ckpt)
+    clips = _clips(3, 4)
+    got = ort_session(r.out).run(None, {"frames": clips.numpy()})[0]
+    with torch.inference_mode():  # predict's torch path: the backbone under the autocast, the head in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = torch_path.backbone(clips.flatten(0, 1).permute(0, 3, 1, 2)).float()
+        f = f.to(torch.float16).float().view(3, 4, -1)
+        bf16 = torch.softmax(torch_path.model.head(f, torch.full((3,), 4)), 1).numpy()
+    assert r.max_abs_diff < TOL  # the graph is float32 torch, exactly
+    assert np.abs(got - bf16).max() > 10 * TOL and r.precision_gap > 10 * TOL  # ... not bfloat16 torch
+    assert "computed under bfloat16 autocast" in caplog.text and "--precision fp32" in caplog.text
+    fp32 = export_model(ExportConfig(checkpoint=str(write_checkpoint(tmp_path / "fp32.pt", weights=weights_file,
+                                                                      seq_len=4, eval_clips=1)),
+                                     out=str(tmp_path / "f.onnx"), exporter="legacy"))
+    assert fp32.precision_gap is None
+
+
 def test_unexportable_head_names_the_part(monkeypatch, tmp_path):
     class SvdHead(torch.nn.Module):  # singular values have no ONNX operator
         def __init__(self, cfg):
