@@ -29,8 +29,8 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     """Distribution-free interval for the median of the population ``values`` were drawn from:
     order statistics k and n+1-k, k the largest whose coverage 1 - 2·P(Binomial(n, ½) < k) is at
     least ``confidence``. Returns (low, high, coverage); None when there are too few values (n < 6
-    for 95 %). It assumes independent runs: slow drift within one bench widens the spread, not the
-    assumption."""
+    for 95 %). It takes the values as independent draws; where they are not (ratios that share a
+    denominator), the coverage is approximate."""
     xs, n = sorted(values), len(values)
     tail, best = 0.0, None
     for k in range(1, n // 2 + 1):

@@ -19,8 +19,9 @@ Both run with glibc's malloc thresholds tuned as the CLI tunes them (``pipeline/
 ``--no-tune-allocator`` shows the difference.
 
 It prints frames/s of each and their ratio (pipeline / bare; 1.0 = decoding and writing fully
-hidden): the median over the runs, with a distribution-free 95 % interval for it (order statistics;
-with 9 runs the 2nd and 8th smallest ratios), so a margin can be read as robust or not. On CPU it also prints the ceiling that decoding alone puts on that ratio: the model and
+hidden): the median over the runs, with a 95 % interval for it from order statistics (with 9 runs
+the 2nd and 8th smallest ratios), so a margin can be read as robust or not. The interval is
+approximate: it takes the runs as independent, and neighbouring ratios share a bare run. On CPU it also prints the ceiling that decoding alone puts on that ratio: the model and
 the decoders share the cores there, so a frame costs at least the forward plus its decoding split
 over the decoder threads, F / (F + D / threads), with D the decode time of a frame on one core
 (the pipeline's own decoder, measured here on the dataset's first frames) and F the bare model's.
@@ -230,8 +231,8 @@ def main() -> None:
         ci = median_interval(ratios)
         print(f"ratio pipeline/bare: {float(np.median(ratios)):.3f}  (per run: {', '.join(f'{x:.3f}' for x in ratios)})")
         if ci is not None:  # what the median of these runs can be trusted to: a margin is robust if `low` clears it
-            print(f"  the median lies in {ci[0]:.3f}-{ci[1]:.3f} with {ci[2]:.0%} confidence "
-                  "(order statistics of the runs, no assumption on their distribution)")
+            print(f"  the median lies in {ci[0]:.3f}-{ci[1]:.3f} with about {ci[2]:.0%} confidence "
+                  "(order statistics of the runs, taken as independent)")
         if ceiling is not None:
             print(f"decoding alone caps it at {ceiling:.3f}: {dec:.3f} ms of one core per frame to read, decode and "
                   f"resize, over {decoders} decoder threads, against {fwd:.2f} ms per frame for the model")

@@ -216,9 +216,12 @@ class CacheWriter:
         self.partial = Path(f"{self.path}.partial")
         self.provenance = provenance
         self._made: set[str] = set()  # splits whose part folder exists
+        # (split, rel) → the source signature to store for a video kept as it is (a record of an
+        # earlier version, checked to hold what this one would extract: ``extract``)
+        self.resign: dict[tuple[str, str], str] = {}
         self.check(self.path, provenance, replace=replace)
         partial = read_partial(self.path)
-        if partial is not None and partial["provenance"].mismatch(provenance):  # only with replace (checked)
+        if partial is not None and partial["provenance"].mismatch(provenance, dated=True):  # only with replace (checked)
             shutil.rmtree(self.partial)  # unfinished work with other settings, being replaced
             partial = None
         self.replace = replace or bool(partial and partial["replace"])
@@ -240,7 +243,7 @@ class CacheWriter:
         if not (partial and partial["replace"]) and path.exists():  # a replacing run ignores the file
             olds.append((path, read_provenance(path)))
         for where, old in olds:
-            diff = old.mismatch(provenance, ignore=ignore)
+            diff = old.mismatch(provenance, ignore=ignore, dated=True)
             if diff:
                 raise CacheError(f"{where} was made with different settings ({diff}); use another --output, "
                                  "or --overwrite to replace it")
@@ -340,7 +343,7 @@ class CacheWriter:
                   keep: Collection[str] = ()) -> bool:
         """``finalize(order, ..., keep=keep)`` would write the cache file as it is: no new parts,
         no video or split to drop or reorder, and the same failures."""
-        if self.replace or not self.path.exists() or self.pending():
+        if self.replace or not self.path.exists() or self.pending() or self.resign:
             return False
         with _open(self.path) as f:
             for split in set(f.keys()) | set(order):
@@ -357,6 +360,23 @@ class CacheWriter:
     def close_unchanged(self) -> None:
         """Nothing new to write: drop the work folder, keep the cache file as it is."""
         shutil.rmtree(self.partial, ignore_errors=True)
+
+    @_reads
+    def stored_indices(self, split: str) -> dict[str, np.ndarray]:
+        """The source frame indices stored for each video of ``split`` (cache file and finished
+        parts), as ``done`` lists them."""
+        out: dict[str, np.ndarray] = {}
+        if self.path.exists() and not self.replace:
+            with _open(self.path) as f:
+                if split in f:
+                    g = f[split]
+                    offs, frames = g["offsets"][()], g["frame_indices"][()]
+                    for i, rel in enumerate(_strings(g["videos"][()])):
+                        out[rel] = frames[offs[i]:offs[i + 1]]
+        for rel, (p, _) in self._parts(split).items():
+            with np.load(p) as z:
+                out[rel] = z["frame_indices"]
+        return out
 
     def _parts(self, split: str) -> dict[str, tuple[Path, int]]:
         """Finished parts of ``split``: relative path -> (part file, rows)."""
@@ -405,7 +425,7 @@ class CacheWriter:
                                         "(moved, deleted, or another split definition)", stale, split)
                     else:
                         ranked = list(sources)
-                    _write_split(out, split, (self._record(sources[r], r) for r in ranked),
+                    _write_split(out, split, (self._record(sources[r], r, split) for r in ranked),
                                  sum(sources[r][-1] for r in ranked), self.provenance.dtype,
                                  self.provenance.feature_dim)
                 _write_root_attrs(out, self.provenance, {**attrs, "failures": _json(failures)})
@@ -416,16 +436,18 @@ class CacheWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
-    def _record(self, src: tuple, rel: str) -> VideoRecord:
+    def _record(self, src: tuple, rel: str, split: str) -> VideoRecord:
         if src[0] == "old":  # a video of the cache file, carried into the new one: checked first
             _, g, i, offs, _ = src
             a, b = int(offs[i]), int(offs[i + 1])
             source = _strings(g["sources"][i:i + 1])[0] if "sources" in g else ""
             feats, frames = _video_rows(self.path, g, i, a, b)
-            return VideoRecord(rel, int(g["labels"][i]), feats, frames, float(g["fps"][i]), source=source)
+            return VideoRecord(rel, int(g["labels"][i]), feats, frames, float(g["fps"][i]),
+                               source=self.resign.get((split, rel), source))
         with np.load(src[1]) as z:
+            source = str(z["source"]) if "source" in z.files else ""
             return VideoRecord(rel, int(z["label"]), z["features"], z["frame_indices"], float(z["fps"]),
-                               source=str(z["source"]) if "source" in z.files else "")
+                               source=self.resign.get((split, rel), source))
 
 
 def write_cache(path: str | Path, provenance: Provenance, splits: dict[str, Iterable[VideoRecord]],

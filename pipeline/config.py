@@ -183,8 +183,10 @@ class Provenance:
                ("selection", "frame selection"), ("feature_dim", "feature dimension"),
                ("precision", "compute precision"), ("dtype", "feature dtype"), ("classes", "class list"))
 
-    def mismatch(self, other: Provenance, *, ignore: tuple[str, ...] = ()) -> str | None:
-        """Name the first field on which the two disagree (None if compatible)."""
+    def mismatch(self, other: Provenance, *, ignore: tuple[str, ...] = (), dated: bool = False) -> str | None:
+        """Name the first field on which the two disagree (None if compatible). Frame selections
+        are compared by the frames they keep (``FrameSelection.kept_as``), or with ``dated`` also
+        by how they date them (one cache holds one ``folder_fps``)."""
         for key, what in self._FIELDS:
             if key in ignore:
                 continue
@@ -192,7 +194,7 @@ class Provenance:
             if key == "weights":
                 if not a.matches(b):
                     return f"weights {a.describe()} vs {b.describe()}"
-            elif key == "selection" and a.kept_as() == b.kept_as():
+            elif key == "selection" and not dated and a.kept_as() == b.kept_as():
                 continue
             elif a != b:
                 return f"{what} {_show(a)} vs {_show(b)}"

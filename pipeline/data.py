@@ -161,9 +161,9 @@ def _sequence(name: str) -> str | None:
     return None if key == stem.lower() else key
 
 
-UPRIGHT = " upright"  # a video file's signature since frames are decoded upright (``frame_rgb``)
-# Containers that carry a display rotation (phones write MP4/MOV): what an older cache may hold sideways.
-ROTATABLE = frozenset({".mp4", ".mov", ".m4v", ".3gp"})
+# Appended to a video file's signature since frames are numbered as a player shows them and read
+# upright (``_demux``, ``frame_rgb``): a record without it was made by an earlier version.
+UPRIGHT = " upright"
 
 
 def source_signature(path: Path, kind: str) -> str:
@@ -182,24 +182,32 @@ def source_signature(path: Path, kind: str) -> str:
         return ""
 
 
-def stored_sideways(path: Path, was: str, now: str) -> bool | None:
-    """For a video file cached under signature ``was`` and now ``now``: None if ``was`` was not
-    written before frames were read upright (the signatures simply differ or agree), else whether
-    its features were taken from frames stored sideways: an MP4/MOV whose first frame carries a
-    display rotation (read by decoding it). Other containers are taken as never rotated."""
-    if not now.endswith(UPRIGHT) or was != now.removesuffix(UPRIGHT):
-        return None
-    if path.suffix.lower() not in ROTATABLE:
-        return False
+def recorded_before_upright(was: str, now: str) -> bool:
+    """Whether a video file's record (signature ``was``; '' from versions that kept none) predates
+    frames numbered as shown and read upright, the file being the same (signature ``now``)."""
+    return now.endswith(UPRIGHT) and was in ("", now.removesuffix(UPRIGHT))
+
+
+def read_as_recorded(path: Path, sel: FrameSelection, stored: Sequence[int] | None) -> bool:
+    """Whether this version would extract the same rows from video file ``path`` as an earlier one
+    stored (source frame indices ``stored``): the same frames kept by ``sel`` (a cut clip's
+    frames are numbered from the first shown; --fps on millisecond timestamps), none turned by a
+    display rotation. Demuxes the file and decodes its first frame; False if it cannot be read."""
     import av
 
+    if stored is None:
+        return False
     try:
-        with av.open(str(path)) as container:
-            stream = video_stream(container)
-            frame = next(container.decode(stream), None) if stream is not None else None
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
-        return False  # unreadable now: extraction reports it when it decodes the file
-    return frame is not None and quarter_turns(frame) != 0
+        if selected_positions(path, "file", sel) != [int(i) for i in stored]:
+            return False
+        container, stream = _open_video(path)
+        try:
+            frame = next(container.decode(stream), None)
+        finally:
+            container.close()
+    except (VideoDecodeError, av.FFmpegError, OSError):
+        return False
+    return frame is not None and quarter_turns(frame) == 0
 
 
 def list_frames(folder: Path) -> list[Path]:
@@ -588,13 +596,10 @@ class RateSampler:
     first, ascending) is kept when it is the first at or after the next sampling instant k/fps.
     A source slower than ``fps`` keeps every frame: nothing is duplicated.
 
-    ``tick``: the resolution of the times (a stream's time base). A frame up to one tick before an
-    instant counts as at it: Matroska and WebM store times in milliseconds, so a 30 fps frame at
-    133.33 ms reads as 133 ms, and without the slack --fps 7.5 kept frames 0, 5, 8, 12, 17, ...
-    there against 0, 4, 8, 12, 16, ... from the same video in an MP4 or a frame folder."""
+    ``slack``: how far before an instant a frame still counts as at it (``rate_slack``)."""
 
-    def __init__(self, fps: float, tick: float = 0.0) -> None:
-        self.period, self.k, self.eps = 1.0 / fps, 0, 1e-6 + tick
+    def __init__(self, fps: float, slack: float = 0.0) -> None:
+        self.period, self.k, self.eps = 1.0 / fps, 0, 1e-6 + slack
 
     def keep(self, t: float) -> bool:
         eps = self.eps
@@ -604,12 +609,25 @@ class RateSampler:
         return True
 
 
+def rate_slack(tick: float, frame_period: float | None) -> float:
+    """Half a tick of timestamps whose resolution ``tick`` (the stream's time base) is much finer
+    than the frames (``frame_period`` apart), else 0. Matroska and WebM store times in
+    milliseconds, so a 30 fps frame at 133.33 ms reads as 133 ms, just before the sampling instant
+    it is at: without the slack, --fps 7.5 kept frames 0, 5, 8, 12, 17, ... there against 0, 4, 8,
+    12, 16, ... from the same video as an MP4 or a frame folder. Where a tick is a frame period
+    (AVI), times are exact frame counts and half a tick would move the sampling by a frame."""
+    if not tick or not frame_period or tick > 0.1 * frame_period:
+        return 0.0
+    return tick / 2
+
+
 def select_by_rate(times: Sequence[float], fps: float, tick: float = 0.0) -> list[int]:
-    """Indices of frames (times in seconds, ascending) that resample the video to at most ``fps``
-    (``RateSampler``, times measured from the first frame)."""
+    """Indices of frames (times in seconds, ascending, to ``tick`` seconds) that resample the
+    video to at most ``fps`` (``RateSampler``, times measured from the first frame)."""
     if not len(times):
         return []
-    rate, t0 = RateSampler(fps, tick), times[0]
+    period = float(np.median(np.diff(times))) if len(times) > 1 else None
+    rate, t0 = RateSampler(fps, rate_slack(tick, period)), times[0]
     return [i for i, t in enumerate(times) if rate.keep(t - t0)]
 
 
@@ -788,18 +806,22 @@ def _demux(path: Path) -> _Demuxed:
 
     container, stream = _open_video(path)
     try:
-        pts, leading, packets, corrupt, last, key = [], [], 0, 0, False, False
+        pts, leading, packets, corrupt, last, keyed, key_pts = [], [], 0, 0, False, False, None
         for p in container.demux(stream):
             if p.size:
                 packets += 1
                 last = p.is_corrupt
                 corrupt += last
-                key = key or p.is_keyframe  # a hidden key frame still starts what follows
+                if not keyed and p.is_keyframe:  # a hidden key frame still starts what follows
+                    keyed, key_pts = True, p.pts
                 if getattr(p, "is_discard", False):
                     continue
-                (pts if key else leading).append(p.pts)
-        # No packet marked key at all (a container that does not flag them): every frame counts.
-        return _Demuxed(pts if key else leading, packets, float(stream.time_base) if stream.time_base else 0.0,
+                (pts if keyed else leading).append(p.pts)
+        if not keyed:  # no packet marked key at all (a container that does not flag them): every frame counts
+            pts = leading
+        elif key_pts is not None:  # an open GOP's leading pictures refer to frames before the cut
+            pts = [p for p in pts if p is None or p >= key_pts]
+        return _Demuxed(pts, packets, float(stream.time_base) if stream.time_base else 0.0,
                         corrupt, last,
                         stream.frames or 0, _declared_seconds(container, stream),
                         float(stream.average_rate) if stream.average_rate else None)

@@ -39,7 +39,7 @@ from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backb
 from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import (DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps,
-                   source_signature, stored_sideways)
+                   read_as_recorded, recorded_before_upright, source_signature)
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
 from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
@@ -599,16 +599,17 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     reused = 0
     sources: dict[tuple[str, str], str] = {}  # (split, rel) → what the video's files are now
     changed: list[str] = []
-    turned: list[str] = []
+    earlier: list[tuple[str, Video]] = []  # video files cached before frames were numbered as shown, read upright
     for split, videos in index.splits.items():
         done = writer.done(split)
         for v in videos:
             sources[split, v.rel] = now = source_signature(v.path, v.kind)
             was = done.get(v.rel)  # None: not cached; '': cached by a version that did not record it
-            if was and now and was != now and (sideways := stored_sideways(v.path, was, now)) is not False:
-                # cached from other frames, or another file, under the same name; or a phone video
-                # cached sideways by a version that did not read frames upright
-                (turned if sideways else changed).append(v.rel)
+            if was is not None and v.kind == "file" and recorded_before_upright(was, now):
+                earlier.append((split, v))
+                continue
+            if was and now and was != now:
+                changed.append(v.rel)  # cached from other frames, or another file, under the same name
             elif was is not None:
                 reused += 1
                 continue
@@ -616,9 +617,15 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     if changed and info.is_main:
         log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
                     "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])
-    if turned and info.is_main:
-        log.warning("%d cached video file(s) carry a display rotation (phone recordings) and were extracted sideways "
-                    "by an earlier version, e.g. %s: extracting them again, upright", len(turned), turned[0])
+    if earlier:  # once: what is kept is stored with this version's signature
+        redo = _check_earlier(earlier, writer, cfg.selection, sources, progress and info.is_main)
+        reused += len(earlier) - len(redo)
+        jobs += redo
+        if redo and info.is_main:
+            log.warning("%d of %d video file(s) cached by an earlier version come out otherwise now (a phone "
+                        "video's display rotation, which frames are read upright; a clip cut with `ffmpeg -c copy`, "
+                        "numbered from its first shown frame; --fps on millisecond timestamps), e.g. %s: extracting "
+                        "them again", len(redo), len(earlier), redo[0][1].rel)
     D.barrier(info)
     all_jobs, jobs = jobs, jobs[info.rank::info.world]  # this rank's disjoint share
 
@@ -719,6 +726,23 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings, backbone=provenance.backbone, feature_dim=provenance.feature_dim,
                          frame_spec=spec)
+
+
+def _check_earlier(earlier: list[tuple[str, Video]], writer: CacheWriter, sel: FrameSelection,
+                   sources: dict[tuple[str, str], str], progress: bool) -> list[tuple[str, Video]]:
+    """The video files among ``earlier`` (cached by a version that numbered a cut clip's frames
+    from its first packet and read a phone video sideways) whose stored rows differ from what
+    this version extracts (``data.read_as_recorded``: a demux and one decoded frame each). The
+    others are kept, re-signed so that no later run checks them again."""
+    stored = {split: writer.stored_indices(split) for split in {s for s, _ in earlier}}
+    redo = []
+    for split, v in tqdm(earlier, unit="video", desc="check earlier cache", disable=not progress or None,
+                         dynamic_ncols=True):
+        if read_as_recorded(v.path, sel, stored[split].get(v.rel)):
+            writer.resign[split, v.rel] = sources[split, v.rel]
+        else:
+            redo.append((split, v))
+    return redo
 
 
 def _fail(failures: list[dict[str, Any]], split: str, video: Video, reason: str, strict: bool,

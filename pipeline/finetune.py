@@ -233,10 +233,10 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     if asked != spec:
         raise ConfigError(f"--init {cfg.init} uses FrameSpec {spec.to_dict()}, not {asked.to_dict()}; "
                           "drop --size/--resize-size/--interpolation to use the checkpoint's")
-    if cfg.selection is not None and cfg.selection != prov.selection:
+    if cfg.selection is not None and cfg.selection.kept_as() != prov.selection.kept_as():
         raise ConfigError(f"--init {cfg.init} uses frame selection {prov.selection.to_dict()}, "
                           f"not {cfg.selection.to_dict()}")
-    return init, prov.backbone, spec, prov.selection
+    return init, prov.backbone, spec, prov.selection if cfg.selection is None else cfg.selection
 
 
 def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str], set[str]]:

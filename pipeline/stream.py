@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .config import FrameSelection
-from .data import RateSampler, frame_rgb, video_stream
+from .data import RateSampler, frame_rgb, rate_slack, video_stream
 from .errors import StreamError
 from .runtime import threads_per_thread
 
@@ -121,8 +121,8 @@ class _Selector:
     """Frame selection on a stream, one frame at a time: rate resampling (``data.RateSampler``, as
     files are resampled), then every K-th (as ``select_indices``; ``max_frames`` needs the length)."""
 
-    def __init__(self, sel: FrameSelection, tick: float = 0.0) -> None:
-        self.rate = RateSampler(sel.fps, tick) if sel.fps else None
+    def __init__(self, sel: FrameSelection, slack: float = 0.0) -> None:
+        self.rate = RateSampler(sel.fps, slack) if sel.fps else None
         self.stride = sel.stride
         self.n = 0
 
@@ -318,7 +318,8 @@ class LiveStream:
         than ``MAX_GAP`` (or ten frame periods; a wrapped MPEG-TS clock: a real stall that long
         hits ``timeout`` first). A file's gap ahead is real time (a recording that paused) and kept."""
         stream.thread_type = "AUTO"
-        selector = _Selector(self.selection, float(stream.time_base or 0))  # the times' resolution
+        selector = _Selector(self.selection,
+                             rate_slack(float(stream.time_base or 0), 1 / self.fps if self.fps else None))
         period = 1.0 / (self.fps or 30.0)
         back, ahead = max(2 * period, 1.0), max(MAX_GAP, 10 * period)  # what counts as a jump (see above)
         t0: float | None = None  # source time of this connection's first frame

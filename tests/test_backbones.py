@@ -614,6 +614,8 @@ def test_provenance_mismatch_names_every_field():
         assert base.mismatch(base.replace(**kw), ignore=(next(iter(kw)),)) is None
     # --folder-fps without --fps only dates frame folders' frames: the same features
     assert base.mismatch(base.replace(selection=FrameSelection(folder_fps=30.0))) is None
+    # ... but one cache holds one dating of its frames
+    assert base.mismatch(base.replace(selection=FrameSelection(folder_fps=30.0)), dated=True).startswith("frame selection")
     got = base.replace(selection=FrameSelection(fps=10.0, folder_fps=25.0)).mismatch(
         base.replace(selection=FrameSelection(fps=10.0, folder_fps=30.0)))
     assert got is not None and got.startswith("frame selection"), got

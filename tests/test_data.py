@@ -300,26 +300,28 @@ def test_broken_frames_are_reported_not_fatal(tmp_path):
     assert "empty file" in got[1].error and str(paths[2]) in got[2].error
 
 
-@pytest.mark.parametrize("cut", ["between_keys", "edit_list"])
+@pytest.mark.parametrize("cut", ["between_keys", "edit_list", "open_gop"])
 def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
-    """Two ways `ffmpeg -ss … -c copy` cuts a clip. ``between_keys`` (Matroska): the cut starts 3
+    """Three ways `ffmpeg -ss … -c copy` cuts a clip. ``between_keys`` (Matroska): the cut starts 3
     packets after a key frame, so the decoder cannot rebuild the 7 frames before the next one;
     ``edit_list`` (MP4): every packet from the key frame on is kept and an edit list hides the
-    first 3, which a player never shows. Either way frame 0 is the first frame shown, at 0 s,
-    as in a frame folder ffmpeg extracts from the file; each row is the frame it claims to be,
-    and the positions finetune reads (``selected_positions`` → ``read_frames``) are the frames
-    extraction stores, whatever the selection."""
+    first 3, which a player never shows; ``open_gop``: the cut starts at a key frame whose leading
+    B-frames (shown before it) refer to the GOP cut away. Either way frame 0 is the first frame
+    shown, at 0 s, as in a frame folder ffmpeg extracts from the file; each row is the frame it
+    claims to be, and the positions finetune reads (``selected_positions`` → ``read_frames``) are
+    the frames extraction stores, whatever the selection."""
     import av
     from fractions import Fraction
 
     frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
-    ext = ".mkv" if cut == "between_keys" else ".mp4"
+    ext = ".mp4" if cut == "edit_list" else ".mkv"
     src, out = tmp_path / f"src{ext}", tmp_path / f"cut{ext}"
     with av.open(str(src), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(25))
         s.width = s.height = 64
         s.pix_fmt = "yuv420p"
-        s.options = {"crf": "0", "g": "10", "bf": "0", "keyint_min": "10", "sc_threshold": "0"}
+        s.options = ({"x264-params": "keyint=10:min-keyint=10:open-gop=1:bframes=3:scenecut=0"}  # lossy: lossless has no B
+                     if cut == "open_gop" else {"crf": "0", "g": "10", "bf": "0", "keyint_min": "10", "sc_threshold": "0"})
         for f in frames:
             for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(q)
@@ -329,17 +331,20 @@ def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
         ist = i.streams.video[0]
         ost = o.add_stream_from_template(ist)
         shift = round(3 / (25 * ist.time_base))  # three frames
+        keys = 0
         for n, pkt in enumerate(i.demux(ist)):
-            if pkt.dts is None or cut == "between_keys" and n < 3:
+            keys += bool(pkt.is_keyframe)
+            if pkt.dts is None or cut == "between_keys" and n < 3 or cut == "open_gop" and keys < 2:
                 continue
             if cut == "edit_list":  # negative timestamps: the MP4 muxer writes an edit list hiding them
                 pkt.pts, pkt.dts = pkt.pts - shift, pkt.dts - shift
             pkt.stream = ost
             o.mux(pkt)
-    first, n_shown = (10, 20) if cut == "between_keys" else (3, 27)  # source frame shown first; frames shown
     with av.open(str(out)) as c:  # what a player shows: the reference
-        shown = [f for f in c.decode(video=0) if f.pts is None or f.pts >= 0]
-    assert len(shown) == n_shown
+        shown = [round(f.to_ndarray(format="rgb24").mean() / 8) for f in c.decode(video=0)]
+    first, n_shown = shown[0], len(shown)  # the source frame shown first; frames shown
+    assert shown == list(range(first, first + n_shown))
+    assert (first, n_shown) == {"between_keys": (10, 20), "edit_list": (3, 27), "open_gop": (first, 30 - first)}[cut]
     for sel in (FrameSelection(), FrameSelection(max_frames=4), FrameSelection(fps=5), FrameSelection(stride=3)):
         got = [g for g in iter_video_file(out, sel) if g.frame is not None]
         want = apply_selection([k / 25 for k in range(n_shown)], n_shown, sel)
@@ -353,8 +358,9 @@ def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
 
 def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
     """One 30 fps video as an MP4 (fine time base), a Matroska and a WebM (milliseconds: frame 4
-    at 133.33 ms is stored as 133 ms) and a frame folder: --fps keeps the same frames from each,
-    in extraction, in finetune's positions and in a live reading of the file."""
+    at 133.33 ms is stored as 133 ms), an AVI (a tick of 1/30 s, a frame) and a frame folder:
+    --fps keeps the same frames from each, in extraction, in finetune's positions and in a live
+    reading of the file."""
     import av
     from fractions import Fraction
 
@@ -362,7 +368,7 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
 
     frames = rand_frames(np.random.default_rng(7), 30, 32, 32)
     write_frames(tmp_path / "folder", frames, ".png")
-    for ext, codec in ((".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9")):
+    for ext, codec in ((".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"), (".avi", "mpeg4")):
         with av.open(str(tmp_path / f"v{ext}"), "w") as c:
             s = c.add_stream(codec, rate=Fraction(30))
             s.width = s.height = 32
@@ -376,7 +382,7 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
         sel = FrameSelection(fps=fps, folder_fps=30.0)
         want = list(range(0, 30, round(30 / fps)))
         assert selected_positions(tmp_path / "folder", "frames", sel) == want
-        for ext in (".mp4", ".mkv", ".webm"):
+        for ext in (".mp4", ".mkv", ".webm", ".avi"):  # AVI: one tick is one frame, no slack
             video = tmp_path / f"v{ext}"
             assert [f.index for f in iter_video_file(video, sel)] == want, (fps, ext)
             assert selected_positions(video, "file", sel) == want, (fps, ext)

@@ -179,7 +179,8 @@ def test_export_of_bfloat16_features_reports_what_float32_changes(weights_file, 
         bf16 = torch.softmax(torch_path.model.head(f, torch.full((3,), 4)), 1).numpy()
     assert r.max_abs_diff < TOL  # the graph is float32 torch, exactly
     assert np.abs(got - bf16).max() > 10 * TOL and r.precision_gap > 10 * TOL  # ... not bfloat16 torch
-    assert "computed under bfloat16 autocast" in caplog.text and "--precision fp32" in caplog.text
+    assert "computed under bfloat16 autocast" in caplog.text and "on a random clip" in caplog.text
+    assert "--precision fp32" in caplog.text
     fp32 = export_model(ExportConfig(checkpoint=str(write_checkpoint(tmp_path / "fp32.pt", weights=weights_file,
                                                                       seq_len=4, eval_clips=1)),
                                      out=str(tmp_path / "f.onnx"), exporter="legacy"))

@@ -532,10 +532,15 @@ def test_rerun_drops_deleted_videos_and_splits(tiny_dataset, tmp_path, weights_f
     assert sha256_file(out) == before
 
 
-def test_rerun_redoes_only_the_phone_videos_an_older_version_cached_sideways(tmp_path, weights_file, caplog):
-    """A cache written before frames were read upright holds a phone video's features from its
-    frames on their side. A rerun extracts exactly those again: the MP4s whose display rotation
-    is not 0 (found by decoding their first frame, once per rerun); the other videos are kept."""
+def test_a_rerun_checks_once_what_an_earlier_version_cached_of_video_files(tmp_path, weights_file, caplog,
+                                                                          monkeypatch):
+    """An earlier version read a phone video sideways and numbered a cut clip's frames from its
+    first packet. A rerun checks each video file it cached (a demux and one decoded frame), extracts
+    again exactly those whose rows would differ now, keeps the others, and stores them with this
+    version's signature so that no later run checks them again."""
+    import pipeline.extract as E
+    from pipeline.cache import video_checksum
+
     rng = np.random.default_rng(5)
     root = tmp_path / "ds"
     for cls in ("a", "b"):
@@ -546,19 +551,40 @@ def test_rerun_redoes_only_the_phone_videos_an_older_version_cached_sideways(tmp
     write_frames(root / "train" / "b" / "folder", rand_frames(rng, 6))
     out = tmp_path / "f.h5"
     extract_features(config(root, out, weights_file), progress=False)
-    with h5py.File(out, "a") as f:  # as the older version recorded them
-        sources = [s.decode() for s in f["train"]["sources"][()]]
-        f["train"]["sources"][...] = np.asarray([s.removesuffix(" upright") for s in sources], dtype=object)
-    assert sum(s.endswith(" upright") for s in sources) == 3  # the three files, not the folder
+    checks = []
+    real = E.read_as_recorded
+    monkeypatch.setattr(E, "read_as_recorded", lambda path, *a: checks.append(path.name) or real(path, *a))
+
+    def as_earlier_version(drop_sources: bool = False) -> None:
+        with h5py.File(out, "a") as f:
+            g = f["train"]
+            videos = [v.decode() for v in g["videos"][()]]
+            if drop_sources:  # a version before sources were recorded
+                del g["sources"]
+                return
+            g["sources"][...] = np.asarray([s.decode().removesuffix(" upright") for s in g["sources"][()]], dtype=object)
+            i = videos.index("train/b/clip.mkv")  # numbered as if cut: 3 frames from its first packet
+            a, b = g["offsets"][i], g["offsets"][i + 1]
+            g["frame_indices"][a:b] = g["frame_indices"][a:b] + 3
+            g["checksums"][i] = video_checksum(g["features"][a:b], g["frame_indices"][a:b])
+
+    as_earlier_version()
     r = extract_features(config(root, out, weights_file), progress=False)
-    assert (r.extracted, r.reused) == (1, 3)
-    assert "1 cached video file(s) carry a display rotation (phone recordings) and were extracted sideways" in caplog.text
+    assert (r.extracted, r.reused) == (2, 2) and sorted(checks) == ["clip.mkv", "flat.mp4", "phone.mp4"]
+    assert "2 of 3 video file(s) cached by an earlier version come out otherwise now" in caplog.text
     assert "changed on disk" not in caplog.text
+    with h5py.File(out) as f:
+        assert sum(s.decode().endswith(" upright") for s in f["train"]["sources"][()]) == 3  # the files, re-signed
+    before, checks[:] = sha256_file(out), []
     r = extract_features(config(root, out, weights_file), progress=False)
-    assert (r.extracted, r.reused) == (0, 4)
+    assert (r.extracted, r.reused, checks) == (0, 4, []) and sha256_file(out) == before
     fresh = tmp_path / "fresh.h5"
     extract_features(config(root, fresh, weights_file), progress=False)
     assert_same_cache(out, fresh)
+    as_earlier_version(drop_sources=True)  # a version that recorded no sources read phones sideways too
+    r = extract_features(config(root, out, weights_file), progress=False)
+    assert (r.extracted, r.reused) == (1, 3) and len(checks) == 3  # the phone video again; the folder is trusted
+    assert "1 of 3 video file(s) cached by an earlier version" in caplog.text
 
 
 def test_rerun_redoes_a_video_whose_source_changed(tiny_dataset, tmp_path, weights_file, caplog):
