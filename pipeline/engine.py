@@ -248,14 +248,13 @@ def train_one_epoch(model: nn.Module, bank: ClipSource, optimizer: torch.optim.O
     return {"loss": r["loss_sum"] / max(r["count"], 1), "top1": r["correct"] / max(r["count"], 1)}
 
 
-def evaluate(model: nn.Module, bank: ClipSource, *, seq_len: int, num_clips: int = 1, batch_size: int = 256,
-             amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, float]:
+def evaluate(model: nn.Module, bank: ClipSource, *, seq_len: int, num_clips: int = 1, batch_size: int = 256
+             ) -> tuple[np.ndarray, float]:
     """Deterministic: softmax averaged over ``num_clips`` uniform clips per video.
 
     Returns (N, C) probabilities and the mean cross-entropy of the averaged prediction.
     """
-    return evaluate_heads([model], bank, seq_len=seq_len, num_clips=num_clips, batch_size=batch_size,
-                          amp_dtype=amp_dtype)[0]
+    return evaluate_heads([model], bank, seq_len=seq_len, num_clips=num_clips, batch_size=batch_size)[0]
 
 
 # ------------------------------------------------------------------ many heads at once (sweep)
@@ -350,17 +349,18 @@ def averaged_probs(fns: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 @torch.no_grad()
 def evaluate_heads(models: list[nn.Module], source: ClipSource, *, seq_len: int, num_clips: int = 1,
-                   batch_size: int = 256, amp_dtype: torch.dtype | None = None) -> list[tuple[np.ndarray, float]]:
+                   batch_size: int = 256) -> list[tuple[np.ndarray, float]]:
     """Deterministic evaluation of several heads on the same clips, each clip gathered once: the
     softmax averaged over ``num_clips`` uniform clips per video. → per head: (N, C) probabilities
-    and the mean cross-entropy of the averaged prediction."""
+    and the mean cross-entropy of the averaged prediction. Always in float32, whatever precision
+    the heads train in: validation, a run's test.json, ``evaluate`` and ``predict`` give the same
+    numbers (bf16 autocast moved a head's probabilities by up to 7e-4 in a CPU simulation: a top-1 can flip)."""
     for m in models:
         m.eval()
 
     def softmax_of(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def fn(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            with autocast_ctx(source.device, amp_dtype):
-                return torch.softmax(m(x, lengths).float(), 1)
+            return torch.softmax(m(x, lengths).float(), 1)
         return fn
 
     probs = averaged_probs([softmax_of(m) for m in models], source, seq_len=seq_len, num_clips=num_clips,

@@ -287,7 +287,7 @@ class RunDir:
         plot_curves(history, self.path / "curves.png")
 
     def report_test(self, head: torch.nn.Module, source: Any, split: str, classes: list[str], *, seq_len: int,
-                    eval_clips: int, amp: torch.dtype | None = None) -> dict[str, Any]:
+                    eval_clips: int) -> dict[str, Any]:
         """Evaluate the picked model (``best.pt``'s weights loaded into ``head``) on the test split,
         once; writes ``test.json``, ``confusion_test.png`` and ``per_class_test.csv``."""
         from .engine import evaluate
@@ -295,7 +295,7 @@ class RunDir:
 
         ckpt = load_checkpoint(self.best)
         head.load_state_dict(ckpt["model_state"])
-        probs, loss = evaluate(head, source, seq_len=seq_len, num_clips=eval_clips, amp_dtype=amp)
+        probs, loss = evaluate(head, source, seq_len=seq_len, num_clips=eval_clips)  # float32, as evaluate
         m = classification_metrics(probs, source.labels.cpu().numpy(), loss)
         result = {"split": split, "epoch": ckpt["epoch"], **summary(m)}
         if self.main:

@@ -312,8 +312,8 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             train_s = time.perf_counter() - t0
             for (seq_len, clips), group in _groups([t for t in running if t.trainer.failed is None],
                                                    lambda c: (c.seq_len, c.eval_clips)).items():
-                results = evaluate_heads([t.trainer.model for t in group], data.val, seq_len=seq_len, num_clips=clips,
-                                         amp_dtype=amp)
+                # float32 whatever --precision trains with, as train-temporal validates (see there)
+                results = evaluate_heads([t.trainer.model for t in group], data.val, seq_len=seq_len, num_clips=clips)
                 for t, (probs, loss) in zip(group, results):
                     if not math.isfinite(loss):  # weights gone non-finite in the last step: not a model to pick
                         t.trainer.failed = t.trainer.failed or f"validation loss became {loss} in epoch {epoch}"
@@ -351,7 +351,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
         head = build_head(winner.head_cfg).to(device)
         head.load_state_dict(ck["model_state"])
         ((probs, loss),) = evaluate_heads([head], data.test, seq_len=winner.cfg.seq_len,
-                                          num_clips=winner.cfg.eval_clips, amp_dtype=amp)
+                                          num_clips=winner.cfg.eval_clips)
         m = classification_metrics(probs, data.test.labels.cpu().numpy(), loss)
         test = {"split": data.test_split, "trial": winner.id, "epoch": ck["epoch"], **summary(m)}
         atomic_write_text(out / "test.json", json.dumps({**test, "picked_on": data.val_name,

@@ -305,7 +305,9 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
             raise TrainingError(f"epoch {epoch}: {e}; likely cause: learning rate too high (--lr {cfg.lr}); "
                                 f"{best_kept_note(out)}") from None
         train_s = time.perf_counter() - t0
-        probs, vloss = evaluate(model, val_bank, seq_len=cfg.seq_len, num_clips=cfg.eval_clips, amp_dtype=amp)
+        # Validation and test in float32 whatever --precision trains with: the arithmetic evaluate and
+        # predict use, so the model is picked, and its test.json reported, on the numbers they give.
+        probs, vloss = evaluate(model, val_bank, seq_len=cfg.seq_len, num_clips=cfg.eval_clips)
         m = classification_metrics(probs, val_labels, vloss)
         if not math.isfinite(vloss):
             raise TrainingError(f"epoch {epoch}: validation loss is {vloss}; {best_kept_note(out)}")
@@ -329,7 +331,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     test = None
     if data.test is not None:  # once, with the picked model: the number to report
         test = run.report_test(build_head(head_cfg).to(device), data.test, data.test_split, classes,
-                               seq_len=cfg.seq_len, eval_clips=cfg.eval_clips, amp=amp)
+                               seq_len=cfg.seq_len, eval_clips=cfg.eval_clips)
     data.close()
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=classes,
                        val_split=data.val_name, seconds=time.perf_counter() - t_start, load_seconds=load_s,
@@ -366,7 +368,7 @@ def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
         run = json.loads((out / "test.json").read_text())
     except (OSError, ValueError):
         return  # no results there for these files to contradict
-    same = run.get("split") == split and all(  # the loss within autocast's rounding (the run's test pass uses it)
+    same = run.get("split") == split and all(  # the loss within float rounding (a run trained on another device)
         isinstance(run.get(k), (int, float)) and math.isclose(run[k], m[k], rel_tol=1e-3 if k == "loss" else 1e-9)
         for k in ("top1", "top5", "mean_class_acc", "loss"))
     if not same:

@@ -396,8 +396,10 @@ def test_weights_none_features_do_not_depend_on_the_batch_size(tiny_dataset, tmp
     assert a["meta"]["calibration_frames"] > 64  # more than one calibration batch
     assert all(torch.equal(a["backbone_state"][k], b["backbone_state"][k]) for k in a["backbone_state"])
     with FeatureCache(runs[0].output) as c0, FeatureCache(runs[1].output) as c1:
+        # to a float16 step: another batch size can take another convolution kernel (with one
+        # thread, 0.8 % of the values rounded to the next float16)
         np.testing.assert_allclose(c0.load_split("train").features.astype(np.float32),
-                                   c1.load_split("train").features.astype(np.float32), rtol=1e-4, atol=1e-5)
+                                   c1.load_split("train").features.astype(np.float32), rtol=2e-3, atol=1e-4)
 
 
 def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tiny_dataset, tmp_path, monkeypatch):
