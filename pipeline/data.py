@@ -610,13 +610,14 @@ class RateSampler:
 
 
 def rate_slack(tick: float, frame_period: float | None) -> float:
-    """Half a tick of timestamps whose resolution ``tick`` (the stream's time base) is much finer
-    than the frames (``frame_period`` apart), else 0. Matroska and WebM store times in
+    """Half a tick of timestamps whose resolution ``tick`` (the stream's time base) is finer than
+    half the frame period (``frame_period``), else 0. Matroska and WebM store times in
     milliseconds, so a 30 fps frame at 133.33 ms reads as 133 ms, just before the sampling instant
     it is at: without the slack, --fps 7.5 kept frames 0, 5, 8, 12, 17, ... there against 0, 4, 8,
-    12, 16, ... from the same video as an MP4 or a frame folder. Where a tick is a frame period
-    (AVI), times are exact frame counts and half a tick would move the sampling by a frame."""
-    if not tick or not frame_period or tick > 0.1 * frame_period:
+    12, 16, ... from the same video as an MP4 or a frame folder (and 120 fps to --fps 30 kept 0,
+    5, 8, 12). Where a tick is a frame period (AVI), times are exact frame counts, and half a tick
+    would move the sampling by a frame."""
+    if not tick or not frame_period or tick >= 0.5 * frame_period:
         return 0.0
     return tick / 2
 
@@ -800,28 +801,42 @@ def _demux(path: Path) -> _Demuxed:
     """One pass over the packets. The frames of the video are those a player shows, numbered from
     0 at the first: not a packet the container marks discarded (the frames an MP4 edit list hides,
     as ``ffmpeg -ss … -c copy`` writes them), nor one before the first key frame (a stream-copied
-    cut that starts between key frames: they refer to frames the file no longer holds). Frame
-    folders that ffmpeg extracts from such files start at the same frame."""
+    cut that starts between key frames), nor a leading picture of that key frame that refers to
+    frames before it (an open GOP cut at its key frame: HEVC's RASL pictures, H.264's and MPEG-2's
+    B-frames shown before their I-frame; HEVC's RADL pictures decode and count). The decoder
+    outputs none of these; frame folders that ffmpeg extracts from such files start at the same
+    frame."""
     import av
 
     container, stream = _open_video(path)
     try:
-        pts, leading, packets, corrupt, last, keyed, key_pts = [], [], 0, 0, False, False, None
+        hevc = stream.codec_context.name == "hevc"
+        nal_length = _hvcc_nal_length(stream.codec_context.extradata) if hevc else None
+        pts, leading, packets, corrupt, last = [], [], 0, 0, False
+        keyed, key_pts, after_key = False, None, False  # after_key: in the run of packets that follows it
         for p in container.demux(stream):
             if p.size:
                 packets += 1
                 last = p.is_corrupt
                 corrupt += last
                 if not keyed and p.is_keyframe:  # a hidden key frame still starts what follows
-                    keyed, key_pts = True, p.pts
+                    keyed, key_pts, after_key = True, p.pts, True
+                    if not getattr(p, "is_discard", False):
+                        pts.append(p.pts)
+                    continue
                 if getattr(p, "is_discard", False):
                     continue
-                (pts if keyed else leading).append(p.pts)
-        if not keyed:  # no packet marked key at all (a container that does not flag them): every frame counts
-            pts = leading
-        elif key_pts is not None:  # an open GOP's leading pictures refer to frames before the cut
-            pts = [p for p in pts if p is None or p >= key_pts]
-        return _Demuxed(pts, packets, float(stream.time_base) if stream.time_base else 0.0,
+                if not keyed:
+                    leading.append(p.pts)
+                    continue
+                # Leading pictures follow their key frame in decoding order and precede every frame
+                # shown after it; a later jump back of the timestamps (joined recordings) is not one.
+                after_key = after_key and None not in (p.pts, key_pts) and p.pts < key_pts
+                if after_key and not (hevc and _hevc_nal_type(bytes(p), nal_length) in (6, 7)):  # not RADL
+                    continue
+                pts.append(p.pts)
+        # No packet marked key at all (a container that does not flag them): every frame counts.
+        return _Demuxed(pts if keyed else leading, packets, float(stream.time_base) if stream.time_base else 0.0,
                         corrupt, last,
                         stream.frames or 0, _declared_seconds(container, stream),
                         float(stream.average_rate) if stream.average_rate else None)
@@ -829,6 +844,37 @@ def _demux(path: Path) -> _Demuxed:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
     finally:
         container.close()
+
+
+def _hvcc_nal_length(extradata: bytes | None) -> int | None:
+    """Bytes of each NAL unit's length prefix in HEVC packets (MP4/Matroska ``hvcC`` extradata:
+    lengthSizeMinusOne + 1); None for Annex B start codes (MPEG-TS, raw .hevc)."""
+    if extradata and len(extradata) > 22 and extradata[0] == 1:
+        return (extradata[21] & 3) + 1
+    return None
+
+
+def _hevc_nal_type(data: bytes, nal_length: int | None) -> int | None:
+    """The type of the first picture (VCL) NAL unit of an HEVC packet (6/7 RADL, 8/9 RASL, ...);
+    None if there is none or the packet cannot be parsed."""
+    i = 0
+    while i < len(data):
+        if nal_length is None:  # Annex B: 00 00 01, or 00 00 00 01, before each unit
+            j = data.find(b"\x00\x00\x01", i)
+            if j < 0:
+                return None
+            i, end = j + 3, data.find(b"\x00\x00\x01", j + 3)
+            end = len(data) if end < 0 else end
+        else:
+            size = int.from_bytes(data[i:i + nal_length], "big")
+            i, end = i + nal_length, i + nal_length + size
+        if i >= len(data):
+            return None
+        kind = (data[i] >> 1) & 0x3F
+        if kind < 32:  # a slice: the picture's own type
+            return kind
+        i = end
+    return None
 
 
 def _declared_seconds(container, stream) -> float | None:

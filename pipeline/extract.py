@@ -618,7 +618,10 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
                     "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])
     if earlier:  # once: what is kept is stored with this version's signature
-        redo = _check_earlier(earlier, writer, cfg.selection, sources, progress and info.is_main)
+        # Rank 0 checks (and re-signs what it keeps); every rank takes its list: one job list for all.
+        redo = _check_earlier(earlier, writer, cfg.selection, sources, progress) if info.is_main else None
+        again = set(D.broadcast_object(None if redo is None else [(s, v.rel) for s, v in redo], info))
+        redo = [(s, v) for s, v in earlier if (s, v.rel) in again]
         reused += len(earlier) - len(redo)
         jobs += redo
         if redo and info.is_main:

@@ -73,13 +73,17 @@ class EndToEnd(nn.Module):
         return self
 
     def forward(self, clips: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(clips, lengths), lengths)  # (B, C)
+
+    def features(self, clips: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) uint8 clips → (B, T, D) backbone features, zero past each length."""
         b, t = clips.shape[:2]
         valid = torch.arange(t, device=clips.device)[None] < lengths.to(clips.device)[:, None]  # (B, T)
         x = normalize_frames(clips[valid], self.spec, channels_last=True)  # (N_valid, 3, S, S)
         f = self.backbone(x)  # (N_valid, D)
         feats = f.new_zeros(b, t, f.shape[1])
         feats[valid] = f
-        return self.head(feats, lengths)  # (B, C)
+        return feats
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -540,8 +544,9 @@ def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameS
         for (clips, lengths, _), idx in loader:
             if not idx:
                 continue
-            with autocast_ctx(device, amp):
-                p = torch.softmax(model(clips.to(device), lengths).float(), 1).cpu().numpy()
+            with autocast_ctx(device, amp):  # the backbone at the run's precision, the head in float32,
+                feats = model.features(clips.to(device), lengths)  # as predict runs the checkpoint
+            p = torch.softmax(model.head(feats.float(), lengths).float(), 1).cpu().numpy()
             for j, row in zip(idx, p):
                 probs[mine[j]] = probs.get(mine[j], 0) + row / cfg.eval_clips
     parts = D.all_gather_objects(({i: probs[i] for i in probs}, {i: labels[i] for i in probs}), info)

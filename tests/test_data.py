@@ -300,16 +300,17 @@ def test_broken_frames_are_reported_not_fatal(tmp_path):
     assert "empty file" in got[1].error and str(paths[2]) in got[2].error
 
 
-@pytest.mark.parametrize("cut", ["between_keys", "edit_list", "open_gop"])
+@pytest.mark.parametrize("cut", ["between_keys", "edit_list", "open_gop", "radl"])
 def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
     """Three ways `ffmpeg -ss … -c copy` cuts a clip. ``between_keys`` (Matroska): the cut starts 3
     packets after a key frame, so the decoder cannot rebuild the 7 frames before the next one;
     ``edit_list`` (MP4): every packet from the key frame on is kept and an edit list hides the
     first 3, which a player never shows; ``open_gop``: the cut starts at a key frame whose leading
-    B-frames (shown before it) refer to the GOP cut away. Either way frame 0 is the first frame
-    shown, at 0 s, as in a frame folder ffmpeg extracts from the file; each row is the frame it
-    claims to be, and the positions finetune reads (``selected_positions`` → ``read_frames``) are
-    the frames extraction stores, whatever the selection."""
+    B-frames (shown before it) refer to the GOP cut away; ``radl`` (HEVC): its leading pictures
+    refer to the key frame only, so they are shown. Either way frame 0 is the first frame shown,
+    at 0 s, as in a frame folder ffmpeg extracts from the file; each row is the frame it claims to
+    be, and the positions finetune reads (``selected_positions`` → ``read_frames``) are the frames
+    extraction stores, whatever the selection."""
     import av
     from fractions import Fraction
 
@@ -317,11 +318,13 @@ def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
     ext = ".mp4" if cut == "edit_list" else ".mkv"
     src, out = tmp_path / f"src{ext}", tmp_path / f"cut{ext}"
     with av.open(str(src), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(25))
+        s = c.add_stream("libx265" if cut == "radl" else "libx264", rate=Fraction(25))
         s.width = s.height = 64
         s.pix_fmt = "yuv420p"
-        s.options = ({"x264-params": "keyint=10:min-keyint=10:open-gop=1:bframes=3:scenecut=0"}  # lossy: lossless has no B
-                     if cut == "open_gop" else {"crf": "0", "g": "10", "bf": "0", "keyint_min": "10", "sc_threshold": "0"})
+        s.options = {  # open GOPs lossy: lossless x264 has no B-frames
+            "open_gop": {"x264-params": "keyint=10:min-keyint=10:open-gop=1:bframes=3:scenecut=0"},
+            "radl": {"x265-params": "keyint=10:min-keyint=10:open-gop=0:radl=2:bframes=3:scenecut=0:log-level=error"},
+        }.get(cut, {"crf": "0", "g": "10", "bf": "0", "keyint_min": "10", "sc_threshold": "0"})
         for f in frames:
             for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(q)
@@ -334,7 +337,7 @@ def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
         keys = 0
         for n, pkt in enumerate(i.demux(ist)):
             keys += bool(pkt.is_keyframe)
-            if pkt.dts is None or cut == "between_keys" and n < 3 or cut == "open_gop" and keys < 2:
+            if pkt.dts is None or cut == "between_keys" and n < 3 or cut in ("open_gop", "radl") and keys < 2:
                 continue
             if cut == "edit_list":  # negative timestamps: the MP4 muxer writes an edit list hiding them
                 pkt.pts, pkt.dts = pkt.pts - shift, pkt.dts - shift
@@ -344,7 +347,8 @@ def test_a_stream_copied_cut_starts_at_its_first_shown_frame(tmp_path, cut):
         shown = [round(f.to_ndarray(format="rgb24").mean() / 8) for f in c.decode(video=0)]
     first, n_shown = shown[0], len(shown)  # the source frame shown first; frames shown
     assert shown == list(range(first, first + n_shown))
-    assert (first, n_shown) == {"between_keys": (10, 20), "edit_list": (3, 27), "open_gop": (first, 30 - first)}[cut]
+    assert (first, n_shown) == {"between_keys": (10, 20), "edit_list": (3, 27), "open_gop": (first, 30 - first),
+                                "radl": (8, 22)}[cut]  # radl: the key frame is source frame 10
     for sel in (FrameSelection(), FrameSelection(max_frames=4), FrameSelection(fps=5), FrameSelection(stride=3)):
         got = [g for g in iter_video_file(out, sel) if g.frame is not None]
         want = apply_selection([k / 25 for k in range(n_shown)], n_shown, sel)
@@ -388,6 +392,17 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
             assert selected_positions(video, "file", sel) == want, (fps, ext)
             with LiveStream(str(video), selection=sel, transform=lambda f: f[:, :2, :2]) as live:
                 assert [f.index for f in live] == want, (fps, ext)
+    # 120 fps (slow motion) in Matroska: a millisecond is an eighth of a frame, still rounded
+    with av.open(str(tmp_path / "fast.mkv"), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(120))
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(q)
+        for q in s.encode():
+            c.mux(q)
+    assert [f.index for f in iter_video_file(tmp_path / "fast.mkv", FrameSelection(fps=30.0))] == list(range(0, 30, 4))
 
 
 def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
