@@ -371,10 +371,10 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
     from pipeline.stream import LiveStream
 
     frames = rand_frames(np.random.default_rng(7), 30, 32, 32)
-    write_frames(tmp_path / "folder", frames, ".png")
-    for ext, codec in ((".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"), (".avi", "mpeg4")):
-        with av.open(str(tmp_path / f"v{ext}"), "w") as c:
-            s = c.add_stream(codec, rate=Fraction(30))
+
+    def write(path: Path, codec: str, fps: int) -> None:
+        with av.open(str(path), "w") as c:
+            s = c.add_stream(codec, rate=Fraction(fps))
             s.width = s.height = 32
             s.pix_fmt = "yuv420p"
             for f in frames:
@@ -382,6 +382,10 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
                     c.mux(q)
             for q in s.encode():
                 c.mux(q)
+
+    write_frames(tmp_path / "folder", frames, ".png")
+    for ext, codec in ((".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"), (".avi", "mpeg4")):
+        write(tmp_path / f"v{ext}", codec, 30)
     for fps in (15.0, 10.0, 7.5):
         sel = FrameSelection(fps=fps, folder_fps=30.0)
         want = list(range(0, 30, round(30 / fps)))
@@ -393,15 +397,7 @@ def test_fps_keeps_the_same_frames_whatever_the_container(tmp_path):
             with LiveStream(str(video), selection=sel, transform=lambda f: f[:, :2, :2]) as live:
                 assert [f.index for f in live] == want, (fps, ext)
     # 120 fps (slow motion) in Matroska: a millisecond is an eighth of a frame, still rounded
-    with av.open(str(tmp_path / "fast.mkv"), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(120))
-        s.width = s.height = 32
-        s.pix_fmt = "yuv420p"
-        for f in frames:
-            for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(q)
-        for q in s.encode():
-            c.mux(q)
+    write(tmp_path / "fast.mkv", "libx264", 120)
     assert [f.index for f in iter_video_file(tmp_path / "fast.mkv", FrameSelection(fps=30.0))] == list(range(0, 30, 4))
 
 
