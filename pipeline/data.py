@@ -33,7 +33,10 @@ from .preprocess import nhwc_view
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png"})
-VIDEO_EXTS = frozenset({".avi", ".mp4", ".mkv", ".webm", ".mov"})
+# Video files by name (PyAV opens each by its content): the usual containers, phones' .3gp and
+# .m4v, MPEG program and transport streams (.mpg, camcorders' .mts/.m2ts), .flv, .wmv, .ogv.
+VIDEO_EXTS = frozenset({".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".3gp", ".mpg", ".mpeg", ".ts", ".mts",
+                        ".m2ts", ".flv", ".wmv", ".ogv"})
 
 _DIGITS = re.compile(r"(\d+)")
 

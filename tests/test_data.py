@@ -862,3 +862,29 @@ def test_a_phone_video_is_read_upright(tmp_path, degrees):
     for f in frames:
         assert tuple(f.shape) == (3, *shown.shape[:2])
         assert (f.permute(1, 2, 0).int() - torch.from_numpy(shown.copy()).int()).abs().float().mean() < 8  # h264 rounding
+
+
+def test_video_files_of_other_containers_are_indexed_and_decoded(tmp_path):
+    """A phone's .3gp and .m4v, an MPEG program stream (.mpg) and a camcorder's transport stream
+    (.mts) are videos of the dataset, as .mp4 is, not files it passes over."""
+    import av
+    from fractions import Fraction
+
+    frames = rand_frames(np.random.default_rng(8), 6, 32, 48)
+    for name, fmt, codec in (("a.3gp", "3gp", "mpeg4"), ("b.m4v", "mp4", "libx264"), ("c.mpg", "mpeg", "mpeg2video"),
+                             ("d.mts", "mpegts", "mpeg2video")):
+        path = tmp_path / "ds" / "train" / "walk" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with av.open(str(path), "w", format=fmt) as c:
+            s = c.add_stream(codec, rate=Fraction(25))
+            s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+            for f in frames:
+                for q in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    c.mux(q)
+            for q in s.encode():
+                c.mux(q)
+    index = index_dataset(DatasetSpec(str(tmp_path / "ds")))
+    videos = index.splits["train"]
+    assert sorted(Path(v.rel).name for v in videos) == ["a.3gp", "b.m4v", "c.mpg", "d.mts"]
+    for v in videos:
+        assert v.kind == "file" and [f.index for f in iter_video_file(v.path, FrameSelection())] == list(range(6)), v.rel
