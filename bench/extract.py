@@ -21,8 +21,9 @@ Both run with glibc's malloc thresholds tuned as the CLI tunes them (``pipeline/
 It prints frames/s of each and their ratio (pipeline / bare; 1.0 = decoding and writing fully
 hidden): the median over the runs, with a 95 % interval for it from order statistics (with 9 runs
 the 2nd and 8th smallest ratios), so a margin can be read as robust or not. The interval is
-approximate: it takes the runs as independent, and neighbouring ratios share a bare run. On CPU it also prints the ceiling that decoding alone puts on that ratio: the model and
-the decoders share the cores there, so a frame costs at least the forward plus its decoding split
+approximate: it takes the runs as independent, and neighbouring ratios share a bare run. On CPU
+it also prints the ceiling that decoding alone puts on that ratio: the model and the decoders
+share the cores there, so a frame costs at least the forward plus its decoding split
 over the decoder threads, F / (F + D / threads), with D the decode time of a frame on one core
 (the pipeline's own decoder, measured here on the dataset's first frames) and F the bare model's.
 The bare rate is measured before and after the pipeline and averaged, so drift in machine speed

@@ -822,12 +822,13 @@ def _demux(path: Path) -> _Demuxed:
                 packets += 1
                 last = p.is_corrupt
                 corrupt += last
+                hidden = p.is_discard
                 if not keyed and p.is_keyframe:  # a hidden key frame still starts what follows
                     keyed, key_pts, after_key = True, p.pts, True
-                    if not getattr(p, "is_discard", False):
+                    if not hidden:
                         pts.append(p.pts)
                     continue
-                if getattr(p, "is_discard", False):
+                if hidden:
                     continue
                 if not keyed:
                     leading.append(p.pts)
@@ -1000,11 +1001,16 @@ def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
     return f"{path}: {'truncated' if cut or d.last_corrupt else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
+def _seconds(pts: Sequence[int], tb: float) -> list[float]:
+    """Sorted frame timestamps in ``tb`` units → seconds from the first frame."""
+    return [(p - pts[0]) * tb for p in pts]
+
+
 def frame_times(path: Path) -> list[float] | None:
     """Seconds from the first shown frame to each frame of a video file, by frame number (a
     variable-rate recording's pauses included), read by demuxing only; None without timestamps."""
     pts, tb = _video_pts(path)
-    return None if pts is None else [(p - pts[0]) * tb for p in pts]
+    return None if pts is None else _seconds(pts, tb)
 
 
 def video_fps(path: Path) -> float | None:
@@ -1030,7 +1036,7 @@ def iter_video_file(path: Path, sel: FrameSelection) -> Iterator[DecodedFrame]:
     pts, tb = _sorted_pts(demuxed), demuxed.time_base
     if pts is not None:
         position = {p: i for i, p in enumerate(pts)}
-        keep = set(apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel, tb))
+        keep = set(apply_selection(_seconds(pts, tb), len(pts), sel, tb))
     else:
         position = {}
         if sel.fps is not None or sel.max_frames is not None:
@@ -1195,7 +1201,7 @@ def selected_positions(video_path: Path, kind: str, sel: FrameSelection) -> list
     pts, tb = _video_pts(video_path)
     if pts is None:
         raise VideoDecodeError(f"{video_path}: no frame timestamps")
-    return apply_selection([(p - pts[0]) * tb for p in pts], len(pts), sel, tb)
+    return apply_selection(_seconds(pts, tb), len(pts), sel, tb)
 
 
 def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[torch.Tensor]:
