@@ -173,7 +173,8 @@ def source_signature(path: Path, kind: str) -> str:
     """What a video's source is, read without decoding: a frame folder's frame names and sizes, a
     file's size (and that its frames are read upright); '' where it cannot be read. Stored with its
     features, so that a rerun redoes a video whose frames were added, removed or replaced (a
-    same-size edit goes unseen; a copy or a touch of the dataset does not count as a change)."""
+    same-size edit goes unseen; a copy or a touch of the dataset does not count as a change). A
+    folder whose frames cannot be read as one video gets '' too: decoding reports it as skipped."""
     try:
         if kind == "frames":
             h = hashlib.sha1()
@@ -181,7 +182,7 @@ def source_signature(path: Path, kind: str) -> str:
                 h.update(f"{f.name}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
             return f"frames:{h.hexdigest()[:16]}"
         return f"bytes:{path.stat().st_size}{UPRIGHT}"
-    except (OSError, PipelineError):
+    except (OSError, PipelineError, VideoDecodeError):
         return ""
 
 

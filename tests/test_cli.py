@@ -56,12 +56,17 @@ def test_empty_folder_and_broken_frames_are_skipped_and_listed(tiny_dataset, tmp
     (tiny_dataset / "train" / "walk" / "empty").mkdir()
     (tiny_dataset / "train" / "walk" / "w1" / "frame_4.png").write_bytes(b"")  # zero bytes
     (tiny_dataset / "train" / "run" / "r1" / "frame_2.PNG").write_bytes(b"\x89PNG garbage")
+    cams = tiny_dataset / "train" / "run" / "cams"  # two numbered sequences: no order to read them in
+    for name in ("left_{}", "right_{}"):
+        write_frames(cams, rand_frames(np.random.default_rng(1), 2), ".png", name=name)
     out = tmp_path / "f.h5"
     code, stdout, err = extract(tiny_dataset, out, weights_file)
     assert code == 0, err
-    assert "3 problem(s)" in stdout and "empty" in stdout
+    assert "4 problem(s)" in stdout and "empty" in stdout
     got = {(f["video"], f["skipped"]) for f in failures(out)}
-    assert got == {("train/walk/empty", "video"), ("train/walk/w1", "frame"), ("train/run/r1", "frame")}
+    assert got == {("train/walk/empty", "video"), ("train/walk/w1", "frame"), ("train/run/r1", "frame"),
+                   ("train/run/cams", "video")}
+    assert "numbered sequences in one folder (left_#, right_#" in err
     with h5py.File(out) as f:
         vids = [v.decode() for v in f["train/videos"][()]]
         offs, idx = f["train/offsets"][()], f["train/frame_indices"][()]
