@@ -398,7 +398,7 @@ def _print_train_summary(r) -> None:
         rows.append(("cache load", f"{r.load_mb:.0f} MB in {r.load_seconds:.2f} s"))
     click.echo(format_table(rows + [("total time", f"{r.seconds:.1f} s")]))
     names = ("best.pt", "last.pt", "config.json", "metrics.jsonl", "curves.png", "confusion.png", "per_class.csv",
-             "test.json", "confusion_test.png", "per_class_test.csv")  # the ones this run wrote (e2e has fewer)
+             "test.json", "confusion_test.png", "per_class_test.csv")  # the ones this run wrote
     click.echo(f"outputs in {r.out}/: " + " ".join(n for n in names if (Path(r.out) / n).exists()))
 
 

@@ -44,7 +44,6 @@ from .sampling import sample
 from .run import (RunDir, check_resume_data, check_resume_epochs, check_resume_options, check_resume_validation,
                   data_identity)
 from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
-from .run import summary
 
 log = logging.getLogger(__name__)
 
@@ -513,8 +512,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, amp, info, loader_kw)
         if info.is_main:
             m = classification_metrics(probs, labels, _nll(probs, labels))
-            test = {"split": test_split, "epoch": ck["epoch"], **summary(m)}
-            run.write_json("test.json", {**test, "picked_on": val_name, "per_class_acc": m["per_class_acc"]})
+            test = run.write_test(m, test_split, ck["epoch"], index.classes, picked_on=val_name)
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
                        val_split=val_name, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,

@@ -297,11 +297,17 @@ class RunDir:
         head.load_state_dict(ckpt["model_state"])
         probs, loss = evaluate(head, source, seq_len=seq_len, num_clips=eval_clips)  # float32, as evaluate
         m = classification_metrics(probs, source.labels.cpu().numpy(), loss)
-        result = {"split": split, "epoch": ckpt["epoch"], **summary(m)}
+        return self.write_test(m, split, ckpt["epoch"], classes, picked_on=ckpt.get("val_split"))
+
+    def write_test(self, m: dict[str, Any], split: str, epoch: int, classes: list[str], *,
+                   picked_on: str | None) -> dict[str, Any]:
+        """The test pass's files (``test.json``, ``confusion_test.png``, ``per_class_test.csv``) from its
+        metrics ``m``, written by the main process; returns the summary."""
+        result = {"split": split, "epoch": epoch, **summary(m)}
         if self.main:
-            atomic_write_text(self.path / "test.json", json.dumps({**result, "picked_on": ckpt.get("val_split"),
+            atomic_write_text(self.path / "test.json", json.dumps({**result, "picked_on": picked_on,
                                                                    "per_class_acc": m["per_class_acc"]}, indent=2))
             plot_confusion(np.array(m["confusion"]), classes, self.path / "confusion_test.png",
-                           title=f"{split} (picked at epoch {ckpt['epoch']}): top-1 {m['top1']:.3f}")
+                           title=f"{split} (picked at epoch {epoch}): top-1 {m['top1']:.3f}")
             write_per_class(m, classes, self.path / "per_class_test.csv")
         return result

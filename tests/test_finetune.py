@@ -78,6 +78,28 @@ def test_finetune_learns(colour_data, tmp_path, weights_file):
         np.testing.assert_allclose(p.probs, want, rtol=0, atol=1e-3)
 
 
+def test_test_pass_is_the_picked_model_and_writes_train_temporals_files(colour_data, tmp_path, weights_file):
+    """The single test pass evaluates best.pt and writes test.json, confusion_test.png and
+    per_class_test.csv, as train-temporal does. With the validation videos as the test split, it
+    must score exactly what the best epoch scored in validation."""
+    import csv
+    import json
+
+    root = tmp_path / "ds"
+    for split, src in (("train", "train"), ("val", "val"), ("test", "val")):
+        shutil.copytree(colour_data / src, root / split)
+    r = finetune(ft_cfg(root, tmp_path / "run", weights_file, epochs=2, trainable_blocks=1), progress=False)
+    run = tmp_path / "run"
+    test = json.loads((run / "test.json").read_text())
+    assert r.test_split == "test" and test["picked_on"] == "split 'val'" and test["epoch"] == r.best_epoch
+    assert test["top1"] == r.test["top1"] == r.best["top1"] and test["loss"] == pytest.approx(r.best["loss"], rel=1e-6)
+    with open(run / "per_class_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["class"] for row in rows] == r.classes and [int(row["support"]) for row in rows] == [3, 3, 3]
+    assert [float(row["accuracy"]) for row in rows] == pytest.approx(test["per_class_acc"], abs=5e-5)
+    assert (run / "confusion_test.png").read_bytes().startswith(b"\x89PNG")
+
+
 def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-8) -> None:
     assert got.keys() == want.keys()
     for k in got:
