@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,10 @@ def cfg(cache, out, **kw) -> TemporalConfig:
     return TemporalConfig(cache=str(cache), out=str(out), **{**base, **kw})
 
 
-def test_separable_cache_learned_in_seconds(tmp_path):
+def test_separable_cache_learned(tmp_path):
+    """(How fast is bench/temporal.py's to say: a wall-clock bound here failed whenever the machine was busy.)"""
     cache = separable_cache(tmp_path / "c.h5", classes=4)
-    t = time.perf_counter()
     r = train_temporal(cfg(cache, tmp_path / "run"), progress=False)
-    assert time.perf_counter() - t < 30
     assert r.best["top1"] >= 0.9  # chance 0.25
     for f in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "curves.png", "confusion.png", "per_class.csv"):
         assert (tmp_path / "run" / f).is_file(), f
