@@ -345,8 +345,15 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
     if val_split is None:  # carved from train by whole source videos, as stage two does
         seed, theirs, trained = _init_carve(cfg, init, train_videos) if init is not None else (cfg.seed, set(), set())
-        mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
-                                seed=seed, pattern=cfg.group_pattern)
+        if theirs:  # the very videos the --init run held out: carving again from this index (which also
+            # holds videos its cache skipped as undecodable, or added since) would draw other ones
+            mask = np.array([v.rel in theirs for v in train_videos])
+            if gone := theirs - {v.rel for v in train_videos}:
+                log.warning("%d of the --init run's %d validation videos are not in this dataset (%s): validating on "
+                            "the other %d", len(gone), len(theirs), some(sorted(gone)), len(theirs) - len(gone))
+        else:
+            mask = carve_validation([v.rel for v in train_videos], [v.label for v in train_videos], cfg.val_fraction,
+                                    seed=seed, pattern=cfg.group_pattern)
         if not mask.any():
             raise DataError(uncarvable(f"{cfg.train_split!r} of {cfg.dataset.root} ({len(mask)} videos)"))
         val_videos = [v for v, m in zip(train_videos, mask) if m]
@@ -361,9 +368,6 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
         val_name = f"{len(val_videos)} videos carved from {cfg.train_split!r}"
-        if seen := [v.rel for v in val_videos if theirs and v.rel not in theirs]:  # its cache lacked some videos
-            log.warning("%d of the %d validation videos (%s) were not in the --init run's validation set: its head may "
-                        "have been trained on them", len(seen), len(val_videos), some(seen))
     else:
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}

@@ -180,6 +180,27 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
                                 init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
 
 
+def test_init_holds_out_its_runs_videos_where_the_dataset_has_videos_its_cache_skipped(colour_data, tmp_path,
+                                                                                       weights_file):
+    """Undecodable videos are in the dataset's index but not in the cache the --init run carved from:
+    carving again from the index drew other videos, some of them trained on by the --init head."""
+    root = tmp_path / "ds"
+    shutil.copytree(colour_data / "train", root / "train")
+    for cls in COLOURS:
+        for name in ("a_broken", "m_broken", "z_broken"):
+            (root / "train" / cls / f"{cls}_{name}").mkdir()  # no frames: skipped by extraction
+    only_train = DatasetSpec(str(root), splits=("train",))
+    extract_features(ExtractConfig(dataset=only_train, output=str(tmp_path / "f.h5"), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8), progress=False)
+    train_temporal(TemporalConfig(cache=str(tmp_path / "f.h5"), out=str(tmp_path / "s2"), hidden=16, epochs=1,
+                                  seq_len=4, val_fraction=0.3, device="cpu"), progress=False)
+    held_out = load_checkpoint(tmp_path / "s2" / "best.pt")["validation"]["videos"]
+    finetune(FinetuneConfig(dataset=only_train, out=str(tmp_path / "e2e"), val_fraction=0.3, epochs=1, batch_size=6,
+                            workers=0, device="cpu", freeze_cnn=True, init=str(tmp_path / "s2" / "best.pt")),
+             progress=False)
+    assert sorted(load_checkpoint(tmp_path / "e2e" / "best.pt")["validation"]["videos"]) == sorted(held_out)
+
+
 def test_init_keeps_its_validation_carve_and_resume_keeps_the_carve(colour_data, tmp_path, weights_file, caplog):
     """Without a val split, finetune carves its validation set from train. Started from --init, it
     must hold out the same videos the --init run held out: other ones were trained on by its head,
