@@ -716,6 +716,15 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
         order = _dataset_order(index, writer.stored)
+        # A video that failed as a whole here was a job: not cached, or cached from a source that has
+        # changed since (or with broken frames, retried). Rows an earlier run stored are of what is no
+        # longer there: they go, rather than stand in the cache as this video's features.
+        failed = {(f["split"], f["video"]) for f in failures if f["skipped"] == "video"}
+        if stale := [(s, rel) for s, rels in writer.stored().items() for rel in rels if (s, rel) in failed]:
+            log.warning("dropped the cached features of %d video(s) that changed on disk and could not be extracted "
+                        "again, e.g. %s (listed in the cache's failures; a rerun tries them again)", len(stale),
+                        stale[0][1])
+            order = {s: [rel for rel in rels if (s, rel) not in failed] for s, rels in order.items()}
         if writer.unchanged(failures, order, keep):
             writer.close_unchanged()  # everything was cached already: leave the file untouched
         else:

@@ -620,6 +620,28 @@ def test_rerun_redoes_a_video_whose_source_changed(tiny_dataset, tmp_path, weigh
     assert (r.extracted, r.reused) == (0, 6)
 
 
+def test_a_changed_video_that_no_longer_decodes_leaves_no_old_rows(tiny_dataset, tmp_path, weights_file, caplog):
+    """A cached video file replaced by an undecodable one under its name (and a frame folder whose
+    frames were all replaced by broken ones): the rerun fails on them, so their old features,
+    which are of files no longer there, must not stay in the cache as if they were current."""
+    out = tmp_path / "f.h5"
+    extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    (tiny_dataset / "train" / "run" / "r2.mkv").write_bytes(np.random.default_rng(3).bytes(5000))
+    for f in (tiny_dataset / "test" / "walk" / "w3").iterdir():
+        f.write_bytes(b"not a png")
+    r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    assert {(f["video"], f["skipped"]) for f in r.failures if f["skipped"] == "video"} == \
+        {("train/run/r2.mkv", "video"), ("test/walk/w3", "video")}
+    assert "dropped the cached features of 2 video(s) that changed on disk and could not be extracted again" \
+        in caplog.text
+    with FeatureCache(out) as c:
+        assert "train/run/r2.mkv" not in c.load_split("train").videos
+        assert "test/walk/w3" not in c.load_split("test").videos
+    fresh = tmp_path / "fresh.h5"
+    extract_features(config(tiny_dataset, fresh, weights_file), progress=False)
+    assert_same_cache(out, fresh)
+
+
 def test_16bit_png_and_worker_failures_bounded(tiny_dataset, tmp_path, weights_file):
     grey16 = (np.random.default_rng(0).random((24, 32)) * 65535).astype(np.uint16)
     d = tiny_dataset / "train" / "walk" / "deep"
