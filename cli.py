@@ -159,11 +159,15 @@ FRAME_OPTIONS_LIST = [
 FRAME_OPTIONS = _options(*FRAME_OPTIONS_LIST)  # each left out keeps the backbone's default
 
 
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """A click callback: a float option that must be a finite number (click's ranges let nan and inf by)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", param=param)
-    return value
+class FloatRange(click.FloatRange):
+    """click's FloatRange for a finite number: click's own lets nan and inf by (every bound compares
+    False with nan), and they got as far as a traceback, a division by zero or a NaN in config.json."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def _regex(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -181,8 +185,7 @@ LOAD_OPTIONS_LIST = [
                  help="memory: hold each split in RAM; lazy: read the rows each batch samples from the cache "
                       "(caches larger than RAM; same results); auto: lazy for splits that do not fit the "
                       "memory budget."),
-    click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
-                 callback=_finite,
+    click.option("--memory-budget", type=FloatRange(min=0, min_open=True), default=None, metavar="GB",
                  help="Features --load auto may hold in memory.  [default: half the available memory]"),
 ]
 
@@ -205,7 +208,7 @@ HEAD_OPTIONS = _options(
     click.option("--layers", type=click.IntRange(1), default=1, show_default=True),
     click.option("--bidirectional/--unidirectional", default=True, show_default=True,
                  help="lstm/gru: read the clip both ways, or forward only."),
-    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True),
+    click.option("--dropout", type=FloatRange(0, 1, max_open=True), default=0.5, show_default=True),
     click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
                  help="lstm/gru: last = final hidden state of each direction; mean = average over time."),
     click.option("--num-heads", type=click.IntRange(1), default=4, show_default=True,
@@ -215,7 +218,7 @@ HEAD_OPTIONS = _options(
 VALIDATION_OPTIONS = _options(
     click.option("--val-split", default=None,
                  help="Split the best epoch is picked on.  [default: val if present, else carved from train]"),
-    click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+    click.option("--val-fraction", type=FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
                  show_default=True, help="Without a val split: the share of each class carved from train for "
                                          "validation, as whole source videos."),
     click.option("--group-pattern", default=None, metavar="REGEX", callback=_regex,
@@ -246,9 +249,9 @@ VALIDATION_OPTIONS = _options(
                    "a weight tag (IMAGENET1K_V1; timm: a pretrained tag), or PATH to a weights file / checkpoint.")
 @FRAME_OPTIONS
 @click.option("--stride", type=click.IntRange(1), default=1, show_default=True, help="Keep every K-th frame.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--fps", type=FloatRange(min=0, min_open=True), default=None,
               help="Resample video files to at most this frame rate.")
-@click.option("--folder-fps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--folder-fps", type=FloatRange(min=0, min_open=True), default=None,
               help="Frame rate of frame folders (needed with --fps when the dataset has them).")
 @click.option("--max-frames", type=click.IntRange(1), default=None,
               help="At most M frames per video, uniformly spaced.")
@@ -321,11 +324,11 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
               help="Uniform clips per video averaged at evaluation.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--clip-grad", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 = off.")
+@click.option("--lr", type=FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=FloatRange(min=0), default=1e-2, show_default=True)
+@click.option("--warmup-epochs", type=FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--label-smoothing", type=FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--clip-grad", type=FloatRange(min=0), default=1.0, show_default=True, help="0 = off.")
 @click.option("--patience", type=click.IntRange(1), default=None, help="Stop after this many epochs without a new best epoch (higher val top-1; ties: lower val loss).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms (slower on GPU).")
@@ -423,8 +426,11 @@ def _list_of(kind):
                     out.append(x)
                 else:
                     out.append(kind(x))
+                    if kind is float and not math.isfinite(out[-1]):
+                        raise ValueError(x)
             except ValueError:
-                want = "true/false" if kind is bool else " | ".join(kind) if isinstance(kind, tuple) else kind.__name__
+                want = ("true/false" if kind is bool else " | ".join(kind) if isinstance(kind, tuple)
+                        else "a finite number" if kind is float else kind.__name__)
                 raise click.BadParameter(f"{x!r} is not a valid value ({want})") from None
         return tuple(dict.fromkeys(out))
     return parse
@@ -606,9 +612,9 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
 @click.option("--reconnect", is_flag=True,
               help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping; "
                    "no window spans the gap.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="With --live: seconds a network source may stall before it counts as lost.")
-@click.option("--folder-fps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--folder-fps", type=FloatRange(min=0, min_open=True), default=None,
               help="Frame rate of frame-folder INPUTs (the rate they were extracted at): their timeline's seconds, "
                    "and needed where the model keeps a set frame rate.  [default: the one the model was trained with]")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -813,7 +819,7 @@ def _check_plot_path(plot: Path, inputs: tuple[Path, ...] = ()) -> None:
 @click.option("--trainable-blocks", type=click.IntRange(0), default=None,
               help="Train only the last N blocks of the backbone (list-backbones --blocks NAME shows them).  "
                    "[default: all]")
-@click.option("--backbone-lr", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="[default: --lr / 10]")
+@click.option("--backbone-lr", type=FloatRange(min=0, max=1, min_open=True), default=None, help="[default: --lr / 10]")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute trainable blocks in backward: less memory.")
 @click.option("--no-augment", is_flag=True, help="No random resized crop / flip.")
 @HEAD_OPTIONS
@@ -822,7 +828,7 @@ def _check_plot_path(plot: Path, inputs: tuple[Path, ...] = ()) -> None:
 @click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Clips per batch (per process).")
-@click.option("--lr", type=click.FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="DataLoader worker processes.  [default: CPU cores - 1, at most 8]")
 @click.option("--seed", type=int, default=0, show_default=True)

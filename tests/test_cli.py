@@ -52,6 +52,21 @@ def test_help_lists_commands():
     assert code == 0 and "extract-features" in out and "make-demo-data" in out and "demo" in out
 
 
+def test_float_options_refuse_nan_and_inf(tmp_path):
+    """click's FloatRange lets nan and inf by: they reached a traceback (--warmup-epochs), a division
+    by zero for every video (--fps inf), NaN in config.json (--label-smoothing), and invalid JSON."""
+    cases = [("train-temporal", "--cache", "c.h5", "--out", "r", "--warmup-epochs", "nan"),
+             ("train-temporal", "--cache", "c.h5", "--out", "r", "--clip-grad", "inf"),
+             ("extract-features", "--data-dir", str(tmp_path), "-o", "f.h5", "--fps", "inf", "--folder-fps", "25"),
+             ("predict", "m.pt", str(tmp_path), "--folder-fps", "nan"),
+             ("finetune-end-to-end", "--data-dir", str(tmp_path), "--out", "e", "--backbone-lr", "nan"),
+             ("sweep", "--cache", "c.h5", "--out", "s", "--lr", "1e-3,nan")]
+    for args in cases:
+        code, _, err = run(*args)
+        assert code == 2 and ("is not a finite number" in err or "(a finite number)" in err), (args, err)
+        assert "Traceback" not in err
+
+
 def test_empty_folder_and_broken_frames_are_skipped_and_listed(tiny_dataset, tmp_path, weights_file):
     (tiny_dataset / "train" / "walk" / "empty").mkdir()
     (tiny_dataset / "train" / "walk" / "w1" / "frame_4.png").write_bytes(b"")  # zero bytes
