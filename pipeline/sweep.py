@@ -393,7 +393,7 @@ def _record(t: Trial, epoch: int, m: dict[str, Any], data: StageTwoData, seconds
             "kind": "temporal", "model_config": t.head_cfg.to_dict(), "train_config": t.cfg.to_dict(),
             "frame_spec": data.provenance.frame_spec.to_dict(), "classes": data.classes,
             "cache": data.provenance.to_dict(), "val_split": data.val_name, "validation": data.validation,
-            "epoch": epoch, "metrics": m, "model_state": t.trainer.model.state_dict(), "sweep_trial": t.id})
+            "data": data.data, "epoch": epoch, "metrics": m, "model_state": t.trainer.model.state_dict(), "sweep_trial": t.id})
 
 
 def _rank_key(t: Trial) -> tuple:

@@ -354,6 +354,23 @@ class EvalResult:
     videos: list[str]
     probs: np.ndarray
     load: str = ""  # memory or lazy, as for TrainResult
+    seen: str = ""  # how the model has seen these videos already ('' if it has not, as far as recorded)
+
+
+def _seen_by(ckpt: dict[str, Any], videos: list[str]) -> str:
+    """How a checkpoint has seen the videos of an evaluated split, from what its run recorded
+    (``data_identity`` of what it trained and validated on; its carve): '' where they are new to it."""
+    ident = data_identity(videos, videos)["train"]
+    data = ckpt.get("data") or {}
+    if ident == data.get("val"):
+        return f"the best epoch of this model was picked on these {len(videos)} videos (its validation set)"
+    if ident == data.get("train"):
+        return f"this model was trained on these {len(videos)} videos"
+    carved = set((ckpt.get("validation") or {}).get("videos", ()))
+    if carved and carved <= set(videos):
+        return (f"this split holds the {len(carved)} videos this model's best epoch was picked on, and the ones "
+                "carved from the same split that it was trained on")
+    return ""
 
 
 def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
@@ -392,6 +409,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     with opened:
         probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
+    if seen := _seen_by(model.ckpt, data.videos):
+        log.warning("%s: %s; these numbers overstate accuracy on new videos (evaluate a held-out split)", split, seen)
     if out is not None:
         _check_run_results(Path(out), split, m)
         out = ensure_dir(out, "--out")
@@ -399,4 +418,4 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
                        title=f"{split}: top-1 {m['top1']:.3f}")
         write_per_class(m, model.classes, out / f"per_class_{split}.csv")
     return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs,
-                      load=opened.describe())
+                      load=opened.describe(), seen=seen)

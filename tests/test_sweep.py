@@ -61,7 +61,10 @@ def test_sweep_picks_an_order_aware_head_when_order_decides(tmp_path):
     m = load_model(tmp_path / "sw" / "best.pt")
     assert m.head_config.arch == r.winner["config"].split()[0]
     ev = evaluate_checkpoint(tmp_path / "sw" / "best.pt", cache, "test", device="cpu")
-    assert ev.metrics["top1"] == pytest.approx(r.test["top1"])
+    assert ev.metrics["top1"] == pytest.approx(r.test["top1"]) and ev.seen == ""
+    # it records what it trained and was picked on, as train-temporal's do: evaluate on train says so
+    assert evaluate_checkpoint(tmp_path / "sw" / "best.pt", cache, "train", device="cpu").seen.startswith(
+        "this split holds the ")
     rows = list(csv.DictReader(open(tmp_path / "sw" / "leaderboard.csv")))
     assert [row["id"] for row in rows] == [x["id"] for x in r.leaderboard]
     assert (tmp_path / "sw" / "leaderboard.png").stat().st_size > 0

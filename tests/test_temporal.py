@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -146,6 +147,28 @@ def test_checkpoint_round_trip_and_evaluate_reproduces_best(tmp_path):
     for k in ("top1", "top5", "mean_class_acc"):  # the end-of-training test pass, reproduced
         assert ev.metrics[k] == pytest.approx(r.test[k])
     assert ev.metrics["loss"] == pytest.approx(r.test["loss"], rel=1e-5)
+    assert ev.seen == ""  # held out: no warning
+
+
+def test_evaluate_says_when_the_split_is_not_held_out(tmp_path, caplog):
+    """Numbers on the videos a model was picked or trained on overstate its accuracy: evaluate says
+    so, from what the run recorded (its validation split, its carve, its training videos)."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "val": 3, "test": 3})
+    train_temporal(cfg(cache, tmp_path / "picked", epochs=1), progress=False)  # on the val split
+    # the same videos without a val split: the run carves its validation set from train
+    carving = separable_cache(tmp_path / "t.h5", classes=3, per_class={"train": 8, "val": 3, "test": 3})
+    with h5py.File(carving, "a") as f:
+        del f["val"]
+    train_temporal(cfg(carving, tmp_path / "carved", epochs=1, val_fraction=0.25), progress=False)
+    seen = {(run, split): evaluate_checkpoint(tmp_path / run / "best.pt", c, split, device="cpu").seen
+            for run, c, splits in (("picked", cache, ("train", "val", "test")), ("carved", carving, ("train", "test")))
+            for split in splits}
+    assert seen["picked", "val"].startswith("the best epoch of this model was picked on these 9 videos")
+    assert seen["picked", "train"] == "this model was trained on these 24 videos"
+    assert seen["carved", "train"].startswith("this split holds the 6 videos this model's best epoch was picked on")
+    assert seen["picked", "test"] == seen["carved", "test"] == ""
+    assert "val: the best epoch of this model was picked on these 9 videos" in caplog.text
+    assert "these numbers overstate accuracy on new videos (evaluate a held-out split)" in caplog.text
 
 
 def test_evaluate_refuses_other_cache(tmp_path):
