@@ -842,9 +842,12 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
                  size: int | None, resize_size: int | None, interpolation: str | None, resize: str | None,
                  no_augment: bool, no_progress: bool, **kw) -> None:
     """Fine-tune the backbone and the temporal head jointly from frames (DDP under torchrun)."""
-    from pipeline.config import FinetuneConfig
+    from pipeline.config import FINETUNE_HEAD_DEFAULTS, FinetuneConfig
     from pipeline.finetune import finetune
 
+    for name in FINETUNE_HEAD_DEFAULTS:  # not given: --init's head, else the default (the same as shown)
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            kw[name] = None
     cfg = FinetuneConfig(dataset=DatasetSpec(root=str(data_dir), split_dir=split_dir, split_id=split_id), out=str(out),
                          init=str(init) if init else None, weights=weights,
                          frame_overrides=FrameOverrides(size=size, resize_size=resize_size, interpolation=interpolation,

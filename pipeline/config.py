@@ -400,6 +400,10 @@ class TemporalConfig:
         return dataclasses.asdict(self)
 
 
+FINETUNE_HEAD_DEFAULTS = {"head": "lstm", "hidden": 512, "layers": 1, "bidirectional": True, "dropout": 0.5,
+                          "pool": "last", "num_heads": 4}
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Stage three: the backbone and the same temporal head trained jointly from frames."""
@@ -418,13 +422,15 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     group_pattern: str | None = None
     test_split: str | None = None  # None: "test" if the dataset has it and it is not the val split
-    head: str = "lstm"
-    num_heads: int = 4
-    hidden: int = 512
-    layers: int = 1
-    bidirectional: bool = True
-    dropout: float = 0.5
-    pool: Literal["last", "mean"] = "last"
+    # The head: None takes the --init run's (its weights come with it; another value is refused),
+    # else FINETUNE_HEAD_DEFAULTS.
+    head: str | None = None
+    num_heads: int | None = None
+    hidden: int | None = None
+    layers: int | None = None
+    bidirectional: bool | None = None
+    dropout: float | None = None
+    pool: Literal["last", "mean"] | None = None
     seq_len: int | None = None  # None: the --init run's, else 8
     sampler: Literal["segment", "random"] = "segment"
     eval_clips: int | None = None  # None: the --init run's, else 1

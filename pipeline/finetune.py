@@ -31,7 +31,7 @@ from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
+from .config import FINETUNE_HEAD_DEFAULTS, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some, uncarvable
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
@@ -242,6 +242,13 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection if cfg.selection is None else cfg.selection
 
 
+def _option(key: str, value: Any) -> str:
+    """How a head setting is given on the command line."""
+    if key == "bidirectional":
+        return "--bidirectional" if value else "--unidirectional"
+    return f"--{key.replace('_', '-')} {value}"
+
+
 def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str], set[str]]:
     """How this run's validation carve must go when it starts from ``--init``: (its seed, the
     videos the --init run held out where its carve applies here, the videos its head was trained
@@ -388,16 +395,25 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     if backbone.weights.source == "random" and trainable < n_blocks and backbone.has_batchnorm:
         raise ConfigError("--weights none with frozen blocks: their BatchNorm statistics are untrained; start from "
                           "--init (a stage-two run, whose backbone is recalibrated) or --weights imagenet/PATH")
-    head_cfg = HeadConfig(num_classes=len(index.classes), input_dim=backbone.num_features, arch=cfg.head,
-                          hidden=cfg.hidden, layers=cfg.layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout,
-                          pool=cfg.pool, num_heads=cfg.num_heads, max_len=max(cfg.seq_len, 1))
-    if init is not None and init.head_config != head_cfg:
+    if init is not None:  # the head and its weights come from --init: an option asking for another is refused
         head_cfg = init.head_config
-        log.info("head architecture taken from --init: %s", head_cfg.to_dict())
-        cfg = dataclasses.replace(cfg, head=head_cfg.arch, hidden=head_cfg.hidden, layers=head_cfg.layers,  # recorded
-                                  bidirectional=head_cfg.bidirectional, dropout=head_cfg.dropout, pool=head_cfg.pool,
-                                  num_heads=head_cfg.num_heads)  # as what ran, not as the options that lost
-    head = init.head if init is not None else build_head(head_cfg)
+        theirs = {"head": head_cfg.arch, "hidden": head_cfg.hidden, "layers": head_cfg.layers, "pool": head_cfg.pool,
+                  "bidirectional": head_cfg.bidirectional, "dropout": head_cfg.dropout, "num_heads": head_cfg.num_heads}
+        if asked := [k for k in theirs if getattr(cfg, k) is not None and getattr(cfg, k) != theirs[k]]:
+            said = ", ".join(_option(k, getattr(cfg, k)) for k in asked)
+            raise ConfigError(f"{said}: the head comes from --init {cfg.init}, with its weights, and is "
+                              f"{', '.join(_option(k, theirs[k]) for k in asked)}; drop {said.split(' ')[0]}"
+                              f"{' etc.' if len(asked) > 1 else ''}, or start without --init")
+        cfg = dataclasses.replace(cfg, **theirs)  # recorded as what runs
+        head = init.head
+    else:
+        cfg = dataclasses.replace(cfg, **{k: v if getattr(cfg, k) is None else getattr(cfg, k)
+                                          for k, v in FINETUNE_HEAD_DEFAULTS.items()})
+        head_cfg = HeadConfig(num_classes=len(index.classes), input_dim=backbone.num_features, arch=cfg.head,
+                              hidden=cfg.hidden, layers=cfg.layers, bidirectional=cfg.bidirectional,
+                              dropout=cfg.dropout, pool=cfg.pool, num_heads=cfg.num_heads,
+                              max_len=max(cfg.seq_len, 1))
+        head = build_head(head_cfg)
     if (longest := max_clip_len(head)) is not None and cfg.seq_len > longest:
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the {head_cfg.arch} head of --init {cfg.init} "
                           f"takes ({longest} learned positions): use --seq-len {longest} or less")

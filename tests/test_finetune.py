@@ -171,6 +171,21 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
         finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "x"),
                                 init=str(tmp_path / "s2" / "best.pt"), frame_spec=FrameSpec(size=48), workers=0,
                                 device="cpu"), progress=False)
+    # the head comes from --init with its weights: asking for another one is refused (it used to be
+    # dropped with an INFO line), from the command line too, where the shown defaults ask for nothing
+    from click.testing import CliRunner
+
+    from cli import main
+
+    args = ["finetune-end-to-end", "--data-dir", str(colour_data), "--init", str(tmp_path / "s2" / "best.pt"),
+            "--epochs", "1", "--batch-size", "6", "--workers", "0", "--device", "cpu", "--freeze-cnn", "--no-progress"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h1"), "--head", "gru", "--hidden", "32"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"error: --head gru, --hidden 32: the head comes from --init {tmp_path / 's2' / 'best.pt'}, with its weights, "
+        "and is --head lstm, --hidden 16; drop --head etc., or start without --init"), r.stderr
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h2"), "--hidden", "16", "--bidirectional"])
+    assert r.exit_code == 0, r.stderr  # what --init has is no conflict, nor are the defaults it does not
+    assert load_checkpoint(tmp_path / "h2" / "best.pt")["model_config"] == s2["model_config"]
     other = tmp_path / "other"
     for cls in ("cyan", "magenta"):
         for split in ("train", "val"):
