@@ -500,12 +500,14 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
     if recorded is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the backbone %s", recorded.path)
         path, source, digest = Path(str(recorded.path)), recorded.source, recorded.sha256  # hash just checked
+        _check_generated_with(path, cfg, source)
         bb = create_backbone(cfg.backbone, str(path), input_size=spec.size)
     else:
         torch.manual_seed(cfg.seed)
         bb = create_backbone(cfg.backbone, "none", input_size=spec.size)
         check_input_size(bb, spec.size)  # before calibrating on it and saving it
-        meta: dict[str, Any] = {"seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict()}
+        meta: dict[str, Any] = {"seed": cfg.seed, "dataset": str(index.root), "frame_spec": spec.to_dict(),
+                                "calibration_frames_asked": cfg.calibration_frames}
         if bb.has_batchnorm:
             bb.net.to(device)
             log.warning(
@@ -524,6 +526,21 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
         path, digest = _save_backbone(bb, Path(cfg.output), meta)
     bb.weights = WeightsIdentity(source=source, sha256=digest, path=str(path.resolve()))
     return bb, path
+
+
+def _check_generated_with(path: Path, cfg: ExtractConfig, source: str) -> None:
+    """A cache of --weights none is extended with the backbone it was made with, so its --seed (and
+    --calibration-frames, for a recalibrated one; recorded since this check) must be that file's:
+    other values would be silently ignored."""
+    meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("meta") or {}
+    was = {"--seed": meta.get("seed")}
+    now = {"--seed": cfg.seed}
+    if source == "recalibrated" and "calibration_frames_asked" in meta:
+        was["--calibration-frames"], now["--calibration-frames"] = meta["calibration_frames_asked"], cfg.calibration_frames
+    if diff := [k for k in was if was[k] is not None and was[k] != now[k]]:
+        raise ConfigError(f"--output {cfg.output} holds features of the {source} backbone {path}, made with "
+                          f"{' '.join(f'{k} {was[k]}' for k in diff)} (here {' '.join(f'{k} {now[k]}' for k in diff)}): "
+                          "rerun with those to extend it, or use --overwrite (or another --output) for a new backbone")
 
 
 def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -382,6 +383,14 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     assert sorted(tmp_path.iterdir()) == before
     moved.rename(r.weights_file)
     assert extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False).reused == 6
+    # Another --seed or --calibration-frames would make another backbone, whose features cannot join
+    # these: refused like other settings (they were ignored, and the summary said "recalibrated").
+    for kw, said in (({"seed": 3}, "--seed 0 (here --seed 3)"),
+                     ({"calibration_frames": 50}, "--calibration-frames 32 (here --calibration-frames 50)")):
+        with pytest.raises(ConfigError, match=rf"^--output {out} holds features of the recalibrated backbone .* made "
+                                              rf"with {re.escape(said)}: rerun with those to extend it, or use "
+                                              r"--overwrite \(or another --output\) for a new backbone$"):
+            extract_features(config(tiny_dataset, out, "none", **{"calibration_frames": 32, **kw}), progress=False)
 
 
 def test_weights_none_features_do_not_depend_on_the_batch_size(tiny_dataset, tmp_path):
