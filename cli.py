@@ -6,6 +6,7 @@ returns. Errors in the input become one line on stderr and a non-zero exit code,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -307,8 +308,13 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
         click.echo(f"  {r.weights.source.replace('_', ' ')} backbone saved to {r.weights_file} (later stages use it)")
     if r.failures:
         click.echo(f"  {len(r.failures)} problem(s), listed in the cache's 'failures' attribute:")
-        for f in r.failures:
+        shown = 20
+        for f in r.failures[:shown]:
             click.echo(f"    skipped {f['skipped']}: {f['reason']}")
+        if len(r.failures) > shown:
+            kinds = collections.Counter(f["skipped"] for f in r.failures[shown:])
+            click.echo(f"    ... and {len(r.failures) - shown} more ("
+                       + ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + ")")
 
 
 @main.command("train-temporal")

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: the provenance names the backbone; FrameSpec has resize size and interpolation
 # Failures found by indexing (a name that is not UTF-8, an unreadable folder), not by decoding: a
 # rerun finds them afresh, and retrying a video for them would redo it on every run, for nothing.
-INDEX_FAILURES = frozenset({"name", "folder"})
+INDEX_FAILURES = frozenset({"name", "folder", "missing"})  # found by indexing, not by decoding
 
 
 def _h5py():

@@ -80,7 +80,7 @@ class Skipped:
     split: str | None  # the split it belongs to, where known
     path: str  # printable, relative to the dataset root when inside it
     reason: str
-    kind: Literal["name", "folder"]
+    kind: Literal["name", "folder", "missing"]  # missing: a split file lists it, the disk has no such video
 
 
 class _Report:
@@ -505,10 +505,12 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
         path = on_disk[cls].get(stem)
         if path is None and cls in unreadable:
             continue
-        if path is None:
+        if path is None:  # a video of the official split this dataset lacks: in the cache's failures too
             missing += 1
             if missing <= 3:
                 warnings.append(f"{root / cls / name} is listed in the split files but not on disk")
+            report.skipped.append(Skipped(split, printable(f"{cls}/{name}"), f"{printable(where)} lists "
+                                          f"{printable(root / cls / name)}, which is not on disk", "missing"))
             continue
         if path in listed:  # a repeated line, or 'x.avi' and 'x.mp4' naming one video
             earlier = listed[path]

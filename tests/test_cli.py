@@ -316,6 +316,32 @@ def test_split_files_naming_a_non_utf8_class_are_ignored(tmp_path, weights_file)
         assert [v.decode() for v in f["train/videos"][()]] == ["jump/jump0"]
 
 
+def test_videos_the_split_files_list_but_the_disk_lacks_are_in_the_failures(tmp_path, weights_file):
+    """A partial download: the official split names videos that are not there. Besides the warnings
+    while indexing, they are in the summary and the cache's failures, so the split's difference from
+    the official one is on record. The summary lists 20 problems and counts the rest."""
+    rng = np.random.default_rng(0)
+    root, splits = tmp_path / "hmdb", tmp_path / "splits"
+    splits.mkdir()
+    for cls in ("jump", "walk"):
+        for k in range(2):
+            write_frames(root / cls / f"{cls}{k}", rand_frames(rng, 3))
+        listed = [f"{cls}{k}.avi {1 if k % 2 == 0 else 2}" for k in range(2 + 12)]  # 12 a class not on disk
+        (splits / f"{cls}_test_split1.txt").write_text("\n".join(listed) + "\n")
+    out = tmp_path / "f.h5"
+    code, stdout, err = extract(root, out, weights_file, "--split-dir", str(splits))
+    assert code == 0, err
+    assert "24 problem(s)" in stdout and "... and 4 more (4 missing)" in stdout
+    assert f"skipped missing: {splits / 'jump_test_split1.txt'}:3 lists {root / 'jump' / 'jump2.avi'}, which is not " \
+           "on disk" in stdout
+    got = failures(out)
+    assert len(got) == 24 and {f["skipped"] for f in got} == {"missing"}
+    assert {(f["split"], f["video"]) for f in got if f["video"].startswith("walk/")} == \
+        {("train" if k % 2 == 0 else "test", f"walk/walk{k}.avi") for k in range(2, 14)}
+    code, stdout, _ = extract(root, out, weights_file, "--split-dir", str(splits))  # nothing to do: unchanged
+    assert code == 0 and "0 videos" in stdout and len(failures(out)) == 24
+
+
 def _without_dac(args: list[str], probe: Path) -> list[str] | None:
     """A command line that runs ``args`` unable to read chmod-000 folders such as ``probe``: through
     capsh without the DAC capabilities when root, as is otherwise; None if neither can."""
