@@ -7,6 +7,7 @@ webm, mov) decoded with PyAV. Frames are returned as uint8 RGB tensors of shape 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -561,25 +562,36 @@ def _has_videos(folder: Path) -> bool:
 
 
 def _check_duplicates(index: DatasetIndex) -> None:
-    for split, videos in index.splits.items():
-        seen: dict[str, Video] = {}
+    """One video under one name in two classes (copied into both: two labels) is refused; in two
+    splits (train/test leakage), a warning. A name alone does not make two videos one: datasets
+    numbered per class (walk/0001.mp4, run/0001.mp4) reuse names for other videos. So videos of one
+    name count as the same only where their content is (a file's size, a folder's frame names and
+    sizes: ``source_signature``), read only for the names that repeat."""
+    def name(v: Video) -> str:
+        return v.path.stem if v.kind == "file" else v.path.name
+
+    by_name: dict[str, list[Video]] = defaultdict(list)
+    for videos in index.splits.values():
         for v in videos:
-            name = v.path.stem if v.kind == "file" else v.path.name
-            if name in seen and seen[name].label != v.label:
-                other = seen[name]
-                raise DataError(
-                    f"video {name!r} is in two classes of split {split!r}: {other.path} and {v.path}; "
-                    "a video must have one label, remove one of them"
-                )
-            seen[name] = v
-    names: dict[str, set[str]] = defaultdict(set)
-    for split, videos in index.splits.items():
-        for v in videos:
-            names[v.path.stem if v.kind == "file" else v.path.name].add(split)
-    leaked = sorted(n for n, s in names.items() if len(s) > 1)
+            by_name[name(v)].append(v)
+    leaked = []
+    for n, vs in by_name.items():
+        if len(vs) < 2:
+            continue
+        same: dict[str, list[Video]] = defaultdict(list)
+        for v in vs:
+            if sig := source_signature(v.path, v.kind):
+                same[sig].append(v)
+        for group in same.values():
+            for a, b in itertools.combinations(group, 2):
+                if a.split == b.split and a.label != b.label:
+                    raise DataError(f"video {n!r} is in two classes of split {a.split!r}, the same content in both: "
+                                    f"{a.path} and {b.path}; a video must have one label, remove one of them")
+            if len({v.split for v in group}) > 1:
+                leaked.append(n)
     if leaked:
         index.warnings.append(
-            f"{len(leaked)} video name(s) appear in more than one split (e.g. {leaked[0]!r}): "
+            f"{len(leaked)} video(s) appear in more than one split, the same name and content (e.g. {leaked[0]!r}): "
             "check for train/test leakage"
         )
 

@@ -155,8 +155,8 @@ def test_bad_input_one_line(tiny_dataset, tmp_path, weights_file, case, needles)
         (tiny_dataset / "train" / "labels.csv").write_text("x")
     elif case == "missing_split":
         extra = ["--splits", "train,val"]
-    elif case == "duplicate_name":
-        write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(0), 2))
+    elif case == "duplicate_name":  # the same video copied into a second class
+        shutil.copytree(tiny_dataset / "train" / "walk" / "w1", tiny_dataset / "train" / "run" / "w1")
     elif case == "no_frames_at_all":
         root = tmp_path / "empty_ds"
         (root / "train" / "a" / "v1").mkdir(parents=True)

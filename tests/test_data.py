@@ -124,8 +124,22 @@ def test_missing_split_names_it(tiny_dataset):
 
 
 def test_duplicate_video_in_two_classes_refused(tiny_dataset):
-    write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(1), 3))
-    with pytest.raises(DataError, match=r"'w1' is in two classes of split 'train'"):
+    """The same video copied into two classes is refused. Other videos of one name, as datasets
+    numbered per class have (walk/0001.mp4, run/0001.mp4), are told apart by their content: no
+    refusal, and none is taken for train/test leakage; a copy in another split is."""
+    import shutil
+
+    write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(1), 3))  # another w1
+    write_frames(tiny_dataset / "test" / "walk" / "w2", rand_frames(np.random.default_rng(2), 5), ".jpg")  # another w2
+    shutil.copytree(tiny_dataset / "train" / "run" / "r1", tiny_dataset / "test" / "jump" / "r1")  # a leaked copy
+    idx = index_dataset(DatasetSpec(str(tiny_dataset)))
+    assert "train/run/w1" in [v.rel for v in idx.videos("train")] and "test/walk/w2" in [v.rel for v in idx.videos("test")]
+    leaks = [w for w in idx.warnings if "more than one split" in w]
+    assert leaks == ["1 video(s) appear in more than one split, the same name and content (e.g. 'r1'): check for "
+                     "train/test leakage"], idx.warnings
+    shutil.copy(tiny_dataset / "train" / "run" / "r2.mkv", tiny_dataset / "train" / "walk" / "r2.mkv")
+    with pytest.raises(DataError, match=r"'r2' is in two classes of split 'train', the same content in both: "
+                                        r".*train/run/r2\.mkv and .*train/walk/r2\.mkv; a video must have one label"):
         index_dataset(DatasetSpec(str(tiny_dataset)))
 
 
