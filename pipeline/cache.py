@@ -487,6 +487,8 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     (or an ``output`` is given)."""
     src = Path(path)
     dst = Path(output) if output is not None else src
+    if src.is_dir():
+        raise CacheError(f"{src} is a folder; give the feature cache file (.h5) that extract-features wrote")
     if not src.is_file():
         what = not_regular(src)
         raise CacheError(f"{src} is {what}, not a feature cache file" if what else f"feature cache not found: {src}")

@@ -260,7 +260,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
         t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
-    state = _load_state(state_path, (spec, legacy_spec), data) if state_path.exists() else None
+    state = _load_state(state_path, (spec, legacy_spec), data, _options(cfg)) if state_path.exists() else None
     if state is None and (out / "best.pt").exists():
         raise ConfigError(f"{out} already holds a finished sweep or run; use --overwrite to start over, "
                           "or another --out")
@@ -329,7 +329,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             # (every running head with its optimiser), and a resumed sweep replays the epochs since
             # the last one exactly (batches and dropout are seeded per epoch).
             if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
-                _save_state(state_path, spec, data, epoch, trials)
+                _save_state(state_path, spec, data, epoch, trials, _options(cfg))
                 last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
@@ -422,11 +422,18 @@ def leaderboard(trials: list[Trial], varying: Sequence[str]) -> list[dict[str, A
     return rows
 
 
-def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: list[Trial]) -> None:
+def _options(cfg: SweepConfig) -> dict[str, Any]:
+    """The options that decide which videos a sweep trains and validates on, as given: a rerun that
+    changed one of them is told so by name."""
+    return {k: getattr(cfg.base, k) for k in ("train_split", "val_split", "val_fraction", "group_pattern", "seed")}
+
+
+def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: list[Trial],
+                options: dict[str, Any]) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
-    schedule, the others with their records only; and what the cache held."""
+    schedule, the others with their records only; and what the cache held, and ``options``."""
     state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": data.provenance.to_dict(),
-                             "data": data.data, "epoch": epoch, "trials": {}, "trainers": {}}
+                             "data": data.data, "options": options, "epoch": epoch, "trials": {}, "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
                                  "stopped_at": t.stopped_at, "failed": t.failed}
@@ -437,7 +444,7 @@ def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: l
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
 
 
-def _load_state(path: Path, specs: tuple[str, ...], data: StageTwoData) -> dict[str, Any] | None:
+def _load_state(path: Path, specs: tuple[str, ...], data: StageTwoData, options: dict[str, Any]) -> dict[str, Any] | None:
     """The saved sweep, if it is this one: the same spec, run on a cache that holds the same
     features (a cache file replaced under the same name would mix two kinds of features) of the
     same videos (``run.data_identity``; a split changed since would mix two datasets)."""
@@ -450,6 +457,13 @@ def _load_state(path: Path, specs: tuple[str, ...], data: StageTwoData) -> dict[
     if diff:
         raise ConfigError(f"{path.parent} holds a sweep on other features than the cache has now ({diff}); "
                           "resume it on the cache it ran on, or use --overwrite to start over")
+    was = state.get("options") or {}  # not recorded by older sweeps
+    if diff := [k for k in was if options.get(k) != was[k]]:
+        def said(values: dict[str, Any]) -> str:
+            return ", ".join(f"--{k.replace('_', '-')} {values[k]}" for k in diff)
+
+        raise ConfigError(f"{path.parent} holds a sweep run with {said(was)} (here {said(options)}); rerun with "
+                          "those to resume it, or --overwrite to start over")
     check_resume_data(f"the sweep in {path.parent}", state.get("data"), data.data, ConfigError)  # before the spec,
     if state["spec"] not in specs:  # which holds a carve's videos: the more precise reason first
         raise ConfigError(f"{path.parent} holds a sweep of another grid, cache or options; rerun with the same "

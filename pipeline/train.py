@@ -385,13 +385,15 @@ def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
         run = json.loads((out / "test.json").read_text())
     except (OSError, ValueError):
         return  # no results there for these files to contradict
-    same = run.get("split") == split and all(  # the loss within float rounding (a run trained on another device)
-        isinstance(run.get(k), (int, float)) and math.isclose(run[k], m[k], rel_tol=1e-3 if k == "loss" else 1e-9)
-        for k in ("top1", "top5", "mean_class_acc", "loss"))
-    if not same:
-        raise ConfigError(f"--out {out} holds a run whose test results (test.json: top-1 {run.get('top1')}) are not "
-                          f"this evaluation's (top-1 {m['top1']:.4g}): its {' and '.join(files)} would no longer match "
-                          "them; write this evaluation to another --out")
+    differ = [k for k in ("top1", "top5", "mean_class_acc", "loss")  # the loss within float rounding (another device)
+              if not (isinstance(run.get(k), (int, float))
+                      and math.isclose(run[k], m[k], rel_tol=1e-3 if k == "loss" else 1e-9))]
+    if run.get("split") != split or differ:
+        theirs, ours = ((f"split {run.get('split')}", f"split {split}") if run.get("split") != split else
+                        (f"{differ[0]} {run.get(differ[0])}", f"{differ[0]} {m[differ[0]]:.4g}"))
+        raise ConfigError(f"--out {out} holds a run whose test results (test.json: {theirs}) are not this "
+                          f"evaluation's ({ours}): its {' and '.join(files)} would no longer match them; write this "
+                          "evaluation to another --out")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: str, *,

@@ -168,6 +168,8 @@ def test_old_chunked_cache_still_loads_and_rewrite_cache_makes_it_contiguous(tmp
     assert r.exit_code == 0 and "nothing to do" in r.stdout
     r = run(main, ["rewrite-cache", str(tmp_path / "nope.h5")])
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
+    r = run(main, ["rewrite-cache", str(tmp_path)])  # a folder is named as one, as the other commands do
+    assert r.exit_code == 1 and f"{tmp_path} is a folder; give the feature cache file (.h5)" in r.stderr
     before = new.read_bytes()
     r = run(main, ["rewrite-cache", str(old), "-o", str(new)])  # an existing file is not replaced by default
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and f"--output {new} exists" in r.stderr

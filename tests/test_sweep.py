@@ -84,6 +84,11 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds a sweep of another grid, cache or options; rerun with the same"):
         sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8, 16)),),),
                           min_epochs=1), progress=False)
+    # another --seed carves another validation set: named as such, not as a changed dataset
+    with pytest.raises(ConfigError, match=r"holds a sweep run with --seed 0 \(here --seed 2\); rerun with those to "
+                                          r"resume it, or --overwrite to start over$"):
+        sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2, seed=2), grids=((("hidden", (8,)),),),
+                          min_epochs=1), progress=False)
     r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "x"), "--hidden", "8,abc"])
     assert r.exit_code == 2 and "'abc' is not a valid value (int)" in r.stderr
     # A grid that cannot run is refused before --overwrite removes the sweep that is there.
@@ -99,7 +104,7 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                  (["--hidden", "-3"], "hidden must be >= 1, got -3"),
                  (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
                  (["--lr", "0"], "lr must be > 0 and at most 1, got 0.0"),
-                 (["--lr", "inf"], "lr must be > 0 and at most 1, got inf"),
+                 (["--lr", "inf"], "'inf' is not a valid value (a finite number)"),
                  (["--lr", "1e38"], "lr must be > 0 and at most 1, got 1e+38"),
                  (["--hidden", ""], "no values given"),
                  (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)"),

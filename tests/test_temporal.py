@@ -190,7 +190,12 @@ def test_evaluate_refuses_other_cache(tmp_path):
                                   "--eval-clips", "3"])
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO:")]
-    assert line.startswith(f"error: --out {run} holds a run whose test results (test.json: top-1 ")
+    import re
+
+    said = re.match(rf"error: --out {re.escape(str(run))} holds a run whose test results \(test.json: "
+                    r"(top1|top5|mean_class_acc|loss) (\S+)\) are not this evaluation's \(\1 (\S+)\)", line)
+    assert said, line  # it names a number that differs (with 3 clips here: the loss, not top-1)
+    assert float(said[2]) == json.loads((run / "test.json").read_text())[said[1]] and float(said[2]) != float(said[3])
     assert line.endswith("its confusion_test.png and per_class_test.csv would no longer match them; "
                                      "write this evaluation to another --out")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
