@@ -168,14 +168,16 @@ def _sequence(name: str) -> str | None:
 # Appended to a video file's signature since frames are numbered as a player shows them and read
 # upright (``_demux``, ``frame_rgb``): a record without it was made by an earlier version.
 UPRIGHT = " upright"
+# The signature of a frame folder that is readable but no one video (two numbered sequences): a
+# change from what was cached, so a rerun tries it, and decoding reports it as skipped.
+NOT_ONE_VIDEO = "frames:not one video"
 
 
 def source_signature(path: Path, kind: str) -> str:
     """What a video's source is, read without decoding: a frame folder's frame names and sizes, a
     file's size (and that its frames are read upright); '' where it cannot be read. Stored with its
     features, so that a rerun redoes a video whose frames were added, removed or replaced (a
-    same-size edit goes unseen; a copy or a touch of the dataset does not count as a change). A
-    folder whose frames cannot be read as one video gets '' too: decoding reports it as skipped."""
+    same-size edit goes unseen; a copy or a touch of the dataset does not count as a change)."""
     try:
         if kind == "frames":
             h = hashlib.sha1()
@@ -183,7 +185,9 @@ def source_signature(path: Path, kind: str) -> str:
                 h.update(f"{f.name}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
             return f"frames:{h.hexdigest()[:16]}"
         return f"bytes:{path.stat().st_size}{UPRIGHT}"
-    except (OSError, PipelineError, VideoDecodeError):
+    except VideoDecodeError:
+        return NOT_ONE_VIDEO
+    except (OSError, PipelineError):
         return ""
 
 
@@ -561,12 +565,53 @@ def _has_videos(folder: Path) -> bool:
         return False
 
 
+def _content_key(v: Video, deep: bool) -> str | None:
+    """What tells a video's content from another's of the same name, cheap (``deep`` False: a file's
+    size, a folder's frame names, no stat) or close (a hash of a file's first and last MiB; a
+    folder's ``source_signature``, which stats every frame); None where it cannot be read."""
+    try:
+        if v.kind == "file":
+            size = v.path.stat().st_size
+            if not deep:
+                return f"{size}"
+            with open(v.path, "rb") as f:
+                h = hashlib.sha1(f.read(1 << 20))
+                f.seek(max(size - (1 << 20), 0))
+                h.update(f.read())
+            return f"{size}:{h.hexdigest()}"
+        if not deep:
+            with os.scandir(v.path) as it:
+                names = sorted(e.name for e in it if not e.name.startswith(".")
+                               and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS and e.is_file())
+            return hashlib.sha1("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+        sig = source_signature(v.path, v.kind)
+        return sig if sig not in ("", NOT_ONE_VIDEO) else None
+    except OSError:
+        return None
+
+
+def _same_content(videos: list[Video]) -> list[list[Video]]:
+    """The groups of two or more of ``videos`` (of one name) with the same content: the cheap key
+    first, the close one only within a group that the cheap one leaves."""
+    groups = [videos]
+    for deep in (False, True):
+        refined = []
+        for g in groups:
+            by: dict[tuple[str, str], list[Video]] = defaultdict(list)
+            for v in g:
+                if (k := _content_key(v, deep)) is not None:
+                    by[v.kind, k].append(v)
+            refined += [x for x in by.values() if len(x) > 1]
+        groups = refined
+    return groups
+
+
 def _check_duplicates(index: DatasetIndex) -> None:
     """One video under one name in two classes (copied into both: two labels) is refused; in two
     splits (train/test leakage), a warning. A name alone does not make two videos one: datasets
     numbered per class (walk/0001.mp4, run/0001.mp4) reuse names for other videos. So videos of one
-    name count as the same only where their content is (a file's size, a folder's frame names and
-    sizes: ``source_signature``), read only for the names that repeat."""
+    name count as the same only where their content is (``_same_content``), read only for the
+    names that repeat."""
     def name(v: Video) -> str:
         return v.path.stem if v.kind == "file" else v.path.name
 
@@ -578,11 +623,7 @@ def _check_duplicates(index: DatasetIndex) -> None:
     for n, vs in by_name.items():
         if len(vs) < 2:
             continue
-        same: dict[str, list[Video]] = defaultdict(list)
-        for v in vs:
-            if sig := source_signature(v.path, v.kind):
-                same[sig].append(v)
-        for group in same.values():
+        for group in _same_content(vs):
             for a, b in itertools.combinations(group, 2):
                 if a.split == b.split and a.label != b.label:
                     raise DataError(f"video {n!r} is in two classes of split {a.split!r}, the same content in both: "

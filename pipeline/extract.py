@@ -497,10 +497,15 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
         check_input_size(bb, spec.size)
         return bb, None
     recorded = _recorded_backbone(Path(cfg.output), cfg.overwrite, cfg.backbone, spec)
+    if recorded is not None and (diff := _generated_otherwise(Path(str(recorded.path)), cfg, recorded.source)):
+        if not cfg.overwrite:  # (with it, only an unfinished run's is recorded: it is replaced, backbone and all)
+            raise ConfigError(f"--output {cfg.output} was extracted with the {recorded.source} backbone "
+                              f"{recorded.path}, made with {diff}: rerun with those to extend it, or use --overwrite "
+                              "(or another --output) for a new backbone")
+        recorded = None
     if recorded is not None:  # a resumed or extended run keeps the features reproducible
         log.info("reusing the backbone %s", recorded.path)
         path, source, digest = Path(str(recorded.path)), recorded.source, recorded.sha256  # hash just checked
-        _check_generated_with(path, cfg, source)
         bb = create_backbone(cfg.backbone, str(path), input_size=spec.size)
     else:
         torch.manual_seed(cfg.seed)
@@ -528,19 +533,20 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
     return bb, path
 
 
-def _check_generated_with(path: Path, cfg: ExtractConfig, source: str) -> None:
-    """A cache of --weights none is extended with the backbone it was made with, so its --seed (and
-    --calibration-frames, for a recalibrated one; recorded since this check) must be that file's:
-    other values would be silently ignored."""
+def _generated_otherwise(path: Path, cfg: ExtractConfig, source: str) -> str:
+    """How the --weights none backbone at ``path`` was made otherwise than this run asks ('' if it
+    was not): its --seed, and --calibration-frames for a recalibrated one (recorded since this
+    check). A cache is extended with the backbone it was made with, so other values would be
+    silently ignored. (``path`` is the recorded file, its sha256 just checked.)"""
     meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("meta") or {}
     was = {"--seed": meta.get("seed")}
     now = {"--seed": cfg.seed}
     if source == "recalibrated" and "calibration_frames_asked" in meta:
-        was["--calibration-frames"], now["--calibration-frames"] = meta["calibration_frames_asked"], cfg.calibration_frames
-    if diff := [k for k in was if was[k] is not None and was[k] != now[k]]:
-        raise ConfigError(f"--output {cfg.output} holds features of the {source} backbone {path}, made with "
-                          f"{' '.join(f'{k} {was[k]}' for k in diff)} (here {' '.join(f'{k} {now[k]}' for k in diff)}): "
-                          "rerun with those to extend it, or use --overwrite (or another --output) for a new backbone")
+        was["--calibration-frames"] = meta["calibration_frames_asked"]
+        now["--calibration-frames"] = cfg.calibration_frames
+    diff = [k for k in was if was[k] is not None and was[k] != now[k]]
+    return (f"{' '.join(f'{k} {was[k]}' for k in diff)} (here {' '.join(f'{k} {now[k]}' for k in diff)})"
+            if diff else "")
 
 
 def extract_features(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
@@ -615,7 +621,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     jobs: list[tuple[str, Video]] = []
     reused = 0
     sources: dict[tuple[str, str], str] = {}  # (split, rel) → what the video's files are now
-    changed: list[str] = []
+    changed: list[tuple[str, str]] = []  # (split, rel)
     earlier: list[tuple[str, Video]] = []  # video files cached before frames were numbered as shown, read upright
     for split, videos in index.splits.items():
         done = writer.done(split)
@@ -626,14 +632,14 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                 earlier.append((split, v))
                 continue
             if was and now and was != now:
-                changed.append(v.rel)  # cached from other frames, or another file, under the same name
+                changed.append((split, v.rel))  # cached from other frames, or another file, under the same name
             elif was is not None:
                 reused += 1
                 continue
             jobs.append((split, v))
     if changed and info.is_main:
         log.warning("%d cached video(s) changed on disk since they were extracted (frames added, removed or replaced; "
-                    "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0])
+                    "another file of the same name), e.g. %s: extracting them again", len(changed), changed[0][1])
     if earlier:  # once: what is kept is stored with this version's signature
         # Rank 0 checks (and re-signs what it keeps); every rank takes its list: one job list for all.
         redo = _check_earlier(earlier, writer, cfg.selection, sources, progress) if info.is_main else None
@@ -733,10 +739,11 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     D.barrier(info)  # every rank's parts are on disk
     if info.is_main:
         order = _dataset_order(index, writer.stored)
-        # A video that failed as a whole here was a job: not cached, or cached from a source that has
-        # changed since (or with broken frames, retried). Rows an earlier run stored are of what is no
-        # longer there: they go, rather than stand in the cache as this video's features.
-        failed = {(f["split"], f["video"]) for f in failures if f["skipped"] == "video"}
+        # A cached video whose source changed since and that failed as a whole here: its stored rows are
+        # of what is no longer there, and go, rather than stand in the cache as its features. (Rows of
+        # an unchanged video retried for a broken frame stay, whatever this try met: a read error may
+        # pass, as for a class folder that cannot be read this time.)
+        failed = {(f["split"], f["video"]) for f in failures if f["skipped"] == "video"} & set(changed)
         if stale := [(s, rel) for s, rels in writer.stored().items() for rel in rels if (s, rel) in failed]:
             log.warning("dropped the cached features of %d video(s) that changed on disk and could not be extracted "
                         "again, e.g. %s (listed in the cache's failures; a rerun tries them again)", len(stale),

@@ -37,7 +37,7 @@ from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
-from .heads import HeadConfig, build_head, max_clip_len
+from .heads import HeadConfig, build_head, max_clip_len, unused_fields
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
@@ -399,7 +399,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         head_cfg = init.head_config
         theirs = {"head": head_cfg.arch, "hidden": head_cfg.hidden, "layers": head_cfg.layers, "pool": head_cfg.pool,
                   "bidirectional": head_cfg.bidirectional, "dropout": head_cfg.dropout, "num_heads": head_cfg.num_heads}
-        if asked := [k for k in theirs if getattr(cfg, k) is not None and getattr(cfg, k) != theirs[k]]:
+        unread = set(unused_fields(head_cfg.arch))  # e.g. --num-heads for an LSTM: no conflict, nothing asked
+        if asked := [k for k in theirs
+                     if k not in unread and getattr(cfg, k) is not None and getattr(cfg, k) != theirs[k]]:
             said = ", ".join(_option(k, getattr(cfg, k)) for k in asked)
             raise ConfigError(f"{said}: the head comes from --init {cfg.init}, with its weights, and is "
                               f"{', '.join(_option(k, theirs[k]) for k in asked)}; drop {said.split(' ')[0]}"

@@ -357,11 +357,19 @@ class EvalResult:
     seen: str = ""  # how the model has seen these videos already ('' if it has not, as far as recorded)
 
 
-def _seen_by(ckpt: dict[str, Any], videos: list[str]) -> str:
+def _seen_by(ckpt: dict[str, Any], split: str, videos: list[str]) -> str:
     """How a checkpoint has seen the videos of an evaluated split, from what its run recorded
-    (``data_identity`` of what it trained and validated on; its carve): '' where they are new to it."""
+    (``data_identity`` of what it trained and validated on; its carve): '' where they are new to it.
+    Checkpoints from before that record are judged by the split's name."""
     ident = data_identity(videos, videos)["train"]
-    data = ckpt.get("data") or {}
+    data = ckpt.get("data")
+    if data is None:
+        tc, val = ckpt.get("train_config") or {}, ckpt.get("validation") or {}
+        if val.get("kind") == "split" and val.get("split") == split:
+            return f"the best epoch of this model was picked on a split {split!r} (its validation split)"
+        if tc.get("train_split") == split:
+            return f"this model was trained on a split {split!r}"
+        data = {}
     if ident == data.get("val"):
         return f"the best epoch of this model was picked on these {len(videos)} videos (its validation set)"
     if ident == data.get("train"):
@@ -411,7 +419,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     with opened:
         probs, loss = evaluate(head, bank, seq_len=model.seq_len, num_clips=eval_clips or model.eval_clips)
     m = classification_metrics(probs, data.labels, loss)
-    if seen := _seen_by(model.ckpt, data.videos):
+    if seen := _seen_by(model.ckpt, split, data.videos):
         log.warning("%s: %s; these numbers overstate accuracy on new videos (evaluate a held-out split)", split, seen)
     if out is not None:
         _check_run_results(Path(out), split, m)

@@ -637,13 +637,14 @@ def test_paths_that_are_not_files_are_refused_not_read_or_replaced(tiny_dataset,
     runs = {(node, i): subprocess.Popen([*base, "--output", str(node), *extra], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)  # side by side: each is mostly start-up
             for node in nodes for i, extra in enumerate(([], ["--overwrite"]))}
-    for (node, _), proc in runs.items():
-        try:
+    try:
+        for (node, _), proc in runs.items():
             err = proc.communicate(timeout=120)[1]
-        finally:
+            what = "a FIFO" if node == fifo else "a device"
+            one_error_line(proc.returncode, err, f"--output {node} is {what}, not a file")
+    finally:
+        for proc in runs.values():
             proc.kill()
-        what = "a FIFO" if node == fifo else "a device"
-        one_error_line(proc.returncode, err, f"--output {node} is {what}, not a file")
     for node in nodes:
         assert stat.S_ISFIFO(node.stat().st_mode) if node == fifo else stat.S_ISCHR(node.stat().st_mode)
         assert not Path(f"{node}.lock").exists() and not Path(f"{node}.partial").exists()

@@ -132,6 +132,9 @@ def test_duplicate_video_in_two_classes_refused(tiny_dataset):
     write_frames(tiny_dataset / "train" / "run" / "w1", rand_frames(np.random.default_rng(1), 3))  # another w1
     write_frames(tiny_dataset / "test" / "walk" / "w2", rand_frames(np.random.default_rng(2), 5), ".jpg")  # another w2
     shutil.copytree(tiny_dataset / "train" / "run" / "r1", tiny_dataset / "test" / "jump" / "r1")  # a leaked copy
+    rng = np.random.default_rng(3)
+    for cls in ("run", "walk"):  # two files of one size (uncompressed video, say), not one video
+        (tiny_dataset / "train" / cls / "0001.avi").write_bytes(rng.bytes(5000))
     idx = index_dataset(DatasetSpec(str(tiny_dataset)))
     assert "train/run/w1" in [v.rel for v in idx.videos("train")] and "test/walk/w2" in [v.rel for v in idx.videos("test")]
     leaks = [w for w in idx.warnings if "more than one split" in w]

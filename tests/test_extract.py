@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from PIL import Image
 
 from pipeline.backbones import FrozenBackbone, create_backbone
 from pipeline.files import sha256_file
-from pipeline.cache import FeatureCache
+from pipeline.cache import FeatureCache, read_provenance
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec
 from pipeline.data import decode_image_file, index_dataset, list_frames, read_frames, selected_positions
 from pipeline.errors import CacheError, ConfigError, WeightsError
@@ -387,10 +388,21 @@ def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     # these: refused like other settings (they were ignored, and the summary said "recalibrated").
     for kw, said in (({"seed": 3}, "--seed 0 (here --seed 3)"),
                      ({"calibration_frames": 50}, "--calibration-frames 32 (here --calibration-frames 50)")):
-        with pytest.raises(ConfigError, match=rf"^--output {out} holds features of the recalibrated backbone .* made "
+        with pytest.raises(ConfigError, match=rf"^--output {out} was extracted with the recalibrated backbone .* made "
                                               rf"with {re.escape(said)}: rerun with those to extend it, or use "
                                               r"--overwrite \(or another --output\) for a new backbone$"):
             extract_features(config(tiny_dataset, out, "none", **{"calibration_frames": 32, **kw}), progress=False)
+    # --overwrite with an unfinished run of the old backbone there: a new backbone (it was refused,
+    # with advice to use the --overwrite it had)
+    other = tmp_path / "g.h5"
+    part = Path(f"{other}.partial")  # what an interrupted first run with that backbone leaves
+    part.mkdir()
+    (part / "meta.json").write_text(json.dumps({"provenance": read_provenance(out).to_dict(), "replace": False}))
+    with pytest.raises(ConfigError, match=rf"^--output {other} was extracted with the recalibrated backbone "):
+        extract_features(config(tiny_dataset, other, "none", calibration_frames=32, seed=3), progress=False)
+    r3 = extract_features(config(tiny_dataset, other, "none", calibration_frames=32, seed=3, overwrite=True),
+                          progress=False)
+    assert r3.weights.sha256 != r.weights.sha256 and r3.extracted == 6 and not part.exists()
 
 
 def test_weights_none_features_do_not_depend_on_the_batch_size(tiny_dataset, tmp_path):
@@ -630,25 +642,33 @@ def test_rerun_redoes_a_video_whose_source_changed(tiny_dataset, tmp_path, weigh
 
 
 def test_a_changed_video_that_no_longer_decodes_leaves_no_old_rows(tiny_dataset, tmp_path, weights_file, caplog):
-    """A cached video file replaced by an undecodable one under its name (and a frame folder whose
-    frames were all replaced by broken ones): the rerun fails on them, so their old features,
-    which are of files no longer there, must not stay in the cache as if they were current."""
+    """A cached video file replaced by an undecodable one under its name, a frame folder whose frames
+    were all replaced by broken ones, one that gained a second numbered sequence: the rerun fails on
+    them, so their old features, of what is no longer there, must not stay in the cache as theirs.
+    A video retried for a broken frame whose source did not change keeps its rows, whatever the retry
+    met (a read error may pass)."""
+    (tiny_dataset / "train" / "run" / "r1" / "frame_2.PNG").write_bytes(b"\x89PNG garbage")
     out = tmp_path / "f.h5"
     extract_features(config(tiny_dataset, out, weights_file), progress=False)
+    with FeatureCache(out) as c:
+        kept = c.video("train", c.load_split("train").videos.index("train/run/r1"))[0]
     (tiny_dataset / "train" / "run" / "r2.mkv").write_bytes(np.random.default_rng(3).bytes(5000))
     for f in (tiny_dataset / "test" / "walk" / "w3").iterdir():
         f.write_bytes(b"not a png")
+    write_frames(tiny_dataset / "train" / "walk" / "w2", rand_frames(np.random.default_rng(4), 2), ".jpg",
+                 name="right_{}")  # frame_# and right_#: no one video
+    for f in (tiny_dataset / "train" / "run" / "r1").iterdir():  # the same names and sizes: no change seen
+        f.write_bytes(b"\0" * f.stat().st_size)
     r = extract_features(config(tiny_dataset, out, weights_file), progress=False)
-    assert {(f["video"], f["skipped"]) for f in r.failures if f["skipped"] == "video"} == \
-        {("train/run/r2.mkv", "video"), ("test/walk/w3", "video")}
-    assert "dropped the cached features of 2 video(s) that changed on disk and could not be extracted again" \
+    assert {f["video"] for f in r.failures if f["skipped"] == "video"} == \
+        {"train/run/r2.mkv", "test/walk/w3", "train/walk/w2", "train/run/r1"}
+    assert "dropped the cached features of 3 video(s) that changed on disk and could not be extracted again" \
         in caplog.text
     with FeatureCache(out) as c:
-        assert "train/run/r2.mkv" not in c.load_split("train").videos
+        train = c.load_split("train").videos
+        assert "train/run/r2.mkv" not in train and "train/walk/w2" not in train
         assert "test/walk/w3" not in c.load_split("test").videos
-    fresh = tmp_path / "fresh.h5"
-    extract_features(config(tiny_dataset, fresh, weights_file), progress=False)
-    assert_same_cache(out, fresh)
+        np.testing.assert_array_equal(c.video("train", train.index("train/run/r1"))[0], kept)
 
 
 def test_16bit_png_and_worker_failures_bounded(tiny_dataset, tmp_path, weights_file):

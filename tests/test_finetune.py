@@ -183,7 +183,8 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     assert r.exit_code == 1 and r.stderr.strip() == (
         f"error: --head gru, --hidden 32: the head comes from --init {tmp_path / 's2' / 'best.pt'}, with its weights, "
         "and is --head lstm, --hidden 16; drop --head etc., or start without --init"), r.stderr
-    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h2"), "--hidden", "16", "--bidirectional"])
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h2"), "--hidden", "16", "--bidirectional",
+                                  "--num-heads", "8"])  # an LSTM has no attention heads: nothing asked of it
     assert r.exit_code == 0, r.stderr  # what --init has is no conflict, nor are the defaults it does not
     assert load_checkpoint(tmp_path / "h2" / "best.pt")["model_config"] == s2["model_config"]
     other = tmp_path / "other"

@@ -53,7 +53,11 @@ def _result(probe: subprocess.Popen) -> dict:
                     .startswith("glibc"), reason="the mallopt thresholds are glibc's")
 def test_tuned_allocator_reuses_large_blocks():
     probes = _probe("default"), _probe("tune"), _probe("ask", MALLOC_ARENA_MAX="2")
-    default, tuned, chosen = map(_result, probes)
+    try:
+        default, tuned, chosen = map(_result, probes)
+    finally:
+        for probe in probes:
+            probe.kill()
     assert not default["tuned"] and tuned["tuned"]
     # glibc's default: the large activations are fresh mmaps, faulted in again on every forward
     assert min(default["again"]) > 2000, default  # 31,000-82,000 measured (4 KiB pages)

@@ -77,6 +77,16 @@ def test_sweep_picks_an_order_aware_head_when_order_decides(tmp_path):
         assert alone.winner["best_val_loss"] == pytest.approx(lstm["best_val_loss"], rel=1e-5)
 
 
+def test_evaluate_knows_what_a_sweep_winner_was_picked_and_trained_on(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "val": 3, "test": 3})
+    sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=1), grids=((("hidden", (8,)),),), min_epochs=1),
+          progress=False)
+    seen = {s: evaluate_checkpoint(tmp_path / "sw" / "best.pt", cache, s, device="cpu").seen
+            for s in ("train", "val", "test")}
+    assert seen["val"].startswith("the best epoch of this model was picked on these 9 videos")
+    assert seen["train"] == "this model was trained on these 18 videos" and seen["test"] == ""
+
+
 def test_rerun_with_another_grid_is_refused(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
     sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8,)),),), min_epochs=1),

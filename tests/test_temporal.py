@@ -167,6 +167,12 @@ def test_evaluate_says_when_the_split_is_not_held_out(tmp_path, caplog):
     assert seen["picked", "train"] == "this model was trained on these 24 videos"
     assert seen["carved", "train"].startswith("this split holds the 6 videos this model's best epoch was picked on")
     assert seen["picked", "test"] == seen["carved", "test"] == ""
+    old = load_checkpoint(tmp_path / "picked" / "best.pt")  # as written before runs recorded their videos
+    del old["data"]
+    torch.save(old, tmp_path / "old.pt")
+    assert evaluate_checkpoint(tmp_path / "old.pt", cache, "val", device="cpu").seen.startswith(
+        "the best epoch of this model was picked on a split 'val'")
+    assert evaluate_checkpoint(tmp_path / "old.pt", cache, "test", device="cpu").seen == ""
     assert "val: the best epoch of this model was picked on these 9 videos" in caplog.text
     assert "these numbers overstate accuracy on new videos (evaluate a held-out split)" in caplog.text
 
