@@ -69,9 +69,10 @@ from .files import atomic_path, atomic_write_bytes, ensure_dir, is_disk_full, no
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: the provenance names the backbone; FrameSpec has resize size and interpolation
-# Failures found by indexing (a name that is not UTF-8, an unreadable folder), not by decoding: a
-# rerun finds them afresh, and retrying a video for them would redo it on every run, for nothing.
-INDEX_FAILURES = frozenset({"name", "folder", "missing"})  # found by indexing, not by decoding
+# Failures found by indexing (a name that is not UTF-8, an unreadable folder, a video a split file
+# lists that is not on disk), not by decoding: a rerun finds them afresh, and retrying a video for
+# them would redo it on every run, for nothing.
+INDEX_FAILURES = frozenset({"name", "folder", "missing"})
 
 
 def _h5py():
@@ -487,11 +488,7 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     (or an ``output`` is given)."""
     src = Path(path)
     dst = Path(output) if output is not None else src
-    if src.is_dir():
-        raise CacheError(f"{src} is a folder; give the feature cache file (.h5) that extract-features wrote")
-    if not src.is_file():
-        what = not_regular(src)
-        raise CacheError(f"{src} is {what}, not a feature cache file" if what else f"feature cache not found: {src}")
+    _check_cache_path(src)
     if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
@@ -645,6 +642,17 @@ def _write_split(out: Any, split: str, records: Iterable[VideoRecord], rows: int
     g.create_dataset("fps", data=np.asarray(fps, dtype=np.float32))
     g.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=h5py.string_dtype())
     g.create_dataset("checksums", data=np.asarray(sums, dtype=np.uint32))
+
+
+def _check_cache_path(path: Path) -> None:
+    """A CacheError naming what ``path`` is, unless it is a file (a folder, a FIFO or a device, or
+    nothing, are not a cache: reading a FIFO would block)."""
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder; give the feature cache file (.h5) that extract-features wrote")
+    if what := not_regular(path):
+        raise CacheError(f"{path} is {what}, not a feature cache file; give the .h5 file extract-features wrote")
+    if not path.is_file():
+        raise CacheError(f"feature cache not found: {path}; run extract-features first")
 
 
 def _strings(arr: np.ndarray) -> list[str]:
@@ -901,12 +909,7 @@ class FeatureCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise CacheError(f"{self.path} is a folder; give the feature cache file (.h5) that extract-features wrote")
-        if what := not_regular(self.path):
-            raise CacheError(f"{self.path} is {what}, not a feature cache file; give the .h5 file extract-features wrote")
-        if not self.path.is_file():
-            raise CacheError(f"feature cache not found: {self.path}; run extract-features first")
+        _check_cache_path(self.path)
         self._f = _open(self.path)
         try:
             with _reading(self.path):

@@ -400,8 +400,9 @@ class TemporalConfig:
         return dataclasses.asdict(self)
 
 
-FINETUNE_HEAD_DEFAULTS = {"head": "lstm", "hidden": 512, "layers": 1, "bidirectional": True, "dropout": 0.5,
-                          "pool": "last", "num_heads": 4}
+# finetune's head without --init: stage two's defaults (one place for them)
+FINETUNE_HEAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TemporalConfig)
+                          if f.name in ("head", "hidden", "layers", "bidirectional", "dropout", "pool", "num_heads")}
 
 
 @dataclass(frozen=True)

@@ -744,7 +744,8 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         # an unchanged video retried for a broken frame stay, whatever this try met: a read error may
         # pass, as for a class folder that cannot be read this time.)
         failed = {(f["split"], f["video"]) for f in failures if f["skipped"] == "video"} & set(changed)
-        if stale := [(s, rel) for s, rels in writer.stored().items() for rel in rels if (s, rel) in failed]:
+        stale = [(s, rel) for s, rels in writer.stored().items() for rel in rels if (s, rel) in failed] if failed else []
+        if stale:
             log.warning("dropped the cached features of %d video(s) that changed on disk and could not be extracted "
                         "again, e.g. %s (listed in the cache's failures; a rerun tries them again)", len(stale),
                         stale[0][1])

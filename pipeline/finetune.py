@@ -31,7 +31,8 @@ from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import FINETUNE_HEAD_DEFAULTS, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance, WeightsIdentity
+from .config import (FINETUNE_HEAD_DEFAULTS, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance,
+                     WeightsIdentity)
 from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some, uncarvable
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
@@ -397,8 +398,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                           "--init (a stage-two run, whose backbone is recalibrated) or --weights imagenet/PATH")
     if init is not None:  # the head and its weights come from --init: an option asking for another is refused
         head_cfg = init.head_config
-        theirs = {"head": head_cfg.arch, "hidden": head_cfg.hidden, "layers": head_cfg.layers, "pool": head_cfg.pool,
-                  "bidirectional": head_cfg.bidirectional, "dropout": head_cfg.dropout, "num_heads": head_cfg.num_heads}
+        theirs = {k: getattr(head_cfg, "arch" if k == "head" else k) for k in FINETUNE_HEAD_DEFAULTS}
         unread = set(unused_fields(head_cfg.arch))  # e.g. --num-heads for an LSTM: no conflict, nothing asked
         if asked := [k for k in theirs
                      if k not in unread and getattr(cfg, k) is not None and getattr(cfg, k) != theirs[k]]:
