@@ -42,8 +42,8 @@ from .heads import HeadConfig, build_head, max_clip_len, unused_fields
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import (RunDir, check_resume_data, check_resume_epochs, check_resume_options, check_resume_validation,
-                  data_identity)
+from .run import (RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_options,
+                  check_resume_validation, compute_identity, data_identity)
 from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
 
 log = logging.getLogger(__name__)
@@ -470,6 +470,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         check_resume_validation(out / "last.pt", old, validation)
         check_resume_data(out / "last.pt", ck.get("data"), data)
         check_resume_epochs(out / "last.pt", ck["epoch"], cfg.epochs, ck["train_config"].get("epochs"))
+        check_resume_compute(out / "last.pt", ck.get("compute"), compute_identity(device, amp), ck["epoch"])
         world = ck["train_config"].get("world_size", info.world)  # not recorded before: not compared
         if world != info.world:
             raise CheckpointError(f"{out / 'last.pt'} was trained by {world} process(es), this run has {info.world}: "
@@ -487,7 +488,8 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
               "train_config": {**cfg.to_dict(), "frame_spec": spec.to_dict(), "selection": sel.to_dict(),
                                "trainable_blocks": trainable, "world_size": info.world},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
-              "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data}
+              "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data,
+              "compute": compute_identity(device, amp)}
     run.start()
     run.write_json("config.json", common["train_config"])
 

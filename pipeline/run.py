@@ -56,6 +56,22 @@ def check_resume_epochs(last: Path, done: int, epochs: int, planned: int | None 
                     done + 1, epochs)
 
 
+def compute_identity(device: torch.device, amp: torch.dtype | None) -> str:
+    """The arithmetic a run trains in, e.g. ``cpu float32`` or ``cuda bfloat16``: saved with its
+    state so that a resume in another one is told apart (``check_resume_compute``)."""
+    return f"{device.type} {str(amp or torch.float32).removeprefix('torch.')}"
+
+
+def check_resume_compute(last: Path, recorded: str | None, now: str, done: int) -> None:
+    """A resume may change the device or ``--precision`` (a GPU run continued on another machine),
+    but its epochs from then on are computed otherwise than the uninterrupted run's: said, not
+    refused. Not recorded by older runs: not compared."""
+    if recorded is not None and recorded != now:
+        log.warning("%s trained its %d epoch(s) in %s, this run continues in %s (another device or --precision): "
+                    "the result will differ from the uninterrupted run's by more than rounding", last, done,
+                    recorded, now)
+
+
 def check_resume_validation(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """A resumed run validates on the videos it validated on so far (``validation`` of its
     last.pt; not recorded by older ones): otherwise its earlier epochs' best would be another set's."""

@@ -46,7 +46,7 @@ from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, ens
 from .heads import HEADS, build_head, unused_fields
 from .metrics import classification_metrics
 from .report import write_csv
-from .run import check_resume_data, remove_run_files, summary
+from .run import check_resume_compute, check_resume_data, compute_identity, remove_run_files, summary
 from .runtime import resolve_device, resolve_precision
 from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
@@ -285,6 +285,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
                 t.trainer.model.load_state_dict(tr["model_state"])
                 t.trainer.optimizer.load_state_dict(tr["optimizer_state"])
                 t.trainer.scheduler.load_state_dict(tr["scheduler_state"])
+        check_resume_compute(state_path, state.get("compute"), compute_identity(device, amp), state["epoch"])
         log.info("resuming the sweep in %s after epoch %d", out, state["epoch"])
 
     total = planned_trial_epochs(len(trials), ends, cfg.eta)
@@ -329,7 +330,7 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
             # (every running head with its optimiser), and a resumed sweep replays the epochs since
             # the last one exactly (batches and dropout are seeded per epoch).
             if epoch in ends or time.perf_counter() - last_save >= SNAPSHOT_SECONDS:
-                _save_state(state_path, spec, data, epoch, trials, _options(cfg))
+                _save_state(state_path, spec, data, epoch, trials, _options(cfg), compute_identity(device, amp))
                 last_save = time.perf_counter()
             bar.update(len(running))
             if on_epoch is not None:
@@ -429,11 +430,13 @@ def _options(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: list[Trial],
-                options: dict[str, Any]) -> None:
+                options: dict[str, Any], compute: str) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
-    schedule, the others with their records only; and what the cache held, and ``options``."""
+    schedule, the others with their records only; what the cache held, ``options`` and the
+    arithmetic (``run.compute_identity``)."""
     state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": data.provenance.to_dict(),
-                             "data": data.data, "options": options, "epoch": epoch, "trials": {}, "trainers": {}}
+                             "data": data.data, "options": options, "compute": compute, "epoch": epoch, "trials": {},
+                             "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
                                  "stopped_at": t.stopped_at, "failed": t.failed}

@@ -29,8 +29,8 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import (RUN_FILES, RunDir, check_resume_data, check_resume_epochs, check_resume_options,
-                  check_resume_validation, data_identity, holds_run)
+from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_options,
+                  check_resume_validation, compute_identity, data_identity, holds_run)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
         check_resume_validation(out / "last.pt", ckpt.get("validation"), data.validation)
         check_resume_data(out / "last.pt", ckpt.get("data"), data.data)
         check_resume_epochs(out / "last.pt", ckpt["epoch"], cfg.epochs, ckpt["train_config"].get("epochs"))
+        check_resume_compute(out / "last.pt", ckpt.get("compute"), compute_identity(device, amp), ckpt["epoch"])
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -281,7 +282,8 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
 
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
-              "val_split": data.val_name, "validation": data.validation, "data": data.data}
+              "val_split": data.val_name, "validation": data.validation, "data": data.data,
+              "compute": compute_identity(device, amp)}
     run.start()
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
                                    "cache": provenance.to_dict()})

@@ -331,7 +331,7 @@ def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
         finetune(ft_cfg(one, tmp_path / "one_run", r18, backbone="resnet18"), progress=False)
 
 
-def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
+def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
     class Stop(Exception):
         pass
 
@@ -371,8 +371,13 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file):
             finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     finally:
         (tmp_path / "away").rename(gone)
+    # as if epoch 1 had run on a GPU: resumed with a warning (the arithmetic here is the same anyway)
+    ck = torch.load(last, weights_only=False)
+    assert ck["compute"] == "cpu float32"
+    torch.save({**ck, "compute": "cuda bfloat16"}, last)
     r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
+    assert f"{last} trained its 1 epoch(s) in cuda bfloat16, this run continues in cpu float32" in caplog.text
     # the same as a run that was never interrupted: optimizer, scheduler and sampling state all resumed
     whole = finetune(ft_cfg(colour_data, tmp_path / "whole", weights_file, epochs=2), progress=False)
     assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in whole.history]

@@ -238,6 +238,23 @@ def test_sweep_killed_and_rerun_ends_with_the_same_leaderboard(tmp_path):
     assert rerun.stdout.split("leaderboard:")[1].split(";")[0] == full.stdout.split("leaderboard:")[1].split(";")[0]
 
 
+def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
+    conf = SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8,)),),), min_epochs=1)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(conf, progress=False, on_epoch=stop)
+    state = tmp_path / "sw" / "sweep_state.pt"
+    st = torch.load(state, weights_only=True)
+    assert st["compute"] == "cpu float32"
+    torch.save({**st, "compute": "cuda bfloat16"}, state)
+    sweep(conf, progress=False)
+    assert f"{state} trained its 1 epoch(s) in cuda bfloat16, this run continues in cpu float32" in caplog.text
+
+
 def test_trials_that_differ_only_in_eval_clips_train_once(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3})
     cfg = SweepConfig(base=base(cache, tmp_path / "sw", epochs=3), grids=((("eval_clips", (1, 3)),),), min_epochs=3)

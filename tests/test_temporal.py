@@ -604,6 +604,25 @@ def test_resume_for_more_epochs_warns_that_the_schedule_changes(tmp_path, caplog
            "3-epoch run" in caplog.text
 
 
+def test_resume_in_other_arithmetic_is_said(tmp_path, caplog):
+    """A run continued on another device or --precision (a GPU run resumed on a CPU) goes on, with
+    a warning: its epochs from then on are not the uninterrupted run's."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=2), progress=False)
+    last = out / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    assert ck["compute"] == "cpu float32"
+    train_temporal(cfg(cache, out, epochs=3, resume=True), progress=False)
+    assert "another device or --precision" not in caplog.text
+    ck = torch.load(last, weights_only=False)
+    torch.save({**ck, "compute": "cuda bfloat16"}, last)
+    r = train_temporal(cfg(cache, out, epochs=4, resume=True), progress=False)
+    assert f"{last} trained its 3 epoch(s) in cuda bfloat16, this run continues in cpu float32 (another device or " \
+           "--precision)" in caplog.text
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4]
+
+
 def test_overwrite_removes_only_a_runs_own_files(tmp_path):
     from pipeline.run import RunDir, remove_run_files
 
