@@ -24,14 +24,19 @@ the head config and provenance, each as JSON; ``read_metadata`` reads them back.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import logging
+import os
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -231,14 +236,45 @@ def _short(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _fd_to_file(fd: int) -> Iterator[Any]:
+    """File descriptor ``fd`` into a temporary file while the block runs (→ the file, read it
+    after the block), where C++ code writes past ``sys.stdout``; nothing redirected where ``fd``
+    is not open."""
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            saved = os.dup(fd)
+        except OSError:
+            yield tmp
+            return
+        try:
+            os.dup2(tmp.fileno(), fd)
+            yield tmp
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+@contextlib.contextmanager
 def _quiet():
-    """The exporters print progress to stdout and warn at length; stdout belongs to results."""
+    """The exporters print progress to stdout and warn at length, and the TorchScript exporter
+    prints a graph it cannot export (~60 lines for a transformer) from C++, past ``sys.stdout``;
+    stdout belongs to results. All of it goes to the debug log."""
     buf = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
-        warnings.simplefilter("ignore")
-        yield
-    if buf.getvalue().strip():
-        log.debug("exporter output:\n%s", buf.getvalue().rstrip())
+    sys.stdout.flush()
+    with _fd_to_file(1) as raw:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+                warnings.simplefilter("ignore")
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(Exception):  # C stdio's buffer, before the descriptor goes back
+                        ctypes.CDLL(None).fflush(None)
+        finally:  # also when the export failed: its output says why
+            raw.seek(0)
+            text = (buf.getvalue() + raw.read().decode("utf-8", "replace")).strip()
+            if text:
+                log.debug("exporter output:\n%s", text)
 
 
 def _clear_rnn_dispatch_cache() -> None:

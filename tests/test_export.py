@@ -205,6 +205,22 @@ def test_unexportable_head_names_the_part(monkeypatch, tmp_path):
     assert "legacy exporter:" in line and not (tmp_path / "svd.onnx").exists()
 
 
+def test_exporter_output_stays_off_stdout(tmp_path, capfd, caplog):
+    """stdout holds results: the TorchScript exporter prints a graph it cannot export (a transformer
+    head's fused layer) from C++, past sys.stdout; it goes to the debug log instead."""
+    ckpt = write_checkpoint(tmp_path / "t.pt", weights=None, feature_dim=8,
+                            head={"arch": "transformer", "hidden": 16, "num_heads": 2}, seq_len=4)
+    capfd.readouterr()
+    with caplog.at_level("DEBUG", logger="pipeline.export"), \
+            pytest.raises(ExportError, match="the transformer head cannot be exported to ONNX: legacy exporter: "):
+        export_model(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "t.onnx"), head_only=True,
+                                  exporter="legacy"))
+    assert capfd.readouterr().out == ""
+    assert "exporter output:" in caplog.text and "graph(" in caplog.text
+    print("after", flush=True)  # the descriptor is back
+    assert capfd.readouterr().out == "after\n"
+
+
 def test_a_wrong_join_of_the_parts_is_refused(resnet_checkpoint, tmp_path, monkeypatch):
     """Each part passes its own check; the joined graph is checked against the model too, so a join
     that wires them wrong (here: the head's weights altered on the way) writes nothing."""
