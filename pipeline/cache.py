@@ -64,7 +64,8 @@ import numpy as np
 from . import __version__
 from .config import FrameSpec, Provenance
 from .errors import CacheError, ConfigError, PipelineError
-from .files import atomic_path, atomic_write_bytes, ensure_dir, is_disk_full, not_regular
+from .files import (atomic_path, atomic_write_bytes, ensure_dir, exclusive, is_disk_full, not_regular,
+                    remove_stale_tmp)
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +185,16 @@ def extraction_hint(path: str | Path) -> str:
     return f"{done} finished video(s) are kept in {path}.partial; rerun the same command to resume"
 
 
-def _stored_videos(path: Path) -> dict[str, list[str]]:
+def _stored_videos(path: Path, parts: bool = True) -> dict[str, list[str]]:
     """Relative paths of the videos, per split, that assembling ``path`` would start from: the cache
-    file's (unless an unfinished run replaces it) and the unfinished run's finished parts."""
+    file's (unless an unfinished run replaces it) and (``parts``) the unfinished run's finished parts."""
     out: dict[str, list[str]] = {}
     partial = read_partial(path)
     if path.is_file() and not (partial and partial["replace"]):
         with _open(path) as f, _reading(path):
             for split in f:
                 out[split] = _strings(f[split]["videos"][()])
-    for p in sorted(Path(f"{path}.partial").glob("*/*.npz")) if partial else ():
+    for p in sorted(Path(f"{path}.partial").glob("*/*.npz")) if partial and parts else ():
         try:
             with np.load(p) as z:
                 out.setdefault(p.parent.name, []).append(str(z["rel"]))
@@ -215,6 +216,9 @@ class CacheWriter:
     def __init__(self, path: str | Path, provenance: Provenance, *, replace: bool = False) -> None:
         self.path = Path(path)
         self.partial = Path(f"{self.path}.partial")
+        if self.partial.exists() and not self.partial.is_dir():
+            raise CacheError(f"{self.partial} is not a folder, but an extraction into {self.path} keeps its finished "
+                             "videos there; move it away and rerun")
         self.provenance = provenance
         self._made: set[str] = set()  # splits whose part folder exists
         # (split, rel) → the source signature to store for a video kept as it is (a record of an
@@ -256,10 +260,11 @@ class CacheWriter:
         keep as it is holds a video the dataset no longer has there: moved to another split,
         deleted, or another split definition. The cache would mix two versions of the dataset, at
         worst one video in both train and test. ``keep``: every split left out that is on disk,
-        with the relative paths of its videos now. Checks the cache file and an unfinished run."""
+        with the relative paths of its videos now. Checks the cache file: an unfinished run's parts
+        of a split left out are not written (``finalize``)."""
         if replace:
             return
-        for split, held in _stored_videos(Path(path)).items():
+        for split, held in _stored_videos(Path(path), parts=False).items():
             if split in selected or split not in keep:  # written, or no longer on disk: dropped
                 continue
             now = keep[split]
@@ -335,16 +340,16 @@ class CacheWriter:
         unless this run replaces it, and the finished parts)."""
         return _stored_videos(self.path)
 
-    def pending(self) -> bool:
-        """Finished parts not yet in the cache file."""
-        return self.partial.is_dir() and any(self.partial.glob("*/*.npz"))
+    def pending(self, keep: Collection[str] = ()) -> bool:
+        """Finished parts not yet in the cache file (of splits not in ``keep``)."""
+        return self.partial.is_dir() and any(p.parent.name not in keep for p in self.partial.glob("*/*.npz"))
 
     @_reads
     def unchanged(self, failures: list[dict[str, Any]], order: dict[str, Sequence[str]],
                   keep: Collection[str] = ()) -> bool:
         """``finalize(order, ..., keep=keep)`` would write the cache file as it is: no new parts,
         no video or split to drop or reorder, and the same failures."""
-        if self.replace or not self.path.exists() or self.pending() or self.resign:
+        if self.replace or not self.path.exists() or self.pending(keep) or self.resign:
             return False
         with _open(self.path) as f:
             for split in set(f.keys()) | set(order):
@@ -358,9 +363,25 @@ class CacheWriter:
             old = json.loads(f.attrs.get("failures", "[]"))
         return _merge_failures(old, failures, keep) == old
 
-    def close_unchanged(self) -> None:
+    def close_unchanged(self, keep: Collection[str] = ()) -> None:
         """Nothing new to write: drop the work folder, keep the cache file as it is."""
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self._drop_parts(keep)
+
+    def _drop_parts(self, keep: Collection[str]) -> None:
+        """Remove the work folder, except the finished parts of the splits in ``keep``: a run that
+        ``--splits`` leaves a split out of does not write them (an interrupted run's few videos
+        would stand as the whole split) but keeps them for the run that extracts that split. Its
+        meta then builds on the cache file, not on one being replaced."""
+        kept = {p.parent.name for p in self.partial.glob("*/*.npz")} & set(keep) if self.partial.is_dir() else set()
+        if not kept:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        for d in self.partial.iterdir():
+            if d.is_dir() and d.name not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+        if self.replace and self.path.exists():
+            atomic_write_bytes(self.partial / "meta.json",
+                               _json({"provenance": self.provenance.to_dict(), "replace": False}).encode())
 
     @_reads
     def stored_indices(self, split: str) -> dict[str, np.ndarray]:
@@ -393,7 +414,8 @@ class CacheWriter:
     def finalize(self, order: dict[str, Sequence[str]], attrs: dict[str, Any], keep: Collection[str] = ()) -> Path:
         """Write the cache: existing videos + finished parts. Each split in ``order`` holds exactly
         its videos there that are stored, in that order (the dataset's); the splits in ``keep``
-        stay as they are (their failures too); any other split is dropped, with a warning."""
+        stay as they are in the cache file (their failures too; their parts are kept for later,
+        ``_drop_parts``); any other split is dropped, with a warning."""
         old = _open(self.path) if self.path.exists() and not self.replace else None
         hint = self._kept_hint()
         try:
@@ -412,20 +434,24 @@ class CacheWriter:
                         offs = g["offsets"][()]
                         for i, rel in enumerate(_strings(g["videos"][()])):
                             sources[rel] = ("old", g, i, offs, int(offs[i + 1] - offs[i]))
+                    if split in keep and split not in order:
+                        if sources:
+                            ranked = list(sources)
+                            _write_split(out, split, (self._record(sources[r], r, split) for r in ranked),
+                                         sum(sources[r][-1] for r in ranked), self.provenance.dtype,
+                                         self.provenance.feature_dim)
+                        continue
                     for rel, (p, rows) in self._parts(split).items():
                         sources[rel] = ("part", p, rows)
-                    if split not in order and split not in keep:
+                    if split not in order:
                         log.warning("dropped split %r of the cache (%d video(s)): the dataset has no such split now",
                                     split, len(sources))
                         continue
-                    if split in order:  # the split as indexed now: stale videos must not leak in
-                        ranked = _ranked(order[split], sources)
-                        stale = len(sources) - len(ranked)
-                        if stale:
-                            log.warning("dropped %d cached video(s) of split %r that are no longer in it "
-                                        "(moved, deleted, or another split definition)", stale, split)
-                    else:
-                        ranked = list(sources)
+                    ranked = _ranked(order[split], sources)  # the split as indexed now: no stale video
+                    stale = len(sources) - len(ranked)
+                    if stale:
+                        log.warning("dropped %d cached video(s) of split %r that are no longer in it "
+                                    "(moved, deleted, or another split definition)", stale, split)
                     _write_split(out, split, (self._record(sources[r], r, split) for r in ranked),
                                  sum(sources[r][-1] for r in ranked), self.provenance.dtype,
                                  self.provenance.feature_dim)
@@ -434,7 +460,7 @@ class CacheWriter:
         finally:
             if old is not None:
                 old.close()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self._drop_parts(keep)
         return self.path
 
     def _record(self, src: tuple, rel: str, split: str) -> VideoRecord:
@@ -492,6 +518,12 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
+    with exclusive(dst, "cache"):  # not while extract-features writes it (the same temporary file)
+        remove_stale_tmp(dst)
+        return _rewrite(src, dst, force, block_bytes)
+
+
+def _rewrite(src: Path, dst: Path, force: bool, block_bytes: int) -> RewriteResult:
     t0 = time.perf_counter()
     with _open(src) as f, _reading(src):
         _check_schema(f, src)
@@ -967,6 +999,13 @@ class FeatureCache:
                 if video_checksum(features[a:b], data.frame_indices[a:b]) != want:
                     raise _damaged_video(self.path, split, data.videos[i])
         return data
+
+    @_reads
+    def checksums(self, split: str) -> list[int] | None:
+        """The checksum of each video's rows (``video_checksum``), in order; None for caches written
+        before they were kept."""
+        g = self._group(split)
+        return g["checksums"][()].tolist() if "checksums" in g else None
 
     def open_lazy(self, split: str) -> LazySplit:
         """``split`` for on-demand reading (``LazySplit.read_rows``): for caches larger than RAM."""

@@ -42,7 +42,7 @@ from .data import (DatasetIndex, Video, VideoDecodeError, index_dataset, iter_fr
                    read_as_recorded, recorded_before_upright, source_signature)
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
-from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
+from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, remove_stale_tmp, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
@@ -585,6 +585,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     ensure_dir(output.parent, "--output folder")
     if info.is_main:  # one job per cache: the other ranks of this one write their parts under its lock
         held.enter_context(exclusive(output, "--output"))
+        remove_stale_tmp(output)
 
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between
@@ -732,7 +733,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     if extracted == 0 and reused == 0:
         D.barrier(info)
         if info.is_main:
-            writer.close_unchanged()
+            writer.close_unchanged(keep)
         first = next((f["reason"] for f in failures if f["skipped"] not in INDEX_FAILURES), "no videos")
         raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
@@ -751,7 +752,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                         stale[0][1])
             order = {s: [rel for rel in rels if (s, rel) not in failed] for s, rels in order.items()}
         if writer.unchanged(failures, order, keep):
-            writer.close_unchanged()  # everything was cached already: leave the file untouched
+            writer.close_unchanged(keep)  # everything was cached already: leave the file untouched
         else:
             writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures}, keep)
     D.barrier(info)

@@ -82,6 +82,9 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
     if what := not_regular(path):  # a rename would replace a device or FIFO (as root, /dev/null) with a file
         raise NotWritableError(f"{path} exists and is not a regular file ({what}); give a file name")
     tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_dir() and not tmp.is_symlink():
+        raise NotWritableError(f"{tmp} is a folder, in the way of the temporary file {path} is written through; "
+                               "move it away and rerun")
     try:
         yield tmp
         if fsync:
@@ -93,7 +96,23 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
             tmp.unlink()
         if not isinstance(e, DiskFullError) and is_disk_full(e):
             raise disk_full(path, hint() if callable(hint) else hint) from None
+        if (isinstance(e, OSError) and e.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
+                and {e.filename, e.filename2} & {str(tmp), str(path)}):  # this file's, not one read meanwhile
+            h = hint() if callable(hint) else hint
+            raise NotWritableError(f"cannot write {path}: {e.strerror}; {h + '; ' if h else ''}make it and its "
+                                   "folder writable (a file another user owns in a sticky folder such as /tmp "
+                                   "cannot be replaced), or choose another path") from None
         raise
+
+
+def remove_stale_tmp(path: str | Path) -> None:
+    """Remove ``<path>.tmp``, the temporary file ``atomic_path`` writes ``path`` through, left by a
+    killed writer. Only under ``exclusive(path)``: no writer is running then."""
+    tmp = Path(f"{path}.tmp")
+    if tmp.is_file() and not tmp.is_symlink():
+        log.info("removing %s, left by an interrupted write", tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, hint: str = "") -> None:

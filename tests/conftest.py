@@ -19,6 +19,19 @@ from pipeline.demo import write_video  # noqa: E402
 SIZE = 32  # network input size used by the tests: MobileNetV2 stays fast on two cores
 
 
+@pytest.fixture(autouse=True)
+def _pipeline_logger():
+    """The CLI sets up the ``pipeline`` logger (its level, its own handler, no propagation) for the
+    process; a test that runs it in process must not change what later tests' caplog sees."""
+    import logging
+
+    log = logging.getLogger("pipeline")
+    state = log.level, log.handlers[:], log.propagate
+    yield
+    log.handlers[:], log.propagate = state[1], state[2]
+    log.setLevel(state[0])  # through setLevel: it clears the loggers' cached levels
+
+
 def rand_frames(rng: np.random.Generator, n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
     """Smooth-ish random RGB frames (uint8 H×W×3) that survive JPEG reasonably."""
     base = rng.integers(0, 256, (n, h // 4, w // 4, 3)).astype(np.uint8)

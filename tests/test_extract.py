@@ -163,6 +163,87 @@ def test_rerun_skips_and_extending_splits_equals_one_run(tiny_dataset, tmp_path,
     assert_same_cache(a, b)
 
 
+def test_splits_after_an_interrupted_run_keeps_its_parts_of_the_others_aside(tiny_dataset, tmp_path, weights_file,
+                                                                             monkeypatch):
+    """An interrupted run finished one of the two test videos; a rerun with --splits train must not
+    write that one part as the test split (train-temporal would report "test" numbers on half of
+    it), and the part is not lost: the run that extracts test later uses it."""
+    from pipeline.cache import CacheWriter
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract_features(config(tiny_dataset, a, weights_file), progress=False)
+    add = CacheWriter.add
+
+    def add_then_stop(self, split, rec):
+        add(self, split, rec)
+        if split == "test":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheWriter, "add", add_then_stop)
+    cfg = config(tiny_dataset, b, weights_file)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(cfg, progress=False)
+    monkeypatch.setattr(CacheWriter, "add", add)
+    parts = Path(f"{b}.partial") / "test"
+    assert len(list(parts.glob("*.npz"))) == 1
+    r = extract_features(ExtractConfig(**{**cfg.__dict__, "dataset": DatasetSpec(str(tiny_dataset), splits=("train",))}),
+                         progress=False)
+    assert r.videos == {"train": 4}
+    assert len(list(parts.glob("*.npz"))) == 1
+    r = extract_features(ExtractConfig(**{**cfg.__dict__, "dataset": DatasetSpec(str(tiny_dataset), splits=("train",))}),
+                         progress=False)  # nothing new for train: the cache file is left as it is, the part too
+    assert (r.extracted, r.videos) == (0, {"train": 4}) and len(list(parts.glob("*.npz"))) == 1
+    r = extract_features(cfg, progress=False)
+    assert (r.extracted, r.reused) == (1, 5) and not parts.parent.exists()
+    assert_same_cache(a, b)
+
+
+def test_a_cache_that_cannot_be_replaced_or_leftovers_in_the_way_are_one_line(tiny_dataset, tmp_path, weights_file,
+                                                                              monkeypatch):
+    """The last step of an extraction renames the new file over the cache: where that is not
+    allowed (another user's file in a sticky folder such as /tmp, an immutable file), one line that
+    names the file and keeps every finished video; files of the wrong kind where the extraction
+    keeps its work are named, and a temporary file a killed run left is removed."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    full, out = tmp_path / "full.h5", tmp_path / "c.h5"
+    extract_features(config(tiny_dataset, full, weights_file), progress=False)
+    cfg = config(tiny_dataset, out, weights_file)
+    args = ["-q", "extract-features", "--data-dir", str(tiny_dataset), "--output", str(out), "--weights",
+            str(weights_file), "--size", str(SIZE), "--resize-size", str(SIZE), "--batch-size", "8", "--workers", "0",
+            "--no-progress"]
+    assert CliRunner().invoke(main, [*args, "--splits", "test"]).exit_code == 0
+    before = sha256_file(out)
+    replace = os.replace
+
+    def denied(src, dst):
+        if Path(dst) == out:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", denied)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert f"error: cannot write {out}: Operation not permitted; 4 finished video(s) are kept in {out}.partial" \
+           in r.stderr
+    assert sha256_file(out) == before and not Path(f"{out}.tmp").exists()
+    monkeypatch.setattr(os, "replace", replace)
+    r = extract_features(cfg, progress=False)
+    assert (r.extracted, r.reused) == (0, 6)
+    assert_same_cache(full, out)
+    Path(f"{out}.tmp").write_bytes(b"left by a kill")
+    extract_features(cfg, progress=False)  # nothing to do, but the leftover goes
+    assert not Path(f"{out}.tmp").exists() and sha256_file(out) != before
+    Path(f"{out}.partial").write_bytes(b"")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{out}.partial is not a folder, but an extraction into {out} keeps its finished videos there" in r.stderr
+
+
 def assert_same_cache(a: Path, b: Path) -> None:
     with h5py.File(a) as fa, h5py.File(b) as fb:
         assert sorted(fa) == sorted(fb)

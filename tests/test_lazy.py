@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -166,6 +167,22 @@ def test_old_chunked_cache_still_loads_and_rewrite_cache_makes_it_contiguous(tmp
         same_file(path, old_layout_copy(new, tmp_path / "ref.h5"))
     r = run(main, ["rewrite-cache", str(old)])
     assert r.exit_code == 0 and "nothing to do" in r.stdout
+    # While extract-features holds the cache (and writes its temporary file), rewrite-cache waits its
+    # turn; the temporary file a killed writer left goes with the next command that holds the cache.
+    from pipeline.files import exclusive
+
+    tmp = Path(f"{old}.tmp")
+    tmp.write_bytes(b"being written")
+    with exclusive(old, "--output"):
+        r = run(main, ["rewrite-cache", str(old), "--force"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and f"cache {old} is in use by another process" in r.stderr
+    assert tmp.read_bytes() == b"being written"
+    r = run(main, ["rewrite-cache", str(old)])
+    assert r.exit_code == 0 and "nothing to do" in r.stdout and not tmp.exists()
+    tmp.mkdir()  # not a file of ours: named, not removed
+    r = run(main, ["rewrite-cache", str(old), "--force"])
+    assert r.exit_code == 1 and f"{tmp} is a folder, in the way of the temporary file" in r.stderr and tmp.is_dir()
+    tmp.rmdir()
     r = run(main, ["rewrite-cache", str(tmp_path / "nope.h5")])
     assert r.exit_code == 1 and "feature cache not found" in r.stderr
     r = run(main, ["rewrite-cache", str(tmp_path)])  # a folder is named as one, as the other commands do
