@@ -23,6 +23,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], *, hint: str = ""
     atomic_torch_save(path, {"tool": TOOL, "schema_version": SCHEMA_VERSION, **payload}, hint=hint)
 
 
+DAMAGED = "a damaged or incomplete torch.save file"
+
+
 def _what_is(path: Path, e: BaseException) -> str:
     """What a file torch cannot load is, from the error and the file's first bytes."""
     try:
@@ -37,19 +40,20 @@ def _what_is(path: Path, e: BaseException) -> str:
     if "Unsupported global" in str(e):
         return "it holds Python objects other than tensors and plain data, which could run code when loaded"
     if head.startswith(b"PK"):
-        return "a damaged or incomplete torch.save file"
+        return DAMAGED
     if head[:1] == b"\x80":
         return "a plain pickle, not a torch.save file"
     return "not a torch.save file"
 
 
 def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what: str = "checkpoint", *,
-              mmap: bool = False) -> Any:
+              mmap: bool = False, damaged: str = "replace it with an intact copy, or rerun what wrote it") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, or ``error`` with one line saying what the
     file is. Never suggests ``weights_only=False``: code in a pickle would run on load.
 
     ``mmap``: tensors map the file instead of being read (torch.save's zip format; others are read),
-    for a caller that only looks at the metadata: a ResNet-50 file opens in 27 ms instead of 86-127."""
+    for a caller that only looks at the metadata: a ResNet-50 file opens in 27 ms instead of 86-127.
+    ``damaged``: what to do about a damaged file (its writes are atomic: a disk fault, a hand edit)."""
     path = Path(path)
     if mmap:
         try:
@@ -59,18 +63,21 @@ def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a foreign file fails in many ways (struct.error, EOFError, ...)
-        raise error(f"{path} is not a {what} this tool can load safely: {_what_is(path, e)}") from e
+        desc = _what_is(path, e)
+        raise error(f"{path} is not a {what} this tool can load safely: {desc}"
+                    f"{'; ' + damaged if desc == DAMAGED else ''}") from e
 
 
-def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
-    """A checkpoint of this tool, migrated in memory to the current schema."""
+def load_checkpoint(path: str | Path, *, kind: str | None = None, damaged: str | None = None) -> dict[str, Any]:
+    """A checkpoint of this tool, migrated in memory to the current schema. ``damaged``: what to
+    do about a damaged file, where not the default of ``safe_load``."""
     path = Path(path)
     if path.is_dir():
         hint = f"pass {path / 'best.pt'}" if (path / "best.pt").is_file() else "pass the checkpoint file in it"
         raise CheckpointError(f"{path} is a folder; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    ckpt = safe_load(path, CheckpointError)
+    ckpt = safe_load(path, CheckpointError, **({"damaged": damaged} if damaged else {}))
     if not isinstance(ckpt, dict) or ckpt.get("tool") != TOOL:
         raise CheckpointError(f"{path} is not a checkpoint written by {TOOL} (train-temporal / finetune-end-to-end)")
     version = ckpt.get("schema_version")

@@ -81,14 +81,26 @@ def check_resume_validation(last: Path, recorded: dict[str, Any] | None, now: di
                               "options")
 
 
-def data_identity(train: Sequence[str], val: Sequence[str]) -> dict[str, dict[str, Any]]:
+def data_identity(train: Sequence[str], val: Sequence[str],
+                  features: tuple[Sequence[int], Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
     """What a run trains and validates on, as the number and a hash of the videos of each (in
     order): saved with its state, so that a resume on data changed since (a video added to or
-    dropped from a split, and the cache re-extracted) is told apart."""
-    def digest(videos: Sequence[str]) -> str:
-        return hashlib.sha256("\n".join(videos).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    dropped from a split, and the cache re-extracted) is told apart. ``features``: the cache's
+    checksums of those videos' rows, in the same order (caches that hold them), so that videos
+    extracted again under the same names (their files changed on disk) are told apart too."""
+    def digest(items: Sequence[Any]) -> str:
+        return hashlib.sha256("\n".join(map(str, items)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
-    return {name: {"videos": len(videos), "sha256": digest(videos)} for name, videos in (("train", train), ("val", val))}
+    out = {name: {"videos": len(videos), "sha256": digest(videos)} for name, videos in (("train", train), ("val", val))}
+    if features is not None:
+        for name, sums in zip(("train", "val"), features):
+            out[name]["features"] = digest(sums)
+    return out
+
+
+def same_videos(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two parts of ``data_identity`` name the same videos, whatever their features."""
+    return a is not None and b is not None and (a["videos"], a["sha256"]) == (b["videos"], b["sha256"])
 
 
 def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: dict[str, Any],
@@ -99,11 +111,14 @@ def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: d
     picked across two validation sets."""
     for part, what in (("train", "trained"), ("val", "validated")):
         old, new = (recorded or {}).get(part), now.get(part)
-        if old is not None and old != new:
+        if old is not None and not same_videos(old, new):
             counts = (f"{old['videos']} then, {new['videos']} now" if old["videos"] != new["videos"]
                       else f"{new['videos']}, but other ones")
             raise error(f"{where} was {what} on other videos than the data has now ({counts}: the dataset or its "
                         f"cache changed since); {action}")
+        if old is not None and "features" in old and "features" in new and old["features"] != new["features"]:
+            raise error(f"{where} was {what} on other features of its {new['videos']} videos than the cache holds now "
+                        f"(extracted again since: their files changed on disk); {action}")
 
 
 # Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting
@@ -186,6 +201,9 @@ class RunDir:
         main = self.main
         if resume and overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+        if main and not overwrite and (self.path / "sweep_state.pt").exists():
+            # also a sweep interrupted before its first best.pt: rerun, it would replace this run's
+            raise ConfigError(f"{self.path} holds a sweep; use --overwrite to replace it, or another --out")
         if main and not resume and not overwrite and (self.best.exists() or self.last.exists()):
             held = self._other_holder()
             if held is not None:  # another kind of run: --resume could not continue it
@@ -254,7 +272,8 @@ class RunDir:
         """``last.pt`` when resuming (its history also rewrites ``metrics.jsonl``), else None."""
         if not self.resume:
             return None
-        ckpt = load_checkpoint(self.last, kind=kind)
+        ckpt = load_checkpoint(self.last, kind=kind, damaged="--resume cannot continue from it: use --overwrite to "
+                               f"start over (move {self.best.name} away first to keep it), or another --out")
         missing = [k for k in ("history", "best", "optimizer_state", "scheduler_state") if k not in ckpt]
         if missing:
             raise CheckpointError(f"{self.last} is not a last.pt that --resume can continue (no {', '.join(missing)}; "

@@ -29,8 +29,9 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir
 from .report import plot_confusion, write_per_class
-from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_options,
-                  check_resume_validation, compute_identity, data_identity, holds_run)
+from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs,
+                  check_resume_options, check_resume_validation, compute_identity, data_identity, holds_run,
+                  same_videos)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         opened = open_splits(cache, [s for s in (train_split, val_name, test_split) if s is not None], device,
                              load=load, memory_budget_gb=memory_budget)
         classes, provenance = list(cache.classes), cache.provenance
+        sums = {s: cache.checksums(s) for s in (train_split, val_name) if s is not None}
     train_data, train = opened[train_split].data, opened[train_split].source
     try:
         check_classes(classes, train_split, {s: opened[s].data.labels for s in opened}, f"{cache_path}", CacheError)
@@ -176,7 +178,10 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         val = train.subset(np.flatnonzero(mask))
         train = train.subset(np.flatnonzero(~mask))
         held_out = [v for v, m in zip(train_data.videos, mask) if m]
-        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m], held_out)
+        t_sums = sums[train_split]
+        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m], held_out,
+                             None if t_sums is None else ([c for c, m in zip(t_sums, mask) if not m],
+                                                          [c for c, m in zip(t_sums, mask) if m]))
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
                       "group_pattern": group_pattern, "videos": held_out}
         val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
@@ -186,7 +191,8 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
             log.warning("picking the best epoch on the test split and reporting its score overstates "
                         "accuracy; without --val-split, a validation set is carved from train instead")
         val = opened[val_name].source
-        data = data_identity(train_data.videos, opened[val_name].data.videos)
+        both = (sums[train_split], sums[val_name])
+        data = data_identity(train_data.videos, opened[val_name].data.videos, None if None in both else both)
         validation = {"kind": "split", "split": val_name}
         val_desc = f"split {val_name!r}"
     test = opened[test_split].source if test_split is not None else None
@@ -372,9 +378,9 @@ def _seen_by(ckpt: dict[str, Any], split: str, videos: list[str]) -> str:
         if tc.get("train_split") == split:
             return f"this model was trained on a split {split!r}"
         data = {}
-    if ident == data.get("val"):
+    if same_videos(ident, data.get("val")):
         return f"the best epoch of this model was picked on these {len(videos)} videos (its validation set)"
-    if ident == data.get("train"):
+    if same_videos(ident, data.get("train")):
         return f"this model was trained on these {len(videos)} videos"
     carved = set((ckpt.get("validation") or {}).get("videos", ()))
     if carved and carved <= set(videos):

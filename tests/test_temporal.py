@@ -282,6 +282,12 @@ def test_nan_in_cache_and_diverging_loss_keep_best(tmp_path, monkeypatch):
           progress=False)
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'sw'} holds a sweep; use --overwrite to replace it"):
         RunDir(tmp_path / "sw", kind="temporal")
+    # a sweep interrupted before its first best.pt: a run there would be replaced when it is rerun
+    (tmp_path / "sw" / "best.pt").unlink()
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match=rf"^{tmp_path / 'sw'} holds a sweep; use --overwrite to replace it"):
+            train_temporal(cfg(cache, tmp_path / "sw", epochs=1, resume=resume), progress=False)
+    assert not (tmp_path / "sw" / "best.pt").exists()
     # Fault injection: the loss turns NaN when the run is resumed for more epochs.
     real_ce = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
@@ -452,6 +458,16 @@ def test_resume_refuses_a_split_whose_videos_changed(tmp_path):
     with pytest.raises(CheckpointError, match=r"was trained on other videos than the data has now \(24 then, 27 now"):
         train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
     cache(8, 4)  # the data it ran on again
+    from pipeline.cache import video_checksum
+
+    with h5py.File(tmp_path / "c.h5", "r+") as f:  # one video extracted again under its name (its file changed)
+        end = int(f["train/offsets"][1])
+        f["train/features"][:end] = -f["train/features"][:end]
+        f["train/checksums"][0] = video_checksum(f["train/features"][:end], f["train/frame_indices"][:end])
+    with pytest.raises(CheckpointError, match=r"last\.pt was trained on other features of its 24 videos than the cache "
+                                              r"holds now \(extracted again since: their files changed on disk\)"):
+        train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
+    cache(8, 4)
     r = train_temporal(cfg(tmp_path / "c.h5", tmp_path / "run", epochs=2, resume=True), progress=False)
     assert [h["epoch"] for h in r.history] == [1, 2]
 
@@ -621,6 +637,20 @@ def test_resume_in_other_arithmetic_is_said(tmp_path, caplog):
     assert f"{last} trained its 3 epoch(s) in cuda bfloat16, this run continues in cpu float32 (another device or " \
            "--precision)" in caplog.text
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_damaged_last_pt_says_what_to_do(tmp_path):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=1), progress=False)
+    last = out / "last.pt"
+    last.write_bytes(last.read_bytes()[:-100])  # a disk fault: its writes are atomic
+    best = (out / "best.pt").read_bytes()
+    r = CliRunner().invoke(main, ["-q", "train-temporal", "--cache", str(cache), "--out", str(out), "--resume"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{last} is not a checkpoint this tool can load safely: a damaged or incomplete torch.save file; " \
+           "--resume cannot continue from it: use --overwrite to start over (move best.pt away first" in r.stderr
+    assert (out / "best.pt").read_bytes() == best
 
 
 def test_overwrite_removes_only_a_runs_own_files(tmp_path):
