@@ -21,7 +21,7 @@ import click
 from pipeline import __version__
 from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides,
                              FrameSelection)
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
 
@@ -119,10 +119,29 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 @click.version_option(__version__, prog_name="action-pipeline")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
-def main(verbose: int, quiet: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Video action recognition with cached image-backbone frame features."""
     _setup_logging(verbose, quiet)
+    _check_world(ctx.invoked_subcommand)
     tune_cpu_allocator()  # about 2x faster CPU forward passes; see pipeline/runtime.py
+
+
+DISTRIBUTED = ("extract-features", "finetune-end-to-end")  # the commands that share work across torchrun ranks
+
+
+def _check_world(command: str | None) -> None:
+    """Any other command under torchrun would run once per rank on the same files, each rank
+    finding the others' lock or output: refused before anything is written, in one line (rank 0's;
+    the other ranks exit quietly)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or command is None or command in DISTRIBUTED:
+        return
+    if not _is_main_rank():
+        sys.exit(EXIT_ERROR)
+    raise ConfigError(f"{command} runs as one process, not under torchrun ({world} processes here; only "
+                      f"{' and '.join(DISTRIBUTED)} share their work across them): run it as "
+                      f"`python cli.py {command} ...`")
 
 
 def _is_main_rank() -> bool:
@@ -244,7 +263,8 @@ VALIDATION_OPTIONS = _options(
 @click.option("--split-id", type=click.IntRange(1), default=1, show_default=True,
               help="Which official split (1-3) with --split-dir.")
 @click.option("--backbone", default="mobilenet_v2", show_default=True,
-              help="A torchvision classification model (see list-backbones) or timm:<model name>.")
+              help="A torchvision classification model (see list-backbones) or timm:<model name>; with --weights "
+                   "an end-to-end checkpoint or saved backbone, the one it records.")
 @click.option("--weights", default="none", show_default=True,
               help="none (random init, BatchNorm recalibrated on your frames), imagenet (the default weights), "
                    "a weight tag (IMAGENET1K_V1; timm: a pretrained tag), or PATH to a weights file / checkpoint.")
@@ -284,6 +304,13 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 
     if output is None:
         output = Path("features") / f"{data_dir.resolve().name}.h5"
+    if ctx.get_parameter_source("backbone") == click.core.ParameterSource.DEFAULT:
+        from pipeline.backbones import backbone_of_file
+
+        if (recorded := backbone_of_file(weights)) is not None and recorded != backbone:
+            logging.getLogger("pipeline").info("--weights %s holds %s weights: --backbone %s", weights, recorded,
+                                               recorded)
+            backbone = recorded
     cfg = ExtractConfig(
         dataset=DatasetSpec(root=str(data_dir), splits=splits, split_files=tuple(split_files),
                             split_dir=split_dir, split_id=split_id),
@@ -612,12 +639,13 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
               help="With --window: save the timeline plot here (PATH_<n>.png for several inputs).")
 @click.option("--live", "live_source", metavar="SOURCE", default=None,
               help="Label a live source instead of INPUTs: a V4L2 device (/dev/video0), an rtsp:// or http:// URL, "
-                   "or a video file (with --realtime: at its own frame rate). Ctrl-C stops it with a summary.")
+                   "standard input (-) or a named pipe (a stream format such as MPEG-TS), or a video file (with "
+                   "--realtime: at its own frame rate). Ctrl-C stops it with a summary.")
 @click.option("--realtime", is_flag=True,
               help="With --live: play the source at its own frame rate (a file, or a file behind a URL).")
 @click.option("--reconnect", is_flag=True,
-              help="With --live: reopen a lost source (backoff 0.5 s doubling to 10 s) instead of stopping; "
-                   "no window spans the gap.")
+              help="With --live: reopen a lost camera or network source (backoff 0.5 s doubling to 10 s) instead "
+                   "of stopping; no window spans the gap.")
 @click.option("--timeout", type=FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="With --live: seconds a network source may stall before it counts as lost.")
 @click.option("--folder-fps", type=FloatRange(min=0, min_open=True), default=None,

@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from .checkpoint import safe_load
 from .config import IMAGENET_MEAN, IMAGENET_STD, FrameOverrides, FrameSpec, WeightsIdentity
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, PipelineError, WeightsError
 from .files import sha256_file
 from .preprocess import per_channel_
 
@@ -273,6 +273,18 @@ def _recorded_backbone(obj: dict[str, Any]) -> str | None:
     if isinstance(cache, dict):
         return cache.get("backbone") or "mobilenet_v2"  # schema-1 end-to-end checkpoints
     return "mobilenet_v2" if "backbone_state" in obj else None
+
+
+def backbone_of_file(weights: str) -> str | None:
+    """The backbone a weights file this tool wrote records (an end-to-end checkpoint, a saved
+    recalibrated backbone), so that ``--weights FILE`` needs no ``--backbone``; None for anything
+    else (a tag, another file, one that cannot be read: loading it reports that)."""
+    try:
+        path = _path_of(weights)
+        obj = _our_file(path, metadata_only=True) if path is not None else None
+    except (PipelineError, OSError):
+        return None
+    return _recorded_backbone(obj) if obj is not None and "raw" not in obj else None
 
 
 def _check_same_backbone(path: Path, obj: dict[str, Any], name: str) -> None:

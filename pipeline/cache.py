@@ -516,6 +516,10 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
     dst = Path(output) if output is not None else src
     _check_cache_path(src)
     if dst.resolve() != src.resolve() and (dst.exists() or dst.is_symlink()) and not (force and is_hdf5(dst)):
+        if force:  # --force replaces an HDF5 file only: never a folder, a checkpoint or notes given by mistake
+            what = "a folder" if dst.is_dir() else "not an HDF5 file"
+            raise ConfigError(f"--output {dst} exists and is {what}, which --force does not replace; give a new "
+                              "file name")
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
     ensure_dir(dst.parent, "--output folder")
     with exclusive(dst, "cache"):  # not while extract-features writes it (the same temporary file)

@@ -19,7 +19,9 @@ from frames on either side of a gap.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -37,7 +39,9 @@ from .runtime import threads_per_thread
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["device", "url", "file"]
+SourceKind = Literal["device", "url", "file", "pipe"]
+STDIN = ("-", "pipe:", "pipe:0")  # standard input, as ffmpeg names it
+ENDS = ("file", "pipe")  # sources that end where they end: no reconnecting
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _NEEDS_SEEK = (".mp4", ".mov", ".m4v", ".3gp")
 MAX_GAP = 60.0  # seconds: a longer step ahead in a source's timestamps is a jump of its clock, not a pause
@@ -63,10 +67,19 @@ class StreamStats:
 
 
 def source_kind(source: str) -> SourceKind:
+    """``device`` (a camera), ``url``, ``pipe`` (standard input or a named pipe: a live stream
+    that ends when its writer closes it) or ``file``."""
     if source.startswith("/dev/video") or source.startswith("v4l2:"):
         return "device"
     if _URL.match(source) and not source.startswith("file://"):
         return "url"
+    if source in STDIN:
+        return "pipe"
+    try:
+        if stat.S_ISFIFO(os.stat(source.removeprefix("file://")).st_mode):
+            return "pipe"
+    except (OSError, ValueError):
+        pass
     return "file"
 
 
@@ -82,6 +95,10 @@ def _open(source: str, kind: SourceKind, timeout: float):
             if source.startswith(("rtsp://", "rtsps://")):
                 options["rtsp_transport"] = "tcp"
             container = av.open(source, options=options, timeout=timeout)
+        elif kind == "pipe":  # a stream format (MPEG-TS, MKV, ...): a pipe cannot seek to an index at the end
+            if source not in STDIN:
+                log.info("live source %s: a named pipe, waiting for a writer", source)
+            container = av.open("pipe:0" if source in STDIN else source.removeprefix("file://"))
         else:
             path = Path(source.removeprefix("file://"))
             if path.is_dir():
@@ -114,6 +131,8 @@ def _seek_hint(source: str, kind: SourceKind) -> str:
     if kind == "url" and source.lower().split("?")[0].endswith(_NEEDS_SEEK):
         return ("; an .mp4/.mov whose index sits at the end needs a server that answers Range requests: "
                 "stream MPEG-TS (.ts), MKV or AVI, or a faststart .mp4, instead")
+    if kind == "pipe":
+        return "; a pipe cannot seek: send a stream format such as MPEG-TS (ffmpeg ... -f mpegts -)"
     return ""
 
 
@@ -204,7 +223,9 @@ class LiveStream:
         self._t_start: float | None = None  # wall clock of the stream's first frame
         self._last_time: float | None = None  # time of the last kept frame
         self._connection = -1  # the connection being read (``StreamFrame.connection``)
-        if not reconnect or self.kind == "file":  # a missing file does not come back by retrying
+        if reconnect and self.kind in ENDS:
+            log.warning("--reconnect has no effect on a %s: it ends where it ends", self.kind)
+        if not reconnect or self.kind in ENDS:  # a missing file does not come back by retrying
             self._first = _open(source, self.kind, timeout)  # fail at once, in the caller's thread
             self.fps = _rate(self._first[1])
 
@@ -279,11 +300,11 @@ class LiveStream:
                     container.close()
                 if self._stop.is_set():
                     return
-                if self.kind == "file" or not self.reconnect:
+                if self.kind in ENDS or not self.reconnect:
                     if not failed:
                         self.ended = why
                     else:
-                        retry = "; --reconnect retries" if self.kind != "file" and not hint else ""
+                        retry = "; --reconnect retries" if self.kind not in ENDS and not hint else ""
                         self.ended, self.error = "lost", f"live source {self.source}: {why}{retry}"
                     return
                 attempt = 0 if self.stats.read > read_before else attempt  # frames came: a fresh backoff

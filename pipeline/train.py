@@ -390,11 +390,12 @@ def _seen_by(ckpt: dict[str, Any], split: str, videos: list[str]) -> str:
 
 
 def _check_run_results(out: Path, split: str, m: dict[str, Any]) -> None:
-    """Refuse to write an evaluation over a run's own test files (``confusion_test.png``,
+    """Refuse to write an evaluation as a run's own test files (``confusion_test.png``,
     ``per_class_test.csv``) where its numbers differ from the run's ``test.json``, which they go
-    with: the folder would contradict itself. The same numbers again (its best.pt, its settings)
+    with: the folder would contradict itself. Also where the run has not written them (a sweep's
+    folder: its ``test.json`` is the winner's). The same numbers again (its best.pt, its settings)
     are written as they are."""
-    files = [f for f in (f"confusion_{split}.png", f"per_class_{split}.csv") if f in RUN_FILES and (out / f).exists()]
+    files = [f for f in (f"confusion_{split}.png", f"per_class_{split}.csv") if f in RUN_FILES]
     if not files or not holds_run(out):
         return
     try:

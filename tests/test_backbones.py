@@ -406,6 +406,28 @@ def test_unknown_and_mismatched_backbones_are_one_line(tmp_path):
         create_backbone("mobilenet_v2", str(tmp_path / "r18.pt"))
 
 
+def test_extract_takes_the_backbone_a_weights_file_records(tiny_dataset, tmp_path):
+    """`extract-features --weights runs/e2e/best.pt` (or a saved backbone) without --backbone: the
+    backbone the file records, not the default MobileNetV2 and a refusal. A --backbone given
+    that differs is still refused."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    bb = create_backbone("resnet18", "none")
+    torch.save({"schema_version": 2, "kind": "backbone", "backbone": "resnet18", "backbone_state": bb.net.state_dict()},
+               tmp_path / "r18.pt")
+    args = ["extract-features", "--data-dir", str(tiny_dataset), "--weights", str(tmp_path / "r18.pt"), "--size",
+            str(S), "--workers", "0", "--no-progress", "--output", str(tmp_path / "c.h5")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.stderr
+    assert f"--weights {tmp_path / 'r18.pt'} holds resnet18 weights: --backbone resnet18" in r.stderr
+    with FeatureCache(tmp_path / "c.h5") as c:
+        assert c.provenance.backbone == "resnet18" and c.provenance.feature_dim == 512
+    r = CliRunner().invoke(main, [*args[:1], "--backbone", "mobilenet_v2", *args[1:-1], str(tmp_path / "d.h5")])
+    assert r.exit_code == 1 and "holds resnet18 weights, not mobilenet_v2; pass --backbone resnet18" in r.stderr
+
+
 @pytest.mark.parametrize(("name", "tag"), [("resnet18", "IMAGENET1K_V1"), (TIMM_VIT, "augreg_in21k_ft_in1k")])
 def test_checkpoint_rebuilds_named_weights_at_the_recorded_size(name, tag, tmp_path, monkeypatch):
     """A head trained on features of published weights (torchvision or timm, downloaded when

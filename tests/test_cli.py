@@ -67,6 +67,22 @@ def test_float_options_refuse_nan_and_inf(tmp_path):
         assert "Traceback" not in err
 
 
+def test_single_process_commands_refuse_torchrun_before_writing(tmp_path):
+    """train-temporal, sweep, predict... under torchrun would run once per rank on the same files
+    (each rank then met the other's lock and left half a run): refused at once, rank 0 says why."""
+    out = tmp_path / "run"
+    args = ["train-temporal", "--cache", str(tmp_path / "c.h5"), "--out", str(out)]
+    r = CliRunner().invoke(main, args, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert r.exit_code == 1 and r.stderr == (
+        "error: train-temporal runs as one process, not under torchrun (2 processes here; only extract-features "
+        "and finetune-end-to-end share their work across them): run it as `python cli.py train-temporal ...`\n")
+    r = CliRunner().invoke(main, ["sweep", "--cache", "c.h5", "--out", str(out)], env={"WORLD_SIZE": "2", "RANK": "1"})
+    assert r.exit_code == 1 and r.stderr == ""
+    assert not out.exists()
+    r = CliRunner().invoke(main, args, env={"WORLD_SIZE": "1", "RANK": "0"})  # a one-process torchrun is fine
+    assert r.exit_code == 1 and "runs as one process" not in r.stderr and "c.h5" in r.stderr
+
+
 def test_empty_folder_and_broken_frames_are_skipped_and_listed(tiny_dataset, tmp_path, weights_file):
     (tiny_dataset / "train" / "walk" / "empty").mkdir()
     (tiny_dataset / "train" / "walk" / "w1" / "frame_4.png").write_bytes(b"")  # zero bytes

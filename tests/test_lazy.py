@@ -194,7 +194,10 @@ def test_old_chunked_cache_still_loads_and_rewrite_cache_makes_it_contiguous(tmp
     ckpt = tmp_path / "best.pt"
     torch.save({"x": torch.zeros(1)}, ckpt)
     r = run(main, ["rewrite-cache", str(old), "-o", str(ckpt), "--force"])  # nor, even with --force, a non-HDF5 one
-    assert r.exit_code == 1 and "--force to replace it (an HDF5 file only)" in r.stderr
+    assert r.exit_code == 1 and f"--output {ckpt} exists and is not an HDF5 file, which --force does not replace; " \
+                                "give a new file name" in r.stderr
+    r = run(main, ["rewrite-cache", str(old), "-o", str(tmp_path), "--force"])
+    assert r.exit_code == 1 and f"--output {tmp_path} exists and is a folder, which --force does not" in r.stderr
     r = run(main, ["rewrite-cache", str(old), "-o", str(tmp_path / "copy.h5"), "--force"])  # its own earlier output
     assert r.exit_code == 0, r.stderr
 

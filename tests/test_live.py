@@ -363,6 +363,39 @@ def test_a_damaged_packet_is_skipped_not_the_end_of_the_source(tmp_path, caplog)
     assert caplog.text.count("skipped a damaged packet") == 1
 
 
+def test_standard_input_and_a_named_pipe_are_live_streams(exported, media, tmp_path, caplog):
+    """`ffmpeg ... -f mpegts - | predict --live -`, or a FIFO: read as a live stream that ends with its
+    writer. A FIFO was refused as "no such file" (it is no regular file)."""
+    import os
+
+    import torch
+
+    fifo = tmp_path / "in.ts"
+    os.mkfifo(fifo)
+    data = (media / "clip.ts").read_bytes()
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    with LiveStream(str(fifo), drop=False, reconnect=True) as stream:  # every frame, to compare them all
+        got = list(stream)
+    assert stream.kind == "pipe" and stream.ended == "end of stream" and stream.error is None
+    assert "--reconnect has no effect on a pipe: it ends where it ends" in caplog.text
+    with LiveStream(str(media / "clip.ts")) as stream:
+        want = list(stream)
+    assert len(got) == len(want) == 60
+    assert all(torch.equal(a.image, b.image) and a.time == b.time for a, b in zip(got, want))
+    with open(media / "clip.ts", "rb") as stdin:
+        r = subprocess.run([sys.executable, str(REPO / "cli.py"), "predict", str(exported[1].out), "--live", "-",
+                            "--json", "--stride", str(S)], stdin=stdin, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    *windows, last = [json.loads(ln) for ln in r.stdout.splitlines()]
+    s = last["summary"]
+    assert (s["frames_read"], s["ended"], s["error"]) == (60, "end of stream", None) and len(windows) >= 1
+
+
 def test_reconnect_does_not_retry_a_missing_file(tmp_path):
     with pytest.raises(StreamError, match=f"live source {tmp_path / 'none.ts'}: no such file"):
         LiveStream(str(tmp_path / "none.ts"), reconnect=True, backoff=0.01)

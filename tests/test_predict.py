@@ -217,19 +217,24 @@ def test_float16_features_predict_on_cpu_in_float32(trained, tmp_path, caplog):
 
 def test_frame_folders_for_a_model_that_keeps_a_frame_rate(trained, tmp_path):
     """A model trained with --fps on video files keeps a set frame rate: a frame folder given to
-    predict needs its own rate, asked for up front in one line (before any work, so no result is
-    lost); --folder-fps gives it, and the timeline's seconds follow it."""
+    predict needs its own rate. Given only frame folders, that is said up front in one line (before
+    any work); beside videos, each folder is a failed input and the videos are still labelled.
+    --folder-fps gives it, and the timeline's seconds follow it."""
     root, _, ckpt = trained
     ck = torch.load(ckpt, weights_only=True)
     ck["cache"]["selection"]["fps"] = 5.0
     torch.save(ck, tmp_path / "fps.pt")
     folder, video = root / "test" / "a" / "atest0", root / "test" / "b" / "btest1.mkv"  # 13 frames; 20 at 10 fps
-    r = CliRunner().invoke(main, ["predict", str(tmp_path / "fps.pt"), str(video), str(folder), "--workers", "0",
-                                  "--no-progress"])
+    need = ("this model keeps 5 frames/s, so frame folders need their frame rate: add --folder-fps (the rate they "
+            "were extracted at, e.g. 30 for HMDB51, 25 for UCF101)")
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "fps.pt"), str(folder), "--workers", "0", "--no-progress"])
     assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stdout == ""
-    assert r.stderr.strip() == (f"error: this model keeps 5 frames/s, so frame folders such as {folder} need their "
-                                "frame rate: add --folder-fps (the rate they were extracted at, e.g. 30 for HMDB51, "
-                                "25 for UCF101)")
+    assert r.stderr.strip() == "error: " + need.replace("frame folders", f"frame folders such as {folder}")
+    r = CliRunner().invoke(main, ["-q", "predict", str(tmp_path / "fps.pt"), str(video), str(folder), "--workers",
+                                  "0", "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stdout.startswith(str(video)) and len(r.stdout.splitlines()) == 1  # the video is labelled
+    assert r.stderr.splitlines() == [f"error: {folder}: {need}", "1 of 2 input(s) failed"]
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "fps.pt"), str(video), str(folder), "--folder-fps", "10",
                                   "--window", "2", "--json", "--workers", "0", "--no-progress"])
     assert r.exit_code == 0, r.stderr

@@ -255,6 +255,25 @@ def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
     assert f"{state} trained its 1 epoch(s) in cuda bfloat16, this run continues in cpu float32" in caplog.text
 
 
+def test_evaluate_into_the_sweep_folder_writes_only_the_winners_numbers(tmp_path):
+    """A sweep's test.json is its winner's; another trial evaluated with --out the sweep folder would
+    write a confusion_test.png and per_class_test.csv that contradict it (the sweep writes none,
+    so there was nothing to compare with before)."""
+    import json
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 12, "test": 6}, noise=2.0)
+    sw = tmp_path / "sw"
+    sweep(SweepConfig(base=base(cache, sw, epochs=2), grids=((("hidden", (8, 16)),),), min_epochs=2), progress=False)
+    test = json.loads((sw / "test.json").read_text())
+    loser = next(p for p in (sw / "trials").iterdir() if p.name != test["trial"])
+    args = ["evaluate", "--cache", str(cache), "--split", "test", "--out", str(sw)]
+    r = CliRunner().invoke(main, ["-q", *args[:1], str(loser / "best.pt"), *args[1:]])
+    assert r.exit_code == 1 and f"--out {sw} holds a run whose test results (test.json: " in r.stderr, r.stderr
+    assert not (sw / "per_class_test.csv").exists() and not (sw / "confusion_test.png").exists()
+    r = CliRunner().invoke(main, ["-q", *args[:1], str(sw / "best.pt"), *args[1:]])
+    assert r.exit_code == 0 and (sw / "per_class_test.csv").is_file(), r.stderr
+
+
 def test_trials_that_differ_only_in_eval_clips_train_once(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3})
     cfg = SweepConfig(base=base(cache, tmp_path / "sw", epochs=3), grids=((("eval_clips", (1, 3)),),), min_epochs=3)
