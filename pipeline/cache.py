@@ -434,24 +434,22 @@ class CacheWriter:
                         offs = g["offsets"][()]
                         for i, rel in enumerate(_strings(g["videos"][()])):
                             sources[rel] = ("old", g, i, offs, int(offs[i + 1] - offs[i]))
-                    if split in keep and split not in order:
-                        if sources:
-                            ranked = list(sources)
-                            _write_split(out, split, (self._record(sources[r], r, split) for r in ranked),
-                                         sum(sources[r][-1] for r in ranked), self.provenance.dtype,
-                                         self.provenance.feature_dim)
-                        continue
-                    for rel, (p, rows) in self._parts(split).items():
-                        sources[rel] = ("part", p, rows)
-                    if split not in order:
-                        log.warning("dropped split %r of the cache (%d video(s)): the dataset has no such split now",
-                                    split, len(sources))
-                        continue
-                    ranked = _ranked(order[split], sources)  # the split as indexed now: no stale video
-                    stale = len(sources) - len(ranked)
-                    if stale:
-                        log.warning("dropped %d cached video(s) of split %r that are no longer in it "
-                                    "(moved, deleted, or another split definition)", stale, split)
+                    if split in keep and split not in order:  # as the cache file has it (its parts wait)
+                        if not sources:
+                            continue
+                        ranked = list(sources)
+                    else:
+                        for rel, (p, rows) in self._parts(split).items():
+                            sources[rel] = ("part", p, rows)
+                        if split not in order:
+                            log.warning("dropped split %r of the cache (%d video(s)): the dataset has no such split "
+                                        "now", split, len(sources))
+                            continue
+                        ranked = _ranked(order[split], sources)  # the split as indexed now: no stale video
+                        stale = len(sources) - len(ranked)
+                        if stale:
+                            log.warning("dropped %d cached video(s) of split %r that are no longer in it "
+                                        "(moved, deleted, or another split definition)", stale, split)
                     _write_split(out, split, (self._record(sources[r], r, split) for r in ranked),
                                  sum(sources[r][-1] for r in ranked), self.provenance.dtype,
                                  self.provenance.feature_dim)

@@ -24,6 +24,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], *, hint: str = ""
 
 
 DAMAGED = "a damaged or incomplete torch.save file"
+DAMAGED_HINT = "replace it with an intact copy, or rerun what wrote it"  # its writes are atomic: a disk fault, an edit
 
 
 def _what_is(path: Path, e: BaseException) -> str:
@@ -47,7 +48,7 @@ def _what_is(path: Path, e: BaseException) -> str:
 
 
 def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what: str = "checkpoint", *,
-              mmap: bool = False, damaged: str = "replace it with an intact copy, or rerun what wrote it") -> Any:
+              mmap: bool = False, damaged: str = DAMAGED_HINT) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, or ``error`` with one line saying what the
     file is. Never suggests ``weights_only=False``: code in a pickle would run on load.
 
@@ -68,16 +69,16 @@ def safe_load(path: str | Path, error: type[PipelineError] = PipelineError, what
                     f"{'; ' + damaged if desc == DAMAGED else ''}") from e
 
 
-def load_checkpoint(path: str | Path, *, kind: str | None = None, damaged: str | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, kind: str | None = None, damaged: str = DAMAGED_HINT) -> dict[str, Any]:
     """A checkpoint of this tool, migrated in memory to the current schema. ``damaged``: what to
-    do about a damaged file, where not the default of ``safe_load``."""
+    do about a damaged file (see ``safe_load``)."""
     path = Path(path)
     if path.is_dir():
         hint = f"pass {path / 'best.pt'}" if (path / "best.pt").is_file() else "pass the checkpoint file in it"
         raise CheckpointError(f"{path} is a folder; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    ckpt = safe_load(path, CheckpointError, **({"damaged": damaged} if damaged else {}))
+    ckpt = safe_load(path, CheckpointError, damaged=damaged)
     if not isinstance(ckpt, dict) or ckpt.get("tool") != TOOL:
         raise CheckpointError(f"{path} is not a checkpoint written by {TOOL} (train-temporal / finetune-end-to-end)")
     version = ckpt.get("schema_version")

@@ -81,7 +81,7 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
     path = Path(path)
     if what := not_regular(path):  # a rename would replace a device or FIFO (as root, /dev/null) with a file
         raise NotWritableError(f"{path} exists and is not a regular file ({what}); give a file name")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_of(path)
     if tmp.is_dir() and not tmp.is_symlink():
         raise NotWritableError(f"{tmp} is a folder, in the way of the temporary file {path} is written through; "
                                "move it away and rerun")
@@ -105,10 +105,16 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
         raise
 
 
+def temporary_of(path: str | Path) -> Path:
+    """``<path>.tmp``: the temporary file ``atomic_path`` writes ``path`` through."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 def remove_stale_tmp(path: str | Path) -> None:
-    """Remove ``<path>.tmp``, the temporary file ``atomic_path`` writes ``path`` through, left by a
-    killed writer. Only under ``exclusive(path)``: no writer is running then."""
-    tmp = Path(f"{path}.tmp")
+    """Remove ``temporary_of(path)`` where a killed writer left it. Only under ``exclusive(path)``:
+    no writer is running then."""
+    tmp = temporary_of(path)
     if tmp.is_file() and not tmp.is_symlink():
         log.info("removing %s, left by an interrupted write", tmp)
         with contextlib.suppress(OSError):

@@ -365,11 +365,14 @@ class Predictor:
         videos, errors = find_inputs(inputs)
         folders = [p for p, kind in videos if kind == "frames"]
         if folders and self.selection.fps is not None and self.selection.folder_fps is None:
-            need = (f"this model keeps {self.selection.fps:g} frames/s, so frame folders need their frame rate: add "
-                    "--folder-fps (the rate they were extracted at, e.g. 30 for HMDB51, 25 for UCF101)")
+            def need(which: str) -> str:
+                return (f"this model keeps {self.selection.fps:g} frames/s, so {which} need their frame rate: add "
+                        "--folder-fps (the rate they were extracted at, e.g. 30 for HMDB51, 25 for UCF101)")
+
             if len(folders) == len(videos):  # nothing could be labelled: one line, at once
-                raise ConfigError(f"{need.replace('frame folders', f'frame folders such as {folders[0]}', 1)}")
-            errors = [Prediction(str(p), kind="frames", error=f"{p}: {need}") for p in folders] + errors
+                raise ConfigError(need(f"frame folders such as {folders[0]}"))
+            errors = [Prediction(str(p), kind="frames", error=f"{p}: {need('frame folders')}")
+                      for p in folders] + errors
             videos = [(p, kind) for p, kind in videos if kind != "frames"]  # the others are still labelled
         results: dict[int, Prediction] = {}
         k = min(top_k, len(self.classes))
