@@ -528,6 +528,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                 on_epoch({**record, "best": improved})
         D.barrier(info)
     history, best = D.broadcast_object((history, best), info)
+    run.finish_plots(history)  # rank 0's RunDir draws; the others' read only
     test = None
     if test_split is not None:  # once, with the picked model (every rank loads best.pt, as rank 0 wrote it)
         ck = load_checkpoint(run.best)

@@ -323,16 +323,14 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
             common, epoch=epoch, metrics=m, train_loss=tr["loss"], train_top1=tr["top1"], clips=len(train_bank),
             seconds=train_s, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history, best=best,
             states={"model_state": model.state_dict()}, val_split="val")
-        # Redraw the curves every epoch when epochs are slow; for sub-second epochs every 10th is enough.
-        if train_s > 2 or epoch % 10 == 0 or epoch == cfg.epochs or improved:
-            run.plot_curves(history)
+        run.plot_curves(history)  # at most every few seconds; both plots are finished after the loop
         if tb is not None:
             for k, v in record.items():
                 if k != "epoch":
                     tb.add_scalar(k, v, epoch)
         if on_epoch is not None:
             on_epoch({**record, "best": improved})
-    run.plot_curves(history)
+    run.finish_plots(history)
     if tb is not None:
         tb.close()
     assert best is not None

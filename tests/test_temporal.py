@@ -116,6 +116,49 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
 
 
+def test_plots_are_redrawn_every_few_seconds_and_finished_on_the_picked_epoch(tmp_path, monkeypatch):
+    """A plot costs more to draw than a small head's epoch: while a run trains, each is redrawn at
+    most every PLOT_EVERY_S (every epoch when that is 0, as for slow epochs). At the end curves.png
+    shows every epoch and confusion.png the picked one, also after a resume that improves on
+    nothing, where the killed run had not drawn its best epoch yet."""
+    import pipeline.run as run_mod
+    drawn: list[tuple[str, int]] = []
+    curves, confusion = run_mod.plot_curves, run_mod.plot_confusion
+
+    def spy_curves(history, path):
+        drawn.append(("curves", len(history)))
+        curves(history, path)
+
+    def spy_confusion(cm, classes, path, title=""):
+        if path.name == "confusion.png":  # confusion_test.png is drawn once, after training
+            drawn.append(("confusion", int(title.split("epoch ")[1].split(":")[0])))
+        confusion(cm, classes, path, title)
+
+    monkeypatch.setattr(run_mod, "plot_curves", spy_curves)
+    monkeypatch.setattr(run_mod, "plot_confusion", spy_confusion)
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 4})
+    monkeypatch.setattr(run_mod, "PLOT_EVERY_S", 0.0)
+    r = train_temporal(cfg(cache, tmp_path / "every", epochs=4), progress=False)
+    assert [n for k, n in drawn if k == "curves"] == [1, 2, 3, 4]
+    assert [e for k, e in drawn if k == "confusion"][-1] == r.best["epoch"]
+
+    monkeypatch.setattr(run_mod, "PLOT_EVERY_S", 3600.0)
+    drawn.clear()
+    r = train_temporal(cfg(cache, tmp_path / "run", epochs=6), progress=False)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["epoch"]
+    assert best == r.best["epoch"] > 1  # the separable cache improves after the first epoch
+    assert drawn == [("confusion", 1), ("curves", 1), ("curves", 6), ("confusion", best)]
+
+    drawn.clear()
+    with pytest.raises(Stop):  # killed after epoch 3, its best epoch not drawn yet
+        train_temporal(cfg(cache, tmp_path / "part", epochs=3), progress=False, on_epoch=_stop_after(3))
+    best = load_checkpoint(tmp_path / "part" / "best.pt")["epoch"]
+    assert best > 1 and drawn == [("confusion", 1), ("curves", 1)]
+    drawn.clear()
+    train_temporal(cfg(cache, tmp_path / "part", epochs=3, resume=True), progress=False)  # nothing left to train
+    assert drawn == [("curves", 3), ("confusion", best)]
+
+
 class Stop(Exception):
     """Stands in for Ctrl-C after an epoch (a real KeyboardInterrupt would stop pytest itself)."""
 
