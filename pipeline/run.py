@@ -310,8 +310,9 @@ class RunDir:
                      history: list[dict[str, Any]], best: dict[str, Any] | None, states: dict[str, Any],
                      val_split: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """The end of an epoch: append its record to ``history``; write ``metrics.jsonl``; on a
-        better val top-1 (ties: lower loss) save best.pt with the confusion matrix and per-class
-        CSV; then save last.pt (with what --resume needs). → (record, best, improved)."""
+        better val top-1 (ties: lower loss) save best.pt and the per-class CSV (the confusion plot
+        at most every ``PLOT_EVERY_S``); then save last.pt (with what --resume needs).
+        → (record, best, improved)."""
         record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
                   **{f"val_{k}": v for k, v in summary(metrics).items()}, "lr": optimizer.param_groups[0]["lr"],
                   "epoch_seconds": seconds, "clips_per_second": clips / max(seconds, 1e-9)}
