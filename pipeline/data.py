@@ -20,7 +20,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 try:
     import simplejpeg as _simplejpeg
@@ -769,6 +768,8 @@ def _decode_frame(data: bytes, path: Path, *, turbo: bool = True) -> torch.Tenso
     try:
         img = _decode_jpeg_turbo(data) if turbo else None
         if img is None:
+            from torchvision.io import ImageReadMode, decode_image  # here: stage two never loads torchvision
+
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
         raise FrameDecodeError(f"{path}: {_clean(e)}") from e

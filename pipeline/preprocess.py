@@ -15,7 +15,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
 from .config import FrameSpec
 
@@ -68,6 +67,8 @@ def _direct_is_torchvision(mode: str = "bilinear") -> bool:
     torchvision resizes uint8 natively only on the CPUs it lists (a list that changed between
     releases) and through float32 elsewhere, so one probe per mode, against the installed version,
     decides."""
+    import torchvision.transforms.v2.functional as TF
+
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 256, (2, 37, 53, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
     want = TF.resize(probe, [16, 23], interpolation=TF.InterpolationMode(mode), antialias=True)
@@ -83,6 +84,8 @@ def _resize(frames: torch.Tensor, new_h: int, new_w: int, mode: str = "bilinear"
     if x is not None and _direct_is_torchvision(mode):
         out = _interpolate(x, new_h, new_w, mode)
         return out[0] if frames.ndim == 3 else out
+    import torchvision.transforms.v2.functional as TF
+
     return TF.resize(frames, [new_h, new_w], interpolation=TF.InterpolationMode(mode), antialias=True)
 
 

@@ -228,6 +228,32 @@ def test_real_subprocess_make_demo_and_extract(tmp_path, weights_file):
     assert kinds == {"", ".mp4"}  # frame folders and (with one video per class) an h264 file
 
 
+def test_stage_two_commands_never_load_torchvision(tmp_path):
+    """Importing torchvision takes ~2 s here. train-temporal, evaluate and sweep work on cached
+    features and never need it, so they start that much sooner: run in one fresh process, as a
+    user runs them one after another, they leave it unloaded."""
+    from synthetic import separable_cache
+
+    cache = separable_cache(tmp_path / "c.h5", classes=2, per_class={"train": 6, "test": 2})
+    script = f"""
+import sys
+from cli import main
+for args in (["train-temporal", "--cache", {str(cache)!r}, "--out", {str(tmp_path / "run")!r}, "--epochs", "1",
+              "--hidden", "8", "--val-split", "test", "--no-progress"],
+             ["evaluate", {str(tmp_path / "run" / "best.pt")!r}, "--cache", {str(cache)!r}],
+             ["sweep", "--cache", {str(cache)!r}, "--out", {str(tmp_path / "sweep")!r}, "--epochs", "1",
+              "--hidden", "8", "--val-split", "test", "--no-progress"]):
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code, (args[0], e.code)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torchvision"))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-300:]
+
+
 def test_overwrite_keeps_old_cache_until_the_new_one_is_complete(tiny_dataset, tmp_path, weights_file):
     out = tmp_path / "f.h5"
     assert extract(tiny_dataset, out, weights_file)[0] == 0

@@ -432,7 +432,7 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     hwc.append(hwc[-2][:, 7:20])  # a row slice: (H, W, 3) memory at a storage offset
     spec, squash = FrameSpec(size=16), FrameSpec(size=16, resize="squash")
     tv_resize, calls, out, direct = TF.resize, [], {}, P._direct_is_torchvision("bilinear")  # probe before patching
-    monkeypatch.setattr(P.TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
+    monkeypatch.setattr(TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
     for name, frames in (("chw", chw), ("hwc", hwc)):
         calls.clear()
         out[name] = [resize_frames(f, spec) for f in frames], [resize_frames(f, squash) for f in frames]
@@ -455,7 +455,7 @@ def test_resize_crop_matches_torchvision_and_stacks_channels_last(monkeypatch):
     for n in (1, 3):
         nhwc = torch.randint(0, 256, (n, 240, 320, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
         calls.clear()
-        monkeypatch.setattr(P.TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
+        monkeypatch.setattr(TF, "resize", lambda *a, **k: calls.append(a[0].shape) or tv_resize(*a, **k))
         got = resize_frames(nhwc, spec)
         monkeypatch.undo()
         assert (not calls) == direct and got.shape == (n, 3, 16, 16)
