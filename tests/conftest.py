@@ -32,6 +32,29 @@ def _pipeline_logger():
     log.setLevel(state[0])  # through setLevel: it clears the loggers' cached levels
 
 
+@pytest.fixture
+def plots_drawn(monkeypatch) -> list[tuple[str, int]]:
+    """The run plots drawn, in order, as they are drawn: ("curves", epochs shown) and ("confusion",
+    the epoch confusion.png shows; confusion_test.png is left out). The real plots are still drawn."""
+    import pipeline.run as run_mod
+
+    drawn: list[tuple[str, int]] = []
+    curves, confusion = run_mod.plot_curves, run_mod.plot_confusion
+
+    def spy_curves(history, path):
+        drawn.append(("curves", len(history)))
+        curves(history, path)
+
+    def spy_confusion(cm, classes, path, title=""):
+        if path.name == "confusion.png":
+            drawn.append(("confusion", int(title.split("epoch ")[1].split(":")[0])))
+        confusion(cm, classes, path, title)
+
+    monkeypatch.setattr(run_mod, "plot_curves", spy_curves)
+    monkeypatch.setattr(run_mod, "plot_confusion", spy_confusion)
+    return drawn
+
+
 def rand_frames(rng: np.random.Generator, n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
     """Smooth-ish random RGB frames (uint8 H×W×3) that survive JPEG reasonably."""
     base = rng.integers(0, 256, (n, h // 4, w // 4, 3)).astype(np.uint8)

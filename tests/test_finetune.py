@@ -50,15 +50,9 @@ def ft_cfg(root: Path, out: Path, weights: Path, **kw) -> FinetuneConfig:
     return FinetuneConfig(dataset=DatasetSpec(str(root)), out=str(out), **{**base, **kw})
 
 
-def test_finetune_learns(colour_data, tmp_path, weights_file, monkeypatch):
+def test_finetune_learns(colour_data, tmp_path, weights_file, monkeypatch, plots_drawn):
     import pipeline.run as run_mod
-    drawn: list[tuple[str, int]] = []
-    curves, confusion = run_mod.plot_curves, run_mod.plot_confusion
     monkeypatch.setattr(run_mod, "PLOT_EVERY_S", 3600.0)
-    monkeypatch.setattr(run_mod, "plot_curves", lambda h, p: drawn.append((p.name, len(h))) or curves(h, p))
-    monkeypatch.setattr(run_mod, "plot_confusion", lambda cm, c, p, title="": (
-        p.name == "confusion.png" and drawn.append((p.name, int(title.split("epoch ")[1].split(":")[0]))),
-        confusion(cm, c, p, title)))
     r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=6, trainable_blocks=2), progress=False)
     losses = [h["train_loss"] for h in r.history]
     assert losses[-1] < losses[0]
@@ -66,7 +60,7 @@ def test_finetune_learns(colour_data, tmp_path, weights_file, monkeypatch):
     ck = load_checkpoint(tmp_path / "run" / "best.pt", kind="end_to_end")
     assert {"backbone_state", "model_state", "frame_spec", "classes", "cache"} <= set(ck)
     # the plots are finished at the end: drawn at epoch 1 and then (PLOT_EVERY_S not reached) only there
-    assert drawn == [("confusion.png", 1), ("curves.png", 1), ("curves.png", 6), ("confusion.png", ck["epoch"])]
+    assert plots_drawn == [("confusion", 1), ("curves", 1), ("curves", 6), ("confusion", ck["epoch"])]
     # the model rebuilt from it has the fine-tuned backbone, not the one it started from
     rebuilt = load_model(tmp_path / "run" / "best.pt").backbone().net.state_dict()
     assert_states_close(rebuilt, ck["backbone_state"], atol=0)

@@ -116,26 +116,13 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
 
 
-def test_plots_are_redrawn_every_few_seconds_and_finished_on_the_picked_epoch(tmp_path, monkeypatch):
+def test_plots_are_redrawn_every_few_seconds_and_finished_on_the_picked_epoch(tmp_path, monkeypatch, plots_drawn):
     """A plot costs more to draw than a small head's epoch: while a run trains, each is redrawn at
     most every PLOT_EVERY_S (every epoch when that is 0, as for slow epochs). At the end curves.png
     shows every epoch and confusion.png the picked one, also after a resume that improves on
     nothing, where the killed run had not drawn its best epoch yet."""
     import pipeline.run as run_mod
-    drawn: list[tuple[str, int]] = []
-    curves, confusion = run_mod.plot_curves, run_mod.plot_confusion
-
-    def spy_curves(history, path):
-        drawn.append(("curves", len(history)))
-        curves(history, path)
-
-    def spy_confusion(cm, classes, path, title=""):
-        if path.name == "confusion.png":  # confusion_test.png is drawn once, after training
-            drawn.append(("confusion", int(title.split("epoch ")[1].split(":")[0])))
-        confusion(cm, classes, path, title)
-
-    monkeypatch.setattr(run_mod, "plot_curves", spy_curves)
-    monkeypatch.setattr(run_mod, "plot_confusion", spy_confusion)
+    drawn = plots_drawn
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 4})
     monkeypatch.setattr(run_mod, "PLOT_EVERY_S", 0.0)
     r = train_temporal(cfg(cache, tmp_path / "every", epochs=4), progress=False)
