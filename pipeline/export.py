@@ -50,7 +50,7 @@ from .errors import ConfigError, ExportError
 from .files import atomic_write_bytes, ensure_dir, sha256_file
 from .heads import HeadConfig
 from .model import Model, load_model
-from .runtime import autocast_ctx
+from .runtime import autocast_ctx, autocast_on
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ def _precision_gap(part: nn.Module, head: nn.Module, probe: torch.Tensor, got: n
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns where it disables an autocast it cannot run
         with autocast_ctx(torch.device("cpu"), dtype):
-            if not torch.is_autocast_enabled("cpu"):
+            if not autocast_on("cpu"):
                 return None
             feats = part(probe)
         want = head(feats.float()).numpy()

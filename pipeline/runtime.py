@@ -110,6 +110,17 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here ("cpu", "cuda"); torch before 2.4 has no
+    device argument, only the CUDA and CPU queries."""
+    import torch
+
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 # ------------------------------------------------------------------------------------ memory
 
 

@@ -345,20 +345,28 @@ def test_frozen_backbone_whose_input_is_not_a_plain_conv(first):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == (0 if first == "identity" else 1)
 
 
-def test_frozen_backbone_under_bf16_autocast_and_on_another_device(weights_file):
+def test_frozen_backbone_under_bf16_autocast_and_on_another_device():
+    """Folding costs no precision beyond bf16's own. Under autocast the input is centred before
+    the first conv: with the centring folded into its bias, the conv rounded the raw pixels' large
+    response to bf16 before the bias took it back off, 2.7x the unfolded network's error here."""
+    from pipeline.backbones import recalibrate_batchnorm
     from pipeline.preprocess import normalize_frames
 
+    torch.manual_seed(0)
     spec = FrameSpec(size=64)
-    model = create_backbone("mobilenet_v2", str(weights_file)).net
+    model = create_backbone("resnet18", "none").net
+    noise = torch.randint(0, 256, (24, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+    frames = torch.nn.functional.avg_pool2d(noise.float(), 9, 1, 4).to(torch.uint8)  # smooth, like photos
+    recalibrate_batchnorm(model, [normalize_frames(frames[:16], spec)])
     frozen = FrozenBackbone(model, spec)
-    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = frames[16:]
     with torch.inference_mode():
-        ref = model(normalize_frames(frames, spec))
+        ref = model(normalize_frames(x, spec))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            plain = model(normalize_frames(frames, spec)).float()
-            folded = frozen(frames).float()
-    # folding the input scale into the first conv costs no precision beyond bf16's own
-    assert (folded - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
+            plain = model(normalize_frames(x, spec)).float()
+            folded = frozen(x).float()
+        torch.testing.assert_close(frozen(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())  # fp32: folded
+    assert (folded - ref).norm() <= 1.2 * (plain - ref).norm()
     # the folded constants follow the model's device (meta: shapes only, like an unmaterialised model)
     meta = FrozenBackbone(create_backbone("mobilenet_v2", "none").net.to("meta").eval(), spec)
     assert meta.offset.device.type == "meta" and all(p.device.type == "meta" for p in meta.net.parameters())
