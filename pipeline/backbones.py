@@ -996,15 +996,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     """Re-estimate every BatchNorm's running mean/var on ``batches`` (normalised inputs), then freeze.
 
     ``momentum=None`` averages the per-batch statistics with equal weight, independent of batch
-    order: give it equal-sized batches that are fair samples (shuffled across videos). Returns the
-    number of frames used.
+    order: give it equal-sized batches that are fair samples (shuffled across videos). Only the
+    BatchNorms run in training mode: dropout and stochastic depth (EfficientNet, ConvNeXt) stay
+    off, so the statistics are those of the network that extracts, and do not depend on the RNG.
+    Returns the number of frames used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+    model.eval()
+    for m in bns:
+        m.train()
     n = 0
     try:
         with torch.no_grad():  # the statistics update in the forward; no graph to keep
