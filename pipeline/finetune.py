@@ -53,8 +53,12 @@ class EndToEnd(nn.Module):
     head on the clip. Only the last ``trainable_blocks`` blocks of the backbone train. The others
     get ``requires_grad=False`` (autograd records nothing before the first trainable parameter, so
     they cost one plain forward and keep no activations) and stay in eval mode in training, so
-    their BatchNorm statistics and dropout stay as they are. ``grad_checkpoint`` recomputes each
-    trainable block in the backward pass."""
+    their BatchNorm statistics and dropout stay as they are. With no block trainable
+    (``--freeze-cnn``) that is the whole backbone, its parameterless modules too (MobileNetV2's and
+    EfficientNet's classifier dropout, left in front of the removed Linear), so the head trains on
+    the features extraction computes. Modules after a trainable block train as usual (that dropout
+    then regularises the fine-tuned features, as in the network's own training). ``grad_checkpoint``
+    recomputes each trainable block in the backward pass."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, spec: FrameSpec, *, trainable_blocks: int | None = None,
                  grad_checkpoint: bool = False) -> None:
@@ -62,6 +66,8 @@ class EndToEnd(nn.Module):
         self.backbone, self.head, self.spec = backbone.net, head, spec
         n = len(backbone.blocks) if trainable_blocks is None else trainable_blocks
         self._frozen = backbone.set_trainable(n)  # a plain list: not registered twice
+        if n == 0:
+            self._frozen = [backbone.net]
         if grad_checkpoint:
             for m in backbone.trainable_modules(n):
                 _checkpointed(m)
@@ -154,7 +160,7 @@ class ClipDataset(Dataset):
                 pos, clip_len = sample("uniform", n, self.seq_len, clip=self.clip, num_clips=self.num_clips)
             frames = read_frames(v.path, v.kind, [kept[p] for p in pos[0, : clip_len[0]]])
         except Exception as e:  # noqa: BLE001 - a broken video is skipped, not fatal
-            log.warning("skipped %s in training: %s", v.rel, e)
+            log.warning("skipped %s in %s: %s", v.rel, "training" if self.train else "evaluation", e)
             return None
         h, w = frames[0].shape[-2:]
         clip = torch.stack([f if f.shape[-2:] == (h, w) else TF.resize(f, [h, w], antialias=True) for f in frames])
@@ -554,11 +560,13 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameSelection, cfg: FinetuneConfig,
               device: torch.device, amp: torch.dtype | None, info: D.DistInfo,
               loader_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform clips, softmax averaged over ``eval_clips``; each rank takes every world-th video and
-    rank 0 gathers them all (no padding duplicates, unlike DistributedSampler)."""
+    """Uniform clips, softmax averaged over the ``eval_clips`` of each video that decode (a clip
+    over a broken frame is left out, not counted as zeros); each rank takes every world-th video
+    and rank 0 gathers them all (no padding duplicates, unlike DistributedSampler)."""
     model.eval()
     mine = list(range(info.rank, len(videos), info.world))
     probs: dict[int, np.ndarray] = {}
+    clips_of: dict[int, int] = {}
     labels = {i: videos[i].label for i in mine}
     for k in range(cfg.eval_clips):
         ds = ClipDataset([videos[i] for i in mine], spec, sel, cfg.seq_len, train=False, clip=k,
@@ -571,8 +579,9 @@ def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameS
                 feats = model.features(clips.to(device), lengths)  # as predict runs the checkpoint
             p = torch.softmax(model.head(feats.float(), lengths).float(), 1).cpu().numpy()
             for j, row in zip(idx, p):
-                probs[mine[j]] = probs.get(mine[j], 0) + row / cfg.eval_clips
-    parts = D.all_gather_objects(({i: probs[i] for i in probs}, {i: labels[i] for i in probs}), info)
+                probs[mine[j]] = probs.get(mine[j], 0) + row
+                clips_of[mine[j]] = clips_of.get(mine[j], 0) + 1
+    parts = D.all_gather_objects(({i: probs[i] / clips_of[i] for i in probs}, {i: labels[i] for i in probs}), info)
     allp = {i: p for part, _ in parts for i, p in part.items()}
     alll = {i: y for _, part in parts for i, y in part.items()}
     order = sorted(allp)

@@ -122,6 +122,56 @@ def test_freeze_cnn_keeps_every_backbone_tensor(colour_data, tmp_path, weights_f
     assert_states_close(after, before, atol=0)  # weights and BatchNorm running statistics alike
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_frozen_backbone_computes_the_extracted_features_in_training(name):
+    """With every block frozen, train mode gives the eval-mode features: the classifier's dropout,
+    which has no parameters and sits in no block, used to stay in training mode."""
+    from pipeline.backbones import create_backbone
+    from pipeline.finetune import EndToEnd
+    from pipeline.heads import HeadConfig, build_head
+
+    from pipeline.backbones import recalibrate_batchnorm
+    from pipeline.preprocess import normalize_frames
+
+    torch.manual_seed(0)
+    bb = create_backbone(name, "none")
+    spec = FrameSpec(size=SIZE)
+    recalibrate_batchnorm(bb.net, [normalize_frames(torch.randint(0, 256, (16, 3, SIZE, SIZE), dtype=torch.uint8), spec)])
+    head = build_head(HeadConfig(num_classes=3, input_dim=bb.num_features, hidden=8))
+    model = EndToEnd(bb, head, spec, trainable_blocks=0).train()
+    clips, lengths = torch.randint(0, 256, (2, 3, 3, SIZE, SIZE), dtype=torch.uint8), torch.tensor([3, 2])
+    with torch.no_grad():
+        train = model.features(clips, lengths)
+        assert (train[0] != 0).float().mean() > 0.25  # features, not a degenerate network's zeros
+        model.eval()
+        assert torch.equal(train, model.features(clips, lengths))
+    model.train()
+    assert model.head.training and not any(m.training for m in model.backbone.modules())
+
+
+def test_evaluation_averages_each_video_over_the_clips_that_decode(colour_data, tmp_path, monkeypatch):
+    """A clip that fails to decode is left out of its video's average, which stays a distribution
+    (it used to count as zeros: probabilities summing to 1/2 here, and a larger NLL)."""
+    from pipeline.backbones import create_backbone
+    from pipeline.config import FrameSelection
+    from pipeline.data import index_dataset
+    from pipeline.distributed import DistInfo
+    from pipeline.finetune import ClipDataset, EndToEnd, _evaluate
+    from pipeline.heads import HeadConfig, build_head
+
+    real = ClipDataset._clip
+    monkeypatch.setattr(ClipDataset, "_clip", lambda self, i: None if (self.clip, i) == (1, 0) else real(self, i))
+    bb = create_backbone("mobilenet_v2", "none")
+    model = EndToEnd(bb, build_head(HeadConfig(num_classes=3, input_dim=bb.num_features, hidden=8)),
+                     FrameSpec(size=SIZE), trainable_blocks=0)
+    videos = index_dataset(DatasetSpec(str(colour_data))).videos("val")
+    cfg = ft_cfg(colour_data, tmp_path / "run", tmp_path / "unused.pt", eval_clips=2)
+    probs, labels = _evaluate(model, videos, FrameSpec(size=SIZE), FrameSelection(), cfg, torch.device("cpu"), None,
+                              DistInfo(), {"num_workers": 0})
+    assert len(probs) == len(videos) == 9
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
 def test_trainable_blocks_change_only_those(colour_data, tmp_path, weights_file):
     finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, trainable_blocks=2, epochs=1), progress=False)
     before, after = _backbone(weights_file), _backbone(tmp_path / "run" / "last.pt")
