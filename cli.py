@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides,
-                             FrameSelection)
+from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, RESIZE_MODES, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig,
+                             FrameOverrides, FrameSelection)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
@@ -170,11 +170,17 @@ FRAME_OPTIONS_LIST = [
                  help="Short side before the centre crop.  [default: the weights' own ratio, e.g. 232 for 224]"),
     click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
                  help="Antialiased resize filter.  [default: the weights' own]"),
-    click.option("--resize", type=click.Choice(["crop", "squash"]), default=None,
-                 help="crop: short side to --resize-size, then centre crop --size; squash: both sides to --size.  "
-                      "[default: crop]"),
+    click.option("--resize", type=click.Choice(RESIZE_MODES), default=None,
+                 help="crop: short side to --resize-size, then centre crop --size; squash: both sides to "
+                      "--resize-size (default there: --size), then centre crop; border: long side to --resize-size, "
+                      "padded with the mean colour (letterbox), then centre crop.  [default: the weights' own, "
+                      "mostly crop]"),
 ]
 
+
+# Uniform clips per video at evaluation. More than this overlap almost entirely on videos of a few
+# hundred frames, and each pass over the split costs the same: 10,000 clips ran for minutes.
+EVAL_CLIPS = click.IntRange(1, 100)
 
 FRAME_OPTIONS = _options(*FRAME_OPTIONS_LIST)  # each left out keeps the backbone's default
 
@@ -214,8 +220,11 @@ LOAD_OPTIONS = _options(*LOAD_OPTIONS_LIST)  # train-temporal, evaluate, sweep
 
 
 def _describe_spec(spec) -> str:
+    crop = f", centre crop {spec.size}x{spec.size}" if spec.resize_size != spec.size else ""
     if spec.resize == "squash":
-        return f"squashed to {spec.size}x{spec.size}, {spec.interpolation}"
+        return f"squashed to {spec.resize_size}x{spec.resize_size}{crop}, {spec.interpolation}"
+    if spec.resize == "border":
+        return f"long side {spec.resize_size}, padded to {spec.size} (letterbox){crop}, {spec.interpolation}"
     return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
 
 
@@ -927,7 +936,7 @@ def list_backbones_cmd(timm_pattern: str | None, blocks_of: str | None) -> None:
 
 
 def _describe_input(spec) -> str:
-    return f"{spec.resize_size}->{spec.size} {spec.interpolation}"
+    return f"{spec.resize_size}->{spec.size} {spec.interpolation}" + ("" if spec.resize == "crop" else f" {spec.resize}")
 
 
 @main.command("make-demo-data")

@@ -547,7 +547,7 @@ def _timm_frame_spec(cfg: dict[str, Any], input_size: int | None) -> FrameSpec:
 
     size = int(input_size or cfg["input_size"][-1])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
-    mode = "squash" if cfg.get("crop_mode") == "squash" else "crop"
+    mode = cfg.get("crop_mode") if cfg.get("crop_mode") in ("squash", "border") else "crop"
     interp = cfg.get("interpolation", "bicubic")
     return FrameSpec(size=size, resize=mode, resize_size=max(size, math.floor(size / crop_pct)),
                      interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",

@@ -13,7 +13,8 @@ from .errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ResizeMode = Literal["crop", "squash"]
+ResizeMode = Literal["crop", "squash", "border"]
+RESIZE_MODES = ("crop", "squash", "border")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 HEAD_ARCHS = ("lstm", "gru", "transformer", "attention", "mean")  # pipeline.heads.HEADS, without importing torch
@@ -26,8 +27,12 @@ class FrameSpec:
 
     ``crop``: resize the short side to ``resize_size`` (aspect kept), then centre-crop
     ``size``×``size`` (torchvision's ``Resize(resize_size)`` + ``CenterCrop(size)``, timm's eval
-    transform with ``resize_size = size / crop_pct``). ``squash``: resize both sides to ``size``
-    (aspect not kept, nothing cut off). Antialiased ``interpolation``; then ``(x/255 - mean) / std``.
+    transform with ``resize_size = size / crop_pct``). ``squash``: resize both sides to
+    ``resize_size`` (aspect not kept), then centre-crop ``size``×``size`` (timm's ``crop_mode``
+    squash; nothing cut off where ``resize_size == size``, the default). ``border``: resize the
+    long side to ``resize_size`` (aspect kept), pad the short side to ``size`` with the mean colour
+    and centre-crop ``size``×``size`` (timm's ``crop_mode`` border, a letterbox). Antialiased
+    ``interpolation``; then ``(x/255 - mean) / std``.
     The default of each backbone is its weights' own eval transform (``backbones.default_frame_spec``).
     """
 
@@ -41,12 +46,12 @@ class FrameSpec:
     def __post_init__(self) -> None:
         if self.size < 16:
             raise ValueError(f"FrameSpec.size must be at least 16, got {self.size}")
-        if self.resize not in ("crop", "squash"):
-            raise ValueError(f"FrameSpec.resize must be 'crop' or 'squash', got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"FrameSpec.resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"FrameSpec.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                              f"got {self.interpolation!r}")
-        resize_size = self.size if self.resize_size is None or self.resize == "squash" else int(self.resize_size)
+        resize_size = self.size if self.resize_size is None else int(self.resize_size)
         if resize_size < self.size:
             raise ValueError(f"FrameSpec.resize_size ({resize_size}) must be at least the crop size ({self.size})")
         object.__setattr__(self, "resize_size", resize_size)
@@ -67,9 +72,8 @@ class FrameSpec:
         """This spec with the options a user gave. A new crop ``size`` without a ``resize_size``
         keeps the weights' crop ratio (torchvision 232/224, timm 1/crop_pct)."""
         size = o.size or self.size
-        if o.resize_size is not None and (o.resize or self.resize) == "squash":
-            raise ConfigError("--resize-size is for --resize crop; squash resizes both sides to --size" + (
-                "" if o.resize else " (the weights' own default here): add --resize crop to use --resize-size"))
+        if o.resize in ("squash", "border") and self.resize != o.resize and o.resize_size is None:
+            o = dataclasses.replace(o, resize_size=size)  # the whole frame unless asked otherwise, not the crop's ratio
         if o.resize_size is not None and o.resize_size < size:
             raise ConfigError(f"--resize-size {o.resize_size} is smaller than the crop, --size {size}: give at least "
                               f"{size}, or leave it out for the weights' ratio")

@@ -24,21 +24,44 @@ def resize_frames(frames: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
 
     ``crop``: the short side to ``spec.resize_size`` (long side scaled and truncated as
     torchvision's ``Resize(int)`` does), then a centre crop rounded as ``center_crop`` rounds it;
-    ``squash``: both sides to ``spec.size``. Antialiased ``spec.interpolation``, exactly as
+    ``squash``: both sides to ``spec.resize_size``, then the same centre crop (none where it is
+    ``spec.size``); ``border``: the long side to ``spec.resize_size`` (sides rounded as timm's
+    ``ResizeKeepRatio``), padded with the mean colour where shorter than ``spec.size`` and centre
+    cropped, as timm's ``CenterCropOrPad``. Antialiased ``spec.interpolation``, exactly as
     ``torchvision.transforms.v2.functional.resize``.
     """
     if frames.dtype != torch.uint8:
         raise TypeError(f"resize_frames expects uint8 frames, got {frames.dtype}")
     h, w = frames.shape[-2:]
     s, mode = spec.size, spec.interpolation
-    if spec.resize == "squash":
-        return frames if (h, w) == (s, s) else _resize(frames, s, s, mode)
     r = spec.resize_size or s
-    if min(h, w) != r:
+    if spec.resize == "squash":
+        if (h, w) != (r, r):
+            frames = _resize(frames, r, r, mode)
+    elif spec.resize == "border":
+        ratio = max(h / r, w / r)
+        if max(h, w) != r:
+            frames = _resize(frames, round(h / ratio), round(w / ratio), mode)
+        frames = _pad_to(frames, s, tuple(round(255 * m) for m in spec.mean))
+    elif min(h, w) != r:
         frames = _resize(frames, r, int(r * w / h), mode) if h <= w else _resize(frames, int(r * h / w), r, mode)
     h, w = frames.shape[-2:]
     top, left = round((h - s) / 2.0), round((w - s) / 2.0)  # as TF.center_crop rounds (half to even)
     return frames[..., top:top + s, left:left + s]  # a view: the caller's stack makes the one copy
+
+
+def _pad_to(frames: torch.Tensor, s: int, fill: tuple[int, ...]) -> torch.Tensor:
+    """Frames padded to at least ``s`` on each side with the colour ``fill``, centred as timm's
+    ``center_crop_or_pad`` pads (the odd pixel at the right and bottom); in (…, H, W, 3) memory."""
+    h, w = frames.shape[-2:]
+    if h >= s and w >= s:
+        return frames
+    ph, pw = max(s, h), max(s, w)
+    top, left = (ph - h) // 2, (pw - w) // 2
+    out = torch.empty((*frames.shape[:-3], ph, pw, 3), dtype=frames.dtype, device=frames.device).movedim(-1, -3)
+    out.copy_(torch.tensor(fill, dtype=frames.dtype).view(3, 1, 1).expand_as(out))
+    out[..., top:top + h, left:left + w] = frames
+    return out
 
 
 def nhwc_view(frames: torch.Tensor) -> torch.Tensor | None:

@@ -153,6 +153,31 @@ def test_default_frame_spec_equals_timm_eval_transform(name):
     assert diff.mean() < 0.5 and diff.max() <= 3.0, (float(diff.mean()), float(diff.max()))
 
 
+@pytest.mark.parametrize(("name", "tag"), [("timm:dm_nfnet_f0", "dm_in1k"),  # squash: both sides 213, crop 192
+                                         ("timm:deepseek_vit_412m", "deepseek_v4_1_flash")])  # border: letterbox
+def test_timm_squash_and_border_eval_transforms_are_reproduced(name, tag):
+    """timm's other crop modes, from the pretrained config alone (no model built): the same
+    stated tolerance as above, and the letterbox's padding is the mean colour exactly."""
+    import timm
+    from PIL import Image
+
+    cfg = timm.models.get_pretrained_cfg(f"{name.split(':')[1]}.{tag}").to_dict()
+    data = timm.data.resolve_data_config(pretrained_cfg=cfg)
+    tf = timm.data.create_transform(**data, is_training=False)
+    spec = default_frame_spec(name, tag)
+    assert spec.resize == cfg["crop_mode"] and spec.size == data["input_size"][-1]
+    img = _image()
+    want = tf(Image.fromarray(img.permute(1, 2, 0).numpy()))
+    frames = resize_frames(img, spec)
+    got = normalize_frames(frames[None], spec)[0]
+    assert got.shape == want.shape
+    diff = (got - want).abs() * torch.tensor(spec.std).view(3, 1, 1) * 255
+    assert diff.mean() < 0.5 and diff.max() <= 3.0, (float(diff.mean()), float(diff.max()))
+    if spec.resize == "border":  # 320x240: the long side fills the width, rows are padded above and below
+        pad = (spec.size - round(240 * spec.resize_size / 320)) // 2
+        assert pad > 0 and (frames[:, :pad] == torch.tensor([round(255 * m) for m in spec.mean]).view(3, 1, 1)).all()
+
+
 def test_frame_overrides_keep_the_crop_ratio():
     spec = default_frame_spec("mobilenet_v2")  # 232 -> 224
     assert spec.override(FrameOverrides(size=112)).resize_size == 116
@@ -163,11 +188,12 @@ def test_frame_overrides_keep_the_crop_ratio():
         spec.override(FrameOverrides(size=32, resize_size=16))
     with pytest.raises(ConfigError, match="--resize-size 40 is smaller than the crop, --size 224"):
         spec.override(FrameOverrides(resize_size=40))
-    with pytest.raises(ConfigError, match="--resize-size is for --resize crop; squash resizes both sides to --size$"):
-        spec.override(FrameOverrides(resize="squash", resize_size=240))
-    squashed = FrameSpec(size=224, resize="squash")  # some timm weights' own default
-    with pytest.raises(ConfigError, match=r"weights' own default here\): add --resize crop"):
-        squashed.override(FrameOverrides(resize_size=240))
+    # squash and border take the whole frame unless --resize-size asks for a margin to crop
+    assert spec.override(FrameOverrides(resize="squash")).resize_size == 224
+    assert spec.override(FrameOverrides(resize="border", size=112)).resize_size == 112
+    assert spec.override(FrameOverrides(resize="squash", resize_size=240)).resize_size == 240
+    squashed = FrameSpec(size=192, resize="squash", resize_size=213)  # NFNet weights' own default: their ratio
+    assert squashed.override(FrameOverrides(size=96)).resize_size == 106
     assert squashed.override(FrameOverrides(resize="crop", resize_size=240)).resize_size == 240
     old = FrameSpec.from_dict({"size": 224, "resize": "crop", "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225]})  # schema 1
