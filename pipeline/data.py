@@ -1288,8 +1288,10 @@ def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[tor
 # UCF101: v_<Class>_g<group>_c<clip>; the group (one actor / source) is what must not straddle.
 _UCF_NAME = re.compile(r"^(?P<group>v_.+_g\d+)_c\d+$")
 # HMDB51: <source video>_<action>_<body>_<camera motion>_<people>_<view>_<quality>_<clip number>,
-# e.g. April_09_brush_hair_u_nm_np1_ba_goo_0; clips of one source differ only in the clip number.
-_HMDB_NAME = re.compile(r"^(?P<group>.+_[a-z]_(?:nm|cm)_np\d+_(?:fr|ba|le|ri)_(?:goo|med|bad))_\d+$")
+# e.g. April_09_brush_hair_u_nm_np1_ba_goo_0. The tags are each clip's own (one source's clips can
+# differ in body part, camera motion, view or quality), so the group is the source video: what
+# precedes the tags, less the action (the class folder's name).
+_HMDB_NAME = re.compile(r"^(?P<group>.+)_[a-z]_(?:nm|cm)_np\d+_(?:fr|ba|le|ri)_(?:goo|med|bad)_\d+$")
 
 
 def _clip_name(rel: str) -> str:
@@ -1309,8 +1311,14 @@ def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
         if m:
             return m.group(1) if m.groups() else m.group(0)
         return rel
-    m = _UCF_NAME.match(stem) or _HMDB_NAME.match(stem)
-    return m["group"] if m else rel
+    m = _UCF_NAME.match(stem)
+    if m:
+        return m["group"]
+    m = _HMDB_NAME.match(stem)
+    if not m:
+        return rel
+    action = Path(rel).parent.name
+    return m["group"][:-len(action) - 1] if action and m["group"].endswith(f"_{action}") else m["group"]
 
 
 def uncarvable(where: str) -> str:
