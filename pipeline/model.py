@@ -70,6 +70,13 @@ class Model:
         weight name (torchvision/timm, downloaded if needed), or from the recorded file. ``weights``
         points at that file if it has moved; its sha256 must match the recorded one, or for named
         torchvision weights the hash in their published file name (timm publishes none)."""
+        bb = self._backbone(weights)
+        prov = self.provenance
+        if prov.backbone in RENORMALISED and tuple(prov.frame_spec.mean) == IMAGENET_MEAN:
+            bb.net.transform_input = True  # cached the old way: the model re-normalised its input itself
+        return bb
+
+    def _backbone(self, weights: str | Path | None) -> Backbone:
         prov = self.provenance
         if self.kind == "end_to_end":
             if weights is not None:
@@ -85,8 +92,6 @@ class Model:
         ident = prov.weights
         if ident.source in ("torchvision", "timm") and weights is None:
             bb = create_backbone(prov.backbone, ident.name or "imagenet", input_size=prov.frame_spec.size)
-            if prov.backbone in RENORMALISED and tuple(prov.frame_spec.mean) == IMAGENET_MEAN:
-                bb.net.transform_input = True  # cached the old way: the model re-normalised its input itself
             if ident.sha256 and bb.weights.sha256 and bb.weights.sha256 != ident.sha256:
                 raise WeightsError(f"{prov.backbone} weights {ident.name} are another file now (sha256 "
                                    f"{bb.weights.sha256[:12]}... != {ident.sha256[:12]}...) than the features of "

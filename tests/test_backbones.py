@@ -804,22 +804,34 @@ def test_more_families_have_blocks_worth_training_one_of(name, count):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
 
 
-def test_googlenet_features_cached_with_imagenet_normalisation_are_rebuilt_so(monkeypatch):
+def test_googlenet_features_cached_with_imagenet_normalisation_are_rebuilt_so(monkeypatch, tmp_path):
     """A checkpoint on GoogLeNet features cached before the FrameSpec carried the model's own
     re-normalisation (ImageNet mean/std, transform_input inside the model): its backbone is rebuilt
-    with that step, so predict computes the features it was trained on."""
+    with that step, so predict computes the features it was trained on; by tag, from a moved
+    weights file, and from an end-to-end checkpoint fine-tuned from such a model alike."""
     import torchvision
 
     from pipeline.config import FrameSelection, Provenance, WeightsIdentity
+    from pipeline.files import sha256_file
     from pipeline.model import Model
 
     state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).state_dict()
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
 
-    def rebuilt(spec: FrameSpec) -> bool:
-        prov = Provenance(backbone="googlenet", weights=WeightsIdentity(source="torchvision", name="IMAGENET1K_V1"),
-                          frame_spec=spec, selection=FrameSelection(), feature_dim=1024, classes=("a", "b"))
-        return Model(Path("x.pt"), "temporal", nn.Identity(), None, ["a", "b"], prov, 8, 1, {}).backbone().net.transform_input
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    torch.save(net.state_dict(), moved := tmp_path / "googlenet.pth")
+    e2e_state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
-    assert rebuilt(FrameSpec(size=224, resize_size=256)) is True  # ImageNet mean/std: made the old way
+    def rebuilt(spec: FrameSpec, how: str = "tag") -> bool:
+        ident = WeightsIdentity(source="torchvision", name="IMAGENET1K_V1",
+                                sha256=sha256_file(moved) if how == "file" else None)
+        prov = Provenance(backbone="googlenet", weights=ident, frame_spec=spec, selection=FrameSelection(),
+                          feature_dim=1024, classes=("a", "b"))
+        kind, ckpt = ("end_to_end", {"backbone_state": e2e_state}) if how == "end_to_end" else ("temporal", {})
+        model = Model(Path("x.pt"), kind, nn.Identity(), None, ["a", "b"], prov, 8, 1, ckpt)
+        return model.backbone(moved if how == "file" else None).net.transform_input
+
+    old = FrameSpec(size=224, resize_size=256)  # ImageNet mean/std: made the old way
+    assert rebuilt(old) is rebuilt(old, "file") is rebuilt(old, "end_to_end") is True
     assert rebuilt(default_frame_spec("googlenet", "IMAGENET1K_V1")) is False
+    assert rebuilt(default_frame_spec("googlenet", "IMAGENET1K_V1"), "file") is False
