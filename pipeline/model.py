@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .backbones import RENORMALISED, Backbone, create_backbone, published_sha256_prefix
@@ -123,6 +124,12 @@ class Model:
         return create_backbone(prov.backbone, str(path), input_size=prov.frame_spec.size)
 
 
+def _non_finite(state: dict[str, Any]) -> str | None:
+    """The first floating-point tensor of ``state`` holding a NaN or an infinity, by name."""
+    return next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                 and not torch.isfinite(v).all()), None)
+
+
 def load_model(path: str | Path) -> Model:
     """Rebuild the trained model in ``path`` (a ``best.pt``/``last.pt`` of train-temporal, the sweep
     or finetune-end-to-end; schema 1 or 2)."""
@@ -130,6 +137,15 @@ def load_model(path: str | Path) -> Model:
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") not in TRAINED_KINDS:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a trained model")
+    for key, kind in (("model_config", dict), ("model_state", dict), ("classes", list | tuple), ("cache", dict)):
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path} is damaged: {'no' if key not in ckpt else 'a broken'} {key}; use the run's "
+                                  "other checkpoint (best.pt / last.pt) or train it again")
+    for key in ("model_state", "backbone_state"):
+        bad = _non_finite(ckpt.get(key) or {})
+        if bad is not None:  # a run that diverged and was saved anyway, or a damaged file: NaN for every video
+            raise CheckpointError(f"{path} holds non-finite weights ({bad}): the run diverged or the file is "
+                                  "damaged; use another checkpoint, or train again with a lower --lr")
     try:
         cfg = HeadConfig.from_dict(ckpt["model_config"])
     except ConfigError as e:  # the checkpoint's, not an option the user gave

@@ -536,6 +536,19 @@ def test_checkpoint_with_more_classes_than_head_outputs_is_refused(tmp_path):
                                            "cache": prov.to_dict(), "epoch": 1, "metrics": {}})
     with pytest.raises(CheckpointError, match=r"best\.pt is damaged: it lists 3 classes for a head of 2 outputs"):
         load_model(tmp_path / "best.pt")
+    # a field gone, or weights a diverged run saved: one line each, not a KeyError or NaN for every video
+    state = build_head(head_cfg).state_dict()
+    base = {"kind": "temporal", "model_config": head_cfg.to_dict(), "model_state": state, "train_config": {},
+            "frame_spec": spec.to_dict(), "classes": ["a", "b"], "cache": prov.to_dict(), "epoch": 1, "metrics": {}}
+    save_checkpoint(tmp_path / "ok.pt", base)
+    assert load_model(tmp_path / "ok.pt").classes == ["a", "b"]
+    save_checkpoint(tmp_path / "gone.pt", {k: v for k, v in base.items() if k != "model_state"})
+    with pytest.raises(CheckpointError, match=r"gone\.pt is damaged: no model_state; use the run's other checkpoint"):
+        load_model(tmp_path / "gone.pt")
+    key = next(iter(state))
+    save_checkpoint(tmp_path / "nan.pt", {**base, "model_state": {**state, key: state[key] * float("nan")}})
+    with pytest.raises(CheckpointError, match=rf"nan\.pt holds non-finite weights \({key}\): the run diverged"):
+        load_model(tmp_path / "nan.pt")
 
 
 # ------------------------------------------------------------------- files of the last schema
