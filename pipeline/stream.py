@@ -315,6 +315,9 @@ class LiveStream:
             log.debug("live reader failed", exc_info=True)
             self.ended, self.error = "lost", f"live source {self.source}: the reader failed ({type(e).__name__}: {e})"
         finally:
+            if self._first is not None:  # stopped before the loop took the source opened up front
+                self._first[0].close()
+                self._first = None
             self._queue.finish()
 
     def _retry(self, attempt: int, why: str) -> bool:

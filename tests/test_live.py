@@ -401,6 +401,22 @@ def test_reconnect_does_not_retry_a_missing_file(tmp_path):
         LiveStream(str(tmp_path / "none.ts"), reconnect=True, backoff=0.01)
 
 
+def test_a_stream_stopped_before_its_reader_ran_closes_the_source(media, monkeypatch):
+    """A file is opened up front, in the caller's thread; stopped before the reader took it, the
+    reader still closes it (it used to be left open)."""
+    import av
+
+    closed = []
+    monkeypatch.setattr(av.container.InputContainer, "close",
+                        lambda self, real=av.container.InputContainer.close: (closed.append(self), real(self))[1])
+    stream = LiveStream(str(media / "clip.ts"))
+    opened = stream._first[0]
+    stream._stop.set()  # as close() does, here before the thread starts
+    with stream:
+        assert list(stream) == []
+    assert closed == [opened] and stream._first is None and stream.ended == "stopped"
+
+
 def test_a_failing_reader_ends_the_stream_as_an_error(monkeypatch):
     """An unexpected error in the reader thread (here: opening raises what no source error is)
     ends the run as lost with that error, not as a quiet stop (exit 0)."""
