@@ -244,13 +244,22 @@ class CacheWriter:
             return
         path = Path(path)
         partial = read_partial(path)
-        olds = [] if partial is None else [(Path(f"{path}.partial"), partial["provenance"])]
-        if not (partial and partial["replace"]) and path.exists():  # a replacing run ignores the file
-            olds.append((path, read_provenance(path)))
-        for where, old in olds:
-            diff = old.mismatch(provenance, ignore=ignore, dated=True)
+        work = Path(f"{path}.partial")
+        if partial is not None:
+            diff = partial["provenance"].mismatch(provenance, ignore=ignore, dated=True)
             if diff:
-                raise CacheError(f"{where} was made with different settings ({diff}); use another --output, "
+                keep = f" (and keep {path} as it is)" if path.exists() else ""
+                raise CacheError(f"{work} was made with different settings ({diff}): an unfinished extraction"
+                                 f"{' replacing ' + str(path) if partial['replace'] and path.exists() else ''}; "
+                                 f"delete {work} to drop it{keep}, use another --output, or --overwrite to replace it")
+        if path.exists():
+            diff = read_provenance(path).mismatch(provenance, ignore=ignore, dated=True)
+            if diff and partial and partial["replace"]:  # resumed, it would replace the file: only with --overwrite
+                raise CacheError(f"{work} is an unfinished --overwrite of {path}, which was made with different "
+                                 f"settings ({diff}); rerun with --overwrite to finish replacing it, or delete {work} "
+                                 f"to keep {path}")
+            if diff:
+                raise CacheError(f"{path} was made with different settings ({diff}); use another --output, "
                                  "or --overwrite to replace it")
 
     @staticmethod

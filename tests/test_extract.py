@@ -540,6 +540,19 @@ def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tin
                                          r'"resnet18"\).*--overwrite'):
         run(done, backbone="resnet18")
     assert (calibrations, sorted(tmp_path.iterdir()), sha256_file(done)) == ([], files, before)
+    # an --overwrite with another backbone, killed: its rerun without --overwrite would replace the
+    # cache, so it is refused (it used to go ahead); the cache's own settings are told what to delete
+    killed_run(done, backbone="resnet18", overwrite=True)
+    with pytest.raises(CacheError, match=r"done\.h5\.partial is an unfinished --overwrite of .*done\.h5, which was made "
+                                         r"with different settings .*rerun with --overwrite to finish replacing it"):
+        run(done, backbone="resnet18")
+    with pytest.raises(CacheError, match=r"done\.h5\.partial was made with different settings .*: an unfinished "
+                                         r"extraction replacing .*done\.h5; delete .*done\.h5\.partial to drop it "
+                                         r"\(and keep .*done\.h5 as it is\)"):
+        run(done)
+    assert sha256_file(done) == before
+    assert run(done, backbone="resnet18", overwrite=True).backbone == "resnet18"
+    calibrations[:] = []
 
     for kw in ({"backbone": "resnet18"}, {"frame_spec": FrameSpec(size=48)}):
         out = tmp_path / f"killed-{len(calibrations)}.h5"
