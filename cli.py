@@ -362,7 +362,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--seq-len", type=click.IntRange(1), default=16, show_default=True, help="Frames per clip.")
 @click.option("--sampler", type=click.Choice(TRAIN_SAMPLERS), default="segment", show_default=True,
               help="Training clips: segment = TSN (one random frame per equal segment); random = random window.")
-@click.option("--eval-clips", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--eval-clips", type=EVAL_CLIPS, default=4, show_default=True,
               help="Uniform clips per video averaged at evaluation.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -514,6 +514,7 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
     """Train a grid of temporal heads at once on one cache; poor ones stop early; leaderboard and winner.
 
     Rerunning the same command after an interruption resumes the sweep."""
+    import dataclasses
     import json
 
     from pipeline.config import TemporalConfig
@@ -544,6 +545,9 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
                 if a not in kinds:
                     raise click.BadParameter(f"{spec}: unknown axis {a!r} (axes: {', '.join(kinds)})",
                                              param_hint="--spec")
+                if v == []:
+                    raise click.BadParameter(f"{spec}: axis {a!r} has no values; give at least one",
+                                             param_hint="--spec")
                 try:
                     grid[a] = _list_of(kinds[a])(None, None, tuple(str(x) for x in (v if isinstance(v, list) else [v])))
                 except click.BadParameter as e:
@@ -558,6 +562,13 @@ def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, 
                           val_fraction=val_fraction, group_pattern=group_pattern, test_split=test_split,
                           epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
                           load=load, memory_budget=memory_budget)
+    for g in grids if spec is not None else ():  # a value out of range names the spec file, as its other errors do
+        for a, values in g.items():
+            for x in values if a not in given else ():
+                try:
+                    dataclasses.replace(base, **{a: x})
+                except ConfigError as e:
+                    raise click.BadParameter(f"{spec}: axis {a!r}: {e}", param_hint="--spec") from None
     cfg = SweepConfig(base=base, grids=tuple(tuple(g.items()) for g in grids), eta=eta, min_epochs=min_epochs,
                       overwrite=overwrite)
     _new_folder(out)
@@ -590,7 +601,7 @@ def _print_leaderboard(r) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--cache", required=True, type=click.Path(path_type=Path))
 @click.option("--split", default="test", show_default=True)
-@click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: the checkpoint's]")
+@click.option("--eval-clips", type=EVAL_CLIPS, default=None, help="[default: the checkpoint's]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the confusion matrix and per-class CSV here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @LOAD_OPTIONS
@@ -868,7 +879,7 @@ def _check_plot_path(plot: Path, inputs: tuple[Path, ...] = ()) -> None:
 @HEAD_OPTIONS
 @click.option("--seq-len", type=click.IntRange(1), default=None, help="[default: --init's, else 8]")
 @click.option("--sampler", type=click.Choice(TRAIN_SAMPLERS), default="segment", show_default=True)
-@click.option("--eval-clips", type=click.IntRange(1), default=None, help="[default: --init's, else 1]")
+@click.option("--eval-clips", type=EVAL_CLIPS, default=None, help="[default: --init's, else 1]")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Clips per batch (per process).")
 @click.option("--lr", type=FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)

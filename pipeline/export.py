@@ -102,7 +102,7 @@ class OnnxMeta:
     @classmethod
     def from_props(cls, props: dict[str, str], where: str) -> OnnxMeta:
         if props.get("format") != json.dumps(FORMAT):
-            raise ExportError(f"{where} has no action-pipeline metadata (not written by `export`); export a "
+            raise ExportError(f"{where} has no action-pipeline metadata (not an ONNX model written by `export`); export a "
                               "checkpoint with `python cli.py export CHECKPOINT --out MODEL.onnx`")
         try:
             d = {k: json.loads(v) for k, v in props.items()}
@@ -520,9 +520,10 @@ def _plain(v: Any) -> Any:
         return str(v)
 
 
-def read_metadata(model: str | Path | Any) -> OnnxMeta:
-    """The metadata of an exported file (a path) or a loaded ModelProto; one line if it is not ours."""
-    where = str(model) if isinstance(model, str | Path) else "the ONNX model"
+def read_metadata(model: str | Path | Any, where: str | Path | None = None) -> OnnxMeta:
+    """The metadata of an exported file (a path) or a loaded ModelProto (read from ``where``); one
+    line if it is not ours."""
+    where = str(model) if isinstance(model, str | Path) else str(where or "the ONNX model")
     if isinstance(model, str | Path):
         model = load_onnx(model)
     meta = OnnxMeta.from_props({p.key: p.value for p in model.metadata_props}, where)

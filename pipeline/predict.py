@@ -226,7 +226,7 @@ class OnnxClassifier(Classifier):
 
         self.path = Path(path)
         proto = load_onnx(self.path)
-        meta: OnnxMeta = read_metadata(proto)
+        meta: OnnxMeta = read_metadata(proto, self.path)
         if meta.graph != "full":
             raise ConfigError(f"{self.path} is a head-only export (features in, not frames); predict needs the full "
                               "model: export the checkpoint again without --head-only")

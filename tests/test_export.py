@@ -321,7 +321,8 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
     onnx.save(helper.make_model(graph), foreign)
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
     cases = [
-        (["--runtime", "onnx", str(foreign)], "has no action-pipeline metadata (not written by `export`)"),
+        (["--runtime", "onnx", str(foreign)], f"{foreign} has no action-pipeline metadata (not an ONNX model written "
+                                              "by `export`)"),
         ([str(tmp_path / "head.onnx")], "is a head-only export"),
         ([str(tmp_path / "junk.onnx")], "is not a readable ONNX file"),
         ([str(tmp_path / "missing.onnx")], "no such ONNX file"),
@@ -338,7 +339,8 @@ def test_export_cli_head_only_and_files_that_are_not_ours(exported, inputs, tmp_
         prop = next(p for p in m.metadata_props if p.key == key)
         prop.value = json.dumps(edit(json.loads(prop.value)))
         onnx.save(m, str(tmp_path / f"edited_{key}.onnx"))
-        cases.append(([str(tmp_path / f"edited_{key}.onnx")], f"its action-pipeline metadata does not fit its graph ({msg}"))
+        cases.append(([str(tmp_path / f"edited_{key}.onnx")],
+                      f"edited_{key}.onnx: its action-pipeline metadata does not fit its graph ({msg}"))
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU-only package

@@ -106,7 +106,9 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     assert tmp_path / "sw" / "best.pt" in kept and tmp_path / "sw" / "sweep_state.pt" in kept
     spec = tmp_path / "spec.json"
     spec.write_text('{"hidden": [8, 8.5]}')
-    specs = {name: tmp_path / f"{name}.json" for name in ("empty_list", "empty_grid", "twice")}
+    specs = {name: tmp_path / f"{name}.json" for name in ("empty_list", "empty_grid", "twice", "no_lr", "zero")}
+    specs["no_lr"].write_text('{"lr": []}')
+    specs["zero"].write_text('[{"hidden": [8]}, {"hidden": [16, 0]}]')
     specs["empty_list"].write_text("[]")
     specs["empty_grid"].write_text("{}")
     specs["twice"].write_text('{"head": ["lstm"], "head": ["gru"]}')
@@ -120,7 +122,9 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                  (["--spec", str(spec)], "spec.json: axis 'hidden': '8.5' is not a valid value (int)"),
                  (["--spec", str(specs["empty_list"])], "empty_list.json: an empty list of grids"),
                  (["--spec", str(specs["empty_grid"])], "empty_grid.json: an empty grid {}"),
-                 (["--spec", str(specs["twice"])], "twice.json: axis 'head' is given twice in one grid")]
+                 (["--spec", str(specs["twice"])], "twice.json: axis 'head' is given twice in one grid"),
+                 (["--spec", str(specs["no_lr"])], "no_lr.json: axis 'lr' has no values"),
+                 (["--spec", str(specs["zero"])], "zero.json: axis 'hidden': hidden must be >= 1, got 0")]
     for args, msg in bad_grids:
         r = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sw"), "--epochs", "2",
                                       "--min-epochs", "1", "--overwrite", *args])
