@@ -516,11 +516,14 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
         if bb.has_batchnorm:
             bb.net.to(device)
             log.warning(
-                "--weights none: random-init %s; recalibrating its BatchNorm statistics on %d frames of this "
-                "dataset (use --weights imagenet for pretrained features)", bb.name, cfg.calibration_frames)
+                "--weights none: random-init %s; recalibrating its BatchNorm statistics on up to %d frames of "
+                "this dataset (use --weights imagenet for pretrained features)", bb.name, cfg.calibration_frames)
             n = _calibrate(bb.net, index, cfg, spec, device, workers)
             if n == 0:
                 raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
+            if n < cfg.calibration_frames:
+                log.warning("calibrated on %d frames, all the videos gave of the %d asked: statistics from few "
+                            "frames make noisier features", n, cfg.calibration_frames)
             bb.net.cpu()
             meta["calibration_frames"] = n
             source = "recalibrated"

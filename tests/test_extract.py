@@ -448,6 +448,14 @@ def test_imagenet_offline_fails_with_actionable_message(monkeypatch, tmp_path):
         create_backbone("mobilenet_v2", "IMAGENET1K_V9")
 
 
+def test_calibration_on_fewer_frames_than_asked_says_how_many(tiny_dataset, tmp_path, caplog):
+    r = extract_features(config(tiny_dataset, tmp_path / "f.h5", "none", calibration_frames=1000), progress=False)
+    frames = torch.load(r.weights_file, weights_only=True)["meta"]["calibration_frames"]
+    assert frames == 33  # the train split's 12 + 5 + 7 + 9 frames
+    assert "on up to 1000 frames" in caplog.text
+    assert "calibrated on 33 frames, all the videos gave of the 1000 asked" in caplog.text
+
+
 def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
     out = tmp_path / "f.h5"
     r = extract_features(config(tiny_dataset, out, "none", calibration_frames=32), progress=False)
