@@ -1289,8 +1289,9 @@ def read_frames(video_path: Path, kind: str, indices: Sequence[int]) -> list[tor
 _UCF_NAME = re.compile(r"^(?P<group>v_.+_g\d+)_c\d+$")
 # HMDB51: <source video>_<action>_<body>_<camera motion>_<people>_<view>_<quality>_<clip number>,
 # e.g. April_09_brush_hair_u_nm_np1_ba_goo_0. The tags are each clip's own (one source's clips can
-# differ in body part, camera motion, view or quality), so the group is the source video: what
-# precedes the tags, less the action (the class folder's name).
+# differ in body part, camera motion, view or quality), so the group is what precedes them: the
+# source video and the action. The action stays in: groups spanning classes would let the carve,
+# which holds a group out whole, take every clip of a class that shares its source with another.
 _HMDB_NAME = re.compile(r"^(?P<group>.+)_[a-z]_(?:nm|cm)_np\d+_(?:fr|ba|le|ri)_(?:goo|med|bad)_\d+$")
 
 
@@ -1311,14 +1312,8 @@ def source_group(rel: str, pattern: str | re.Pattern | None = None) -> str:
         if m:
             return m.group(1) if m.groups() else m.group(0)
         return rel
-    m = _UCF_NAME.match(stem)
-    if m:
-        return m["group"]
-    m = _HMDB_NAME.match(stem)
-    if not m:
-        return rel
-    action = Path(rel).parent.name
-    return m["group"][:-len(action) - 1] if action and m["group"].endswith(f"_{action}") else m["group"]
+    m = _UCF_NAME.match(stem) or _HMDB_NAME.match(stem)
+    return m["group"] if m else rel
 
 
 def uncarvable(where: str) -> str:

@@ -693,12 +693,11 @@ def test_source_group_names_and_pattern():
     from pipeline.data import carve_validation, source_group
 
     assert source_group("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "v_ApplyEyeMakeup_g08"
-    assert source_group("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi") == "April_09"
-    # HMDB51's tags are per clip: one source's clips with other tags, or another action, are one group
+    assert source_group("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi") == "April_09_brush_hair"
+    # HMDB51's tags are per clip: one source's clips of an action with other tags are one group
     assert {source_group(n) for n in ("walk/Movie_1_walk_f_nm_np1_fr_med_0.avi", "walk/Movie_1_walk_f_cm_np1_le_med_1",
-                                      "walk/Movie_1_walk_u_nm_np2_ba_bad_2", "run/Movie_1_run_f_cm_np1_ri_goo_0.avi")
-            } == {"Movie_1"}
-    assert source_group("x/Movie_1_walk_f_nm_np1_fr_med_0") == "Movie_1_walk"  # action unknown: kept in the group
+                                      "walk/Movie_1_walk_u_nm_np2_ba_bad_2")} == {"Movie_1_walk"}
+    assert source_group("run/Movie_1_run_f_cm_np1_ri_goo_0.avi") == "Movie_1_run"  # another class: its own group
     assert source_group("walk/video_12") == "walk/video_12"  # unknown naming: one group per video
     assert source_group("a/sub03_take2_clip7.mp4", r"^(sub\d+)") == "sub03"
     names = [f"c{c}/sub{s:02d}_clip{k}" for c in range(2) for s in range(6) for k in range(3)]
