@@ -196,9 +196,7 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
     check_name(name)
     path = _path_of(weights)
     if path is not None:
-        ours = _our_file(path, metadata_only=True)  # create_backbone reads the weights themselves
-        recorded = ((ours or {}).get("cache") or {}).get("frame_spec") or ((ours or {}).get("meta") or {}).get(
-            "frame_spec")
+        recorded = _recorded_spec(_our_file(path, metadata_only=True))  # create_backbone reads the weights
         if recorded:
             return FrameSpec.from_dict(recorded)
     if is_timm(name):
@@ -250,6 +248,12 @@ def _path_of(weights: str) -> Path | None:
         raise WeightsError(f"weights file not found: {weights!r}; use --weights none, imagenet, a weight tag, "
                            "or an existing file")
     return None  # a tag
+
+
+def _recorded_spec(ours: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The FrameSpec (as a dict) a file of this tool records: an end-to-end checkpoint's or a
+    recalibrated backbone's."""
+    return ((ours or {}).get("cache") or {}).get("frame_spec") or ((ours or {}).get("meta") or {}).get("frame_spec")
 
 
 def _our_file(path: Path, *, metadata_only: bool = False) -> dict[str, Any] | None:
@@ -487,6 +491,9 @@ def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix:
         _remove_classifier(real, name)
         real.load_state_dict(model.state_dict(), strict=True)
         model = real
+    recorded = _recorded_spec(obj)
+    if name in RENORMALISED and recorded and tuple(recorded["mean"]) == IMAGENET_MEAN:
+        model.transform_input = True  # fine-tuned from features cached the old way: the model re-normalises
     return model
 
 

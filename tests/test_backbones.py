@@ -848,3 +848,9 @@ def test_googlenet_features_cached_with_imagenet_normalisation_are_rebuilt_so(mo
     assert rebuilt(old) is rebuilt(old, "file") is rebuilt(old, "end_to_end") is True
     assert rebuilt(default_frame_spec("googlenet", "IMAGENET1K_V1")) is False
     assert rebuilt(default_frame_spec("googlenet", "IMAGENET1K_V1"), "file") is False
+    # extract-features --weights with such an end-to-end checkpoint: the backbone its head was trained on
+    for spec, renormalises in ((old, True), (default_frame_spec("googlenet", "IMAGENET1K_V1"), False)):
+        torch.save({"backbone_state": e2e_state, "kind": "end_to_end",
+                    "cache": {"backbone": "googlenet", "frame_spec": spec.to_dict()}}, e2e := tmp_path / "e2e.pt")
+        assert default_frame_spec("googlenet", str(e2e)) == spec
+        assert create_backbone("googlenet", str(e2e)).net.transform_input is renormalises
