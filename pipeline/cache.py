@@ -253,8 +253,14 @@ class CacheWriter:
                                  f"{' replacing ' + str(path) if partial['replace'] and path.exists() else ''}; "
                                  f"delete {work} to drop it{keep}, use another --output, or --overwrite to replace it")
         if path.exists():
-            diff = read_provenance(path).mismatch(provenance, ignore=ignore, dated=True)
-            if diff and partial and partial["replace"]:  # resumed, it would replace the file: only with --overwrite
+            replacing = bool(partial and partial["replace"])
+            try:
+                diff = read_provenance(path).mismatch(provenance, ignore=ignore, dated=True)
+            except CacheError as e:  # not a cache of this version: only --overwrite replaces it
+                if not replacing:
+                    raise
+                diff = str(e)
+            if diff and replacing:  # resumed, it would replace the file: only with --overwrite
                 raise CacheError(f"{work} is an unfinished --overwrite of {path}, which was made with different "
                                  f"settings ({diff}); rerun with --overwrite to finish replacing it, or delete {work} "
                                  f"to keep {path}")

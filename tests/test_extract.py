@@ -559,6 +559,12 @@ def test_other_backbone_refused_before_calibrating_and_replaced_with_its_own(tin
                                          r"\(and keep .*done\.h5 as it is\)"):
         run(done)
     assert sha256_file(done) == before
+    junk = tmp_path / "junk.h5"  # the same over an HDF5 file that is no cache: only --overwrite replaces it
+    killed_run(junk, overwrite=True)
+    h5py.File(junk, "w").close()
+    with pytest.raises(CacheError, match=r"junk\.h5\.partial is an unfinished --overwrite of .*junk\.h5.*rerun with "
+                                         r"--overwrite to finish replacing it"):
+        run(junk)
     assert run(done, backbone="resnet18", overwrite=True).backbone == "resnet18"
     calibrations[:] = []
 
