@@ -453,7 +453,7 @@ def test_calibration_on_fewer_frames_than_asked_says_how_many(tiny_dataset, tmp_
     frames = torch.load(r.weights_file, weights_only=True)["meta"]["calibration_frames"]
     assert frames == 33  # the train split's 12 + 5 + 7 + 9 frames
     assert "on up to 1000 frames" in caplog.text
-    assert "calibrated on 33 frames, all the videos gave of the 1000 asked" in caplog.text
+    assert "calibrated on only 33 frames of the 1000 asked (the videos are few or short)" in caplog.text
 
 
 def test_weights_none_recalibrates_saves_and_reproduces(tiny_dataset, tmp_path):
