@@ -167,7 +167,8 @@ FRAME_OPTIONS_LIST = [
     click.option("--size", type=click.IntRange(16), default=None,
                  help="Network input size (square crop).  [default: the backbone weights' own, e.g. 224]"),
     click.option("--resize-size", type=click.IntRange(16), default=None,
-                 help="Short side before the centre crop.  [default: the weights' own ratio, e.g. 232 for 224]"),
+                 help="Size before the centre crop: of the short side (--resize crop), both sides (squash), the "
+                      "long side (border).  [default: the weights' own ratio, e.g. 232 for 224]"),
     click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
                  help="Antialiased resize filter.  [default: the weights' own]"),
     click.option("--resize", type=click.Choice(RESIZE_MODES), default=None,
@@ -224,7 +225,8 @@ def _describe_spec(spec) -> str:
     if spec.resize == "squash":
         return f"squashed to {spec.resize_size}x{spec.resize_size}{crop}, {spec.interpolation}"
     if spec.resize == "border":
-        return f"long side {spec.resize_size}, padded to {spec.size} (letterbox){crop}, {spec.interpolation}"
+        return f"long side {spec.resize_size}, mean-colour padding where short of {spec.size} (letterbox){crop}, " \
+               f"{spec.interpolation}"
     return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
 
 

@@ -521,9 +521,9 @@ def _resolve_backbone(cfg: ExtractConfig, spec: FrameSpec, index: DatasetIndex, 
             n = _calibrate(bb.net, index, cfg, spec, device, workers)
             if n == 0:
                 raise DataError(f"fewer than 2 decodable frames under {index.root} to calibrate the backbone on")
-            if n < cfg.calibration_frames:
-                log.warning("calibrated on %d frames, all the videos gave of the %d asked: statistics from few "
-                            "frames make noisier features", n, cfg.calibration_frames)
+            if n < cfg.calibration_frames // 2:
+                log.warning("calibrated on only %d frames of the %d asked (the videos are few or short): statistics "
+                            "from few frames make noisier features", n, cfg.calibration_frames)
             bb.net.cpu()
             meta["calibration_frames"] = n
             source = "recalibrated"
