@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, RESIZE_MODES, TRAIN_SAMPLERS, DatasetSpec, ExtractConfig,
-                             FrameOverrides, FrameSelection)
+from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, MAX_EVAL_CLIPS, RESIZE_MODES, TRAIN_SAMPLERS, DatasetSpec,
+                             ExtractConfig, FrameOverrides, FrameSelection)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
@@ -179,9 +179,7 @@ FRAME_OPTIONS_LIST = [
 ]
 
 
-# Uniform clips per video at evaluation. More than this overlap almost entirely on videos of a few
-# hundred frames, and each pass over the split costs the same: 10,000 clips ran for minutes.
-EVAL_CLIPS = click.IntRange(1, 100)
+EVAL_CLIPS = click.IntRange(1, MAX_EVAL_CLIPS)
 
 FRAME_OPTIONS = _options(*FRAME_OPTIONS_LIST)  # each left out keeps the backbone's default
 

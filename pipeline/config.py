@@ -17,6 +17,9 @@ ResizeMode = Literal["crop", "squash", "border"]
 RESIZE_MODES = ("crop", "squash", "border")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Uniform clips per video at evaluation. More overlap almost entirely on videos of a few hundred
+# frames, and each costs a pass over the split: 10,000 ran for minutes.
+MAX_EVAL_CLIPS = 100
 HEAD_ARCHS = ("lstm", "gru", "transformer", "attention", "mean")  # pipeline.heads.HEADS, without importing torch
 TRAIN_SAMPLERS = ("segment", "random")  # how training clips are drawn (pipeline.sampling)
 
@@ -390,6 +393,8 @@ class TemporalConfig:
         for name in ("hidden", "layers", "seq_len", "eval_clips", "epochs", "batch_size", "num_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_clips > MAX_EVAL_CLIPS:
+            raise ConfigError(f"eval_clips must be at most {MAX_EVAL_CLIPS}, got {self.eval_clips}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         check_optimizer(self)

@@ -116,6 +116,7 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
                  (["--hidden", "-3"], "hidden must be >= 1, got -3"),
                  (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
                  (["--lr", "0"], "lr must be > 0 and at most 1, got 0.0"),
+                 (["--eval-clips", "1,1000"], "eval_clips must be at most 100, got 1000"),
                  (["--lr", "inf"], "'inf' is not a valid value (a finite number)"),
                  (["--lr", "1e38"], "lr must be > 0 and at most 1, got 1e+38"),
                  (["--hidden", ""], "no values given"),
