@@ -942,7 +942,8 @@ class FrozenBackbone(nn.Module):
     normalisation, into the conv that reads the input (a zero-padded 3-channel conv, as in every
     CNN and ViT patch embedding here): the scale 1/(255·std) into its weights, the centring into its
     bias with the border put right (``_CentredConv``; exact, since the zero padding of the centred
-    input is not a zero of the raw one; under autocast it centres its input instead). What is left of preprocessing is the uint8 → float cast.
+    input is not a zero of the raw one; under autocast it centres its input instead). What is
+    left of preprocessing is the uint8 → float cast.
     A network whose input goes elsewhere first keeps the normalisation as one pass outside.
     Frames in channels_last memory (``preprocess.stack_frames``) go through without a transpose.
     ``copy=False`` folds ``net`` itself instead of a copy (see ``fuse_conv_bn``).
