@@ -219,13 +219,7 @@ LOAD_OPTIONS = _options(*LOAD_OPTIONS_LIST)  # train-temporal, evaluate, sweep
 
 
 def _describe_spec(spec) -> str:
-    crop = f", centre crop {spec.size}x{spec.size}" if spec.resize_size != spec.size else ""
-    if spec.resize == "squash":
-        return f"squashed to {spec.resize_size}x{spec.resize_size}{crop}, {spec.interpolation}"
-    if spec.resize == "border":
-        return f"long side {spec.resize_size}, mean-colour padding where short of {spec.size} (letterbox){crop}, " \
-               f"{spec.interpolation}"
-    return f"short side {spec.resize_size}, centre crop {spec.size}x{spec.size}, {spec.interpolation}"
+    return f"{spec.describe()}, {spec.interpolation}"
 
 
 HEAD_OPTIONS = _options(

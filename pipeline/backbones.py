@@ -29,7 +29,7 @@ import collections
 import functools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,6 +389,13 @@ def _torchvision_frame_spec(w) -> FrameSpec:
 RENORMALISED = ("googlenet", "inception_v3")  # torchvision sets transform_input=True with their weights
 
 
+def cached_renormalised(name: str, mean: Sequence[float]) -> bool:
+    """Features of GoogLeNet/Inception-v3 made the old way: with ImageNet's mean and std in the
+    FrameSpec and the model's own ``transform_input`` (now: mean = std = 0.5 and no such step). A
+    backbone rebuilt for them must re-normalise inside the model again."""
+    return name in RENORMALISED and tuple(mean) == IMAGENET_MEAN
+
+
 def _renormalised(w) -> bool:
     import torchvision
 
@@ -492,7 +499,7 @@ def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix:
         real.load_state_dict(model.state_dict(), strict=True)
         model = real
     recorded = _recorded_spec(obj)
-    if name in RENORMALISED and recorded and tuple(recorded["mean"]) == IMAGENET_MEAN:
+    if recorded and cached_renormalised(name, recorded["mean"]):
         model.transform_input = True  # fine-tuned from features cached the old way: the model re-normalises
     return model
 

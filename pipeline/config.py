@@ -61,6 +61,16 @@ class FrameSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
+    def describe(self) -> str:
+        """The geometry in words, as the CLI prints it and an ONNX export's metadata states it."""
+        crop = f", centre crop {self.size}x{self.size}"
+        if self.resize == "squash":
+            return f"squashed to {self.resize_size}x{self.resize_size}" + (crop if self.resize_size != self.size else "")
+        if self.resize == "border":
+            return (f"long side resized to {self.resize_size}, mean-colour padding where short of {self.size} "
+                    f"(letterbox)" + (crop if self.resize_size != self.size else ""))
+        return f"short side resized to {self.resize_size}{crop}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"size": self.size, "resize": self.resize, "resize_size": self.resize_size,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}

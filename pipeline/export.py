@@ -128,11 +128,7 @@ def _describe_inputs(m: OnnxMeta) -> dict[str, str]:
     if m.graph == "head":
         return {"features": f"(batch, time, {m.feature_dim}) float32 frame features of {m.provenance.backbone}; "
                             f"time = seq_len ({m.seq_len}), or the real length of a shorter clip (never padded)"}
-    crop = f", centre crop {s.size}x{s.size}" if s.resize_size != s.size else ""
-    how = {"crop": f"short side resized to {s.resize_size}, centre crop {s.size}x{s.size}",
-           "squash": f"squashed to {s.resize_size}x{s.resize_size}{crop}",
-           "border": f"long side resized to {s.resize_size}, padded to {s.size} with the mean colour{crop}"}[s.resize]
-    return {"frames": f"(batch, time, {s.size}, {s.size}, 3) uint8 RGB frames, {how}, {s.interpolation} "
+    return {"frames": f"(batch, time, {s.size}, {s.size}, 3) uint8 RGB frames, {s.describe()}, {s.interpolation} "
                       f"antialiased; time = seq_len ({m.seq_len}) frames picked by uniform sampling, or every "
                       "frame of a shorter clip (never padded); normalisation is inside the graph"}
 

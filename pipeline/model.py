@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import RENORMALISED, Backbone, create_backbone, published_sha256_prefix
+from .backbones import Backbone, cached_renormalised, create_backbone, published_sha256_prefix
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import IMAGENET_MEAN, FrameSelection, FrameSpec, Provenance, WeightsIdentity
+from .config import FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .errors import CacheError, ConfigError, WeightsError
 from .files import sha256_file
 from .heads import HeadConfig, build_head
@@ -73,7 +73,7 @@ class Model:
         torchvision weights the hash in their published file name (timm publishes none)."""
         bb = self._backbone(weights)
         prov = self.provenance
-        if prov.backbone in RENORMALISED and tuple(prov.frame_spec.mean) == IMAGENET_MEAN:
+        if cached_renormalised(prov.backbone, prov.frame_spec.mean):
             bb.net.transform_input = True  # cached the old way: the model re-normalised its input itself
         return bb
 
