@@ -19,6 +19,30 @@ from pipeline.demo import write_video  # noqa: E402
 SIZE = 32  # network input size used by the tests: MobileNetV2 stays fast on two cores
 
 
+def threads_of_a_new_thread() -> int:
+    """torch's intra-op thread count as a thread started now sees it. With OpenMP each thread has its
+    own count, and a new thread inherits the one last set in any thread: a helper thread that sets
+    its own and is not undone shows here, not in the caller's ``torch.get_num_threads()``."""
+    import threading
+
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+@pytest.fixture
+def threads():
+    """Two intra-op threads for the test, whatever the process has: a
+    check that the code restores torch's thread count cannot fail when the count is already 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    assert threads_of_a_new_thread() == 2
+    yield 2
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _pipeline_logger():
     """The CLI sets up the ``pipeline`` logger (its level, its own handler, no propagation) for the

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SIZE, rand_frames, write_frames, write_rotated_mp4
+from conftest import REPO, SIZE, rand_frames, threads_of_a_new_thread, write_frames, write_rotated_mp4
 from PIL import Image
 
 from pipeline.backbones import FrozenBackbone, create_backbone
@@ -826,7 +826,7 @@ def test_calibration_with_one_frame_and_only_test_split(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("inline, workers", [(True, 0), (True, 1), (True, 3), (False, 0), (False, 2)])
-def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, workers):
+def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, workers, threads):
     """Threads decoding between batches (the CPU path) and DataLoader processes (the CUDA path)."""
     index = index_dataset(DatasetSpec(str(tiny_dataset)))
     videos = [v for vs in index.splits.values() for v in vs]
@@ -836,7 +836,7 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
     frames: dict[int, list[torch.Tensor]] = {}
     indices: dict[int, list[torch.Tensor]] = {}
     finished: set[int] = set()
-    threads = torch.get_num_threads()
+    assert torch.get_num_threads() == threads
     for c in loader:
         assert c.pos not in finished and c.error is None
         assert c.frames.shape[0] == 0 or c.frames.is_contiguous(memory_format=torch.channels_last)
@@ -845,7 +845,8 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
         if c.last:
             finished.add(c.pos)
     assert finished == set(range(len(videos)))
-    assert torch.get_num_threads() == threads  # the decoders' one-thread setting did not leak
+    # the decoders' one-thread setting did not leak, into this thread nor into threads started later
+    assert torch.get_num_threads() == threads and threads_of_a_new_thread() == threads
     for i, v in enumerate(videos):
         ref = [resize_frames(f, spec) for f in read_frames(v.path, v.kind,
                                                            selected_positions(v.path, v.kind, FrameSelection()))]
@@ -853,14 +854,13 @@ def test_frame_loaders_deliver_every_frame_once_in_order(tiny_dataset, inline, w
         assert torch.cat(indices[i]).tolist() == list(range(len(ref)))
 
 
-def test_inline_decoder_stopped_early_restores_threads(tiny_dataset):
+def test_inline_decoder_stopped_early_restores_threads(tiny_dataset, threads):
     videos = [v for vs in index_dataset(DatasetSpec(str(tiny_dataset))).splits.values() for v in vs]
-    threads = torch.get_num_threads()
     it = iter(frame_loader([(i, v.path, v.kind) for i, v in enumerate(videos)], FrameSpec(size=SIZE),
                            FrameSelection(), chunk_frames=2, workers=2, device=torch.device("cpu"), batch_size=2))
     assert next(it).frames.shape[0] > 0
     it.close()  # a consumer that stops early (an error downstream, Ctrl-C)
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads and threads_of_a_new_thread() == threads
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
 
 

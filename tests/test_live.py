@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, damage_packet, rand_frames
+from conftest import REPO, damage_packet, rand_frames, threads_of_a_new_thread
 
 from cli import main
 from pipeline.config import FrameSelection
@@ -361,6 +361,16 @@ def test_a_damaged_packet_is_skipped_not_the_end_of_the_source(tmp_path, caplog)
     assert len(frames) == 29 and stream.stats.damaged == 1
     assert stream.ended == "end of file" and stream.error is None
     assert caplog.text.count("skipped a damaged packet") == 1
+
+
+def test_the_reader_threads_one_thread_setting_is_undone_on_close(tmp_path, threads):
+    """The reader resizes with one intra-op thread (the model has the cores); threads started after
+    the stream closes get the caller's count again, not the reader's 1."""
+    path = tmp_path / "v.avi"
+    write_video(path, rand_frames(np.random.default_rng(0), 5), codec="mjpeg")
+    with LiveStream(str(path), transform=lambda f: f[:, :2, :2]) as stream:
+        assert len(list(stream)) == 5
+    assert threads_of_a_new_thread() == threads
 
 
 def test_standard_input_and_a_named_pipe_are_live_streams(exported, media, tmp_path, caplog):
