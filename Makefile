@@ -12,8 +12,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(PY) cli.py demo
 
+# The tests run in one pytest-xdist worker per core (at most 8), one torch thread each (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 8
 
 install: $(STAMP)
 

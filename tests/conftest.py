@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: one thread each,
+# and in the processes they start, so OpenMP teams do not spin against each other. A test whose check
+# needs more than one thread sets its own count (``threads`` below).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,7 +42,7 @@ def threads_of_a_new_thread() -> int:
 
 @pytest.fixture
 def threads():
-    """Two intra-op threads for the test, whatever the process has: a
+    """Two intra-op threads for the test, whatever the process has (one per pytest-xdist worker): a
     check that the code restores torch's thread count cannot fail when the count is already 1."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
