@@ -473,7 +473,7 @@ def _list_of(kind):
 
 
 SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int),
-              ("bidirectional", bool), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
+              ("bidirectional", bool), ("num_heads", int), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
               ("sampler", TRAIN_SAMPLERS), ("eval_clips", int)]
 
 

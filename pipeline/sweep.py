@@ -52,8 +52,8 @@ from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
 log = logging.getLogger(__name__)
 
-AXES = ("head", "hidden", "layers", "bidirectional", "dropout", "lr", "weight_decay", "seq_len", "sampler",
-        "eval_clips")
+AXES = ("head", "hidden", "layers", "bidirectional", "num_heads", "dropout", "lr", "weight_decay", "seq_len",
+        "sampler", "eval_clips")
 DEFAULT_GRID: dict[str, tuple] = {"head": tuple(HEADS), "hidden": (256, 512), "bidirectional": (False, True),
                                   "lr": (1e-3, 3e-3)}
 STATE_VERSION = 2  # 2: trainings shared by trials saved once
@@ -139,7 +139,7 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
     for point in points:
         t = dataclasses.replace(base, **point)
         t = dataclasses.replace(t, **{f: getattr(defaults, f) for f in unused_fields(t.head)})
-        settings = {a: getattr(t, a) for a in (*AXES, "pool", "num_heads")}
+        settings = {a: getattr(t, a) for a in (*AXES, "pool")}
         key = json.dumps(settings, sort_keys=True)
         if key not in seen:
             train_key = json.dumps({**settings, "eval_clips": None}, sort_keys=True)
@@ -257,7 +257,11 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     spec, legacy_spec = _spec_hashes(cfg, data.validation)
     state_path = out / STATE_FILE
     for t in trials:  # every trial's head is checked before --overwrite removes anything
-        t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
+        try:
+            t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
+        except ConfigError as e:  # a combination of the grid (hidden 8 with num-heads 3): say which
+            raise ConfigError(f"sweep trial '{t.label}': {e}; a --spec list of grids pairs only the values "
+                              "that fit") from None
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
     state = _load_state(state_path, (spec, legacy_spec), data, _options(cfg)) if state_path.exists() else None

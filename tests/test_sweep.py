@@ -43,6 +43,10 @@ def test_grid_expansion_drops_what_a_head_does_not_use():
         SweepConfig(base=cfg.base, grids=((("colour", ("red",)),),))
     two = SweepConfig(base=cfg.base, grids=((("head", ("lstm",)), ("hidden", (8, 16))), (("head", ("mean",)),)))
     assert [t.label for t in expand_grid(two)] == ["lstm hidden 8", "lstm hidden 16", "mean"]
+    # the attention heads' count is an axis too; a recurrent head has none, so it collapses there
+    heads = SweepConfig(base=cfg.base, grids=((("head", ("transformer", "gru")), ("num_heads", (2, 4))),))
+    assert [(t.label, t.cfg.num_heads) for t in expand_grid(heads)] == [
+        ("transformer num-heads 2", 2), ("transformer num-heads 4", 4), ("gru", 4)]
 
 
 def test_sweep_picks_an_order_aware_head_when_order_decides(tmp_path):
@@ -112,7 +116,10 @@ def test_rerun_with_another_grid_is_refused(tmp_path):
     specs["empty_list"].write_text("[]")
     specs["empty_grid"].write_text("{}")
     specs["twice"].write_text('{"head": ["lstm"], "head": ["gru"]}')
-    bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "--hidden (10) must be divisible by --num-heads (4)"),
+    bad_grids = [(["--head", "transformer", "--hidden", "8,10"], "sweep trial 'transformer hidden 10': --hidden (10) "
+                  "must be divisible by --num-heads (4) for the transformer head; a --spec list of grids pairs"),
+                 (["--head", "attention,gru", "--hidden", "8,12", "--num-heads", "2,3"],
+                  "sweep trial 'attention hidden 8 num-heads 3': --hidden (8) must be divisible by --num-heads (3)"),
                  (["--hidden", "-3"], "hidden must be >= 1, got -3"),
                  (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
                  (["--lr", "0"], "lr must be > 0 and at most 1, got 0.0"),
