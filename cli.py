@@ -472,8 +472,8 @@ def _list_of(kind):
     return parse
 
 
-SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int),
-              ("bidirectional", bool), ("num_heads", int), ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
+SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int), ("bidirectional", bool), ("num_heads", int),
+              ("dropout", float), ("lr", float), ("weight_decay", float), ("seq_len", int),
               ("sampler", TRAIN_SAMPLERS), ("eval_clips", int)]
 
 
