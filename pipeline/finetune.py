@@ -33,7 +33,8 @@ from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (FINETUNE_HEAD_DEFAULTS, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance,
                      WeightsIdentity)
-from .data import Video, carve_validation, index_dataset, read_frames, selected_positions, some, uncarvable
+from .data import (Video, carve_validation, index_dataset, read_frames, selected_positions, some, source_signature,
+                   uncarvable)
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
 from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
@@ -386,7 +387,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
-    data = data_identity([v.rel for v in train_videos], [v.rel for v in val_videos])
+    data = data_identity([v.rel for v in train_videos], [v.rel for v in val_videos],
+                         sources=([source_signature(v.path, v.kind) for v in train_videos],
+                                  [source_signature(v.path, v.kind) for v in val_videos]))
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
     if init is not None:

@@ -92,19 +92,22 @@ def check_resume_validation(last: Path, recorded: dict[str, Any] | None, now: di
 
 
 def data_identity(train: Sequence[str], val: Sequence[str],
-                  features: tuple[Sequence[int], Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
+                  features: tuple[Sequence[int], Sequence[int]] | None = None,
+                  sources: tuple[Sequence[str], Sequence[str]] | None = None) -> dict[str, dict[str, Any]]:
     """What a run trains and validates on, as the number and a hash of the videos of each (in
     order): saved with its state, so that a resume on data changed since (a video added to or
     dropped from a split, and the cache re-extracted) is told apart. ``features``: the cache's
     checksums of those videos' rows, in the same order (caches that hold them), so that videos
-    extracted again under the same names (their files changed on disk) are told apart too."""
+    extracted again under the same names (their files changed on disk) are told apart too.
+    ``sources``: the videos' ``data.source_signature`` (a run that decodes them itself, as
+    finetune-end-to-end does), for the same check without a cache between."""
     def digest(items: Sequence[Any]) -> str:
         return hashlib.sha256("\n".join(map(str, items)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     out = {name: {"videos": len(videos), "sha256": digest(videos)} for name, videos in (("train", train), ("val", val))}
-    if features is not None:
-        for name, sums in zip(("train", "val"), features):
-            out[name]["features"] = digest(sums)
+    for key, parts in (("features", features), ("sources", sources)):
+        for name, items in zip(("train", "val"), parts or ()):
+            out[name][key] = digest(items)
     return out
 
 
@@ -129,6 +132,9 @@ def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: d
         if old is not None and "features" in old and "features" in new and old["features"] != new["features"]:
             raise error(f"{where} was {what} on other features of its {new['videos']} videos than the cache holds now "
                         f"(extracted again since: their files changed on disk); {action}")
+        if old is not None and "sources" in old and "sources" in new and old["sources"] != new["sources"]:
+            raise error(f"{where} was {what} on {new['videos']} videos of these names, but their files changed on "
+                        f"disk since (frames added, removed or replaced); {action}")
 
 
 # Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import REPO, SIZE, calibrated_backbone_file, write_frames
 from test_extract import assert_same_cache
 
@@ -425,6 +426,16 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
             finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     finally:
         (tmp_path / "away").rename(gone)
+    # a train video's frame replaced under the same name (the dataset re-exported): other frames
+    frame = sorted((colour_data / "train" / "blue" / "blue_train_1").iterdir())[2]
+    kept = frame.read_bytes()
+    Image.new("RGB", (32, 24), (255, 255, 0)).save(frame)
+    try:
+        with pytest.raises(CheckpointError, match=r"last\.pt was trained on 24 videos of these names, but their files "
+                                                  r"changed on disk since \(frames added, removed or replaced\)"):
+            finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
+    finally:
+        frame.write_bytes(kept)
     # as if epoch 1 had run on a GPU: resumed with a warning (the arithmetic here is the same anyway)
     ck = torch.load(last, weights_only=False)
     assert ck["compute"] == "cpu float32"
