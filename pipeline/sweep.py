@@ -225,9 +225,30 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     """Run the sweep in ``cfg.base.out``; resumes a killed sweep of the same spec there."""
     t_start = time.perf_counter()
     base = cfg.base
+    check_grid(cfg)
     ensure_dir(base.out, "--out")
     with exclusive(base.out, "--out"):  # one sweep writes here at a time
         return _locked_sweep(cfg, progress, on_epoch, t_start)
+
+
+def check_grid(cfg: SweepConfig) -> None:
+    """Before anything is read or written: a trial whose head cannot be built (hidden 8 with 3
+    attention heads) is refused by name, and an axis of several values that no head of its grid
+    reads (--num-heads for an LSTM) is warned about, as it changes no trial."""
+    trials = expand_grid(cfg)
+    paired = {"hidden", "num_heads"} & set(varying_axes(trials))
+    for t in trials:
+        try:
+            head_config(t.cfg, num_classes=1, input_dim=1)
+        except ConfigError as e:
+            hint = "; a --spec list of grids pairs only the values that fit" if paired else ""
+            raise ConfigError(f"sweep trial '{t.label}': {e}{hint}") from None
+    for grid in cfg.grids:
+        heads = dict(grid).get("head", (cfg.base.head,))
+        for axis, values in grid:
+            if len(values) > 1 and all(axis in unused_fields(h) for h in heads):
+                log.warning("--%s %s changes no trial of the sweep: the %s head%s not use it", axis.replace("_", "-"),
+                            ",".join(map(str, values)), ", ".join(heads), "s do" if len(heads) > 1 else " does")
 
 
 def _locked_sweep(cfg: SweepConfig, progress: bool, on_epoch: Callable[[int, list[Trial]], None] | None,
@@ -256,12 +277,8 @@ def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torc
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
     spec, legacy_spec = _spec_hashes(cfg, data.validation)
     state_path = out / STATE_FILE
-    for t in trials:  # every trial's head is checked before --overwrite removes anything
-        try:
-            t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
-        except ConfigError as e:  # a combination of the grid (hidden 8 with num-heads 3): say which
-            raise ConfigError(f"sweep trial '{t.label}': {e}; a --spec list of grids pairs only the values "
-                              "that fit") from None
+    for t in trials:  # every trial's head is built before --overwrite removes anything (checked by check_grid)
+        t.head_cfg = head_config(t.cfg, num_classes=len(data.classes), input_dim=data.provenance.feature_dim)
     if cfg.overwrite:  # every file of the earlier sweep or run: none may outlive the trials it describes
         remove_run_files(out)
     state = _load_state(state_path, (spec, legacy_spec), data, _options(cfg)) if state_path.exists() else None

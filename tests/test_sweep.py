@@ -20,7 +20,7 @@ from cli import main
 from pipeline.config import TemporalConfig
 from pipeline.errors import ConfigError
 from pipeline.model import load_model
-from pipeline.sweep import SweepConfig, expand_grid, planned_trial_epochs, rung_ends, sweep
+from pipeline.sweep import SweepConfig, check_grid, expand_grid, planned_trial_epochs, rung_ends, sweep
 from pipeline.train import evaluate_checkpoint
 
 
@@ -30,7 +30,7 @@ def base(cache: Path, out: Path, **kw) -> TemporalConfig:
                                                                     num_heads=2, val_fraction=0.2), **kw})
 
 
-def test_grid_expansion_drops_what_a_head_does_not_use():
+def test_grid_expansion_drops_what_a_head_does_not_use(caplog):
     cfg = SweepConfig(base=base(Path("c.h5"), Path("o")), grids=((("head", ("lstm", "mean")), ("hidden", (8, 16)),
                                                                   ("bidirectional", (False, True))),))
     trials = expand_grid(cfg)
@@ -43,10 +43,23 @@ def test_grid_expansion_drops_what_a_head_does_not_use():
         SweepConfig(base=cfg.base, grids=((("colour", ("red",)),),))
     two = SweepConfig(base=cfg.base, grids=((("head", ("lstm",)), ("hidden", (8, 16))), (("head", ("mean",)),)))
     assert [t.label for t in expand_grid(two)] == ["lstm hidden 8", "lstm hidden 16", "mean"]
+    # a grid that cannot run is refused, by trial, before any file is read (c.h5 does not exist)
+    with pytest.raises(ConfigError, match=r"^sweep trial 'attention hidden 8 num-heads 3': --hidden \(8\) must be "
+                                          r"divisible by --num-heads \(3\) for the attention head; a --spec list"):
+        check_grid(SweepConfig(base=cfg.base, grids=((("head", ("attention",)), ("hidden", (8, 12)),
+                                                      ("num_heads", (2, 3))),)))
+    with pytest.raises(ConfigError, match=r"^sweep trial 'transformer': --hidden \(10\) must be divisible by "
+                                          r"--num-heads \(4\) for the transformer head$"):  # nothing to pair
+        check_grid(SweepConfig(base=base(Path("c.h5"), Path("o"), hidden=10, num_heads=4),
+                               grids=((("head", ("transformer",)),),)))
     # the attention heads' count is an axis too; a recurrent head has none, so it collapses there
     heads = SweepConfig(base=cfg.base, grids=((("head", ("transformer", "gru")), ("num_heads", (2, 4))),))
     assert [(t.label, t.cfg.num_heads) for t in expand_grid(heads)] == [
         ("transformer num-heads 2", 2), ("transformer num-heads 4", 4), ("gru", 4)]
+    check_grid(heads)
+    assert "changes no trial" not in caplog.text
+    check_grid(SweepConfig(base=cfg.base, grids=((("head", ("lstm", "mean")), ("num_heads", (2, 4))),)))
+    assert "--num-heads 2,4 changes no trial of the sweep: the lstm, mean heads do not use it" in caplog.text
 
 
 def test_sweep_picks_an_order_aware_head_when_order_decides(tmp_path):
