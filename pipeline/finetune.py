@@ -17,6 +17,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -387,9 +388,15 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
+    # What each video's files are (a frame folder's frame names and sizes: a stat per frame), for the
+    # resume check: read once, by the first process, in threads (a network share answers in parallel).
+    sources = None
+    if info.is_main:
+        with ThreadPoolExecutor(8, thread_name_prefix="stat") as pool:
+            sources = tuple(list(pool.map(lambda v: source_signature(v.path, v.kind), vs))
+                            for vs in (train_videos, val_videos))
     data = data_identity([v.rel for v in train_videos], [v.rel for v in val_videos],
-                         sources=([source_signature(v.path, v.kind) for v in train_videos],
-                                  [source_signature(v.path, v.kind) for v in val_videos]))
+                         sources=D.broadcast_object(sources, info))
     cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len or (init.seq_len if init else 8),
                               eval_clips=cfg.eval_clips or (init.eval_clips if init else 1))
     if init is not None:

@@ -133,8 +133,8 @@ def check_resume_data(where: str | Path, recorded: dict[str, Any] | None, now: d
             raise error(f"{where} was {what} on other features of its {new['videos']} videos than the cache holds now "
                         f"(extracted again since: their files changed on disk); {action}")
         if old is not None and "sources" in old and "sources" in new and old["sources"] != new["sources"]:
-            raise error(f"{where} was {what} on {new['videos']} videos of these names, but their files changed on "
-                        f"disk since (frames added, removed or replaced); {action}")
+            raise error(f"{where} was {what} on {new['videos']} videos of these names, but one or more of them "
+                        f"changed on disk since (a frame folder's frame names or sizes, a video file's size); {action}")
 
 
 # Everything a run (train-temporal, finetune-end-to-end) or a sweep writes in its folder. Starting

@@ -386,6 +386,22 @@ def test_backbone_by_name_and_its_learning_rate(colour_data, tmp_path):
         finetune(ft_cfg(one, tmp_path / "one_run", r18, backbone="resnet18"), progress=False)
 
 
+def test_resume_data_check_compares_what_the_run_recorded():
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.run import check_resume_data, data_identity
+
+    then = data_identity(["a", "b"], ["c"], sources=(["frames:1", "bytes:2"], ["bytes:3"]))
+    check_resume_data("last.pt", then, data_identity(["a", "b"], ["c"], sources=(["frames:1", "bytes:2"], ["bytes:3"])))
+    changed = data_identity(["a", "b"], ["c"], sources=(["frames:1", "bytes:2"], ["bytes:4"]))
+    with pytest.raises(CheckpointError, match=r"^last\.pt was validated on 1 videos of these names, but one or more"):
+        check_resume_data("last.pt", then, changed)
+    # a run saved before signatures were recorded: its names are checked, and it resumes
+    names_only = {part: {k: v for k, v in d.items() if k != "sources"} for part, d in then.items()}
+    check_resume_data("last.pt", names_only, changed)
+    with pytest.raises(CheckpointError, match=r"was trained on other videos than the data has now \(2 then, 1 now"):
+        check_resume_data("last.pt", names_only, data_identity(["a"], ["c"], sources=(["frames:1"], ["bytes:3"])))
+
+
 def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
     class Stop(Exception):
         pass
@@ -431,8 +447,8 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
     kept = frame.read_bytes()
     Image.new("RGB", (32, 24), (255, 255, 0)).save(frame)
     try:
-        with pytest.raises(CheckpointError, match=r"last\.pt was trained on 24 videos of these names, but their files "
-                                                  r"changed on disk since \(frames added, removed or replaced\)"):
+        with pytest.raises(CheckpointError, match=r"last\.pt was trained on 24 videos of these names, but one or more "
+                                                  r"of them changed on disk since \(a frame folder's frame names or"):
             finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True), progress=False)
     finally:
         frame.write_bytes(kept)
