@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 # Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: one thread each,
-# and in the processes they start, so OpenMP teams do not spin against each other. A test whose check
-# needs more than one thread sets its own count (``threads`` below).
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# and in the processes they start, so OpenMP teams do not spin against each other (unless the caller
+# set OMP_NUM_THREADS). A test whose check needs more than one thread sets its own (``threads`` below).
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 

@@ -592,7 +592,7 @@ def test_backbone_that_cannot_take_the_size_is_refused_before_any_work(tiny_data
     assert list(out.parent.iterdir()) == []  # no backbone file, no unfinished run
 
 
-def test_recalibration_does_not_depend_on_decoder_threads(tiny_dataset, tmp_path):
+def test_recalibration_does_not_depend_on_decoder_threads(tiny_dataset, tmp_path, threads):
     # 4 train videos x 3 frames decoded, 10 kept, in batches of 4: which frames are kept and how they
     # are batched must not depend on which decoder thread finished first.
     sha = {extract_features(config(tiny_dataset, tmp_path / str(i) / "f.h5", "none", calibration_frames=10,
@@ -873,7 +873,8 @@ def test_inline_decoder_errors_reach_the_caller(tiny_dataset):
         list(loader)
 
 
-def test_decoder_threads_do_not_change_the_cache(tiny_dataset, tmp_path, weights_file):
+def test_decoder_threads_do_not_change_the_cache(tiny_dataset, tmp_path, weights_file, threads):
+    # (at two model threads: the decoders resize at one, the model's thread at two)
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     extract_features(config(tiny_dataset, a, weights_file, workers=0), progress=False)
     extract_features(config(tiny_dataset, b, weights_file, workers=3, chunk_frames=2), progress=False)
