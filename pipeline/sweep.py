@@ -225,16 +225,17 @@ def sweep(cfg: SweepConfig, *, progress: bool = True,
     """Run the sweep in ``cfg.base.out``; resumes a killed sweep of the same spec there."""
     t_start = time.perf_counter()
     base = cfg.base
-    check_grid(cfg)
+    trials = check_grid(cfg)
     ensure_dir(base.out, "--out")
     with exclusive(base.out, "--out"):  # one sweep writes here at a time
-        return _locked_sweep(cfg, progress, on_epoch, t_start)
+        return _locked_sweep(cfg, trials, progress, on_epoch, t_start)
 
 
-def check_grid(cfg: SweepConfig) -> None:
-    """Before anything is read or written: a trial whose head cannot be built (hidden 8 with 3
-    attention heads) is refused by name, and an axis of several values that no head of its grid
-    reads (--num-heads for an LSTM) is warned about, as it changes no trial."""
+def check_grid(cfg: SweepConfig) -> list[Trial]:
+    """The grid's trials (``expand_grid``), checked before anything is read or written: a trial
+    whose head cannot be built (hidden 8 with 3 attention heads) is refused by name, and an axis of
+    several values that no head of its grid reads (--num-heads for an LSTM) is warned about, as it
+    changes no trial."""
     trials = expand_grid(cfg)
     paired = {"hidden", "num_heads"} & set(varying_axes(trials))
     for t in trials:
@@ -249,10 +250,11 @@ def check_grid(cfg: SweepConfig) -> None:
             if len(values) > 1 and all(axis in unused_fields(h) for h in heads):
                 log.warning("--%s %s changes no trial of the sweep: the %s head%s not use it", axis.replace("_", "-"),
                             ",".join(map(str, values)), ", ".join(heads), "s do" if len(heads) > 1 else " does")
+    return trials
 
 
-def _locked_sweep(cfg: SweepConfig, progress: bool, on_epoch: Callable[[int, list[Trial]], None] | None,
-                  t_start: float) -> SweepResult:
+def _locked_sweep(cfg: SweepConfig, trials: list[Trial], progress: bool,
+                  on_epoch: Callable[[int, list[Trial]], None] | None, t_start: float) -> SweepResult:
     base = cfg.base
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
@@ -264,16 +266,15 @@ def _locked_sweep(cfg: SweepConfig, progress: bool, on_epoch: Callable[[int, lis
                           test_split=base.test_split, seed=base.seed, device=device, load=base.load,
                           memory_budget=base.memory_budget)
     try:
-        return _sweep(cfg, data, device, amp, progress=progress, on_epoch=on_epoch, t_start=t_start)
+        return _sweep(cfg, trials, data, device, amp, progress=progress, on_epoch=on_epoch, t_start=t_start)
     finally:
         data.close()
 
 
-def _sweep(cfg: SweepConfig, data: StageTwoData, device: torch.device, amp: torch.dtype | None, *, progress: bool,
-           on_epoch: Callable[[int, list[Trial]], None] | None, t_start: float) -> SweepResult:
+def _sweep(cfg: SweepConfig, trials: list[Trial], data: StageTwoData, device: torch.device, amp: torch.dtype | None,
+           *, progress: bool, on_epoch: Callable[[int, list[Trial]], None] | None, t_start: float) -> SweepResult:
     base = cfg.base
     out = Path(base.out)
-    trials = expand_grid(cfg)
     ends = rung_ends(base.epochs, cfg.min_epochs, cfg.eta)
     spec, legacy_spec = _spec_hashes(cfg, data.validation)
     state_path = out / STATE_FILE
