@@ -38,7 +38,7 @@ from .data import (Video, carve_validation, index_dataset, read_frames, selected
                    uncarvable)
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
-from .runtime import autocast_ctx, default_worker_processes, resolve_device, resolve_precision
+from .runtime import default_worker_processes, resolve_device, resolve_precision
 from .metrics import classification_metrics
 from .heads import HeadConfig, build_head, max_clip_len, unused_fields
 from .model import Model, load_model
@@ -531,7 +531,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         loss_sum, correct, count = D.all_reduce_sum([r["loss_sum"], r["correct"], r["count"]], info)
         train_s = time.perf_counter() - t0
         D.broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
-        probs, labels = _evaluate(model, val_videos, spec, sel, cfg, device, amp, info, loader_kw)
+        probs, labels = _evaluate(model, val_videos, spec, sel, cfg, device, info, loader_kw)
         if info.is_main:
             m = classification_metrics(probs, labels, _nll(probs, labels))
             states = {"backbone_state": model.backbone.state_dict(), "model_state": model.head.state_dict()}
@@ -550,7 +550,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         ck = load_checkpoint(run.best)
         model.backbone.load_state_dict(ck["backbone_state"])
         model.head.load_state_dict(ck["model_state"])
-        probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, amp, info, loader_kw)
+        probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, info, loader_kw)
         if info.is_main:
             m = classification_metrics(probs, labels, _nll(probs, labels))
             test = run.write_test(m, test_split, ck["epoch"], index.classes, picked_on=val_name)
@@ -568,11 +568,16 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 @torch.no_grad()
 def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameSelection, cfg: FinetuneConfig,
-              device: torch.device, amp: torch.dtype | None, info: D.DistInfo,
+              device: torch.device, info: D.DistInfo,
               loader_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Uniform clips, softmax averaged over the ``eval_clips`` of each video that decode (a clip
     over a broken frame is left out, not counted as zeros); each rank takes every world-th video
-    and rank 0 gathers them all (no padding duplicates, unlike DistributedSampler)."""
+    and rank 0 gathers them all (no padding duplicates, unlike DistributedSampler).
+
+    In float32 whatever ``--precision`` trains in, as stage two validates: the checkpoint records
+    float32 and predict, evaluate and ``extract-features --weights`` run it so, and the model is
+    picked, and its test.json reported, on the numbers they give (under bf16 autocast a video near
+    the boundary could flip)."""
     model.eval()
     mine = list(range(info.rank, len(videos), info.world))
     probs: dict[int, np.ndarray] = {}
@@ -585,9 +590,8 @@ def _evaluate(model: EndToEnd, videos: list[Video], spec: FrameSpec, sel: FrameS
         for (clips, lengths, _), idx in loader:
             if not idx:
                 continue
-            with autocast_ctx(device, amp):  # the backbone at the run's precision, the head in float32,
-                feats = model.features(clips.to(device), lengths)  # as predict runs the checkpoint
-            p = torch.softmax(model.head(feats.float(), lengths).float(), 1).cpu().numpy()
+            feats = model.features(clips.to(device), lengths)
+            p = torch.softmax(model.head(feats, lengths).float(), 1).cpu().numpy()
             for j, row in zip(idx, p):
                 probs[mine[j]] = probs.get(mine[j], 0) + row
                 clips_of[mine[j]] = clips_of.get(mine[j], 0) + 1

@@ -123,6 +123,24 @@ def test_finetune_with_amp_on_cuda(colour_data, tmp_path, weights_file, precisio
     assert r.best["top1"] >= 0.66  # chance 1/3
 
 
+def test_finetune_validates_in_float32_under_amp(colour_data, tmp_path, weights_file, monkeypatch):  # noqa: F811
+    """Training steps run under the run's autocast; validation and the test pass do not, as the
+    checkpoint records float32 and predict runs it so (they ran the backbone in bf16 until 2 Dec)."""
+    from pipeline.finetune import EndToEnd
+
+    seen: list[tuple[bool, bool]] = []
+    real = EndToEnd.features
+
+    def spy(self, clips, lengths):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cuda")))
+        return real(self, clips, lengths)
+
+    monkeypatch.setattr(EndToEnd, "features", spy)
+    r = finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=1, trainable_blocks=1, device="cuda",
+                        precision="bf16", workers=2), progress=False)
+    assert r.history and {a for g, a in seen if g} == {True} and {a for g, a in seen if not g} == {False}
+
+
 def test_predict_on_cuda_equals_evaluate(tiny_dataset, tmp_path, weights_file):
     cache = tmp_path / "f.h5"
     extract_features(ExtractConfig(dataset=DatasetSpec(str(tiny_dataset)), output=str(cache),

@@ -167,7 +167,7 @@ def test_evaluation_averages_each_video_over_the_clips_that_decode(colour_data, 
                      FrameSpec(size=SIZE), trainable_blocks=0)
     videos = index_dataset(DatasetSpec(str(colour_data))).videos("val")
     cfg = ft_cfg(colour_data, tmp_path / "run", tmp_path / "unused.pt", eval_clips=2)
-    probs, labels = _evaluate(model, videos, FrameSpec(size=SIZE), FrameSelection(), cfg, torch.device("cpu"), None,
+    probs, labels = _evaluate(model, videos, FrameSpec(size=SIZE), FrameSelection(), cfg, torch.device("cpu"),
                               DistInfo(), {"num_workers": 0})
     assert len(probs) == len(videos) == 9
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
