@@ -297,6 +297,12 @@ class DatasetSpec:
         d["split_files"] = list(self.split_files)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetSpec:
+        return cls(root=d["root"], splits=None if d.get("splits") is None else tuple(d["splits"]),
+                   split_files=tuple(d.get("split_files", ())), split_dir=d.get("split_dir"),
+                   split_id=int(d.get("split_id", 1)))
+
 
 @dataclass(frozen=True)
 class ExtractConfig:

@@ -32,8 +32,8 @@ from . import distributed as D
 from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
 from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import (FINETUNE_HEAD_DEFAULTS, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec, Provenance,
-                     WeightsIdentity)
+from .config import (FINETUNE_HEAD_DEFAULTS, DatasetSpec, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec,
+                     Provenance, WeightsIdentity)
 from .data import (Video, carve_validation, index_dataset, read_frames, selected_positions, some, source_signature,
                    uncarvable)
 from .engine import train_steps
@@ -258,7 +258,8 @@ def _option(key: str, value: Any) -> str:
     return f"--{key.replace('_', '-')} {value}"
 
 
-def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> tuple[int, set[str], set[str]]:
+def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video],
+                trained: set[str] | None) -> tuple[int, set[str], set[str]]:
     """How this run's validation carve must go when it starts from ``--init``: (its seed, the
     videos the --init run held out where its carve applies here, the videos its head was trained
     on where they are known and come from this training split). Where the --init run carved its
@@ -266,15 +267,14 @@ def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> 
     seed, so both hold out the same videos (this run's --seed still seeds training), and a carve
     with other settings is refused, because it would hold out videos the --init head was trained
     on and pick the best epoch on them. Where it was validated on a split, it was trained on the
-    whole training split of its cache: read from that cache, a carve here that holds out any of
-    those videos is refused by the caller; without the cache, a warning. An --init from another
-    dataset leaves the carve free."""
+    whole training split: where that can be read again (``trained``, from ``_init_seen``), a carve
+    here that holds out any of those videos is refused by the caller; otherwise, a warning. An
+    --init from another dataset leaves the carve free."""
     iv = init.ckpt.get("validation")
     ours = {v.rel for v in train_videos}
     if iv is None:  # not recorded by older checkpoints: nothing to compare
         return cfg.seed, set(), set()
     if iv.get("kind") == "split":
-        trained = _init_trained(init)
         if trained is None:
             log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
                         "dataset's %r, the videos carved from it for validation were seen by its head; name a "
@@ -295,19 +295,32 @@ def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video]) -> 
     return int(iv.get("seed", cfg.seed)), held_out, set()
 
 
-def _init_trained(init: Model) -> set[str] | None:
-    """The videos a train-temporal --init validated on a split was trained on: its cache's training
-    split, read where that file is still there with the features it trained on; None otherwise."""
-    tc = init.ckpt.get("train_config") or {}
-    path, split = tc.get("cache"), tc.get("train_split")
-    if init.ckpt.get("kind") != "temporal" or not path or not split or not Path(path).is_file():
+def _init_seen(init: Model) -> set[str] | None:
+    """The videos the --init model was trained on, where its run's record can be read again now: a
+    train-temporal run's training split from its cache (still there, with the features it trained
+    on), a finetune-end-to-end run's from its dataset indexed again; less the videos it carved out
+    for validation. None where that cannot be done (older records, a moved or changed file)."""
+    ck = init.ckpt
+    tc = ck.get("train_config") or {}
+    split = tc.get("train_split")
+    if not split:
         return None
     try:
-        if read_provenance(path).mismatch(Provenance.from_dict(init.ckpt["cache"])):
-            return None  # re-extracted since with other settings: its list proves nothing
-        return set(cached_videos(path, split))
-    except (PipelineError, OSError, KeyError, ValueError):  # not a readable cache of this kind now
+        if init.kind == "temporal":
+            path = tc.get("cache")
+            if not path or not Path(path).is_file() or \
+                    read_provenance(path).mismatch(Provenance.from_dict(ck["cache"])):
+                return None  # gone, or re-extracted since with other settings: its list proves nothing
+            videos = cached_videos(path, split)
+        else:
+            if not isinstance(tc.get("dataset"), dict) or not Path(tc["dataset"].get("root", "")).is_dir():
+                return None
+            videos = [v.rel for v in index_dataset(DatasetSpec.from_dict(tc["dataset"])).videos(split)]
+    except (PipelineError, OSError, KeyError, ValueError, TypeError):  # not readable as it was written
         return None
+    val = ck.get("validation") or {}
+    held = set(val.get("videos", ())) if val.get("kind") == "carved" else set()
+    return set(videos) - held
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
@@ -359,8 +372,10 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                   f"{cfg.dataset.root}", DataError)
     train_videos = index.videos(cfg.train_split)
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
+    init_seen = _init_seen(init) if init is not None else None  # what --init was trained on, where known
     if val_split is None:  # carved from train by whole source videos, as stage two does
-        seed, theirs, trained = _init_carve(cfg, init, train_videos) if init is not None else (cfg.seed, set(), set())
+        seed, theirs, trained = (_init_carve(cfg, init, train_videos, init_seen) if init is not None
+                                 else (cfg.seed, set(), set()))
         if theirs:  # the very videos the --init run held out: carving again from this index (which also
             # holds videos its cache skipped as undecodable, or added since) would draw other ones
             mask = np.array([v.rel in theirs for v in train_videos])
@@ -375,11 +390,12 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         val_videos = [v for v, m in zip(train_videos, mask) if m]
         if seen := [v.rel for v in val_videos if v.rel in trained]:
             tc = init.ckpt["train_config"]
+            of = tc.get("cache") or (tc.get("dataset") or {}).get("root")
             raise ConfigError(
-                f"--init {cfg.init} was trained on the whole of split {tc['train_split']!r} of {tc['cache']}, and "
+                f"--init {cfg.init} was trained on the whole of split {tc['train_split']!r} of {of}, and "
                 f"{len(seen)} of the {len(val_videos)} videos carved here for validation are among them ({some(seen)}): "
                 "the best epoch would be picked on videos its head has seen; name a validation split with --val-split, "
-                "or start from a train-temporal run that carved its validation set from this split (--val-fraction)")
+                "or start from a run that carved its validation set from this split (--val-fraction)")
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
@@ -388,6 +404,22 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
+    # What --init must not have been trained on: the videos the epoch is picked on (a split named,
+    # or a carve the checks above let through), and the test videos, whose numbers are reported as
+    # held out.
+    init_seen = init_seen or set()
+    if seen := [v.rel for v in val_videos if v.rel in init_seen]:
+        raise ConfigError(f"--init {cfg.init} was trained on {len(seen)} of the {len(val_videos)} validation videos "
+                          f"({val_name}: {some(seen)}): the best epoch would be picked on videos it has seen; "
+                          "validate on videos it was not trained on (--val-split, or a carve with --val-fraction)")
+    test_seen = ""
+    if test_split is not None and (seen := [v.rel for v in index.videos(test_split) if v.rel in init_seen]):
+        test_seen = (f"--init {cfg.init} was trained on {len(seen)} of its {len(index.videos(test_split))} videos "
+                     f"({some(seen)})")
+        if info.is_main:
+            log.warning("test split %r: %s, so its numbers will overstate accuracy on new videos; start from a run "
+                        "trained on videos this split does not hold (with HMDB51/UCF101 split files, the same "
+                        "--split-id)", test_split, test_seen)
     # What each video's files are (a frame folder's frame names and sizes: a stat per frame), for the
     # resume check: read once, by the first process, in threads (a network share answers in parallel).
     sources = None
@@ -506,6 +538,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
               "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data,
               "compute": compute_identity(device, amp)}
+    if test_seen:  # so that evaluate says it too, on these videos
+        rels = [v.rel for v in index.videos(test_split)]
+        common["init_seen"] = {"videos": data_identity(rels, rels)["train"], "note": test_seen}
     run.start()
     run.write_json("config.json", common["train_config"])
 
@@ -553,7 +588,9 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, info, loader_kw)
         if info.is_main:
             m = classification_metrics(probs, labels, _nll(probs, labels))
-            test = run.write_test(m, test_split, ck["epoch"], index.classes, picked_on=val_name)
+            test = run.write_test(m, test_split, ck["epoch"], index.classes, picked_on=val_name, seen=test_seen)
+            if test_seen:
+                log.warning("test split %r: %s; these numbers overstate accuracy on new videos", test_split, test_seen)
     assert best is not None
     return TrainResult(out=out, best_epoch=best["epoch"], best=best, history=history, classes=index.classes,
                        val_split=val_name, seconds=time.perf_counter() - t_start, load_seconds=0.0, load_mb=0.0,

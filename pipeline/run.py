@@ -384,12 +384,14 @@ class RunDir:
         return self.write_test(m, split, ckpt["epoch"], classes, picked_on=ckpt.get("val_split"))
 
     def write_test(self, m: dict[str, Any], split: str, epoch: int, classes: list[str], *,
-                   picked_on: str | None) -> dict[str, Any]:
+                   picked_on: str | None, seen: str = "") -> dict[str, Any]:
         """The test pass's files (``test.json``, ``confusion_test.png``, ``per_class_test.csv``) from its
-        metrics ``m``, written by the main process; returns the summary."""
+        metrics ``m``, written by the main process; returns the summary. ``seen``: how the model had
+        seen test videos before this run (an --init trained on some), recorded in test.json."""
         result = {"split": split, "epoch": epoch, **summary(m)}
         if self.main:
             atomic_write_text(self.path / "test.json", json.dumps({**result, "picked_on": picked_on,
+                                                                   **({"seen": seen} if seen else {}),
                                                                    "per_class_acc": m["per_class_acc"]}, indent=2))
             plot_confusion(np.array(m["confusion"]), classes, self.path / "confusion_test.png",
                            title=f"{split} (picked at epoch {epoch}): top-1 {m['top1']:.3f}")

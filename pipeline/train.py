@@ -380,6 +380,8 @@ def _seen_by(ckpt: dict[str, Any], split: str, videos: list[str]) -> str:
         return f"the best epoch of this model was picked on these {len(videos)} videos (its validation set)"
     if same_videos(ident, data.get("train")):
         return f"this model was trained on these {len(videos)} videos"
+    if (init := ckpt.get("init_seen")) and same_videos(ident, init.get("videos")):
+        return init["note"]  # a finetune-end-to-end run's --init was trained on some of them
     carved = set((ckpt.get("validation") or {}).get("videos", ()))
     if carved and carved <= set(videos):
         return (f"this split holds the {len(carved)} videos this model's best epoch was picked on, and the ones "

@@ -251,6 +251,62 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
                                 init=str(tmp_path / "s2" / "best.pt"), workers=0, device="cpu"), progress=False)
 
 
+def test_init_trained_on_the_test_or_validation_videos_is_said(tmp_path, weights_file, caplog):
+    """HMDB51's splits share videos: split 2's test videos are split 1's training videos. A run
+    started from --init trained on split 1 reports split 2's test numbers with a warning, in
+    test.json and again from evaluate; validating on videos --init was trained on is refused. What
+    --init was trained on is read from its cache (train-temporal) or its dataset (end-to-end)."""
+    import json
+    import logging
+
+    from pipeline.train import evaluate_checkpoint
+
+    root, splits = tmp_path / "hmdb", tmp_path / "splits"
+    rng = np.random.default_rng(0)
+    for cls, rgb in COLOURS.items():
+        for k in range(6):
+            write_frames(root / cls / f"{cls}_v{k}", [np.clip(np.array(rgb) + rng.normal(0, 40, (24, 32, 3)), 0, 255)
+                                                     .astype(np.uint8) for _ in range(4)], ".png")
+        splits.mkdir(exist_ok=True)  # split 1: train v0-v1, test v4-v5; split 2: train v2-v5, test v0-v1
+        (splits / f"{cls}_test_split1.txt").write_text("".join(f"{cls}_v{k}.avi {t}\n" for k, t in
+                                                              enumerate((1, 1, 0, 0, 2, 2))))
+        (splits / f"{cls}_test_split2.txt").write_text("".join(f"{cls}_v{k}.avi {t}\n" for k, t in
+                                                              enumerate((2, 2, 1, 1, 1, 1))))
+    split1, split2 = (DatasetSpec(str(root), split_dir=str(splits), split_id=i) for i in (1, 2))
+    extract_features(ExtractConfig(dataset=split1, output=str(tmp_path / "s1.h5"), weights=str(weights_file),
+                                   frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8), progress=False)
+    train_temporal(TemporalConfig(cache=str(tmp_path / "s1.h5"), out=str(tmp_path / "s2"), hidden=16, epochs=1,
+                                  seq_len=4, val_split="test", device="cpu"), progress=False)
+    still = dict(epochs=1, batch_size=6, workers=0, device="cpu", freeze_cnn=True, val_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"--init .*s2/best\.pt was trained on 6 of the 6 validation videos "
+                                          r"\(split 'test': blue/blue_v0, blue/blue_v1, green/green_v0, .*\): the best "
+                                          r"epoch would be picked on videos it has seen"):
+        finetune(FinetuneConfig(dataset=split2, out=str(tmp_path / "x"), val_split="test",
+                                init=str(tmp_path / "s2" / "best.pt"), **still), progress=False)
+    with caplog.at_level(logging.WARNING):
+        r = finetune(FinetuneConfig(dataset=split2, out=str(tmp_path / "e2e"), init=str(tmp_path / "s2" / "best.pt"),
+                                    **still), progress=False)
+    note = f"--init {tmp_path / 's2' / 'best.pt'} was trained on 6 of its 6 videos (blue/blue_v0, blue/blue_v1, "
+    assert r.test_split == "test" and f"test split 'test': {note}" in caplog.text
+    assert json.loads((tmp_path / "e2e" / "test.json").read_text())["seen"].startswith(note)
+    # evaluate says it too, on a cache of the fine-tuned backbone's features of those videos
+    extract_features(ExtractConfig(dataset=split2, output=str(tmp_path / "re.h5"),
+                                   weights=str(tmp_path / "e2e" / "best.pt"), frame_spec=FrameSpec(size=SIZE), workers=0,
+                                   batch_size=8), progress=False)
+    assert evaluate_checkpoint(tmp_path / "e2e" / "best.pt", tmp_path / "re.h5", "test", device="cpu").seen \
+        .startswith(note)
+    # an end-to-end --init: what it was trained on is its dataset's split 2 training videos, less its carve
+    held = set(load_checkpoint(tmp_path / "e2e" / "best.pt")["validation"]["videos"])
+    trained = [f"{c}/{c}_v{k}" for c in sorted(COLOURS) for k in (4, 5) if f"{c}/{c}_v{k}" not in held]
+    assert trained  # split 1's test videos it was trained on (seed 0's carve)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        finetune(FinetuneConfig(dataset=split1, out=str(tmp_path / "back"), init=str(tmp_path / "e2e" / "best.pt"),
+                                **{**still, "val_split": None}), progress=False)
+    assert (f"--init {tmp_path / 'e2e' / 'best.pt'} was trained on {len(trained)} of its 6 videos "
+            f"({', '.join(trained[:5])}" in caplog.text)
+
+
 def test_init_holds_out_its_runs_videos_where_the_dataset_has_videos_its_cache_skipped(colour_data, tmp_path,
                                                                                        weights_file):
     """Undecodable videos are in the dataset's index but not in the cache the --init run carved from:
