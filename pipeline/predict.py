@@ -473,7 +473,9 @@ class LiveRun:
     wait), so the windows stay current and memory stays flat; ``summary()`` counts them. A window
     never spans a reconnection (``--reconnect``): the frames before the gap are dropped and the
     window fills again from the new connection's, so it never mixes two stretches of video that
-    may be minutes apart. Call ``close()`` when done (also after Ctrl-C).
+    may be minutes apart. When the source ends, frames since the last window get one more window,
+    flush with the end, as a file's windows do (``window_bounds``); not after Ctrl-C. Call
+    ``close()`` when done (also after Ctrl-C).
     """
 
     def __init__(self, classifier: Classifier, source: str, *, window: int | None = None,
@@ -523,8 +525,8 @@ class LiveRun:
                     continue
                 since = 0
                 yield window()
-        if rows and not self.latencies and not self.interrupted:  # a source shorter than the window:
-            yield window()  # its frames as one window, as a file's
+        if since and not self.interrupted:  # frames no window has ended on: the last window flush with the
+            yield window()  # end (or a connection shorter than the window whole), as a file's last window is
 
     def _warm_up(self) -> None:
         """One pass of each batch shape before the source starts: first calls are slow (kernel

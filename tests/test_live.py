@@ -84,10 +84,16 @@ def onnx_predictor(exported) -> Predictor:
     return Predictor(exported[1].out, batch_size=8, workers=0)
 
 
+def _windows_over(n: int) -> int:
+    """Windows of W frames every S over n frames, and one flush with the end where they leave a tail."""
+    return (n - W) // S + 1 + ((n - W) % S > 0)
+
+
 def _check_windows(windows, summary, fps: float = FPS) -> None:
-    """Windows every S frames the model took, with increasing times that are the frames' own."""
+    """Windows every S frames the model took, and one flush with the end where those leave a tail,
+    with increasing times that are the frames' own."""
     assert summary.frames_classified + summary.dropped == summary.frames_kept
-    assert len(windows) == (summary.frames_classified - W) // S + 1
+    assert len(windows) == _windows_over(summary.frames_classified)
     assert [w.index for w in windows] == list(range(len(windows)))
     ends = [w.end_time for w in windows]
     assert all(b > a for a, b in zip(ends, ends[1:]))
@@ -140,6 +146,17 @@ def test_file_in_real_time_gives_the_file_timeline(onnx_predictor, exported, med
     assert (whole[0].start_frame, whole[0].end_frame, whole[0].label) == (ref[0].start_frame, ref[0].end_frame,
                                                                           ref[0].label)
     np.testing.assert_allclose(whole[0].probs, ref[0].probs, atol=1e-4, rtol=0)
+    # a stride that does not end flush with the source (15 frames, window 6, stride 4): the last
+    # window is the source's last 6 frames, as the file path's; its last frame was left unlabelled
+    run = torch_predictor.live(str(media / "short.mkv"), stride=4)
+    try:
+        tail = list(run)
+    finally:
+        run.close()
+    ref = torch_predictor.predict([media / "short.mkv"], window=W, stride=4, progress=False)[0].windows
+    assert [(w.start_frame, w.end_frame) for w in tail] == [(w.start_frame, w.end_frame) for w in ref]
+    assert tail[-1].end_frame == ref[-1].end_frame == 14 and run.summary().windows == len(tail) == 4
+    np.testing.assert_allclose([w.probs for w in tail], [w.probs for w in ref], atol=1e-4, rtol=0)
 
 
 class _Slow:
@@ -182,7 +199,7 @@ def test_http_stream_from_a_local_server(exported, server):
     *windows, last = lines
     s = last["summary"]
     assert (s["frames_read"], s["ended"], s["error"]) == (60, "end of stream", None)
-    assert s["windows"] == len(windows) == (s["frames_classified"] - W) // S + 1
+    assert s["windows"] == len(windows) == _windows_over(s["frames_classified"])
     assert set(windows[0]) == {"window", "start_frame", "end_frame", "start_time", "end_time", "label", "prob",
                                "latency_ms", "dropped"}
     ends = [w["end_time"] for w in windows]
