@@ -300,8 +300,28 @@ class RunDir:
                                   "a copy of best.pt?); use --overwrite to start over, or another --out")
         if self.main:
             self.write_metrics(ckpt["history"])
+            self._mend_best(ckpt)
         log.info("resuming %s after epoch %d", self.last, ckpt["epoch"])
         return ckpt
+
+    def _mend_best(self, last: dict[str, Any]) -> None:
+        """A run killed between an epoch's last.pt and its best.pt left best.pt one improvement
+        behind (or missing): written again from last.pt, which holds that epoch's model."""
+        want = last["best"]["epoch"]
+        try:
+            have = load_checkpoint(self.best)["epoch"] if self.best.is_file() else None
+        except (CheckpointError, KeyError):
+            have = None
+        if have == want:
+            return
+        if want != last["epoch"]:  # not from this order of writes (a run before 2 Dec 2026): not ours to mend
+            log.warning("%s holds epoch %s, but %s names epoch %s the best: it is replaced at the next better epoch; "
+                        "if none comes, retrain with --overwrite to be sure of it", self.best, have, self.last, want)
+            return
+        log.info("writing %s again from %s: the run was stopped before it saved epoch %d", self.best.name,
+                 self.last.name, want)
+        resume_only = ("optimizer_state", "scheduler_state", "scaler_state", "history", "best")
+        self._save_best({k: v for k, v in last.items() if k not in resume_only}, "val")
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.main:
@@ -315,9 +335,12 @@ class RunDir:
                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
                      history: list[dict[str, Any]], best: dict[str, Any] | None, states: dict[str, Any],
                      val_split: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """The end of an epoch: append its record to ``history``; write ``metrics.jsonl``; on a
-        better val top-1 (ties: lower loss) save best.pt and the per-class CSV (the confusion plot
-        at most every ``PLOT_EVERY_S``); then save last.pt (with what --resume needs).
+        """The end of an epoch: append its record to ``history``; write ``metrics.jsonl``; save
+        last.pt (with what --resume needs); on a better val top-1 (ties: lower loss) then save
+        best.pt and the per-class CSV (the confusion plot at most every ``PLOT_EVERY_S``). last.pt
+        goes first: killed between the two, it holds the epoch best.pt should, and --resume writes
+        best.pt from it (``load_last``); the other way round, the resume's replay of the epoch
+        would have to match the killed one bit for bit, which a GPU need not do.
         → (record, best, improved)."""
         record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
                   **{f"val_{k}": v for k, v in summary(metrics).items()}, "lr": optimizer.param_groups[0]["lr"],
@@ -327,18 +350,23 @@ class RunDir:
         improved = best is None or (metrics["top1"], -metrics["loss"]) > (best["top1"], -best["loss"])
         if improved:
             best = {"epoch": epoch, **summary(metrics)}
-            save_checkpoint(self.best, {**common, "epoch": epoch, "metrics": metrics, **states})
-            write_per_class(metrics, common["classes"], self.path / "per_class.csv")
-            self._best_metrics = (epoch, metrics, common["classes"], val_split)
-            if time.monotonic() - self._confusion_at >= PLOT_EVERY_S:
-                self._plot_best_confusion()
-        save_checkpoint(self.last, {**common, "epoch": epoch, "metrics": metrics, **states,
-                                    "optimizer_state": optimizer.state_dict(),
+        model = {**common, "epoch": epoch, "metrics": metrics, **states}
+        save_checkpoint(self.last, {**model, "optimizer_state": optimizer.state_dict(),
                                     "scheduler_state": scheduler.state_dict(),
                                     "scaler_state": scaler.state_dict() if scaler else None,
                                     "history": history, "best": best})
+        if improved:
+            self._save_best(model, val_split)
         assert best is not None
         return record, best, improved
+
+    def _save_best(self, model: dict[str, Any], val_split: str) -> None:
+        """best.pt (``model``: last.pt less what only --resume needs) and the per-class CSV."""
+        save_checkpoint(self.best, model)
+        write_per_class(model["metrics"], model["classes"], self.path / "per_class.csv")
+        self._best_metrics = (model["epoch"], model["metrics"], model["classes"], val_split)
+        if time.monotonic() - self._confusion_at >= PLOT_EVERY_S:
+            self._plot_best_confusion()
 
     def _plot_best_confusion(self) -> None:
         assert self._best_metrics is not None

@@ -23,6 +23,7 @@ from synthetic import separable_cache
 
 import pipeline.run
 from cli import main
+from pipeline.checkpoint import load_checkpoint
 from pipeline.demo import write_video
 
 
@@ -161,6 +162,35 @@ def test_kill_between_metrics_and_last_never_doubles_a_row(tmp_path, monkeypatch
             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_kill_between_last_and_best_is_mended_on_resume(tmp_path, monkeypatch):
+    """An epoch saves last.pt, then best.pt. Killed in between, last.pt names as best an epoch
+    best.pt does not hold; --resume starts after that epoch, so it writes best.pt from last.pt
+    (before 2 Dec best.pt went first, and only a bit-exact replay of the epoch mended it)."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    assert _train(cache, tmp_path / "full")[0] == 0
+    want = load_checkpoint(tmp_path / "full" / "best.pt")
+    real = pipeline.run.save_checkpoint
+
+    def dies_at_best_of(epoch):
+        def save(path, payload, **kw):
+            if Path(path).name == "best.pt" and payload["epoch"] == epoch:
+                raise KeyboardInterrupt
+            return real(path, payload, **kw)
+        return save
+
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", dies_at_best_of(want["epoch"]))
+    code, _, err = _train(cache, tmp_path / "run")
+    assert code == 130, err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["best"]["epoch"] == want["epoch"]
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", real)
+    assert _train(cache, tmp_path / "run", "--resume")[0] == 0
+    got = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert got["epoch"] == want["epoch"] and "optimizer_state" not in got and got.keys() == want.keys()
+    for k in want["model_state"]:
+        torch.testing.assert_close(got["model_state"][k], want["model_state"][k], rtol=0, atol=0)
+    assert (tmp_path / "run" / "per_class.csv").read_text() == (tmp_path / "full" / "per_class.csv").read_text()
+
+
 def test_interrupt_in_first_epoch_hint_is_true_and_resume_works(tmp_path, monkeypatch):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
     ref = _train(cache, tmp_path / "ref")
@@ -181,18 +211,18 @@ def test_interrupt_in_first_epoch_hint_is_true_and_resume_works(tmp_path, monkey
     code, out, err = _train(cache, tmp_path / "a", "--resume")
     assert code == 0, err
 
-    # Interrupted between best.pt and last.pt of epoch 1: a plain rerun is refused, --resume works.
+    # Interrupted between last.pt and best.pt of epoch 1: a plain rerun is refused, --resume works.
     real_save = pipeline.run.save_checkpoint
 
-    def dies_at_first_last(path, payload, **kw):
-        if Path(path).name == "last.pt":
+    def dies_at_first_best(path, payload, **kw):
+        if Path(path).name == "best.pt":
             raise KeyboardInterrupt
         return real_save(path, payload, **kw)
 
-    monkeypatch.setattr(pipeline.run, "save_checkpoint", dies_at_first_last)
+    monkeypatch.setattr(pipeline.run, "save_checkpoint", dies_at_first_best)
     code, _, err = _train(cache, tmp_path / "b")
-    assert code == 130 and (tmp_path / "b" / "best.pt").exists() and not (tmp_path / "b" / "last.pt").exists()
-    assert "rerun with --resume" in err
+    assert code == 130 and not (tmp_path / "b" / "best.pt").exists() and (tmp_path / "b" / "last.pt").exists()
+    assert "last.pt holds epoch 1; add --resume to continue" in err
     monkeypatch.setattr(pipeline.run, "save_checkpoint", real_save)
     code, _, err = _train(cache, tmp_path / "b")
     one_line(code, err, "already holds a run; use --resume")
