@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TRAIN_SAMPLERS, Provenance, TemporalConfig
 from .engine import HeadTrainer, evaluate_heads, train_heads_one_epoch
 from .errors import ConfigError
@@ -367,10 +367,16 @@ def _sweep(cfg: SweepConfig, trials: list[Trial], data: StageTwoData, device: to
     if not board or board[0]["best_val_top1"] is None:
         raise ConfigError("every trial of the sweep failed (loss not finite); lower the learning rates")
     winner = next(t for t in trials if t.id == board[0]["id"])
-    atomic_write_bytes(out / "best.pt", (Path(winner.cfg.out) / "best.pt").read_bytes())
+    # The winner's checkpoint is checked before it replaces OUT/best.pt, which a rerun of a finished
+    # sweep would otherwise overwrite with a trial file damaged or deleted since.
+    src = Path(winner.cfg.out) / "best.pt"
+    redo = f"{out / 'best.pt'} is kept as it was; rerun the sweep with --overwrite to train it again"
+    if not src.is_file():
+        raise CheckpointError(f"{src}, the checkpoint of the winning trial {winner.id}, is missing; {redo}")
+    ck = load_checkpoint(src, damaged=f"it is the winning trial's; {redo}")
+    atomic_write_bytes(out / "best.pt", src.read_bytes())
     test = None
     if data.test is not None:  # once, the winner only
-        ck = load_checkpoint(out / "best.pt")
         head = build_head(winner.head_cfg).to(device)
         head.load_state_dict(ck["model_state"])
         ((probs, loss),) = evaluate_heads([head], data.test, seq_len=winner.cfg.seq_len,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,6 +262,35 @@ def test_sweep_killed_and_rerun_ends_with_the_same_leaderboard(tmp_path):
     b = (tmp_path / "part" / "leaderboard.csv").read_text()
     assert a == b
     assert rerun.stdout.split("leaderboard:")[1].split(";")[0] == full.stdout.split("leaderboard:")[1].split(";")[0]
+
+
+def test_rerun_of_a_finished_sweep_keeps_its_best_pt_when_the_winners_trial_file_is_gone(tmp_path):
+    """A finished sweep's rerun copies the winning trial's best.pt to OUT/best.pt again: a trial file
+    damaged or deleted since is named in one line, and OUT/best.pt stays as it was."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
+    out = tmp_path / "sw"
+    args = ["sweep", "--cache", str(cache), "--out", str(out), "--head", "lstm,mean", "--hidden", "16", "--epochs",
+            "2", "--min-epochs", "1", "--seq-len", "4", "--device", "cpu", "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.stderr
+    kept = (out / "best.pt").read_bytes()
+    winner = next(d for d in (out / "trials").iterdir() if (d / "best.pt").read_bytes() == kept)
+    (winner / "best.pt").write_bytes(kept[:100])  # a disk fault, a partial copy
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {winner / 'best.pt'} is not a checkpoint this tool can load safely: a damaged or incomplete "
+        f"torch.save file; it is the winning trial's; {out / 'best.pt'} is kept as it was; rerun the sweep with "
+        "--overwrite to train it again"), r.stderr
+    assert (out / "best.pt").read_bytes() == kept
+    shutil.rmtree(winner)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {winner / 'best.pt'}, the checkpoint of the winning trial {winner.name}, is missing; "
+        f"{out / 'best.pt'} is kept as it was; rerun the sweep with --overwrite to train it again"), r.stderr
+    assert (out / "best.pt").read_bytes() == kept
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
 
 
 def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
