@@ -86,8 +86,9 @@ def _memory_hint(ctx: click.Context) -> str:
     """What to lower, among the options of the command that ran out of memory."""
     sub = ctx.command.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
     names = {o for p in (sub.params if sub else ()) for o in p.opts}
-    lower = [o for o in ("--batch-size", "--hidden") if o in names]
-    ways = ([f"lower {' or '.join(lower)}"] if lower else []) + (["use --load lazy"] if "--load" in names else [])
+    lower = [o for o in ("--batch-size", "--seq-len", "--hidden") if o in names]
+    listed = " or ".join(lower) if len(lower) < 3 else f"{', '.join(lower[:-1])} or {lower[-1]}"
+    ways = ([f"lower {listed}"] if lower else []) + (["use --load lazy"] if "--load" in names else [])
     return ", ".join([*ways, "or free memory"]) if ways else "free memory, or use a machine with more"
 
 

@@ -255,7 +255,7 @@ def test_out_of_memory_is_one_line(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("INFO:")]
     assert line.startswith("error: out of memory (") and "can't allocate memory" in line
-    assert line.endswith("; lower --batch-size or --hidden, use --load lazy, or free memory")  # train-temporal's
+    assert line.endswith("; lower --batch-size, --seq-len or --hidden, use --load lazy, or free memory")  # train-temporal's
     assert not (tmp_path / "run").exists()  # the folder it made for the run is not left behind, empty
 
 
