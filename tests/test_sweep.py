@@ -208,7 +208,9 @@ def test_sweep_on_a_replaced_cache_is_refused_and_a_moved_folder_resumes(tmp_pat
 
 def test_a_trial_whose_weights_blow_up_in_its_last_step_fails(tmp_path, monkeypatch):
     """Weights that went non-finite in an epoch's last step give a NaN validation loss (every
-    training loss was finite): that trial fails and is never picked or saved as the winner."""
+    training loss was finite): that trial fails, and that epoch is never recorded, picked or
+    saved (here its first, so it has no best epoch to compete with; one that fails later keeps
+    the best finite epoch it reached, which was picked on validation like any other)."""
     import math
 
     import pipeline.sweep as S
