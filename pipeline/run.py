@@ -315,8 +315,9 @@ class RunDir:
         if have == want:
             return
         if want != last["epoch"]:  # not from this order of writes (a run before 2 Dec 2026): not ours to mend
-            log.warning("%s holds epoch %s, but %s names epoch %s the best: it is replaced at the next better epoch; "
-                        "if none comes, retrain with --overwrite to be sure of it", self.best, have, self.last, want)
+            held = "is missing or unreadable" if have is None else f"holds epoch {have}"
+            log.warning("%s %s, but %s names epoch %s the best: it is written at the next better epoch; if none "
+                        "comes, retrain with --overwrite to be sure of it", self.best, held, self.last, want)
             return
         log.info("writing %s again from %s: the run was stopped before it saved epoch %d", self.best.name,
                  self.last.name, want)

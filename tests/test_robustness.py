@@ -191,6 +191,29 @@ def test_kill_between_last_and_best_is_mended_on_resume(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "per_class.csv").read_text() == (tmp_path / "full" / "per_class.csv").read_text()
 
 
+def test_resume_says_when_best_pt_cannot_be_mended(tmp_path, caplog):
+    """best.pt gone (deleted by hand) while last.pt names an earlier epoch the best: last.pt does not
+    hold that model, so nothing is written, and the resume says so."""
+    import logging
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.run import RunDir
+
+    from pipeline.config import TemporalConfig
+    from pipeline.train import train_temporal
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    train_temporal(TemporalConfig(cache=str(cache), out=str(tmp_path / "run"), hidden=16, epochs=3, seq_len=4,
+                                  device="cpu"), progress=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    save_checkpoint(tmp_path / "run" / "last.pt", {**last, "best": {**last["best"], "epoch": 1}})
+    (tmp_path / "run" / "best.pt").unlink()
+    with caplog.at_level(logging.WARNING), RunDir(tmp_path / "run", resume=True, kind="temporal") as run:
+        assert run.load_last("temporal")["epoch"] == 3
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert "best.pt is missing or unreadable, but " in caplog.text and "names epoch 1 the best" in caplog.text
+
+
 def test_interrupt_in_first_epoch_hint_is_true_and_resume_works(tmp_path, monkeypatch):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
     ref = _train(cache, tmp_path / "ref")
