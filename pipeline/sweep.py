@@ -14,7 +14,9 @@ are ignored, so duplicates collapse). All trials train in one process on the spl
 * at every rung end, and at least a minute apart, the whole sweep is saved atomically
   (``sweep_state.pt``): rerunning the same command after a kill resumes from there, replays the
   epochs since exactly, and ends with the same leaderboard; each trial's best model is kept in
-  ``trials/<id>/best.pt``;
+  ``trials/<id>/best.pt``, written with the snapshot that covers its epoch (the snapshot first,
+  holding it too), so a trial's file never holds an epoch that a resume replays: a replay on a
+  GPU need not repeat the killed run bit for bit;
 * at the end: a leaderboard (returned, and as ``leaderboard.csv`` and ``leaderboard.png``), the
   winner's ``best.pt`` in the usual format (for predict, evaluate, ``finetune --init``), and the
   winner evaluated once on the test split.
@@ -108,6 +110,7 @@ class Trial:
     train_key: str = ""  # the same without eval clips: trials that differ only there share one training
     trainer: HeadTrainer | None = None
     head_cfg: Any = None
+    pending: dict[str, Any] | None = None  # best.pt of an epoch no snapshot covers yet (``_record``)
 
 
 @dataclass
@@ -307,6 +310,8 @@ def _sweep(cfg: SweepConfig, trials: list[Trial], data: StageTwoData, device: to
                 t.trainer.model.load_state_dict(tr["model_state"])
                 t.trainer.optimizer.load_state_dict(tr["optimizer_state"])
                 t.trainer.scheduler.load_state_dict(tr["scheduler_state"])
+            t.pending = s.get("best_ckpt")  # killed between the snapshot and its best.pt files
+        _write_best(trials)
         check_resume_compute(state_path, state.get("compute"), compute_identity(device, amp), state["epoch"])
         log.info("resuming the sweep in %s after epoch %d", out, state["epoch"])
 
@@ -362,6 +367,7 @@ def _sweep(cfg: SweepConfig, trials: list[Trial], data: StageTwoData, device: to
     for t in trials:
         if t.status == "running":  # the schedule ended
             t.status = "finished"
+    _write_best(trials)  # the last epoch is a rung end, snapshotted; this covers a sweep stopped otherwise
 
     board = leaderboard(trials, varying)
     if not board or board[0]["best_val_top1"] is None:
@@ -411,18 +417,27 @@ def _build_trainer(t: Trial, data: StageTwoData, device: torch.device) -> HeadTr
 
 def _record(t: Trial, epoch: int, m: dict[str, Any], data: StageTwoData, seconds: float) -> None:
     """The trial's epoch record; on a better val top-1 (ties: lower loss) its best.pt, in the usual
-    format of a train-temporal checkpoint."""
+    format of a train-temporal checkpoint, held until the next snapshot writes it (``_save_state``)."""
     rec = t.history[-1]
     rec.update({f"val_{k}": v for k, v in summary(m).items()})
     rec["epoch_seconds"] = seconds
     if t.best is None or (m["top1"], -m["loss"]) > (t.best["top1"], -t.best["loss"]):
         t.best = {"epoch": epoch, **summary(m)}
-        Path(t.cfg.out).mkdir(parents=True, exist_ok=True)
-        save_checkpoint(Path(t.cfg.out) / "best.pt", {
+        t.pending = {
             "kind": "temporal", "model_config": t.head_cfg.to_dict(), "train_config": t.cfg.to_dict(),
             "frame_spec": data.provenance.frame_spec.to_dict(), "classes": data.classes,
             "cache": data.provenance.to_dict(), "val_split": data.val_name, "validation": data.validation,
-            "data": data.data, "epoch": epoch, "metrics": m, "model_state": t.trainer.model.state_dict(), "sweep_trial": t.id})
+            "data": data.data, "epoch": epoch, "metrics": m, "sweep_trial": t.id,
+            "model_state": {k: v.detach().to("cpu", copy=True) for k, v in t.trainer.model.state_dict().items()}}
+
+
+def _write_best(trials: list[Trial]) -> None:
+    """The best.pt of each trial that improved since the last time, from what it holds."""
+    for t in trials:
+        if t.pending is not None:
+            Path(t.cfg.out).mkdir(parents=True, exist_ok=True)
+            save_checkpoint(Path(t.cfg.out) / "best.pt", t.pending)
+            t.pending = None
 
 
 def _rank_key(t: Trial) -> tuple:
@@ -460,19 +475,21 @@ def _options(cfg: SweepConfig) -> dict[str, Any]:
 def _save_state(path: Path, spec: str, data: StageTwoData, epoch: int, trials: list[Trial],
                 options: dict[str, Any], compute: str) -> None:
     """One atomic snapshot of the sweep after ``epoch``: running trials with their optimiser and
-    schedule, the others with their records only; what the cache held, ``options`` and the
+    schedule, the others with their records only; the best.pt of each trial that improved since
+    the last snapshot, then written to its file; what the cache held, ``options`` and the
     arithmetic (``run.compute_identity``)."""
     state: dict[str, Any] = {"version": STATE_VERSION, "spec": spec, "cache": data.provenance.to_dict(),
                              "data": data.data, "options": options, "compute": compute, "epoch": epoch, "trials": {},
                              "trainers": {}}
     for t in trials:
         state["trials"][t.id] = {"status": t.status, "history": t.history, "best": t.best,
-                                 "stopped_at": t.stopped_at, "failed": t.failed}
+                                 "stopped_at": t.stopped_at, "failed": t.failed, "best_ckpt": t.pending}
         if t.status == "running" and t.train_key not in state["trainers"]:  # a shared training is saved once
             state["trainers"][t.train_key] = {"model_state": t.trainer.model.state_dict(),
                                               "optimizer_state": t.trainer.optimizer.state_dict(),
                                               "scheduler_state": t.trainer.scheduler.state_dict()}
     atomic_torch_save(path, state, hint="the sweep's last completed epoch is kept")
+    _write_best(trials)  # after the snapshot, which holds them: a kill in between is mended on resume
 
 
 def _load_state(path: Path, specs: tuple[str, ...], data: StageTwoData, options: dict[str, Any]) -> dict[str, Any] | None:

@@ -267,8 +267,9 @@ def test_sweep_killed_and_rerun_ends_with_the_same_leaderboard(tmp_path):
 
 
 def test_rerun_of_a_finished_sweep_keeps_its_best_pt_when_the_winners_trial_file_is_gone(tmp_path):
-    """A finished sweep's rerun copies the winning trial's best.pt to OUT/best.pt again: a trial file
-    damaged or deleted since is named in one line, and OUT/best.pt stays as it was."""
+    """A finished sweep's rerun copies the winning trial's best.pt to OUT/best.pt again. A trial file
+    damaged or deleted since is written again where the last snapshot holds it (it improved since
+    the one before); otherwise it is named in one line, and OUT/best.pt stays as it was."""
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
     out = tmp_path / "sw"
     args = ["sweep", "--cache", str(cache), "--out", str(out), "--head", "lstm,mean", "--hidden", "16", "--epochs",
@@ -277,7 +278,20 @@ def test_rerun_of_a_finished_sweep_keeps_its_best_pt_when_the_winners_trial_file
     assert r.exit_code == 0, r.stderr
     kept = (out / "best.pt").read_bytes()
     winner = next(d for d in (out / "trials").iterdir() if (d / "best.pt").read_bytes() == kept)
+    state = torch.load(out / "sweep_state.pt", weights_only=True)
+    held = state["trials"][winner.name]["best_ckpt"]
+    assert held is not None and held["epoch"] == 2  # improved in the last epoch: the last snapshot holds it
     (winner / "best.pt").write_bytes(kept[:100])  # a disk fault, a partial copy
+    assert CliRunner().invoke(main, args).exit_code == 0
+    mended, was = (torch.load(f, weights_only=True) for f in (winner / "best.pt", out / "best.pt"))
+    assert mended["epoch"] == was["epoch"] == 2 and mended["model_state"].keys() == held["model_state"].keys()
+    assert all(torch.equal(mended["model_state"][k], v) for k, v in held["model_state"].items())
+    # a snapshot without it (the trial improved before the one before): named, OUT/best.pt kept
+    for t in state["trials"].values():
+        t["best_ckpt"] = None
+    torch.save(state, out / "sweep_state.pt")
+    kept = (out / "best.pt").read_bytes()
+    (winner / "best.pt").write_bytes(kept[:100])
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
@@ -293,6 +307,37 @@ def test_rerun_of_a_finished_sweep_keeps_its_best_pt_when_the_winners_trial_file
         f"{out / 'best.pt'} is kept as it was; rerun the sweep with --overwrite to train it again"), r.stderr
     assert (out / "best.pt").read_bytes() == kept
     assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_trial_files_never_hold_an_epoch_the_snapshot_does_not(tmp_path):
+    """A trial's best.pt is written with the snapshot that covers its epoch, so a sweep stopped
+    between snapshots leaves every trial file at the snapshot's best epoch: a resume's replay need
+    not repeat the stopped run bit for bit (a GPU need not). Resumed, it ends as an uninterrupted
+    sweep does, every trial file at its leaderboard epoch."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 16, "test": 4}, noise=2.0)
+    grid = dict(grids=((("head", ("lstm", "gru", "mean")), ("hidden", (8, 16))),), min_epochs=2, eta=3)
+    full = sweep(SweepConfig(base=base(cache, tmp_path / "full"), **grid), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(epoch, trials):
+        if epoch == 4:
+            raise Stop
+
+    with pytest.raises(Stop):  # rungs end at 2 and 6: epochs 3 and 4 are in no snapshot
+        sweep(SweepConfig(base=base(cache, tmp_path / "part"), **grid), progress=False, on_epoch=stop_after_4)
+    state = torch.load(tmp_path / "part" / "sweep_state.pt", weights_only=True)
+    assert state["epoch"] == 2
+    for tid, t in state["trials"].items():
+        assert torch.load(tmp_path / "part" / "trials" / tid / "best.pt", weights_only=True)["epoch"] == \
+            t["best"]["epoch"] <= 2
+    assert any(row["best_epoch"] > 2 for row in full.leaderboard)  # so trials did improve in epochs 3-4
+    resumed = sweep(SweepConfig(base=base(cache, tmp_path / "part"), **grid), progress=False)
+    assert resumed.leaderboard == full.leaderboard
+    for row in resumed.leaderboard:
+        assert torch.load(tmp_path / "part" / "trials" / row["id"] / "best.pt", weights_only=True)["epoch"] == \
+            row["best_epoch"]
 
 
 def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
