@@ -26,10 +26,11 @@ scale folded into the convolutions). This module writes no files.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -590,10 +591,12 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
             ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     elif path is not None:
         try:
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kw)
+            with _timm_load_report() as said:
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kw)
         except Exception as e:  # noqa: BLE001 - timm's loaders raise many types for a foreign file
             raise WeightsError(f"cannot load {path} into {name} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+        _check_timm_file_fits(model, said, path, name)
         ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     else:
         full = arch if weights.lower() in ("imagenet", "default") else f"{arch.split('.')[0]}.{weights}"
@@ -620,6 +623,54 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
     spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
     return Backbone(name=name, net=model.eval(), num_features=int(model.num_features), frame_spec=spec,
                     weights=ident, block_params=_timm_blocks(model))
+
+
+class _TimmLoadReport(logging.Handler):
+    """Collects the keys timm's loader reports missing or unexpected (it logs them, no more)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.keys: dict[str, list[str]] = {"missing": [], "unexpected": []}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for kind, head in (("missing", "Missing keys ("), ("unexpected", "Unexpected keys (")):
+            if msg.startswith(head) and ") " in msg:
+                self.keys[kind] = [k for k in msg[len(head):msg.rindex(") ")].split(", ") if k]
+
+
+@contextlib.contextmanager
+def _timm_load_report() -> Iterator[dict[str, list[str]]]:
+    """What timm says of the weights file it loads: it drops the classifier (``num_classes=0``) and
+    then loads non-strictly, so a file of any other model, or an empty one, loads without an error
+    and leaves the network at its random init. Its own log lines are held back here."""
+    lg = logging.getLogger("timm.models._builder")
+    report, state = _TimmLoadReport(), (lg.level, lg.propagate)
+    lg.addHandler(report)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        yield report.keys
+    finally:
+        lg.removeHandler(report)
+        lg.setLevel(state[0])
+        lg.propagate = state[1]
+
+
+def _check_timm_file_fits(model: nn.Module, said: dict[str, list[str]], path: Path, name: str) -> None:
+    """Refuse a weights file that left parameters (or BatchNorm statistics) of ``model`` at their
+    random init, or held tensors the model has no place for (another architecture's)."""
+    needed = set(dict(model.named_parameters())) | {
+        k for k in model.state_dict() if k.endswith((".running_mean", ".running_var"))}
+    missing = [k for k in said["missing"] if k in needed]
+    parts = ([f"{len(missing)} of the model's tensors are not in it ({', '.join(missing[:3])}"
+              f"{', ...' if len(missing) > 3 else ''})"] if missing else [])
+    if said["unexpected"]:
+        extra = said["unexpected"]
+        parts.append(f"it holds {len(extra)} the model has no place for ({', '.join(extra[:3])}"
+                     f"{', ...' if len(extra) > 3 else ''})")
+    if parts:
+        raise WeightsError(f"{path} does not fit {name}: {'; '.join(parts)}; pass that model's own weights file")
 
 
 def _timm_cfg(full: str) -> Any:

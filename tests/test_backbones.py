@@ -7,6 +7,7 @@ network): what is checked is the plumbing, which does not depend on trained weig
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -321,6 +322,28 @@ def test_timm_local_file_loads_offline(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(bb.net(x), full.eval()(x))
     assert bb.weights.source == "file" and bb.weights.sha256
+
+
+def test_timm_file_of_another_model_or_an_empty_one_is_refused(tmp_path):
+    """timm drops the classifier and then loads a file non-strictly: an empty file, or another
+    model's, loaded without a word and left the network at a new random init on every run."""
+    import timm
+    from safetensors.torch import save_file
+
+    arch = TIMM_VIT.split(":")[1]
+    state = timm.create_model(arch, pretrained=False, img_size=S).state_dict()
+    torch.save({}, tmp_path / "empty.pth")
+    save_file({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, str(tmp_path / "short.safetensors"))
+    save_file({**state, "blocks.12.norm1.weight": torch.ones(192)}, str(tmp_path / "long.safetensors"))
+    r34 = timm.create_model("resnet34", pretrained=False).state_dict()  # resnet18's tensors and more
+    torch.save(r34, tmp_path / "r34.pth")
+    for file, kind, backbone in (("empty.pth", "tensors are not in it", TIMM_VIT),
+                                 ("short.safetensors", "tensors are not in it (blocks.11.", TIMM_VIT),
+                                 ("long.safetensors", "the model has no place for (blocks.12.norm1.weight)", TIMM_VIT),
+                                 ("r34.pth", "the model has no place for (layer1.2.", "timm:resnet18")):
+        with pytest.raises(WeightsError, match=rf"^{tmp_path / file} does not fit {backbone}: .*{re.escape(kind)}"):
+            create_backbone(backbone, str(tmp_path / file), input_size=S)
+    create_backbone("timm:resnet34", str(tmp_path / "r34.pth"), input_size=S)  # its own model takes it
 
 
 def _hub_cache(monkeypatch, root: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
