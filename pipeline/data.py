@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -144,6 +144,29 @@ def video_kind(path: Path) -> Literal["frames", "file"] | None:
     if path.is_file() and path.suffix.lower() in VIDEO_EXTS:
         return "file"
     return None
+
+
+def video_name(name: str) -> str:
+    """A video's name without its video extension: ``c1`` for ``c1.avi``, ``c1.mp4`` and a frame
+    folder ``c1`` or ``c1.avi`` (decoded into a folder of the file's name); ``A.B_run`` stays."""
+    p = Path(name)
+    return p.stem if p.suffix.lower() in VIDEO_EXTS else name
+
+
+def one_per_name(videos: Iterable[Path], warnings: list[str], why: str) -> list[Path]:
+    """``videos`` of one class folder, one per ``video_name``: a frame folder and the file it was
+    decoded from, or one video in two containers, are one video; the frame folder is kept, else
+    the first in order, with a warning (``why``: to whom they are one)."""
+    kept: dict[str, Path] = {}
+    for v in videos:
+        key = video_name(v.name)
+        seen = kept.get(key)
+        if seen is not None:
+            keep = v if v.is_dir() and not seen.is_dir() else seen
+            warnings.append(f"{v} and {seen} are one video {why}; using {keep}")
+            v = keep
+        kept[key] = v
+    return list(kept.values())
 
 
 def _is_frame(p: Path) -> bool:
@@ -342,6 +365,8 @@ def _index_split_tree(root: Path) -> DatasetIndex:
                     warnings.append(f"ignored {v}: not a frame folder or a video file")
                     continue
                 videos.append(v)
+            videos[:] = one_per_name(videos, warnings, "(one name; as two, one could be trained on and the other "
+                                                      "validated on)")
             if not videos:
                 warnings.append(f"class folder {class_dir} has no videos")
         if not any(classes.values()):
@@ -475,19 +500,16 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
         if listing is None:  # the class keeps its label; its videos are not reported missing one by one
             unreadable.add(cls)
             continue
+        named = []
         for v in listing:
             if not _visible(v) or video_kind(v) is None:
                 continue
             if not _utf8(v):
                 report.skip(None, v, _bad_name(v), "name")
                 continue
-            stem = v.stem if v.is_file() else v.name
-            if stem in on_disk[cls]:  # one name in the split files ('c1.avi'): c1/ and c1.avi, or c1.avi and c1.mp4
-                seen = on_disk[cls][stem]
-                keep = v if v.is_dir() and not seen.is_dir() else seen  # a frame folder, else the first in order
-                warnings.append(f"{v} and {seen} are one video to the split files; using {keep}")
-                v = keep
-            on_disk[cls][stem] = v
+            named.append(v)
+        # one name in the split files ('c1.avi'): c1/ and c1.avi, or c1.avi and c1.mp4
+        on_disk[cls] = {video_name(v.name): v for v in one_per_name(named, warnings, "to the split files")}
     class_names = sorted(on_disk)
     _warn_class_names(class_names, warnings)
     try:
@@ -505,8 +527,7 @@ def _index_from_split_files(root: Path, spec: DatasetSpec) -> DatasetIndex:
     listed: dict[Path, _Entry] = {}  # each video on disk → the first line that lists it
     for e in entries:
         split, cls, name, where = e
-        stem = Path(name).stem
-        path = on_disk[cls].get(stem)
+        path = on_disk[cls].get(video_name(name))
         if path is None and cls in unreadable:
             continue
         if path is None:  # a video of the official split this dataset lacks: in the cache's failures too

@@ -173,6 +173,32 @@ def test_hmdb51_split_files(tmp_path):
     assert [v.label for v in idx.videos("test")] == [0, 1, 1]
 
 
+def test_a_video_and_its_frame_folder_are_one_video(tmp_path):
+    """clip.avi and the folder clip/ it was decoded into (or one video in two containers) are one
+    video in the folder layout too, as to split files: counted twice, one could be carved into
+    validation and the other trained on. Split files find a frame folder named like the file
+    (clip.avi/), and a listed name with a dot and no extension (A.B_run_2)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    (root / "train" / "a").mkdir(parents=True)
+    write_video(root / "train" / "a" / "clip.avi", rand_frames(rng, 3))
+    write_frames(root / "train" / "a" / "clip", rand_frames(rng, 3))
+    write_video(root / "train" / "a" / "other.avi", rand_frames(rng, 3))
+    write_video(root / "train" / "a" / "other.mp4", rand_frames(rng, 3))
+    write_frames(root / "train" / "b" / "b1", rand_frames(rng, 3))
+    idx = index_dataset(DatasetSpec(str(root)))
+    assert [v.rel for v in idx.videos("train")] == ["train/a/clip", "train/a/other.avi", "train/b/b1"]
+    assert sum("are one video (one name" in w for w in idx.warnings) == 2, idx.warnings
+    flat, splits = tmp_path / "flat", tmp_path / "splits"
+    write_frames(flat / "run" / "run_clip1.avi", rand_frames(rng, 3))
+    write_frames(flat / "run" / "A.B_run_2", rand_frames(rng, 3))
+    splits.mkdir()
+    (splits / "run_test_split1.txt").write_text("run_clip1.avi 1\nA.B_run_2 2\n")
+    idx = index_dataset(DatasetSpec(str(flat), split_dir=str(splits)))
+    assert [v.rel for v in idx.videos("train")] == ["run/run_clip1.avi"]
+    assert [v.rel for v in idx.videos("test")] == ["run/A.B_run_2"] and not idx.skipped
+
+
 def test_ucf101_split_files(tmp_path):
     root = tmp_path / "ucf"
     _flat_tree(root)
