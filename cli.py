@@ -92,6 +92,15 @@ def _memory_hint(ctx: click.Context) -> str:
     return ", ".join([*ways, "or free memory"]) if ways else "free memory, or use a machine with more"
 
 
+def _check_split_id(ctx: click.Context, split_dir: str | None) -> None:
+    """--split-id picks among the official split files of --split-dir; given without it, it picked
+    nothing, and was recorded as if it had."""
+    if split_dir is None and ctx.get_parameter_source("split_id") is not click.core.ParameterSource.DEFAULT:
+        given = " (--split-file gives the split itself)" if ctx.params.get("split_files") else ""
+        raise click.BadParameter(f"it picks among the split files of --split-dir, which is not given{given}; "
+                                 "drop it, or add --split-dir", param_hint="--split-id")
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:200]
@@ -306,6 +315,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     from pipeline.cache import extraction_hint
     from pipeline.extract import extract_features
 
+    _check_split_id(ctx, split_dir)
     if output is None:
         output = Path("features") / f"{data_dir.resolve().name}.h5"
     if ctx.get_parameter_source("backbone") == click.core.ParameterSource.DEFAULT:
@@ -894,6 +904,7 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
     from pipeline.config import FINETUNE_HEAD_DEFAULTS, FinetuneConfig
     from pipeline.finetune import finetune
 
+    _check_split_id(ctx, split_dir)
     for name in FINETUNE_HEAD_DEFAULTS:  # not given: --init's head, else the default (the same as shown)
         if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
             kw[name] = None

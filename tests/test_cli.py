@@ -67,6 +67,22 @@ def test_float_options_refuse_nan_and_inf(tmp_path):
         assert "Traceback" not in err
 
 
+def test_split_id_without_split_dir_is_refused(tiny_dataset, tmp_path):
+    """--split-id picks among --split-dir's files: without it, it picked nothing and was recorded."""
+    for args in (["extract-features", "--data-dir", str(tiny_dataset), "-o", str(tmp_path / "x.h5"), "--weights",
+                  "none", "--split-id", "3"],
+                 ["finetune-end-to-end", "--data-dir", str(tiny_dataset), "--out", str(tmp_path / "r"),
+                  "--split-id", "2"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "Invalid value for --split-id: it picks among the split files of --split-dir, " \
+            "which is not given; drop it, or add --split-dir" in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the dataset alone: no cache, no run folder
+    (tmp_path / "trainlist01.txt").write_text("a/v1.avi 1\n")
+    r = CliRunner().invoke(main, ["extract-features", "--data-dir", str(tiny_dataset), "-o", str(tmp_path / "x.h5"),
+                                  "--split-file", str(tmp_path / "trainlist01.txt"), "--split-id", "1"])
+    assert r.exit_code == 2 and "(--split-file gives the split itself)" in r.stderr, r.stderr
+
+
 def test_single_process_commands_refuse_torchrun_before_writing(tmp_path):
     """train-temporal, sweep, predict... under torchrun would run once per rank on the same files
     (each rank then met the other's lock and left half a run): refused at once, rank 0 says why."""
