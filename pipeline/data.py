@@ -170,7 +170,9 @@ def one_per_name(videos: Iterable[Path], warnings: list[str], why: str) -> list[
 
 
 def _is_frame(p: Path) -> bool:
-    return _visible(p) and p.suffix.lower() in IMAGE_EXTS and p.is_file()
+    """A frame's name: what is no regular file under it (a dangling link, a folder) is a frame that
+    does not decode, dropped with its index as a corrupt one is, not a gap closed without a word."""
+    return _visible(p) and p.suffix.lower() in IMAGE_EXTS
 
 
 # mmaction2's rawframes (tools/data/build_rawframes.py, denseflow) put each video's RGB frames,
@@ -203,8 +205,9 @@ def source_signature(path: Path, kind: str) -> str:
     try:
         if kind == "frames":
             h = hashlib.sha1()
-            for f in list_frames(path):
-                h.update(f"{f.name}\0{f.stat().st_size}\n".encode("utf-8", "surrogateescape"))
+            for f in list_frames(path):  # a frame that is no file (a dangling link) as size -1
+                size = f.stat().st_size if f.is_file() else -1
+                h.update(f"{f.name}\0{size}\n".encode("utf-8", "surrogateescape"))
             return f"frames:{h.hexdigest()[:16]}"
         return f"bytes:{path.stat().st_size}{UPRIGHT}"
     except VideoDecodeError:
@@ -247,8 +250,14 @@ def list_frames(folder: Path) -> list[Path]:
 
     Names that form two or more numbered sequences are no single video read in natural order (it
     would put every frame of one before the other): mmaction2's rawframes folders give their
-    RGB frames (``img_``), and any other mix is a ``VideoDecodeError`` that names the sequences."""
+    RGB frames (``img_``), and any other mix is a ``VideoDecodeError`` that names the sequences, as
+    is one number twice (``frame_1.jpg`` and ``frame_1.png``, or ``frame_001.png``), which would
+    show every such frame twice."""
     frames = sorted((p for p in folder.iterdir() if _utf8(p) and _is_frame(p)), key=lambda p: natural_key(p.name))
+    number = [natural_key(p.stem)[:-1] for p in frames]  # the name's parts, digit runs as numbers
+    if twice := next((i for i in range(1, len(frames)) if number[i] == number[i - 1]), None):
+        raise VideoDecodeError(f"{folder}: {frames[twice - 1].name} and {frames[twice].name} are one frame number "
+                               "twice; keep one of them")
     count: dict[str | None, int] = defaultdict(int)
     for p in frames:
         count[_sequence(p.name)] += 1

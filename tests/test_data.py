@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import DatasetSpec, FrameSelection, FrameSpec
 from pipeline.data import (DecodedFrame, FrameDecodeError, VideoDecodeError, apply_selection, decode_image_file,
                            index_dataset, iter_frame_batches, iter_video_file, list_frames, natural_key,
-                           read_frames, select_by_rate, select_indices, selected_positions)
+                           read_frames, select_by_rate, select_indices, selected_positions, source_signature)
 from pipeline.demo import write_video
 from pipeline.errors import DataError
 from pipeline.preprocess import resize_frames, stack_frames
@@ -331,6 +331,34 @@ def test_folder_grey_rgba_mixed_sizes(tmp_path):
     assert torch.equal(got[2].frame, got[0].frame)
     spec = FrameSpec(size=16)
     assert {tuple(resize_frames(g.frame, spec).shape) for g in got} == {(3, 16, 16)}
+
+
+def test_frames_that_are_no_file_are_broken_frames_and_one_number_twice_is_refused(tmp_path):
+    """A dangling link or a folder under a frame's name was left out without a word, and the gap
+    closed; it is a frame that does not decode, dropped with its index. Two files of one frame
+    number (frame_1.jpg and frame_1.png, or frame_001.png) are refused, not read twice."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "v"
+    write_frames(d, rand_frames(rng, 5), ".png")
+    names = [p.name for p in list_frames(d)]
+    (d / names[2]).unlink()
+    (d / names[2]).symlink_to(tmp_path / "gone.png")
+    (d / names[4]).unlink()
+    (d / names[4]).mkdir()
+    got = iter_frame_folder(d, FrameSelection())
+    assert [(f.index, f.frame is None) for f in got] == [(0, False), (1, False), (2, True), (3, False), (4, True)]
+    assert "cannot read" in got[2].error and names[2] in got[2].error
+    assert source_signature(d, "frames").startswith("frames:")
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("frame_1.png", "frame_1.jpg", "frame_2.png"):
+        Image.fromarray(rand_frames(rng, 1)[0]).save(twice / name)
+    with pytest.raises(VideoDecodeError, match=r"twice: frame_1\.jpg and frame_1\.png are one frame number twice; "
+                                               r"keep one of them$"):
+        list_frames(twice)
+    (twice / "frame_1.jpg").rename(twice / "frame_001.png")
+    with pytest.raises(VideoDecodeError, match=r"frame_001\.png and frame_1\.png are one frame number twice"):
+        list_frames(twice)
 
 
 def test_broken_frames_are_reported_not_fatal(tmp_path):
