@@ -597,7 +597,8 @@ def _has_videos(folder: Path) -> bool:
 def _content_key(v: Video, deep: bool) -> str | None:
     """What tells a video's content from another's of the same name, cheap (``deep`` False: a file's
     size, a folder's frame names, no stat) or close (a hash of a file's first and last MiB; a
-    folder's ``source_signature``, which stats every frame); None where it cannot be read."""
+    folder's ``source_signature``, which stats every frame, and its first and last frame's bytes);
+    None where it cannot be read."""
     try:
         if v.kind == "file":
             size = v.path.stat().st_size
@@ -614,8 +615,14 @@ def _content_key(v: Video, deep: bool) -> str | None:
                                and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS and e.is_file())
             return hashlib.sha1("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
         sig = source_signature(v.path, v.kind)
-        return sig if sig not in ("", NOT_ONE_VIDEO) else None
-    except OSError:
+        if sig in ("", NOT_ONE_VIDEO):
+            return None
+        frames = list_frames(v.path)  # and the bytes of its first and last frame: names and sizes
+        h = hashlib.sha1(sig.encode())  # alone are one for all same-size frames (uncompressed PNG)
+        for f in frames[:1] + frames[-1:]:
+            h.update(f.read_bytes())
+        return h.hexdigest()
+    except (OSError, PipelineError):
         return None
 
 

@@ -135,6 +135,11 @@ def test_duplicate_video_in_two_classes_refused(tiny_dataset):
     rng = np.random.default_rng(3)
     for cls in ("run", "walk"):  # two files of one size (uncompressed video, say), not one video
         (tiny_dataset / "train" / cls / "0001.avi").write_bytes(rng.bytes(5000))
+        frames = tiny_dataset / "train" / cls / "0002"  # and frame folders whose frames are all of one size
+        frames.mkdir()
+        for k in range(3):  # (uncompressed PNG): names and sizes alike, the pixels not
+            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(frames / f"f{k}.png",
+                                                                                     compress_level=0)
     idx = index_dataset(DatasetSpec(str(tiny_dataset)))
     assert "train/run/w1" in [v.rel for v in idx.videos("train")] and "test/walk/w2" in [v.rel for v in idx.videos("test")]
     leaks = [w for w in idx.warnings if "more than one split" in w]
