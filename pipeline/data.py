@@ -754,11 +754,43 @@ def _clean(e: Exception) -> str:
     return re.sub(r"^.*\.(cpp|h):\d+, ", "", msg)
 
 
+def _jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation (1 to 8) of a JPEG, from the APP1 segment among the markers before its
+    image data; None without one. A few header bytes read: cheap beside the decoding."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the metadata is over
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[i + 10:i + 2 + length])
+        i += 2 + length
+    return None
+
+
+def _tiff_orientation(t: bytes) -> int | None:
+    """Tag 0x0112 of the first IFD of EXIF's TIFF structure, None where it is not there."""
+    order = {b"II": "little", b"MM": "big"}.get(t[:2])
+    if order is None or len(t) < 8:
+        return None
+    ifd = int.from_bytes(t[4:8], order)  # type: ignore[arg-type]
+    count = int.from_bytes(t[ifd:ifd + 2], order) if ifd + 2 <= len(t) else 0  # type: ignore[arg-type]
+    for e in range(ifd + 2, min(ifd + 2 + 12 * count, len(t) - 11), 12):
+        if int.from_bytes(t[e:e + 2], order) == 0x0112:  # type: ignore[arg-type]
+            return int.from_bytes(t[e + 8:e + 10], order)  # type: ignore[arg-type] # a SHORT, first in its field
+    return None
+
+
 def _turbo_size(data: bytes) -> tuple[int, int] | None:
     """(H, W) of a JPEG that simplejpeg decodes to the same pixels as torchvision's decoder; None
     where torchvision should decode instead: not a JPEG, CMYK/YCCK (torchvision converts those its
-    own way), a header simplejpeg cannot read, or simplejpeg not installed."""
-    if _simplejpeg is None or data[:2] != b"\xff\xd8":
+    own way), one turned by its EXIF orientation (torchvision turns it upright, as a viewer shows
+    it), a header simplejpeg cannot read, or simplejpeg not installed."""
+    if _simplejpeg is None or data[:2] != b"\xff\xd8" or _jpeg_orientation(data) not in (None, 1):
         return None
     try:
         h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
@@ -807,7 +839,8 @@ def _decode_frame(data: bytes, path: Path, *, turbo: bool = True) -> torch.Tenso
         if img is None:
             from torchvision.io import ImageReadMode, decode_image  # here: stage two never loads torchvision
 
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)  # upright as a viewer shows it (JPEG, PNG)
     except (RuntimeError, ValueError) as e:
         raise FrameDecodeError(f"{path}: {_clean(e)}") from e
     if img.ndim != 3:  # an animated GIF/WebP saved under an image name
