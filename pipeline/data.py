@@ -1237,15 +1237,18 @@ def _folder_selection(path: Path, sel: FrameSelection) -> tuple[list[Path], list
     files = list_frames(path)
     if not files:
         raise VideoDecodeError(f"{path}: no jpg/png frames in folder")
-    times = None
-    if sel.fps is not None:
-        if sel.folder_fps is None:
-            raise ConfigError(
-                f"--fps needs the frame rate of frame folders such as {path}: add --folder-fps "
-                "(the rate the frames were extracted at, e.g. 30 for HMDB51, 25 for UCF101)"
-            )
-        times = [i / sel.folder_fps for i in range(len(files))]
-    return files, apply_selection(times, len(files), sel)
+    return files, apply_selection(folder_times(path, len(files), sel), len(files), sel)
+
+
+def folder_times(path: Path, n: int, sel: FrameSelection) -> list[float] | None:
+    """The times of a frame folder's ``n`` frames where ``sel`` samples by rate (``--fps``), from
+    ``--folder-fps``, which it then needs; None where it does not sample by rate."""
+    if sel.fps is None:
+        return None
+    if sel.folder_fps is None:
+        raise ConfigError(f"--fps needs the frame rate of frame folders such as {path}: add --folder-fps "
+                          "(the rate the frames were extracted at, e.g. 30 for HMDB51, 25 for UCF101)")
+    return [i / sel.folder_fps for i in range(n)]
 
 
 def _folder_batches(files: Sequence[Path], chosen: Sequence[int], n: int) -> Iterator[DecodedBatch]:
@@ -1323,8 +1326,7 @@ def selected_positions(video_path: Path, kind: str, sel: FrameSelection) -> list
     """Source frame indices a cache with selection ``sel`` holds for this video, without decoding."""
     if kind == "frames":
         n = len(list_frames(video_path))
-        times = [i / sel.folder_fps for i in range(n)] if sel.fps is not None and sel.folder_fps else None
-        return apply_selection(times, n, sel)
+        return apply_selection(folder_times(video_path, n, sel), n, sel)
     pts, tb = _video_pts(video_path)
     if pts is None:
         raise VideoDecodeError(f"{video_path}: no frame timestamps")

@@ -34,8 +34,8 @@ from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (FINETUNE_HEAD_DEFAULTS, DatasetSpec, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec,
                      Provenance, WeightsIdentity)
-from .data import (Video, carve_validation, index_dataset, read_frames, selected_positions, some, source_signature,
-                   uncarvable)
+from .data import (Video, carve_validation, folder_times, index_dataset, read_frames, selected_positions, some,
+                   source_signature, uncarvable)
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
 from .runtime import default_worker_processes, resolve_device, resolve_precision
@@ -372,6 +372,15 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                   f"{cfg.dataset.root}", DataError)
     train_videos = index.videos(cfg.train_split)
     init, backbone_name, spec, sel = _resolve_init(cfg, index.classes)
+    if sel.fps is not None and sel.folder_fps is None:  # frame folders have no timestamps to sample by
+        used = [s for s in (cfg.train_split, val_split, test_split) if s]
+        if folder := next((v.path for s in used for v in index.videos(s) if v.kind == "frames"), None):
+            if cfg.selection is None:  # --init's
+                raise ConfigError(f"--init {cfg.init} samples frames at --fps {sel.fps:g}, and {folder} is a frame "
+                                  "folder, whose frame rate it does not record (its cache was extracted from video "
+                                  "files); start from a train-temporal run on a cache of these folders "
+                                  f"(extract-features --fps {sel.fps:g} --folder-fps RATE)")
+            folder_times(folder, 0, sel)  # refused, as extract-features and predict refuse it
     init_seen = _init_seen(init) if init is not None else None  # what --init was trained on, where known
     if val_split is None:  # carved from train by whole source videos, as stage two does
         seed, theirs, trained = (_init_carve(cfg, init, train_videos, init_seen) if init is not None

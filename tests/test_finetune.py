@@ -307,6 +307,29 @@ def test_init_trained_on_the_test_or_validation_videos_is_said(tmp_path, weights
             f"({', '.join(trained[:5])}" in caplog.text)
 
 
+def test_fps_on_frame_folders_without_their_rate_is_refused(colour_data, tmp_path, weights_file):
+    """--fps samples by time, which frame folders only have from --folder-fps: without it finetune
+    kept every frame without a word (extract-features and predict refuse it), also where --init's
+    selection came from a cache of video files."""
+    from pipeline.config import FrameSelection
+
+    with pytest.raises(ConfigError, match=r"--fps needs the frame rate of frame folders such as .*: add --folder-fps"):
+        finetune(ft_cfg(colour_data, tmp_path / "a", weights_file, selection=FrameSelection(fps=5)), progress=False)
+    extract_features(ExtractConfig(dataset=DatasetSpec(str(colour_data)), output=str(tmp_path / "f.h5"),
+                                   weights=str(weights_file), frame_spec=FrameSpec(size=SIZE), workers=0, batch_size=8),
+                     progress=False)
+    train_temporal(TemporalConfig(cache=str(tmp_path / "f.h5"), out=str(tmp_path / "s2"), hidden=16, epochs=1,
+                                  seq_len=4, device="cpu"), progress=False)
+    ck = torch.load(tmp_path / "s2" / "best.pt", weights_only=True)  # as if extracted from video files at 5 fps
+    ck["cache"]["selection"] = {**ck["cache"]["selection"], "fps": 5.0, "folder_fps": None}
+    torch.save(ck, tmp_path / "s2-fps.pt")
+    with pytest.raises(ConfigError, match=r"--init .*s2-fps\.pt samples frames at --fps 5, and .* is a frame folder, "
+                                          r"whose frame rate it does not record"):
+        finetune(FinetuneConfig(dataset=DatasetSpec(str(colour_data)), out=str(tmp_path / "b"),
+                                init=str(tmp_path / "s2-fps.pt"), epochs=1, workers=0, device="cpu"), progress=False)
+    assert not (tmp_path / "a" / "best.pt").exists() and not (tmp_path / "b" / "best.pt").exists()
+
+
 def test_init_holds_out_its_runs_videos_where_the_dataset_has_videos_its_cache_skipped(colour_data, tmp_path,
                                                                                        weights_file):
     """Undecodable videos are in the dataset's index but not in the cache the --init run carved from:
