@@ -88,7 +88,7 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
             else:
                 errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
                                          f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
-        elif _frame_folder(p):
+        elif _frame_folder(p) and not _holds(p)[1]:
             videos.append((p, "frames"))
         else:
             found = list(_walk(p))
@@ -99,6 +99,21 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
         for f in bad_frame_names(p) if kind == "frames" else ():
             log.warning("ignored '%s': its name is not valid UTF-8; rename it", printable(f))
     return videos, errors
+
+
+def _holds(folder: Path) -> tuple[bool, bool]:
+    """Whether ``folder`` holds images, and video files, hidden files (``._x.jpg``) left out. A
+    folder of video files is none of frames, whatever images sit beside them (a poster, a
+    thumbnail): its videos are found, and the images are said to be ignored."""
+    images = videos = False
+    for f in folder.iterdir():
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        images = images or f.suffix.lower() in IMAGE_EXTS
+        videos = videos or f.suffix.lower() in VIDEO_EXTS
+    if images and videos:
+        log.warning("ignored the images in %s: it holds video files, so it is no frame folder", folder)
+    return images, videos
 
 
 def _frame_folder(p: Path) -> bool:
@@ -126,11 +141,11 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tu
             continue
         if q.is_dir():
             try:
-                frames = any(f.suffix.lower() in IMAGE_EXTS for f in q.iterdir() if f.is_file())
+                images, videos = _holds(q)
             except OSError as e:
                 log.warning("skipped %s: %s", q, e.strerror or e)
                 continue
-            if not frames:
+            if not images or videos:
                 yield from _walk(q, seen)
                 continue
             st = q.stat()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import REPO, SIZE, rand_frames, write_frames
+from PIL import Image
 
 from cli import main
 from pipeline.config import DatasetSpec, ExtractConfig, FrameSpec, TemporalConfig
@@ -288,3 +289,28 @@ def test_real_subprocess_predict(trained, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and all(ln.startswith(str(root / "test" / "b")) for ln in lines)
     assert all(len(ln.split()) == 5 for ln in lines)  # input, then 2 x (label, probability)
+
+
+def test_a_folder_of_videos_with_an_image_beside_them_is_no_frame_folder(tmp_path, caplog):
+    """A poster or thumbnail among video files made their folder a one-frame 'video', and its
+    videos were dropped without a word; a hidden ._x.jpg sidecar (macOS) did too."""
+    import logging
+
+    from pipeline.predict import find_inputs
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pred"
+    (root / "sub").mkdir(parents=True)
+    (root / "hid").mkdir()
+    for f in ("a.mp4", "sub/b.mkv", "sub/c.mp4", "hid/v.mp4"):
+        (root / f).write_bytes(b"")  # found by name; decoding would report what is wrong with them
+    write_frames(root / "frames", rand_frames(rng, 2))
+    for f in ("poster.jpg", "sub/thumb.png", "hid/._v.jpg"):
+        Image.fromarray(rand_frames(rng, 1)[0]).save(root / f, format="PNG")
+    with caplog.at_level(logging.WARNING):
+        found, errors = find_inputs([root])
+    assert not errors and found == [(root / "a.mp4", "file"), (root / "frames", "frames"),
+                                    (root / "hid" / "v.mp4", "file"), (root / "sub" / "b.mkv", "file"),
+                                    (root / "sub" / "c.mp4", "file")]
+    assert f"ignored the images in {root / 'sub'}: it holds video files" in caplog.text
+    assert find_inputs([root / "sub"]) == ([(root / "sub" / "b.mkv", "file"), (root / "sub" / "c.mp4", "file")], [])
