@@ -48,14 +48,16 @@ def random_clips(lengths: np.ndarray, seq_len: int, rng: np.random.Generator) ->
 
 def uniform_clips(lengths: np.ndarray, seq_len: int, clip: int = 0, num_clips: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic evaluation clips: clip ``k`` of ``K`` takes the frame at fraction (k + ½)/K of
-    each of ``seq_len`` equal segments (K = 1: segment centres)."""
+    each of ``seq_len`` equal segments (K = 1: segment centres), in integers: frame
+    ⌊(2K·i + 2k + 1)·T / (2K·L)⌋, exact where the fraction lands on a frame boundary (floats put
+    52 such clips one frame early over T < 200, L ≤ 32, K ≤ 10)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     pos, clip_len = _short(lengths, seq_len)
     long = lengths >= seq_len
     if long.any():
-        seg = lengths[long, None] / seq_len
+        num = (2 * num_clips * np.arange(seq_len, dtype=np.int64) + 2 * clip + 1) * lengths[long, None]
         pos = pos.copy()
-        pos[long] = np.floor((np.arange(seq_len) + (clip + 0.5) / num_clips) * seg).astype(np.int64)
+        pos[long] = num // (2 * num_clips * seq_len)
     return pos, clip_len
 
 

@@ -98,6 +98,15 @@ def test_samplers():
     u2a, _ = uniform_clips(lengths, 4, clip=0, num_clips=2)
     u2b, _ = uniform_clips(lengths, 4, clip=1, num_clips=2)
     assert list(u2a[0]) == [6, 31, 56, 81] and list(u2b[0]) == [18, 43, 68, 93]
+    # exactly the frame at (i + (k + 1/2)/K) * T/L, also where that lands on a frame boundary (floats
+    # gave 10 for T 24, L 20, K 3, k 0, i 9: (9 + 1/6) * 1.2 = 11 exactly)
+    from fractions import Fraction
+
+    for t, seq, k_of in ((24, 20, 3), (35, 7, 5), (199, 32, 10), (60, 16, 6)):
+        for k in range(k_of):
+            got = uniform_clips(np.array([t]), seq, clip=k, num_clips=k_of)[0][0]
+            assert list(got) == [int((i + Fraction(2 * k + 1, 2 * k_of)) * Fraction(t, seq)) for i in range(seq)]
+    assert uniform_clips(np.array([24]), 20, clip=0, num_clips=3)[0][0][9] == 11
 
 
 def test_resume_equals_uninterrupted(tmp_path):
