@@ -336,8 +336,8 @@ def test_trial_files_never_hold_an_epoch_the_snapshot_does_not(tmp_path):
     resumed = sweep(SweepConfig(base=base(cache, tmp_path / "part"), **grid), progress=False)
     assert resumed.leaderboard == full.leaderboard
     for row in resumed.leaderboard:
-        assert torch.load(tmp_path / "part" / "trials" / row["id"] / "best.pt", weights_only=True)["epoch"] == \
-            row["best_epoch"]
+        ck = torch.load(tmp_path / "part" / "trials" / row["id"] / "best.pt", weights_only=True)
+        assert ck["epoch"] == row["best_epoch"] and isinstance(ck["sweep_seed"], int)  # the seed it trained with
 
 
 def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
