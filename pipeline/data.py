@@ -252,7 +252,8 @@ def list_frames(folder: Path) -> list[Path]:
     would put every frame of one before the other): mmaction2's rawframes folders give their
     RGB frames (``img_``), and any other mix is a ``VideoDecodeError`` that names the sequences, as
     is one number twice (``frame_1.jpg`` and ``frame_1.png``, or ``frame_001.png``), which would
-    show every such frame twice."""
+    show every such frame twice, and an image beside one numbered sequence that is none of it
+    (``cover.jpg``), which would be read as a frame and shift every index after it."""
     frames = sorted((p for p in folder.iterdir() if _utf8(p) and _is_frame(p)), key=lambda p: natural_key(p.name))
     number = [natural_key(p.stem)[:-1] for p in frames]  # the name's parts, digit runs as numbers
     if twice := next((i for i in range(1, len(frames)) if number[i] == number[i - 1]), None):
@@ -262,6 +263,10 @@ def list_frames(folder: Path) -> list[Path]:
     for p in frames:
         count[_sequence(p.name)] += 1
     runs = sorted(k for k, n in count.items() if k is not None and n > 1)
+    if len(runs) == 1 and (stray := [p.name for p in frames if _sequence(p.name) != runs[0]]):
+        raise VideoDecodeError(f"{folder}: {some(stray, 3)} {'is' if len(stray) == 1 else 'are'} no frame of its "
+                               f"numbered sequence ({runs[0]}, # a number) and would be read as frames of the video "
+                               "(a cover or thumbnail?); move it out of the video folder")
     if len(runs) < 2:
         return frames
     rgb = [r for r in runs if r in _RGB_FRAMES]

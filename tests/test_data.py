@@ -75,13 +75,19 @@ def test_list_frames_of_several_sequences(tmp_path):
     for axis in ("x", "y"):
         write_frames(bare, rand_frames(rng, 2), ".jpg", name=f"{axis}_{{:05d}}")
     assert [p.name for p in list_frames(bare)] == ["00001.jpg", "00002.jpg", "00003.jpg"]
-    # One sequence, however its numbers are padded, with a stray image; clips numbered inside one sequence.
+    # One sequence, however its numbers are padded; clips numbered inside one sequence.
     one = tmp_path / "one"
     write_frames(one, rand_frames(rng, 3), ".jpg", name="clip1_frame{}")
     write_frames(one, rand_frames(rng, 2), ".jpg", name="clip2_frame{:03d}")
-    Image.fromarray(rand_frames(rng, 1)[0]).save(one / "cover.jpg")
     assert [p.name for p in list_frames(one)] == ["clip1_frame1.jpg", "clip1_frame2.jpg", "clip1_frame3.jpg",
-                                                  "clip2_frame001.jpg", "clip2_frame002.jpg", "cover.jpg"]
+                                                  "clip2_frame001.jpg", "clip2_frame002.jpg"]
+    # A stray image beside it was read as a frame (until 2 Dec), where natural order put it: first for
+    # a.jpg, which shifted every frame index (and --folder-fps time) by one against the video file.
+    Image.fromarray(rand_frames(rng, 1)[0]).save(one / "a_cover.jpg")
+    with pytest.raises(VideoDecodeError, match=r"one: a_cover\.jpg is no frame of its numbered sequence "
+                                               r"\(clip#_frame#, # a number\) .*; move it out of the video folder$"):
+        list_frames(one)
+    (one / "a_cover.jpg").unlink()
     # Two cameras in one folder: no order to read them in. The video fails, naming both sequences.
     cams = tmp_path / "cams"
     write_frames(cams, rand_frames(rng, 2), ".png", name="left_{}")
