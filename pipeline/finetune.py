@@ -259,31 +259,29 @@ def _option(key: str, value: Any) -> str:
 
 
 def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video],
-                trained: set[str] | None) -> tuple[int, set[str], set[str]]:
+                trained: set[str] | None) -> tuple[int, set[str]]:
     """How this run's validation carve must go when it starts from ``--init``: (its seed, the
-    videos the --init run held out where its carve applies here, the videos its head was trained
-    on where they are known and come from this training split). Where the --init run carved its
+    videos the --init run held out where its carve applies here). Where the --init run carved its
     validation set from this same training split (its held-out videos are among ours): its carve
     seed, so both hold out the same videos (this run's --seed still seeds training), and a carve
     with other settings is refused, because it would hold out videos the --init head was trained
     on and pick the best epoch on them. Where it was validated on a split, it was trained on the
     whole training split: where that can be read again (``trained``, from ``_init_seen``), a carve
-    here that holds out any of those videos is refused by the caller; otherwise, a warning. An
-    --init from another dataset leaves the carve free."""
+    here that holds out any of those videos is refused by the caller, as any validation set that
+    holds some is; otherwise, a warning. An --init from another dataset leaves the carve free."""
     iv = init.ckpt.get("validation")
     ours = {v.rel for v in train_videos}
     if iv is None:  # not recorded by older checkpoints: nothing to compare
-        return cfg.seed, set(), set()
+        return cfg.seed, set()
     if iv.get("kind") == "split":
         if trained is None:
             log.warning("--init %s was validated on split %r and trained on its whole training split: if that is this "
                         "dataset's %r, the videos carved from it for validation were seen by its head; name a "
                         "validation split with --val-split to be sure", cfg.init, iv.get("split"), cfg.train_split)
-            return cfg.seed, set(), set()
-        return cfg.seed, set(), trained & ours  # empty: another dataset
+        return cfg.seed, set()
     held_out = set(iv.get("videos", ()))
     if not held_out & ours:  # another dataset: its carve says nothing here
-        return cfg.seed, set(), set()
+        return cfg.seed, set()
     theirs = {"--train-split": iv.get("from"), "--val-fraction": iv.get("fraction"),
               "--group-pattern": iv.get("group_pattern")}
     now = {"--train-split": cfg.train_split, "--val-fraction": cfg.val_fraction, "--group-pattern": cfg.group_pattern}
@@ -292,7 +290,7 @@ def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video],
                           f"settings ({'; '.join(f'{k} {theirs[k]!r}, here {now[k]!r}' for k in diff)}): this run's "
                           "carve would hold out videos its head was trained on, and pick the best epoch on them; use "
                           "the --init run's settings, or name a validation split with --val-split")
-    return int(iv.get("seed", cfg.seed)), held_out, set()
+    return int(iv.get("seed", cfg.seed)), held_out
 
 
 def _init_seen(init: Model) -> set[str] | None:
@@ -383,8 +381,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
             folder_times(folder, 0, sel)  # refused, as extract-features and predict refuse it
     init_seen = _init_seen(init) if init is not None else None  # what --init was trained on, where known
     if val_split is None:  # carved from train by whole source videos, as stage two does
-        seed, theirs, trained = (_init_carve(cfg, init, train_videos, init_seen) if init is not None
-                                 else (cfg.seed, set(), set()))
+        seed, theirs = _init_carve(cfg, init, train_videos, init_seen) if init is not None else (cfg.seed, set())
         if theirs:  # the very videos the --init run held out: carving again from this index (which also
             # holds videos its cache skipped as undecodable, or added since) would draw other ones
             mask = np.array([v.rel in theirs for v in train_videos])
@@ -397,14 +394,6 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         if not mask.any():
             raise DataError(uncarvable(f"{cfg.train_split!r} of {cfg.dataset.root} ({len(mask)} videos)"))
         val_videos = [v for v, m in zip(train_videos, mask) if m]
-        if seen := [v.rel for v in val_videos if v.rel in trained]:
-            tc = init.ckpt["train_config"]
-            of = tc.get("cache") or (tc.get("dataset") or {}).get("root")
-            raise ConfigError(
-                f"--init {cfg.init} was trained on the whole of split {tc['train_split']!r} of {of}, and "
-                f"{len(seen)} of the {len(val_videos)} videos carved here for validation are among them ({some(seen)}): "
-                "the best epoch would be picked on videos its head has seen; name a validation split with --val-split, "
-                "or start from a run that carved its validation set from this split (--val-fraction)")
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
@@ -414,17 +403,24 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
     # What --init must not have been trained on: the videos the epoch is picked on (a split named,
-    # or a carve the checks above let through), and the test videos, whose numbers are reported as
-    # held out.
+    # or a carve), and the test videos, whose numbers are reported as held out.
     init_seen = init_seen or set()
     if seen := [v.rel for v in val_videos if v.rel in init_seen]:
+        tc = init.ckpt["train_config"]  # init_seen is empty without --init
+        if val_split is None and (init.ckpt.get("validation") or {}).get("kind") == "split":
+            of = tc.get("cache") or (tc.get("dataset") or {}).get("root")
+            raise ConfigError(
+                f"--init {cfg.init} was trained on the whole of split {tc['train_split']!r} of {of}, and "
+                f"{len(seen)} of the {len(val_videos)} videos carved here for validation are among them ({some(seen)}): "
+                "the best epoch would be picked on videos its head has seen; name a validation split with --val-split, "
+                "or start from a run that carved its validation set from this split (--val-fraction)")
         raise ConfigError(f"--init {cfg.init} was trained on {len(seen)} of the {len(val_videos)} validation videos "
                           f"({val_name}: {some(seen)}): the best epoch would be picked on videos it has seen; "
                           "validate on videos it was not trained on (--val-split, or a carve with --val-fraction)")
+    test_videos = index.videos(test_split) if test_split is not None else []
     test_seen = ""
-    if test_split is not None and (seen := [v.rel for v in index.videos(test_split) if v.rel in init_seen]):
-        test_seen = (f"--init {cfg.init} was trained on {len(seen)} of its {len(index.videos(test_split))} videos "
-                     f"({some(seen)})")
+    if seen := [v.rel for v in test_videos if v.rel in init_seen]:
+        test_seen = f"--init {cfg.init} was trained on {len(seen)} of its {len(test_videos)} videos ({some(seen)})"
         if info.is_main:
             log.warning("test split %r: %s, so its numbers will overstate accuracy on new videos; start from a run "
                         "trained on videos this split does not hold (with HMDB51/UCF101 split files, the same "
@@ -548,7 +544,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
               "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data,
               "compute": compute_identity(device, amp)}
     if test_seen:  # so that evaluate says it too, on these videos
-        rels = [v.rel for v in index.videos(test_split)]
+        rels = [v.rel for v in test_videos]
         common["init_seen"] = {"videos": data_identity(rels, rels)["train"], "note": test_seen}
     run.start()
     run.write_json("config.json", common["train_config"])
@@ -594,7 +590,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         ck = load_checkpoint(run.best)
         model.backbone.load_state_dict(ck["backbone_state"])
         model.head.load_state_dict(ck["model_state"])
-        probs, labels = _evaluate(model, index.videos(test_split), spec, sel, cfg, device, info, loader_kw)
+        probs, labels = _evaluate(model, test_videos, spec, sel, cfg, device, info, loader_kw)
         if info.is_main:
             m = classification_metrics(probs, labels, _nll(probs, labels))
             test = run.write_test(m, test_split, ck["epoch"], index.classes, picked_on=val_name, seen=test_seen)
