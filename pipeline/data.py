@@ -617,7 +617,7 @@ def _content_key(v: Video, deep: bool) -> str | None:
         if not deep:
             with os.scandir(v.path) as it:
                 names = sorted(e.name for e in it if not e.name.startswith(".")
-                               and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS and e.is_file())
+                               and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)  # as _is_frame
             return hashlib.sha1("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
         sig = source_signature(v.path, v.kind)
         if sig in ("", NOT_ONE_VIDEO):
