@@ -31,6 +31,20 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+class OutputFile(click.Path):
+    """A file to write. ``Path("feats/")`` is ``feats``: a name that ends in a separator, meant as a
+    folder, would have become a file of the folder's name."""
+
+    def __init__(self, example: str) -> None:
+        super().__init__(path_type=Path)
+        self.example = example
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value} names a folder; give the file to write in it, e.g. {value}{self.example}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class Group(click.Group):
     """Maps PipelineError to 'error: ...' (exit 1) and Ctrl-C to a resume hint (exit 130)."""
 
@@ -265,7 +279,7 @@ VALIDATION_OPTIONS = _options(
 @main.command("extract-features")
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path),
               help="Dataset root: <root>/<split>/<class>/<video> (or <root>/<class>/<video> with split files).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+@click.option("--output", "-o", type=OutputFile("features.h5"), default=None,
               help="HDF5 cache to write.  [default: features/<dataset folder name>.h5]")
 @click.option("--splits", multiple=True, callback=_split_list, metavar="NAME[,NAME]",
               help="Only these splits (repeatable or comma-separated).  [default: all]")
@@ -629,7 +643,7 @@ def evaluate_cmd(checkpoint: Path, cache: Path, split: str, eval_clips: int | No
 
 @main.command("rewrite-cache")
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+@click.option("--output", "-o", type=OutputFile("features.h5"), default=None,
               help="Write the rewritten cache here.  [default: replace CACHE, atomically]")
 @click.option("--force", is_flag=True, help="Rewrite even a cache that is contiguous already; replace an existing "
               "--output (an HDF5 file only).")
@@ -660,7 +674,7 @@ def rewrite_cache_cmd(cache: Path, output: Path | None, force: bool) -> None:
                    "[default with --live: the model's seq-len]")
 @click.option("--stride", type=click.IntRange(1), default=None,
               help="Window step in kept frames.  [default: --window; with --live: half the window]")
-@click.option("--plot", type=click.Path(path_type=Path), default=None,
+@click.option("--plot", type=OutputFile("timeline.png"), default=None,
               help="With --window: save the timeline plot here (PATH_<n>.png for several inputs).")
 @click.option("--live", "live_source", metavar="SOURCE", default=None,
               help="Label a live source instead of INPUTs: a V4L2 device (/dev/video0), an rtsp:// or http:// URL, "
@@ -799,7 +813,7 @@ def _predict_live(ctx: click.Context, predictor, source: str, *, as_json: bool, 
 
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--out", "-o", required=True, type=OutputFile("model.onnx"), help="ONNX file to write.")
 @click.option("--head-only", is_flag=True,
               help="Export only the head: (batch, time, D) float32 features → probabilities, for your own features.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -977,7 +991,7 @@ def make_demo_data_cmd(root: Path, per_class_train: int, per_class_test: int, se
 
 @main.command("demo")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/demo"), show_default=True)
-@click.option("--features", type=click.Path(path_type=Path), default=Path("features/demo.h5"), show_default=True)
+@click.option("--features", type=OutputFile("demo.h5"), default=Path("features/demo.h5"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--size", type=click.IntRange(16), default=112, show_default=True,
               help="Network input size (the demo frames are 80x60).")

@@ -83,6 +83,23 @@ def test_split_id_without_split_dir_is_refused(tiny_dataset, tmp_path):
     assert r.exit_code == 2 and "(--split-file gives the split itself)" in r.stderr, r.stderr
 
 
+def test_output_file_named_as_a_folder_is_refused(tiny_dataset, tmp_path):
+    """``Path("feats/")`` is ``feats``: an output file given as a folder (trailing separator) became a
+    file of the folder's name. Refused before anything is read or written."""
+    d = f"{tmp_path}{os.sep}new{os.sep}"
+    for args, example in ((["extract-features", "--data-dir", str(tiny_dataset), "-o", d, "--weights", "none"],
+                           "features.h5"),
+                          (["rewrite-cache", str(tmp_path / "c.h5"), "--output", d], "features.h5"),
+                          (["export", str(tmp_path / "best.pt"), "--out", d], "model.onnx"),
+                          (["predict", str(tmp_path / "best.pt"), str(tiny_dataset), "--window", "4", "--plot", d],
+                           "timeline.png"),
+                          (["demo", "--data-dir", str(tmp_path / "demo"), "--features", d], "demo.h5")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and f"{d} names a folder; give the file to write in it, e.g. {d}{example}" \
+            in r.stderr, (args, r.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # nothing written: no file "new", no demo data
+
+
 def test_single_process_commands_refuse_torchrun_before_writing(tmp_path):
     """train-temporal, sweep, predict... under torchrun would run once per rank on the same files
     (each rank then met the other's lock and left half a run): refused at once, rank 0 says why."""
