@@ -13,11 +13,13 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> 
 
 
 def topk_accuracy(probs: np.ndarray, target: np.ndarray, k: int) -> float:
-    k = min(k, probs.shape[1])
-    if k == 1:  # argmax, as the confusion matrix and predict take it (the first of tied classes)
-        return float((probs.argmax(1) == target).mean())
-    topk = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    return float((topk == target[:, None]).any(1).mean())
+    """Whether the target is among the ``k`` most probable classes, ties broken as argmax breaks
+    them (the first of tied classes ranks higher), so top-k never falls below top-1: argpartition
+    kept an arbitrary few of more than k tied classes."""
+    n, c = probs.shape
+    p_target = probs[np.arange(n), target][:, None]
+    before = (probs > p_target) | ((probs == p_target) & (np.arange(c) < target[:, None]))
+    return float((before.sum(1) < k).mean())
 
 
 def classification_metrics(probs: np.ndarray, target: np.ndarray, loss: float) -> dict[str, Any]:

@@ -584,7 +584,7 @@ def test_top1_agrees_with_the_confusion_matrix_on_tied_probabilities(dtype):
     """Tied probabilities (a uniform head, a saturated fp16 softmax): top-1 took any of the tied
     classes (argpartition) while the confusion matrix took the first (argmax), so the two could
     disagree in one test.json (0.096 against 0.087 in a reviewer's example)."""
-    from pipeline.metrics import classification_metrics
+    from pipeline.metrics import classification_metrics, topk_accuracy
 
     rng = np.random.default_rng(0)
     probs = rng.integers(0, 3, (1000, 10)).astype(dtype)  # many ties
@@ -592,6 +592,16 @@ def test_top1_agrees_with_the_confusion_matrix_on_tied_probabilities(dtype):
     m = classification_metrics(probs, target, 0.0)
     assert m["top1"] == pytest.approx(np.trace(np.array(m["confusion"])) / 1000)
     assert m["top1"] == pytest.approx(np.mean(probs.argmax(1) == target))
+    # top-5 breaks ties the same way: never under top-1 (argpartition kept any 5 of 7 tied classes)
+    assert m["top5"] >= m["top1"]
+    hit1 = probs.argmax(1) == target
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :5]  # stable: first of tied classes first
+    hit5 = (order == target[:, None]).any(1)
+    assert (hit5 >= hit1).all() and m["top5"] == pytest.approx(hit5.mean())
+    seven = np.zeros((1, 16), dtype)
+    seven[0, [2, 5, 8, 10, 11, 12, 15]] = 1 / 7  # the reviewer's example: argmax picks 2
+    assert topk_accuracy(seven, np.array([2]), 5) == 1.0 and topk_accuracy(seven, np.array([15]), 5) == 0.0
+    assert topk_accuracy(seven, np.array([2]), 1) == 1.0 and topk_accuracy(seven, np.array([5]), 1) == 0.0
 
 
 def test_metrics_of_a_class_without_videos_are_valid_json():
