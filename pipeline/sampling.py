@@ -26,9 +26,10 @@ def segment_clips(lengths: np.ndarray, seq_len: int, rng: np.random.Generator) -
     pos, clip_len = _short(lengths, seq_len)
     long = lengths >= seq_len
     if long.any():
-        seg = lengths[long, None] / seq_len  # (n, 1)
-        start = np.floor(np.arange(seq_len) * seg).astype(np.int64)
-        end = np.floor((np.arange(seq_len) + 1) * seg).astype(np.int64)  # exclusive, > start
+        # Segment i is frames [floor(i T / L), floor((i + 1) T / L)), in integers: T / L in floats
+        # put 44 boundaries (T < 400, L <= 32; e.g. T 122, L 14) one frame early.
+        n, i = lengths[long, None], np.arange(seq_len)
+        start, end = i * n // seq_len, (i + 1) * n // seq_len  # end exclusive, > start as T >= L
         pos = pos.copy()
         pos[long] = start + np.floor(rng.random(start.shape) * (end - start)).astype(np.int64)
     return pos, clip_len

@@ -107,6 +107,12 @@ def test_samplers():
             got = uniform_clips(np.array([t]), seq, clip=k, num_clips=k_of)[0][0]
             assert list(got) == [int((i + Fraction(2 * k + 1, 2 * k_of)) * Fraction(t, seq)) for i in range(seq)]
     assert uniform_clips(np.array([24]), 20, clip=0, num_clips=3)[0][0][9] == 11
+    # TSN segments are [floor(i T / L), floor((i + 1) T / L)) exactly (floats put segment 7 of T 122,
+    # L 14 at 60..68 instead of 61..68): the lowest and highest frame each segment can draw
+    for t, seq in ((122, 14), (230, 14), (294, 18), (100, 8)):
+        drawn = np.stack([segment_clips(np.array([t]), seq, rng)[0][0] for _ in range(400)])
+        assert list(drawn.min(0)) == [i * t // seq for i in range(seq)], (t, seq)
+        assert list(drawn.max(0)) == [(i + 1) * t // seq - 1 for i in range(seq)], (t, seq)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
