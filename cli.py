@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, MAX_EVAL_CLIPS, RESIZE_MODES, TRAIN_SAMPLERS, DatasetSpec,
-                             ExtractConfig, FrameOverrides, FrameSelection)
+from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, MAX_EVAL_CLIPS, MAX_SEED, RESIZE_MODES, TRAIN_SAMPLERS,
+                             DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
@@ -315,7 +315,7 @@ VALIDATION_OPTIONS = _options(
               help="Storage dtype of the cached features.")
 @click.option("--calibration-frames", type=click.IntRange(2), default=1024, show_default=True,
               help="Frames used to recalibrate BatchNorm with --weights none.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random init seed for --weights none.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Random init seed for --weights none.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first broken video or frame instead of skipping it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -391,7 +391,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--label-smoothing", type=FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--clip-grad", type=FloatRange(min=0), default=1.0, show_default=True, help="0 = off.")
 @click.option("--patience", type=click.IntRange(1), default=None, help="Stop after this many epochs without a new best epoch (higher val top-1; ties: lower val loss).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms (slower on GPU).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in an OUT that already holds a run.")
@@ -519,7 +519,7 @@ SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int), ("bidirect
 @click.option("--train-split", default="train", show_default=True)
 @VALIDATION_OPTIONS
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @LOAD_OPTIONS
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -904,7 +904,7 @@ def _check_plot_path(plot: Path, inputs: tuple[Path, ...] = ()) -> None:
 @click.option("--lr", type=FloatRange(min=0, max=1, min_open=True), default=1e-3, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="DataLoader worker processes.  [default: CPU cores - 1, at most 8]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -976,7 +976,7 @@ def _describe_input(spec) -> str:
               help="Training videos per class.")
 @click.option("--test", "per_class_test", type=click.IntRange(1), default=4, show_default=True,
               help="Test videos per class.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 def make_demo_data_cmd(root: Path, per_class_train: int, per_class_test: int, seed: int, overwrite: bool) -> None:
     """Write a small synthetic HMDB51-style dataset (frame folders and video files)."""

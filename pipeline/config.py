@@ -337,6 +337,7 @@ class ExtractConfig:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -345,6 +346,16 @@ class ExtractConfig:
         d["frame_overrides"] = self.frame_overrides.to_dict()
         d["selection"] = self.selection.to_dict()
         return d
+
+
+# numpy's generators take no negative seed, and runs derive per-epoch torch seeds as seed * 1_000_003 + epoch
+# (which must fit 64 bits): --seed is a 32-bit unsigned integer, as seed_everything already reduces it.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {seed}")
 
 
 def check_optimizer(cfg: Any) -> None:
@@ -414,6 +425,7 @@ class TemporalConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         check_optimizer(self)
+        check_seed(self.seed)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.load not in ("auto", "memory", "lazy"):
@@ -481,6 +493,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_optimizer(self)
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

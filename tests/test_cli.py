@@ -67,6 +67,26 @@ def test_float_options_refuse_nan_and_inf(tmp_path):
         assert "Traceback" not in err
 
 
+def test_seeds_outside_32_bits_are_refused(tmp_path):
+    """numpy takes no negative seed and the per-epoch torch seeds (seed * 1_000_003 + epoch) overflow
+    64 bits from ~9e12: both ended in a traceback with an empty run folder."""
+    from pipeline.config import TemporalConfig
+    from pipeline.errors import ConfigError
+
+    for seed in ("-1", str(2**32)):
+        for args in (("train-temporal", "--cache", "c.h5", "--out", str(tmp_path / "r")),
+                     ("sweep", "--cache", "c.h5", "--out", str(tmp_path / "s")),
+                     ("finetune-end-to-end", "--data-dir", str(tmp_path), "--out", str(tmp_path / "e")),
+                     ("extract-features", "--data-dir", str(tmp_path), "-o", str(tmp_path / "f.h5")),
+                     ("make-demo-data", str(tmp_path / "d"))):
+            code, _, err = run(*args, "--seed", seed)
+            assert code == 2 and "--seed" in err and "0<=x<=4294967295" in err, (args, err)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="seed must be in 0..4294967295, got -1"):
+        TemporalConfig(cache="c.h5", out="r", seed=-1)
+    assert TemporalConfig(cache="c.h5", out="r", seed=2**32 - 1).seed == 2**32 - 1
+
+
 def test_split_id_without_split_dir_is_refused(tiny_dataset, tmp_path):
     """--split-id picks among --split-dir's files: without it, it picked nothing and was recorded."""
     for args in (["extract-features", "--data-dir", str(tiny_dataset), "-o", str(tmp_path / "x.h5"), "--weights",
