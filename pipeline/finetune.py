@@ -38,7 +38,7 @@ from .data import (Video, carve_validation, folder_times, index_dataset, read_fr
                    source_signature, uncarvable)
 from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
-from .runtime import default_worker_processes, resolve_device, resolve_precision
+from .runtime import default_worker_processes, resolve_device, training_precision
 from .metrics import classification_metrics
 from .heads import HeadConfig, build_head, max_clip_len, unused_fields
 from .model import Model, load_model
@@ -347,7 +347,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
               on_start: Callable[[RunDir], None] | None, held: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     device = D.local_device(base_device, info)
-    amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
+    amp = training_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main=True,
                                     kind="end_to_end")) if info.is_main else None

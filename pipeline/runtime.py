@@ -90,6 +90,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for training (train-temporal, sweep, finetune-end-to-end): as
+    ``resolve_precision`` on CUDA; fp32 on CPU, saying so where bf16 or fp16 was asked for (it was
+    dropped without a word, and the checkpoint recorded float32)."""
+    if device.type == "cuda":
+        return resolve_precision(precision, device)
+    if precision not in ("auto", "fp32"):
+        log.warning("--precision %s is for CUDA: training on %s runs in fp32", precision, device.type)
+    return None
+
+
 def default_worker_processes() -> int:
     """DataLoader worker processes: every core but the main process's, at most 8."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -113,6 +113,8 @@ def open_splits(cache: FeatureCache, splits: list[str], device: torch.device, *,
         if s not in cache.splits:
             raise CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})")
     sizes = {s: cache.feature_bytes(s) for s in names}
+    if memory_budget_gb is not None and load != "auto":
+        log.warning("--memory-budget is for --load auto, which it sizes; --load %s ignores it", load)
     budget, how = memory_budget(device, memory_budget_gb) if load == "auto" else (None, "")
     plan = plan_load(sizes, load, budget)
     out = OpenSplits()

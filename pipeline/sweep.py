@@ -49,7 +49,7 @@ from .heads import HEADS, build_head, unused_fields
 from .metrics import classification_metrics
 from .report import write_csv
 from .run import check_resume_compute, check_resume_data, compute_identity, remove_run_files, summary
-from .runtime import resolve_device, resolve_precision
+from .runtime import resolve_device, training_precision
 from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def _locked_sweep(cfg: SweepConfig, trials: list[Trial], progress: bool,
                   on_epoch: Callable[[int, list[Trial]], None] | None, t_start: float) -> SweepResult:
     base = cfg.base
     device = resolve_device(base.device)
-    amp = resolve_precision(base.precision, device) if device.type == "cuda" else None
+    amp = training_precision(base.precision, device)
     if amp == torch.float16:
         raise ConfigError("the sweep trains in fp32 or bf16 (fp16 would need a loss scaler per head); "
                           "use --precision bf16")

@@ -23,7 +23,7 @@ from .config import Provenance, TemporalConfig
 from .data import carve_validation, some, uncarvable
 from .engine import ClipSource, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
-from .runtime import resolve_device, resolve_precision
+from .runtime import resolve_device, training_precision
 from .metrics import classification_metrics
 from .heads import HeadConfig, build_head
 from .model import load_model
@@ -233,7 +233,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
                     on_start: Callable[[RunDir], None] | None, held: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    amp = resolve_precision(cfg.precision, device) if device.type == "cuda" else None
+    amp = training_precision(cfg.precision, device)
     seed_everything(cfg.seed, cfg.deterministic)
     run = held.enter_context(RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, kind="temporal"))
     out = run.path

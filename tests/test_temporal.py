@@ -766,3 +766,19 @@ def test_a_lock_file_left_by_another_users_killed_run_is_taken_over(tmp_path, mo
         assert lock.read_text().startswith(f"{os.getpid()}@")
     assert not lock.exists()
 
+
+
+def test_options_a_cpu_run_does_not_use_are_said(tmp_path, caplog):
+    """--precision bf16 on CPU (stage two trains in fp32 there) and --memory-budget without --load
+    auto (it sizes auto's choice) were dropped without a word; the run still goes on."""
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    with caplog.at_level("WARNING"):
+        r = train_temporal(cfg(cache, tmp_path / "r", epochs=1, precision="bf16", load="memory", memory_budget=1.0),
+                           progress=False)
+    assert "--precision bf16 is for CUDA: training on cpu runs in fp32" in caplog.text
+    assert "--memory-budget is for --load auto, which it sizes; --load memory ignores it" in caplog.text
+    assert load_checkpoint(r.out / "last.pt")["compute"] == "cpu float32"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train_temporal(cfg(cache, tmp_path / "r2", epochs=1, precision="fp32", memory_budget=1.0), progress=False)
+    assert "--precision" not in caplog.text and "--memory-budget" not in caplog.text
