@@ -29,8 +29,8 @@ existing cache's videos plus the new ones, in dataset order) and atomically rena
 Damage. HDF5 checks nothing in raw data, so a changed byte in ``features`` (a bad sector, a
 stray write) would read as a slightly different number. Each video's rows carry a CRC-32,
 checked wherever a whole video is read: loading a split into memory, ``FeatureCache.video``, and
-carrying a video into a rebuilt cache. Lazy reads fetch a few rows at a time and check only for
-NaN/Inf. Caches written before the checksums lack the dataset and are read unchecked, as before.
+carrying a video into a rebuilt cache, and by lazy reads the first time they touch a video (all its
+rows then). Caches written before the checksums lack the dataset and are read unchecked, as before.
 
 Schema 1 (before backbones were a choice) is read as it is: its provenance is MobileNetV2 with a
 FrameSpec whose short side equals its crop (``config.Provenance.from_dict`` migrates it).
@@ -816,8 +816,11 @@ class LazySplit:
     from the mapping (``MADV_DONTNEED``; they stay in the page cache): a mapped page counts as
     resident memory of the process, and an epoch touches most of the file. So resident memory
     stays at about one batch whatever the cache's size. Chunked (older) caches are read through
-    h5py, one whole chunk per chunk touched. Rows are checked for NaN/Inf, not against the
-    videos' checksums: those cover whole videos, and a batch reads a few rows of each.
+    h5py, one whole chunk per chunk touched. Rows are checked for NaN/Inf, and each video against
+    its checksum the first time a read touches it: the checksum covers the whole video, so that
+    first read goes through all its rows (an epoch touches every video, so the first costs a read
+    of the split, as loading it in memory does), and damage is found as ``load_split`` finds it,
+    whichever way ``--load auto`` chose.
 
     It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
     readable after that is closed, until ``close()`` (or garbage collection)."""
@@ -835,6 +838,10 @@ class LazySplit:
         self.dtype = np.dtype(ds.dtype)
         self.layout = _layout(ds)
         self._row_bytes = self.shape[1] * self.dtype.itemsize
+        # Checked videos (``_verify``); caches written before the checksums are read unchecked.
+        self._sums: np.ndarray | None = group["checksums"][()] if "checksums" in group else None
+        self._frames: np.ndarray | None = group["frame_indices"][()] if self._sums is not None else None
+        self._verified = np.zeros(len(self.labels), dtype=bool)
         self._map: mmap.mmap | None = None
         self._h5: Any = None
         if self.layout == "contiguous":
@@ -880,12 +887,33 @@ class LazySplit:
             return out
         if rows[0] < 0 or rows[-1] >= self.shape[0] or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
             raise ValueError(f"rows must be sorted, unique and in [0, {self.shape[0]})")
+        if self._sums is not None:
+            self._verify(rows)
         if self.layout == "contiguous":
             self._read_mapped(rows, out)
         else:
             self._read_chunks(rows, out)
         check_finite(out, rows, self.offsets, self.videos, self.split, self.path)
         return out
+
+    def _verify(self, rows: np.ndarray) -> None:
+        """Check each video of ``rows`` not checked yet against its checksum (all its rows)."""
+        vids = np.unique(np.searchsorted(self.offsets, rows, side="right") - 1)
+        for v in vids[~self._verified[vids]].tolist():
+            a, b = int(self.offsets[v]), int(self.offsets[v + 1])
+            if self.layout == "contiguous":
+                rb = self._row_bytes
+                feats = np.frombuffer(self._map, self.dtype, (b - a) * self.shape[1], self._start + a * rb)
+                crc = video_checksum(feats, self._frames[a:b])
+                del feats  # no export may outlive a read: close() unmaps
+                if hasattr(mmap, "MADV_DONTNEED"):  # as _read_mapped: resident memory stays at about a video
+                    p = (self._start + a * rb) // mmap.PAGESIZE * mmap.PAGESIZE
+                    self._map.madvise(mmap.MADV_DONTNEED, p, self._start + b * rb - p)
+            else:
+                crc = video_checksum(self._ds[a:b], self._frames[a:b])
+            if crc != int(self._sums[v]):
+                raise _damaged_video(self.path, self.split, self.videos[v])
+            self._verified[v] = True
 
     def _read_mapped(self, rows: np.ndarray, out: np.ndarray) -> None:
         rb, start = self._row_bytes, self._start

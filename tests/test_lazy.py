@@ -253,12 +253,44 @@ def test_every_writer_stores_features_contiguously(tmp_path, monkeypatch):
 
 def test_lazy_reads_find_nan(tmp_path):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
-    with h5py.File(cache, "r+") as f:
+    with h5py.File(cache, "r+") as f:  # NaN as a diverged extraction writes it: under its checksum
         f["train/features"][5, 3] = np.nan
+        a, b = f["train/offsets"][0:2]
+        assert a <= 5 < b
+        f["train/checksums"][0] = pipeline.cache.video_checksum(f["train/features"][a:b], f["train/frame_indices"][a:b])
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"),
                                   "--load", "lazy", "--no-progress", "--hidden", "8"])
     assert r.exit_code == 1 and "NaN/Inf in the features of train/c0/v0 (split 'train')" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_lazy_reads_check_each_video_against_its_checksum(tmp_path, layout):
+    """A changed bit (still a finite number) was refused by --load memory and trained on by --load
+    lazy, so --load auto caught damage or not by the free memory. A lazy read now checks a video
+    the first time it touches it, whichever row it asks for."""
+    from test_robustness import _flip_feature_bit
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, length=(6, 9))
+    rel = _flip_feature_bit(cache, "train", 4)  # its row 0, value 3
+    if layout == "chunked":
+        cache = old_layout_copy(cache, tmp_path / "old.h5", chunk_rows=5)
+    with FeatureCache(cache) as c, c.open_lazy("train") as lazy:
+        a, b = int(lazy.offsets[4]), int(lazy.offsets[5])
+        assert lazy.read_rows(np.arange(0, a)).shape == (a, lazy.feature_dim)  # the videos before it are intact
+        with pytest.raises(pipeline.cache.CacheError, match=f"{rel} \\(split 'train'\\) do not match their checksum"):
+            lazy.read_rows(np.array([b - 1]))  # its last row: unchanged itself, but the video is damaged
+        with c.open_lazy("test") as other:
+            other.read_rows(np.arange(other.shape[0]))  # the other split is intact
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                                  "--load", "lazy", "--no-progress", "--hidden", "8", "--epochs", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr
+    assert f"the features of {rel} (split 'train') do not match their checksum" in r.stderr
+    # a cache written before the checksums is read unchecked, as in memory
+    with h5py.File(cache, "r+") as f:
+        del f["train/checksums"]
+    with FeatureCache(cache) as c, c.open_lazy("train") as lazy:
+        assert lazy.read_rows(np.array([b - 1])).shape == (1, lazy.feature_dim)
 
 
 class CountingReader:
