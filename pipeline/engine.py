@@ -215,6 +215,13 @@ def train_steps(model: nn.Module, batches: Iterable[tuple[tuple, torch.Tensor]],
     return {"loss_sum": total_loss, "correct": correct, "count": seen}
 
 
+def _trimmed(pos: np.ndarray, clip_len: np.ndarray) -> np.ndarray:
+    """A batch's positions cut to its longest clip: the rest is padding, which no head reads
+    (masked, packed), so a --seq-len longer than the videos costs no memory (it cost B x S x D:
+    4 GB a batch at --seq-len 100000 for 22-frame videos)."""
+    return pos[:, :max(int(clip_len.max()), 1)] if len(clip_len) else pos
+
+
 def epoch_batches(source: ClipSource, *, seq_len: int, sampler: Sampler, batch_size: int,
                   rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One training epoch's batches, (x (B, S, D), lengths (B,), labels (B,)): every video once in
@@ -224,7 +231,8 @@ def epoch_batches(source: ClipSource, *, seq_len: int, sampler: Sampler, batch_s
     order = rng.permutation(n)
     pos, clip_len = sample(sampler, source.lengths[order], seq_len, rng)
     starts = range(0, n, batch_size)
-    xs = source.gather_batches((order[s:s + batch_size], pos[s:s + batch_size]) for s in starts)
+    xs = source.gather_batches((order[s:s + batch_size], _trimmed(pos[s:s + batch_size], clip_len[s:s + batch_size]))
+                               for s in starts)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         with contextlib.closing(xs):
@@ -331,8 +339,9 @@ def averaged_probs(fns: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     n = len(source)
     clips = [sample("uniform", source.lengths, seq_len, clip=k, num_clips=num_clips) for k in range(num_clips)]
     starts = range(0, n, batch_size)
-    xs = source.gather_batches((np.arange(s, min(s + batch_size, n)), pos[s:s + batch_size])
-                               for pos, _ in clips for s in starts)
+    xs = source.gather_batches((np.arange(s, min(s + batch_size, n)),
+                                _trimmed(pos[s:s + batch_size], clip_len[s:s + batch_size]))
+                               for pos, clip_len in clips for s in starts)
     probs: list[torch.Tensor | None] = [None] * len(fns)
     with contextlib.closing(xs):
         for _, clip_len in clips:

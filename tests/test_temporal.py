@@ -782,3 +782,23 @@ def test_options_a_cpu_run_does_not_use_are_said(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train_temporal(cfg(cache, tmp_path / "r2", epochs=1, precision="fp32", memory_budget=1.0), progress=False)
     assert "--precision" not in caplog.text and "--memory-budget" not in caplog.text
+
+
+def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path):
+    """A batch was padded to --seq-len (B x S x D floats: 4 GB a batch at --seq-len 100000 for
+    22-frame videos); it is now cut to its longest clip, which changes no number."""
+    from pipeline.engine import FeatureBank, averaged_probs, epoch_batches
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, length=(4, 9))
+    with FeatureCache(cache) as c:
+        d = c.load_split("train")
+    bank = FeatureBank.from_arrays(d.features, d.offsets, d.labels, torch.device("cpu"))
+    widths = [(x.shape[1], int(n.max())) for x, n, _ in epoch_batches(
+        bank, seq_len=100_000, sampler="segment", batch_size=4, rng=np.random.default_rng(0))]
+    assert all(w == n <= 9 for w, n in widths), widths
+    seen = []
+    averaged_probs([lambda x, n: seen.append(x.shape[1]) or torch.ones(len(x), 3)], bank, seq_len=100_000, num_clips=2)
+    assert seen and max(seen) <= 9
+    short = train_temporal(cfg(cache, tmp_path / "a", epochs=2, seq_len=9), progress=False)
+    huge = train_temporal(cfg(cache, tmp_path / "b", epochs=2, seq_len=100_000), progress=False)
+    assert [h["val_loss"] for h in huge.history] == [h["val_loss"] for h in short.history]
