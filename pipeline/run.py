@@ -146,6 +146,10 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png",
              "sweep_state.pt", "trials", "leaderboard.csv", "leaderboard.png", "sweep.json")
 
 
+# What `evaluate --out FOLDER` writes, one of each per split it evaluates.
+EVALUATION_FILES = ("confusion_*.png", "per_class_*.csv")
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run or sweep (train-temporal, finetune-end-to-end, sweep)."""
     return any((folder / name).exists() for name in ("best.pt", "last.pt", "sweep_state.pt", "metrics.jsonl"))
@@ -172,6 +176,10 @@ def remove_run_files(folder: Path) -> None:
             _rmdir_if_empty(p)
         elif not p.is_dir():
             p.unlink(missing_ok=True)
+    for pattern in EVALUATION_FILES:  # `evaluate --out` into the run: about the old model too
+        for p in folder.glob(pattern):
+            if not p.is_dir():
+                p.unlink()
 
 
 def _rmdir_if_empty(p: Path) -> None:

@@ -27,7 +27,7 @@ from .runtime import resolve_device, training_precision
 from .metrics import classification_metrics
 from .heads import HeadConfig, build_head
 from .model import load_model
-from .files import ensure_dir
+from .files import ensure_dir, exclusive
 from .report import plot_confusion, write_per_class
 from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs,
                   check_resume_options, check_resume_validation, compute_identity, data_identity, holds_run,
@@ -433,8 +433,10 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     if out is not None:
         _check_run_results(Path(out), split, m)
         out = ensure_dir(out, "--out")
-        plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
-                       title=f"{split}: top-1 {m['top1']:.3f}")
-        write_per_class(m, model.classes, out / f"per_class_{split}.csv")
+        with exclusive(out, "--out"):  # not into a run folder while its run writes (or --overwrite clears) it
+            _check_run_results(out, split, m)
+            plot_confusion(np.array(m["confusion"]), model.classes, out / f"confusion_{split}.png",
+                           title=f"{split}: top-1 {m['top1']:.3f}")
+            write_per_class(m, model.classes, out / f"per_class_{split}.csv")
     return EvalResult(metrics=m, classes=model.classes, split=split, videos=data.videos, probs=probs,
                       load=opened.describe(), seen=seen)

@@ -802,3 +802,23 @@ def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path):
     short = train_temporal(cfg(cache, tmp_path / "a", epochs=2, seq_len=9), progress=False)
     huge = train_temporal(cfg(cache, tmp_path / "b", epochs=2, seq_len=100_000), progress=False)
     assert [h["val_loss"] for h in huge.history] == [h["val_loss"] for h in short.history]
+
+
+def test_evaluate_into_a_run_folder_holds_it_and_overwrite_clears_what_it_wrote(tmp_path):
+    """`evaluate --out RUN` wrote into a run folder that another process held, and `--overwrite`
+    left its confusion_<split>.png and per_class_<split>.csv, about a model no longer there."""
+    from pipeline.files import OutputInUseError, exclusive
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3})
+    out = tmp_path / "run"
+    train_temporal(cfg(cache, out, epochs=1), progress=False)
+    with exclusive(out, "--out"):  # as a run in progress holds it
+        with pytest.raises(OutputInUseError, match=rf"^--out {out} is in use by another process"):
+            evaluate_checkpoint(out / "best.pt", cache, "train", out=out)
+    assert not (out / "confusion_train.png").exists()
+    evaluate_checkpoint(out / "best.pt", cache, "train", out=out)
+    assert (out / "confusion_train.png").is_file() and (out / "per_class_train.csv").is_file()
+    (out / "confusion_notes.txt").write_text("mine")
+    train_temporal(cfg(cache, out, epochs=1, hidden=16, overwrite=True), progress=False)
+    assert not (out / "confusion_train.png").exists() and not (out / "per_class_train.csv").exists()
+    assert (out / "confusion_notes.txt").read_text() == "mine" and (out / "test.json").is_file()
