@@ -111,6 +111,28 @@ def data_identity(train: Sequence[str], val: Sequence[str],
     return out
 
 
+def video_fingerprints(train: Sequence[str], val: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The names of the videos a run trains and validates on, each as a sorted 63-bit hash (8 bytes
+    a video): saved in its checkpoints, so that ``evaluate`` can say how many of a split's videos
+    the model has seen also where the split holds only some of them (HMDB51's and UCF101's three
+    splits share videos: a model of split 1 tested on split 2's test list has trained on most)."""
+    return {name: torch.tensor(sorted({_fingerprint(v) for v in videos}), dtype=torch.int64)
+            for name, videos in (("train", train), ("val", val))}
+
+
+def _fingerprint(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little") >> 1
+
+
+def seen_among(fingerprints: dict[str, torch.Tensor] | None, videos: Sequence[str]) -> tuple[int, int]:
+    """How many of ``videos`` are among the ``video_fingerprints`` of a run's train and val videos."""
+    if not fingerprints:
+        return 0, 0
+    mine = {_fingerprint(v) for v in videos}
+    return tuple(len(mine.intersection(fingerprints[k].tolist())) if k in fingerprints else 0  # type: ignore[return-value]
+                 for k in ("train", "val"))
+
+
 def same_videos(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     """Whether two parts of ``data_identity`` name the same videos, whatever their features."""
     return a is not None and b is not None and (a["videos"], a["sha256"]) == (b["videos"], b["sha256"])

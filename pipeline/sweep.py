@@ -427,7 +427,8 @@ def _record(t: Trial, epoch: int, m: dict[str, Any], data: StageTwoData, seconds
             "kind": "temporal", "model_config": t.head_cfg.to_dict(), "train_config": t.cfg.to_dict(),
             "frame_spec": data.provenance.frame_spec.to_dict(), "classes": data.classes,
             "cache": data.provenance.to_dict(), "val_split": data.val_name, "validation": data.validation,
-            "data": data.data, "epoch": epoch, "metrics": m, "sweep_trial": t.id, "sweep_seed": t.trainer.seed,
+            "data": data.data, "seen_videos": data.seen_videos, "epoch": epoch, "metrics": m, "sweep_trial": t.id,
+            "sweep_seed": t.trainer.seed,
             "model_state": {k: v.detach().to("cpu", copy=True) for k, v in t.trainer.model.state_dict().items()}}
 
 

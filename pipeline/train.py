@@ -31,7 +31,7 @@ from .files import ensure_dir, exclusive
 from .report import plot_confusion, write_per_class
 from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs,
                   check_resume_options, check_resume_validation, compute_identity, data_identity, holds_run,
-                  same_videos)
+                  same_videos, seen_among, video_fingerprints)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class StageTwoData:
     test_split: str | None
     validation: dict[str, Any]  # how val was made; a carve lists its videos (saved in checkpoints)
     data: dict[str, Any]  # the videos trained and validated on (``run.data_identity``), checked on resume
+    seen_videos: dict[str, torch.Tensor]  # their names as ``run.video_fingerprints``, for evaluate's warnings
     load_seconds: float
     load_mb: float  # features held in memory
     opened: OpenSplits
@@ -179,6 +180,7 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         train = train.subset(np.flatnonzero(~mask))
         held_out = [v for v, m in zip(train_data.videos, mask) if m]
         t_sums = sums[train_split]
+        seen_videos = video_fingerprints([v for v, m in zip(train_data.videos, mask) if not m], held_out)
         data = data_identity([v for v, m in zip(train_data.videos, mask) if not m], held_out,
                              None if t_sums is None else ([c for c, m in zip(t_sums, mask) if not m],
                                                           [c for c, m in zip(t_sums, mask) if m]))
@@ -193,12 +195,13 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         val = opened[val_name].source
         both = (sums[train_split], sums[val_name])
         data = data_identity(train_data.videos, opened[val_name].data.videos, None if None in both else both)
+        seen_videos = video_fingerprints(train_data.videos, opened[val_name].data.videos)
         validation = {"kind": "split", "split": val_name}
         val_desc = f"split {val_name!r}"
     test = opened[test_split].source if test_split is not None else None
     load_mb = sum(o.data.feature_bytes for o in opened.values() if o.mode == "memory") / 1e6
     return StageTwoData(train=train, val=val, test=test, classes=classes, provenance=provenance, val_name=val_desc,
-                        test_split=test_split, validation=validation, data=data,
+                        test_split=test_split, validation=validation, data=data, seen_videos=seen_videos,
                         load_seconds=time.perf_counter() - t0, load_mb=load_mb, opened=opened,
                         load=opened.describe())
 
@@ -289,7 +292,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     common = {"kind": "temporal", "model_config": head_cfg.to_dict(), "train_config": cfg.to_dict(),
               "frame_spec": provenance.frame_spec.to_dict(), "classes": classes, "cache": provenance.to_dict(),
               "val_split": data.val_name, "validation": data.validation, "data": data.data,
-              "compute": compute_identity(device, amp)}
+              "seen_videos": data.seen_videos, "compute": compute_identity(device, amp)}
     run.start()
     run.write_json("config.json", {"train": cfg.to_dict(), "model": head_cfg.to_dict(), "classes": classes,
                                    "cache": provenance.to_dict()})
@@ -386,6 +389,11 @@ def _seen_by(ckpt: dict[str, Any], split: str, videos: list[str]) -> str:
     if carved and carved <= set(videos):
         return (f"this split holds the {len(carved)} videos this model's best epoch was picked on, and the ones "
                 "carved from the same split that it was trained on")
+    trained, picked = seen_among(ckpt.get("seen_videos"), videos)
+    if trained or picked:  # some of them: another split list of the same videos (HMDB51's, UCF101's three)
+        parts = [f"{trained} this model was trained on"] * bool(trained) + \
+                [f"{picked} its best epoch was picked on"] * bool(picked)
+        return f"{' and '.join(parts)}, of these {len(videos)} videos"
     return ""
 
 

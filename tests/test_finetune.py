@@ -299,6 +299,9 @@ def test_init_trained_on_the_test_or_validation_videos_is_said(tmp_path, weights
     held = set(load_checkpoint(tmp_path / "e2e" / "best.pt")["validation"]["videos"])
     trained = [f"{c}/{c}_v{k}" for c in sorted(COLOURS) for k in (4, 5) if f"{c}/{c}_v{k}" not in held]
     assert trained  # split 1's test videos it was trained on (seed 0's carve)
+    from pipeline.run import seen_among  # and evaluate can count them in a split holding only some
+    assert seen_among(load_checkpoint(tmp_path / "e2e" / "best.pt")["seen_videos"], [*trained, *held, "x/y"]) == \
+        (len(trained), len(held))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         finetune(FinetuneConfig(dataset=split1, out=str(tmp_path / "back"), init=str(tmp_path / "e2e" / "best.pt"),

@@ -338,6 +338,7 @@ def test_trial_files_never_hold_an_epoch_the_snapshot_does_not(tmp_path):
     for row in resumed.leaderboard:
         ck = torch.load(tmp_path / "part" / "trials" / row["id"] / "best.pt", weights_only=True)
         assert ck["epoch"] == row["best_epoch"] and isinstance(ck["sweep_seed"], int)  # the seed it trained with
+        assert sorted(ck["seen_videos"]) == ["train", "val"]  # for evaluate's warnings, as a run's own best.pt
 
 
 def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):

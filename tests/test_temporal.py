@@ -212,8 +212,33 @@ def test_evaluate_says_when_the_split_is_not_held_out(tmp_path, caplog):
     assert seen["picked", "train"] == "this model was trained on these 24 videos"
     assert seen["carved", "train"].startswith("this split holds the 6 videos this model's best epoch was picked on")
     assert seen["picked", "test"] == seen["carved", "test"] == ""
+    # a split holding only some of them (another split list of the same videos, as HMDB51's three are)
+    from pipeline.cache import VideoRecord, write_cache
+    from synthetic import provenance
+
+    def mixed(src, path, picks):
+        recs = []
+        with FeatureCache(src) as c:
+            for split, names in picks.items():
+                d = c.load_split(split)
+                for i, v in enumerate(d.videos):
+                    if v in names:
+                        a, b = d.offsets[i], d.offsets[i + 1]
+                        recs.append(VideoRecord(v, int(d.labels[i]), d.features[a:b], d.frame_indices[a:b], 30.0))
+        return write_cache(path, provenance(["c0", "c1", "c2"], 32, "float16"), {"mix": iter(recs)})
+
+    mix = mixed(cache, tmp_path / "m.h5", {"train": {"train/c0/v0", "train/c1/v3", "train/c2/v7"},
+                                            "val": {"val/c1/v1"}, "test": {"test/c0/v0", "test/c2/v2"}})
+    assert evaluate_checkpoint(tmp_path / "picked" / "best.pt", mix, "mix", device="cpu").seen == \
+        "3 this model was trained on and 1 its best epoch was picked on, of these 6 videos"
+    carved_val = load_checkpoint(tmp_path / "carved" / "best.pt")["validation"]["videos"]
+    mix = mixed(carving, tmp_path / "n.h5", {"train": set(carved_val[:2]), "test": {"test/c0/v0"}})
+    assert evaluate_checkpoint(tmp_path / "carved" / "best.pt", mix, "mix", device="cpu").seen == \
+        "2 its best epoch was picked on, of these 3 videos"
+    mix = mixed(cache, tmp_path / "o.h5", {"test": {"test/c0/v0", "test/c1/v1"}})
+    assert evaluate_checkpoint(tmp_path / "picked" / "best.pt", mix, "mix", device="cpu").seen == ""
     old = load_checkpoint(tmp_path / "picked" / "best.pt")  # as written before runs recorded their videos
-    del old["data"]
+    del old["data"], old["seen_videos"]
     torch.save(old, tmp_path / "old.pt")
     assert evaluate_checkpoint(tmp_path / "old.pt", cache, "val", device="cpu").seen.startswith(
         "the best epoch of this model was picked on a split 'val'")
