@@ -44,8 +44,8 @@ from .heads import HeadConfig, build_head, max_clip_len, unused_fields
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
-from .run import (RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_options,
-                  check_resume_validation, compute_identity, data_identity, video_fingerprints)
+from .run import (RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_head,
+                  check_resume_options, check_resume_validation, compute_identity, data_identity, video_fingerprints)
 from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
 
 log = logging.getLogger(__name__)
@@ -507,9 +507,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         diff = Provenance.from_dict(ck["cache"]).mismatch(provenance)
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
-        if ck["model_config"] != head_cfg.to_dict():
-            raise CheckpointError(f"{out / 'last.pt'} has head {ck['model_config']}, this run asks for "
-                                  f"{head_cfg.to_dict()}; resume with the same options")
+        check_resume_head(out / "last.pt", ck["model_config"], head_cfg.to_dict())
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
                               "augment", "eval_clips"))

@@ -54,6 +54,29 @@ def check_resume_options(last: Path, recorded: dict[str, Any], now: dict[str, An
                                   f"asks for {now[key]}; resume with the same options")
 
 
+# A head's config field → how a run's options set it (``heads.HeadConfig``).
+_HEAD_OPTIONS = {"arch": "--head", "hidden": "--hidden", "layers": "--layers", "dropout": "--dropout", "pool": "--pool",
+                 "num_heads": "--num-heads", "max_len": "--seq-len", "num_classes": "the number of classes",
+                 "input_dim": "the feature dimension"}
+
+
+def check_resume_head(last: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    """The head the epochs in ``last`` trained (``recorded``, a ``HeadConfig.to_dict()``) must be
+    this run's, told by the options that differ (not two whole configs to compare by eye)."""
+    diff = [k for k in dict.fromkeys([*recorded, *now]) if recorded.get(k) != now.get(k)]
+    if not diff:
+        return
+
+    def said(k: str, v: Any) -> str:
+        if k == "bidirectional":
+            return "--bidirectional" if v else "--unidirectional"
+        return f"{_HEAD_OPTIONS.get(k, k)} {v}"
+
+    parts = [f"{said(k, recorded.get(k))} (this run: {said(k, now.get(k))})" for k in diff]
+    raise CheckpointError(f"{last} was trained with {', '.join(parts)}; resume with the same options, or "
+                          "--overwrite to start over")
+
+
 def check_resume_epochs(last: Path, done: int, epochs: int, planned: int | None = None) -> None:
     """A resumed run continues up to ``epochs``; one already past it would only rewrite its record.
     ``planned``: the --epochs the run started with, whose learning-rate schedule it followed."""

@@ -29,7 +29,7 @@ from .heads import HeadConfig, build_head
 from .model import load_model
 from .files import ensure_dir, exclusive
 from .report import plot_confusion, write_per_class
-from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs,
+from .run import (RUN_FILES, RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_head,
                   check_resume_options, check_resume_validation, compute_identity, data_identity, holds_run,
                   same_videos, seen_among, video_fingerprints)
 from .sources import OpenSplits, load_bank, open_splits  # noqa: F401 - load_bank: re-exported
@@ -271,9 +271,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
         diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)  # first: it changes the model's input too
         if diff:
             raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
-        if ckpt["model_config"] != head_cfg.to_dict():
-            raise CheckpointError(f"{out / 'last.pt'} has model {ckpt['model_config']}, this run asks for "
-                                  f"{head_cfg.to_dict()}; resume with the same options")
+        check_resume_head(out / "last.pt", ckpt["model_config"], head_cfg.to_dict())
         now = cfg.to_dict()  # an option an older last.pt does not record is not compared
         check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,
                              ("seq_len", "sampler", "batch_size", "lr", "weight_decay", "warmup_epochs",

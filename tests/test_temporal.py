@@ -129,6 +129,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     for x, y in zip(full.history, resumed.history):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
+    # another head is refused by the options that differ, not by two whole configs to compare by eye
+    with pytest.raises(CheckpointError) as e:
+        train_temporal(cfg(cache, tmp_path / "part", epochs=5, resume=True, seq_len=4, hidden=16), progress=False)
+    assert str(e.value) == (f"{tmp_path / 'part' / 'last.pt'} was trained with --hidden 32 (this run: --hidden 16), "
+                            "--seq-len 8 (this run: --seq-len 4); resume with the same options, or --overwrite to "
+                            "start over")
 
 
 def test_plots_are_redrawn_every_few_seconds_and_finished_on_the_picked_epoch(tmp_path, monkeypatch, plots_drawn):
