@@ -506,7 +506,8 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
     if ck is not None:
         diff = Provenance.from_dict(ck["cache"]).mismatch(provenance)
         if diff:
-            raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff})")
+            raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff}); resume with those, or "
+                                  "--overwrite to start over")
         check_resume_head(out / "last.pt", ck["model_config"], head_cfg.to_dict())
         check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",

@@ -270,7 +270,8 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     if ckpt is not None:
         diff = Provenance.from_dict(ckpt["cache"]).mismatch(provenance)  # first: it changes the model's input too
         if diff:
-            raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff})")
+            raise CheckpointError(f"{out / 'last.pt'} was trained on another cache ({diff}); resume on that cache, or "
+                                  "--overwrite to start over")
         check_resume_head(out / "last.pt", ckpt["model_config"], head_cfg.to_dict())
         now = cfg.to_dict()  # an option an older last.pt does not record is not compared
         check_resume_options(out / "last.pt", {**now, **ckpt["train_config"]}, now,

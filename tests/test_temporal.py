@@ -556,7 +556,7 @@ def test_resume_refuses_other_validation_videos_or_another_cache(tmp_path):
     train_temporal(cfg(a, tmp_path / "run", epochs=1, val_fraction=0.2), progress=False)
     with pytest.raises(CheckpointError, match="validated on other videos"):
         train_temporal(cfg(a, tmp_path / "run", epochs=2, val_fraction=0.4, resume=True), progress=False)
-    with pytest.raises(CheckpointError, match="trained on another cache .feature dtype"):
+    with pytest.raises(CheckpointError, match=r"trained on another cache \(feature dtype.*\); resume on that cache, or --overwrite to start over$"):
         train_temporal(cfg(b, tmp_path / "run", epochs=2, val_fraction=0.2, resume=True), progress=False)
     c = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 10, "test": 3}, dim=16)
     with pytest.raises(CheckpointError, match="trained on another cache .feature dim"):  # not "the same options"
