@@ -540,6 +540,14 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
         return _rewrite(src, dst, force, block_bytes)
 
 
+def _verify_all(src: Path, block_bytes: int) -> None:
+    """A rewrite reads every row: a damaged cache (a video that fails its checksum, offsets that do
+    not cut the rows) is said then, not copied and reported written."""
+    with FeatureCache(src) as c:
+        for split in c.splits:
+            c.verify(split, block_bytes)
+
+
 def _rewrite(src: Path, dst: Path, force: bool, block_bytes: int) -> RewriteResult:
     t0 = time.perf_counter()
     with _open(src) as f, _reading(src):
@@ -547,6 +555,7 @@ def _rewrite(src: Path, dst: Path, force: bool, block_bytes: int) -> RewriteResu
         layouts = {split: _layout(f[split]["features"]) for split in f}
     if not force and dst == src and all(v == "contiguous" for v in layouts.values()):
         return RewriteResult(dst, layouts, False, 0, time.perf_counter() - t0)
+    _verify_all(src, block_bytes)
     hint = f"{src} is unchanged"
     with atomic_path(dst, hint=hint) as tmp, _h5_errors():
         with _open(src) as old, _h5_reserved(tmp, src.stat().st_size) as out, _reading(src):
@@ -1044,6 +1053,29 @@ class FeatureCache:
                 if video_checksum(features[a:b], data.frame_indices[a:b]) != want:
                     raise _damaged_video(self.path, split, data.videos[i])
         return data
+
+    @_reads
+    def verify(self, split: str, block_bytes: int = 64 << 20) -> None:
+        """Check ``split`` as loading it would (its datasets agree, each video matches its checksum),
+        reading it in blocks of about ``block_bytes``: memory stays flat whatever its size."""
+        g = self._group(split)
+        if "checksums" not in g:
+            return
+        offsets, sums = self._offsets[split], g["checksums"][()].tolist()
+        ds, fi = g["features"], g["frame_indices"]
+        rows_per_block = max(1, block_bytes // max(ds.shape[1] * ds.dtype.itemsize, 1))
+        v = 0
+        while v < len(sums):
+            w = v + 1  # videos v..w-1 in one read: at least one, whole videos only
+            while w < len(sums) and offsets[w + 1] - offsets[v] <= rows_per_block:
+                w += 1
+            a0 = int(offsets[v])
+            feats, frames = ds[a0:int(offsets[w])], fi[a0:int(offsets[w])]
+            for i in range(v, w):
+                a, b = int(offsets[i]) - a0, int(offsets[i + 1]) - a0
+                if video_checksum(feats[a:b], frames[a:b]) != sums[i]:
+                    raise _damaged_video(self.path, split, _strings(g["videos"][i:i + 1])[0])
+            v = w
 
     @_reads
     def checksums(self, split: str) -> list[int] | None:

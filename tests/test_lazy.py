@@ -293,6 +293,31 @@ def test_lazy_reads_check_each_video_against_its_checksum(tmp_path, layout):
         assert lazy.read_rows(np.array([b - 1])).shape == (1, lazy.feature_dim)
 
 
+def test_rewrite_cache_refuses_a_damaged_cache(tmp_path):
+    """A rewrite reads every row: it copied a damaged cache and said "wrote"."""
+    from test_robustness import _flip_feature_bit
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, length=(6, 9))
+    with FeatureCache(cache) as c:
+        for block in (1, 300, 64 << 20):  # a video per read, a few, all: whole videos each time
+            c.verify("train", block_bytes=block)
+    rel = _flip_feature_bit(cache, "train", 11)
+    with FeatureCache(cache) as c:
+        for block in (1, 300, 64 << 20):
+            with pytest.raises(pipeline.cache.CacheError, match=f"{rel} \\(split 'train'\\) do not match"):
+                c.verify("train", block_bytes=block)
+    before = cache.read_bytes()
+    for args in (["--force"], ["-o", str(tmp_path / "copy.h5")]):
+        r = CliRunner().invoke(main, ["rewrite-cache", str(cache), *args])
+        assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr
+        assert f"the features of {rel} (split 'train') do not match their checksum" in r.stderr
+    assert cache.read_bytes() == before and not (tmp_path / "copy.h5").exists()
+    with h5py.File(cache, "r+") as f:  # offsets that do not cut the rows into videos
+        f["test/offsets"][-1] += 1
+    r = CliRunner().invoke(main, ["rewrite-cache", str(cache), "-o", str(tmp_path / "copy.h5")])
+    assert r.exit_code == 1 and "split 'test' is inconsistent" in r.stderr and not (tmp_path / "copy.h5").exists()
+
+
 class CountingReader:
     """A reader whose rows are their own numbers; counts reads, can hold them back."""
 
