@@ -7,7 +7,8 @@ model with its final classifier removed, so it maps a normalised (B, 3, H, W) ba
 * ``num_features`` (D), and the default ``FrameSpec`` of its weights (torchvision's
   ``weights.transforms()``, timm's ``resolve_model_data_config``);
 * its ordered ``blocks`` (for ``--trainable-blocks``): per family for torchvision (MobileNet,
-  EfficientNet, MNASNet, ResNet/ResNeXt, ConvNeXt, RegNet, ViT, Swin, MaxViT, DenseNet, VGG/AlexNet;
+  EfficientNet, MNASNet, ResNet/ResNeXt, ConvNeXt, RegNet, ViT, Swin, MaxViT, DenseNet, VGG/AlexNet,
+  SqueezeNet;
   other models by top-level children), and
   timm's own parameter grouping (``group_matcher``);
 * the identity of its weights, stored with caches and checkpoints.
@@ -363,6 +364,10 @@ def _build_torchvision(name: str, w, *, shapes_only: bool = False, image_size: i
 
 def _remove_classifier(model: nn.Module, name: str) -> tuple[int, str]:
     """Replace the final Linear by Identity; → (its in_features, its state-dict prefix)."""
+    if name.startswith("squeezenet"):  # a 1x1 conv classifier, then global average pooling
+        conv = model.classifier[1]
+        model.classifier = nn.AdaptiveAvgPool2d(1)  # its forward flattens: (B, 512) pooled features
+        return conv.in_channels, "classifier."
     linears = [(k, m) for k, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"{name} has no linear classifier to remove, so it has no pooled feature vector; "
@@ -529,7 +534,7 @@ def _torchvision_blocks(model: nn.Module, name: str) -> list[list[str]]:
 
     if name.startswith(("mobilenet", "efficientnet", "convnext")):
         groups = [under(c) for c in children("features")]
-    elif name.startswith(("mnasnet", "densenet", "swin")):  # swin: patch embedding, stages, patch merging
+    elif name.startswith(("mnasnet", "densenet", "swin", "squeezenet")):  # swin: patch embedding, stages, merging
         groups = stages("layers" if name.startswith("mnasnet") else "features")
     elif name.startswith(("vgg", "alexnet")):  # each conv, then fc6 and fc7 (fc8 is the classifier removed)
         groups = stages("features") + stages("classifier")

@@ -466,8 +466,10 @@ def test_unknown_and_mismatched_backbones_are_one_line(tmp_path):
         create_backbone("timm:resnet18.bogus")
     with pytest.raises(ConfigError, match="^timm: needs a model name"):
         create_backbone("timm:")
-    with pytest.raises(ConfigError, match="no linear classifier"):
-        create_backbone("squeezenet1_0")
+    from pipeline.backbones import _remove_classifier
+
+    with pytest.raises(ConfigError, match="no linear classifier"):  # no torchvision model now: SqueezeNet has its own
+        _remove_classifier(nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1)), "convnet")
     bb = create_backbone("resnet18", "none")
     torch.save({"schema_version": 2, "kind": "backbone", "backbone": "resnet18", "backbone_state": bb.net.state_dict()},
                tmp_path / "r18.pt")
@@ -820,7 +822,7 @@ def test_weights_files_keep_module_versions_fix_a_vits_size_and_refuse_nan(tmp_p
 
 
 @pytest.mark.parametrize(("name", "count"), [("densenet121", 8), ("vgg11", 10), ("alexnet", 7), ("swin_t", 8),
-                                             ("maxvit_t", 6), ("mnasnet0_5", 10)])
+                                             ("maxvit_t", 6), ("mnasnet0_5", 10), ("squeezenet1_1", 9)])
 def test_more_families_have_blocks_worth_training_one_of(name, count):
     """These fell to the generic grouping (top-level children): DenseNet was one block holding every
     parameter, Swin two (the last just its final LayerNorm), VGG/AlexNet two, MaxViT three (99 %
@@ -842,6 +844,29 @@ def test_more_families_have_blocks_worth_training_one_of(name, count):
     spans = [(min(first_call[owner[p]] for p in b.params), max(first_call[owner[p]] for p in b.params))
              for b in bb.blocks]
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_0", "squeezenet1_1"])
+def test_squeezenet_features_are_its_pooled_last_fire_module(name, tmp_path):
+    """SqueezeNet classifies with a 1x1 conv, no Linear: every command refused it ("no linear
+    classifier"), and list-backbones showed its dimension as '?'. Its features are what that conv
+    reads, pooled (512-d), from a tag's file or a state dict with its classifier alike."""
+    import torchvision
+    from click.testing import CliRunner
+
+    from cli import main
+
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(name, weights=None).eval()
+    torch.save(ref.state_dict(), tmp_path / "sq.pth")  # with its classifier, as torchvision's files are
+    bb = create_backbone(name, str(tmp_path / "sq.pth"))
+    assert bb.num_features == 512
+    x = torch.randn(2, 3, S, S)
+    with torch.no_grad():
+        want = torch.nn.functional.adaptive_avg_pool2d(ref.features(x), 1).flatten(1)
+        torch.testing.assert_close(bb.net.eval()(x), want)
+    r = CliRunner().invoke(main, ["list-backbones"])
+    assert r.output.splitlines()[[ln.split()[0] for ln in r.output.splitlines()].index(name)].split()[1] == "512"
 
 
 def test_googlenet_features_cached_with_imagenet_normalisation_are_rebuilt_so(monkeypatch, tmp_path):
