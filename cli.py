@@ -411,10 +411,36 @@ def train_temporal_cmd(ctx: click.Context, cache: Path, out: Path, train_split: 
 
     cfg = TemporalConfig(cache=str(cache), out=str(out), train_split=train_split, val_split=val_split,
                          clip_grad=clip_grad or None, **kw)
+    _say_unused(ctx, cfg.head)
     _new_folder(out)
     r = train_temporal(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs),
                        on_start=_hint_from(ctx))
     _print_train_summary(r)
+
+
+def _say_unused(ctx: click.Context, head: str | None) -> None:
+    """Options given on the command line that this run does not use, which were dropped without a
+    word: a head's options another head has (--num-heads for an LSTM), a carve's options beside
+    --val-split, a warm-up that outlasts the run."""
+    from pipeline.heads import unused_fields
+
+    def given(name: str) -> bool:
+        return name in ctx.params and ctx.get_parameter_source(name) not in (
+            click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+    def opt(name: str) -> str:
+        return next(o for p in ctx.command.params if p.name == name for o in p.opts if o.startswith("--"))
+
+    if head is not None and (unused := [opt(n) for n in unused_fields(head) if given(n)]):
+        log.warning("%s: the %s head does not use %s", ", ".join(unused), head, "them" if len(unused) > 1 else "it")
+    val_split = ctx.params.get("val_split")
+    if val_split is not None and (carve := [opt(n) for n in ("val_fraction", "group_pattern") if given(n)]):
+        log.warning("%s: %s for a validation set carved from train; --val-split %s is used instead",
+                    ", ".join(carve), "are" if len(carve) > 1 else "is", val_split)
+    warmup, epochs = ctx.params.get("warmup_epochs"), ctx.params.get("epochs")
+    if warmup is not None and epochs is not None and warmup >= epochs:
+        log.warning("--warmup-epochs %g is not shorter than --epochs %d: the learning rate never reaches --lr", warmup,
+                    epochs)
 
 
 def _new_folder(out: Path) -> None:
@@ -926,6 +952,8 @@ def finetune_cmd(ctx: click.Context, data_dir: Path, out: Path, init: Path | Non
                          init=str(init) if init else None, weights=weights,
                          frame_overrides=FrameOverrides(size=size, resize_size=resize_size, interpolation=interpolation,
                                                         resize=resize), augment=not no_augment, **kw)
+    if _is_main_rank():
+        _say_unused(ctx, cfg.head or (None if init else "lstm"))  # with --init and no --head: its head
     _new_folder(out)
     r = finetune(cfg, progress=not no_progress, on_epoch=_print_epoch(cfg.epochs), on_start=_hint_from(ctx))
     if _is_main_rank():

@@ -87,6 +87,29 @@ def test_seeds_outside_32_bits_are_refused(tmp_path):
     assert TemporalConfig(cache="c.h5", out="r", seed=2**32 - 1).seed == 2**32 - 1
 
 
+def test_options_a_run_does_not_use_are_said(tmp_path):
+    """--num-heads for an LSTM, --val-fraction beside --val-split, a warm-up as long as the run:
+    each was dropped without a word."""
+    from synthetic import separable_cache
+
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "val": 2, "test": 2})
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "r"), "--epochs", "1",
+                                  "--hidden", "8", "--num-heads", "7", "--pool", "mean", "--val-split", "val",
+                                  "--val-fraction", "0.5", "--group-pattern", "(x)", "--warmup-epochs", "3",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.stderr
+    assert "--num-heads: the lstm head does not use it" in r.stderr
+    assert "--val-fraction, --group-pattern: are for a validation set carved from train; --val-split val is used " \
+        "instead" in r.stderr
+    assert "--warmup-epochs 3 is not shorter than --epochs 1: the learning rate never reaches --lr" in r.stderr
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "t"), "--epochs", "2",
+                                  "--hidden", "8", "--head", "mean", "--layers", "2", "--no-progress"])
+    assert r.exit_code == 0 and "--hidden, --layers: the mean head does not use them" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "u"), "--epochs", "2",
+                                  "--hidden", "8", "--no-progress"])
+    assert r.exit_code == 0 and "does not use" not in r.stderr and "--warmup-epochs" not in r.stderr, r.stderr
+
+
 def test_split_id_without_split_dir_is_refused(tiny_dataset, tmp_path):
     """--split-id picks among --split-dir's files: without it, it picked nothing and was recorded."""
     for args in (["extract-features", "--data-dir", str(tiny_dataset), "-o", str(tmp_path / "x.h5"), "--weights",
