@@ -534,7 +534,7 @@ def rewrite_cache(path: str | Path, output: str | Path | None = None, *, force: 
             raise ConfigError(f"--output {dst} exists and is {what}, which --force does not replace; give a new "
                               "file name")
         raise ConfigError(f"--output {dst} exists; give a new file name, or --force to replace it (an HDF5 file only)")
-    ensure_dir(dst.parent, "--output folder")
+    ensure_dir(dst.parent, "--output folder" if output is not None else "the cache's folder")
     with exclusive(dst, "cache"):  # not while extract-features writes it (the same temporary file)
         remove_stale_tmp(dst)
         return _rewrite(src, dst, force, block_bytes)
