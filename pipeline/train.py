@@ -187,7 +187,11 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
                       "group_pattern": group_pattern, "videos": held_out}
         val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
-                    "whole source videos)")
+                    "at least one video and never a class's last; whole source videos)")
+        n_classes = len(set(np.asarray(train_data.labels).tolist()))
+        if mask.sum() < n_classes:
+            log.warning("the best epoch is picked on %d carved video(s) for %d classes, too few to tell epochs apart: "
+                        "give a validation split (--val-split) or more training videos", int(mask.sum()), n_classes)
     else:
         if val_name == "test":
             log.warning("picking the best epoch on the test split and reporting its score overstates "

@@ -853,3 +853,21 @@ def test_evaluate_into_a_run_folder_holds_it_and_overwrite_clears_what_it_wrote(
     train_temporal(cfg(cache, out, epochs=1, hidden=16, overwrite=True), progress=False)
     assert not (out / "confusion_train.png").exists() and not (out / "per_class_train.csv").exists()
     assert (out / "confusion_notes.txt").read_text() == "mine" and (out / "test.json").is_file()
+
+
+def test_a_carve_too_small_to_pick_an_epoch_on_is_said(tmp_path, caplog):
+    """A training split with one video in most classes carves one or two videos for all of them:
+    the best epoch was picked on that without a word."""
+    from pipeline.cache import VideoRecord, write_cache
+    from synthetic import provenance
+
+    rng = np.random.default_rng(0)
+    counts = {"train": [3, 1, 1, 1], "test": [1, 1, 1, 1]}
+    splits = {s: iter([VideoRecord(f"{s}/c{c}/v{k}", c, rng.normal(0, 1, (6, 32)).astype("float16"), np.arange(6), 30.0)
+                       for c, n in enumerate(ns) for k in range(n)]) for s, ns in counts.items()}
+    cache = write_cache(tmp_path / "c.h5", provenance([f"c{c}" for c in range(4)], 32, "float16"), splits)
+    with caplog.at_level("WARNING"):
+        r = train_temporal(cfg(cache, tmp_path / "r", epochs=1), progress=False)
+    assert r.val_split.startswith("1 videos carved from 'train' (10% of each class, at least one video and never a "
+                                  "class's last")
+    assert "the best epoch is picked on 1 carved video(s) for 4 classes, too few to tell epochs apart" in caplog.text
