@@ -438,8 +438,8 @@ def _say_unused(ctx: click.Context, head: str | None) -> None:
         log.warning("%s: %s for a validation set carved from train; --val-split %s is used instead",
                     ", ".join(carve), "are" if len(carve) > 1 else "is", val_split)
     warmup, epochs = ctx.params.get("warmup_epochs"), ctx.params.get("epochs")
-    if warmup is not None and epochs is not None and warmup >= epochs:
-        log.warning("--warmup-epochs %g is not shorter than --epochs %d: the learning rate never reaches --lr", warmup,
+    if warmup is not None and epochs is not None and warmup > epochs:  # equal: --lr at the last step
+        log.warning("--warmup-epochs %g is longer than --epochs %d: the learning rate never reaches --lr", warmup,
                     epochs)
 
 

@@ -101,7 +101,7 @@ def test_options_a_run_does_not_use_are_said(tmp_path):
     assert "--num-heads: the lstm head does not use it" in r.stderr
     assert "--val-fraction, --group-pattern: are for a validation set carved from train; --val-split val is used " \
         "instead" in r.stderr
-    assert "--warmup-epochs 3 is not shorter than --epochs 1: the learning rate never reaches --lr" in r.stderr
+    assert "--warmup-epochs 3 is longer than --epochs 1: the learning rate never reaches --lr" in r.stderr
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "t"), "--epochs", "2",
                                   "--hidden", "8", "--head", "mean", "--layers", "2", "--no-progress"])
     assert r.exit_code == 0 and "--hidden, --layers: the mean head does not use them" in r.stderr, r.stderr
