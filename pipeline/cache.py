@@ -29,8 +29,8 @@ existing cache's videos plus the new ones, in dataset order) and atomically rena
 Damage. HDF5 checks nothing in raw data, so a changed byte in ``features`` (a bad sector, a
 stray write) would read as a slightly different number. Each video's rows carry a CRC-32,
 checked wherever a whole video is read: loading a split into memory, ``FeatureCache.video``, and
-carrying a video into a rebuilt cache, and by lazy reads the first time they touch a video (all its
-rows then). Caches written before the checksums lack the dataset and are read unchecked, as before.
+carrying a video into a rebuilt cache, and for a split read lazily, by a streaming pass before the
+run starts (``FeatureCache.verify``; a bare ``LazySplit`` checks a video when a read first touches it). Caches written before the checksums lack the dataset and are read unchecked, as before.
 
 Schema 1 (before backbones were a choice) is read as it is: its provenance is MobileNetV2 with a
 FrameSpec whose short side equals its crop (``config.Provenance.from_dict`` migrates it).
@@ -826,10 +826,13 @@ class LazySplit:
     resident memory of the process, and an epoch touches most of the file. So resident memory
     stays at about one batch whatever the cache's size. Chunked (older) caches are read through
     h5py, one whole chunk per chunk touched. Rows are checked for NaN/Inf, and each video against
-    its checksum the first time a read touches it: the checksum covers the whole video, so that
-    first read goes through all its rows (an epoch touches every video, so the first costs a read
-    of the split, as loading it in memory does), and damage is found as ``load_split`` finds it,
-    whichever way ``--load auto`` chose.
+    its checksum the first time a read touches it (the checksum covers the whole video, so that
+    first read goes through all its rows), unless ``verified()`` says a ``FeatureCache.verify``
+    pass did it already, as stage two's ``open_lazy_bank`` does before a run starts: damage is
+    found as ``load_split`` finds it, whichever way ``--load auto`` chose.
+
+    Besides features, it holds the per-video arrays and, for the checksums, the frame indices
+    (8 bytes a row, 0.3 % of 1280-d float16 features).
 
     It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
     readable after that is closed, until ``close()`` (or garbage collection)."""
@@ -904,6 +907,10 @@ class LazySplit:
             self._read_chunks(rows, out)
         check_finite(out, rows, self.offsets, self.videos, self.split, self.path)
         return out
+
+    def verified(self) -> None:
+        """Take every video as checked (``FeatureCache.verify`` read the split through already)."""
+        self._verified[:] = True
 
     def _verify(self, rows: np.ndarray) -> None:
         """Check each video of ``rows`` not checked yet against its checksum (all its rows)."""
@@ -1055,26 +1062,34 @@ class FeatureCache:
         return data
 
     @_reads
-    def verify(self, split: str, block_bytes: int = 64 << 20) -> None:
-        """Check ``split`` as loading it would (its datasets agree, each video matches its checksum),
-        reading it in blocks of about ``block_bytes``: memory stays flat whatever its size."""
+    def verify(self, split: str, block_bytes: int = 64 << 20, *, finite: bool = False) -> None:
+        """Check ``split`` as loading it would (its datasets agree, each video matches its checksum;
+        with ``finite``, no NaN/Inf), reading it in blocks of about ``block_bytes``: memory stays
+        flat whatever its size."""
         g = self._group(split)
-        if "checksums" not in g:
+        sums = g["checksums"][()].tolist() if "checksums" in g else None
+        if sums is None and not finite:
             return
-        offsets, sums = self._offsets[split], g["checksums"][()].tolist()
+        offsets, videos = self._offsets[split], None
         ds, fi = g["features"], g["frame_indices"]
+        n = len(offsets) - 1
         rows_per_block = max(1, block_bytes // max(ds.shape[1] * ds.dtype.itemsize, 1))
         v = 0
-        while v < len(sums):
+        while v < n:
             w = v + 1  # videos v..w-1 in one read: at least one, whole videos only
-            while w < len(sums) and offsets[w + 1] - offsets[v] <= rows_per_block:
+            while w < n and offsets[w + 1] - offsets[v] <= rows_per_block:
                 w += 1
-            a0 = int(offsets[v])
-            feats, frames = ds[a0:int(offsets[w])], fi[a0:int(offsets[w])]
-            for i in range(v, w):
-                a, b = int(offsets[i]) - a0, int(offsets[i + 1]) - a0
-                if video_checksum(feats[a:b], frames[a:b]) != sums[i]:
-                    raise _damaged_video(self.path, split, _strings(g["videos"][i:i + 1])[0])
+            a0, b0 = int(offsets[v]), int(offsets[w])
+            feats = ds[a0:b0]
+            if sums is not None:
+                frames = fi[a0:b0]
+                for i in range(v, w):
+                    a, b = int(offsets[i]) - a0, int(offsets[i + 1]) - a0
+                    if video_checksum(feats[a:b], frames[a:b]) != sums[i]:
+                        raise _damaged_video(self.path, split, _strings(g["videos"][i:i + 1])[0])
+            if finite and len(feats):
+                videos = videos if videos is not None else _strings(g["videos"][()])
+                check_finite(feats, np.arange(a0, b0), offsets, videos, split, self.path)
             v = w
 
     @_reads

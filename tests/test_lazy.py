@@ -272,6 +272,9 @@ def test_lazy_reads_check_each_video_against_its_checksum(tmp_path, layout):
     from test_robustness import _flip_feature_bit
 
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 3}, length=(6, 9))
+    r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                                  "--load", "lazy", "--no-progress", "--hidden", "8", "--epochs", "1"])
+    assert r.exit_code == 0, r.stderr
     rel = _flip_feature_bit(cache, "train", 4)  # its row 0, value 3
     if layout == "chunked":
         cache = old_layout_copy(cache, tmp_path / "old.h5", chunk_rows=5)
@@ -282,10 +285,14 @@ def test_lazy_reads_check_each_video_against_its_checksum(tmp_path, layout):
             lazy.read_rows(np.array([b - 1]))  # its last row: unchanged itself, but the video is damaged
         with c.open_lazy("test") as other:
             other.read_rows(np.arange(other.shape[0]))  # the other split is intact
+    old = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}  # a run on the intact cache
+    assert "best.pt" in old and "test.json" in old
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "run"),
-                                  "--load", "lazy", "--no-progress", "--hidden", "8", "--epochs", "1"])
+                                  "--load", "lazy", "--no-progress", "--hidden", "8", "--epochs", "1", "--overwrite"])
     assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr
     assert f"the features of {rel} (split 'train') do not match their checksum" in r.stderr
+    # found before the run started, as --load memory finds it: --overwrite has not cleared the old run
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == old
     # a cache written before the checksums is read unchecked, as in memory
     with h5py.File(cache, "r+") as f:
         del f["train/checksums"]
