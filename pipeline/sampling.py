@@ -15,7 +15,10 @@ Sampler = Literal["segment", "random", "uniform"]
 
 
 def _short(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.broadcast_to(np.arange(seq_len), (len(lengths), seq_len))
+    """Positions of clips as wide as the longest of them (at most ``seq_len``): a --seq-len far past
+    the videos' length cost an (N, seq_len) array per epoch and per evaluation clip, all padding."""
+    width = min(seq_len, max(int(lengths.max()), 1)) if len(lengths) else seq_len
+    pos = np.broadcast_to(np.arange(width), (len(lengths), width))
     clip_len = np.minimum(lengths, seq_len)
     return np.where(pos < clip_len[:, None], pos, 0), clip_len
 
@@ -27,7 +30,8 @@ def segment_clips(lengths: np.ndarray, seq_len: int, rng: np.random.Generator) -
     long = lengths >= seq_len
     if long.any():
         # Segment i is frames [floor(i T / L), floor((i + 1) T / L)), in integers: T / L in floats
-        # put 44 boundaries (T < 400, L <= 32; e.g. T 122, L 14) one frame early.
+        # put a boundary one frame early in 210 (T, L) pairs of T < 400, L <= 32 (e.g. T 122, L 14;
+        # where it was the video's end, its last frame was never drawn).
         n, i = lengths[long, None], np.arange(seq_len)
         start, end = i * n // seq_len, (i + 1) * n // seq_len  # end exclusive, > start as T >= L
         pos = pos.copy()

@@ -830,6 +830,11 @@ def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path):
     seen = []
     averaged_probs([lambda x, n: seen.append(x.shape[1]) or torch.ones(len(x), 3)], bank, seq_len=100_000, num_clips=2)
     assert seen and max(seen) <= 9
+    from pipeline.sampling import sample  # nor an (N, seq_len) array of positions per epoch or clip
+    for kind in ("segment", "random", "uniform"):
+        pos, n = sample(kind, np.array([4, 9, 7]), 100_000, np.random.default_rng(0))
+        assert pos.shape == (3, 9) and list(n) == [4, 9, 7]
+        assert sample(kind, np.array([4, 9, 7]), 9, np.random.default_rng(0))[0].tolist() == pos.tolist()
     short = train_temporal(cfg(cache, tmp_path / "a", epochs=2, seq_len=9), progress=False)
     huge = train_temporal(cfg(cache, tmp_path / "b", epochs=2, seq_len=100_000), progress=False)
     assert [h["val_loss"] for h in huge.history] == [h["val_loss"] for h in short.history]
