@@ -262,6 +262,11 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     log.info("opened %d training videos, validation: %s; %s", len(train_bank), data.val_name, data.load)
 
     head_cfg = head_config(cfg, num_classes=len(classes), input_dim=provenance.feature_dim)
+    longest = int(train_bank.lengths.max())
+    if head_cfg.arch in ("transformer", "attention") and cfg.seq_len > 2 * longest:  # learned positions
+        log.warning("--seq-len %d is over twice the longest training video (%d frames): the %s head learns %d "
+                    "positions, of which those past %d never train; lower --seq-len", cfg.seq_len, longest,
+                    head_cfg.arch, cfg.seq_len, longest)
     model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.epochs, math.ceil(len(train_bank) / cfg.batch_size), cfg.warmup_epochs)

@@ -815,7 +815,7 @@ def test_options_a_cpu_run_does_not_use_are_said(tmp_path, caplog):
     assert "--precision" not in caplog.text and "--memory-budget" not in caplog.text
 
 
-def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path):
+def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path, caplog):
     """A batch was padded to --seq-len (B x S x D floats: 4 GB a batch at --seq-len 100000 for
     22-frame videos); it is now cut to its longest clip, which changes no number."""
     from pipeline.engine import FeatureBank, averaged_probs, epoch_batches
@@ -835,6 +835,11 @@ def test_seq_len_longer_than_the_videos_costs_no_memory(tmp_path):
         pos, n = sample(kind, np.array([4, 9, 7]), 100_000, np.random.default_rng(0))
         assert pos.shape == (3, 9) and list(n) == [4, 9, 7]
         assert sample(kind, np.array([4, 9, 7]), 9, np.random.default_rng(0))[0].tolist() == pos.tolist()
+    with caplog.at_level("WARNING"):  # learned positions that never train: said
+        train_temporal(cfg(cache, tmp_path / "t", epochs=1, seq_len=50, head="transformer", hidden=16, num_heads=2),
+                       progress=False)
+    assert "--seq-len 50 is over twice the longest training video (8 frames): the transformer head learns 50" \
+        in caplog.text
     short = train_temporal(cfg(cache, tmp_path / "a", epochs=2, seq_len=9), progress=False)
     huge = train_temporal(cfg(cache, tmp_path / "b", epochs=2, seq_len=100_000), progress=False)
     assert [h["val_loss"] for h in huge.history] == [h["val_loss"] for h in short.history]
