@@ -191,8 +191,16 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "config.json", "curves.png",
              "sweep_state.pt", "trials", "leaderboard.csv", "leaderboard.png", "sweep.json")
 
 
-# What `evaluate --out FOLDER` writes, one of each per split it evaluates.
-EVALUATION_FILES = ("confusion_*.png", "per_class_*.csv")
+def evaluated_splits(folder: Path) -> list[str]:
+    """The splits ``evaluate --out FOLDER`` wrote results of: each gives a pair of files,
+    ``confusion_<split>.png`` and ``per_class_<split>.csv``; a file of one such name alone is
+    someone else's (``confusion_matrix_for_paper.png``)."""
+    out = []
+    for p in folder.glob("confusion_*.png"):
+        split = p.name.removeprefix("confusion_").removesuffix(".png")
+        if p.is_file() and (folder / f"per_class_{split}.csv").is_file():
+            out.append(split)
+    return sorted(out)
 
 
 def holds_run(folder: Path) -> bool:
@@ -221,10 +229,9 @@ def remove_run_files(folder: Path) -> None:
             _rmdir_if_empty(p)
         elif not p.is_dir():
             p.unlink(missing_ok=True)
-    for pattern in EVALUATION_FILES:  # `evaluate --out` into the run: about the old model too
-        for p in folder.glob(pattern):
-            if not p.is_dir():
-                p.unlink()
+    for split in evaluated_splits(folder):  # `evaluate --out` into the run: about the old model too
+        for p in (folder / f"confusion_{split}.png", folder / f"per_class_{split}.csv"):
+            p.unlink(missing_ok=True)
 
 
 def _rmdir_if_empty(p: Path) -> None:

@@ -859,10 +859,12 @@ def test_evaluate_into_a_run_folder_holds_it_and_overwrite_clears_what_it_wrote(
     assert not (out / "confusion_train.png").exists()
     evaluate_checkpoint(out / "best.pt", cache, "train", out=out)
     assert (out / "confusion_train.png").is_file() and (out / "per_class_train.csv").is_file()
-    (out / "confusion_notes.txt").write_text("mine")
+    mine = {"confusion_notes.txt": "mine", "confusion_matrix_for_paper.png": "png", "per_class_notes.csv": "csv"}
+    for name, text in mine.items():  # a user's files of similar names, none of them an evaluation's pair
+        (out / name).write_text(text)
     train_temporal(cfg(cache, out, epochs=1, hidden=16, overwrite=True), progress=False)
     assert not (out / "confusion_train.png").exists() and not (out / "per_class_train.csv").exists()
-    assert (out / "confusion_notes.txt").read_text() == "mine" and (out / "test.json").is_file()
+    assert {n: (out / n).read_text() for n in mine} == mine and (out / "test.json").is_file()
 
 
 def test_a_carve_too_small_to_pick_an_epoch_on_is_said(tmp_path, caplog):
