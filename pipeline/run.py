@@ -35,6 +35,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 from .files import atomic_write_text, ensure_dir, exclusive
+from .heads import unused_fields
 from .report import plot_confusion, plot_curves, write_per_class
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ _HEAD_OPTIONS = {"arch": "--head", "hidden": "--hidden", "layers": "--layers", "
 def check_resume_head(last: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
     """The head the epochs in ``last`` trained (``recorded``, a ``HeadConfig.to_dict()``) must be
     this run's, told by the options that differ (not two whole configs to compare by eye)."""
-    diff = [k for k in dict.fromkeys([*recorded, *now]) if recorded.get(k) != now.get(k)]
+    same_arch = recorded.get("arch") == now.get("arch")
+    unread = set(unused_fields(now.get("arch", ""))) if same_arch else set()  # --num-heads for an LSTM: no change
+    diff = [k for k in dict.fromkeys([*recorded, *now]) if k not in unread and recorded.get(k) != now.get(k)]
     if not diff:
         return
 

@@ -135,6 +135,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert str(e.value) == (f"{tmp_path / 'part' / 'last.pt'} was trained with --hidden 32 (this run: --hidden 16), "
                             "--seq-len 8 (this run: --seq-len 4); resume with the same options, or --overwrite to "
                             "start over")
+    # an option the head does not read (and the command says so) is no reason to refuse
+    r = train_temporal(cfg(cache, tmp_path / "part", epochs=5, resume=True, num_heads=7), progress=False)
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5]
 
 
 def test_plots_are_redrawn_every_few_seconds_and_finished_on_the_picked_epoch(tmp_path, monkeypatch, plots_drawn):
