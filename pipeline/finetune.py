@@ -46,7 +46,8 @@ from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import (RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_head,
                   check_resume_options, check_resume_validation, compute_identity, data_identity, video_fingerprints)
-from .train import TrainingError, TrainResult, best_kept_note, check_classes, cosine_schedule, resolve_splits
+from .train import (TrainingError, TrainResult, best_kept_note, carve_description, check_classes, cosine_schedule,
+                    resolve_splits, say_carve_unused)
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +398,10 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         train_videos = [v for v, m in zip(train_videos, mask) if not m]
         validation = {"kind": "carved", "from": cfg.train_split, "fraction": cfg.val_fraction, "seed": seed,
                       "group_pattern": cfg.group_pattern, "videos": [v.rel for v in val_videos]}
-        val_name = f"{len(val_videos)} videos carved from {cfg.train_split!r}"
+        val_name = carve_description(len(val_videos), cfg.train_split, cfg.val_fraction,
+                                     [v.label for v in train_videos + val_videos])
     else:
+        say_carve_unused(val_split, cfg.val_fraction, cfg.group_pattern)
         val_videos = index.videos(val_split)
         validation = {"kind": "split", "split": val_split}
         val_name = f"split {val_split!r}"
@@ -459,6 +462,11 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
             raise ConfigError(f"{said}: the head comes from --init {cfg.init}, with its weights, and is "
                               f"{', '.join(_option(k, theirs[k]) for k in asked)}; drop {said.split(' ')[0]}"
                               f"{' etc.' if len(asked) > 1 else ''}, or start without --init")
+        if cfg.head is None and info.is_main and (
+                ignored := [_option(k, getattr(cfg, k)).split(" ")[0] for k in FINETUNE_HEAD_DEFAULTS
+                            if k in unread and getattr(cfg, k) is not None]):  # with --head given, the CLI says it
+            log.warning("%s: the %s head of --init does not use %s", ", ".join(ignored), head_cfg.arch,
+                        "them" if len(ignored) > 1 else "it")
         cfg = dataclasses.replace(cfg, **theirs)  # recorded as what runs
         head = init.head
     else:

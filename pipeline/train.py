@@ -146,6 +146,30 @@ class StageTwoData:
         self.opened.close()
 
 
+DEFAULT_VAL_FRACTION = 0.1  # TemporalConfig's and FinetuneConfig's
+
+
+def say_carve_unused(val_name: str | None, val_fraction: float, group_pattern: str | None) -> None:
+    """--val-fraction / --group-pattern set, where validation is a split (named or the dataset's
+    ``val``): they were dropped without a word."""
+    given = [o for o, on in (("--val-fraction", val_fraction != DEFAULT_VAL_FRACTION),
+                             ("--group-pattern", group_pattern is not None)) if on]
+    if val_name is not None and given:
+        log.warning("%s: %s for a validation set carved from train; split %r is used instead", ", ".join(given),
+                    "are" if len(given) > 1 else "is", val_name)
+
+
+def carve_description(n_carved: int, train_split: str, val_fraction: float, labels: Sequence[int]) -> str:
+    """How a carved validation set is said in reports; a warning where it has fewer videos than
+    the training split has classes (a best epoch picked on one video was reported as any other)."""
+    n_classes = len(set(np.asarray(labels).tolist()))
+    if n_carved < n_classes:
+        log.warning("the best epoch is picked on %d carved video(s) for %d classes, too few to tell epochs apart: "
+                    "give a validation split (--val-split) or more training videos", n_carved, n_classes)
+    return (f"{n_carved} videos carved from {train_split!r} ({val_fraction:.0%} of each class, at least one video "
+            "and never a class's last; whole source videos)")
+
+
 def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_split: str | None = None,
                    val_fraction: float = 0.1, group_pattern: str | None = None, test_split: str | None = None,
                    seed: int = 0, device: torch.device | str = "cpu", load: str = "auto",
@@ -160,6 +184,7 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         val_name, test_split = resolve_splits(
             cache.splits, train_split, val_split, test_split,
             lambda s: CacheError(f"split {s!r} is not in {cache.path} (has: {', '.join(cache.splits)})"))
+        say_carve_unused(val_name, val_fraction, group_pattern)
         opened = open_splits(cache, [s for s in (train_split, val_name, test_split) if s is not None], device,
                              load=load, memory_budget_gb=memory_budget)
         classes, provenance = list(cache.classes), cache.provenance
@@ -186,12 +211,7 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
                                                           [c for c, m in zip(t_sums, mask) if m]))
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
                       "group_pattern": group_pattern, "videos": held_out}
-        val_desc = (f"{int(mask.sum())} videos carved from {train_split!r} ({val_fraction:.0%} of each class, "
-                    "at least one video and never a class's last; whole source videos)")
-        n_classes = len(set(np.asarray(train_data.labels).tolist()))
-        if mask.sum() < n_classes:
-            log.warning("the best epoch is picked on %d carved video(s) for %d classes, too few to tell epochs apart: "
-                        "give a validation split (--val-split) or more training videos", int(mask.sum()), n_classes)
+        val_desc = carve_description(int(mask.sum()), train_split, val_fraction, train_data.labels)
     else:
         if val_name == "test":
             log.warning("picking the best epoch on the test split and reporting its score overstates "

@@ -99,12 +99,19 @@ def test_options_a_run_does_not_use_are_said(tmp_path):
                                   "--no-progress"])
     assert r.exit_code == 0, r.stderr
     assert "--num-heads: the lstm head does not use it" in r.stderr
-    assert "--val-fraction, --group-pattern: are for a validation set carved from train; --val-split val is used " \
+    assert "--val-fraction, --group-pattern: are for a validation set carved from train; split 'val' is used " \
         "instead" in r.stderr
     assert "--warmup-epochs 3 is longer than --epochs 1: the learning rate never reaches --lr" in r.stderr
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "t"), "--epochs", "2",
-                                  "--hidden", "8", "--head", "mean", "--layers", "2", "--no-progress"])
-    assert r.exit_code == 0 and "--hidden, --layers: the mean head does not use them" in r.stderr, r.stderr
+                                  "--hidden", "8", "--head", "mean", "--layers", "2", "--unidirectional",
+                                  "--no-progress"])
+    assert r.exit_code == 0 and "--hidden, --layers, --unidirectional: the mean head does not use them" in r.stderr, \
+        r.stderr
+    for cmd in (["train-temporal", "--epochs", "1"], ["sweep", "--epochs", "1", "--lr", "1e-3,2e-3"]):  # val by default
+        r = CliRunner().invoke(main, [*cmd, "--cache", str(cache), "--out", str(tmp_path / f"v{cmd[0]}"), "--hidden",
+                                      "8", "--val-fraction", "0.3", "--no-progress"])
+        assert r.exit_code == 0 and "--val-fraction: is for a validation set carved from train; split 'val' is used " \
+            "instead" in r.stderr, r.stderr
     r = CliRunner().invoke(main, ["train-temporal", "--cache", str(cache), "--out", str(tmp_path / "u"), "--epochs", "2",
                                   "--hidden", "8", "--no-progress"])
     assert r.exit_code == 0 and "does not use" not in r.stderr and "--warmup-epochs" not in r.stderr, r.stderr

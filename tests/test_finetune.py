@@ -241,6 +241,7 @@ def test_init_from_stage_two_and_incompatible_init(colour_data, tmp_path, weight
     r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h2"), "--hidden", "16", "--bidirectional",
                                   "--num-heads", "8"])  # an LSTM has no attention heads: nothing asked of it
     assert r.exit_code == 0, r.stderr  # what --init has is no conflict, nor are the defaults it does not
+    assert "--num-heads: the lstm head of --init does not use it" in r.stderr  # but it is said
     assert load_checkpoint(tmp_path / "h2" / "best.pt")["model_config"] == s2["model_config"]
     other = tmp_path / "other"
     for cls in ("cyan", "magenta"):
