@@ -45,7 +45,8 @@ from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
 from .run import (RunDir, check_resume_compute, check_resume_data, check_resume_epochs, check_resume_head,
-                  check_resume_options, check_resume_validation, compute_identity, data_identity, video_fingerprints)
+                  check_resume_options, check_resume_validation, compute_identity, data_identity, video_fingerprints,
+                  with_earlier)
 from .train import (TrainingError, TrainResult, best_kept_note, carve_description, check_classes, cosine_schedule,
                     resolve_splits, say_carve_unused)
 
@@ -549,7 +550,8 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
                                "trainable_blocks": trainable, "world_size": info.world},
               "frame_spec": spec.to_dict(), "classes": index.classes, "cache": provenance.to_dict(),
               "init_weights": init_weights.to_dict(), "val_split": val_name, "validation": validation, "data": data,
-              "seen_videos": video_fingerprints([v.rel for v in train_videos], [v.rel for v in val_videos]),
+              "seen_videos": with_earlier(video_fingerprints([v.rel for v in train_videos], [v.rel for v in val_videos]),
+                                          init.ckpt.get("seen_videos") if init else None, init_seen),
               "compute": compute_identity(device, amp)}
     if test_seen:  # so that evaluate says it too, on these videos
         rels = [v.rel for v in test_videos]

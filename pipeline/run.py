@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,15 @@ def video_fingerprints(train: Sequence[str], val: Sequence[str]) -> dict[str, to
     splits share videos: a model of split 1 tested on split 2's test list has trained on most)."""
     return {name: torch.tensor(sorted({_fingerprint(v) for v in videos}), dtype=torch.int64)
             for name, videos in (("train", train), ("val", val))}
+
+
+def with_earlier(fingerprints: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor] | None,
+                 names: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``fingerprints`` with what an earlier run (an ``--init``) was trained and validated on added
+    to its train part: its ``video_fingerprints`` where it kept them, else the ``names`` known."""
+    prior = [earlier[k] for k in ("train", "val") if earlier and k in earlier]
+    prior.append(torch.tensor([_fingerprint(v) for v in names], dtype=torch.int64))
+    return {**fingerprints, "train": torch.unique(torch.cat([fingerprints["train"], *prior]))}
 
 
 def _fingerprint(name: str) -> int:
