@@ -32,16 +32,17 @@ EXIT_INTERRUPTED = 130
 
 
 class OutputFile(click.Path):
-    """A file to write. ``Path("feats/")`` is ``feats``: a name that ends in a separator, meant as a
-    folder, would have become a file of the folder's name."""
+    """A file to write. ``Path("feats/")`` (and ``feats/.``) is ``feats``: a name that ends in a
+    separator, meant as a folder, would have become a file of the folder's name."""
 
     def __init__(self, example: str) -> None:
         super().__init__(path_type=Path)
         self.example = example
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and value.endswith(("/", os.sep)):
-            self.fail(f"{value} names a folder; give the file to write in it, e.g. {value}{self.example}", param, ctx)
+        if isinstance(value, str) and (value.endswith(("/", os.sep)) or os.path.basename(value) in (".", "..")):
+            folder = value if value.endswith(("/", os.sep)) else value + os.sep
+            self.fail(f"{value} names a folder; give the file to write in it, e.g. {folder}{self.example}", param, ctx)
         return super().convert(value, param, ctx)
 
 

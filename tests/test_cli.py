@@ -148,6 +148,10 @@ def test_output_file_named_as_a_folder_is_refused(tiny_dataset, tmp_path):
         assert r.exit_code == 2 and f"{d} names a folder; give the file to write in it, e.g. {d}{example}" \
             in r.stderr, (args, r.stderr)
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # nothing written: no file "new", no demo data
+    for d in (f"{tmp_path}{os.sep}new{os.sep}.", "."):  # also "dir/." (Path makes it "dir") and "."
+        r = CliRunner().invoke(main, ["rewrite-cache", str(tmp_path / "c.h5"), "--output", d])
+        assert r.exit_code == 2 and f"{d} names a folder; give the file to write in it, e.g. {d}{os.sep}features.h5" \
+            in r.stderr, r.stderr
 
 
 def test_single_process_commands_refuse_torchrun_before_writing(tmp_path):
