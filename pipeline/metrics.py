@@ -17,6 +17,7 @@ def topk_accuracy(probs: np.ndarray, target: np.ndarray, k: int) -> float:
     them (the first of tied classes ranks higher), so top-k never falls below top-1: argpartition
     kept an arbitrary few of more than k tied classes."""
     n, c = probs.shape
+    probs = np.where(np.isnan(probs), np.inf, probs)  # argmax takes the first NaN as the largest: so does this
     p_target = probs[np.arange(n), target][:, None]
     before = (probs > p_target) | ((probs == p_target) & (np.arange(c) < target[:, None]))
     return float((before.sum(1) < k).mean())

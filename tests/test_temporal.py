@@ -642,6 +642,11 @@ def test_top1_agrees_with_the_confusion_matrix_on_tied_probabilities(dtype):
     seven[0, [2, 5, 8, 10, 11, 12, 15]] = 1 / 7  # the reviewer's example: argmax picks 2
     assert topk_accuracy(seven, np.array([2]), 5) == 1.0 and topk_accuracy(seven, np.array([15]), 5) == 0.0
     assert topk_accuracy(seven, np.array([2]), 1) == 1.0 and topk_accuracy(seven, np.array([5]), 1) == 0.0
+    nan = np.array([[np.nan] * 4, [.1, .2, .3, .4], [np.nan, .5, np.nan, .5]])  # NaN: as argmax ranks it (first)
+    for k in (1, 2):  # row 0: class 0 (the first NaN) is top-1; row 2: classes 0 and 2 rank above class 1
+        assert [topk_accuracy(nan[i:i + 1], np.array([t]), k) for i, t in enumerate((3, 3, 1))] == [0.0, 1.0, 0.0]
+    assert topk_accuracy(nan[:1], np.array([0]), 1) == 1.0 and topk_accuracy(nan, np.array([3, 3, 1]), 1) == \
+        np.mean(nan.argmax(1) == [3, 3, 1])
 
 
 def test_metrics_of_a_class_without_videos_are_valid_json():
