@@ -148,11 +148,18 @@ def video_fingerprints(train: Sequence[str], val: Sequence[str]) -> dict[str, to
 
 def with_earlier(fingerprints: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor] | None,
                  names: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """``fingerprints`` with what an earlier run (an ``--init``) was trained and validated on added
-    to its train part: its ``video_fingerprints`` where it kept them, else the ``names`` known."""
-    prior = [earlier[k] for k in ("train", "val") if earlier and k in earlier]
-    prior.append(torch.tensor([_fingerprint(v) for v in names], dtype=torch.int64))
-    return {**fingerprints, "train": torch.unique(torch.cat([fingerprints["train"], *prior]))}
+    """``fingerprints`` with what an earlier run (an ``--init``) saw added, each to its part: what it
+    was trained on (its ``video_fingerprints``' train, and the ``names`` known) to train, what it
+    picked its best epoch on to val (a fine-tune from a carved --init holds out the same videos:
+    trained on by neither)."""
+    earlier = earlier or {}
+    train = [fingerprints["train"], torch.tensor([_fingerprint(v) for v in names], dtype=torch.int64)]
+    val = [fingerprints["val"]]
+    if "train" in earlier:
+        train.append(earlier["train"])
+    if "val" in earlier:
+        val.append(earlier["val"])
+    return {"train": torch.unique(torch.cat(train)), "val": torch.unique(torch.cat(val))}
 
 
 def _fingerprint(name: str) -> int:

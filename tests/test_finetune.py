@@ -304,9 +304,12 @@ def test_init_trained_on_the_test_or_validation_videos_is_said(tmp_path, weights
     trained = [f"{c}/{c}_v{k}" for c in sorted(COLOURS) for k in (4, 5) if f"{c}/{c}_v{k}" not in held]
     assert trained  # split 1's test videos it was trained on (seed 0's carve)
     from pipeline.run import seen_among  # and evaluate can count them in a split holding only some
-    s2_saw = {f"{c}/{c}_v{k}" for c in COLOURS for k in (0, 1, 4, 5)}  # its --init's train and val videos
+    from pipeline.run import video_fingerprints, with_earlier  # each part to its part: a carved --init's held-out
+    both = with_earlier(video_fingerprints(["a"], ["b"]), video_fingerprints(["c"], ["b", "d"]), ["e"])  # videos
+    assert seen_among(both, ["a", "b", "c", "d", "e", "f"]) == (3, 2)  # are trained on by neither run
+    s2_val = {f"{c}/{c}_v{k}" for c in COLOURS for k in (4, 5)}  # what its --init picked its epoch on: val too
     assert seen_among(load_checkpoint(tmp_path / "e2e" / "best.pt")["seen_videos"], [*trained, *held, "x/y"]) == \
-        (len(trained) + len(held & s2_saw), len(held))
+        (len(trained), len(held) + len(set(trained) & s2_val))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         finetune(FinetuneConfig(dataset=split1, out=str(tmp_path / "back"), init=str(tmp_path / "e2e" / "best.pt"),
