@@ -1,7 +1,7 @@
 """Clip samplers over cached sequences: which frames of each video form a clip of ``seq_len``.
 
-All samplers work on the lengths of many videos at once (numpy) and return a (N, seq_len) array of
-frame positions within each video plus the clip lengths. A video shorter than ``seq_len`` keeps
+All samplers work on the lengths of many videos at once (numpy) and return an (N, S) array of
+frame positions within each video plus the clip lengths, S = min(seq_len, the longest video). A video shorter than ``seq_len`` keeps
 all its frames, in order, and the clip is padded (its length says how many steps are real).
 """
 

@@ -118,13 +118,17 @@ def open_splits(cache: FeatureCache, splits: list[str], device: torch.device, *,
     budget, how = memory_budget(device, memory_budget_gb) if load == "auto" else (None, "")
     plan = plan_load(sizes, load, budget)
     out = OpenSplits()
-    for s in names:
-        t0 = time.perf_counter()
-        if plan[s] == "memory":
-            data, source = load_bank(cache, s, device)
-        else:
-            data, source = open_lazy_bank(cache, s, device, prefetch=prefetch)
-        out[s] = OpenSplit(s, plan[s], data, source, time.perf_counter() - t0)
+    try:
+        for s in names:
+            t0 = time.perf_counter()
+            if plan[s] == "memory":
+                data, source = load_bank(cache, s, device)
+            else:
+                data, source = open_lazy_bank(cache, s, device, prefetch=prefetch)
+            out[s] = OpenSplit(s, plan[s], data, source, time.perf_counter() - t0)
+    except BaseException:  # a later split refused (damaged): the lazy ones opened before it are released
+        out.close()
+        raise
     if load == "auto":
         log.info("--load auto, memory budget %s (%s): %s", _gb(budget), how, out.describe())
     else:

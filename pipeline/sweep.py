@@ -50,7 +50,7 @@ from .metrics import classification_metrics
 from .report import write_csv
 from .run import check_resume_compute, check_resume_data, compute_identity, remove_run_files, summary
 from .runtime import resolve_device, training_precision
-from .train import StageTwoData, cosine_schedule, head_config, load_stage_two
+from .train import StageTwoData, cosine_schedule, head_config, load_stage_two, say_positions_untrained
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,9 @@ def _locked_sweep(cfg: SweepConfig, trials: list[Trial], progress: bool,
                           test_split=base.test_split, seed=base.seed, device=device, load=base.load,
                           memory_budget=base.memory_budget)
     try:
+        longest = int(data.train.lengths.max())
+        for arch, seq_len in sorted({(t.cfg.head, t.cfg.seq_len) for t in trials}):
+            say_positions_untrained(arch, seq_len, longest)
         return _sweep(cfg, trials, data, device, amp, progress=progress, on_epoch=on_epoch, t_start=t_start)
     finally:
         data.close()

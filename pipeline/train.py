@@ -159,6 +159,15 @@ def say_carve_unused(val_name: str | None, val_fraction: float, group_pattern: s
                     "are" if len(given) > 1 else "is", val_name)
 
 
+def say_positions_untrained(arch: str, seq_len: int, longest: int) -> None:
+    """A head with learned positions (transformer, attention) asked for over twice the longest
+    training video's: those past it never train."""
+    if arch in ("transformer", "attention") and seq_len > 2 * longest:
+        log.warning("--seq-len %d is over twice the longest training video (%d frames): the %s head learns %d "
+                    "positions, of which those past %d never train; lower --seq-len", seq_len, longest, arch, seq_len,
+                    longest)
+
+
 def carve_description(n_carved: int, train_split: str, val_fraction: float, labels: Sequence[int]) -> str:
     """How a carved validation set is said in reports; a warning where it has fewer videos than
     the training split has classes (a best epoch picked on one video was reported as any other)."""
@@ -282,11 +291,7 @@ def _train_temporal(cfg: TemporalConfig, progress: bool, on_epoch: Callable[[dic
     log.info("opened %d training videos, validation: %s; %s", len(train_bank), data.val_name, data.load)
 
     head_cfg = head_config(cfg, num_classes=len(classes), input_dim=provenance.feature_dim)
-    longest = int(train_bank.lengths.max())
-    if head_cfg.arch in ("transformer", "attention") and cfg.seq_len > 2 * longest:  # learned positions
-        log.warning("--seq-len %d is over twice the longest training video (%d frames): the %s head learns %d "
-                    "positions, of which those past %d never train; lower --seq-len", cfg.seq_len, longest,
-                    head_cfg.arch, cfg.seq_len, longest)
+    say_positions_untrained(head_cfg.arch, cfg.seq_len, int(train_bank.lengths.max()))
     model = build_head(head_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.epochs, math.ceil(len(train_bank) / cfg.batch_size), cfg.warmup_epochs)

@@ -341,6 +341,17 @@ def test_trial_files_never_hold_an_epoch_the_snapshot_does_not(tmp_path):
         assert sorted(ck["seen_videos"]) == ["train", "val"]  # for evaluate's warnings, as a run's own best.pt
 
 
+def test_sweep_says_positions_past_the_longest_video_never_train(tmp_path, caplog):
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "test": 2}, length=(4, 9))
+    with caplog.at_level("WARNING"):
+        sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=1, hidden=8, num_heads=2),
+                          grids=((("head", ("lstm", "transformer")), ("seq_len", (8, 40))),), min_epochs=1),
+              progress=False)
+    said = [r.getMessage() for r in caplog.records if "never train" in r.getMessage()]
+    assert said == ["--seq-len 40 is over twice the longest training video (8 frames): the transformer head learns 40 "
+                    "positions, of which those past 8 never train; lower --seq-len"]
+
+
 def test_sweep_resumed_in_other_arithmetic_is_said(tmp_path, caplog):
     cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 8, "test": 3})
     conf = SweepConfig(base=base(cache, tmp_path / "sw", epochs=2), grids=((("hidden", (8,)),),), min_epochs=1)
