@@ -827,18 +827,19 @@ class LazySplit:
     stays at about one batch whatever the cache's size. Chunked (older) caches are read through
     h5py, one whole chunk per chunk touched. Rows are checked for NaN/Inf, and each video against
     its checksum the first time a read touches it (the checksum covers the whole video, so that
-    first read goes through all its rows), unless ``verified()`` says a ``FeatureCache.verify``
-    pass did it already, as stage two's ``open_lazy_bank`` does before a run starts: damage is
-    found as ``load_split`` finds it, whichever way ``--load auto`` chose.
+    first read goes through all its rows), unless ``checked``: a ``FeatureCache.verify`` pass did
+    it already, as stage two's ``open_lazy_bank`` does before a run starts. So damage is found as
+    ``load_split`` finds it, whichever way ``--load auto`` chose.
 
-    Besides features, it holds the per-video arrays and, for the checksums, the frame indices
-    (8 bytes a row, 0.3 % of 1280-d float16 features).
+    Besides features, it holds the per-video arrays and, unless ``checked``, the frame indices the
+    checksums cover (8 bytes a row).
 
     It has its own mapping/handle, independent of the ``FeatureCache`` it came from: it stays
     readable after that is closed, until ``close()`` (or garbage collection)."""
 
     @_reads
-    def __init__(self, path: Path, split: str, group: Any, classes: list[str], provenance: Provenance) -> None:
+    def __init__(self, path: Path, split: str, group: Any, classes: list[str], provenance: Provenance, *,
+                 checked: bool = False) -> None:
         ds = group["features"]
         self.path, self.split = path, split
         self.offsets: np.ndarray = group["offsets"][()]
@@ -851,7 +852,7 @@ class LazySplit:
         self.layout = _layout(ds)
         self._row_bytes = self.shape[1] * self.dtype.itemsize
         # Checked videos (``_verify``); caches written before the checksums are read unchecked.
-        self._sums: np.ndarray | None = group["checksums"][()] if "checksums" in group else None
+        self._sums: np.ndarray | None = group["checksums"][()] if "checksums" in group and not checked else None
         self._frames: np.ndarray | None = group["frame_indices"][()] if self._sums is not None else None
         self._verified = np.zeros(len(self.labels), dtype=bool)
         self._map: mmap.mmap | None = None
@@ -907,10 +908,6 @@ class LazySplit:
             self._read_chunks(rows, out)
         check_finite(out, rows, self.offsets, self.videos, self.split, self.path)
         return out
-
-    def verified(self) -> None:
-        """Take every video as checked (``FeatureCache.verify`` read the split through already)."""
-        self._verified[:] = True
 
     def _verify(self, rows: np.ndarray) -> None:
         """Check each video of ``rows`` not checked yet against its checksum (all its rows)."""
@@ -1099,9 +1096,10 @@ class FeatureCache:
         g = self._group(split)
         return g["checksums"][()].tolist() if "checksums" in g else None
 
-    def open_lazy(self, split: str) -> LazySplit:
-        """``split`` for on-demand reading (``LazySplit.read_rows``): for caches larger than RAM."""
-        return LazySplit(self.path, split, self._group(split), self.classes, self.provenance)
+    def open_lazy(self, split: str, *, checked: bool = False) -> LazySplit:
+        """``split`` for on-demand reading (``LazySplit.read_rows``): for caches larger than RAM.
+        ``checked``: ``verify`` has read it through, so reads need not check the checksums."""
+        return LazySplit(self.path, split, self._group(split), self.classes, self.provenance, checked=checked)
 
     def layout(self, split: str) -> str:
         """``contiguous`` (row-wise lazy reads) or ``chunked`` (older caches; see ``rewrite_cache``)."""

@@ -158,14 +158,9 @@ def open_lazy_bank(cache: FeatureCache, split: str, device: torch.device, *,
     blocks (flat memory, ~0.3 s a GB warm), for what loading it in memory checks (checksums,
     NaN/Inf): found in the first epoch instead, damage came after --overwrite had cleared the old
     run, and in the test split after training."""
-    data = cache.open_lazy(split)
+    cache.verify(split, finite=True)
+    data = cache.open_lazy(split, checked=True)
     if len(data) == 0:
         data.close()
         raise CacheError(f"split {split!r} of {cache.path} has no videos; extract it first")
-    try:
-        cache.verify(split, finite=True)
-    except BaseException:
-        data.close()
-        raise
-    data.verified()
     return data, LazyBank(data, device, prefetch=prefetch)
