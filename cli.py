@@ -423,18 +423,14 @@ def _say_unused(ctx: click.Context, head: str | None) -> None:
     """Options given on the command line that this run does not use, which were dropped without a
     word: a head's options another head has (--num-heads for an LSTM), a warm-up that outlasts the
     run. (A carve's options beside a validation split: ``train.say_carve_unused``.)"""
-    from pipeline.heads import unused_fields
+    from pipeline.heads import head_option, unused_fields
 
     def given(name: str) -> bool:
         return name in ctx.params and ctx.get_parameter_source(name) not in (
             click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 
-    def opt(name: str) -> str:  # as given: --unidirectional, not the flag's first name
-        p = next(p for p in ctx.command.params if p.name == name)
-        names = p.secondary_opts if getattr(p, "secondary_opts", None) and not ctx.params[name] else p.opts
-        return next(o for o in names if o.startswith("--"))
-
-    if head is not None and (unused := [opt(n) for n in unused_fields(head) if given(n)]):
+    if head is not None and (unused := [head_option(n, ctx.params[n], with_value=False)  # as given: --unidirectional
+                                        for n in unused_fields(head) if given(n)]):
         log.warning("%s: the %s head does not use %s", ", ".join(unused), head, "them" if len(unused) > 1 else "it")
     warmup, epochs = ctx.params.get("warmup_epochs"), ctx.params.get("epochs")
     if warmup is not None and epochs is not None and warmup > epochs:  # equal: --lr at the last step

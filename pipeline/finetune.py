@@ -40,7 +40,7 @@ from .engine import train_steps
 from .errors import ConfigError, DataError, PipelineError
 from .runtime import default_worker_processes, resolve_device, training_precision
 from .metrics import classification_metrics
-from .heads import HeadConfig, build_head, max_clip_len, unused_fields
+from .heads import HeadConfig, build_head, head_option, max_clip_len, unused_fields
 from .model import Model, load_model
 from .preprocess import normalize_frames, resize_frames
 from .sampling import sample
@@ -253,13 +253,6 @@ def _resolve_init(cfg: FinetuneConfig, classes: list[str]) -> tuple[Model | None
     return init, prov.backbone, spec, prov.selection if cfg.selection is None else cfg.selection
 
 
-def _option(key: str, value: Any) -> str:
-    """How a head setting is given on the command line."""
-    if key == "bidirectional":
-        return "--bidirectional" if value else "--unidirectional"
-    return f"--{key.replace('_', '-')} {value}"
-
-
 def _init_carve(cfg: FinetuneConfig, init: Model, train_videos: list[Video],
                 trained: set[str] | None) -> tuple[int, set[str]]:
     """How this run's validation carve must go when it starts from ``--init``: (its seed, the
@@ -459,12 +452,13 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         unread = set(unused_fields(head_cfg.arch))  # e.g. --num-heads for an LSTM: no conflict, nothing asked
         if asked := [k for k in theirs
                      if k not in unread and getattr(cfg, k) is not None and getattr(cfg, k) != theirs[k]]:
-            said = ", ".join(_option(k, getattr(cfg, k)) for k in asked)
+            said = ", ".join(head_option(k, getattr(cfg, k)) for k in asked)
             raise ConfigError(f"{said}: the head comes from --init {cfg.init}, with its weights, and is "
-                              f"{', '.join(_option(k, theirs[k]) for k in asked)}; drop {said.split(' ')[0]}"
+                              f"{', '.join(head_option(k, theirs[k]) for k in asked)}; drop "
+                              f"{head_option(asked[0], getattr(cfg, asked[0]), with_value=False)}"
                               f"{' etc.' if len(asked) > 1 else ''}, or start without --init")
         if cfg.head is None and info.is_main and (
-                ignored := [_option(k, getattr(cfg, k)).split(" ")[0] for k in FINETUNE_HEAD_DEFAULTS
+                ignored := [head_option(k, getattr(cfg, k), with_value=False) for k in FINETUNE_HEAD_DEFAULTS
                             if k in unread and getattr(cfg, k) is not None]):  # with --head given, the CLI says it
             log.warning("%s: the %s head of --init does not use %s", ", ".join(ignored), head_cfg.arch,
                         "them" if len(ignored) > 1 else "it")

@@ -85,6 +85,20 @@ def unused_fields(arch: str) -> tuple[str, ...]:
     return getattr(HEADS.get(arch), "unused", ())
 
 
+# HeadConfig fields that no option of the same name sets (``arch`` also goes by ``head`` in run configs).
+_OPTIONS = {"arch": "--head", "max_len": "--seq-len", "num_classes": "the number of classes",
+            "input_dim": "the feature dimension"}
+
+
+def head_option(field: str, value: Any, *, with_value: bool = True) -> str:
+    """A head setting as the command line gives it: ``--hidden 512``, ``--unidirectional``,
+    ``--seq-len 16`` for ``max_len``; without ``with_value``, the option alone."""
+    if field == "bidirectional":
+        return "--bidirectional" if value else "--unidirectional"
+    name = _OPTIONS.get(field, f"--{field.replace('_', '-')}")
+    return f"{name} {value}" if with_value else name
+
+
 @register("lstm")
 class LSTMHead(nn.Module):
     """LSTM over a clip of frame features → class logits.

@@ -35,7 +35,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 from .files import atomic_write_text, ensure_dir, exclusive
-from .heads import unused_fields
+from .heads import head_option, unused_fields
 from .report import plot_confusion, plot_curves, write_per_class
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,6 @@ def check_resume_options(last: Path, recorded: dict[str, Any], now: dict[str, An
                                   f"asks for {now[key]}; resume with the same options")
 
 
-# A head's config field → how a run's options set it (``heads.HeadConfig``).
-_HEAD_OPTIONS = {"arch": "--head", "hidden": "--hidden", "layers": "--layers", "dropout": "--dropout", "pool": "--pool",
-                 "num_heads": "--num-heads", "max_len": "--seq-len", "num_classes": "the number of classes",
-                 "input_dim": "the feature dimension"}
-
-
 def check_resume_head(last: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
     """The head the epochs in ``last`` trained (``recorded``, a ``HeadConfig.to_dict()``) must be
     this run's, told by the options that differ (not two whole configs to compare by eye)."""
@@ -69,13 +63,7 @@ def check_resume_head(last: Path, recorded: dict[str, Any], now: dict[str, Any])
     diff = [k for k in dict.fromkeys([*recorded, *now]) if k not in unread and recorded.get(k) != now.get(k)]
     if not diff:
         return
-
-    def said(k: str, v: Any) -> str:
-        if k == "bidirectional":
-            return "--bidirectional" if v else "--unidirectional"
-        return f"{_HEAD_OPTIONS.get(k, k)} {v}"
-
-    parts = [f"{said(k, recorded.get(k))} (this run: {said(k, now.get(k))})" for k in diff]
+    parts = [f"{head_option(k, recorded.get(k))} (this run: {head_option(k, now.get(k))})" for k in diff]
     raise CheckpointError(f"{last} was trained with {', '.join(parts)}; resume with the same options, or "
                           "--overwrite to start over")
 
