@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import (HEAD_ARCHS, INTERPOLATIONS, MAX_EVAL_CLIPS, MAX_SEED, RESIZE_MODES, TRAIN_SAMPLERS,
-                             DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection)
+from pipeline.config import (DEFAULT_VAL_FRACTION, HEAD_ARCHS, INTERPOLATIONS, MAX_EVAL_CLIPS, MAX_SEED, RESIZE_MODES,
+                             TRAIN_SAMPLERS, DatasetSpec, ExtractConfig, FrameOverrides, FrameSelection)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import DiskFullError, OutputInUseError, in_use
 from pipeline.runtime import tune_cpu_allocator
@@ -266,7 +266,7 @@ HEAD_OPTIONS = _options(
 VALIDATION_OPTIONS = _options(
     click.option("--val-split", default=None,
                  help="Split the best epoch is picked on.  [default: val if present, else carved from train]"),
-    click.option("--val-fraction", type=FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+    click.option("--val-fraction", type=FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_VAL_FRACTION,
                  show_default=True, help="Without a val split: the share of each class carved from train for "
                                          "validation, as whole source videos."),
     click.option("--group-pattern", default=None, metavar="REGEX", callback=_regex,

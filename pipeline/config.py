@@ -358,6 +358,10 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {seed}")
 
 
+# Of each class, carved from the training split for validation where there is no validation split.
+DEFAULT_VAL_FRACTION = 0.1
+
+
 def check_optimizer(cfg: Any) -> None:
     """The AdamW settings of a training config (``lr``, ``backbone_lr`` where it has one,
     ``weight_decay``), as ConfigError: click's float ranges let nan and inf through, and the sweep
@@ -383,7 +387,7 @@ class TemporalConfig:
     out: str
     train_split: str = "train"
     val_split: str | None = None  # None: "val" if the cache has it, else carved from train
-    val_fraction: float = 0.1
+    val_fraction: float = DEFAULT_VAL_FRACTION
     group_pattern: str | None = None  # regex naming a clip's source video (else UCF101/HMDB51 names)
     test_split: str | None = None  # None: "test" if the cache has it and it is not the val split
     head: str = "lstm"
@@ -457,7 +461,7 @@ class FinetuneConfig:
     selection: FrameSelection | None = None  # None: the --init checkpoint's (else all frames)
     train_split: str = "train"
     val_split: str | None = None  # None: "val" if the dataset has it, else carved from train
-    val_fraction: float = 0.1
+    val_fraction: float = DEFAULT_VAL_FRACTION
     group_pattern: str | None = None
     test_split: str | None = None  # None: "test" if the dataset has it and it is not the val split
     # The head: None takes the --init run's (its weights come with it; another value is refused),

@@ -19,7 +19,7 @@ import torch
 
 from .cache import FeatureCache
 from .checkpoint import CheckpointError
-from .config import Provenance, TemporalConfig
+from .config import DEFAULT_VAL_FRACTION, Provenance, TemporalConfig
 from .data import carve_validation, some, uncarvable
 from .engine import ClipSource, evaluate, train_one_epoch
 from .errors import CacheError, ConfigError, PipelineError
@@ -146,9 +146,6 @@ class StageTwoData:
         self.opened.close()
 
 
-DEFAULT_VAL_FRACTION = 0.1  # TemporalConfig's and FinetuneConfig's
-
-
 def say_carve_unused(val_name: str | None, val_fraction: float, group_pattern: str | None) -> None:
     """--val-fraction / --group-pattern set, where validation is a split (named or the dataset's
     ``val``): they were dropped without a word."""
@@ -180,7 +177,8 @@ def carve_description(n_carved: int, train_split: str, val_fraction: float, labe
 
 
 def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_split: str | None = None,
-                   val_fraction: float = 0.1, group_pattern: str | None = None, test_split: str | None = None,
+                   val_fraction: float = DEFAULT_VAL_FRACTION, group_pattern: str | None = None,
+                   test_split: str | None = None,
                    seed: int = 0, device: torch.device | str = "cpu", load: str = "auto",
                    memory_budget: float | None = None) -> StageTwoData:
     """Open a cache for stage two: the training split; a validation set (``val_split``, else the
@@ -214,8 +212,9 @@ def load_stage_two(cache_path: str | Path, *, train_split: str = "train", val_sp
         train = train.subset(np.flatnonzero(~mask))
         held_out = [v for v, m in zip(train_data.videos, mask) if m]
         t_sums = sums[train_split]
-        seen_videos = video_fingerprints([v for v, m in zip(train_data.videos, mask) if not m], held_out)
-        data = data_identity([v for v, m in zip(train_data.videos, mask) if not m], held_out,
+        kept = [v for v, m in zip(train_data.videos, mask) if not m]
+        seen_videos = video_fingerprints(kept, held_out)
+        data = data_identity(kept, held_out,
                              None if t_sums is None else ([c for c, m in zip(t_sums, mask) if not m],
                                                           [c for c, m in zip(t_sums, mask) if m]))
         validation = {"kind": "carved", "from": train_split, "fraction": val_fraction, "seed": seed,
@@ -472,7 +471,6 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_path: str | Path, split: s
     if seen := _seen_by(model.ckpt, split, data.videos):
         log.warning("%s: %s; these numbers overstate accuracy on new videos (evaluate a held-out split)", split, seen)
     if out is not None:
-        _check_run_results(Path(out), split, m)
         out = ensure_dir(out, "--out")
         with exclusive(out, "--out"):  # not into a run folder while its run writes (or --overwrite clears) it
             _check_run_results(out, split, m)
