@@ -75,30 +75,48 @@ class Prediction:
 
 def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], list[Prediction]]:
     """Expand inputs into (path, kind) videos; a folder of frames is one video, any other folder is
-    searched recursively for video files and frame folders. Unusable inputs come back as errors."""
+    searched recursively for video files and frame folders. Unusable inputs come back as errors.
+    Each video is listed once, however many inputs reach it (``predict data data/walk``, a file
+    given twice, a link to a folder beside the folder): what an earlier input already listed is
+    skipped with a note."""
     videos: list[tuple[Path, str]] = []
     errors: list[Prediction] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked and video listed
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             errors.append(Prediction(str(p), error=f"{p}: no such file or folder"))
-        elif p.is_file():
+            continue
+        if _identity(p) in seen:
+            log.info("skipped %s: an earlier input already lists it", p)
+            continue
+        if p.is_file():
             if p.suffix.lower() in VIDEO_EXTS:
+                seen.add(_identity(p))
                 videos.append((p, "file"))
             else:
                 errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
                                          f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
         elif _frame_folder(p) and not _holds(p)[1]:
+            seen.add(_identity(p))
             videos.append((p, "frames"))
         else:
-            found = list(_walk(p))
-            if not found:
+            skipped: list[Path] = []
+            found = list(_walk(p, seen, skipped, earlier=frozenset(seen)))
+            if not found and not skipped:
                 errors.append(Prediction(str(p), error=f"{p}: no videos or frame folders inside"))
+            elif not found:
+                log.info("skipped %s: an earlier input already lists all it holds", p)
             videos += found
     for p, kind in videos:
         for f in bad_frame_names(p) if kind == "frames" else ():
             log.warning("ignored '%s': its name is not valid UTF-8; rename it", printable(f))
     return videos, errors
+
+
+def _identity(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_dev, st.st_ino
 
 
 def _holds(folder: Path) -> tuple[bool, bool]:
@@ -123,10 +141,13 @@ def _frame_folder(p: Path) -> bool:
         return True
 
 
-def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[Path, str]]:
-    """Video files and frame folders under ``folder``; each real folder is visited once, so a
-    symlink loop (``again -> .``) or two links to one folder give each video once."""
+def _walk(folder: Path, seen: set[tuple[int, int]] | None = None, skipped: list[Path] | None = None,
+          earlier: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[Path, str]]:
+    """Video files and frame folders under ``folder``; each real folder and video is visited once
+    (``seen``: device and inode), so a symlink loop (``again -> .``) or two links to one folder give
+    each video once. What ``earlier`` inputs already listed is left out and appended to ``skipped``."""
     seen = set() if seen is None else seen
+    skipped = [] if skipped is None else skipped
     try:
         st = folder.stat()
         entries = sorted(folder.iterdir(), key=lambda q: natural_key(q.name))
@@ -134,6 +155,8 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tu
         log.warning("skipped %s: %s", folder, e.strerror or e)
         return
     if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in earlier:
+            skipped.append(folder)
         return
     seen.add((st.st_dev, st.st_ino))
     for q in entries:
@@ -146,14 +169,24 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None) -> Iterator[tu
                 log.warning("skipped %s: %s", q, e.strerror or e)
                 continue
             if not images or videos:
-                yield from _walk(q, seen)
+                yield from _walk(q, seen, skipped, earlier)
                 continue
-            st = q.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                yield q, "frames"
+            kind = "frames"
         elif video_kind(q) == "file":
-            yield q, "file"
+            kind = "file"
+        else:
+            continue
+        try:
+            key = _identity(q)
+        except OSError:  # a dangling link: decoding reports it as this video's error
+            yield q, kind
+            continue
+        if key in seen:
+            if key in earlier:
+                skipped.append(q)
+        else:
+            seen.add(key)
+            yield q, kind
 
 
 def window_bounds(n: int, window: int, stride: int) -> list[tuple[int, int]]:

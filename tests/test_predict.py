@@ -314,3 +314,42 @@ def test_a_folder_of_videos_with_an_image_beside_them_is_no_frame_folder(tmp_pat
                                     (root / "sub" / "c.mp4", "file")]
     assert f"ignored the images in {root / 'sub'}: it holds video files" in caplog.text
     assert find_inputs([root / "sub"]) == ([(root / "sub" / "b.mkv", "file"), (root / "sub" / "c.mp4", "file")], [])
+
+
+def test_overlapping_inputs_list_each_video_once(tmp_path, caplog):
+    """`predict data data/sub`, a file given twice, or a link beside the folder it points to listed
+    the same videos twice (two rows, decoded twice); an input that adds nothing new is no error."""
+    import logging
+
+    from pipeline.predict import find_inputs
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pred"
+    (root / "sub").mkdir(parents=True)
+    for f in ("a.mp4", "sub/b.mkv"):
+        (root / f).write_bytes(b"")
+    write_frames(root / "sub" / "frames", rand_frames(rng, 2))
+    (tmp_path / "link").symlink_to(root / "sub")
+    want = [(root / "a.mp4", "file"), (root / "sub" / "b.mkv", "file"), (root / "sub" / "frames", "frames")]
+    with caplog.at_level(logging.INFO):
+        found, errors = find_inputs([root, root / "sub", root / "a.mp4", tmp_path / "link",
+                                     root / "sub" / "frames", root])
+    assert not errors and found == want
+    assert f"skipped {root / 'sub'}: an earlier input already lists it" in caplog.text
+    # the other way round: the folder after its parts still adds only what is new
+    found, errors = find_inputs([root / "sub" / "frames", root / "a.mp4", root / "a.mp4", root])
+    assert not errors and found == [(root / "sub" / "frames", "frames"), (root / "a.mp4", "file"),
+                                    (root / "sub" / "b.mkv", "file")]
+    # a folder whose every video an earlier input listed is skipped with a note, not an error
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        found, errors = find_inputs([root / "sub" / "b.mkv", root / "sub" / "frames", tmp_path / "link"])
+    assert not errors and len(found) == 2
+    assert f"skipped {tmp_path / 'link'}: an earlier input already lists" in caplog.text
+    # an empty folder, and one holding only a link back to itself, are still errors
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "again").symlink_to(tmp_path / "loop")
+    found, errors = find_inputs([tmp_path / "empty", tmp_path / "loop"])
+    assert not found and [e.error for e in errors] == [f"{tmp_path / 'empty'}: no videos or frame folders inside",
+                                                        f"{tmp_path / 'loop'}: no videos or frame folders inside"]
