@@ -48,7 +48,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -64,8 +63,8 @@ import numpy as np
 from . import __version__
 from .config import FrameSpec, Provenance
 from .errors import CacheError, ConfigError, PipelineError
-from .files import (atomic_path, atomic_write_bytes, ensure_dir, exclusive, is_disk_full, not_regular,
-                    remove_stale_tmp)
+from .files import (atomic_path, atomic_write_bytes, ensure_dir, exclusive, is_disk_full, not_regular, remove_removing,
+                    remove_stale_tmp, remove_tree)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +171,19 @@ def read_partial(path: str | Path) -> dict[str, Any] | None:
         raise CacheError(f"unreadable {meta} ({e}); delete {meta.parent} to start over") from e
 
 
+def remove_leftovers(path: str | Path) -> None:
+    """What interrupted writers of the cache ``path`` left: its temporary file, work folders renamed
+    aside for removal (``files.remove_tree``) and the temporary files of unfinished parts. Only
+    under ``exclusive(path)``: no writer is running then."""
+    remove_stale_tmp(path)
+    partial = Path(f"{path}.partial")
+    remove_removing(partial)
+    for tmp in partial.glob("*/*.npz.tmp") if partial.is_dir() else ():
+        if tmp.is_file() and not tmp.is_symlink():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def _finished_parts(partial: Path) -> int:
     """Finished videos an unfinished extraction keeps in its ``partial`` folder."""
     return sum(1 for _ in partial.glob("*/*.npz")) if partial.is_dir() else 0
@@ -227,8 +239,15 @@ class CacheWriter:
         self.check(self.path, provenance, replace=replace)
         partial = read_partial(self.path)
         if partial is not None and partial["provenance"].mismatch(provenance, dated=True):  # only with replace (checked)
-            shutil.rmtree(self.partial)  # unfinished work with other settings, being replaced
+            remove_tree(self.partial)  # unfinished work with other settings, being replaced
             partial = None
+        elif partial is None and (n := _finished_parts(self.partial)):
+            # Parts with no meta.json to say what made them (removed by hand, or by a removal older
+            # versions did in place and were stopped in): their settings are unknown, so they are
+            # redone rather than mixed into a cache of these settings.
+            log.warning("discarding %d finished video(s) in %s: its meta.json, which records the settings they were "
+                        "extracted with, is missing; they are extracted again", n, self.partial)
+            remove_tree(self.partial)
         self.replace = replace or bool(partial and partial["replace"])
         if partial is None or partial["replace"] != self.replace:
             self.partial.mkdir(parents=True, exist_ok=True)
@@ -389,11 +408,11 @@ class CacheWriter:
         meta then builds on the cache file, not on one being replaced."""
         kept = {p.parent.name for p in self.partial.glob("*/*.npz")} & set(keep) if self.partial.is_dir() else set()
         if not kept:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            remove_tree(self.partial)
             return
         for d in self.partial.iterdir():
             if d.is_dir() and d.name not in kept:
-                shutil.rmtree(d, ignore_errors=True)
+                remove_tree(d, aside=self.partial)  # renamed out of the work folder, not a split in it
         if self.replace and self.path.exists():
             atomic_write_bytes(self.partial / "meta.json",
                                _json({"provenance": self.provenance.to_dict(), "replace": False}).encode())

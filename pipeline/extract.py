@@ -36,13 +36,14 @@ from tqdm import tqdm
 from . import distributed as D
 from .backbones import (Backbone, FrozenBackbone, check_input_size, create_backbone, default_frame_spec,
                         recalibrate_batchnorm)
-from .cache import INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance
+from .cache import (INDEX_FAILURES, CacheWriter, FeatureCache, VideoRecord, is_hdf5, read_partial, read_provenance,
+                    remove_leftovers)
 from .config import DatasetSpec, ExtractConfig, FrameSelection, FrameSpec, Provenance, WeightsIdentity
 from .data import (DatasetIndex, Video, VideoDecodeError, index_dataset, iter_frame_batches, natural_key, source_fps,
                    read_as_recorded, recorded_before_upright, source_signature)
 from .runtime import autocast_ctx, default_workers, resolve_device, resolve_precision, threads_per_thread
 from .errors import ConfigError, DataError, PipelineError, WeightsError
-from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, remove_stale_tmp, sha256_file
+from .files import atomic_write_bytes, ensure_dir, exclusive, not_regular, sha256_file
 from .preprocess import normalize_frames, resize_frames, stack_frames
 
 log = logging.getLogger(__name__)
@@ -588,7 +589,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
     ensure_dir(output.parent, "--output folder")
     if info.is_main:  # one job per cache: the other ranks of this one write their parts under its lock
         held.enter_context(exclusive(output, "--output"))
-        remove_stale_tmp(output)
+        remove_leftovers(output)
 
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between

@@ -121,6 +121,40 @@ def remove_stale_tmp(path: str | Path) -> None:
             tmp.unlink()
 
 
+def remove_tree(path: str | Path, *, aside: str | Path | None = None) -> None:
+    """Remove the folder ``path`` so that an interruption leaves it whole or gone: first renamed
+    to ``<aside>.removing-<random>`` beside ``aside`` (default: ``path`` itself), one atomic step,
+    then deleted. ``shutil.rmtree`` alone, stopped half-way, leaves a folder with some of its
+    files, which a later run may take for whole (finished parts without the meta.json that says
+    what made them). ``remove_removing(aside)`` clears what an interruption left aside."""
+    import secrets
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        return
+    base = Path(aside) if aside is not None else path
+    trash = base.with_name(f"{base.name}.removing-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, trash)
+    except OSError:  # another file system (a mount point) or no right to rename: delete in place
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_removing(aside: str | Path) -> None:
+    """Delete the folders ``remove_tree(..., aside=aside)`` renamed but was stopped from deleting.
+    Only under the lock of what ``aside`` belongs to: no one else is removing them then."""
+    import glob
+    import shutil
+
+    aside = Path(aside)
+    for t in aside.parent.glob(glob.escape(aside.name) + ".removing-*"):
+        if t.is_dir() and not t.is_symlink():
+            log.info("removing %s, left by an interrupted removal", t)
+            shutil.rmtree(t, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, hint: str = "") -> None:
     with atomic_path(path, hint=hint) as tmp:
         with open(tmp, "wb") as f:

@@ -477,3 +477,71 @@ def test_a_cache_damaged_inside_is_one_line_in_every_reader(tmp_path):
             assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
             return
     pytest.fail("no offset in the first 4 KB broke the cache for train-temporal")
+
+
+def test_an_interrupted_removal_of_the_work_folder_never_lends_its_parts_to_other_settings(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """`--overwrite` with new weights removes the unfinished run's work folder; Ctrl-C during that
+    removal could delete meta.json and leave parts, which the rerun then took as its own: a cache
+    recorded as weights B holding weights-A features. The folder is now renamed aside before it is
+    deleted, and parts with no meta.json are redone, not adopted."""
+    import dataclasses
+    import logging
+
+    from synthetic import provenance
+
+    import pipeline.cache as C
+    import pipeline.files as F
+
+    def prov(sha: str):
+        p = provenance(["a"], 4, dtype="float32")
+        return dataclasses.replace(p, weights=dataclasses.replace(p.weights, sha256=sha * 64))
+
+    def rec(i: int, value: float) -> C.VideoRecord:
+        return C.VideoRecord(f"a/v{i}", 0, np.full((3, 4), value, np.float32), np.arange(3), 25.0)
+
+    A, B = prov("a"), prov("b")
+    out = tmp_path / "f.h5"
+    w = C.CacheWriter(out, A)  # run A, interrupted after two videos
+    w.add("train", rec(0, 1.0))
+    w.add("train", rec(1, 1.0))
+
+    def interrupted(path, *a, **k):  # Ctrl-C in the middle of the deletion: meta.json gone, parts not yet
+        (Path(path) / "meta.json").unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            C.CacheWriter(out, B, replace=True)  # run B, --overwrite with other weights
+    assert not Path(f"{out}.partial").exists()  # renamed aside whole: nothing there for a rerun to adopt
+    C.remove_leftovers(out)  # the rerun, under the cache's lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    w = C.CacheWriter(out, B, replace=True)
+    assert w.done("train") == {}
+    for i in range(3):
+        w.add("train", rec(i, 2.0))
+    w.finalize({"train": [f"a/v{i}" for i in range(3)]}, {})
+    with C.FeatureCache(out) as c:
+        s = c.load_split("train")
+        assert c.provenance.weights.sha256 == "b" * 64
+        assert [float(s.video(i)[0, 0]) for i in range(len(s))] == [2.0, 2.0, 2.0]
+
+    # parts left without meta.json however it went (an older version's removal, a hand) are redone
+    w = C.CacheWriter(tmp_path / "g.h5", A)
+    w.add("train", rec(0, 1.0))
+    (tmp_path / "g.h5.partial" / "train" / "stale.npz.tmp").write_bytes(b"torn")  # a killed part write
+    (tmp_path / "g.h5.partial" / "meta.json").unlink()
+    C.remove_leftovers(tmp_path / "g.h5")
+    assert not list((tmp_path / "g.h5.partial").glob("*/*.tmp"))
+    with caplog.at_level(logging.WARNING):
+        w = C.CacheWriter(tmp_path / "g.h5", B)
+    assert w.done("train") == {}
+    assert f"discarding 1 finished video(s) in {tmp_path / 'g.h5.partial'}: its meta.json" in caplog.text
+    assert C.read_partial(tmp_path / "g.h5")["provenance"].weights.sha256 == "b" * 64
+    # a split's parts are renamed out of the work folder too, never to a name that reads as a split
+    w.add("train", rec(0, 2.0))
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a removal that never gets to delete
+    F.remove_tree(tmp_path / "g.h5.partial" / "train", aside=tmp_path / "g.h5.partial")
+    assert sorted(p.name for p in (tmp_path / "g.h5.partial").iterdir()) == ["meta.json"]
+    assert len(list(tmp_path.glob("g.h5.partial.removing-*"))) == 1
