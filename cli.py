@@ -311,7 +311,8 @@ VALIDATION_OPTIONS = _options(
                    "threads); on CUDA, worker processes (default: CPU cores - 1, at most 8). 0: decode inline.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+              show_default=True,
+              help="auto: bf16 autocast on GPUs with bf16 tensor cores (Ampere and later), else fp16; fp32 on CPU.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--calibration-frames", type=click.IntRange(2), default=1024, show_default=True,
@@ -398,7 +399,7 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
 @click.option("--overwrite", is_flag=True, help="Start over in an OUT that already holds a run.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="AMP on CUDA (auto: bf16 or fp16); CPU always trains in fp32.")
+              help="AMP on CUDA (auto: bf16 on Ampere and later, else fp16); CPU always trains in fp32.")
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard (needs the tensorboard package).")
 @LOAD_OPTIONS
 @click.option("--no-progress", is_flag=True)
@@ -544,7 +545,7 @@ SWEEP_AXES = [("head", HEAD_ARCHS), ("hidden", int), ("layers", int), ("bidirect
 @LOAD_OPTIONS
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="AMP on CUDA (auto: bf16); CPU trains in fp32.")
+              help="AMP on CUDA (auto: bf16 on Ampere and later, else fp32); CPU trains in fp32.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a sweep.")
 @click.option("--no-progress", is_flag=True)
 def sweep_cmd(cache: Path, out: Path, spec: Path | None, epochs: int, eta: int, min_epochs: int, train_split: str,

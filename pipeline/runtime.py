@@ -78,16 +78,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for plain fp32. ``auto``: bf16 (else fp16) on CUDA, fp32 on CPU."""
+    """Autocast dtype, or None for plain fp32. ``auto``: bf16 where the GPU computes it natively
+    (Ampere and later, ROCm), else fp16; fp32 on CPU."""
     import torch
 
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("--precision fp16 is for CUDA; on CPU use fp32 or bf16")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has bf16 tensor cores. Not ``torch.cuda.is_bf16_supported()``: since torch
+    2.3 it is also true where bf16 is only emulated (a V100 or T4, compute capability 7), which runs
+    slower than fp32 there, and it asks the current device rather than this one."""
+    import torch
+
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 
 
 def training_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -261,9 +261,13 @@ def _locked_sweep(cfg: SweepConfig, trials: list[Trial], progress: bool,
     base = cfg.base
     device = resolve_device(base.device)
     amp = training_precision(base.precision, device)
-    if amp == torch.float16:
+    if amp == torch.float16 and base.precision == "fp16":
         raise ConfigError("the sweep trains in fp32 or bf16 (fp16 would need a loss scaler per head); "
-                          "use --precision bf16")
+                          "use --precision bf16 or fp32")
+    if amp == torch.float16:  # auto on a GPU without bf16 tensor cores
+        log.info("training in fp32: this GPU has no bf16 tensor cores, and the sweep does not train in fp16 "
+                 "(it would need a loss scaler per head)")
+        amp = None
     data = load_stage_two(base.cache, train_split=base.train_split, val_split=base.val_split,
                           val_fraction=base.val_fraction, group_pattern=base.group_pattern,
                           test_split=base.test_split, seed=base.seed, device=device, load=base.load,

@@ -71,3 +71,24 @@ def test_tune_is_idempotent():
     from pipeline.runtime import tune_cpu_allocator
 
     assert tune_cpu_allocator() == tune_cpu_allocator()
+
+
+@pytest.mark.parametrize("major, hip, want", [(7, None, "float16"), (8, None, "bfloat16"), (9, None, "bfloat16"),
+                                              (7, "6.2", "bfloat16")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch, major, hip, want):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 too (emulated bf16, slower than fp32
+    there), so `--precision auto` never fell back to fp16 on them."""
+    import types
+
+    import torch
+
+    from pipeline.runtime import resolve_precision
+
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: asked.append(d) or types.SimpleNamespace(major=major, minor=0))
+    dev = torch.device("cuda", 1)
+    assert resolve_precision("auto", dev) == getattr(torch, want)
+    assert asked in ([dev], [])  # this device's own properties (ROCm: every arch it runs has bf16)

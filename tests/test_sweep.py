@@ -413,3 +413,22 @@ def test_sweep_reads_lazily_with_the_same_leaderboard(tmp_path):
         boards[load] = [(x["id"], x["best_val_top1"], x["best_val_loss"], x["status"]) for x in r.leaderboard]
         assert r.test is not None
     assert boards["memory"] == boards["lazy"]
+
+
+def test_sweep_auto_precision_on_a_gpu_without_bf16_trains_in_fp32(tmp_path, monkeypatch, caplog):
+    """`--precision auto` resolves to fp16 on a V100 or T4, which the sweep refused with 'use
+    --precision bf16' (emulated there, slower than fp32): auto now trains in fp32 on them."""
+    import logging
+
+    import pipeline.sweep as S
+
+    monkeypatch.setattr(S, "training_precision", lambda precision, device: torch.float16)  # such a GPU's auto
+    cache = separable_cache(tmp_path / "c.h5", classes=3, per_class={"train": 6, "val": 3, "test": 3})
+    with caplog.at_level(logging.INFO):
+        r = sweep(SweepConfig(base=base(cache, tmp_path / "sw", epochs=1), grids=((("hidden", (8,)),),),
+                              min_epochs=1), progress=False)
+    assert "training in fp32: this GPU has no bf16 tensor cores" in caplog.text
+    assert r.winner and (tmp_path / "sw" / "best.pt").is_file()
+    with pytest.raises(ConfigError, match="the sweep trains in fp32 or bf16"):
+        sweep(SweepConfig(base=base(cache, tmp_path / "sw16", epochs=1, precision="fp16"),
+                          grids=((("hidden", (8,)),),), min_epochs=1), progress=False)
