@@ -845,6 +845,12 @@ def _plain(m: nn.Module, base: type[nn.Module]) -> bool:
                                        for f in ("forward", "_conv_forward"))
 
 
+def _foldable_bn(m: nn.Module) -> bool:
+    """A plain BatchNorm2d with running statistics. One without (``track_running_stats=False``)
+    normalises each batch by its own statistics, in eval too: nothing fixed to fold."""
+    return _plain(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
@@ -876,7 +882,7 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
         modules = dict(fused.named_modules())
         for n in graph.nodes:
             bn = modules.get(n.target) if n.op == "call_module" else None
-            if not _plain(bn, nn.BatchNorm2d) or calls[n.target] != 1 or not n.args:
+            if not _foldable_bn(bn) or calls[n.target] != 1 or not n.args:
                 continue
             src = n.args[0]
             conv = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
@@ -888,7 +894,7 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if _plain(conv, nn.Conv2d) and _plain(bn, nn.BatchNorm2d):
+            if _plain(conv, nn.Conv2d) and _foldable_bn(bn):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return fused

@@ -91,6 +91,8 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
         os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)  # and the rename itself: after a power cut, the new file, not the old
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -103,6 +105,21 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
                                    "folder writable (a file another user owns in a sticky folder such as /tmp "
                                    "cannot be replaced), or choose another path") from None
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk. Where folders cannot be opened (Windows),
+    or the file system does not support it, nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def temporary_of(path: str | Path) -> Path:

@@ -287,6 +287,24 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, weights_file):
     assert_same_cache(ref, out)
 
 
+def test_a_batchnorm_without_running_statistics_is_not_folded(monkeypatch):
+    """track_running_stats=False normalises by each batch's own statistics, in eval too: there is
+    nothing fixed to fold (fuse_conv_bn_eval raised a TypeError on its None running_var)."""
+    import pipeline.backbones as B
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                              torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+    net[3].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    for traced in (True, False):  # pairs from the fx graph, and the fallback for untraceable models
+        if not traced:
+            monkeypatch.setattr(B, "_graph", lambda model: None)
+        fused = B.fuse_conv_bn(net)
+        assert isinstance(fused[1], torch.nn.BatchNorm2d) and isinstance(fused[3], torch.nn.Identity)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), net.eval()(x))
+
+
 @pytest.mark.parametrize("spec", [FrameSpec(size=64), FrameSpec(size=64, mean=(0.2, 0.7, 0.5), std=(0.1, 0.4, 0.9))])
 def test_frozen_backbone_equals_model_on_normalised_frames(weights_file, spec):
     from pipeline.preprocess import normalize_frames

@@ -360,7 +360,8 @@ def test_output_parent_is_a_file(tiny_dataset, tmp_path, weights_file):
 
 def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """A power cut must leave the old file or the whole new one: the data is fsynced before the
-    rename makes it visible. Parts (fsync=False, checked when read) skip it."""
+    rename makes it visible, and the folder after it, so the rename itself is on disk. Parts
+    (fsync=False, checked when read) skip both."""
     import pipeline.files as F
 
     events: list[tuple[str, str]] = []
@@ -370,7 +371,7 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(F.os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
     target = tmp_path / "best.pt"
     F.atomic_torch_save(target, {"w": torch.ones(3)})
-    assert events == [("fsync", str(target) + ".tmp"), ("replace", str(target) + ".tmp")]
+    assert events == [("fsync", str(target) + ".tmp"), ("replace", str(target) + ".tmp"), ("fsync", str(tmp_path))]
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
     events.clear()
     with F.atomic_path(tmp_path / "part.npz", fsync=False) as tmp:
