@@ -861,7 +861,7 @@ def export_cmd(checkpoint: Path, out: Path, head_only: bool, weights: Path | Non
     click.echo("  exporters: " + ", ".join(f"{part} {kind}" for part, kind in r.exporters.items()))
     for part, why in r.fallbacks.items():
         click.echo(f"    {part}: {why}")
-    click.echo(f"  onnxruntime vs torch on a random batch: max |difference| {r.max_abs_diff:.2g}")
+    click.echo(f"  onnxruntime vs torch on a sample batch: max |difference| {r.max_abs_diff:.2g}")
     if r.precision_gap is not None:
         click.echo(f"  vs torch under the features' {m.provenance.precision} autocast: max |difference| "
                    f"{r.precision_gap:.2g} (the graph computes in float32; see the warning above)")

@@ -470,7 +470,7 @@ def export_model(cfg: ExportConfig) -> ExportResult:
         log.warning("the features were computed under %s autocast (%s); the ONNX graph computes the backbone in "
                     "float32, so its probabilities differ%s, and borderline labels can differ. For the same numbers "
                     "in both, extract the features with --precision fp32", model.provenance.precision, where,
-                    "" if gap is None else f" by up to {gap:.2g} on a random clip (measured under that autocast on "
+                    "" if gap is None else f" by up to {gap:.2g} on a sample clip (measured under that autocast on "
                     "this CPU)")
 
     meta = OnnxMeta(

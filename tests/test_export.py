@@ -204,8 +204,9 @@ def test_export_of_bfloat16_features_reports_what_float32_changes(weights_file, 
         f = f.to(torch.float16).float().view(3, 4, -1)
         bf16 = torch.softmax(torch_path.model.head(f, torch.full((3,), 4)), 1).numpy()
     assert r.max_abs_diff < TOL  # the graph is float32 torch, exactly
-    assert np.abs(got - bf16).max() > 10 * TOL and r.precision_gap > 10 * TOL  # ... not bfloat16 torch
-    assert "computed under bfloat16 autocast" in caplog.text and "on a random clip" in caplog.text
+    assert np.abs(got - bf16).max() > 10 * TOL  # ... not bfloat16 torch
+    assert r.precision_gap > 10 * r.max_abs_diff  # the gap export measured is bfloat16's, not float noise
+    assert "computed under bfloat16 autocast" in caplog.text and "on a sample clip" in caplog.text
     assert "--precision fp32" in caplog.text
     fp32 = export_model(ExportConfig(checkpoint=str(write_checkpoint(tmp_path / "fp32.pt", weights=weights_file,
                                                                       seq_len=4, eval_clips=1)),
