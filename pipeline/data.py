@@ -899,7 +899,19 @@ def video_stream(container):
 
     streams = [s for s in container.streams.video
                if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
-    return max(streams, key=lambda s: (s.frames or 0, (s.width or 0) * (s.height or 0)), default=None)
+    return max(streams, key=lambda s: (_stream_frames(s), (s.width or 0) * (s.height or 0)), default=None)
+
+
+def _stream_frames(s) -> float:
+    """A stream's frame count as its header gives it, or its duration times its frame rate where
+    the header counts no frames (Matroska keeps a per-stream DURATION tag instead); 0 if unknown."""
+    if s.frames:
+        return float(s.frames)
+    seconds = float(s.duration * s.time_base) if s.duration and s.time_base else None
+    if seconds is None and (m := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", str(s.metadata.get("DURATION", "")))):
+        seconds = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    rate = s.average_rate or s.guessed_rate or s.base_rate
+    return seconds * float(rate) if seconds and rate else 0.0
 
 
 def _open_video(path: Path):

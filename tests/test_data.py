@@ -940,6 +940,33 @@ def test_a_file_of_several_video_streams_is_read_from_the_same_stream_live(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(read, shown))
 
 
+@pytest.mark.parametrize("ext", ["mkv", "mp4", "avi"])
+def test_of_two_video_streams_of_one_size_the_longer_is_read(tmp_path, ext):
+    """Matroska headers count no frames, so of two streams of one size the first was read, however
+    short: 10 frames of a 30-frame video, without a word. Its per-stream DURATION tag says which."""
+    import av
+
+    from pipeline.data import _open_video
+
+    path = tmp_path / f"two.{ext}"
+    with av.open(str(path), "w") as c:
+        short, long_ = c.add_stream("mpeg4", rate=10), c.add_stream("mpeg4", rate=10)
+        for s in (short, long_):
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 8, np.uint8), format="rgb24")
+            for s in (long_, short) if i < 10 else (long_,):
+                for p in s.encode(f):
+                    c.mux(p)
+        for s in (short, long_):
+            for p in s.encode():
+                c.mux(p)
+    container, stream = _open_video(path)
+    with container:
+        assert stream.index == 1
+    assert len(list(iter_video_file(path, FrameSelection()))) == 30
+
+
 def test_a_video_file_that_cannot_be_opened_is_one_plain_line(tmp_path):
     (tmp_path / "empty.mkv").write_bytes(b"")
     (tmp_path / "garbage.webm").write_bytes(b"\x00" * 5000)
