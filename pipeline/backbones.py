@@ -165,6 +165,7 @@ def check_input_size(bb: Backbone, size: int) -> None:
     CNN's feature map to nothing before its last layers. A network that fails at the sizes it was
     made for too is not told to change ``--size``. A CNN at its weights' own size is not run."""
     fixed = getattr(bb.net, "image_size", None)  # torchvision ViTs: the size they were built for
+    _check_coverage(bb, size)
     if size == bb.frame_spec.size and not isinstance(fixed, int):
         return
 
@@ -186,6 +187,29 @@ def check_input_size(bb: Backbone, size: int) -> None:
         tip = "" if fixed is None else " (its weights fix the input size of this ViT)"
         raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {works}{tip}")
     raise ConfigError(f"{bb.name} fails on a blank {size}x{size} frame ({why}); check --weights") from e
+
+
+def _check_coverage(bb: Backbone, size: int) -> None:
+    """One line if the first layer never reads the last rows and columns of size×size frames: a
+    patchifying stem (a ViT's 16×16 patches at stride 16, ConvNeXt's and Swin's 4×4 at 4) over a
+    size it does not divide. Such a network runs, and silently ignores part of every frame (12 of
+    60 rows for 16-pixel patches)."""
+    found = _first_conv(bb.net, size, _graph(bb.net))
+    if found is None:
+        return
+    conv = found[1]
+    if isinstance(conv.padding, str) or conv.dilation[0] != 1:  # 'same' pads to cover every pixel
+        return
+    k, st, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    if k != st or pad:  # an overlapping stem (k > stride) misses at most stride - 1 pixels by design:
+        return          # SqueezeNet's 7x7 at stride 2 skips the last row of 224 too
+    unread = size % st
+    if unread == 0:
+        return
+    fits = [s for s in (size - unread, size - unread + st) if s > 0]
+    raise ConfigError(f"{bb.name} would never see the last {unread} rows and columns of {size}x{size} frames: its "
+                      f"first layer ({k}x{k}, stride {st}) covers {size - unread}; use --size "
+                      f"{' or '.join(map(str, fits))}")
 
 
 # ---------------------------------------------------------------------------------- creation

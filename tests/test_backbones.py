@@ -122,6 +122,24 @@ def test_blocks_partition_the_parameters_and_frozen_matches_net(name):
     assert bb.has_batchnorm == (name != TIMM_VIT)
 
 
+def test_a_size_a_patchifying_stem_does_not_divide_is_refused(videos, tmp_path):
+    """A ViT with 16-pixel patches at --size 40 ran, and never saw the last 8 rows and columns of
+    any frame: it is refused before any work, with the sizes that fit."""
+    from pipeline.backbones import check_input_size
+
+    with pytest.raises(ConfigError, match=r"timm:vit_tiny_patch16_224 would never see the last 8 rows and columns "
+                                          r"of 40x40 frames: its first layer \(16x16, stride 16\) covers 32; use "
+                                          r"--size 32 or 48"):
+        check_input_size(create_backbone(TIMM_VIT, "none", input_size=40), 40)
+    check_input_size(create_backbone(TIMM_VIT, "none", input_size=48), 48)
+    check_input_size(create_backbone("resnet18", "none"), 41)  # an overlapping stem reads every pixel it can
+    with pytest.raises(ConfigError, match="would never see the last 8 rows"):
+        extract_features(ExtractConfig(dataset=DatasetSpec(root=str(videos)), output=str(tmp_path / "v.h5"),
+                                       backbone=TIMM_VIT, weights="none", frame_overrides=FrameOverrides(size=40)),
+                         progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_a_frames_features_do_not_depend_on_its_place_in_a_full_batch(name):
     """What lets a resumed extraction equal an uninterrupted one bit for bit: on CPU, at the
