@@ -847,6 +847,9 @@ def _decode_frame(data: bytes, path: Path, *, turbo: bool = True) -> torch.Tenso
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                                apply_exif_orientation=True)  # upright as a viewer shows it (JPEG, PNG)
     except (RuntimeError, ValueError) as e:
+        if _clean(e).startswith("Unsupported image file"):  # torchvision's list of formats, not this tool's
+            raise FrameDecodeError(f"{path}: not a JPEG or PNG image (its bytes are neither); replace or remove "
+                                   "it") from e
         raise FrameDecodeError(f"{path}: {_clean(e)}") from e
     if img.ndim != 3:  # an animated GIF/WebP saved under an image name
         raise FrameDecodeError(f"{path}: an animation ({img.shape[0]} frames), not a single image")
