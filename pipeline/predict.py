@@ -104,7 +104,10 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
             skipped: list[Path] = []
             found = list(_walk(p, seen, skipped, earlier=frozenset(seen)))
             if not found and not skipped:
-                errors.append(Prediction(str(p), error=f"{p}: no videos or frame folders inside"))
+                other = _other_images(p)
+                why = (f"its images are {'/'.join(other)}, and a frame folder holds jpg or png frames (convert them)"
+                       if other else "no videos or frame folders inside")
+                errors.append(Prediction(str(p), error=f"{p}: {why}"))
             elif not found:
                 log.info("skipped %s: an earlier input already lists all it holds", p)
             videos += found
@@ -132,6 +135,18 @@ def _holds(folder: Path) -> tuple[bool, bool]:
     if images and videos:
         log.warning("ignored the images in %s: it holds video files, so it is no frame folder", folder)
     return images, videos
+
+
+OTHER_IMAGE_EXTS = frozenset({".bmp", ".webp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".jp2"})
+
+
+def _other_images(folder: Path) -> list[str]:
+    """The image types in ``folder`` that frame folders do not take (.bmp, .webp...), sorted."""
+    try:
+        return sorted({f.suffix.lower() for f in folder.iterdir()
+                       if f.suffix.lower() in OTHER_IMAGE_EXTS and not f.name.startswith(".")})
+    except OSError:
+        return []
 
 
 def _frame_folder(p: Path) -> bool:
@@ -168,6 +183,9 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None, skipped: list[
             except OSError as e:
                 log.warning("skipped %s: %s", q, e.strerror or e)
                 continue
+            if not images and not videos and (other := _other_images(q)):
+                log.warning("ignored %s: its images are %s; a frame folder holds jpg or png frames (convert them)",
+                            q, "/".join(other))
             if not images or videos:
                 yield from _walk(q, seen, skipped, earlier)
                 continue

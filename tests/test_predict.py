@@ -353,3 +353,30 @@ def test_overlapping_inputs_list_each_video_once(tmp_path, caplog):
     found, errors = find_inputs([tmp_path / "empty", tmp_path / "loop"])
     assert not found and [e.error for e in errors] == [f"{tmp_path / 'empty'}: no videos or frame folders inside",
                                                         f"{tmp_path / 'loop'}: no videos or frame folders inside"]
+
+
+def test_folders_of_images_frame_folders_do_not_take_are_named(tmp_path, caplog):
+    """A folder of .bmp or .webp frames was passed over without a word inside a folder given to
+    predict, and named alone it was 'no videos or frame folders inside'."""
+    import logging
+
+    from pipeline.predict import find_inputs
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pred"
+    write_frames(root / "jpgs", rand_frames(rng, 2))
+    for ext, fmt in ((".bmp", "BMP"), (".webp", "WEBP")):
+        (root / ext[1:]).mkdir()
+        for i in range(2):
+            Image.fromarray(rand_frames(rng, 1)[0]).save(root / ext[1:] / f"{i:05d}{ext}", format=fmt)
+    (root / "empty").mkdir()
+    with caplog.at_level(logging.WARNING):
+        found, errors = find_inputs([root])
+    assert found == [(root / "jpgs", "frames")] and not errors
+    for kind in ("bmp", "webp"):
+        assert f"ignored {root / kind}: its images are .{kind}; a frame folder holds jpg or png frames" in caplog.text
+    assert "empty" not in caplog.text  # an empty folder is no video, and nothing to say
+    found, errors = find_inputs([root / "bmp", root / "empty"])
+    assert not found and [e.error for e in errors] == [
+        f"{root / 'bmp'}: its images are .bmp, and a frame folder holds jpg or png frames (convert them)",
+        f"{root / 'empty'}: no videos or frame folders inside"]
