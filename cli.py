@@ -356,13 +356,15 @@ def extract_features_cmd(ctx: click.Context, data_dir: Path, output: Path | None
     if not _is_main_rank():
         return
     fps_txt = f"{r.frames / r.seconds:.0f} frames/s" if r.seconds > 0 else ""
-    click.echo(f"wrote {r.output}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items()))
+    done = f"up to date, left as it was: {r.output}" if r.unchanged else f"wrote {r.output}"
+    click.echo(f"{done}: " + ", ".join(f"{s} {n} videos" for s, n in r.videos.items()))
     click.echo(f"  this run: {r.extracted} videos, {r.frames} frames in {r.seconds:.1f} s ({fps_txt}); "
                f"{r.reused} already cached")
     click.echo(f"  backbone: {r.backbone} ({r.feature_dim}-d), weights: {r.weights.describe()}")
     click.echo(f"  frames: {_describe_spec(r.frame_spec)}")
     if r.weights_file:
-        click.echo(f"  {r.weights.source.replace('_', ' ')} backbone saved to {r.weights_file} (later stages use it)")
+        click.echo(f"  {r.weights.source.replace('_', ' ')} backbone: {r.weights_file} (saved beside the cache; later "
+                   "stages use it)")
     if r.failures:
         click.echo(f"  {len(r.failures)} problem(s), listed in the cache's 'failures' attribute:")
         shown = 20

@@ -367,6 +367,7 @@ class ExtractResult:
     backbone: str = ""
     feature_dim: int = 0
     frame_spec: FrameSpec | None = None
+    unchanged: bool = False  # everything was cached already: the file was left as it was
 
 
 def _save_backbone(bb: Backbone, output: Path, meta: dict[str, Any]) -> tuple[Path, str]:
@@ -745,6 +746,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         raise DataError(f"no decodable frames in any of the {len(all_jobs)} videos under {index.root} "
                         f"(first problem: {first}); nothing was written")
     D.barrier(info)  # every rank's parts are on disk
+    unchanged = False
     if info.is_main:
         order = _dataset_order(index, writer.stored)
         # A cached video whose source changed since and that failed as a whole here: its stored rows are
@@ -758,7 +760,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                         "again, e.g. %s (listed in the cache's failures; a rerun tries them again)", len(stale),
                         stale[0][1])
             order = {s: [rel for rel in rels if (s, rel) not in failed] for s, rels in order.items()}
-        if writer.unchanged(failures, order, keep):
+        if unchanged := writer.unchanged(failures, order, keep):
             writer.close_unchanged(keep)  # everything was cached already: leave the file untouched
         else:
             writer.finalize(order, {"config": json.dumps(cfg.to_dict(), sort_keys=True), "failures": failures}, keep)
@@ -770,7 +772,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                          frames=frames_done, seconds=time.perf_counter() - t0,
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings, backbone=provenance.backbone, feature_dim=provenance.feature_dim,
-                         frame_spec=spec)
+                         frame_spec=spec, unchanged=unchanged)
 
 
 def _check_earlier(earlier: list[tuple[str, Video]], writer: CacheWriter, sel: FrameSelection,

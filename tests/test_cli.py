@@ -576,7 +576,9 @@ def test_ignored_names_are_listed_warned_once_and_not_retried(tiny_dataset, tmp_
     before = sha256_file(out)
     code, stdout, err = run(*args)
     assert code == 0 and "this run: 0 videos" in stdout and "5 problem(s)" in stdout, stdout + err
-    assert sha256_file(out) == before  # nothing new: the cache is left as it was
+    assert sha256_file(out) == before  # nothing new: the cache is left as it was, and says so
+    assert stdout.startswith(f"up to date, left as it was: {out}: ") and "wrote" not in stdout
+    assert f"backbone: {tmp_path}/f.backbone-" in stdout and "saved beside the cache; later stages use it" in stdout
 
 
 def test_truncated_video_is_kept_listed_retried_and_strict_refuses(tiny_dataset, tmp_path, weights_file):
