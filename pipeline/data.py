@@ -1148,6 +1148,17 @@ def _truncation(path: Path, d: _Demuxed, decoded: int) -> str | None:
     return f"{path}: {'truncated' if cut or d.last_corrupt else 'damaged'}: {what} ({'; '.join(evidence)})"
 
 
+def file_truncation(path: Path, decoded: int) -> str | None:
+    """``_truncation`` of a video file read by other means (``predict --live`` on a file), by one
+    demuxing pass; None where the file is complete or cannot be demuxed."""
+    import av
+
+    try:
+        return _truncation(path, _demux(path), decoded)
+    except (av.FFmpegError, OSError, VideoDecodeError):
+        return None
+
+
 def _seconds(pts: Sequence[int], tb: float) -> list[float]:
     """Sorted frame timestamps in ``tb`` units → seconds from the first frame."""
     return [(p - pts[0]) * tb for p in pts]

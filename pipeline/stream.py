@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .config import FrameSelection
-from .data import RateSampler, frame_rgb, rate_slack, video_stream
+from .data import RateSampler, file_truncation, frame_rgb, rate_slack, video_stream
 from .errors import StreamError
 from .runtime import threads_per_thread
 
@@ -289,6 +289,9 @@ class LiveStream:
                 try:
                     self._read(container, stream)
                     why = "end of file" if self.kind == "file" else "end of stream"
+                    if self.kind == "file" and not self._stop.is_set() and (
+                            cut := file_truncation(Path(self.source), self.stats.read)):
+                        log.warning("%s", cut)  # as predict on the file says it: it ended early
                 except Exception as e:  # noqa: BLE001 - decoders and networks fail in many ways; bound to the source
                     failed = True
                     if self.kind == "file":
