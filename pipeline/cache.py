@@ -407,12 +407,12 @@ class CacheWriter:
         would stand as the whole split) but keeps them for the run that extracts that split. Its
         meta then builds on the cache file, not on one being replaced."""
         kept = {p.parent.name for p in self.partial.glob("*/*.npz")} & set(keep) if self.partial.is_dir() else set()
-        if not kept:
-            remove_tree(self.partial)
+        if not kept:  # the cache file is written: what cannot be deleted stays, as before
+            remove_tree(self.partial, strict=False)
             return
         for d in self.partial.iterdir():
             if d.is_dir() and d.name not in kept:
-                remove_tree(d, aside=self.partial)  # renamed out of the work folder, not a split in it
+                remove_tree(d, aside=self.partial, strict=False)  # renamed out of the work folder, not to a split
         if self.replace and self.path.exists():
             atomic_write_bytes(self.partial / "meta.json",
                                _json({"provenance": self.provenance.to_dict(), "replace": False}).encode())

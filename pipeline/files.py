@@ -138,12 +138,13 @@ def remove_stale_tmp(path: str | Path) -> None:
             tmp.unlink()
 
 
-def remove_tree(path: str | Path, *, aside: str | Path | None = None) -> None:
+def remove_tree(path: str | Path, *, aside: str | Path | None = None, strict: bool = True) -> None:
     """Remove the folder ``path`` so that an interruption leaves it whole or gone: first renamed
     to ``<aside>.removing-<random>`` beside ``aside`` (default: ``path`` itself), one atomic step,
     then deleted. ``shutil.rmtree`` alone, stopped half-way, leaves a folder with some of its
     files, which a later run may take for whole (finished parts without the meta.json that says
-    what made them). ``remove_removing(aside)`` clears what an interruption left aside."""
+    what made them). ``remove_removing(aside)`` clears what an interruption left aside. Where it
+    cannot be renamed (a mount point), it is deleted in place; ``strict``: a failure there raises."""
     import secrets
     import shutil
 
@@ -154,9 +155,10 @@ def remove_tree(path: str | Path, *, aside: str | Path | None = None) -> None:
     trash = base.with_name(f"{base.name}.removing-{secrets.token_hex(4)}")
     try:
         os.rename(path, trash)
-    except OSError:  # another file system (a mount point) or no right to rename: delete in place
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
+    except OSError:  # a mount point, or no right to rename: delete in place
+        shutil.rmtree(path, ignore_errors=not strict)
+        return
+    shutil.rmtree(trash, ignore_errors=True)  # what stays is out of the way: remove_removing clears it
 
 
 def remove_removing(aside: str | Path) -> None:
