@@ -165,7 +165,8 @@ def check_input_size(bb: Backbone, size: int) -> None:
     CNN's feature map to nothing before its last layers. A network that fails at the sizes it was
     made for too is not told to change ``--size``. A CNN at its weights' own size is not run."""
     fixed = getattr(bb.net, "image_size", None)  # torchvision ViTs: the size they were built for
-    _check_coverage(bb, size)
+    if not isinstance(fixed, int) or size == fixed:  # a size it was not built for is said below
+        _check_coverage(bb, size)
     if size == bb.frame_spec.size and not isinstance(fixed, int):
         return
 
@@ -193,7 +194,11 @@ def _check_coverage(bb: Backbone, size: int) -> None:
     """One line if the first layer never reads the last rows and columns of size×size frames: a
     patchifying stem (a ViT's 16×16 patches at stride 16, ConvNeXt's and Swin's 4×4 at 4) over a
     size it does not divide. Such a network runs, and silently ignores part of every frame (12 of
-    60 rows for 16-pixel patches)."""
+    60 rows for 16-pixel patches). Not at the size the architecture was made for: SigLIP-so400m
+    takes 384 in 14-pixel patches, and was trained so."""
+    own = {default_frame_spec(bb.name).size, (getattr(bb.net, "pretrained_cfg", None) or {}).get("input_size", [0])[-1]}
+    if size in own:
+        return
     try:
         found = _first_conv(bb.net, size, _graph(bb.net))
     except (RuntimeError, AssertionError, ValueError):  # untraceable, and fails at this size: said next
@@ -206,13 +211,15 @@ def _check_coverage(bb: Backbone, size: int) -> None:
     k, st, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     if k != st or pad:  # an overlapping stem (k > stride) misses at most stride - 1 pixels by design:
         return          # SqueezeNet's 7x7 at stride 2 skips the last row of 224 too
+    if size % st:
+        raise ConfigError(_unread_message(bb.name, size, k, st))
+
+
+def _unread_message(name: str, size: int, k: int, st: int) -> str:
     unread = size % st
-    if unread == 0:
-        return
     fits = [s for s in (size - unread, size - unread + st) if s > 0]
-    raise ConfigError(f"{bb.name} would never see the last {unread} rows and columns of {size}x{size} frames: its "
-                      f"first layer ({k}x{k}, stride {st}) covers {size - unread}; use --size "
-                      f"{' or '.join(map(str, fits))}")
+    return (f"{name} would never see the last {unread} rows and columns of {size}x{size} frames: its first layer "
+            f"({k}x{k}, stride {st}) covers {size - unread}; use --size {' or '.join(map(str, fits))}")
 
 
 # ---------------------------------------------------------------------------------- creation
@@ -465,6 +472,8 @@ def _create_torchvision(name: str, weights: str, input_size: int | None = None) 
     # a ViT is built for one input size: a file's own (its FrameSpec's, from its position
     # embedding), else the one asked for (random weights); named weights fix theirs
     size = (input_size if path is None and input_size else spec.size) if vit else None
+    if vit and size % (patch := int(name.rsplit("_", 1)[1])):  # torchvision's own check is a bare assert
+        raise ConfigError(_unread_message(name, size, patch, patch))
     try:
         model = _build_torchvision(name, w, shapes_only=path is not None, image_size=size)  # a file gives every value
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError

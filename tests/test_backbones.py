@@ -133,6 +133,20 @@ def test_a_size_a_patchifying_stem_does_not_divide_is_refused(videos, tmp_path):
         check_input_size(create_backbone(TIMM_VIT, "none", input_size=40), 40)
     check_input_size(create_backbone(TIMM_VIT, "none", input_size=48), 48)
     check_input_size(create_backbone("resnet18", "none"), 41)  # an overlapping stem reads every pixel it can
+    with pytest.raises(ConfigError, match=r"vit_b_16 would never see the last 12 rows and columns of 60x60 frames"):
+        create_backbone("vit_b_16", "none", input_size=60)  # torchvision's constructor asserted, a traceback
+    # ... but not at the size an architecture was made for: SigLIP-so400m takes 384 in 14-pixel patches
+    import dataclasses
+
+    import timm
+
+    bb = create_backbone(TIMM_VIT, "none", input_size=48)
+    siglip = dataclasses.replace(bb, name="timm:vit_so400m_patch14_siglip_384",
+                                 net=timm.create_model("vit_tiny_patch16_224", patch_size=14, img_size=384,
+                                                       num_classes=0).eval())  # its stem, at a test's width
+    check_input_size(siglip, 384)
+    with pytest.raises(ConfigError, match=r"never see the last 4 rows and columns of 200x200 frames.*196 or 210"):
+        check_input_size(siglip, 200)
     with pytest.raises(ConfigError, match="would never see the last 8 rows"):
         extract_features(ExtractConfig(dataset=DatasetSpec(root=str(videos)), output=str(tmp_path / "v.h5"),
                                        backbone=TIMM_VIT, weights="none", frame_overrides=FrameOverrides(size=40)),
