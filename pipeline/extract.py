@@ -595,6 +595,7 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
         held.enter_context(exclusive(output, "--output"))
         remove_leftovers(output)
 
+    amp_dtype = _as_recorded(cfg, output, device, amp_dtype)
     # Under torchrun, rank 0 resolves the backbone (calibrating it if needed) and opens the work
     # folder; the other ranks then load the same weights and join. The job list is fixed between
     # two barriers, before anyone writes, so every rank sees the same one.
@@ -773,6 +774,27 @@ def _extract_features(cfg: ExtractConfig, progress: bool, held: contextlib.ExitS
                          failures=failures, weights=identity, weights_file=weights_file,
                          warnings=index.warnings, backbone=provenance.backbone, feature_dim=provenance.feature_dim,
                          frame_spec=spec, unchanged=unchanged)
+
+
+def _as_recorded(cfg: ExtractConfig, output: Path, device: torch.device, amp: torch.dtype | None) -> torch.dtype | None:
+    """``--precision auto`` on a GPU goes on in the autocast dtype the cache (or the unfinished run
+    it resumes) was made in, where that is the other one: auto chose bf16 on a V100 or T4 until it
+    chose fp16 there, and one cache holds features of one precision."""
+    if cfg.precision != "auto" or device.type != "cuda" or amp is None:
+        return amp
+    recorded = None
+    with contextlib.suppress(PipelineError, OSError, ValueError, KeyError):
+        partial = read_partial(output)
+        if partial is not None and (partial["replace"] or not cfg.overwrite):
+            recorded = partial["provenance"].precision
+        elif partial is None and not cfg.overwrite and output.is_file():
+            recorded = read_provenance(output).precision
+    want = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(recorded or "")
+    if want is None or want == amp:
+        return amp
+    log.info("--precision auto: %s was made under %s autocast, and goes on so (--overwrite to start over in %s)",
+             output, recorded, str(amp).removeprefix("torch."))
+    return want
 
 
 def _check_earlier(earlier: list[tuple[str, Video]], writer: CacheWriter, sel: FrameSelection,

@@ -985,3 +985,36 @@ def test_one_extraction_per_cache(tiny_dataset, tmp_path, weights_file):
     assert not Path(f"{out}.lock").exists()
     extract_features(config(tiny_dataset, out, weights_file), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "f.h5"]  # no lock file, no partial run left
+
+
+def test_auto_precision_goes_on_in_the_precision_a_cache_was_made_in(tmp_path, caplog):
+    """`--precision auto` chose bf16 on a V100 or T4 until it chose fp16 there: the same command
+    then refused to resume or extend what it had made ('compute precision "bfloat16" vs
+    "float16"'). auto now goes on in the recorded autocast dtype; --overwrite starts afresh."""
+    import dataclasses
+    import logging
+
+    from synthetic import provenance
+
+    from pipeline.cache import CacheWriter, VideoRecord, write_cache
+    from pipeline.extract import _as_recorded
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    bf16 = dataclasses.replace(provenance(["a"], 4), precision="bfloat16")
+    rec = VideoRecord("a/v0", 0, np.ones((3, 4), np.float16), np.arange(3), 25.0)
+    write_cache(tmp_path / "c.h5", bf16, {"train": [rec]})
+
+    def cfg(out: str, **kw) -> ExtractConfig:
+        return ExtractConfig(dataset=DatasetSpec(root=str(tmp_path)), output=str(tmp_path / out), **kw)
+
+    with caplog.at_level(logging.INFO):
+        assert _as_recorded(cfg("c.h5"), tmp_path / "c.h5", cuda, torch.float16) == torch.bfloat16
+    assert "--precision auto: " in caplog.text and "made under bfloat16 autocast, and goes on so" in caplog.text
+    assert _as_recorded(cfg("c.h5", overwrite=True), tmp_path / "c.h5", cuda, torch.float16) == torch.float16
+    assert _as_recorded(cfg("c.h5", precision="fp16"), tmp_path / "c.h5", cuda, torch.float16) == torch.float16
+    assert _as_recorded(cfg("c.h5"), tmp_path / "c.h5", torch.device("cpu"), None) is None
+    assert _as_recorded(cfg("new.h5"), tmp_path / "new.h5", cuda, torch.float16) == torch.float16
+    # an unfinished run: its work folder's record, also for the --overwrite that made it
+    CacheWriter(tmp_path / "w.h5", bf16, replace=True).add("train", rec)
+    for overwrite in (False, True):
+        assert _as_recorded(cfg("w.h5", overwrite=overwrite), tmp_path / "w.h5", cuda, torch.float16) == torch.bfloat16
