@@ -143,22 +143,43 @@ def remove_tree(path: str | Path, *, aside: str | Path | None = None, strict: bo
     to ``<aside>.removing-<random>`` beside ``aside`` (default: ``path`` itself), one atomic step,
     then deleted. ``shutil.rmtree`` alone, stopped half-way, leaves a folder with some of its
     files, which a later run may take for whole (finished parts without the meta.json that says
-    what made them). ``remove_removing(aside)`` clears what an interruption left aside. Where it
-    cannot be renamed (a mount point), it is deleted in place; ``strict``: a failure there raises."""
+    what made them). ``remove_removing(aside)`` clears what an interruption left aside. A folder
+    that cannot be renamed (a mount point) or is a link (to a scratch disk) is emptied in place;
+    ``strict``: a failure there is one line."""
     import secrets
     import shutil
 
     path = Path(path)
+    if path.is_symlink():  # renaming would move the link and leave what it points to
+        _empty(path, strict)
+        return
     if not path.exists():
         return
     base = Path(aside) if aside is not None else path
     trash = base.with_name(f"{base.name}.removing-{secrets.token_hex(4)}")
     try:
         os.rename(path, trash)
-    except OSError:  # a mount point, or no right to rename: delete in place
-        shutil.rmtree(path, ignore_errors=not strict)
+    except OSError:  # a mount point (EBUSY), or no right to rename
+        _empty(path, strict)
         return
     shutil.rmtree(trash, ignore_errors=True)  # what stays is out of the way: remove_removing clears it
+
+
+def _empty(folder: Path, strict: bool) -> None:
+    """Delete what ``folder`` holds, keeping the folder. Not atomic: stopped half-way, it can leave
+    parts without their meta.json, which ``CacheWriter`` then redoes rather than adopts."""
+    import shutil
+
+    try:
+        for child in list(folder.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    except OSError as e:
+        if strict:
+            raise NotWritableError(f"cannot delete what {folder} holds ({e.strerror or e}); delete it by hand "
+                                   "and rerun") from None
 
 
 def remove_removing(aside: str | Path) -> None:

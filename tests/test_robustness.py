@@ -546,3 +546,47 @@ def test_an_interrupted_removal_of_the_work_folder_never_lends_its_parts_to_othe
     F.remove_tree(tmp_path / "g.h5.partial" / "train", aside=tmp_path / "g.h5.partial")
     assert sorted(p.name for p in (tmp_path / "g.h5.partial").iterdir()) == ["meta.json"]
     assert len(list(tmp_path.glob("g.h5.partial.removing-*"))) == 1
+
+
+def test_a_work_folder_that_is_a_mount_point_or_a_link_is_emptied_in_place(tmp_path, monkeypatch):
+    """A work folder that cannot be renamed aside (a mount point: EBUSY) was deleted in place and
+    the failing rmdir of the mount point itself ended in a traceback; a linked one (to a scratch
+    disk) was renamed as a link, leaving its contents. Both are now emptied in place."""
+    import errno
+
+    import pipeline.files as F
+
+    def filled(folder: Path) -> Path:
+        (folder / "train").mkdir(parents=True)
+        (folder / "train" / "p.npz").write_bytes(b"x")
+        (folder / "meta.json").write_text("{}")
+        return folder
+
+    target = filled(tmp_path / "scratch" / "w")
+    (tmp_path / "f.h5.partial").symlink_to(target)
+    F.remove_tree(tmp_path / "f.h5.partial")
+    assert (tmp_path / "f.h5.partial").is_symlink() and not list(target.iterdir())
+
+    mount = filled(tmp_path / "g.h5.partial")
+
+    def busy(a, b):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(a))
+
+    monkeypatch.setattr(F.os, "rename", busy)
+    F.remove_tree(mount)
+    assert mount.is_dir() and not list(mount.iterdir())
+
+    filled(mount)
+    (mount / "train" / "p.npz").chmod(0o444)
+    real_rmtree = shutil.rmtree
+
+    def refuse(p, *a, **k):
+        if not k.get("ignore_errors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_rmtree(p, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with pytest.raises(F.NotWritableError, match=rf"cannot delete what {mount} holds \(Permission denied\); "
+                                                 "delete it by hand and rerun"):
+        F.remove_tree(mount)
+    F.remove_tree(mount, strict=False)  # after the cache is written: what cannot go stays
