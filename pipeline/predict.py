@@ -81,7 +81,7 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
     skipped with a note."""
     videos: list[tuple[Path, str]] = []
     errors: list[Prediction] = []
-    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked and video listed
+    seen: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked and video listed → its path
     for raw in paths:
         p = Path(raw)
         if not p.exists():
@@ -92,13 +92,13 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
             continue
         if p.is_file():
             if p.suffix.lower() in VIDEO_EXTS:
-                seen.add(_identity(p))
+                seen[_identity(p)] = p
                 videos.append((p, "file"))
             else:
                 errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
                                          f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
         elif _frame_folder(p) and not _holds(p)[1]:
-            seen.add(_identity(p))
+            seen[_identity(p)] = p
             videos.append((p, "frames"))
         else:
             skipped: list[Path] = []
@@ -156,12 +156,13 @@ def _frame_folder(p: Path) -> bool:
         return True
 
 
-def _walk(folder: Path, seen: set[tuple[int, int]] | None = None, skipped: list[Path] | None = None,
+def _walk(folder: Path, seen: dict[tuple[int, int], Path] | None = None, skipped: list[Path] | None = None,
           earlier: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[Path, str]]:
     """Video files and frame folders under ``folder``; each real folder and video is visited once
     (``seen``: device and inode), so a symlink loop (``again -> .``) or two links to one folder give
-    each video once. What ``earlier`` inputs already listed is left out and appended to ``skipped``."""
-    seen = set() if seen is None else seen
+    each video once. What ``earlier`` inputs already listed is left out and appended to ``skipped``;
+    a second name of a video met in this walk (a link, a hard link) is left out with a note."""
+    seen = {} if seen is None else seen
     skipped = [] if skipped is None else skipped
     try:
         st = folder.stat()
@@ -173,7 +174,7 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None, skipped: list[
         if (st.st_dev, st.st_ino) in earlier:
             skipped.append(folder)
         return
-    seen.add((st.st_dev, st.st_ino))
+    seen[st.st_dev, st.st_ino] = folder
     for q in entries:
         if q.name.startswith("."):
             continue
@@ -199,11 +200,12 @@ def _walk(folder: Path, seen: set[tuple[int, int]] | None = None, skipped: list[
         except OSError:  # a dangling link: decoding reports it as this video's error
             yield q, kind
             continue
-        if key in seen:
-            if key in earlier:
-                skipped.append(q)
+        if key in earlier:
+            skipped.append(q)
+        elif key in seen:
+            log.info("skipped %s: the same %s as %s", q, "file" if kind == "file" else "folder", seen[key])
         else:
-            seen.add(key)
+            seen[key] = q
             yield q, kind
 
 

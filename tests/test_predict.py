@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -346,6 +347,15 @@ def test_overlapping_inputs_list_each_video_once(tmp_path, caplog):
         found, errors = find_inputs([root / "sub" / "b.mkv", root / "sub" / "frames", tmp_path / "link"])
     assert not errors and len(found) == 2
     assert f"skipped {tmp_path / 'link'}: an earlier input already lists" in caplog.text
+    # a second name of one video in one folder (a link, a hard link) is one video, with a note
+    (root / "sub" / "latest.mkv").symlink_to(root / "sub" / "b.mkv")
+    os.link(root / "a.mp4", root / "copy.mp4")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        found, errors = find_inputs([root])
+    assert not errors and found == want
+    assert f"skipped {root / 'sub' / 'latest.mkv'}: the same file as {root / 'sub' / 'b.mkv'}" in caplog.text
+    assert f"skipped {root / 'copy.mp4'}: the same file as {root / 'a.mp4'}" in caplog.text
     # an empty folder, and one holding only a link back to itself, are still errors
     (tmp_path / "empty").mkdir()
     (tmp_path / "loop").mkdir()
