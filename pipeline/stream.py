@@ -290,7 +290,7 @@ class LiveStream:
                     self._read(container, stream)
                     why = "end of file" if self.kind == "file" else "end of stream"
                     if self.kind == "file" and not self._stop.is_set() and (
-                            cut := file_truncation(Path(self.source), self.stats.read)):
+                            cut := file_truncation(Path(self.source.removeprefix("file://")), self.stats.read)):
                         log.warning("%s", cut)  # as predict on the file says it: it ended early
                 except Exception as e:  # noqa: BLE001 - decoders and networks fail in many ways; bound to the source
                     failed = True

@@ -484,8 +484,8 @@ def test_live_option_combinations_are_checked_first(exported, media):
         assert r.exit_code in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
-@pytest.mark.parametrize("ext", [".avi", ".mkv"])
-def test_a_truncated_file_read_live_says_so(tmp_path, caplog, ext):
+@pytest.mark.parametrize("ext, scheme", [(".avi", ""), (".mkv", ""), (".mkv", "file://")])
+def test_a_truncated_file_read_live_says_so(tmp_path, caplog, ext, scheme):
     """predict on a cut file warns 'truncated: decoded 31 frames...'; --live on the same file ended
     as a plain 'end of file'. It now says the same, and a whole file still says nothing."""
     import logging
@@ -498,7 +498,7 @@ def test_a_truncated_file_read_live_says_so(tmp_path, caplog, ext):
         assert len(list(stream)) == 120
     assert "truncated" not in caplog.text
     cut_file(path, path.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING), LiveStream(str(path), transform=lambda f: f[:, :2, :2]) as stream:
+    with caplog.at_level(logging.WARNING), LiveStream(f"{scheme}{path}", transform=lambda f: f[:, :2, :2]) as stream:
         n = len(list(stream))
     assert 30 < n < 90 and stream.ended == "end of file" and stream.error is None
     assert f"{path}: truncated: decoded {n} " in caplog.text and "bytes its container declares" in caplog.text
