@@ -897,12 +897,17 @@ def frame_rgb(frame) -> torch.Tensor:
 
 def video_stream(container):
     """The video stream of an opened container to read (also for live sources): not a cover-art
-    picture, the one with the most frames, then the largest; None if there is none."""
+    picture, the one with the most frames, then the largest; None if there is none. Lengths within
+    a frame or 1 % of the longest count as equal: estimated from durations, they differ by a start
+    offset or a B-frame delay, which must not outweigh the picture size."""
     import av
 
     streams = [s for s in container.streams.video
                if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
-    return max(streams, key=lambda s: (_stream_frames(s), (s.width or 0) * (s.height or 0)), default=None)
+    length = {s.index: _stream_frames(s) for s in streams}
+    longest = max(length.values(), default=0.0)
+    near = [s for s in streams if length[s.index] >= longest - max(1.0, 0.01 * longest)]
+    return max(near, key=lambda s: (s.width or 0) * (s.height or 0), default=None)
 
 
 def _stream_frames(s) -> float:

@@ -969,6 +969,32 @@ def test_of_two_video_streams_of_one_size_the_longer_is_read(tmp_path, ext):
     assert len(list(iter_video_file(path, FrameSelection()))) == 30
 
 
+def test_of_two_streams_near_in_length_the_larger_picture_is_read(tmp_path):
+    """Lengths estimated from Matroska's DURATION tags differ by a start offset: a preview stream
+    one frame longer must not beat the main stream's picture size."""
+    import av
+
+    from pipeline.data import _open_video
+
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as c:
+        small, big = c.add_stream("mpeg4", rate=10), c.add_stream("mpeg4", rate=10)
+        (small.width, small.height), (big.width, big.height) = (32, 24), (64, 48)
+        for s in (small, big):
+            s.pix_fmt = "yuv420p"
+        for i in range(30):
+            for s in (small, big) if i else (small,):  # the main stream starts a frame later
+                f = av.VideoFrame.from_ndarray(np.full((s.height, s.width, 3), i * 8, np.uint8), format="rgb24")
+                for p in s.encode(f):
+                    c.mux(p)
+        for s in (small, big):
+            for p in s.encode():
+                c.mux(p)
+    container, stream = _open_video(path)
+    with container:
+        assert (stream.width, stream.height) == (64, 48)
+
+
 def test_a_video_file_that_cannot_be_opened_is_one_plain_line(tmp_path):
     (tmp_path / "empty.mkv").write_bytes(b"")
     (tmp_path / "garbage.webm").write_bytes(b"\x00" * 5000)
