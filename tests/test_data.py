@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -942,27 +943,33 @@ def test_a_file_of_several_video_streams_is_read_from_the_same_stream_live(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(read, shown))
 
 
+def _two_streams(path: Path, sizes: list[tuple[int, int]], shown_in: Callable[[int], tuple[int, ...]]) -> Path:
+    """30 frames at 10 fps in two mpeg4 streams of ``sizes`` (width, height); frame i goes to the
+    streams ``shown_in(i)`` names."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        streams = [c.add_stream("mpeg4", rate=10) for _ in sizes]
+        for s, (w, h) in zip(streams, sizes):
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(30):
+            for s in (streams[k] for k in shown_in(i)):
+                f = av.VideoFrame.from_ndarray(np.full((s.height, s.width, 3), i * 8, np.uint8), format="rgb24")
+                for p in s.encode(f):
+                    c.mux(p)
+        for s in streams:
+            for p in s.encode():
+                c.mux(p)
+    return path
+
+
 @pytest.mark.parametrize("ext", ["mkv", "mp4", "avi"])
 def test_of_two_video_streams_of_one_size_the_longer_is_read(tmp_path, ext):
     """Matroska headers count no frames, so of two streams of one size the first was read, however
     short: 10 frames of a 30-frame video, without a word. Its per-stream DURATION tag says which."""
-    import av
-
     from pipeline.data import _open_video
 
-    path = tmp_path / f"two.{ext}"
-    with av.open(str(path), "w") as c:
-        short, long_ = c.add_stream("mpeg4", rate=10), c.add_stream("mpeg4", rate=10)
-        for s in (short, long_):
-            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(30):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 8, np.uint8), format="rgb24")
-            for s in (long_, short) if i < 10 else (long_,):
-                for p in s.encode(f):
-                    c.mux(p)
-        for s in (short, long_):
-            for p in s.encode():
-                c.mux(p)
+    path = _two_streams(tmp_path / f"two.{ext}", [(64, 48), (64, 48)], lambda i: (1, 0) if i < 10 else (1,))
     container, stream = _open_video(path)
     with container:
         assert stream.index == 1
@@ -972,24 +979,10 @@ def test_of_two_video_streams_of_one_size_the_longer_is_read(tmp_path, ext):
 def test_of_two_streams_near_in_length_the_larger_picture_is_read(tmp_path):
     """Lengths estimated from Matroska's DURATION tags differ by a start offset: a preview stream
     one frame longer must not beat the main stream's picture size."""
-    import av
-
     from pipeline.data import _open_video
 
-    path = tmp_path / "two.mkv"
-    with av.open(str(path), "w") as c:
-        small, big = c.add_stream("mpeg4", rate=10), c.add_stream("mpeg4", rate=10)
-        (small.width, small.height), (big.width, big.height) = (32, 24), (64, 48)
-        for s in (small, big):
-            s.pix_fmt = "yuv420p"
-        for i in range(30):
-            for s in (small, big) if i else (small,):  # the main stream starts a frame later
-                f = av.VideoFrame.from_ndarray(np.full((s.height, s.width, 3), i * 8, np.uint8), format="rgb24")
-                for p in s.encode(f):
-                    c.mux(p)
-        for s in (small, big):
-            for p in s.encode():
-                c.mux(p)
+    # the main stream starts a frame later
+    path = _two_streams(tmp_path / "two.mkv", [(32, 24), (64, 48)], lambda i: (0, 1) if i else (0,))
     container, stream = _open_video(path)
     with container:
         assert (stream.width, stream.height) == (64, 48)
