@@ -209,6 +209,19 @@ def _walk(folder: Path, seen: dict[tuple[int, int], Path] | None = None, skipped
             yield q, kind
 
 
+def _in_input_order(preds: list[Prediction], inputs: Sequence[str | Path]) -> list[Prediction]:
+    """``preds`` in the order of the inputs they came from (a video found in a folder: that
+    folder's place), each input's own in their order: a missing file listed second was reported
+    after every video."""
+    roots = [Path(p) for p in inputs]
+
+    def origin(pred: Prediction) -> int:
+        p = Path(pred.input)
+        return next((i for i, r in enumerate(roots) if p == r or p.is_relative_to(r)), len(roots))
+
+    return sorted(preds, key=origin)  # stable
+
+
 def window_bounds(n: int, window: int, stride: int) -> list[tuple[int, int]]:
     """[start, end) row ranges: every ``stride`` rows, plus one flush with the end so the tail is
     covered; one window of all rows if the video is shorter than ``window``."""
@@ -475,7 +488,7 @@ class Predictor:
             pred.probs = probs
             order = np.argsort(-probs)[:k]
             pred.top_k = [(self.classes[i], float(probs[i])) for i in order]
-        return [results[i] for i in sorted(results)] + errors
+        return _in_input_order([results[i] for i in sorted(results)] + errors, inputs)
 
     def live(self, source: str, **kw: Any) -> LiveRun:
         """Label a live source window by window (see ``LiveRun``)."""

@@ -165,6 +165,8 @@ def test_bad_inputs_continue_and_exit_nonzero(trained, tmp_path):
     assert any("unsupported file type .txt" in e for e in errors)
     assert any("broken.mp4" in e for e in errors)
     assert "3 of 4 input(s) failed" in r.stderr
+    # in the order they were given: a missing file listed first was reported after every video
+    assert ["missing.avi" in errors[0], "notes.txt" in errors[1], "broken.mp4" in errors[2]] == [True] * 3, errors
     r = CliRunner().invoke(main, ["predict", str(ckpt), str(good), "--stride", "4"])  # no windows to step: refused
     assert r.exit_code == 2 and "--stride needs --window" in r.stderr
 
