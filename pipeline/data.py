@@ -915,9 +915,7 @@ def _stream_frames(s) -> float:
     the header counts no frames (Matroska keeps a per-stream DURATION tag instead); 0 if unknown."""
     if s.frames:
         return float(s.frames)
-    seconds = float(s.duration * s.time_base) if s.duration and s.time_base else None
-    if seconds is None and (m := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", str(s.metadata.get("DURATION", "")))):
-        seconds = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    seconds = _stream_seconds(s)
     rate = s.average_rate or s.guessed_rate or s.base_rate
     return seconds * float(rate) if seconds and rate else 0.0
 
@@ -1034,14 +1032,21 @@ def _hevc_nal_type(data: bytes, nal_length: int | None) -> int | None:
 
 
 def _declared_seconds(container, stream) -> float | None:
-    """The stream's duration as its header declares it (AVI, MP4: the stream header; Matroska: the
-    track's DURATION tag), else the container's."""
+    """The stream's duration as its header declares it (``_stream_seconds``), else the container's."""
+    seconds = _stream_seconds(stream)
+    if seconds is not None:
+        return seconds
+    return container.duration / 1e6 if container.duration else None
+
+
+def _stream_seconds(stream) -> float | None:
+    """A stream's own duration (AVI, MP4: the stream header; Matroska: the track's DURATION tag)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
     if tag and (m := re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d*)?)", tag.strip())):
         return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
-    return container.duration / 1e6 if container.duration else None
+    return None
 
 
 def _video_pts(path: Path) -> tuple[list[int] | None, float]:
