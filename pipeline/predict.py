@@ -87,18 +87,18 @@ def find_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, str]], li
         if not p.exists():
             errors.append(Prediction(str(p), error=f"{p}: no such file or folder"))
             continue
-        if _identity(p) in seen:
+        if (key := _identity(p)) in seen:
             log.info("skipped %s: an earlier input already lists it", p)
             continue
         if p.is_file():
             if p.suffix.lower() in VIDEO_EXTS:
-                seen[_identity(p)] = p
+                seen[key] = p
                 videos.append((p, "file"))
             else:
                 errors.append(Prediction(str(p), error=f"{p}: unsupported file type {p.suffix or '(none)'}; expected a "
                                          f"video ({', '.join(sorted(VIDEO_EXTS))}) or a folder of frames"))
         elif _frame_folder(p) and not _holds(p)[1]:
-            seen[_identity(p)] = p
+            seen[key] = p
             videos.append((p, "frames"))
         else:
             skipped: list[Path] = []
@@ -165,16 +165,16 @@ def _walk(folder: Path, seen: dict[tuple[int, int], Path] | None = None, skipped
     seen = {} if seen is None else seen
     skipped = [] if skipped is None else skipped
     try:
-        st = folder.stat()
+        here = _identity(folder)
         entries = sorted(folder.iterdir(), key=lambda q: natural_key(q.name))
     except OSError as e:
         log.warning("skipped %s: %s", folder, e.strerror or e)
         return
-    if (st.st_dev, st.st_ino) in seen:
-        if (st.st_dev, st.st_ino) in earlier:
+    if here in seen:
+        if here in earlier:
             skipped.append(folder)
         return
-    seen[st.st_dev, st.st_ino] = folder
+    seen[here] = folder
     for q in entries:
         if q.name.startswith("."):
             continue
@@ -213,11 +213,13 @@ def _in_input_order(preds: list[Prediction], inputs: Sequence[str | Path]) -> li
     """``preds`` in the order of the inputs they came from (a video found in a folder: that
     folder's place), each input's own in their order: a missing file listed second was reported
     after every video."""
-    roots = [Path(p) for p in inputs]
+    first: dict[Path, int] = {}
+    for i, r in enumerate(inputs):
+        first.setdefault(Path(r), i)
 
-    def origin(pred: Prediction) -> int:
+    def origin(pred: Prediction) -> int:  # the first input it is, or lies under: one lookup per parent
         p = Path(pred.input)
-        return next((i for i, r in enumerate(roots) if p == r or p.is_relative_to(r)), len(roots))
+        return min((first[q] for q in (p, *p.parents) if q in first), default=len(inputs))
 
     return sorted(preds, key=origin)  # stable
 
