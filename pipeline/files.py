@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import io
 import logging
 import os
+import secrets
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,9 +149,6 @@ def remove_tree(path: str | Path, *, aside: str | Path | None = None, strict: bo
     what made them). ``remove_removing(aside)`` clears what an interruption left aside. A folder
     that cannot be renamed (a mount point) or is a link (to a scratch disk) is emptied in place;
     ``strict``: a failure there is one line."""
-    import secrets
-    import shutil
-
     path = Path(path)
     if path.is_symlink():  # renaming would move the link and leave what it points to
         _empty(path, strict)
@@ -168,8 +168,6 @@ def remove_tree(path: str | Path, *, aside: str | Path | None = None, strict: bo
 def _empty(folder: Path, strict: bool) -> None:
     """Delete what ``folder`` holds, keeping the folder. Not atomic: stopped half-way, it can leave
     parts without their meta.json, which ``CacheWriter`` then redoes rather than adopts."""
-    import shutil
-
     try:
         for child in list(folder.iterdir()):
             if child.is_dir() and not child.is_symlink():
@@ -185,9 +183,6 @@ def _empty(folder: Path, strict: bool) -> None:
 def remove_removing(aside: str | Path) -> None:
     """Delete the folders ``remove_tree(..., aside=aside)`` renamed but was stopped from deleting.
     Only under the lock of what ``aside`` belongs to: no one else is removing them then."""
-    import glob
-    import shutil
-
     aside = Path(aside)
     for t in aside.parent.glob(glob.escape(aside.name) + ".removing-*"):
         if t.is_dir() and not t.is_symlink():
