@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the rename must not outrun the data (power loss)
+        _keep_mode(path, tmp)
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)  # and the rename itself: after a power cut, the new file, not the old
@@ -108,6 +110,18 @@ def atomic_path(path: str | Path, *, hint: str | Callable[[], str] = "", fsync: 
                                    "folder writable (a file another user owns in a sticky folder such as /tmp "
                                    "cannot be replaced), or choose another path") from None
         raise
+
+
+def _keep_mode(path: Path, tmp: Path) -> None:
+    """Give ``tmp`` the permission bits of the ``path`` it replaces, as ``cp`` over a file does: a
+    cache a lab shares as 0664 stays writable by its group, a read-only one stays read-only. A new
+    file keeps the umask's mode; where bits cannot be set (a file system without them), nothing."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
 
 
 def _fsync_dir(folder: Path) -> None:

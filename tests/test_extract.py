@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -156,8 +157,10 @@ def test_rerun_skips_and_extending_splits_equals_one_run(tiny_dataset, tmp_path,
     r1 = extract_features(ExtractConfig(**{**cfg.__dict__, "dataset": DatasetSpec(str(tiny_dataset), splits=("test",))}),
                           progress=False)
     assert r1.videos == {"test": 2}
+    b.chmod(0o664)  # a cache a lab shares: extending it keeps it writable by the group
     r2 = extract_features(cfg, progress=False)
     assert (r2.extracted, r2.reused) == (4, 2)
+    assert stat.S_IMODE(b.stat().st_mode) == 0o664
     r3 = extract_features(cfg, progress=False)
     assert (r3.extracted, r3.reused) == (0, 6)
     assert_same_cache(a, b)

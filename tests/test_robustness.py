@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -377,6 +378,25 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     with F.atomic_path(tmp_path / "part.npz", fsync=False) as tmp:
         tmp.write_bytes(b"x")
     assert events == [("replace", str(tmp_path / "part.npz.tmp"))]
+
+
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    """Replaced by a rename, a file would take the umask's mode: a group-writable file would lock
+    out the group, a read-only one become writable. A new file gets the umask's mode."""
+    import pipeline.files as F
+
+    old_umask = os.umask(0o022)
+    try:
+        for mode in (0o664, 0o640, 0o444):
+            target = tmp_path / f"{mode:o}.json"
+            target.write_text("old")
+            target.chmod(mode)
+            F.atomic_write_text(target, "new")
+            assert (target.read_text(), stat.S_IMODE(target.stat().st_mode)) == ("new", mode)
+        F.atomic_write_text(tmp_path / "new.json", "new")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old_umask)
 
 
 def _flip_feature_bit(cache: Path, split: str, video: int) -> str:
