@@ -512,9 +512,11 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff}); resume with those, or "
                                   "--overwrite to start over")
         check_resume_head(out / "last.pt", ck["model_config"], head_cfg.to_dict())
-        check_resume_options(out / "last.pt", ck["train_config"], {**cfg.to_dict(), "trainable_blocks": trainable},
-                             ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr", "seed",
-                              "augment", "eval_clips"))
+        now = {**cfg.to_dict(), "trainable_blocks": trainable}  # an option an older last.pt does not record: not compared
+        check_resume_options(out / "last.pt", {**now, **ck["train_config"]}, now,
+                             ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr",
+                              "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "seed", "augment",
+                              "eval_clips"))
         old = ck.get("validation", validation)
         if (old != validation and init is not None and old.get("kind") == "carved"
                 and old.get("seed") == cfg.seed != validation.get("seed")):

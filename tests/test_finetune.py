@@ -508,10 +508,18 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
     with pytest.raises(CheckpointError, match="--trainable-blocks"):
         finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, trainable_blocks=3),
                  progress=False)
-    clips = load_checkpoint(tmp_path / "run" / "last.pt")["train_config"]["eval_clips"]
+    recorded = load_checkpoint(tmp_path / "run" / "last.pt")["train_config"]
+    clips = recorded["eval_clips"]
     with pytest.raises(CheckpointError, match=rf"--eval-clips {clips}, this run asks for {clips + 1};"):
         finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, eval_clips=clips + 1),
                  progress=False)
+    # the optimiser's and the loss's options too: the restored optimiser would keep the old weight
+    # decay while config.json recorded the new one, the others would change mid-run
+    for key, value in (("weight_decay", 0.5), ("warmup_epochs", 2.0), ("label_smoothing", 0.5), ("clip_grad", 0.01)):
+        assert recorded[key] != value
+        with pytest.raises(CheckpointError, match=rf"--{key.replace('_', '-')} {recorded[key]}, this run asks for {value};"):
+            finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, **{key: value}),
+                     progress=False)
     # last.pt as two torchrun processes would have written it: --batch-size is per process
     last = tmp_path / "run" / "last.pt"
     ck = torch.load(last, weights_only=False)
