@@ -1041,6 +1041,13 @@ class _CentredConv(nn.Module):
         return y
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module.to(memory_format=torch.channels_last)`` for its 4-d parameters and buffers only, in
+    place: ``Module.to`` raises on a 5-d one (the Conv3d of timm's LambdaNets), which has no such
+    format and is left as it is."""
+    return module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+
+
 class FrozenBackbone(nn.Module):
     """The inference form of a backbone for one ``FrameSpec``: (B, 3, S, S) uint8 frames → (B, D)
     features, as ``net(preprocess.normalize_frames(frames, spec))`` up to float rounding.
@@ -1079,7 +1086,7 @@ class FrozenBackbone(nn.Module):
                     _set_module(fused, name, _CentredConv(conv, offset.view(3), spec.size))
                     shift = None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = fused.to(memory_format=self.memory_format)
+        self.net = to_channels_last(fused) if channels_last else fused.to(memory_format=torch.contiguous_format)
         self.register_buffer("offset", offset, persistent=False)
         self.register_buffer("shift", shift, persistent=False)  # None: folded into the first conv
         self.register_buffer("scale", scale, persistent=False)

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .backbones import DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec
+from .backbones import (DEFAULT_BACKBONE, Backbone, check_input_size, create_backbone, default_frame_spec,
+                        to_channels_last)
 from .cache import cached_videos, read_provenance
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (FINETUNE_HEAD_DEFAULTS, DatasetSpec, FinetuneConfig, FrameOverrides, FrameSelection, FrameSpec,
@@ -476,7 +477,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the {head_cfg.arch} head of --init {cfg.init} "
                           f"takes ({longest} learned positions): use --seq-len {longest} or less")
     model = EndToEnd(backbone, head, spec, trainable_blocks=trainable, grad_checkpoint=cfg.grad_checkpoint)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = to_channels_last(model.to(device))
 
     head_params = list(model.head.parameters())
     bb_params = [p for p in model.backbone.parameters() if p.requires_grad]

@@ -366,6 +366,36 @@ def test_frozen_backbone_whose_input_is_not_a_plain_conv(first):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == (0 if first == "identity" else 1)
 
 
+class _WithConv3d(torch.nn.Module):
+    """A 2-d network with a Conv3d inside, as timm's LambdaNets have: a 5-d weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv3d = torch.nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv3d(self.bn(self.conv(x)).unsqueeze(2)).squeeze(2)
+        return x.mean((2, 3))
+
+
+def test_a_network_with_a_5d_weight_runs_channels_last():
+    """Module.to(memory_format=channels_last) raises on a 5-d tensor: extract-features and
+    finetune-end-to-end ended in that traceback for timm's LambdaNets. Only 4-d tensors move."""
+    from pipeline.backbones import to_channels_last
+    from pipeline.preprocess import normalize_frames
+
+    torch.manual_seed(0)
+    net, spec = _WithConv3d().eval(), FrameSpec(size=16)
+    net.bn.running_mean.uniform_(-1, 1)
+    frames = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = net(normalize_frames(frames, spec))
+        torch.testing.assert_close(FrozenBackbone(net, spec)(frames), ref, rtol=1e-4, atol=1e-5)
+    to_channels_last(net)
+    assert net.conv.weight.is_contiguous(memory_format=torch.channels_last) and net.conv3d.weight.is_contiguous()
+
+
 def test_frozen_backbone_under_bf16_autocast_and_on_another_device():
     """Folding costs no precision beyond bf16's own. Under autocast the input is centred before
     the first conv: with the centring folded into its bias, the conv rounded the raw pixels' large
