@@ -230,12 +230,15 @@ def _unread_message(name: str, size: int, k: int, st: int) -> str:
 def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
     """The preprocessing ``name`` with ``weights`` expects, without building the model: the weights'
     own eval transform (for ``none``, that of the default weights); a file written by this tool
-    (an end-to-end checkpoint, a recalibrated backbone) gives the FrameSpec it was made with."""
+    (an end-to-end checkpoint, a recalibrated backbone) gives the FrameSpec it was made with; a
+    file torchvision publishes, its tag's (told by the hash in the published file's name); any
+    other torchvision state dict, the default weights' (with a warning where the tags differ)."""
     check_name(name)
     path = _path_of(weights)
+    ours = None
     if path is not None:
-        recorded = _recorded_spec(_our_file(path, metadata_only=True))  # create_backbone reads the weights
-        if recorded:
+        ours = _our_file(path, metadata_only=True)  # create_backbone reads the weights
+        if recorded := _recorded_spec(ours):
             return FrameSpec.from_dict(recorded)
     if is_timm(name):
         arch = name[len(TIMM):]
@@ -250,6 +253,9 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
 
     tag = weights if path is None and weights.lower() != "none" else "imagenet"
     w = _torchvision_weights(name, tag) if tag != "imagenet" else torchvision.models.get_model_weights(name).DEFAULT
+    foreign = path is not None and (ours is None or "raw" in ours)  # not written by this tool
+    if foreign and (published := _published_weights_of(name, path)) is not None:
+        return _torchvision_frame_spec(published)  # a file torchvision publishes: that tag's own transform
     if path is not None and name.startswith("vit_"):  # a ViT file fixes its input size: the tag made for it
         size = _vit_image_size(path, name)
         made_for = next((x for x in torchvision.models.get_model_weights(name) if _torchvision_frame_spec(x).size == size),
@@ -257,7 +263,41 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
         if made_for is None and size:  # weights of its own: the default transform at their size
             return _torchvision_frame_spec(w).override(FrameOverrides(size=size))
         w = made_for or w
+    if foreign:
+        _say_default_transform(name, path, w)
     return _torchvision_frame_spec(w)
+
+
+def _published_weights_of(name: str, path: Path):
+    """The torchvision weights of ``name`` whose published file ``path`` is, told by the start of
+    the sha256 that torchvision's file name carries (``mobilenet_v2-b0353104.pth``); None for any
+    other file. Hashed once per file and change."""
+    st = path.stat()
+    return _published_weights_by_hash(name, str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _published_weights_by_hash(name: str, path: str, size: int, mtime_ns: int):
+    import torchvision
+
+    prefixes = [(w, published_sha256_prefix(name, w.name)) for w in torchvision.models.get_model_weights(name)]
+    if not any(p for _, p in prefixes):
+        return None
+    got = sha256_file(path)
+    return next((w for w, p in prefixes if p and got.startswith(p)), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _say_default_transform(name: str, path: Path, w) -> None:
+    """Once per file: a weights file torchvision does not publish gets the preprocessing of the
+    weights ``w`` (the default ones); say so where ``name``'s weights differ in it."""
+    import torchvision
+
+    if len({_torchvision_frame_spec(x) for x in torchvision.models.get_model_weights(name)}) > 1:
+        spec = _torchvision_frame_spec(w)
+        log.warning("%s is not a weights file torchvision publishes for %s: its frames are prepared as for the %s "
+                    "weights (%s); if it was trained otherwise, set --size, --resize-size and --interpolation",
+                    path, name, w.name, f"{spec.describe()}, {spec.interpolation}")
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "none", *,
@@ -469,7 +509,7 @@ def _create_torchvision(name: str, weights: str, input_size: int | None = None) 
     import torchvision
 
     vit = name.startswith("vit_")
-    spec = default_frame_spec(name, weights) if path is not None and vit else \
+    spec = default_frame_spec(name, weights) if path is not None else \
         _torchvision_frame_spec(w or torchvision.models.get_model_weights(name).DEFAULT)
     # a ViT is built for one input size: a file's own (its FrameSpec's, from its position
     # embedding), else the one asked for (random weights); named weights fix theirs

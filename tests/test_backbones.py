@@ -538,6 +538,44 @@ def test_offline_downloads_name_the_file(monkeypatch, tmp_path):
         create_backbone(TIMM_VIT, "no_such_tag")
 
 
+def test_a_published_torchvision_file_gets_its_own_tags_transform(monkeypatch, tmp_path, caplog):
+    """The offline message says to fetch a tag's file and pass its PATH: that file must get that
+    tag's preprocessing (MobileNetV2's V1 resizes to 256, the default V2 to 232; SWAG weights take
+    384), not the default weights'. Any other file gets the default's, with a warning where the
+    tags differ in it."""
+    import torchvision
+
+    import pipeline.backbones as B
+    from pipeline.files import sha256_file
+
+    path = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    real = B.published_sha256_prefix  # the real V1 file cannot be downloaded here: give its hash to this one
+    monkeypatch.setattr(B, "published_sha256_prefix",
+                        lambda name, tag: sha256_file(path)[:8] if tag == "IMAGENET1K_V1" else real(name, tag))
+    B._published_weights_by_hash.cache_clear()
+    B._say_default_transform.cache_clear()
+    v1 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    with caplog.at_level("WARNING"):
+        assert default_frame_spec("mobilenet_v2", str(path)) == B._torchvision_frame_spec(v1)
+        assert create_backbone("mobilenet_v2", str(path)).frame_spec.resize_size == 256
+    assert "not a weights file torchvision publishes" not in caplog.text
+    monkeypatch.setattr(B, "published_sha256_prefix", real)
+    B._published_weights_by_hash.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert default_frame_spec("mobilenet_v2", str(path)).resize_size == 232
+        default_frame_spec("mobilenet_v2", str(path))
+    assert caplog.text.count(f"{path} is not a weights file torchvision publishes for mobilenet_v2: its frames are "
+                             "prepared as for the IMAGENET1K_V2 weights (short side resized to 232, centre crop "
+                             "224x224, bilinear)") == 1  # once per file
+    caplog.clear()
+    other = tmp_path / "resnet18.pth"  # one published tag: nothing to choose between
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    with caplog.at_level("WARNING"):
+        default_frame_spec("resnet18", str(other))
+    assert "not a weights file" not in caplog.text
+
+
 def test_unknown_and_mismatched_backbones_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="unknown backbone 'resnet19'.*resnet18"):
         create_backbone("resnet19")
