@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,9 @@ class Backbone:
 
     @functools.cached_property
     def blocks(self) -> list[Block]:
-        return [Block(ps, _maximal_modules(self.net, set(ps))) for ps in self.block_params]
+        params = _merge_interleaved(self.net, self.block_params, self.frame_spec.size) if is_timm(self.name) else \
+            self.block_params
+        return [Block(ps, _maximal_modules(self.net, set(ps))) for ps in params]
 
     def set_trainable(self, n: int) -> list[nn.Module]:
         """Only the last ``n`` blocks train. Returns the modules of the frozen blocks, which the
@@ -839,9 +841,67 @@ def _timm_blocks(model: nn.Module) -> list[list[str]]:
         groups = [[p for p in params if p.split(".")[0] == c] for c, _ in model.named_children()]
     groups = [g for g in groups if g]
     rest = [p for p in params if not any(p in g for g in groups)]
-    if rest:
-        groups[-1] = groups[-1] + rest
+    if rest:  # loose parameters: the input side's tokens and embeddings first (PiT's), the others last
+        first = [p for p in rest if p in _INPUT_SIDE]
+        if first:
+            groups[0] = first + [p for p in groups[0] if p not in first]
+        groups[-1] = groups[-1] + [p for p in rest if p not in first]
     return groups
+
+
+_INPUT_SIDE = frozenset({"class_token", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_embedding"})
+
+
+def _merge_interleaved(net: nn.Module, groups: list[list[str]], size: int) -> list[list[str]]:
+    """``groups`` such that the last n of them are a suffix of the network as it runs: groups whose
+    modules interleave in one forward pass are merged. timm's matchers overlap some on purpose, for
+    layer-wise learning-rate decay: CaiT puts its class-attention blocks with its last
+    self-attention blocks, so training "the last block" left the class-attention block that runs
+    after it frozen, and the backward pass went through it. The order is taken from a forward of
+    one blank frame (``size``, else the size a ViT's patch embedding was built for); where that
+    fails, the groups are kept as they are. Root parameters (tokens, embeddings) were placed by
+    name and are left where they are."""
+    order: dict[str, int] = {}
+
+    def called(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:  # returns None: the input goes on unchanged
+            order.setdefault(name, len(order))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(called(name)) for name, m in net.named_modules()
+             if name and any(True for _ in m.parameters(recurse=False))]
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()  # in training mode the blank frame would move BatchNorm's running statistics
+    try:
+        p = next(net.parameters())
+        sizes = dict.fromkeys([size, getattr(getattr(net, "patch_embed", None), "img_size", None)])
+        for s in (s for s in sizes if s):
+            try:
+                with torch.no_grad():
+                    net(torch.zeros(1, 3, *((s, s) if isinstance(s, int) else tuple(s)), device=p.device, dtype=p.dtype))
+                break
+            except Exception:  # noqa: BLE001 - another input size, or keep the groups
+                order.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    if not order:
+        return groups
+    spans = []
+    for g in groups:
+        idx = [order[m] for m in (q.rsplit(".", 1)[0] for q in g if "." in q) if m in order]
+        spans.append([min(idx), max(idx), list(g)] if idx else None)
+    if any(sp is None for sp in spans[1:]):  # a group that never ran: no order to go by
+        return groups
+    merged = [[-1, -1, groups[0]]] if spans[0] is None else [spans[0]]
+    for lo, hi, g in sorted(spans[1:], key=lambda sp: sp[0]):
+        if lo < merged[-1][1] and len(merged) > 1:  # starts before the group that ran earlier ends
+            merged[-1][1], merged[-1][2] = max(hi, merged[-1][1]), merged[-1][2] + g
+        else:
+            merged.append([lo, hi, g])
+    return [g for _, _, g in merged]
 
 
 # ---------------------------------------------------------------------------------- listing

@@ -306,6 +306,35 @@ def test_one_trainable_block_changes_exactly_that_block(name):
     assert not still, still[:5]
 
 
+@pytest.mark.parametrize(("name", "last"), [
+    ("timm:pit_ti_224", None),  # no group matcher: loose tokens used to join the last group
+    ("timm:cait_xxs24_224", {"blocks.22", "blocks.23", "blocks_token_only.0", "blocks_token_only.1", "norm"})])
+def test_timm_trainable_blocks_are_a_suffix_of_the_network_as_it_runs(name, last):
+    """--trainable-blocks 1 trains the end of the network only. PiT's position embedding and class
+    token (input side) trained with its last group, so the backward pass ran through the whole
+    frozen network; CaiT's matcher puts its class-attention blocks, which run after every
+    self-attention block, with its last two, so its class-attention block 0 stayed frozen after a
+    trainable block. Working out the order runs the network once, in eval mode, whatever its mode."""
+    bb = create_backbone(name, "none", input_size=32)
+    bb.net.train()
+    bb.set_trainable(1)
+    trainable = {n for n, p in bb.net.named_parameters() if p.requires_grad}
+    assert bb.net.training and all(m.training for m in bb.net.modules())
+    assert not trainable & {"pos_embed", "cls_token"}, sorted(trainable)[:5]
+    if last is not None:
+        assert {".".join(n.split(".")[:2]) if n.startswith("blocks") else n.split(".")[0] for n in trainable} == last
+    # the gradient need not cross a frozen module: what trains runs after everything that does not
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append(name) and None)
+             for n, m in bb.net.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    with torch.no_grad():
+        bb.net.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    trains = [any(p.requires_grad for p in bb.net.get_submodule(n).parameters(recurse=False)) for n in order]
+    assert trains == sorted(trains), [n for n, t in zip(order, trains) if t][:3]
+
+
 def test_batchnorm_recalibration_runs_only_the_batchnorms_in_training_mode():
     """Stochastic depth and dropout stay off while the statistics are estimated: they are the
     extracting network's, whatever the RNG (EfficientNet's used to differ by seed, ~30 % in the
