@@ -995,12 +995,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> nn.Module:
+def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None, size: int = 64) -> nn.Module:
     """``model`` for frozen inference with every Conv2d → BatchNorm2d pair folded into one conv
     (w' = w·γ/σ, b' = (b − μ)·γ/σ + β); same function up to float rounding. The pairs come from the
     torch.fx graph (ResNet's ``conv1``/``bn1`` attributes as well as MobileNet's Sequentials): a
     BatchNorm whose input is a conv's output that nothing else reads. A model fx cannot trace falls
-    back to adjacent pairs inside Sequentials. On CPU the BatchNorm passes were about a third of
+    back to adjacent pairs inside Sequentials whose two modules each run once in a forward pass of
+    a blank ``size`` frame (a module used twice would be changed for its other use too). On CPU the BatchNorm passes were about a third of
     MobileNetV2's inference time (measured here). The model keeps its own forward (no GraphModule:
     building one cost 0.2 s per model). ``copy=False`` folds ``model``'s own modules: the caller
     hands it over and must not use it on its own afterwards."""
@@ -1028,11 +1029,15 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None) -> n
                 _set_module(fused, src.target, fuse_conv_bn_eval(conv, bn))
                 _set_module(fused, n.target, nn.Identity())
         return fused
+    probe = _probe(fused, size)
+    if probe is None:  # it does not run on such a frame: nothing known of its calls, nothing folded
+        return fused
     for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if _plain(conv, nn.Conv2d) and _foldable_bn(bn):
+            if (_plain(conv, nn.Conv2d) and _foldable_bn(bn)
+                    and probe.calls.get(id(conv)) == 1 and probe.calls.get(id(bn)) == 1):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return fused
@@ -1052,26 +1057,63 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> tuple[str, nn.C
         image = next(n for n in graph.nodes if n.op == "placeholder")  # later ones: optional arguments
         users = [u for u in image.users if not shape_only(u)]
         if len(users) == 1 and users[0].op == "call_module":
+            calls = sum(1 for n in graph.nodes if n.op == "call_module" and n.target == users[0].target)
             m = net.get_submodule(users[0].target)
-            return (users[0].target, m) if _plain(m, nn.Conv2d) else None
+            return (users[0].target, m) if _plain(m, nn.Conv2d) and calls == 1 else None  # its weights change
         return None
-    found: list[nn.Conv2d] = []
-    x = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
+    probe = _probe(net, size)
+    first = probe.first if probe is not None and probe.input_uses == 1 else None  # nothing else reads the input
+    if first is None or not _plain(first, nn.Conv2d) or probe.calls.get(id(first)) != 1:
+        return None
+    return next(name for name, m in net.named_modules() if m is first), first
+
+
+@dataclass
+class _Probe:
+    calls: dict[int, int]  # id(module) → how often it ran
+    input_uses: int  # operations that read the input tensor itself (its shape aside)
+    first: nn.Module | None  # the Conv2d that got the input tensor itself, first
+
+
+class _InputUses(TorchFunctionMode):
+    """Counts the operations that take ``x`` itself as an argument; reading its shape, size,
+    dtype or device does not count."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x, self.uses = x, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) not in ("__get__", "size", "dim") and any(
+                a is self.x for a in (*args, *(kwargs or {}).values())):
+            self.uses += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _probe(net: nn.Module, size: int) -> _Probe | None:
+    """One forward of a blank ``size`` frame through a network fx cannot trace: what the graph
+    would tell of its module calls and of its input's uses. None where it does not run so."""
+    calls: dict[int, int] = {}
+    found: list[nn.Module] = []
+    p = next(net.parameters(), None)
+    x = torch.zeros(1, 3, size, size, device=p.device if p is not None else None)
 
     def hook(m: nn.Module, args: tuple) -> None:
-        if not found and args and args[0] is x:
-            found.append(m)  # type: ignore[arg-type]
+        calls[id(m)] = calls.get(id(m), 0) + 1
+        if not found and isinstance(m, nn.Conv2d) and args and args[0] is x:
+            found.append(m)
 
-    handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules()]
+    uses = _InputUses(x)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), uses:
             net(x)
+    except Exception:  # noqa: BLE001 - not a network that takes such a frame
+        return None
     finally:
         for h in handles:
             h.remove()
-    if not found or not _plain(found[0], nn.Conv2d):
-        return None
-    return next(name for name, m in net.named_modules() if m is found[0]), found[0]
+    return _Probe(calls, uses.uses, found[0] if found else None)
 
 
 def _padded_reach(size: int, kernel: int, stride: int, pad: int, dilation: int) -> tuple[int, int]:
@@ -1169,7 +1211,7 @@ class FrozenBackbone(nn.Module):
 
         fused = (copy_.deepcopy(net) if copy else net).eval()  # copy=False: the caller hands ``net`` over
         graph = _graph(fused)  # the fx graph names the conv/BN pairs and the conv that reads the input
-        fused = fuse_conv_bn(fused, copy=False, graph=graph)
+        fused = fuse_conv_bn(fused, copy=False, graph=graph, size=spec.size)
         device = next(fused.parameters()).device
         mean = torch.tensor(spec.mean, dtype=torch.float64, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float64, device=device).view(1, 3, 1, 1)

@@ -366,6 +366,55 @@ def test_frozen_backbone_whose_input_is_not_a_plain_conv(first):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == (0 if first == "identity" else 1)
 
 
+class _SharedFirstConv(torch.nn.Module):
+    """The conv that reads the input runs twice: on the input, then on its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.c(x))).mean((2, 3))
+
+
+class _UntraceableShared(torch.nn.Module):
+    """fx cannot trace it (a data-dependent branch); ``reuse`` says what else reads what: the input
+    (a skip), the BatchNorm or the conv of a Sequential pair, each used twice."""
+
+    def __init__(self, reuse: str) -> None:
+        super().__init__()
+        self.reuse, self.c2 = reuse, torch.nn.Conv2d(3, 3, 1)
+        self.seq = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.reuse == "input" else self.c2(x)
+        y = self.seq(x)
+        if float(y.mean()) > -1e9:
+            y = y + {"input": lambda: x, "bn": lambda: self.seq[1](self.c2(y)), "conv": lambda: self.seq[0](x)}[self.reuse]()
+        return y.mean((2, 3))
+
+
+@pytest.mark.parametrize("net", [_SharedFirstConv, lambda: _UntraceableShared("input"),
+                                 lambda: _UntraceableShared("bn"), lambda: _UntraceableShared("conv")],
+                         ids=["shared_first_conv", "untraceable_input_skip", "untraceable_bn_reused",
+                              "untraceable_conv_reused"])
+def test_modules_used_twice_or_an_input_read_twice_are_not_folded(net):
+    """Folding changes a module's weights for each of its uses, and the input's normalisation for
+    every reader of the input: a module that runs twice, or an input that a skip also reads, must
+    stay as it is (the results were off by 38 % to 15x)."""
+    from pipeline.preprocess import normalize_frames
+
+    torch.manual_seed(0)
+    net, spec = net().eval(), FrameSpec(size=32)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    frames = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(normalize_frames(frames, spec))
+        torch.testing.assert_close(FrozenBackbone(net, spec)(frames), ref, rtol=1e-4, atol=1e-5)
+
+
 class _WithConv3d(torch.nn.Module):
     """A 2-d network with a Conv3d inside, as timm's LambdaNets have: a 5-d weight."""
 
