@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -861,32 +861,11 @@ def _merge_interleaved(net: nn.Module, groups: list[list[str]], size: int) -> li
     one blank frame (``size``, else the size a ViT's patch embedding was built for); where that
     fails, the groups are kept as they are. Root parameters (tokens, embeddings) were placed by
     name and are left where they are."""
-    order: dict[str, int] = {}
-
-    def called(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:  # returns None: the input goes on unchanged
-            order.setdefault(name, len(order))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(called(name)) for name, m in net.named_modules()
-             if name and any(True for _ in m.parameters(recurse=False))]
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()  # in training mode the blank frame would move BatchNorm's running statistics
-    try:
-        p = next(net.parameters())
-        sizes = dict.fromkeys([size, getattr(getattr(net, "patch_embed", None), "img_size", None)])
-        for s in (s for s in sizes if s):
-            try:
-                with torch.no_grad():
-                    net(torch.zeros(1, 3, *((s, s) if isinstance(s, int) else tuple(s)), device=p.device, dtype=p.dtype))
-                break
-            except Exception:  # noqa: BLE001 - another input size, or keep the groups
-                order.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes:
-            m.training = training
+    patch = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    probe = next((p for s in dict.fromkeys([size, patch]) if s and (p := _probe(net, s)) is not None), None)
+    if probe is None:
+        return groups
+    order = {name: probe.order[id(m)] for name, m in net.named_modules() if name and id(m) in probe.order}
     if not order:
         return groups
     spans = []
@@ -1071,6 +1050,7 @@ def _first_conv(net: nn.Module, size: int, graph: Any = None) -> tuple[str, nn.C
 @dataclass
 class _Probe:
     calls: dict[int, int]  # id(module) → how often it ran
+    order: dict[int, int]  # id(module) → the place of its first run among all modules' first runs
     input_uses: int  # operations that read the input tensor itself (its shape aside)
     first: nn.Module | None  # the Conv2d that got the input tensor itself, first
 
@@ -1090,20 +1070,27 @@ class _InputUses(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _probe(net: nn.Module, size: int) -> _Probe | None:
-    """One forward of a blank ``size`` frame through a network fx cannot trace: what the graph
-    would tell of its module calls and of its input's uses. None where it does not run so."""
+def _probe(net: nn.Module, size: int | Sequence[int]) -> _Probe | None:
+    """One forward of a blank ``size`` frame (an int, or (H, W)), in eval mode whatever the
+    network's mode (which is kept): what an fx graph would tell of its module calls, their order
+    and its input's uses, for a network fx cannot trace. None where it does not run on such a frame."""
     calls: dict[int, int] = {}
+    order: dict[int, int] = {}
     found: list[nn.Module] = []
     p = next(net.parameters(), None)
-    x = torch.zeros(1, 3, size, size, device=p.device if p is not None else None)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.zeros(1, 3, *hw, device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
-    def hook(m: nn.Module, args: tuple) -> None:
+    def hook(m: nn.Module, args: tuple) -> None:  # returns None: the input goes on unchanged
         calls[id(m)] = calls.get(id(m), 0) + 1
+        order.setdefault(id(m), len(order))
         if not found and isinstance(m, nn.Conv2d) and args and args[0] is x:
             found.append(m)
 
     handles = [m.register_forward_pre_hook(hook) for m in net.modules()]
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()  # in training mode the blank frame would move BatchNorm's running statistics
     uses = _InputUses(x)
     try:
         with torch.no_grad(), uses:
@@ -1113,7 +1100,9 @@ def _probe(net: nn.Module, size: int) -> _Probe | None:
     finally:
         for h in handles:
             h.remove()
-    return _Probe(calls, uses.uses, found[0] if found else None)
+        for m, training in modes:
+            m.training = training
+    return _Probe(calls, order, uses.uses, found[0] if found else None)
 
 
 def _padded_reach(size: int, kernel: int, stride: int, pad: int, dilation: int) -> tuple[int, int]:
