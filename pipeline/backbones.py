@@ -706,7 +706,7 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
                                 sha256=sha256_file(file) if file is not None else None)
     cfg = dict(getattr(model, "pretrained_cfg", None) or base_cfg)
     spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
-    return Backbone(name=name, net=model.eval(), num_features=int(model.num_features), frame_spec=spec,
+    return Backbone(name=name, net=model.eval(), num_features=_timm_dim(model), frame_spec=spec,
                     weights=ident, block_params=_timm_blocks(model))
 
 
@@ -922,6 +922,13 @@ def describe_torchvision(name: str) -> dict[str, Any]:
             "weights": [w.name for w in enum], "default": enum.DEFAULT.name}
 
 
+def _timm_dim(model: nn.Module) -> int:
+    """The size of the features a timm model without its classifier gives: ``head_hidden_size``
+    where the model has one, which differs from ``num_features`` (the channels before pooling)
+    where a layer follows the pooling (MobileNetV3/V4, GhostNet, HGNetV2: 1024 against 288)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def describe_timm(pattern: str) -> list[dict[str, Any]]:
     timm = _timm()
     out = []
@@ -931,7 +938,7 @@ def describe_timm(pattern: str) -> list[dict[str, Any]]:
         try:
             with warnings.catch_warnings(), torch.device("meta"):
                 warnings.simplefilter("ignore")
-                dim = timm.create_model(arch, pretrained=False, num_classes=0).num_features
+                dim = _timm_dim(timm.create_model(arch, pretrained=False, num_classes=0))
         except Exception:  # noqa: BLE001
             dim = None
         out.append({"name": f"{TIMM}{full}", "num_features": dim, "frame_spec": _timm_frame_spec(cfg, None),

@@ -408,6 +408,26 @@ def test_cached_features_equal_backbone_and_predict_from_checkpoint(name, videos
         np.testing.assert_allclose(p.probs, want, rtol=0, atol=1e-6)
 
 
+def test_timm_feature_size_counts_the_layers_after_the_pooling(videos, tmp_path):
+    """MobileNetV3 (timm) pools, then a 1x1 conv widens 288 channels to 1024 features: the size is
+    timm's head_hidden_size, not num_features. With 288, extract-features wrote its cache, then
+    refused it as inconsistent, and finetune-end-to-end built an LSTM for 288 inputs."""
+    from pipeline.backbones import describe_timm
+
+    name = "timm:mobilenetv3_small_050"
+    bb = create_backbone(name, "none", input_size=S)
+    with torch.inference_mode():
+        assert bb.num_features == bb.net.eval()(torch.zeros(1, 3, S, S)).shape[1] == 1024
+    assert {r["num_features"] for r in describe_timm("mobilenetv3_small_050*")} == {1024}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extract_features(ExtractConfig(dataset=DatasetSpec(str(videos)), output=str(tmp_path / "m.h5"), backbone=name,
+                                       weights="none", frame_overrides=FrameOverrides(size=S), batch_size=8, workers=0,
+                                       calibration_frames=16), progress=False)
+    with FeatureCache(tmp_path / "m.h5") as c:
+        assert c.provenance.feature_dim == c.load_split("train").features.shape[1] == 1024
+
+
 def test_backbone_without_batchnorm_warns_random_features(videos, tmp_path, caplog):
     extract_features(ExtractConfig(dataset=DatasetSpec(str(videos)), output=str(tmp_path / "v.h5"), backbone=TIMM_VIT,
                                    weights="none", frame_overrides=FrameOverrides(size=S), batch_size=8, workers=0),
