@@ -352,6 +352,10 @@ class CacheWriter:
         together in memory and written at once (``np.savez`` on a file makes dozens of small
         writes and seeks), and each split's folder is made once. Measured during an extraction
         here, that took a part from about 11 ms to 4-5."""
+        if rec.features.ndim != 2 or rec.features.shape[1] != self.provenance.feature_dim:
+            raise CacheError(f"the features of {rec.rel} are of shape {tuple(rec.features.shape)}, not (frames, "
+                             f"{self.provenance.feature_dim}) as {self.provenance.backbone} was said to give: nothing "
+                             f"of them was stored, {self.path} is as it was; please report this")
         p = self._part_path(split, rec.rel)
         if split not in self._made:
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -1069,6 +1069,20 @@ def test_one_extraction_per_cache(tiny_dataset, tmp_path, weights_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "f.h5"]  # no lock file, no partial run left
 
 
+def test_features_of_another_width_than_recorded_are_never_stored(tmp_path):
+    """A timm model whose width was misjudged (288 for 1024) had its cache written whole, over a
+    good one, then refused on reading: a video's features must fit the provenance to be stored."""
+    from synthetic import provenance
+
+    from pipeline.cache import CacheWriter, VideoRecord
+
+    writer = CacheWriter(tmp_path / "w.h5", provenance(["a"], 4), replace=True)
+    writer.add("train", VideoRecord("a/v0", 0, np.ones((3, 4), np.float16), np.arange(3), 25.0))
+    with pytest.raises(CacheError, match=r"the features of a/v1 are of shape \(3, 5\), not \(frames, 4\)"):
+        writer.add("train", VideoRecord("a/v1", 0, np.ones((3, 5), np.float16), np.arange(3), 25.0))
+    assert len(list((tmp_path / "w.h5.partial" / "train").glob("*.npz"))) == 1  # a/v0's alone
+
+
 def test_auto_precision_goes_on_in_the_precision_a_cache_was_made_in(tmp_path, caplog):
     """`--precision auto` chose bf16 on a V100 or T4 until it chose fp16 there: the same command
     then refused to resume or extend what it had made ('compute precision "bfloat16" vs
