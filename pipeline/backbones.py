@@ -544,13 +544,29 @@ def _create_torchvision(name: str, weights: str, input_size: int | None = None) 
                     block_params=_torchvision_blocks(model, name))
 
 
+def _safetensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a ``.safetensors`` file (timm's install brings the package); None for any
+    other file."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
 def _load_torchvision_file(model: nn.Module, name: str, path: Path, head_prefix: str) -> nn.Module:
     obj = _our_file(path)
     if obj is not None and "backbone_state" in obj:
         _check_same_backbone(path, obj, name)
         state = obj["backbone_state"]
     else:
-        state = obj["raw"] if obj is not None else None
+        state = obj["raw"] if obj is not None else _safetensors(path)
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

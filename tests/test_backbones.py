@@ -625,6 +625,22 @@ def test_a_published_torchvision_file_gets_its_own_tags_transform(monkeypatch, t
     assert "not a weights file" not in caplog.text
 
 
+def test_a_torchvision_state_dict_in_safetensors_loads(tmp_path):
+    """A torchvision state dict saved with safetensors (as hubs share them) was refused as "does
+    not hold a state dict of tensors"."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}
+    save_file(state, str(tmp_path / "r18.safetensors"))
+    bb = create_backbone("resnet18", str(tmp_path / "r18.safetensors"))
+    assert torch.equal(bb.net.state_dict()["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match=r"bad\.safetensors is not a readable safetensors file"):
+        create_backbone("resnet18", str(tmp_path / "bad.safetensors"))
+
+
 def test_unknown_and_mismatched_backbones_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="unknown backbone 'resnet19'.*resnet18"):
         create_backbone("resnet19")
