@@ -454,6 +454,20 @@ def test_timm_local_file_loads_offline(tmp_path):
     assert bb.weights.source == "file" and bb.weights.sha256
 
 
+def test_timm_file_whose_classifier_has_a_norm_loads(tmp_path):
+    """LeViT's classifier is a BatchNorm then a linear layer: timm drops the linear's keys from its
+    own file, the norm's were taken for another model's and the file refused."""
+    import timm
+
+    torch.manual_seed(1)
+    full = timm.create_model("levit_128s", pretrained=False)  # with both heads, as timm ships the file
+    torch.save(full.state_dict(), tmp_path / "levit.pth")
+    bb = create_backbone("timm:levit_128s", str(tmp_path / "levit.pth"))
+    want = {k: v for k, v in full.state_dict().items() if not k.startswith(("head.", "head_dist."))}
+    got = bb.net.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_timm_file_of_another_model_or_an_empty_one_is_refused(tmp_path):
     """timm drops the classifier and then loads a file non-strictly: an empty file, or another
     model's, loaded without a word and left the network at a new random init on every run."""
