@@ -169,7 +169,10 @@ def check_input_size(bb: Backbone, size: int) -> None:
     fixed = getattr(bb.net, "image_size", None)  # torchvision ViTs: the size they were built for
     if not isinstance(fixed, int) or size == fixed:  # a size it was not built for is said below
         _check_coverage(bb, size)
-    if size == bb.frame_spec.size and not isinstance(fixed, int):
+    own = bb.frame_spec.size  # the weights' own size (timm builds a fixed-size model for the size asked)
+    with contextlib.suppress(PipelineError):  # a name this tool does not know has no size of its own
+        own = default_frame_spec(bb.name).size
+    if size == own and not isinstance(fixed, int):
         return
 
     def failure(s: int) -> Exception | None:
@@ -189,6 +192,9 @@ def check_input_size(bb: Backbone, size: int) -> None:
     if works is not None:
         tip = "" if fixed is None else " (its weights fix the input size of this ViT)"
         raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {works}{tip}")
+    if bb.frame_spec.size == size != own:  # built for this size (timm's fixed-size models): none other to try
+        raise ConfigError(f"{bb.name} cannot take {size}x{size} frames ({why}); use --size {own}, the size its "
+                          "weights were made for, or another its architecture takes")
     raise ConfigError(f"{bb.name} fails on a blank {size}x{size} frame ({why}); check --weights") from e
 
 

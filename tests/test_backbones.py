@@ -929,6 +929,19 @@ def test_provenance_mismatch_names_every_field():
     assert got is not None and got.startswith("frame selection"), got
 
 
+def test_a_timm_model_built_for_a_size_it_cannot_take_is_refused_in_one_line():
+    """timm builds a fixed-size model (LeViT) for the size asked; at 70 its attention biases count
+    5x5 positions, its stem gives 4x4: the check took the size the model was built for as its
+    weights' own and skipped it, and BatchNorm recalibration then ended in a traceback."""
+    from pipeline.backbones import check_input_size
+
+    bb = create_backbone("timm:levit_128s", "none", input_size=70)
+    with pytest.raises(ConfigError, match=r"timm:levit_128s cannot take 70x70 frames \(.*\); use --size 224, the "
+                                          r"size its weights were made for"):
+        check_input_size(bb, 70)
+    check_input_size(create_backbone("timm:levit_128s", "none", input_size=64), 64)  # a size it takes
+
+
 def test_check_input_size_blames_the_size_only_when_the_weights_own_size_works():
     from pipeline.backbones import Backbone, check_input_size
     from pipeline.config import WeightsIdentity
