@@ -694,15 +694,23 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
             try:
                 model.load_state_dict(ours["backbone_state"], strict=True)
             except RuntimeError as e:
-                raise WeightsError(f"{path} is not a {name} state dict ({str(e).splitlines()[0][:160]})") from e
+                made = (FrameSpec.from_dict(_recorded_spec(ours)).size if _recorded_spec(ours) else None)
+                if made and input_size and made != input_size and "size mismatch" in str(e):
+                    raise ConfigError(f"{path} holds {name} made for {made}x{made} frames, which fixes its input "
+                                      f"size; use --size {made}") from None
+                raise WeightsError(f"{path} is not a {name} state dict ({_load_error(e)})") from e
             ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     elif path is not None:
         try:
             with _timm_load_report() as said:
                 model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kw)
         except Exception as e:  # noqa: BLE001 - timm's loaders raise many types for a foreign file
-            raise WeightsError(f"cannot load {path} into {name} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+            own = base_cfg.get("input_size", (0, 0, 0))[-1]
+            if "img_size" in kw and "size mismatch" in str(e):  # built for the size asked, which the file's shapes fix
+                raise ConfigError(f"cannot load {path} into {name} built for {input_size}x{input_size} frames "
+                                  f"({_load_error(e)}); use --size {own}, the size it was made for") from None
+            raise WeightsError(f"cannot load {path} into {name} ({type(e).__name__}: {_load_error(e)}); pass that "
+                               "model's own weights file") from e
         _check_timm_file_fits(model, said, path, name)
         ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
     else:
@@ -730,6 +738,15 @@ def _create_timm(arch: str, weights: str, input_size: int | None) -> Backbone:
     spec = _timm_frame_spec(cfg, input_size if "img_size" in kw else None)
     return Backbone(name=name, net=model.eval(), num_features=_timm_dim(model), frame_spec=spec,
                     weights=ident, block_params=_timm_blocks(model))
+
+
+def _load_error(e: BaseException) -> str:
+    """What a failed ``load_state_dict`` says, in one line: its first line names only the model
+    ("Error(s) in loading state_dict for ResNet:"), the lines after it what is wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:] if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), None)
+    text = detail or (lines[0] if lines else type(e).__name__)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class _TimmLoadReport(logging.Handler):

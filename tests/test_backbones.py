@@ -19,7 +19,7 @@ from torch import nn
 from conftest import rand_frames, write_frames
 
 from pipeline.backbones import FrozenBackbone, create_backbone, default_frame_spec
-from pipeline.cache import FeatureCache, SplitData
+from pipeline.cache import FeatureCache, SplitData, read_provenance
 from pipeline.config import DatasetSpec, ExtractConfig, FrameOverrides, FrameSpec, TemporalConfig
 from pipeline.data import decode_image_file, list_frames
 from pipeline.demo import write_video
@@ -433,6 +433,10 @@ def test_backbone_without_batchnorm_warns_random_features(videos, tmp_path, capl
                                    weights="none", frame_overrides=FrameOverrides(size=S), batch_size=8, workers=0),
                      progress=False)
     assert "no BatchNorm to calibrate" in caplog.text and "only good for testing" in caplog.text
+    saved = read_provenance(tmp_path / "v.h5").weights.path  # the random ViT, saved for later stages
+    with pytest.raises(ConfigError, match=rf"holds {TIMM_VIT} made for {S}x{S} frames, which fixes its input size; "
+                                          rf"use --size {S}$"):
+        create_backbone(TIMM_VIT, saved, input_size=S + 16)
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -466,6 +470,22 @@ def test_timm_file_whose_classifier_has_a_norm_loads(tmp_path):
     want = {k: v for k, v in full.state_dict().items() if not k.startswith(("head.", "head_dist."))}
     got = bb.net.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_timm_load_errors_say_what_does_not_fit(tmp_path):
+    """A failed load said only its first line ("Error(s) in loading state_dict for ResNet:"): now
+    the first shape that does not fit, and where the size asked is what does not fit, the size."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(WeightsError, match=r"cannot load .*r18\.pth into timm:resnet10t \(RuntimeError: size "
+                                           r"mismatch for .*; pass that model's own weights file"):
+        create_backbone("timm:resnet10t", str(tmp_path / "r18.pth"))
+    torch.save(timm.create_model("levit_128s").state_dict(), tmp_path / "levit.pth")  # made for 224
+    with pytest.raises(ConfigError, match=r"into timm:levit_128s built for 64x64 frames \(size mismatch for .*"
+                                          r"attention_biases.*\); use --size 224, the size it was made for"):
+        create_backbone("timm:levit_128s", str(tmp_path / "levit.pth"), input_size=64)
 
 
 def test_timm_file_of_another_model_or_an_empty_one_is_refused(tmp_path):
