@@ -320,6 +320,9 @@ def _init_seen(init: Model) -> set[str] | None:
 def finetune(cfg: FinetuneConfig, *, progress: bool = True,
              on_epoch: Callable[[dict[str, Any]], None] | None = None,
              on_start: Callable[[RunDir], None] | None = None) -> TrainResult:
+    if cfg.freeze_cnn and cfg.trainable_blocks:  # the freeze used to win, silently
+        raise ConfigError(f"--freeze-cnn trains no block of the backbone, --trainable-blocks {cfg.trainable_blocks} "
+                          "asks for some: give one of the two")
     base_device = resolve_device(cfg.device)
     info = D.init(base_device)
     try:

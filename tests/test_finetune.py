@@ -121,6 +121,13 @@ def test_freeze_cnn_keeps_every_backbone_tensor(colour_data, tmp_path, weights_f
     finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, freeze_cnn=True, epochs=1), progress=False)
     before, after = _backbone(weights_file), _backbone(tmp_path / "run" / "last.pt")
     assert_states_close(after, before, atol=0)  # weights and BatchNorm running statistics alike
+    # with --trainable-blocks too: one of the two is a mistake (the freeze used to win, silently)
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--freeze-cnn trains no block of the backbone, --trainable-blocks 2 asks"):
+        finetune(ft_cfg(colour_data, tmp_path / "both", weights_file, freeze_cnn=True, trainable_blocks=2),
+                 progress=False)
+    assert not (tmp_path / "both").exists()
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
