@@ -1032,10 +1032,11 @@ def fuse_conv_bn(model: nn.Module, *, copy: bool = True, graph: Any = None, size
     torch.fx graph (ResNet's ``conv1``/``bn1`` attributes as well as MobileNet's Sequentials): a
     BatchNorm whose input is a conv's output that nothing else reads. A model fx cannot trace falls
     back to adjacent pairs inside Sequentials whose two modules each run once in a forward pass of
-    a blank ``size`` frame (a module used twice would be changed for its other use too). On CPU the BatchNorm passes were about a third of
-    MobileNetV2's inference time (measured here). The model keeps its own forward (no GraphModule:
-    building one cost 0.2 s per model). ``copy=False`` folds ``model``'s own modules: the caller
-    hands it over and must not use it on its own afterwards."""
+    a blank ``size`` frame (a module used twice would be changed for its other use too). On CPU
+    the BatchNorm passes were about a third of MobileNetV2's inference time (measured here). The
+    model keeps its own forward (no GraphModule: building one cost 0.2 s per model).
+    ``copy=False`` folds ``model``'s own modules: the caller hands it over and must not use it on
+    its own afterwards."""
     import copy as copy_
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval

@@ -516,7 +516,7 @@ def _finetune(cfg: FinetuneConfig, base_device: torch.device, info: D.DistInfo, 
             raise CheckpointError(f"{out / 'last.pt'} was trained with other settings ({diff}); resume with those, or "
                                   "--overwrite to start over")
         check_resume_head(out / "last.pt", ck["model_config"], head_cfg.to_dict())
-        now = {**cfg.to_dict(), "trainable_blocks": trainable}  # an option an older last.pt does not record: not compared
+        now = {**cfg.to_dict(), "trainable_blocks": trainable}  # one an older last.pt lacks: not compared
         check_resume_options(out / "last.pt", {**now, **ck["train_config"]}, now,
                              ("trainable_blocks", "seq_len", "sampler", "batch_size", "lr", "backbone_lr",
                               "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "seed", "augment",

@@ -390,7 +390,8 @@ class _UntraceableShared(torch.nn.Module):
         x = x if self.reuse == "input" else self.c2(x)
         y = self.seq(x)
         if float(y.mean()) > -1e9:
-            y = y + {"input": lambda: x, "bn": lambda: self.seq[1](self.c2(y)), "conv": lambda: self.seq[0](x)}[self.reuse]()
+            again = {"input": lambda: x, "bn": lambda: self.seq[1](self.c2(y)), "conv": lambda: self.seq[0](x)}
+            y = y + again[self.reuse]()
         return y.mean((2, 3))
 
 

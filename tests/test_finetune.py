@@ -524,7 +524,8 @@ def test_interrupt_then_resume(colour_data, tmp_path, weights_file, caplog):
     # decay while config.json recorded the new one, the others would change mid-run
     for key, value in (("weight_decay", 0.5), ("warmup_epochs", 2.0), ("label_smoothing", 0.5), ("clip_grad", 0.01)):
         assert recorded[key] != value
-        with pytest.raises(CheckpointError, match=rf"--{key.replace('_', '-')} {recorded[key]}, this run asks for {value};"):
+        option = f"--{key.replace('_', '-')}"
+        with pytest.raises(CheckpointError, match=rf"{option} {recorded[key]}, this run asks for {value};"):
             finetune(ft_cfg(colour_data, tmp_path / "run", weights_file, epochs=2, resume=True, **{key: value}),
                      progress=False)
     # last.pt as two torchrun processes would have written it: --batch-size is per process
