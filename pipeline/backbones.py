@@ -279,20 +279,26 @@ def default_frame_spec(name: str, weights: str = "none") -> FrameSpec:
 def _published_weights_of(name: str, path: Path):
     """The torchvision weights of ``name`` whose published file ``path`` is, told by the start of
     the sha256 that torchvision's file name carries (``mobilenet_v2-b0353104.pth``); None for any
-    other file. Hashed once per file and change."""
-    st = path.stat()
-    return _published_weights_by_hash(name, str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _published_weights_by_hash(name: str, path: str, size: int, mtime_ns: int):
+    other file."""
     import torchvision
 
     prefixes = [(w, published_sha256_prefix(name, w.name)) for w in torchvision.models.get_model_weights(name)]
     if not any(p for _, p in prefixes):
         return None
-    got = sha256_file(path)
+    got = _weights_sha256(path)
     return next((w for w, p in prefixes if p and got.startswith(p)), None)
+
+
+def _weights_sha256(path: Path) -> str:
+    """``sha256_file(path)``, computed once per file and change: building a torchvision backbone
+    from a file reads its hash twice (which published weights it is, and its identity)."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -536,7 +542,7 @@ def _create_torchvision(name: str, weights: str, input_size: int | None = None) 
         ident = WeightsIdentity(source="torchvision", name=w.name)
     elif path is not None:
         model = _load_torchvision_file(model, name, path, head_prefix)
-        ident = WeightsIdentity(source="file", sha256=sha256_file(path), path=str(path.resolve()))
+        ident = WeightsIdentity(source="file", sha256=_weights_sha256(path), path=str(path.resolve()))
     else:
         ident = WeightsIdentity(source="random")
     bad = next((k for k, t in [*model.named_parameters(), *model.named_buffers()]

@@ -636,7 +636,6 @@ def test_a_published_torchvision_file_gets_its_own_tags_transform(monkeypatch, t
     real = B.published_sha256_prefix  # the real V1 file cannot be downloaded here: give its hash to this one
     monkeypatch.setattr(B, "published_sha256_prefix",
                         lambda name, tag: sha256_file(path)[:8] if tag == "IMAGENET1K_V1" else real(name, tag))
-    B._published_weights_by_hash.cache_clear()
     B._say_default_transform.cache_clear()
     v1 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
     with caplog.at_level("WARNING"):
@@ -644,7 +643,6 @@ def test_a_published_torchvision_file_gets_its_own_tags_transform(monkeypatch, t
         assert create_backbone("mobilenet_v2", str(path)).frame_spec.resize_size == 256
     assert "not a weights file torchvision publishes" not in caplog.text
     monkeypatch.setattr(B, "published_sha256_prefix", real)
-    B._published_weights_by_hash.cache_clear()
     with caplog.at_level("WARNING"):
         assert default_frame_spec("mobilenet_v2", str(path)).resize_size == 232
         default_frame_spec("mobilenet_v2", str(path))
